@@ -1,0 +1,192 @@
+"""Load and save checkpoints in the Hugging Face layout: config.json, model.safetensors or
+model-0000k-of-0000n.safetensors + model.safetensors.index.json, tokenizer files,
+generation_config.json. A hub id is resolved with huggingface_hub.snapshot_download (which
+honours HF_HOME and HF_HUB_OFFLINE); a local directory is read as it is."""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nanopost.model import Qwen2, Qwen2Config
+from nanopost.tokenizer import Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve(path_or_hub_id: str) -> str:
+    """A local directory as is; anything else is a hub id, downloaded (or found in the cache)."""
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated repo: say which and why
+        raise CheckpointError(f"{path_or_hub_id}: not a local directory and could not be fetched from the "
+                              f"hub ({type(e).__name__}: {e}). Offline? Set HF_HUB_OFFLINE=1 to use the cache "
+                              "only, or pass a local directory.") from e
+
+
+def read_config(ckpt_dir: str) -> Qwen2Config:
+    file = os.path.join(ckpt_dir, "config.json")
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file}: missing")
+    with open(file, encoding="utf-8") as f:
+        d = json.load(f)
+    if d.get("model_type") != "qwen2":
+        raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (nanopost "
+                              "implements Qwen2: model_type 'qwen2')")
+    try:
+        return Qwen2Config.from_hf(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def weight_files(ckpt_dir: str) -> dict[str, str]:
+    """tensor name -> safetensors file that holds it (single file or sharded index)."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            wmap = json.load(f)["weight_map"]
+        return {k: os.path.join(ckpt_dir, v) for k, v in wmap.items()}
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json "
+                              "(nanopost reads safetensors only)")
+    return {k: single for k in _open(single).keys()}
+
+
+def _open(file):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
+    """Build the model on the meta device and assign each tensor as it is read (converted to
+    dtype), so the weights are never held twice in memory."""
+    cfg = read_config(ckpt_dir)
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    files = weight_files(ckpt_dir)
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        files.pop("lm_head.weight", None)  # some exporters write the tied copy too: ignore it
+    missing, extra = sorted(expected.keys() - files.keys()), sorted(files.keys() - expected.keys())
+    if missing or extra:
+        where = sorted(set(files.values())) or [ckpt_dir]
+        raise CheckpointError(f"{', '.join(where)}: tensors do not match the Qwen2 config: "
+                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}")
+    state = {}
+    by_file = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        f = _open(file)
+        for name in names:
+            try:
+                t = f.get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from e
+            if tuple(t.shape) != tuple(expected[name]):
+                raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the config "
+                                      f"expects {tuple(expected[name])}")
+            state[name] = t.to(device=device, dtype=dtype)
+            del t
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load(path_or_hub_id: str, dtype=torch.float32, device="cpu"):
+    """-> (model, tokenizer) from a local Hugging Face checkpoint directory or a hub id."""
+    d = resolve(path_or_hub_id)
+    tokenizer = Tokenizer(d)
+    return load_model(d, dtype, device), tokenizer
+
+
+def _atomic_dir(out_dir):
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+
+
+def commit_dir(tmp, out_dir):
+    """Move a finished temp directory into place; an existing out_dir is replaced only after
+    the new one is complete, so a crash leaves either the old or the new checkpoint."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tmp + ".old"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old)
+
+
+def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_bytes: int = 2 * 1024**3,
+         dtype=None, extra_files: dict[str, str] | None = None):
+    """Write model (+ tokenizer files) in the Hugging Face layout, atomically. dtype: the dtype
+    stored (default: the model's). extra_files: name -> text written beside (e.g. args.json)."""
+    tmp = _atomic_dir(out_dir)
+    try:
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        shards, cur, size = [], {}, 0
+        for k, v in state.items():
+            n = v.numel() * v.element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            wmap = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                wmap.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total}, "weight_map": wmap})
+        any_param = next(iter(state.values()))
+        cfg = {**model.config.to_hf(), "torch_dtype": str(any_param.dtype).removeprefix("torch.")}
+        _write_json(os.path.join(tmp, "config.json"), cfg)
+        if tokenizer is not None:
+            for name in TOKENIZER_FILES + ("generation_config.json",):
+                src = os.path.join(tokenizer.path, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+            if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+                _write_json(os.path.join(tmp, "generation_config.json"),
+                            {"eos_token_id": tokenizer.eos_ids, "pad_token_id": tokenizer.pad_id})
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")

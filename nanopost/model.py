@@ -1,0 +1,204 @@
+"""Qwen2, written out in one file. Parameter names equal the Hugging Face names, so loading a
+checkpoint is a plain name check (see checkpoint.py). Shapes: B batch, T query positions,
+S key positions, H query heads, K kv heads, D head dim, C hidden size, V vocab."""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+    head_dim: int | None = None  # Qwen2 always uses hidden // heads; kept for forks that set it
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen2Config":
+        """Read a transformers config.json dict: rope_theta at top level (4.x) or inside
+        rope_parameters (5.x)."""
+        d = dict(d)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"unsupported rope scaling {rope!r}: nanopost implements plain RoPE")
+        if "rope_theta" not in d and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if d.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported (no Qwen2 release uses it)")
+        if d.get("num_key_value_heads") is None:
+            d["num_key_value_heads"] = d["num_attention_heads"]
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_hf(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.pop("head_dim")
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True, **d}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in float32, cast back to the input dtype *before* the weight (as Qwen2 does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids_BT, head_dim: int, theta: float, dtype):
+    """cos, sin of shape (B, 1, T, D): angles in float32, halves duplicated (rotate-half form)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device,
+                                            dtype=torch.int64).float() / head_dim)
+    angles = position_ids_BT.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, K, S_max, D). `pos` counts filled slots;
+    the model writes slots [pos, pos+T) and advances pos once per forward."""
+
+    def __init__(self, cfg: Qwen2Config, batch_size: int, max_len: int, dtype, device):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    def update(self, layer: int, k_BKTD, v_BKTD):
+        end = self.pos + k_BKTD.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.k.shape[3]}")
+        self.k[layer, :, :, self.pos:end] = k_BKTD
+        self.v[layer, :, :, self.pos:end] = v_BKTD
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # GQA: query head h reads kv head h // (H/K); enable_gqa does that without copying K/V
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=1.0 / math.sqrt(self.hd), enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Body(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def packed_causal_mask(position_ids_BT):
+    """Block-diagonal causal mask (B, 1, T, T) for packed rows: a new sequence starts wherever
+    the position does not continue by +1 (the rule transformers uses too)."""
+    prev = torch.cat([position_ids_BT[:, :1] - 1, position_ids_BT[:, :-1]], dim=1)
+    seg = (position_ids_BT != prev + 1).cumsum(-1)
+    T = position_ids_BT.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, cache: KVCache | None = None, mask=None,
+                return_hidden: bool = False, last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, V), or the final-norm hidden states (B, T, C) with
+        return_hidden (so a loss can apply lm_head in chunks and never hold B*T*V logits).
+        position_ids: default 0..T-1 (after the cache's filled slots); when given without a
+        mask, packed sequences (positions restarting) get a block-diagonal causal mask.
+        mask: boolean (B, 1, T, S), True = attend; overrides the default causal mask.
+        last_only: logits of the last position only (generation)."""
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        elif mask is None and cache is None and T > 1:
+            mask = packed_causal_mask(position_ids)
+        if mask is None and cache is not None and start > 0 and T > 1:
+            # chunked prefill after earlier slots: causal within the chunk, all earlier slots visible
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return x if return_hidden else self.lm_head(x)

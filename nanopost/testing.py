@@ -1,0 +1,74 @@
+"""Tiny random Qwen2 checkpoints in the Hugging Face layout, for tests and the offline demo:
+a small config + random weights + a small byte-level BPE tokenizer trained here on a built-in
+text, with Qwen2's normalizer, pre-tokenizer regex and the ChatML special tokens."""
+import json
+import os
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from nanopost.checkpoint import save
+from nanopost.model import Qwen2, Qwen2Config
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's pre-tokenizer split (the same regex its tokenizer.json carries)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                  "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                  "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CORPUS = """The quick brown fox jumps over the lazy dog. You are a helpful assistant.
+Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
+How many clips did Natalia sell altogether in April and May? Let's think step by step.
+The answer is 72. def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5
+Der schnelle braune Fuchs. Le renard brun rapide. 敏捷的棕色狐狸跳过了懒狗。 こんにちは世界。
+Hello, world! 1234567890 +-*/=<>()[]{} "quotes" 'single' \t tabs\r\n and   spaces.
+"""
+
+
+def make_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.add_special_tokens(SPECIALS)  # appended after the BPE vocab, as in Qwen2
+    return tok
+
+
+def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMPLATE, dtype=torch.float32,
+                         **cfg_overrides) -> str:
+    """Write a random Qwen2 checkpoint + tokenizer to out_dir; returns out_dir."""
+    tok = make_tokenizer()
+    n_tokens = tok.get_vocab_size()
+    cfg = Qwen2Config(**{"vocab_size": n_tokens + 5, "hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "rope_theta": 10000.0, "max_position_embeddings": 2048, **cfg_overrides})
+    torch.manual_seed(seed)
+    model = Qwen2(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # random norms and biases too, so a wrong norm or a dropped bias shows in parity tests
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.to(dtype)
+    staging = out_dir + ".tok"
+    os.makedirs(staging, exist_ok=True)
+    tok.save(os.path.join(staging, "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIALS}
+    with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": None, "unk_token": None, "chat_template": template,
+                   "model_max_length": cfg.max_position_embeddings}, f, indent=2)
+    with open(os.path.join(staging, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}, f)
+    from nanopost.tokenizer import Tokenizer as ChatTokenizer
+    save(model, ChatTokenizer(staging), out_dir)
+    for name in os.listdir(staging):
+        os.remove(os.path.join(staging, name))
+    os.rmdir(staging)
+    return out_dir

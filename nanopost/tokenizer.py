@@ -1,0 +1,115 @@
+"""tokenizer.json through `tokenizers`, and ChatML rendering with the SFT loss mask.
+
+Rendering equals the checkpoint's own chat template (transformers' apply_chat_template) for the
+Qwen2 / Qwen2.5 family: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, a default
+system turn when the first message is not a system one (read from the checkpoint's template:
+Qwen2 and Qwen2.5 differ), and `<|im_start|>assistant\\n` as the generation prompt."""
+import json
+import os
+import re
+
+from tokenizers import Tokenizer as HFTokenizer
+
+IGNORE = -100  # label of a position the loss does not train on, everywhere in nanopost
+ROLES = ("system", "user", "assistant")
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def default_system_prompt(chat_template: str | None) -> str | None:
+    """The system turn a ChatML template prepends when the conversation has none, or None."""
+    if not chat_template:
+        return None
+    m = re.search(r"<\|im_start\|>system\\n([^'\"+]*?)<\|im_end\|>", chat_template)
+    return m.group(1) if m else None
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        """path: a checkpoint directory holding tokenizer.json (+ tokenizer_config.json,
+        generation_config.json, config.json for the chat template and stop tokens)."""
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: missing; nanopost reads the fast-tokenizer file "
+                                    "(tokenizer.json) that every Qwen2 checkpoint ships")
+        self.path = path
+        self.tok = HFTokenizer.from_file(file)
+        tcfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        template = tcfg.get("chat_template")
+        if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+            template = open(os.path.join(path, "chat_template.jinja"), encoding="utf-8").read()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+        self.default_system = default_system_prompt(template)
+        self.im_start, self.im_end = self.token_id("<|im_start|>"), self.token_id("<|im_end|>")
+        self.eos_ids = self._stop_ids(path)
+        self.pad_id = self.tok.token_to_id("<|endoftext|>") or self.eos_ids[0]
+
+    def token_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{self.path}/tokenizer.json has no {token} token (not a ChatML tokenizer)")
+        return i
+
+    def _stop_ids(self, path):
+        ids = []
+        for name in ("generation_config.json", "config.json"):
+            e = _read_json(os.path.join(path, name)).get("eos_token_id")
+            ids += e if isinstance(e, list) else [] if e is None else [e]
+        for t in ("<|im_end|>", "<|endoftext|>"):  # ChatML models stop on both (DESIGN.md)
+            ids.append(self.tok.token_to_id(t))
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages, add_generation_prompt=False) -> tuple[list[int], list[bool]]:
+        """Chat messages [{"role", "content"}] -> (ids, mask), mask True on the tokens SFT trains
+        on: each assistant turn's content and its closing <|im_end|> (not the newline after)."""
+        messages = list(messages)
+        if (not messages or messages[0]["role"] != "system") and self.default_system is not None:
+            messages.insert(0, {"role": "system", "content": self.default_system})
+        ids, mask = [], []
+        nl = self.encode("\n")
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise ValueError(f"message {i}: role must be one of {ROLES} and content a string, got {m!r}")
+            # header and content are encoded as one string, as the template renders them: content
+            # that starts with whitespace can merge with the header's newline into one token
+            head = role + "\n"
+            enc = self.tok.encode(head + content, add_special_tokens=False)
+            train = [role == "assistant" and end > len(head) for _, end in enc.offsets]
+            ids += [self.im_start] + enc.ids + [self.im_end] + nl
+            mask += [False] + train + [role == "assistant"] + [False] * len(nl)
+        if add_generation_prompt:
+            head = [self.im_start] + self.encode("assistant\n")
+            ids += head
+            mask += [False] * len(head)
+        return ids, mask
+
+    def render_text(self, messages, add_generation_prompt=False) -> str:
+        return self.decode(self.render(messages, add_generation_prompt)[0], skip_special_tokens=False)
+
+    def show(self, ids, mask) -> str:
+        """A conversation as text, trained tokens wrapped in ANSI green: what the loss sees."""
+        out, start = [], 0
+        for i in range(1, len(ids) + 1):  # decode runs of equal mask: multi-byte chars stay whole
+            if i == len(ids) or mask[i] != mask[start]:
+                piece = self.decode(ids[start:i], skip_special_tokens=False)
+                out.append(f"\033[42m{piece}\033[0m" if mask[start] else piece)
+                start = i
+        return "".join(out)

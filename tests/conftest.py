@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+from nanopost.testing import make_tiny_checkpoint
+
+REAL_DEFAULT = os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Qwen2 checkpoint (tied lm_head, GQA 2) with a Qwen2-style chat template."""
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The real checkpoint from ../shared/tools/get-real-qwen2.sh, or skip."""
+    d = os.environ.get("NANOPOST_REAL_MODEL", REAL_DEFAULT)
+    if not os.path.exists(os.path.join(d, "model.safetensors")):
+        pytest.skip(f"real checkpoint not found at {d} (run ../shared/tools/get-real-qwen2.sh)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

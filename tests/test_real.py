@@ -1,0 +1,46 @@
+"""Parity on the real 0.5B checkpoint (../shared/tools/get-real-qwen2.sh); skipped when absent."""
+import pytest
+import torch
+
+import nanopost
+from nanopost.engine import Engine, Sampling
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.real
+
+CHAT = [{"role": "user", "content": "Write a Python function that checks whether a number is prime. "
+                                    "Explain briefly how it works, what its time complexity is, and give two "
+                                    "examples of calling it with small and large inputs."}]
+
+
+@pytest.fixture(scope="module")
+def both(real_model_dir):
+    model, tok = nanopost.load(real_model_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    return model, tok, ref
+
+
+def test_real_logits_match(both):
+    model, tok, ref = both
+    ids, _ = tok.render(CHAT, add_generation_prompt=True)
+    ids = ids[:64]
+    assert len(ids) == 64
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])  # 1.1 is the checkpoint's generation_config default
+def test_real_greedy_generation_token_identical(both, penalty):
+    model, tok, ref = both
+    prompts = [tok.render(CHAT, add_generation_prompt=True)[0],
+               tok.render([{"role": "user", "content": "Say hello in French."}], add_generation_prompt=True)[0]]
+    ours = Engine(model, tok).generate_ids(prompts, Sampling(max_new_tokens=64, repetition_penalty=penalty))
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():
+            g = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=64, repetition_penalty=penalty,
+                             eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+        theirs = g[0, len(p):].tolist()
+        while theirs and theirs[-1] in tok.eos_ids:  # we return the text before the eos
+            theirs.pop()
+        assert o == theirs

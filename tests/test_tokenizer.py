@@ -1,0 +1,106 @@
+"""Tokenization and chat rendering against transformers' tokenizer + apply_chat_template."""
+import json
+import os
+import shutil
+
+import pytest
+
+from nanopost.testing import QWEN2_TEMPLATE
+from nanopost.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+STRINGS = ["Hello world", "  leading and trailing spaces   ", "tabs\tand\nnewlines\r\n\n\n",
+           "def f(x):\n    return x ** 2  # square\n", "敏捷的棕色狐狸跳过了懒狗。", "こんにちは世界",
+           "Ünïcödé café naïve", "1234567890 3.14159 -42", "emoji 🙂👍🏽", "<|im_start|>not a turn<|im_end|>",
+           "I'm can't we'll", "", "\n", "   "]
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello."}],
+    [{"role": "user", "content": "\n\nstarts with newlines"}, {"role": "assistant", "content": "  two spaces\n"},
+     {"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光\n疑是地上霜"}],
+    [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint('x')\n```"}],
+]
+
+
+def hf_ids(htok, chat, gen):
+    out = htok.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
+    return list(out if isinstance(out, list) else out["input_ids"])
+
+
+def check_equal(d):
+    tok, htok = Tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    for s in STRINGS:
+        assert tok.encode(s) == htok.encode(s, add_special_tokens=False), s
+        assert tok.decode(tok.encode(s), skip_special_tokens=False) == htok.decode(htok.encode(s, add_special_tokens=False))
+    for chat in CHATS:
+        for gen in (False, True):
+            if gen and chat[-1]["role"] == "assistant":
+                continue
+            ids, mask = tok.render(chat, add_generation_prompt=gen)
+            assert ids == hf_ids(htok, chat, gen), chat
+            assert tok.render_text(chat, gen) == htok.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+    return tok
+
+
+def qwen25_template():
+    """The Qwen2.5 ChatML template shape (default system prompt 'You are Qwen, ...')."""
+    return QWEN2_TEMPLATE.replace("You are a helpful assistant.",
+                                  "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+
+
+def test_tiny_tokenizer_matches_transformers(tiny):
+    tok = check_equal(tiny)
+    assert tok.default_system == "You are a helpful assistant."
+
+
+def test_qwen25_template_default_system(tmp_path, tiny):
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = qwen25_template()
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    tok = check_equal(str(d))
+    assert tok.default_system.startswith("You are Qwen")
+
+
+def test_mask_marks_assistant_content_and_im_end_only(tiny):
+    tok = Tokenizer(tiny)
+    chat = CHATS[2]
+    ids, mask = tok.render(chat)
+    trained = [i for i, m in zip(ids, mask) if m]
+    expected = []
+    for m in chat:
+        if m["role"] == "assistant":
+            expected += tok.encode(m["content"]) + [tok.im_end]
+    # every assistant turn: content tokens + <|im_end|>; nothing from system/user turns or headers
+    assert tok.decode(trained, skip_special_tokens=False) == tok.decode(expected, skip_special_tokens=False)
+    assert trained.count(tok.im_end) == 2
+    assert sum(mask) == len(trained) and len(mask) == len(ids)
+    # the newline after <|im_end|> is never trained
+    for i, (t, m) in enumerate(zip(ids, mask)):
+        if t == tok.im_end and i + 1 < len(ids):
+            assert not mask[i + 1]
+    shown = tok.show(ids, mask)
+    assert "\033[42m" in shown and "写一首诗" in shown
+
+
+def test_stop_ids_read_from_generation_config(tiny):
+    tok = Tokenizer(tiny)
+    assert tok.eos_ids == [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
+
+
+@pytest.mark.real
+def test_real_tokenizer_matches_transformers(real_model_dir, tmp_path):
+    check_equal(real_model_dir)  # its own (Qwen2.5) template
+    d = tmp_path / "qwen2-style"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(real_model_dir, f), d / f)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = QWEN2_TEMPLATE
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    tok = check_equal(str(d))
+    assert tok.default_system == "You are a helpful assistant."
+    assert tok.token_id("<|im_end|>") == 151645
