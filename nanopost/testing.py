@@ -72,3 +72,12 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
         os.remove(os.path.join(staging, name))
     os.rmdir(staging)
     return out_dir
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Write a tiny random Qwen2 checkpoint (for tests and offline demos): "
+                                "python -m nanopost.testing runs/tiny")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="weights seed")
+    print(make_tiny_checkpoint(p.parse_args().out, seed=p.parse_args().seed))

@@ -1,0 +1,84 @@
+"""Talk to a checkpoint in the terminal, with streaming output.
+
+    python -m nanopost.chat --model Qwen/Qwen2-0.5B-Instruct
+    python -m nanopost.chat --model runs/sft --temperature 0.7 --top-p 0.8
+    python -m nanopost.chat --model DIR --prompt "What is 17*23?"   # one turn, then exit
+
+Commands inside the chat: /reset clears the conversation, /quit (or Ctrl-D) leaves."""
+import argparse
+import sys
+
+import torch
+
+import nanopost
+from nanopost.checkpoint import CheckpointError
+from nanopost.engine import Engine, Sampling
+
+
+class Streamer:
+    """Prints a row's new text as tokens arrive, holding back bytes of an unfinished character."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.printed = tok, [], 0
+
+    def __call__(self, step, tokens, done):
+        if done[0] and tokens[0] in self.tok.eos_ids:
+            return
+        self.ids.append(tokens[0])
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--system", default=None, help="system prompt (default: the checkpoint's template default)")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+
+    try:
+        model, tok = nanopost.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    engine = Engine(model, tok)
+    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    start = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = list(start)
+    while True:
+        if args.prompt is not None:
+            user = args.prompt
+        else:
+            try:
+                user = input("\n> ")
+            except EOFError:
+                break
+            if user.strip() == "/quit":
+                break
+            if user.strip() == "/reset":
+                messages = list(start)
+                continue
+        messages.append({"role": "user", "content": user})
+        streamer = Streamer(tok)
+        ids = tok.render(messages, add_generation_prompt=True)[0]
+        new = engine.generate_ids([ids], s, on_token=streamer)[0]
+        reply = tok.decode(new)
+        sys.stdout.write(reply[streamer.printed:] + "\n")
+        messages.append({"role": "assistant", "content": reply})
+        if args.prompt is not None:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The command-line entry points run as a user runs them."""
+import subprocess
+import sys
+
+import nanopost
+from nanopost.engine import Engine, Sampling
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_chat_one_prompt_streams_the_greedy_reply(tiny):
+    r = run("-m", "nanopost.chat", "--model", tiny, "--prompt", "Hello there", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    model, tok = nanopost.load(tiny)
+    expected = Engine(model, tok).generate(["Hello there"], Sampling(max_new_tokens=12))[0]
+    assert r.stdout.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_chat_interactive_reset_and_quit(tiny):
+    r = run("-m", "nanopost.chat", "--model", tiny, "--max-new-tokens", "4", input="hi\n/reset\nagain\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 4
+
+
+def test_help_and_bad_model(tmp_path):
+    assert "--temperature" in run("-m", "nanopost.chat", "--help").stdout
+    r = run("-m", "nanopost.chat", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert r.returncode != 0 and "not a checkpoint directory" in r.stderr
+    r = run("-m", "nanopost.testing", str(tmp_path / "t"))
+    assert r.returncode == 0 and nanopost.load(str(tmp_path / "t"))[0].config.hidden_size == 64
