@@ -3,9 +3,12 @@ new token over a preallocated KV cache. Prompts are left-padded; padded key slot
 and positions start at 0 on each row's first real token, so a row's tokens are those it would
 get alone. Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row
 stop on eos ids, stop strings and max_new_tokens; an optional streaming callback."""
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+import torch.nn as nn
 
 from nanopost.model import KVCache, Qwen2
 from nanopost.tokenizer import Tokenizer
@@ -20,6 +23,7 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or output
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before them)
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
 
 def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
@@ -43,15 +47,51 @@ def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def _packed_linear(packed, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def can_pack(model) -> bool:
+    w = model.lm_head.weight
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 class Engine:
-    def __init__(self, model: Qwen2, tokenizer: Tokenizer):
+    def __init__(self, model: Qwen2, tokenizer: Tokenizer, pack_weights: bool | None = None):
+        """pack_weights (CPU float32; default on there): decode through a copy of every Linear
+        weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
+        than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
+        weights. The copy is refreshed when the weights change in place (e.g. training)."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
+        self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
+        self._packed = {}  # Linear -> (weight version, packed weight)
 
-    @torch.inference_mode()
+    @contextmanager
+    def fast_linears(self):
+        if not self.pack:
+            yield
+            return
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        try:
+            for lin in linears:
+                version, packed = self._packed.get(lin, (None, None))
+                if version != lin.weight._version:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 8)
+                    self._packed[lin] = (lin.weight._version, packed)
+                lin.forward = partial(_packed_linear, packed, lin.bias)
+            yield
+        finally:
+            for lin in linears:
+                lin.__dict__.pop("forward", None)  # back to nn.Linear.forward
+
     def generate_ids(self, prompts: list[list[int]], s: Sampling = Sampling(), on_token=None) -> list[list[int]]:
         """prompts: token id lists -> the new token ids of each row (eos and stop strings cut).
         on_token(step, tokens: list[int], done: list[bool]) is called after every decode step."""
+        with torch.inference_mode(), self.fast_linears():
+            return self._generate_ids(prompts, s, on_token)
+
+    def _generate_ids(self, prompts, s, on_token):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         model, dev = self.model, self.model.lm_head.weight.device
@@ -77,7 +117,7 @@ class Engine:
         out = torch.full((B, N), self.tok.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.full((B,), N, dtype=torch.long, device=dev)
-        eos = self.eos.to(dev)
+        eos = self.eos.to(dev) if not s.ignore_eos else torch.tensor([], dtype=torch.long, device=dev)
         stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
         for t in range(N):
             nxt = sample_next(logits, seen, s, gen)
