@@ -1,0 +1,371 @@
+"""Weight fusion of Qwen2 checkpoints, streamed tensor by tensor (mergekit's semantics).
+
+    # the paper's fusions of two SFT checkpoints
+    python merge.py --method linear --models runs/sft_a runs/sft_b --out runs/avg            # (w1+w2)/2
+    python merge.py --method linear --models runs/sft_a runs/sft_b --weights 0.05 0.95 --out runs/lin
+    # SLERP, base at t=0; t as a gradient over depth, with name filters
+    python merge.py --method slerp --models base sft --t 0.5 --out runs/slerp
+    python merge.py --method slerp --models base sft --t 0.5 --t-filter self_attn=0,0.5,0.3,0.7,1 \\
+        --t-filter mlp=1,0.5,0.7,0.3,0 --out runs/slerp_grad
+    # task vectors against a base
+    python merge.py --method ties --base Qwen/Qwen2-0.5B-Instruct --models runs/sft runs/kto \\
+        --weights 0.5 0.5 --densities 0.5 0.5 --out runs/ties
+    python merge.py --method dare_ties --base base --models a b --densities 0.5 0.5 --seed 0 --out runs/dare
+    # an existing mergekit YAML/JSON config (the supported subset: these methods, whole models)
+    python merge.py --config merge.yml --out runs/merged
+
+Models are local directories or hub ids. Tensors are read a block of rows at a time and written
+straight into the output shards, so memory stays at a few tensors whatever the model size
+(TIES and DARE hold whole tensors: their trim and drop are per tensor). The output directory is
+written atomically, with the base model's tokenizer and generation config."""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from tqdm import tqdm
+
+from nanopost.checkpoint import TOKENIZER_FILES, CheckpointError, commit_dir, read_config, resolve, weight_files
+from nanopost.merging import (Reader, Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
+                              slerp_rows, task_merge)
+
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+NORMALIZE_DEFAULT = {"linear": True, "slerp": False, "task_arithmetic": False, "ties": True,
+                     "dare_linear": False, "dare_ties": False}
+CHUNK_ELEMS = 4 * 1024 * 1024  # rows per block: about 16 MB of float32 per input
+
+
+class MergeError(ValueError):
+    pass
+
+
+# ---- the plan: what to merge, with which parameters ----
+
+def plan_from_args(args) -> dict:
+    if not args.models:
+        raise MergeError("--models is required (or --config)")
+    models = list(args.models)
+    n = len(models)
+    for flag, vals in (("--weights", args.weights), ("--densities", args.densities)):
+        if vals is not None and len(vals) != n:
+            raise MergeError(f"{flag} has {len(vals)} values for {n} models ({' '.join(models)})")
+    t = args.t if args.t is None or len(args.t) > 1 else args.t[0]
+    if args.t_filter:
+        entries = []
+        for f in args.t_filter:
+            key, _, vals = f.partition("=")
+            if not vals:
+                raise MergeError(f"--t-filter {f!r}: expected NAME=V or NAME=V1,V2,...")
+            values = [float(v) for v in vals.split(",")]
+            entries.append({"filter": key, "value": values if len(values) > 1 else values[0]})
+        t = entries + ([{"value": t}] if t is not None else [])
+    return {"merge_method": args.method, "base_model": args.base, "dtype": args.dtype,
+            "models": [{"model": m, "parameters": {k: v[i] for k, v in (("weight", args.weights),
+                                                                        ("density", args.densities)) if v is not None}}
+                       for i, m in enumerate(models)],
+            "parameters": {k: v for k, v in (("t", t), ("normalize", args.normalize)) if v is not None}}
+
+
+def read_config_file(path: str) -> dict:
+    """A mergekit config (YAML needs PyYAML; JSON always works), checked against what we support."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise MergeError(f"{path}: {e}") from e
+    if path.endswith((".yml", ".yaml")):
+        try:
+            import yaml
+        except ImportError:
+            raise MergeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as JSON")
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{path}: expected a mapping at the top level")
+    unknown = set(cfg) - {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source"}
+    if unknown:
+        raise MergeError(f"{path}: unsupported keys {sorted(unknown)}")
+    if cfg.get("merge_method") not in METHODS:
+        raise MergeError(f"{path}: merge_method {cfg.get('merge_method')!r} is not supported; nanopost merges "
+                         f"with {', '.join(METHODS)}")
+    if cfg.get("tokenizer_source") not in (None, "base"):
+        raise MergeError(f"{path}: tokenizer_source {cfg['tokenizer_source']!r} is not supported (the base "
+                         "model's tokenizer is copied)")
+    if "slices" in cfg:  # one slice of whole models is the same as `models:`
+        slices = cfg.pop("slices")
+        if len(slices) != 1:
+            raise MergeError(f"{path}: {len(slices)} slices; only one slice covering every layer is supported")
+        cfg["models"] = [{"model": s["model"], "parameters": s.get("parameters", {}), "layer_range": s.get("layer_range")}
+                         for s in slices[0]["sources"]]
+    if not cfg.get("models"):
+        raise MergeError(f"{path}: no models")
+    for m in cfg["models"]:
+        bad = set(m.get("parameters") or {}) - {"weight", "density"}
+        if bad:
+            raise MergeError(f"{path}: model {m.get('model')}: unsupported parameters {sorted(bad)}")
+    bad = set(cfg.get("parameters") or {}) - {"t", "normalize", "weight", "density", "int8_mask", "rescale"}
+    if bad:
+        raise MergeError(f"{path}: unsupported parameters {sorted(bad)}")
+    return cfg
+
+
+# ---- checks before any work ----
+
+def open_models(plan, embed_slice: bool):
+    """Resolve every model, check that they can be merged, and open their tensors."""
+    method = plan["merge_method"]
+    names = [m["model"] for m in plan["models"]]
+    base = plan.get("base_model")
+    if method == "slerp":
+        base = base or names[0]
+    elif method != "linear" and not base:
+        raise MergeError(f"{method} needs a base model (--base)")
+    if base and base not in names:
+        names = [base] + names
+        plan["models"] = [{"model": base, "parameters": {}}] + plan["models"]
+    if method == "slerp":  # base first: it is theta_0 (t=0)
+        if len(names) != 2:
+            raise MergeError(f"slerp merges two models (the base and one other), got {len(names)}: {names}")
+        plan["models"].sort(key=lambda m: m["model"] != base)
+        names = [m["model"] for m in plan["models"]]
+    base = base or names[0]
+    dirs = [resolve(n) for n in names]
+    cfgs = [read_config(d) for d in dirs]
+    n_layers = cfgs[0].num_hidden_layers
+    for m in plan["models"]:
+        if m.get("layer_range") not in (None, [0, n_layers]):
+            raise MergeError(f"{m['model']}: layer_range {m['layer_range']} does not cover all {n_layers} layers "
+                             "(partial slices are not supported)")
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "tie_word_embeddings")
+    for d, c in zip(dirs[1:], cfgs[1:]):
+        diff = [f"{k}: {getattr(cfgs[0], k)} vs {getattr(c, k)}" for k in keys if getattr(c, k) != getattr(cfgs[0], k)]
+        if diff:
+            raise MergeError(f"{dirs[0]} and {d} have different architectures ({'; '.join(diff)})")
+    readers, index = {}, []
+    for d in dirs:
+        files = weight_files(d)
+        for f in set(files.values()):
+            if f not in readers:
+                try:
+                    readers[f] = Reader(f)
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from e
+        index.append({k: readers[f] for k, f in files.items()})
+    base_i = names.index(base)
+    ref = index[base_i]
+    for d, idx in zip(dirs, index):
+        missing, extra = sorted(ref.keys() - idx.keys()), sorted(idx.keys() - ref.keys())
+        if missing or extra:
+            raise MergeError(f"{d}: tensor names differ from {dirs[base_i]}: missing {missing[:5]}, extra {extra[:5]}")
+        for k in ref:
+            s_ref, s = ref[k].shape(k), idx[k].shape(k)
+            if s != s_ref:
+                is_vocab = k.endswith(("embed_tokens.weight", "lm_head.weight")) and s[1:] == s_ref[1:]
+                if not (is_vocab and embed_slice):
+                    hint = " (different vocab sizes: --embed-slice cuts to the base's rows)" if is_vocab else ""
+                    raise MergeError(f"{d}: tensor {k} has shape {s}, {dirs[base_i]} has {s_ref}{hint}")
+                if s[0] < s_ref[0]:
+                    raise MergeError(f"{d}: tensor {k} has {s[0]} rows, fewer than the base's {s_ref[0]}")
+    return names, dirs, index, base_i, n_layers
+
+
+def resolved_params(plan, name, n_layers):
+    """Per-model weight/density and the global t, normalize for one tensor."""
+    g = plan.get("parameters") or {}
+    weights, densities = [], []
+    for m in plan["models"]:
+        p = m.get("parameters") or {}
+        weights.append(resolve_param(p.get("weight", g.get("weight", 1.0)), name, n_layers, "weight"))
+        densities.append(resolve_param(p.get("density", g.get("density", 1.0)), name, n_layers, "density"))
+    t = resolve_param(g["t"], name, n_layers, "t") if "t" in g else None
+    return weights, densities, t
+
+
+def check_params(plan, names_in_order, n_layers):
+    method = plan["merge_method"]
+    if method == "slerp" and "t" not in (plan.get("parameters") or {}):
+        raise MergeError("slerp needs t (--t)")
+    for name in names_in_order:
+        weights, densities, t = resolved_params(plan, name, n_layers)
+        if t is not None and not 0 <= t <= 1:
+            raise MergeError(f"t = {t} for tensor {name} is outside [0, 1]")
+        for m, d in zip(plan["models"], densities):
+            if not 0 < d <= 1:
+                raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
+        if method == "linear" and plan["normalize"] and abs(sum(weights)) < 1e-12:
+            raise MergeError(f"linear weights sum to 0 for tensor {name}; cannot normalize")
+
+
+# ---- merging one tensor ----
+
+def row_blocks(shape):
+    rows = shape[0] if shape else 1
+    per_row = max(1, int(torch.Size(shape[1:]).numel())) if shape else 1
+    step = max(1, CHUNK_ELEMS // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] if shape else [(0, None)]
+
+
+def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row, out_rows):
+    """Yields the merged tensor of `name` in blocks of rows (in the compute dtype)."""
+    method = plan["merge_method"]
+    weights, densities, t = resolved_params(plan, name, n_layers)
+    read = lambda i, a, b: index[i][name].read(name, a, b).to(cdtype)  # noqa: E731
+    shape = (out_rows,) + index[base_i][name].shape(name)[1:]
+    blocks = row_blocks(shape) if index[base_i][name].shape(name) else [(0, None)]
+    n = len(index)
+    if method == "slerp" and not slerp_by_row:  # two passes: the angle needs the whole tensor
+        sq0 = sq1 = dot = 0.0
+        for a, b in blocks:
+            v0, v1 = read(0, a, b).double(), read(1, a, b).double()
+            sq0, sq1, dot = sq0 + (v0 * v0).sum().item(), sq1 + (v1 * v1).sum().item(), dot + (v0 * v1).sum().item()
+        c = slerp_coefficients(t, slerp_dot(sq0, sq1, dot))
+        for a, b in blocks:
+            v0, v1 = read(0, a, b), read(1, a, b)
+            yield torch.lerp(v0, v1, t) if c is None else c[0] * v0 + c[1] * v1
+    elif method == "slerp":
+        for a, b in blocks:
+            yield slerp_rows(t, read(0, a, b), read(1, a, b))
+    elif method == "linear":
+        for a, b in blocks:
+            yield linear([read(i, a, b) for i in range(n)], weights, plan["normalize"])
+    else:
+        others = [i for i in range(n) if i != base_i]
+        w, d = [weights[i] for i in others], [densities[i] for i in others]
+        if method == "task_arithmetic":  # elementwise: stream it
+            for a, b in blocks:
+                yield task_merge(read(base_i, a, b), [read(i, a, b) for i in others], w, d, method, plan["normalize"])
+        else:  # trim / drop are per whole tensor
+            a, b = 0, shape[0] if shape else None
+            gen = torch.Generator().manual_seed(crc_seed(seed, name)) if method.startswith("dare") else None
+            yield task_merge(read(base_i, a, b), [read(i, a, b) for i in others], w, d, method, plan["normalize"],
+                             gen, rescale=(plan.get("parameters") or {}).get("rescale", True))
+
+
+# ---- main ----
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- what to merge ----
+    p.add_argument("--method", choices=METHODS, help="merge method")
+    p.add_argument("--models", nargs="+", help="checkpoint directories or hub ids")
+    p.add_argument("--base", default=None, help="base model (task vectors are taken against it; slerp's t=0 model)")
+    p.add_argument("--config", default=None, help="a mergekit YAML/JSON config instead of the flags above")
+    # ---- parameters ----
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per model in --models")
+    p.add_argument("--densities", nargs="+", type=float, default=None, help="ties/dare: fraction of each delta kept")
+    p.add_argument("--t", nargs="+", type=float, default=None,
+                   help="slerp: a number, or several = a gradient over layer depth (layer i gets the value at i/(N-1))")
+    p.add_argument("--t-filter", action="append", default=None, metavar="NAME=V[,V...]",
+                   help="slerp: t for tensors whose name contains NAME (first match wins; --t is the fallback)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide by the sum of weights (default: on for linear and ties, off otherwise)")
+    p.add_argument("--slerp-rows", action="store_true",
+                   help="slerp row by row (mergekit >= 0.1.5) instead of whole tensors (<= 0.1.4, the default)")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    p.add_argument("--embed-slice", action="store_true",
+                   help="models with larger vocabularies: cut embed_tokens/lm_head to the base's rows")
+    # ---- output ----
+    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="output dtype (default: the base model's)")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="dtype of the arithmetic")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output shard, GB")
+    args = p.parse_args(argv)
+
+    try:
+        if args.config:
+            plan = read_config_file(args.config)
+            if args.dtype:
+                plan["dtype"] = args.dtype
+        else:
+            if not args.method:
+                p.error("--method is required (or --config)")
+            plan = plan_from_args(args)
+        method = plan["merge_method"]
+        g = plan.setdefault("parameters", {}) or {}
+        plan["parameters"] = g
+        plan["normalize"] = g.get("normalize", NORMALIZE_DEFAULT[method]) if args.normalize is None else args.normalize
+        names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
+        tensor_names = list(index[base_i].keys())
+        check_params(plan, tensor_names, n_layers)
+    except (MergeError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+    base_reader = index[base_i]
+    out_dtype = getattr(torch, plan["dtype"]) if plan.get("dtype") else None
+    cdtype = getattr(torch, args.compute_dtype)
+    entries = [(k, base_reader[k].shape(k), out_dtype or base_reader[k].dtype(k)) for k in tensor_names]
+    # shard plan, fixed before any work so each shard's header can be written first
+    shards, cur, size = [], [], 0
+    for e in entries:
+        nbytes = torch.Size(e[1]).numel() * torch.empty((), dtype=e[2]).element_size()
+        if cur and size + nbytes > args.max_shard_gb * 1024**3:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += nbytes
+    shards.append(cur)
+
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    summary = {}
+    try:
+        wmap = {}
+        bar = tqdm(total=len(entries), desc=f"{method} merge", unit="tensor")
+        for si, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+            w = Writer(os.path.join(tmp, fname), shard)
+            for name, shape, dtype in shard:
+                out_sq = diff_sq = base_sq = 0.0
+                row = 0
+                for block in merge_tensor(name, plan, index, base_i, n_layers, cdtype, args.seed, args.slerp_rows,
+                                          shape[0] if shape else 1):
+                    rows = block.shape[0] if block.dim() else 1
+                    ref = base_reader[name].read(name, row, row + rows).to(cdtype) if shape else \
+                        base_reader[name].read(name).to(cdtype)
+                    out_sq += block.double().pow(2).sum().item()
+                    diff_sq += (block.double() - ref.double()).pow(2).sum().item()
+                    base_sq += ref.double().pow(2).sum().item()
+                    w.write(block.to(dtype))
+                    row += rows
+                summary[name] = {"norm": out_sq ** 0.5, "change_vs_base": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
+                wmap[name] = fname
+                bar.update(1)
+            w.close()
+        bar.close()
+        if len(shards) > 1:
+            total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in entries)
+            json.dump({"metadata": {"total_size": total}, "weight_map": wmap},
+                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+        cfg = json.load(open(os.path.join(dirs[base_i], "config.json")))
+        cfg["torch_dtype"] = str(entries[0][2]).removeprefix("torch.")
+        cfg.pop("dtype", None)
+        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        for f in TOKENIZER_FILES + ("generation_config.json",):
+            if os.path.exists(os.path.join(dirs[base_i], f)):
+                shutil.copyfile(os.path.join(dirs[base_i], f), os.path.join(tmp, f))
+        record = {"merge_method": method, "models": plan["models"], "base_model": names[base_i],
+                  "resolved_paths": dirs, "parameters": plan["parameters"], "normalize": plan["normalize"],
+                  "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
+        json.dump(record, open(os.path.join(tmp, "merge_config.json"), "w"), indent=2)
+        commit_dir(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    changed = sorted(summary.items(), key=lambda kv: -kv[1]["change_vs_base"])
+    print(f"{method} of {', '.join(names)} (base {names[base_i]}) -> {args.out}")
+    print("most changed tensors (||merged - base|| / ||base||):")
+    for k, v in changed[:8]:
+        print(f"  {v['change_vs_base']:.4f}  {k}")
+    mean = sum(v["change_vs_base"] for v in summary.values()) / len(summary)
+    print(json.dumps({"out": args.out, "method": method, "tensors": len(summary), "mean_change_vs_base": mean}))
+
+
+if __name__ == "__main__":
+    main()

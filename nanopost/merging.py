@@ -1,0 +1,227 @@
+"""Weight fusion, one tensor at a time, with mergekit's semantics (the reference):
+
+    linear            sum_i w_i theta_i / sum_i w_i            (normalize on; off: no division)
+    slerp             spherical interpolation of two models, base at t=0 (whole tensor; or row by row)
+    task_arithmetic   base + sum_i w_i (theta_i - base)        (normalize off by default)
+    ties              trim deltas to the top-density magnitudes, elect a sign per element from the
+                      sum of weighted deltas, average the deltas that agree with it (normalize on)
+    dare_linear       randomly keep a density fraction of each delta, rescale by 1/density, sum
+    dare_ties         DARE's drop and rescale, then TIES' sign election
+
+Also a plain safetensors reader and writer that stream rows from and to disk with ordinary
+file reads and writes (no mmap), so merging two 0.5B models holds a few tensors, not models."""
+import json
+import math
+import re
+import struct
+import zlib
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+# ---- per-tensor operations (pure functions; the tests re-derive them in float64) ----
+
+def linear(tensors, weights, normalize=True):
+    out = sum(w * t for w, t in zip(weights, tensors))
+    return out / sum(weights) if normalize else out
+
+
+def slerp_coefficients(t: float, dot: float, dot_threshold=0.9995):
+    """(c0, c1) so that SLERP = c0 * v0 + c1 * v1, given the cosine of the angle between them,
+    or None where the tensors are nearly (anti)parallel: then SLERP falls back to linear
+    interpolation, done as torch.lerp so that v0 == v1 gives v0 bit-exactly."""
+    if abs(dot) > dot_threshold:
+        return None
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def slerp_dot(sq0: float, sq1: float, dot01: float, eps=1e-8) -> float:
+    """Cosine used by SLERP from the squared norms and the raw dot product; a tensor whose norm
+    is <= eps is not normalised (as in mergekit)."""
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    return dot01 / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+
+
+def slerp(t: float, v0, v1):
+    """Whole-tensor SLERP (mergekit <= 0.1.4, and most published SLERP merges): the angle between
+    the flattened tensors, applied to the un-normalised tensors."""
+    a, b = v0.double().flatten(), v1.double().flatten()
+    c = slerp_coefficients(t, slerp_dot((a * a).sum().item(), (b * b).sum().item(), (a * b).sum().item()))
+    return torch.lerp(v0, v1, t) if c is None else c[0] * v0 + c[1] * v1
+
+
+def slerp_rows(t: float, v0, v1, dot_threshold=0.9995, eps=1e-8):
+    """Row-by-row SLERP (mergekit >= 0.1.5): each row of the leading axis on its own, dot
+    clamped to [-1, 1]; 1-D tensors (biases, norms) fall back to linear interpolation."""
+    if v0.dim() < 2:
+        return torch.lerp(v0, v1, t)
+    a, b = v0.flatten(1), v1.flatten(1)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    a = torch.where(na > eps, a / na, a)
+    b = torch.where(nb > eps, b / nb, b)
+    dot = (a * b).sum(1, keepdim=True).clamp(-1, 1)
+    theta = torch.arccos(dot)
+    s = torch.sin(theta)
+    lin = dot.abs() > dot_threshold
+    s = torch.where(lin, torch.ones_like(s), s)
+    out = (torch.sin((1 - t) * theta) / s) * v0.flatten(1) + (torch.sin(t * theta) / s) * v1.flatten(1)
+    return torch.where(lin, torch.lerp(v0.flatten(1), v1.flatten(1), t), out).view_as(v0)
+
+
+def trim_magnitude(delta, density: float):
+    """Keep the int(density * numel) largest-magnitude entries (TIES' trim), zero the rest."""
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        raise ValueError(f"density {density} keeps no element of a tensor with {delta.numel()} elements")
+    mask = torch.zeros(delta.numel(), dtype=torch.bool)
+    mask[delta.abs().flatten().float().topk(k).indices] = True
+    return delta * mask.view_as(delta)
+
+
+def dare_drop(delta, density: float, gen: torch.Generator, rescale=True):
+    """DARE: keep each entry with probability density (seeded), rescale kept ones by 1/density."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
+    out = delta * keep
+    return out / density if rescale else out
+
+
+def task_merge(base, tensors, weights, densities, method: str, normalize: bool, gen=None, rescale=True):
+    """task_arithmetic / ties / dare_linear / dare_ties on one tensor (mergekit's GTA merge)."""
+    deltas = []
+    for t, d in zip(tensors, densities):
+        delta = t - base
+        if method == "ties":
+            delta = trim_magnitude(delta, d)
+        elif method.startswith("dare"):
+            delta = dare_drop(delta, d, gen, rescale)
+        deltas.append(delta)
+    wd = torch.stack([w * d for w, d in zip(weights, deltas)])
+    w = torch.tensor(weights, dtype=wd.dtype).view(-1, *[1] * base.dim())
+    if method in ("ties", "dare_ties"):
+        sign = torch.where(wd.sum(0) >= 0, 1.0, -1.0).to(wd.dtype)  # elected sign, ties go to +
+        agree = (wd.sign() == sign).to(wd.dtype)
+        mixed, divisor = (wd * agree).sum(0), (w * agree).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed, divisor = wd.sum(0), w.sum(0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    return base + (mixed / divisor if normalize else mixed)
+
+
+# ---- parameters that vary by tensor: numbers, gradients over depth, name filters ----
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def depth_position(name: str, n_layers: int) -> float:
+    """Where a tensor sits in the stack, in [0, 1]: layer i -> i / (N - 1); the embedding -> 0;
+    the final norm and lm_head -> 1."""
+    m = LAYER.search(name)
+    if m:
+        return int(m.group(1)) / max(n_layers - 1, 1)
+    return 0.0 if "embed_tokens" in name else 1.0
+
+
+def resolve_param(spec, name: str, n_layers: int, what="t") -> float:
+    """spec: a number; a list (a gradient over depth: layer i gets the value interpolated at
+    i/(N-1)); or a list of {"filter": substring, "value": ...} where the first match wins and an
+    entry without a filter is the fallback."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    if isinstance(spec, dict) and "value" in spec:
+        return resolve_param(spec["value"], name, n_layers, what)
+    if isinstance(spec, list) and spec and isinstance(spec[0], dict):
+        for entry in spec:
+            if entry.get("filter") is None or entry["filter"] in name:
+                return resolve_param(entry["value"], name, n_layers, what)
+        raise ValueError(f"{what}: no filter matches tensor {name} and no fallback entry (one without 'filter')")
+    if isinstance(spec, list) and spec and all(isinstance(v, (int, float)) for v in spec):
+        if len(spec) == 1:
+            return float(spec[0])
+        x = depth_position(name, n_layers) * (len(spec) - 1)
+        i = min(int(math.floor(x)), len(spec) - 2)
+        return float(spec[i] + (x - i) * (spec[i + 1] - spec[i]))
+    raise ValueError(f"{what}: cannot read {spec!r} (a number, a list of numbers, or filter entries)")
+
+
+# ---- safetensors streaming I/O ----
+
+class Reader:
+    """A safetensors file read with ordinary reads: header on open, rows on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.f = open(path, "rb")
+            (n,) = struct.unpack("<Q", self.f.read(8))
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(self.f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.meta = header
+
+    def keys(self):
+        return self.meta.keys()
+
+    def shape(self, name):
+        return tuple(self.meta[name]["shape"])
+
+    def dtype(self, name):
+        return DTYPES[self.meta[name]["dtype"]]
+
+    def read(self, name, start=0, stop=None):
+        """Rows [start, stop) of the leading axis (the whole tensor by default)."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        begin, end = self.meta[name]["data_offsets"]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = (end - begin) // max(rows, 1)
+        out = torch.empty((stop - start,) + shape[1:] if shape else (), dtype=dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            self.f.seek(self.base + begin + start * row_bytes)
+            if self.f.readinto(buf) != buf.size:
+                raise ValueError(f"{self.path}: tensor {name} is truncated")
+        return out
+
+
+class Writer:
+    """Writes one safetensors file whose tensor list is known up front: the header first, then
+    each tensor's bytes as they are produced, in order (rows can arrive in chunks)."""
+
+    def __init__(self, path: str, entries: list[tuple[str, tuple, torch.dtype]]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in entries:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.size = offset
+
+    def write(self, t: torch.Tensor):
+        self.f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self):
+        self.f.close()
+
+
+def crc_seed(seed: int, *parts) -> int:
+    """A stable per-(model, tensor) seed, so DARE's masks do not depend on tensor order."""
+    return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**63)

@@ -1,0 +1,289 @@
+"""merge.py and nanopost/merging.py against closed forms and float64 re-derivations."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanopost
+from nanopost.engine import Engine, Sampling
+from nanopost.merging import (dare_drop, linear, resolve_param, slerp, slerp_rows, task_merge, trim_magnitude)
+from nanopost.testing import make_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def merge(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def state(d):
+    return nanopost.load(d)[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    return make_tiny_checkpoint(str(root / "a"), seed=1), make_tiny_checkpoint(str(root / "b"), seed=2)
+
+
+def slerp_ref(t, v0, v1):
+    """DESIGN.md's SLERP, float64 numpy."""
+    a, b = v0.double().numpy().ravel(), v1.double().numpy().ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    dot = np.dot(a / na if na > 1e-8 else a, b / nb if nb > 1e-8 else b)
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0.double() + t * v1.double()
+    th = np.arccos(dot)
+    return np.sin((1 - t) * th) / np.sin(th) * v0.double() + np.sin(t * th) / np.sin(th) * v1.double()
+
+
+# ---- per-tensor operations ----
+
+def test_linear_closed_form():
+    xs = [torch.randn(5, 7, dtype=torch.float64) for _ in range(3)]
+    w = [0.2, 0.5, 1.3]
+    assert torch.allclose(linear(xs, w), sum(wi * x for wi, x in zip(w, xs)) / sum(w), atol=1e-12)
+    assert torch.allclose(linear(xs, w, normalize=False), sum(wi * x for wi, x in zip(w, xs)), atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_slerp_closed_form(t):
+    v0, v1 = torch.randn(6, 9), torch.randn(6, 9)
+    assert torch.allclose(slerp(t, v0, v1).double(), slerp_ref(t, v0, v1), atol=1e-5)
+    if t == 0:
+        assert torch.equal(slerp(t, v0, v1), v0)
+    if t == 1:
+        assert torch.equal(slerp(t, v0, v1), v1)
+
+
+def test_slerp_parallel_falls_back_to_lerp():
+    v = torch.randn(4, 4)
+    for other in (2 * v, -3 * v):
+        assert torch.allclose(slerp(0.3, v, other), 0.7 * v + 0.3 * other, atol=1e-6)
+    assert torch.equal(slerp(0.3, v, v), v)
+
+
+def test_slerp_rows_closed_form():
+    v0, v1 = torch.randn(5, 8), torch.randn(5, 8)
+    v1[2] = 2 * v0[2]  # a parallel row falls back to lerp on its own
+    out = slerp_rows(0.4, v0, v1)
+    for r in range(5):
+        assert torch.allclose(out[r].double(), slerp_ref(0.4, v0[r], v1[r]), atol=1e-5)
+    b0, b1 = torch.randn(8), torch.randn(8)
+    assert torch.allclose(slerp_rows(0.4, b0, b1), 0.6 * b0 + 0.4 * b1, atol=1e-6)  # 1-D: linear
+
+
+def test_gradient_and_filters():
+    N = 5
+    for i in range(N):
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        assert resolve_param([0.0, 1.0], name, N) == pytest.approx(i / (N - 1))
+        assert resolve_param([0.0, 1.0, 0.0], name, N) == pytest.approx(1 - abs(2 * i / (N - 1) - 1))
+    spec = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "attn", "value": 0.9},
+            {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
+    assert resolve_param(spec, "model.layers.4.self_attn.q_proj.weight", N) == 1.0  # first match wins
+    assert resolve_param(spec, "model.layers.4.mlp.down_proj.weight", N) == 0.2
+    assert resolve_param(spec, "model.norm.weight", N) == 0.5
+    assert resolve_param([0.0, 1.0], "model.embed_tokens.weight", N) == 0.0
+    assert resolve_param([0.0, 1.0], "lm_head.weight", N) == 1.0
+    with pytest.raises(ValueError, match="no filter matches"):
+        resolve_param([{"filter": "mlp", "value": 1}], "model.norm.weight", N)
+
+
+def ties_ref(base, xs, w, dens):
+    """TIES re-derived in float64 numpy, element by element."""
+    base = base.double().numpy()
+    deltas = []
+    for x, d in zip(xs, dens):
+        delta = x.double().numpy() - base
+        k = int(d * delta.size)
+        keep = np.zeros(delta.size, bool)
+        keep[np.argsort(-np.abs(delta).ravel(), kind="stable")[:k]] = True
+        deltas.append(np.where(keep.reshape(delta.shape), delta, 0.0))
+    out = base.copy()
+    for idx in np.ndindex(base.shape):
+        wd = [wi * dl[idx] for wi, dl in zip(w, deltas)]
+        sign = 1.0 if sum(wd) >= 0 else -1.0
+        agree = [i for i, v in enumerate(wd) if np.sign(v) == sign]
+        num, den = sum(wd[i] for i in agree), sum(w[i] for i in agree)
+        out[idx] += num / (den if den != 0 else 1.0)
+    return torch.from_numpy(out)
+
+
+def test_ties_matches_float64_rederivation():
+    base = torch.randn(6, 5, dtype=torch.float64)
+    xs = [base + torch.randn(6, 5, dtype=torch.float64) for _ in range(3)]
+    w, dens = [0.5, 0.3, 0.8], [0.5, 0.7, 0.3]
+    got = task_merge(base, xs, w, dens, "ties", normalize=True)
+    assert torch.allclose(got, ties_ref(base, xs, w, dens), atol=1e-12)
+    kept = trim_magnitude(xs[0] - base, 0.5)
+    assert (kept != 0).sum() == 15
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_float64_rederivation(method):
+    base = torch.randn(8, 4, dtype=torch.float64)
+    xs = [base + torch.randn(8, 4, dtype=torch.float64) for _ in range(2)]
+    w, dens = [0.6, 0.9], [0.5, 0.25]
+    got = task_merge(base, xs, w, dens, method, normalize=False, gen=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same seeded stream: a mask per model, in order
+    deltas = [np.where(torch.rand(base.shape, generator=g).numpy() < d, (x - base).numpy() / d, 0.0)
+              for x, d in zip(xs, dens)]
+    wd = [wi * dl for wi, dl in zip(w, deltas)]
+    if method == "dare_ties":
+        sign = np.where(sum(wd) >= 0, 1.0, -1.0)
+        ref = base.numpy() + sum(np.where(np.sign(x) == sign, x, 0.0) for x in wd)
+    else:
+        ref = base.numpy() + sum(wd)
+    assert torch.allclose(got, torch.from_numpy(ref), atol=1e-12)
+    a = dare_drop(torch.ones(1000, dtype=torch.float64), 0.3, torch.Generator().manual_seed(1))
+    assert set(a.unique().tolist()) <= {0.0, 1 / 0.3} and 200 < (a != 0).sum() < 400
+
+
+# ---- merge.py end to end ----
+
+def test_self_merge_is_bit_exact(tmp_path, pair):
+    a, _ = pair
+    ref = state(a)
+    for method, extra in (("linear", []), ("slerp", ["--t", "0.3"]), ("slerp", ["--t", "0.3", "--slerp-rows"])):
+        out = tmp_path / f"{method}{len(extra)}"
+        r = merge("--method", method, "--models", a, a, "--out", out, *extra)
+        assert r.returncode == 0, r.stderr
+        got = state(out)
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_linear_merge_of_two_models_and_it_generates(tmp_path, pair):
+    a, b = pair
+    out = tmp_path / "lin"
+    r = merge("--method", "linear", "--models", a, b, "--weights", 0.05, 0.95, "--out", out)
+    assert r.returncode == 0, r.stderr
+    sa, sb, got = state(a), state(b), state(out)
+    for k in sa:
+        assert torch.allclose(got[k], (0.05 * sa[k] + 0.95 * sb[k]) / 1.0, atol=1e-6), k
+    model, tok = nanopost.load(str(out))
+    assert len(Engine(model, tok).generate(["hi"], Sampling(max_new_tokens=4))) == 1
+    for f in ("tokenizer.json", "generation_config.json", "merge_config.json", "config.json"):
+        assert (out / f).exists()
+    assert json.loads(r.stdout.strip().splitlines()[-1])["method"] == "linear"
+
+
+def test_slerp_gradient_filters_and_sharding(tmp_path, pair):
+    a, b = pair
+    out = tmp_path / "slerp"
+    r = merge("--method", "slerp", "--models", a, b, "--t", 0.5, "--t-filter", "self_attn=0,1", "--t-filter", "mlp=1,0",
+              "--max-shard-gb", 0.00005, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors.index.json").exists()
+    sa, sb, got = state(a), state(b), state(out)
+    checks = {"model.layers.0.self_attn.q_proj.weight": 0.0, "model.layers.1.self_attn.q_proj.weight": 1.0,
+              "model.layers.0.mlp.up_proj.weight": 1.0, "model.layers.1.mlp.down_proj.weight": 0.0,
+              "model.norm.weight": 0.5, "model.layers.0.input_layernorm.weight": 0.5}
+    for k, t in checks.items():
+        assert torch.allclose(got[k].double(), slerp_ref(t, sa[k], sb[k]), atol=1e-5), k
+
+
+def test_task_methods_and_config_file(tmp_path, pair):
+    a, b = pair
+    c = make_tiny_checkpoint(str(tmp_path / "c"), seed=3)
+    sa, sb, sc = state(a), state(b), state(c)
+    out = tmp_path / "ta"
+    r = merge("--method", "task_arithmetic", "--base", a, "--models", b, c, "--weights", 0.5, 0.7, "--out", out)
+    assert r.returncode == 0, r.stderr
+    got = state(out)
+    for k in sa:
+        assert torch.allclose(got[k], sa[k] + 0.5 * (sb[k] - sa[k]) + 0.7 * (sc[k] - sa[k]), atol=1e-5)
+    cfg = {"merge_method": "ties", "base_model": a, "parameters": {"normalize": True, "int8_mask": True},
+           "models": [{"model": a}, {"model": b, "parameters": {"weight": 0.5, "density": 0.5}},
+                      {"model": c, "parameters": {"weight": 0.5, "density": 0.5}}], "dtype": "float32"}
+    (tmp_path / "ties.json").write_text(json.dumps(cfg))
+    r = merge("--config", tmp_path / "ties.json", "--out", tmp_path / "ties")
+    assert r.returncode == 0, r.stderr
+    got = state(tmp_path / "ties")
+    k = "model.layers.1.mlp.up_proj.weight"
+    assert torch.allclose(got[k], task_merge(sa[k], [sb[k], sc[k]], [0.5, 0.5], [0.5, 0.5], "ties", True), atol=1e-6)
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump(cfg))
+    r = merge("--config", tmp_path / "ties.yml", "--out", tmp_path / "ties_yaml")
+    assert r.returncode == 0, r.stderr
+    assert all(torch.equal(state(tmp_path / "ties_yaml")[k], got[k]) for k in got)
+
+
+def test_dare_is_seeded(tmp_path, pair):
+    a, b = pair
+    outs = []
+    for i, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"dare{i}"
+        r = merge("--method", "dare_ties", "--base", a, "--models", b, "--densities", 0.5, "--seed", seed, "--out", out)
+        assert r.returncode == 0, r.stderr
+        outs.append(state(out))
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(outs[0][k], outs[1][k]) and not torch.equal(outs[0][k], outs[2][k])
+
+
+# ---- bad input: a clear error, nothing written ----
+
+def assert_fails_cleanly(tmp_path, r, pattern):
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    import re
+    assert re.search(pattern, r.stderr), r.stderr
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_bad_inputs(tmp_path, pair):
+    a, b = pair
+    out = tmp_path / "out"
+    other = make_tiny_checkpoint(str(tmp_path / "wide"), hidden_size=32)
+    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, other, "--out", out),
+                         r"different architectures \(hidden_size: 64 vs 32")
+    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, b, "--weights", 1, "--out", out),
+                         r"--weights has 1 values for 2 models")
+    assert_fails_cleanly(tmp_path, merge("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
+                         r"t = 1.5 .* outside \[0, 1\]")
+    assert_fails_cleanly(tmp_path, merge("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
+    assert_fails_cleanly(tmp_path, merge("--method", "slerp", "--models", a, b, a, "--t", 0.5, "--out", out),
+                         r"slerp merges two models")
+    big = make_tiny_checkpoint(str(tmp_path / "bigvocab"), vocab_size=600)
+    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, big, "--out", out),
+                         r"embed_tokens.weight has shape \(600, 64\).*--embed-slice")
+    r = merge("--method", "linear", "--models", a, big, "--embed-slice", "--out", tmp_path / "sliced")
+    assert r.returncode == 0, r.stderr
+    assert state(tmp_path / "sliced")["model.embed_tokens.weight"].shape[0] == state(a)["model.embed_tokens.weight"].shape[0]
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(b, broken)
+    sd = load_file(broken / "model.safetensors")
+    sd.pop("model.layers.0.mlp.gate_proj.weight")
+    save_file(sd, broken / "model.safetensors")
+    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, broken, "--out", out),
+                         r"broken: tensor names differ .*missing \['model.layers.0.mlp.gate_proj.weight'\]")
+    (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "passthrough", "models": [{"model": a}]}))
+    assert_fails_cleanly(tmp_path, merge("--config", tmp_path / "bad.json", "--out", out),
+                         r"merge_method 'passthrough' is not supported")
+
+
+@pytest.mark.real
+def test_real_merge_memory_and_generation(real_model_dir, tmp_path):
+    """SLERP of two copies of the real 0.5B checkpoint: peak RSS above the interpreter's baseline
+    (torch imported) stays under 1.5 GB, and the result loads and generates."""
+    out = tmp_path / "merged"
+    code = ("import resource, runpy, sys, torch, tqdm, nanopost.merging, nanopost.checkpoint\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"sys.argv = ['merge.py', '--method', 'slerp', '--models', {real_model_dir!r}, {real_model_dir!r}, "
+            f"'--t', '0.5', '--out', {str(out)!r}]\n"
+            f"runpy.run_path({os.path.join(ROOT, 'merge.py')!r}, run_name='__main__')\n"
+            "print('PEAK_ABOVE_BASE_MB', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    peak = float(r.stdout.split("PEAK_ABOVE_BASE_MB")[1].split()[0])
+    print(f"peak RSS above baseline: {peak:.0f} MB")
+    assert peak < 1536
+    model, tok = nanopost.load(str(out))
+    text = Engine(model, tok).generate(["Write a Python function that adds two numbers."], Sampling(max_new_tokens=24))[0]
+    assert "def" in text
