@@ -97,3 +97,22 @@ def test_float32_engine_matches_naive(tiny):
     eng = Engine(model, tok)
     prompts = [[1, 2, 3, 4], [7, 8]]
     assert eng.generate_ids(prompts, Sampling(max_new_tokens=8)) == [naive_greedy(model, p, 8, tok.eos_ids) for p in prompts]
+
+
+def test_packed_linears_equal_plain_and_follow_weight_updates(tiny):
+    model, tok = nanopost.load(tiny)
+    packed, plain = Engine(model, tok), Engine(model, tok, pack_weights=False)
+    if not packed.pack:
+        pytest.skip("oneDNN packing unavailable on this CPU/build")
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    s = Sampling(max_new_tokens=8)
+    assert packed.generate_ids(prompts, s) == plain.generate_ids(prompts, s)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        ref = model(ids)
+        with packed.fast_linears():
+            assert (model(ids) - ref).abs().max() < 1e-4
+    assert all("forward" not in m.__dict__ for m in model.modules())  # patches removed afterwards
+    with torch.no_grad():  # an in-place update (as an optimizer step does) must reach the packed copy
+        model.lm_head.weight.mul_(-1)
+    assert packed.generate_ids(prompts, s) == plain.generate_ids(prompts, s)
