@@ -138,9 +138,10 @@ def commit_dir(tmp, out_dir):
 
 
 def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_bytes: int = 2 * 1024**3,
-         dtype=None, extra_files: dict[str, str] | None = None):
+         dtype=None, extra_files: dict | None = None):
     """Write model (+ tokenizer files) in the Hugging Face layout, atomically. dtype: the dtype
-    stored (default: the model's). extra_files: name -> text written beside (e.g. args.json)."""
+    stored (default: the model's). extra_files: name -> text, or a function that writes the
+    file given its path (e.g. args.json, trainer_state.pt), inside the same atomic write."""
     tmp = _atomic_dir(out_dir)
     try:
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
@@ -176,9 +177,12 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
             if not os.path.exists(os.path.join(tmp, "generation_config.json")):
                 _write_json(os.path.join(tmp, "generation_config.json"),
                             {"eos_token_id": tokenizer.eos_ids, "pad_token_id": tokenizer.pad_id})
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        for name, content in (extra_files or {}).items():
+            if callable(content):
+                content(os.path.join(tmp, name))
+            else:
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(content)
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Qwen2(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.config = cfg
+        self.grad_checkpointing = False  # recompute each block in backward (training memory)
         self.model = Qwen2Body(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -195,7 +197,10 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)

@@ -1,0 +1,144 @@
+"""What the training scripts share: torchrun/DDP setup, AdamW with the usual no-decay groups,
+warmup + cosine schedule, checkpoint + exact resume, the progress line and metrics.jsonl."""
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanopost.checkpoint import save
+
+PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
+                    max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
+
+
+# ---- distributed ----
+
+def setup_distributed(device_arg: str):
+    """-> (rank, world, device). Under torchrun: one process per device, gloo on CPU, nccl on CUDA."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_arg)
+    backend = "nccl" if device_arg.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+# ---- optimisation ----
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW; no weight decay on norms and biases (1-D parameters). fused=True where supported:
+    on a CPU it is ~5x faster than foreach at this size, and at small batches the optimizer
+    decides the step time."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float, schedule="cosine", min_ratio=0.0) -> float:
+    """Linear warmup over `warmup` steps, then cosine (or constant) down to min_ratio * base_lr.
+    step counts from 0 (the first optimizer step uses lr_at(0))."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# ---- checkpoints ----
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, tok, optimizer, args, keep_last: int = 2):
+    """out_dir/checkpoints/step-XXXXXXX: the model in the Hugging Face layout plus the trainer
+    state (optimizer, RNG, step), written atomically; older ones beyond keep_last are removed."""
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    path = os.path.join(ckpt_root, f"step-{step:07d}")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    save(model, tok, path, extra_files={"args.json": json.dumps(vars(args), indent=2),
+                                        "trainer_state.pt": lambda p: torch.save(state, p)})
+    for old in sorted(os.listdir(ckpt_root))[:-keep_last]:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    done = [d for d in sorted(os.listdir(root)) if os.path.exists(os.path.join(root, d, "trainer_state.pt"))] \
+        if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_final(model, tok, out_dir, args):
+    """The final model goes into out_dir itself (next to metrics.jsonl and checkpoints/): written
+    to a temporary directory first, then moved in file by file, config.json last, so out_dir
+    only looks like a checkpoint once every weight file is in place."""
+    tmp = os.path.join(out_dir, ".final-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tok, tmp, extra_files={"args.json": json.dumps(vars(args), indent=2)})
+    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+    os.rmdir(tmp)
+
+
+# ---- progress ----
+
+class Progress:
+    """One line per log step (rank 0) and one JSON object per line in out_dir/metrics.jsonl."""
+
+    def __init__(self, out_dir, total_steps, start_step, rank):
+        """A resumed run keeps the lines up to start_step and drops any the interrupted run wrote later."""
+        self.total, self.start, self.rank, self.t0 = total_steps, start_step, rank, time.time()
+        self.file = None
+        if rank == 0:
+            path = os.path.join(out_dir, "metrics.jsonl")
+            kept = []
+            if start_step > 0 and os.path.exists(path):
+                kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step]
+            self.file = open(path, "w")
+            self.file.writelines(kept)
+
+    def log(self, step, **metrics):
+        if self.rank:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"step {step}/{self.total} | {parts} | elapsed {elapsed:.0f}s | eta {eta:.0f}s", flush=True)
+
+    def close(self):
+        if self.file:
+            self.file.close()

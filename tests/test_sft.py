@@ -1,0 +1,210 @@
+"""SFT: the loss against transformers and float64, packing, accumulation, overfitting, resume,
+DDP, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import nanopost
+from nanopost.data import DataError, collate, encode, load_sft, pack
+from nanopost.engine import Engine, Sampling
+from nanopost.losses import FusedLinearCrossEntropy, reference_sft_loss_sum, sft_loss_sum
+from nanopost.tokenizer import IGNORE
+from nanopost.training import latest_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data", "chat.jsonl")
+
+
+def train(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def final_state(d):
+    return nanopost.load(str(d))[0].state_dict()
+
+
+def metrics(d):
+    return [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def examples(tiny):
+    tok = nanopost.Tokenizer(tiny)
+    return tok, [e for f in load_sft([DATA], tok, 256)[0] for e in f]
+
+
+def test_fused_cross_entropy_float64_gradcheck():
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, IGNORE, 3, 10, 0, IGNORE, 4])
+    assert torch.autograd.gradcheck(lambda h, w: FusedLinearCrossEntropy.apply(h, w, y, 3), (h, w))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y, ignore_index=IGNORE, reduction="sum")
+    assert torch.allclose(FusedLinearCrossEntropy.apply(h, w, y, 2), ref, atol=1e-12)
+
+
+def test_loss_and_grads_match_transformers(tiny, examples):
+    transformers = pytest.importorskip("transformers")
+    tok, exs = examples
+    ids, labels, pos = collate([[0], [1], [5]], exs, tok.pad_id)  # padded rows, one conversation each
+    model, _ = nanopost.load(tiny)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    n = (labels[:, 1:] != IGNORE).sum()
+    ours = sft_loss_sum(model, ids, labels, pos) / n
+    ours.backward()
+    attn = torch.ones_like(ids)
+    for b in range(3):
+        real = len(exs[[0, 1, 5][b]].ids)
+        attn[b, real:] = 0
+    theirs = ref(ids, attention_mask=attn, labels=labels).loss
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * abs(theirs.item())
+    theirs_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g_ref = theirs_grads[name].grad
+        assert (p.grad - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-8, name
+
+
+def test_packed_row_equals_separate_runs(tiny, examples):
+    tok, exs = examples
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    ids, labels, pos = collate([[0, 1, 2]], exs, tok.pad_id)
+    packed = sft_loss_sum(model, ids, labels, pos)
+    packed.backward()
+    g_packed = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    separate = sum(sft_loss_sum(model, *collate([[i]], exs, tok.pad_id)) for i in range(3))
+    separate.backward()
+    assert abs(packed.item() - separate.item()) < 1e-9
+    assert all(torch.allclose(g_packed[k], p.grad, atol=1e-10) for k, p in model.named_parameters())
+    assert torch.allclose(sft_loss_sum(model, ids, labels, pos), reference_sft_loss_sum(model, ids, labels, pos))
+
+
+def test_truncation_keeps_whole_turns(tiny):
+    tok = nanopost.Tokenizer(tiny)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "tell me a long story " * 30}, {"role": "assistant", "content": "no " * 40}]
+    short, _ = encode(tok, msgs[:2], 10_000)
+    ex, cut = encode(tok, msgs, len(short.ids) + 5)
+    assert cut and ex.ids == short.ids
+    ex, cut = encode(tok, msgs[:2], 6)
+    assert cut and len(ex.ids) == 6
+
+
+def test_packing_best_fit_decreasing():
+    from nanopost.data import Example
+    exs = [Example([0] * n, [0] * n) for n in (7, 5, 4, 3, 2, 2)]
+    rows = pack(exs, 10)
+    assert sorted(sorted(r) for r in rows) == [[0, 3], [1, 2], [4, 5]]
+    assert all(sum(len(exs[i].ids) for i in r) <= 10 for r in rows)
+
+
+def test_grad_accumulation_equals_bigger_batch(tmp_path, tiny):
+    common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 2, "--seed", 3]
+    a = train(*common, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "a")
+    b = train(*common, "--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "b")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    sa, sb = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5, rtol=1e-5) for k in sa)
+    assert [m["loss"] for m in metrics(tmp_path / "a")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "b")], rel=1e-5)
+
+
+def test_overfits_and_generates_a_training_answer(tmp_path, tiny):
+    r = train("--model", tiny, "--data", DATA, "--out", tmp_path / "o", "--max-len", 64, "--batch-size", 8,
+              "--lr", 3e-3, "--warmup-steps", 5, "--max-steps", 150, "--log-every", 10)
+    assert r.returncode == 0, r.stderr
+    assert metrics(tmp_path / "o")[-1]["loss"] < 0.05
+    model, tok = nanopost.load(str(tmp_path / "o"))
+    reply = Engine(model, tok).generate(["Capital of France?"], Sampling(max_new_tokens=8))[0]
+    assert reply == "Paris."
+
+
+def test_resume_continues_exactly(tmp_path, tiny):
+    common = ["--model", tiny, "--data", DATA, "--max-len", 64, "--batch-size", 2, "--lr", 1e-3,
+              "--max-steps", 8, "--save-every", 2, "--keep-last", 10]
+    full = train(*common, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    # an interrupted run: the same run whose later checkpoints and metrics were lost after step 4
+    part = tmp_path / "part"
+    r = train(*common, "--out", part)
+    assert r.returncode == 0
+    import shutil
+    for d in os.listdir(part / "checkpoints"):
+        if int(d.split("-")[1]) > 4:
+            shutil.rmtree(part / "checkpoints" / d)
+    r = train(*common, "--out", part, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "step-0000004" in r.stdout
+    assert [m["loss"] for m in metrics(part)] == [m["loss"] for m in metrics(tmp_path / "full")]
+    sf, sp = final_state(tmp_path / "full"), final_state(part)
+    assert all(torch.equal(sf[k], sp[k]) for k in sf)
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume(tmp_path, tiny):
+    out = tmp_path / "int"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA,
+                          "--out", str(out), "--max-len", "64", "--batch-size", "2", "--max-steps", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(open(out / "metrics.jsonl").readlines()) >= 3:
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "interrupted: saved" in stdout
+    ckpt = latest_checkpoint(str(out))
+    assert json.load(open(ckpt + "/args.json"))["max_steps"] == 100000
+    step = int(ckpt.rsplit("-", 1)[1])
+    assert step >= 3 and metrics(out)[-1]["step"] >= step
+    r = train("--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 2,
+              "--max-steps", step + 2, "--resume")
+    assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
+
+
+def test_ddp_two_processes_match_one(tmp_path, tiny):
+    common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 2, "--device", "cpu"]
+    one = train(*common, "--batch-size", 4, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          os.path.join(ROOT, "train_sft.py"), *map(str, common), "--batch-size", "2",
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    s1, s2 = final_state(tmp_path / "one"), final_state(tmp_path / "ddp")
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-5, rtol=1e-5) for k in s1)
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ('{"messages": [{"role": "user", "content": "x"}, ', r"bad.jsonl:2: not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "only a question"}]}', r"bad.jsonl:2: no assistant turn"),
+    ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', r"bad.jsonl:2: message 0: unknown role 'robot'"),
+    ('[1, 2]', r"bad.jsonl:2: expected a JSON object"),
+])
+def test_bad_lines_stop_before_anything_is_written(tmp_path, tiny, line, pattern):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(DATA).readline() + line + "\n")
+    r = train("--model", tiny, "--data", bad, "--out", tmp_path / "out", "--max-steps", 1)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    import re
+    assert re.search(pattern, r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+    r = train("--model", tiny, "--data", bad, DATA, "--out", tmp_path / "out2", "--max-steps", 1,
+              "--batch-size", 1, "--skip-bad-lines")
+    assert r.returncode == 0 and "skipped 1 bad line" in r.stdout, r.stderr  # --skip-bad-lines: a counted warning
+
+
+def test_empty_file(tmp_path, tiny):
+    (tmp_path / "empty.jsonl").write_text("")
+    r = train("--model", tiny, "--data", tmp_path / "empty.jsonl", "--out", tmp_path / "out", "--max-steps", 1)
+    assert r.returncode != 0 and "empty.jsonl: empty file" in r.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="missing.jsonl"):
+        load_sft([str(tmp_path / "missing.jsonl")], nanopost.Tokenizer(tiny), 64)
