@@ -157,8 +157,8 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)  # noqa: E731
 
     rows_per_step = args.batch_size * args.grad_accum * world
-    epoch_examples = mix(per_file, weights, args.seed)
-    steps_per_epoch = len(batches_for_epoch(epoch_examples, args, 0, rows_per_step)) // rows_per_step
+    train_examples = mix(per_file, weights, args.seed)
+    steps_per_epoch = len(batches_for_epoch(train_examples, args, 0, rows_per_step)) // rows_per_step
     if steps_per_epoch == 0:
         sys.exit(f"error: fewer rows than one optimizer step needs ({rows_per_step} = batch-size x grad-accum x "
                  f"processes); lower --batch-size or --grad-accum")
@@ -189,18 +189,15 @@ def main(argv=None):
         f"{world} process(es), {args.precision}, lr {args.lr}, warmup {warmup}")
 
     # ---- loop ----
-    step, epoch_cache = start, {}
+    step, rows_epoch, rows = start, None, None
     try:
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: (mix(per_file, weights, args.seed + epoch), None)}
-                ex = epoch_cache[epoch][0]
-                epoch_cache[epoch] = (ex, batches_for_epoch(ex, args, epoch, rows_per_step))
-            examples, rows = epoch_cache[epoch]
+            if epoch != rows_epoch:  # same examples every epoch, rows reshuffled by (seed, epoch)
+                rows, rows_epoch = batches_for_epoch(train_examples, args, epoch, rows_per_step), epoch
             step_rows = rows[k * rows_per_step:(k + 1) * rows_per_step]
             mine = step_rows[rank::world]  # this process's share, in micro-batches
-            micro = [collate(mine[i:i + args.batch_size], examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
+            micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
             n_trained = all_reduce_sum(torch.tensor(float(sum((m[1][:, 1:] != IGNORE).sum() for m in micro)), device=device))
             lr = lr_at(step, total, warmup, args.lr, args.lr_schedule, args.min_lr_ratio)
             for g in optimizer.param_groups:

@@ -117,8 +117,8 @@ def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_ba
 
 
 def mix(per_file, weights, seed: int):
-    """One epoch's examples: file i contributes weight_i x its examples (1 = each once, 2 = twice,
-    0.5 = a seeded random half)."""
+    """The training examples: file i contributes weight_i x its examples (1 = each once, 2 = twice,
+    0.5 = a seeded random half, the same half every epoch)."""
     rng, out = random.Random(seed), []
     for examples, w in zip(per_file, weights):
         whole, frac = int(w), w - int(w)

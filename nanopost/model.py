@@ -159,9 +159,12 @@ class Qwen2Body(nn.Module):
 
 def packed_causal_mask(position_ids_BT):
     """Block-diagonal causal mask (B, 1, T, T) for packed rows: a new sequence starts wherever
-    the position does not continue by +1 (the rule transformers uses too)."""
+    the position does not continue by +1 (the rule transformers uses too). None when every row
+    is one sequence: plain causal attention then takes SDPA's faster is_causal path."""
     prev = torch.cat([position_ids_BT[:, :1] - 1, position_ids_BT[:, :-1]], dim=1)
     seg = (position_ids_BT != prev + 1).cumsum(-1)
+    if bool((seg[:, -1] == 1).all()):
+        return None
     T = position_ids_BT.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
     return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
