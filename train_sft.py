@@ -30,8 +30,9 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, Progress, all_reduce_sum, latest_checkpoint, lr_at, make_optimizer,
-                               save_checkpoint, save_final, set_rng_state, setup_distributed)
+from nanopost.training import (PAPER_PRESET, Progress, all_reduce_sum, flops_per_token, latest_checkpoint, lr_at,
+                               make_optimizer, peak_flops, save_checkpoint, save_final, set_rng_state,
+                               setup_distributed)
 
 
 def parse_args(argv=None):
@@ -154,6 +155,7 @@ def main(argv=None):
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_autocast = args.precision == "bf16-autocast"
+    peak = peak_flops(device)  # MFU is logged on known GPUs
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)  # noqa: E731
 
     rows_per_step = args.batch_size * args.grad_accum * world
@@ -219,8 +221,11 @@ def main(argv=None):
             step += 1
             loss = all_reduce_sum(torch.tensor(loss_sum, device=device)).item() / n_trained.item()
             tokens = all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()
-            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.time() - t0),
+            tokens_per_s = tokens / (time.time() - t0)
+            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
                        "trained_tokens": int(n_trained.item()), "epoch": epoch + (k + 1) / steps_per_epoch}
+            if peak:
+                metrics["mfu"] = tokens_per_s * flops_per_token(model.config, args.max_len) / (peak * world)
             if args.eval_every and step % args.eval_every == 0:
                 metrics["val_loss"] = eval_loss(model, val_examples, args, device, tok.pad_id, autocast)
             if step % args.log_every == 0 or step == total:

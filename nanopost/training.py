@@ -64,6 +64,28 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float, schedule="cosine",
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+# ---- model FLOPs utilisation (GPU) ----
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (the embedding lookup is free, lm_head is
+    not) + attention scores and values, 12 x layers x hidden x seq_len (PaLM's appendix B)."""
+    per_layer = (cfg.hidden_size * cfg.head_dim * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+                 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    matmul_params = cfg.num_hidden_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    return 6 * matmul_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def peak_flops(device) -> float | None:
+    """bf16 dense peak of a known GPU, or None (then MFU is not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 # ---- checkpoints ----
 
 def rng_state():

@@ -208,3 +208,14 @@ def test_empty_file(tmp_path, tiny):
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="missing.jsonl"):
         load_sft([str(tmp_path / "missing.jsonl")], nanopost.Tokenizer(tiny), 64)
+
+
+def test_flops_per_token_counts_matmul_parameters(tiny):
+    from nanopost.training import flops_per_token
+    model, _ = nanopost.load(tiny)
+    cfg = model.config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    if cfg.tie_word_embeddings:
+        matmul += model.lm_head.weight.numel()  # tied: the same tensor, used as a matmul too
+    assert flops_per_token(cfg, 0) == 6 * matmul
+    assert flops_per_token(cfg, 100) - flops_per_token(cfg, 0) == 12 * cfg.num_hidden_layers * cfg.hidden_size * 100
