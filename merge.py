@@ -28,8 +28,9 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from nanopost.checkpoint import TOKENIZER_FILES, CheckpointError, commit_dir, read_config, resolve, weight_files
-from nanopost.merging import (Reader, Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
+from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, commit_dir, read_config, resolve,
+                                 weight_files)
+from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
                               slerp_rows, task_merge)
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -150,10 +151,7 @@ def open_models(plan, embed_slice: bool):
         files = weight_files(d)
         for f in set(files.values()):
             if f not in readers:
-                try:
-                    readers[f] = Reader(f)
-                except ValueError as e:
-                    raise CheckpointError(str(e)) from e
+                readers[f] = Reader(f)
         index.append({k: readers[f] for k, f in files.items()})
     base_i = names.index(base)
     ref = index[base_i]

@@ -5,10 +5,10 @@ honours HF_HOME and HF_HUB_OFFLINE); a local directory is read as it is."""
 import json
 import os
 import shutil
+import struct
 import tempfile
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanopost.model import Qwen2, Qwen2Config
@@ -20,6 +20,56 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 class CheckpointError(ValueError):
     pass
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+class Reader:
+    """A safetensors file read with ordinary reads (no mmap): header on open, then any tensor, or
+    any block of its rows, on demand. Memory holds what was asked for and nothing else: file
+    pages stay in the page cache, not in this process (safe_open's mmap would count them)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.f = open(path, "rb")
+            (n,) = struct.unpack("<Q", self.f.read(8))
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(self.f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.meta = header
+
+    def keys(self):
+        return self.meta.keys()
+
+    def shape(self, name):
+        return tuple(self.meta[name]["shape"])
+
+    def dtype(self, name):
+        return DTYPES[self.meta[name]["dtype"]]
+
+    def read(self, name, start=0, stop=None):
+        """Rows [start, stop) of the leading axis (the whole tensor by default)."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        begin, end = self.meta[name]["data_offsets"]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        row_bytes = (end - begin) // max(rows, 1)
+        out = torch.empty((stop - start,) + shape[1:] if shape else (), dtype=dtype)
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            self.f.seek(self.base + begin + start * row_bytes)
+            if self.f.readinto(buf) != buf.size:
+                raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+        return out
+
+
 
 
 def resolve(path_or_hub_id: str) -> str:
@@ -63,19 +113,12 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
     if not os.path.exists(single):
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json "
                               "(nanopost reads safetensors only)")
-    return {k: single for k in _open(single).keys()}
-
-
-def _open(file):
-    try:
-        return safe_open(file, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+    return {k: single for k in Reader(single).keys()}
 
 
 def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
     """Build the model on the meta device and assign each tensor as it is read (converted to
-    dtype), so the weights are never held twice in memory."""
+    dtype): peak memory is the weights in `dtype` plus one tensor as stored."""
     cfg = read_config(ckpt_dir)
     with torch.device("meta"):
         model = Qwen2(cfg)
@@ -95,17 +138,13 @@ def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        f = _open(file)
+        f = Reader(file)
         for name in names:
-            try:
-                t = f.get_tensor(name)
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from e
-            if tuple(t.shape) != tuple(expected[name]):
-                raise CheckpointError(f"{file}: tensor {name} has shape {tuple(t.shape)}, the config "
+            if f.shape(name) != tuple(expected[name]):
+                raise CheckpointError(f"{file}: tensor {name} has shape {f.shape(name)}, the config "
                                       f"expects {tuple(expected[name])}")
-            state[name] = t.to(device=device, dtype=dtype)
-            del t
+        for name in names:
+            state[name] = f.read(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

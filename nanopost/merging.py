@@ -8,8 +8,8 @@
     dare_linear       randomly keep a density fraction of each delta, rescale by 1/density, sum
     dare_ties         DARE's drop and rescale, then TIES' sign election
 
-Also a plain safetensors reader and writer that stream rows from and to disk with ordinary
-file reads and writes (no mmap), so merging two 0.5B models holds a few tensors, not models."""
+Also a safetensors writer that streams rows to disk (the reader is checkpoint.Reader), so merging
+two 0.5B models holds a few tensors, not models."""
 import json
 import math
 import re
@@ -18,9 +18,8 @@ import zlib
 
 import torch
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+from nanopost.checkpoint import DTYPES, Reader
+
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -156,48 +155,6 @@ def resolve_param(spec, name: str, n_layers: int, what="t") -> float:
 
 
 # ---- safetensors streaming I/O ----
-
-class Reader:
-    """A safetensors file read with ordinary reads: header on open, rows on demand."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            self.f = open(path, "rb")
-            (n,) = struct.unpack("<Q", self.f.read(8))
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(self.f.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.meta = header
-
-    def keys(self):
-        return self.meta.keys()
-
-    def shape(self, name):
-        return tuple(self.meta[name]["shape"])
-
-    def dtype(self, name):
-        return DTYPES[self.meta[name]["dtype"]]
-
-    def read(self, name, start=0, stop=None):
-        """Rows [start, stop) of the leading axis (the whole tensor by default)."""
-        shape, dtype = self.shape(name), self.dtype(name)
-        begin, end = self.meta[name]["data_offsets"]
-        rows = shape[0] if shape else 1
-        stop = rows if stop is None else stop
-        row_bytes = (end - begin) // max(rows, 1)
-        out = torch.empty((stop - start,) + shape[1:] if shape else (), dtype=dtype)
-        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
-        if buf is not None:
-            self.f.seek(self.base + begin + start * row_bytes)
-            if self.f.readinto(buf) != buf.size:
-                raise ValueError(f"{self.path}: tensor {name} is truncated")
-        return out
-
 
 class Writer:
     """Writes one safetensors file whose tensor list is known up front: the header first, then

@@ -78,3 +78,23 @@ def test_truncated_safetensors(ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         nanopost.load(str(tmp_path / "nope"))
+
+
+def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, tiny):
+    """A hub id goes through huggingface_hub.snapshot_download, which honours HF_HUB_CACHE and
+    HF_HUB_OFFLINE: a snapshot already in the cache loads with no network."""
+    import subprocess
+    import sys
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--nanopost-test--tiny"
+    shutil.copytree(tiny, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import nanopost; m, t = nanopost.load('nanopost-test/tiny'); print(m.config.hidden_size)\n"
+            "try:\n    nanopost.load('nanopost-test/absent')\nexcept nanopost.checkpoint.CheckpointError as e:\n"
+            "    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "64"
+    assert "nanopost-test/absent: not a local directory and could not be fetched" in r.stdout
