@@ -1,0 +1,169 @@
+"""Evaluate one or many checkpoints on GSM8K, MMLU, CMMLU and C-Eval (the paper's protocol:
+chat template, greedy decoding) and write one table comparing them.
+
+    python evaluate.py --model Qwen/Qwen2-0.5B-Instruct --tasks gsm8k,mmlu --out runs/eval
+    python evaluate.py --model base --model runs/sft --model runs/merged --tasks gsm8k,mmlu,cmmlu,ceval \\
+        --data-dir ../shared/benchmarks --limit 200 --out runs/eval
+    python evaluate.py --model runs/tiny --tasks mmlu --shots 5 --mode generate --limit 20 --out runs/eval_tiny
+
+GSM8K: 4-shot chain of thought in one user turn, the last number of the reply against '#### N'.
+MMLU (test), CMMLU (test), C-Eval (val): zero-shot by default (--shots 5 for five-shot), scored by
+the next-token log-probs of the option letters after the assistant header (--mode generate:
+generate a reply and extract the letter). Writes OUT/results.json (every prediction, so any score
+can be audited), OUT/results.md, and caches predictions per model+task+settings in OUT/cache/ so
+an interrupted run resumes where it stopped. HumanEval and perplexity are not here yet."""
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import nanopost
+from nanopost import tasks
+from nanopost.checkpoint import CheckpointError
+from nanopost.engine import Engine, Sampling
+from nanopost.tasks.choice import LETTERS
+
+
+@torch.inference_mode()
+def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int]) -> list[list[float]]:
+    """Log-probs of each option letter as the next token after each prompt (one forward pass for
+    the batch; rows right-padded, so padding never precedes a real token)."""
+    model = engine.model
+    dev = model.lm_head.weight.device
+    width = max(map(len, prompts))
+    ids = torch.tensor([p + [engine.tok.pad_id] * (width - len(p)) for p in prompts], device=dev)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    with engine.fast_linears():
+        hidden = model(ids, return_hidden=True)[torch.arange(len(prompts), device=dev), last]  # (B, C)
+        logprobs = model.lm_head(hidden).float().log_softmax(-1)
+    return logprobs[:, letter_ids].tolist()
+
+
+def subset(examples, limit):
+    """A deterministic subset (seeded sample, kept in file order) so --limit mixes subjects."""
+    if not limit or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(0).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def summarize(preds):
+    acc = lambda rows: round(100 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None  # noqa: E731
+    out = {"accuracy": acc(preds), "n": len(preds)}
+    for key in ("category", "subject"):
+        groups = {}
+        for r in preds:
+            if key in r:
+                groups.setdefault(r[key], []).append(r)
+        if groups:
+            out[f"by_{key}"] = {k: acc(v) for k, v in sorted(groups.items())}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- what ----
+    p.add_argument("--model", action="append", required=True, help="checkpoint dir or hub id (repeat for several)")
+    p.add_argument("--tasks", default="gsm8k,mmlu,cmmlu,ceval", help=f"comma-separated, from {','.join(tasks.NAMES)}")
+    p.add_argument("--data-dir", default=os.environ.get("NANOPOST_DATA", "./data/benchmarks"),
+                   help="benchmark files (default: $NANOPOST_DATA, else ./data/benchmarks)")
+    p.add_argument("--out", required=True, help="output directory: results.json, results.md, cache/")
+    # ---- protocol ----
+    p.add_argument("--shots", type=int, default=None, help="exemplars per prompt (default: gsm8k 4, others 0)")
+    p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
+                   help="multiple choice: option-letter log-probs (default) or generate + extract")
+    p.add_argument("--limit", type=int, default=None, help="at most N questions per task (a fixed seeded subset)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length (gsm8k, --mode generate)")
+    # ---- speed ----
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        loaded = {t: tasks.load(t, args.data_dir, args.shots) for t in names}
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir})")
+    os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
+    results = {}
+    for model_name in args.model:
+        try:
+            model, tok = nanopost.load(model_name, dtype=getattr(torch, args.dtype), device=args.device)
+        except (CheckpointError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        engine = Engine(model, tok)
+        letter_ids = [tok.encode(L) for L in LETTERS]
+        if any(len(t) != 1 for t in letter_ids):
+            sys.exit(f"error: {model_name}: the option letters are not single tokens; use --mode generate")
+        letter_ids = [t[0] for t in letter_ids]
+        results[model_name] = {}
+        for task in names:
+            examples, score, kind = loaded[task]
+            examples = subset(examples, args.limit)
+            mode = "generate" if kind == "generate" else args.mode
+            settings = {"task": task, "shots": args.shots, "mode": mode, "max_new_tokens": args.max_new_tokens,
+                        "dtype": args.dtype, "limit": args.limit}
+            key = hashlib.sha1(json.dumps([os.path.abspath(model_name) if os.path.isdir(model_name) else model_name,
+                                           settings], sort_keys=True).encode()).hexdigest()[:12]
+            cache_file = os.path.join(args.out, "cache", f"{task}-{key}.jsonl")
+            done = {}
+            if os.path.exists(cache_file):
+                for line in open(cache_file, encoding="utf-8"):
+                    try:
+                        r = json.loads(line)
+                        done[r["id"]] = r
+                    except json.JSONDecodeError:
+                        pass  # a line cut by a crash: that question is simply redone
+            todo = [e for e in examples if e["id"] not in done]
+            t0 = time.time()
+            with open(cache_file, "a", encoding="utf-8") as cache, \
+                    tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{task} {model_name}") as bar:
+                order = sorted(todo, key=lambda e: -len(e["messages"][0]["content"]))  # less padding
+                for i in range(0, len(order), args.batch_size):
+                    batch = order[i:i + args.batch_size]
+                    prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in batch]
+                    if mode == "logprob":
+                        outs = [{"logprobs": lp} for lp in letter_logprobs(engine, prompts, letter_ids)]
+                        for o in outs:
+                            o["pred"] = LETTERS[max(range(4), key=lambda j: o["logprobs"][j])]
+                    else:
+                        replies = engine.generate_ids(prompts, Sampling(max_new_tokens=args.max_new_tokens))
+                        outs = [{"reply": tok.decode(r)} for r in replies]
+                        for e, o in zip(batch, outs):
+                            o["pred"] = score(e, o["reply"])[0]
+                    for e, o in zip(batch, outs):
+                        row = {"id": e["id"], "answer": e["answer"], "correct": o["pred"] == e["answer"], **o,
+                               **{k: e[k] for k in ("subject", "category") if k in e}}
+                        cache.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        done[e["id"]] = row
+                    cache.flush()
+                    bar.update(len(batch))
+            preds = [done[e["id"]] for e in examples]
+            results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
+                                         "predictions": preds}
+            print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
+        del model, engine
+
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m, r in results.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r[t]['accuracy']}" for t in names) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"# Evaluation\n\naccuracy, %; settings per task in results.json\n\n{table}")
+    print(table)
+    print(json.dumps({m: {t: r[t]["accuracy"] for t in names} for m, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Four-option multiple choice: MMLU (test), CMMLU (test), C-Eval (val; its test labels are
+hidden). Zero- or k-shot (dev exemplars of the same subject) in one user turn. Scored by the
+next-token log-probs of the option letters right after the assistant header (default), or by
+generating a reply and extracting the letter (mode "generate", as the paper's scripts did)."""
+import csv
+import json
+import os
+import re
+
+LETTERS = "ABCD"
+SPLITS = {"mmlu": "test", "cmmlu": "test", "ceval": "val"}
+HEAD = {"mmlu": "The following are multiple choice questions (with answers) about {name}.\n\n",
+        "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n",
+        "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"}
+ANSWER = {"mmlu": "Answer:", "cmmlu": "答案：", "ceval": "答案："}
+
+
+def read_csv(task, path):
+    """Rows as (question, [A, B, C, D], answer letter) in each benchmark's own layout."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    if task == "mmlu":  # no header: question,A,B,C,D,answer
+        return [(r[0], r[1:5], r[5].strip()) for r in rows]
+    header = [h.strip().lower() for h in rows[0]]
+    q, a, ans = header.index("question"), header.index("a"), header.index("answer")
+    return [(r[q], r[a:a + 4], r[ans].strip()) for r in rows[1:]]
+
+
+def subject_files(task, data_dir, split):
+    folder = os.path.join(data_dir, task, split)
+    suffix = "" if task == "cmmlu" else f"_{split}"
+    return {f[: -len(suffix + ".csv")]: os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".csv")}
+
+
+def format_question(task, question, options, answer=None):
+    text = question + "\n" + "".join(f"{L}. {o}\n" for L, o in zip(LETTERS, options)) + ANSWER[task]
+    return text + (f" {answer}\n\n" if answer else "")
+
+
+def load(task: str, data_dir: str, shots: int = 0):
+    mapping = json.load(open(os.path.join(data_dir, task, "mapping.json"), encoding="utf-8"))
+    dev = subject_files(task, data_dir, "dev") if shots else {}
+    examples = []
+    for subject, path in subject_files(task, data_dir, SPLITS[task]).items():
+        info = mapping.get(subject, {"name": subject.replace("_", " "), "category": "Other"})
+        prefix = HEAD[task].format(name=info["name"])
+        if shots:
+            prefix += "".join(format_question(task, q, o, a) for q, o, a in read_csv(task, dev[subject])[:shots])
+        for i, (q, opts, ans) in enumerate(read_csv(task, path)):
+            examples.append({"id": f"{subject}/{i}", "subject": subject, "category": info["category"], "answer": ans,
+                             "messages": [{"role": "user", "content": prefix + format_question(task, q, opts)}]})
+    return examples
+
+
+def extract(reply: str) -> str | None:
+    """The option letter of a generated reply: 'The answer is (B)', '答案：C', 'B. text', 'B'."""
+    m = re.search(r"(?:answer is|答案是|答案[:：为]|Answer:)\s*\(?([A-D])\b", reply, re.IGNORECASE)
+    if m:
+        return m.group(1).upper()
+    m = re.search(r"(?<![A-Za-z])([A-D])(?![A-Za-z])", reply)
+    return m.group(1) if m else None
+
+
+def score(ex, reply: str):
+    pred = extract(reply)
+    return pred, pred == ex["answer"]

@@ -1,0 +1,53 @@
+"""GSM8K, the paper's protocol: chat template, k-shot chain of thought in one user turn
+("Question: ...\nLet's think step by step"), exemplars ending "The answer is N", greedy decoding,
+prediction = the last number in the reply, exact match against the number after "####"."""
+import json
+import os
+import re
+
+MODE = "generate"
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def gold(answer: str) -> str:
+    return normalize(answer.split("####")[-1])
+
+
+def normalize(num: str) -> str:
+    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'."""
+    s = num.replace(",", "").replace("$", "").strip().rstrip(".")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def extract(reply: str) -> str | None:
+    """The last number in the reply (commas, signs, $ and decimals understood), or None."""
+    found = NUMBER.findall(reply)
+    return normalize(found[-1]) if found else None
+
+
+def exemplar(row) -> str:
+    """A train solution as chain of thought: calculator annotations <<...>> dropped, the final
+    '#### N' turned into 'The answer is N.'"""
+    steps = re.sub(r"<<[^>]*>>", "", row["answer"].split("####")[0]).strip()
+    return f"Question: {row['question']}\nLet's think step by step\n{steps}\nThe answer is {gold(row['answer'])}."
+
+
+def load(data_dir: str, shots: int = 4):
+    """-> examples [{id, question, answer, messages}] from data_dir/gsm8k/test.jsonl; exemplars
+    are the first `shots` problems of train.jsonl."""
+    root = os.path.join(data_dir, "gsm8k")
+    read = lambda f: [json.loads(line) for line in open(os.path.join(root, f), encoding="utf-8") if line.strip()]  # noqa: E731
+    shots_text = "\n\n".join(exemplar(r) for r in read("train.jsonl")[:shots])
+    examples = []
+    for i, row in enumerate(read("test.jsonl")):
+        q = f"Question: {row['question']}\nLet's think step by step"
+        examples.append({"id": i, "question": row["question"], "answer": gold(row["answer"]),
+                         "messages": [{"role": "user", "content": (shots_text + "\n\n" + q) if shots else q}]})
+    return examples
+
+
+def score(ex, reply: str):
+    pred = extract(reply)
+    return pred, pred == ex["answer"]

@@ -1,0 +1,189 @@
+"""Evaluation tasks: prompt rendering, answer extraction, letter scoring, the runner and its cache."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nanopost
+from nanopost import tasks
+from nanopost.engine import Engine, Sampling
+from nanopost.tasks import choice, gsm8k
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A miniature benchmark tree in the real layouts (a few rows of each), so tests need no download."""
+    d = tmp_path_factory.mktemp("bench")
+    (d / "gsm8k").mkdir()
+    rows = [{"question": f"Tom has {n} apples and buys {n + 1} more. How many apples?",
+             "answer": f"He has {n}+{n + 1} = <<{n}+{n + 1}={2 * n + 1}>>{2 * n + 1} apples.\n#### {2 * n + 1}"} for n in range(1, 9)]
+    for f in ("train.jsonl", "test.jsonl"):
+        (d / "gsm8k" / f).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for task, split, header, suffix in (("mmlu", "test", None, "_test"), ("cmmlu", "test", ",Question,A,B,C,D,Answer", ""),
+                                        ("ceval", "val", "id,question,A,B,C,D,answer", "_val")):
+        (d / task / split).mkdir(parents=True)
+        (d / task / "dev").mkdir()
+        body = "".join(f'{i},"问题 {i}, with a comma",甲{i},乙,丙,丁,{"ABCD"[i % 4]}\n' for i in range(5))
+        text = (header + "\n" + body) if header else "".join(line.split(",", 1)[1] for line in body.splitlines(True))
+        for sub in ("algebra", "law"):
+            (d / task / split / f"{sub}{suffix}.csv").write_text(text, encoding="utf-8")
+            (d / task / "dev" / f"{sub}{'_dev' if suffix else ''}.csv").write_text(text, encoding="utf-8")
+        (d / task / "mapping.json").write_text(json.dumps({"algebra": {"name": "代数", "category": "STEM"},
+                                                           "law": {"name": "law", "category": "Humanities"}}))
+    return str(d)
+
+
+def test_gsm8k_extraction_and_gold():
+    assert gsm8k.gold("blah\n#### 1,234") == "1234"
+    assert gsm8k.extract("So she pays $1,250.50 in total. The answer is 1,250.5.") == "1250.5"
+    assert gsm8k.extract("The temperature fell to -7 degrees, so the answer is -7") == "-7"
+    assert gsm8k.extract("3 apples + 4 apples = 7.0") == "7"
+    assert gsm8k.extract("no number here") is None
+    ex = {"answer": "72"}
+    assert gsm8k.score(ex, "48 + 24 = 72. The answer is 72.") == ("72", True)
+
+
+def test_gsm8k_prompt_is_the_papers(data_dir):
+    examples, _, mode = tasks.load("gsm8k", data_dir)
+    text = examples[0]["messages"][0]["content"]
+    assert mode == "generate" and len(examples[0]["messages"]) == 1
+    assert text.count("Question: ") == 5 and text.count("The answer is ") == 4  # 4 exemplars + the question
+    assert "<<" not in text and text.endswith("How many apples?\nLet's think step by step")
+    assert examples[0]["answer"] == "3"
+    zero = tasks.load("gsm8k", data_dir, shots=0)[0][0]["messages"][0]["content"]
+    assert zero == "Question: Tom has 1 apples and buys 2 more. How many apples?\nLet's think step by step"
+
+
+def test_choice_extraction():
+    assert choice.extract("The answer is (B).") == "B"
+    assert choice.extract("答案：C") == "C"
+    assert choice.extract("正确答案是D，因为……") == "D"
+    assert choice.extract("A. Paris is the capital") == "A"
+    assert choice.extract("I am not sure.") is None
+
+
+@pytest.mark.parametrize("task", ["mmlu", "cmmlu", "ceval"])
+def test_choice_prompts_in_each_layout(data_dir, task):
+    examples, _, mode = tasks.load(task, data_dir, shots=2)
+    assert mode == "choice" and len(examples) == 10
+    ex = examples[1]
+    assert ex["answer"] == "B" and ex["category"] == "STEM" and ex["subject"] == "algebra"
+    text = ex["messages"][0]["content"]
+    assert "问题 1, with a comma\nA. 甲1\nB. 乙\nC. 丙\nD. 丁\n" in text  # quoted commas and Chinese text survive
+    assert text.count(choice.ANSWER[task]) == 3 and text.endswith(choice.ANSWER[task])
+    assert ("代数" in text) and text.startswith(choice.HEAD[task].format(name="代数"))
+
+
+def test_letter_scoring_equals_full_forward(tiny):
+    sys.path.insert(0, ROOT)
+    from evaluate import letter_logprobs
+    model, tok = nanopost.load(tiny)
+    letters = [tok.encode(L)[0] for L in "ABCD"]
+    prompts = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+               for q in ("Pick one.\nA. x\nB. y\nC. z\nD. w\nAnswer:", "Short?", "A longer question " * 5)]
+    got = letter_logprobs(Engine(model, tok), prompts, letters)
+    with torch.no_grad():
+        for p, lp in zip(prompts, got):
+            ref = model(torch.tensor([p]))[0, -1].double().log_softmax(-1)[letters]
+            assert torch.allclose(torch.tensor(lp, dtype=torch.float64), ref, atol=1e-4)
+            assert max(range(4), key=lambda j: lp[j]) == int(ref.argmax())
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_dir):
+    out = tmp_path / "eval"
+    args = ["--model", tiny, "--model", tiny, "--tasks", "gsm8k,mmlu,ceval", "--data-dir", data_dir, "--limit", 6,
+            "--max-new-tokens", 6, "--batch-size", 4, "--out", out]
+    r = run_eval(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out / "results.json"))
+    for task in ("gsm8k", "mmlu", "ceval"):
+        t = res[tiny][task]
+        assert t["n"] == 6 and len(t["predictions"]) == 6
+        assert t["accuracy"] == pytest.approx(100 * sum(p["correct"] for p in t["predictions"]) / 6, abs=0.01)
+    assert set(res[tiny]["mmlu"]["by_category"]) == {"STEM", "Humanities"}
+    md = open(out / "results.md").read()
+    assert "| model | gsm8k | mmlu | ceval |" in md
+    # the greedy GSM8K replies are the engine's
+    model, tok = nanopost.load(tiny)
+    ex = [e for e in tasks.load("gsm8k", data_dir)[0] if e["id"] == res[tiny]["gsm8k"]["predictions"][0]["id"]][0]
+    reply = Engine(model, tok).generate([ex["messages"]], Sampling(max_new_tokens=6))[0]
+    assert res[tiny]["gsm8k"]["predictions"][0]["reply"] == reply
+    # resume: cached predictions are not recomputed; a line cut by a crash is redone
+    caches = sorted((out / "cache").iterdir())
+    sizes = [len(open(c).readlines()) for c in caches]
+    with open(caches[0], "a") as f:
+        f.write('{"id": 0, "cut off')
+    lines = open(caches[0]).readlines()
+    open(caches[0], "w").writelines(lines[:3] + [lines[-1]])  # lose the rest, keep a broken tail
+    r = run_eval(*args)
+    assert r.returncode == 0, r.stderr
+    again = json.load(open(out / "results.json"))
+    for task in ("gsm8k", "mmlu", "ceval"):
+        assert [p["pred"] for p in again[tiny][task]["predictions"]] == [p["pred"] for p in res[tiny][task]["predictions"]]
+    assert [len(open(c).readlines()) for c in caches][1:] == sizes[1:]
+
+
+def test_bad_inputs(tmp_path, tiny):
+    r = run_eval("--model", tiny, "--tasks", "gsm8k", "--data-dir", tmp_path / "nothing", "--out", tmp_path / "o")
+    assert r.returncode != 0 and "--data-dir" in r.stderr and "Traceback" not in r.stderr
+    r = run_eval("--model", tiny, "--tasks", "triviaqa", "--data-dir", tmp_path, "--out", tmp_path / "o")
+    assert r.returncode != 0 and "unknown task 'triviaqa'" in r.stderr
+
+
+@pytest.mark.real
+def test_real_mmlu_predictions_equal_transformers(real_model_dir):
+    """20 MMLU questions, letter scoring: our predictions equal an independent transformers run."""
+    transformers = pytest.importorskip("transformers")
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/benchmarks not found")
+    sys.path.insert(0, ROOT)
+    from evaluate import letter_logprobs, subset
+    examples = subset(tasks.load("mmlu", SHARED)[0], 20)
+    model, tok = nanopost.load(real_model_dir)
+    prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in examples]
+    letters = [tok.encode(L)[0] for L in "ABCD"]
+    ours = [max(range(4), key=lambda j: lp[j]) for i in range(0, 20, 5)
+            for lp in letter_logprobs(Engine(model, tok), prompts[i:i + 5], letters)]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    htok = transformers.AutoTokenizer.from_pretrained(real_model_dir)
+    theirs = []
+    with torch.no_grad():
+        for e in examples:
+            ids = htok.apply_chat_template(e["messages"], add_generation_prompt=True, tokenize=True, return_tensors="pt")
+            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+            theirs.append(int(ref(ids).logits[0, -1, letters].argmax()))
+    assert ours == theirs
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_gsm8k_predictions_equal_transformers(real_model_dir):
+    """20 GSM8K questions, 4-shot, greedy, 256 new tokens: the same predictions as transformers
+    generate on the same prompts (slow: run with -m slow)."""
+    transformers = pytest.importorskip("transformers")
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/benchmarks not found")
+    sys.path.insert(0, ROOT)
+    from evaluate import subset
+    examples = subset(tasks.load("gsm8k", SHARED)[0], 20)
+    model, tok = nanopost.load(real_model_dir)
+    replies = Engine(model, tok).generate([e["messages"] for e in examples], Sampling(max_new_tokens=256), batch_size=10)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+    for e, reply in zip(examples, replies):
+        ids = torch.tensor([tok.render(e["messages"], add_generation_prompt=True)[0]])
+        out = ref.generate(ids, do_sample=False, max_new_tokens=256, repetition_penalty=1.0,
+                           eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+        theirs = tok.decode(out[0, ids.shape[1]:].tolist())
+        assert gsm8k.extract(reply) == gsm8k.extract(theirs)
