@@ -1,4 +1,4 @@
-"""Evaluate one or many checkpoints on GSM8K, MMLU, CMMLU and C-Eval (the paper's protocol:
+"""Evaluate one or many checkpoints on GSM8K, MMLU, CMMLU, C-Eval and HumanEval (the paper's protocol:
 chat template, greedy decoding) and write one table comparing them.
 
     python evaluate.py --model Qwen/Qwen2-0.5B-Instruct --tasks gsm8k,mmlu --out runs/eval
@@ -9,9 +9,11 @@ chat template, greedy decoding) and write one table comparing them.
 GSM8K: 4-shot chain of thought in one user turn, the last number of the reply against '#### N'.
 MMLU (test), CMMLU (test), C-Eval (val): zero-shot by default (--shots 5 for five-shot), scored by
 the next-token log-probs of the option letters after the assistant header (--mode generate:
-generate a reply and extract the letter). Writes OUT/results.json (every prediction, so any score
-can be audited), OUT/results.md, and caches predictions per model+task+settings in OUT/cache/ so
-an interrupted run resumes where it stopped. HumanEval and perplexity are not here yet."""
+generate a reply and extract the letter). HumanEval: greedy completion, pass@1, each program run
+in a sandboxed subprocess (see nanopost/tasks/humaneval.py for what that sandbox does not protect
+against). Writes OUT/results.json (every prediction, so any score can be audited), OUT/results.md,
+and caches predictions per model+task+settings in OUT/cache/ so an interrupted run resumes where
+it stopped. Perplexity, --download and the chart are not here yet."""
 import argparse
 import hashlib
 import json
@@ -26,7 +28,7 @@ from tqdm import tqdm
 import nanopost
 from nanopost import tasks
 from nanopost.checkpoint import CheckpointError
-from nanopost.engine import Engine, Sampling
+from nanopost.engine import Engine, Sampling, cut_at_stop
 from nanopost.tasks.choice import LETTERS
 
 
@@ -78,6 +80,8 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=None, help="exemplars per prompt (default: gsm8k 4, others 0)")
     p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
                    help="multiple choice: option-letter log-probs (default) or generate + extract")
+    p.add_argument("--humaneval-mode", choices=["chat", "raw"], default="chat",
+                   help="humaneval: chat template + code block (default) or raw completion of the prompt")
     p.add_argument("--limit", type=int, default=None, help="at most N questions per task (a fixed seeded subset)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length (gsm8k, --mode generate)")
     # ---- speed ----
@@ -88,7 +92,7 @@ def main(argv=None):
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        loaded = {t: tasks.load(t, args.data_dir, args.shots) for t in names}
+        loaded = {t: tasks.load(t, args.data_dir, args.shots, args.humaneval_mode) for t in names}
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir})")
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
@@ -110,6 +114,8 @@ def main(argv=None):
             mode = "generate" if kind == "generate" else args.mode
             settings = {"task": task, "shots": args.shots, "mode": mode, "max_new_tokens": args.max_new_tokens,
                         "dtype": args.dtype, "limit": args.limit}
+            if task == "humaneval":
+                settings["humaneval_mode"] = args.humaneval_mode
             key = hashlib.sha1(json.dumps([os.path.abspath(model_name) if os.path.isdir(model_name) else model_name,
                                            settings], sort_keys=True).encode()).hexdigest()[:12]
             cache_file = os.path.join(args.out, "cache", f"{task}-{key}.jsonl")
@@ -125,17 +131,19 @@ def main(argv=None):
             t0 = time.time()
             with open(cache_file, "a", encoding="utf-8") as cache, \
                     tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{task} {model_name}") as bar:
-                order = sorted(todo, key=lambda e: -len(e["messages"][0]["content"]))  # less padding
+                order = sorted(todo, key=lambda e: -len(e["raw"] if "raw" in e else e["messages"][0]["content"]))
                 for i in range(0, len(order), args.batch_size):
                     batch = order[i:i + args.batch_size]
-                    prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in batch]
+                    prompts = [tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
+                               for e in batch]
                     if mode == "logprob":
                         outs = [{"logprobs": lp} for lp in letter_logprobs(engine, prompts, letter_ids)]
                         for o in outs:
                             o["pred"] = LETTERS[max(range(4), key=lambda j: o["logprobs"][j])]
                     else:
-                        replies = engine.generate_ids(prompts, Sampling(max_new_tokens=args.max_new_tokens))
-                        outs = [{"reply": tok.decode(r)} for r in replies]
+                        stop = batch[0].get("stop", [])
+                        replies = engine.generate_ids(prompts, Sampling(max_new_tokens=args.max_new_tokens, stop=stop))
+                        outs = [{"reply": cut_at_stop(tok.decode(r), stop)} for r in replies]
                         for e, o in zip(batch, outs):
                             o["pred"] = score(e, o["reply"])[0]
                     for e, o in zip(batch, outs):

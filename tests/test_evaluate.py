@@ -187,3 +187,46 @@ def test_real_gsm8k_predictions_equal_transformers(real_model_dir):
                            eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
         theirs = tok.decode(out[0, ids.shape[1]:].tolist())
         assert gsm8k.extract(reply) == gsm8k.extract(theirs)
+
+
+# ---- HumanEval and its sandbox ----
+
+@pytest.fixture(scope="module")
+def humaneval_examples():
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/benchmarks not found")
+    return tasks.load("humaneval", SHARED)[0]
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples):
+    from nanopost.tasks import humaneval
+    for ex in humaneval_examples[::16]:  # a sample of 11 problems
+        assert humaneval.score(ex, ex["canonical_solution"]) == ("pass", True), ex["id"]
+        as_chat = f"Here it is:\n```python\n{ex['prompt']}{ex['canonical_solution']}```\nDone."
+        assert humaneval.score(ex, as_chat)[1], ex["id"]
+        pred, ok = humaneval.score(ex, "    return None\n")
+        assert not ok and pred != "pass"
+    raw = tasks.load("humaneval", SHARED, humaneval_mode="raw")[0][0]
+    assert "raw" in raw and "messages" not in raw and raw["stop"]
+
+
+def test_sandbox_contains_bad_programs(tmp_path):
+    from nanopost.tasks.humaneval import run_program
+    assert run_program("while True:\n    pass\n", timeout=2) == (False, "timeout")
+    target = tmp_path / "escape.txt"
+    ok, status = run_program(f"open({str(target)!r}, 'w').write('x')")
+    assert not ok and "outside the scratch directory" in status and not target.exists()
+    ok, status = run_program("import os\nfd = os.open(%r, os.O_WRONLY | os.O_CREAT)" % str(target))
+    assert not ok and not target.exists()
+    assert run_program("x = bytearray(50 * 1024**3)") == (False, "MemoryError")
+    assert run_program("import subprocess\nsubprocess.run(['true'])")[0] is False
+    assert run_program("import os\nassert 'HF_TOKEN' not in os.environ and len(os.environ) < 10\n"
+                       "open('inside.txt', 'w').write('fine')") == (True, "passed")
+
+
+def test_runner_humaneval_raw_mode(tmp_path, tiny, humaneval_examples):
+    r = run_eval("--model", tiny, "--tasks", "humaneval", "--humaneval-mode", "raw", "--data-dir", SHARED,
+                 "--limit", 3, "--max-new-tokens", 8, "--out", tmp_path / "he")
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(tmp_path / "he" / "results.json"))[tiny]["humaneval"]
+    assert res["n"] == 3 and res["accuracy"] == 0.0  # a random model passes nothing, and the run survives
