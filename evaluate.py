@@ -13,10 +13,13 @@ generate a reply and extract the letter). HumanEval: greedy completion, pass@1, 
 in a sandboxed subprocess (see nanopost/tasks/humaneval.py for what that sandbox does not protect
 against). Writes OUT/results.json (every prediction, so any score can be audited), OUT/results.md,
 and caches predictions per model+task+settings in OUT/cache/ so an interrupted run resumes where
-it stopped. Perplexity, --download and the chart are not here yet."""
+it stopped. --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat
+JSONL file (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
+--download is not here yet."""
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -28,6 +31,9 @@ from tqdm import tqdm
 import nanopost
 from nanopost import tasks
 from nanopost.checkpoint import CheckpointError
+from nanopost.data import DataError, collate, load_sft
+from nanopost.losses import sft_loss_sum
+from nanopost.tokenizer import IGNORE
 from nanopost.engine import Engine, Sampling, cut_at_stop
 from nanopost.tasks.choice import LETTERS
 
@@ -45,6 +51,41 @@ def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[i
         hidden = model(ids, return_hidden=True)[torch.arange(len(prompts), device=dev), last]  # (B, C)
         logprobs = model.lm_head(hidden).float().log_softmax(-1)
     return logprobs[:, letter_ids].tolist()
+
+
+@torch.inference_mode()
+def perplexity(model, tok, path, max_len=4096, batch_size=8) -> float:
+    """exp(mean NLL) over the trained (assistant) tokens of a chat JSONL file."""
+    examples = load_sft([path], tok, max_len, log=lambda *a: None)[0][0]
+    nll = n = 0.0
+    for i in range(0, len(examples), batch_size):
+        ids, labels, pos = collate([[j] for j in range(i, min(i + batch_size, len(examples)))], examples, tok.pad_id)
+        dev = model.lm_head.weight.device
+        nll += sft_loss_sum(model, ids.to(dev), labels.to(dev), pos.to(dev)).item()
+        n += (labels[:, 1:] != IGNORE).sum().item()
+    return math.exp(nll / n)
+
+
+def chart(results, columns, path) -> bool:
+    """A grouped bar chart of the table (needs matplotlib; returns False without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(columns), 4))
+    width = 0.8 / max(len(results), 1)
+    for i, (model, r) in enumerate(results.items()):
+        ax.bar([c + i * width for c in range(len(columns))], [r[t]["accuracy"] or 0 for t in columns], width,
+               label=os.path.basename(model.rstrip("/")) or model)
+    ax.set_xticks([c + width * (len(results) - 1) / 2 for c in range(len(columns))], columns)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def subset(examples, limit):
@@ -83,6 +124,8 @@ def main(argv=None):
     p.add_argument("--humaneval-mode", choices=["chat", "raw"], default="chat",
                    help="humaneval: chat template + code block (default) or raw completion of the prompt")
     p.add_argument("--limit", type=int, default=None, help="at most N questions per task (a fixed seeded subset)")
+    p.add_argument("--perplexity", nargs="+", default=[], metavar="F.jsonl",
+                   help="also report perplexity on the assistant tokens of these chat JSONL files")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length (gsm8k, --mode generate)")
     # ---- speed ----
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
@@ -95,6 +138,9 @@ def main(argv=None):
         loaded = {t: tasks.load(t, args.data_dir, args.shots, args.humaneval_mode) for t in names}
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir})")
+    for f in args.perplexity:
+        if not os.path.exists(f):
+            sys.exit(f"error: --perplexity {f}: no such file")
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
     results = {}
     for model_name in args.model:
@@ -157,20 +203,30 @@ def main(argv=None):
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
                                          "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
+        for f in args.perplexity:
+            try:
+                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(perplexity(model, tok, f), 4)}
+            except DataError as e:
+                sys.exit(f"error: {e}")
         del model, engine
 
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(tmp, os.path.join(args.out, "results.json"))
-    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    ppl = [f"ppl:{os.path.basename(f)}" for f in args.perplexity]
+    lines = ["| model | " + " | ".join(names + ppl) + " |", "|---|" + "---|" * len(names + ppl)]
     for m, r in results.items():
-        lines.append(f"| {m} | " + " | ".join(f"{r[t]['accuracy']}" for t in names) + " |")
+        lines.append(f"| {m} | " + " | ".join([f"{r[t]['accuracy']}" for t in names] +
+                                               [f"{r[c]['perplexity']}" for c in ppl]) + " |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-        f.write(f"# Evaluation\n\naccuracy, %; settings per task in results.json\n\n{table}")
+        f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
+                f"results.json\n\n{table}")
+    if names and not chart(results, names, os.path.join(args.out, "results.png")):
+        print("note: no chart (pip install matplotlib for OUT/results.png)")
     print(table)
-    print(json.dumps({m: {t: r[t]["accuracy"] for t in names} for m, r in results.items()}))
+    print(json.dumps({m: {t: v.get("accuracy", v.get("perplexity")) for t, v in r.items()} for m, r in results.items()}))
 
 
 if __name__ == "__main__":

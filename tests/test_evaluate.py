@@ -230,3 +230,26 @@ def test_runner_humaneval_raw_mode(tmp_path, tiny, humaneval_examples):
     assert r.returncode == 0, r.stderr
     res = json.load(open(tmp_path / "he" / "results.json"))[tiny]["humaneval"]
     assert res["n"] == 3 and res["accuracy"] == 0.0  # a random model passes nothing, and the run survives
+
+
+def test_perplexity_and_chart(tmp_path, tiny, data_dir):
+    sys.path.insert(0, ROOT)
+    from evaluate import perplexity
+    from nanopost.data import collate, load_sft
+    from nanopost.losses import reference_sft_loss_sum
+    from nanopost.tokenizer import IGNORE
+    data = os.path.join(ROOT, "tests", "data", "chat.jsonl")
+    model, tok = nanopost.load(tiny)
+    exs = load_sft([data], tok, 4096)[0][0]
+    nll = n = 0.0
+    with torch.no_grad():
+        for i in range(len(exs)):  # one conversation at a time, full logits
+            ids, labels, pos = collate([[i]], exs, tok.pad_id)
+            nll += reference_sft_loss_sum(model, ids, labels, pos).item()
+            n += (labels[:, 1:] != IGNORE).sum().item()
+    assert perplexity(model, tok, data, batch_size=5) == pytest.approx(float(torch.tensor(nll / n).exp()), rel=1e-5)
+    pytest.importorskip("matplotlib")
+    r = run_eval("--model", tiny, "--tasks", "mmlu", "--data-dir", data_dir, "--perplexity", data, "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p" / "results.png").stat().st_size > 1000
+    assert "ppl:chat.jsonl" in open(tmp_path / "p" / "results.md").read()
