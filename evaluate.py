@@ -15,7 +15,13 @@ against). Writes OUT/results.json (every prediction, so any score can be audited
 and caches predictions per model+task+settings in OUT/cache/ so an interrupted run resumes where
 it stopped. --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat
 JSONL file (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
---download is not here yet."""
+
+--download first fetches the requested benchmarks that are missing from --data-dir, from their
+original public sources (see nanopost/tasks/download.py); without --model it only downloads.
+Offline machines: put the original files in a folder (or on an internal web server) and add
+--mirror DIR_OR_URL.
+
+    python evaluate.py --download --tasks gsm8k,mmlu,cmmlu,ceval,humaneval --data-dir data/benchmarks"""
 import argparse
 import hashlib
 import json
@@ -112,11 +118,14 @@ def summarize(preds):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- what ----
-    p.add_argument("--model", action="append", required=True, help="checkpoint dir or hub id (repeat for several)")
+    p.add_argument("--model", action="append", default=[], help="checkpoint dir or hub id (repeat for several)")
     p.add_argument("--tasks", default="gsm8k,mmlu,cmmlu,ceval", help=f"comma-separated, from {','.join(tasks.NAMES)}")
     p.add_argument("--data-dir", default=os.environ.get("NANOPOST_DATA", "./data/benchmarks"),
                    help="benchmark files (default: $NANOPOST_DATA, else ./data/benchmarks)")
-    p.add_argument("--out", required=True, help="output directory: results.json, results.md, cache/")
+    p.add_argument("--out", help="output directory: results.json, results.md, cache/ (required with --model)")
+    p.add_argument("--download", action="store_true", help="first fetch missing benchmarks from their original sources")
+    p.add_argument("--mirror", default=None, metavar="DIR_OR_URL",
+                   help="with --download: fetch the original files by name from this folder or URL instead")
     # ---- protocol ----
     p.add_argument("--shots", type=int, default=None, help="exemplars per prompt (default: gsm8k 4, others 0)")
     p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
@@ -134,6 +143,19 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.model and not args.download:
+        p.error("give at least one --model (or --download to only fetch the benchmarks)")
+    if args.model and not args.out:
+        p.error("--out is required with --model")
+    if args.download:
+        from nanopost.tasks.download import DownloadError, download
+        for t in names:
+            try:
+                print(download(t, args.data_dir, args.mirror), flush=True)
+            except DownloadError as e:
+                sys.exit(f"error: {e}")
+        if not args.model:
+            return
     try:
         loaded = {t: tasks.load(t, args.data_dir, args.shots, args.humaneval_mode) for t in names}
     except (ValueError, OSError) as e:

@@ -38,7 +38,11 @@ def format_question(task, question, options, answer=None):
 
 
 def load(task: str, data_dir: str, shots: int = 0):
-    mapping = json.load(open(os.path.join(data_dir, task, "mapping.json"), encoding="utf-8"))
+    path = os.path.join(data_dir, task, "mapping.json")
+    if not os.path.exists(path):  # the table shipped with nanopost
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mappings", f"{task}.json")
+    with open(path, encoding="utf-8") as f:
+        mapping = json.load(f)
     dev = subject_files(task, data_dir, "dev") if shots else {}
     examples = []
     for subject, path in subject_files(task, data_dir, SPLITS[task]).items():
