@@ -162,8 +162,8 @@ def packed_causal_mask(position_ids_BT):
     the position does not continue by +1 (the rule transformers uses too). None when every row
     is one sequence: plain causal attention then takes SDPA's faster is_causal path."""
     prev = torch.cat([position_ids_BT[:, :1] - 1, position_ids_BT[:, :-1]], dim=1)
-    seg = (position_ids_BT != prev + 1).cumsum(-1)
-    if bool((seg[:, -1] == 1).all()):
+    seg = (position_ids_BT != prev + 1).cumsum(-1)  # 0 for the first sequence of a row, 1 for the next...
+    if bool((seg[:, -1] == 0).all()):
         return None
     T = position_ids_BT.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()

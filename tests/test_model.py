@@ -41,6 +41,12 @@ def test_logits_match_transformers(tmp_path, cfg):
         # and packing really isolates the sequences: segment 2 of row 0 equals running it alone
         alone = model(ids[:1, 9:15])
         assert (ours[:1, 9:15] - alone).abs().max() <= 1e-5
+        # every row exactly two sequences (the case a single-segment shortcut must not swallow)
+        two = torch.tensor([list(range(10)) + list(range(13)), list(range(4)) + list(range(19)),
+                            list(range(12)) + list(range(11))])
+        ours = model(ids, position_ids=two)
+        assert (ours - ref(ids, position_ids=two, use_cache=False).logits).abs().max() <= 1e-4
+        assert (ours[1:2, 4:] - model(ids[1:2, 4:])).abs().max() <= 1e-5
 
 
 def test_hidden_states_and_last_only(tiny):
