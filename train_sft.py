@@ -6,15 +6,18 @@
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --device cuda
     # the paper's LLaMA-Factory run (full FT, cutoff 1024, bs 4 x accum 250, lr 5e-8, 3 epochs, bf16)
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --preset paper
-    # several processes (DDP; gloo on CPU, nccl on GPUs)
+    # several processes (DDP; gloo on CPU, nccl on GPUs); --fsdp shards weights, grads and AdamW
     torchrun --nproc_per_node 2 train_sft.py --model runs/tiny --data a.jsonl --out runs/ddp --max-steps 10
+    torchrun --nproc_per_node 8 train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/fsdp --fsdp
 
 The loss is the next-token NLL of the trained tokens (assistant content + its <|im_end|>),
 summed over the whole accumulated batch (all micro-batches, all ranks) and divided by its number
 of trained tokens, so k accumulated micro-batches equal one batch k times larger. Rows are packed
 (best-fit decreasing) with attention that never crosses a conversation; the lm_head + cross-entropy
 run in row chunks and never hold the full logits. Resumable: --resume continues from the latest
-checkpoint in --out exactly (same data order, optimizer and RNG state); Ctrl-C saves one first."""
+checkpoint in --out exactly (same data order, optimizer and RNG state); Ctrl-C saves one first.
+Checkpoints hold whole tensors keyed by name, so a run may resume with a different number of
+processes or with/without --fsdp."""
 import argparse
 import json
 import math
@@ -30,9 +33,10 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, Progress, all_reduce_sum, flops_per_token, latest_checkpoint, lr_at,
-                               make_optimizer, peak_flops, save_checkpoint, save_final, set_rng_state,
-                               setup_distributed)
+from nanopost.training import (PAPER_PRESET, Progress, WithLoss, all_reduce_sum, distribute, flops_per_token,
+                               full_model_state, full_optimizer_state, grad_sync, latest_checkpoint,
+                               load_optimizer_state, lr_at, make_optimizer, peak_flops, save_checkpoint, save_final,
+                               set_rng_state, setup_distributed)
 
 
 def parse_args(argv=None):
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["bf16-autocast", "fp32", "bf16"], default=None,
                    help="bf16-autocast: float32 master weights (default on CUDA); fp32 (default on CPU); bf16: pure")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2 fully_shard per block) "
+                        "instead of replicating them (DDP)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order and everything random")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     # ---- checkpoints and logs ----
@@ -103,6 +110,7 @@ def batches_for_epoch(examples, args, epoch, rows_per_step):
 
 @torch.no_grad()
 def eval_loss(model, val_examples, args, device, pad_id, autocast):
+    """Mean NLL per trained token of the validation rows (model: the wrapped WithLoss)."""
     if not val_examples:
         return None
     model.eval()
@@ -111,7 +119,7 @@ def eval_loss(model, val_examples, args, device, pad_id, autocast):
     for i in range(0, len(rows), args.batch_size):
         ids, labels, pos = (t.to(device) for t in collate(rows[i:i + args.batch_size], val_examples, pad_id))
         with autocast():
-            nll += sft_loss_sum(model, ids, labels, pos)
+            nll += model(ids, labels, pos)
         n += (labels[:, 1:] != IGNORE).sum()
     model.train()
     return (all_reduce_sum(nll) / all_reduce_sum(n)).item()
@@ -145,15 +153,20 @@ def main(argv=None):
     log(f"data: {stats['examples']} examples ({stats['truncated']} truncated to {args.max_len} tokens, "
         f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
 
-    # ---- model, optimizer ----
+    # ---- model (from the latest checkpoint with --resume), optimizer ----
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
+    if args.fsdp and world == 1:
+        log("--fsdp with one process: nothing to shard, running as usual")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model, _ = nanopost.load(args.model, dtype=dtype, device=device)
+    model, _ = nanopost.load(ckpt or args.model, dtype=dtype, device=device)
     model.grad_checkpointing = args.grad_checkpoint
     model.train()
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_module = WithLoss(model, sft_loss_sum)  # named parameters, optimizer state and checkpoints go through this
+    wrapped = distribute(loss_module, world, device, fsdp=args.fsdp and world > 1)  # what the loop calls
+    optimizer = make_optimizer(loss_module, args.lr, args.weight_decay)
     use_autocast = args.precision == "bf16-autocast"
     peak = peak_flops(device)  # MFU is logged on known GPUs
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)  # noqa: E731
@@ -167,28 +180,32 @@ def main(argv=None):
     total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
 
-    # ---- resume ----
+    # ---- resume: the weights came from ckpt above; here the optimizer, RNG and step ----
     start = 0
-    os.makedirs(args.out, exist_ok=True)
-    if args.resume:
-        ckpt = latest_checkpoint(args.out)
-        if ckpt is None:
-            log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
-        else:
-            resumed, _ = nanopost.load(ckpt, dtype=dtype, device=device)
-            model.load_state_dict(resumed.state_dict())
-            del resumed
-            state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            start = state["step"]
-            log(f"resumed from {ckpt} at step {start}")
+    if ckpt is not None:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        load_optimizer_state(loss_module, optimizer, state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        log(f"resumed from {ckpt} at step {start}")
+
+    def checkpoint(step, final=False):
+        """Every rank gathers (a collective under FSDP2); rank 0 writes."""
+        weights = full_model_state(loss_module, rank)
+        opt_state = full_optimizer_state(loss_module, optimizer, rank)
+        if rank == 0:
+            path = save_checkpoint(args.out, step, model, tok, weights, opt_state, args, args.keep_last)
+            if final:
+                save_final(model, tok, args.out, args, weights)
+            return path
+
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     progress = Progress(args.out, total, start, rank)
     log(f"training {total} steps ({steps_per_epoch}/epoch), {rows_per_step} rows x {args.max_len} tokens per step, "
-        f"{world} process(es), {args.precision}, lr {args.lr}, warmup {warmup}")
+        f"{world} process(es){' (FSDP2)' if args.fsdp and world > 1 else ' (DDP)' if world > 1 else ''}, "
+        f"{args.precision}, lr {args.lr}, warmup {warmup}")
 
     # ---- loop ----
     step, rows_epoch, rows = start, None, None
@@ -207,15 +224,15 @@ def main(argv=None):
             t0, loss_sum = time.time(), 0.0
             for j, (ids, labels, pos) in enumerate(micro):
                 ids, labels, pos = ids.to(device), labels.to(device), pos.to(device)
-                sync = j == len(micro) - 1 or world == 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-                with ctx, autocast():
-                    s = sft_loss_sum(ddp, ids, labels, pos)
-                    # DDP averages gradients over ranks; x world turns that into the global sum / n_trained
+                with grad_sync(wrapped, sync=j == len(micro) - 1), autocast():
+                    s = wrapped(ids, labels, pos)
+                    # DDP and FSDP2 average gradients over ranks; x world turns that into the global sum / n_trained
                     (s * world / n_trained).backward()
                 loss_sum += s.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+            grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), args.max_grad_norm) \
                 if args.max_grad_norm > 0 else torch.zeros(())
+            if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -227,20 +244,20 @@ def main(argv=None):
             if peak:
                 metrics["mfu"] = tokens_per_s * flops_per_token(model.config, args.max_len) / (peak * world)
             if args.eval_every and step % args.eval_every == 0:
-                metrics["val_loss"] = eval_loss(model, val_examples, args, device, tok.pad_id, autocast)
+                metrics["val_loss"] = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
             if step % args.log_every == 0 or step == total:
                 progress.log(step, **metrics)
-            if args.save_every and step % args.save_every == 0 and step < total and rank == 0:
-                save_checkpoint(args.out, step, model, tok, optimizer, args, args.keep_last)
-    except KeyboardInterrupt:
-        if rank == 0 and step > start:
-            path = save_checkpoint(args.out, step, model, tok, optimizer, args, args.keep_last)
-            print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
+            if args.save_every and step % args.save_every == 0 and step < total:
+                checkpoint(step)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of a torchrun job, so FSDP2 can still gather
+        if step > start:
+            path = checkpoint(step)
+            if rank == 0:
+                print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
         sys.exit(130)
-    val = eval_loss(model, val_examples, args, device, tok.pad_id, autocast)
+    val = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
+    checkpoint(step, final=True)
     if rank == 0:
-        save_checkpoint(args.out, step, model, tok, optimizer, args, args.keep_last)
-        save_final(model, tok, args.out, args)
         print(json.dumps({"out": args.out, "steps": step, "final_loss": metrics["loss"] if step > start else None,
                           "val_loss": val}))
     progress.close()

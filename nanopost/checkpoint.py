@@ -177,15 +177,18 @@ def commit_dir(tmp, out_dir):
 
 
 def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_bytes: int = 2 * 1024**3,
-         dtype=None, extra_files: dict | None = None):
+         dtype=None, extra_files: dict | None = None, state_dict: dict | None = None):
     """Write model (+ tokenizer files) in the Hugging Face layout, atomically. dtype: the dtype
     stored (default: the model's). extra_files: name -> text, or a function that writes the
-    file given its path (e.g. args.json, trainer_state.pt), inside the same atomic write."""
+    file given its path (e.g. args.json, trainer_state.pt), inside the same atomic write.
+    state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP2
+    shards); the model then only supplies the config."""
     tmp = _atomic_dir(out_dir)
     try:
-        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+                 for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
         if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)
         shards, cur, size = [], {}, 0
         for k, v in state.items():
             n = v.numel() * v.element_size()

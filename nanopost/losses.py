@@ -59,8 +59,7 @@ def sft_loss_sum(model, input_ids, labels, position_ids=None, chunk_rows: int = 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)  # only trained rows go through the lm_head
-    lm_head = getattr(model, "module", model).lm_head  # under DDP the model is wrapped
-    return FusedLinearCrossEntropy.apply(h.index_select(0, keep), lm_head.weight, y[keep], chunk_rows)
+    return FusedLinearCrossEntropy.apply(h.index_select(0, keep), model.lm_head.weight, y[keep], chunk_rows)
 
 
 def reference_sft_loss_sum(model, input_ids, labels, position_ids=None):

@@ -1,5 +1,7 @@
-"""What the training scripts share: torchrun/DDP setup, AdamW with the usual no-decay groups,
-warmup + cosine schedule, checkpoint + exact resume, the progress line and metrics.jsonl."""
+"""What the training scripts share: torchrun setup and DDP / FSDP2 wrapping, AdamW with the usual
+no-decay groups, warmup + cosine schedule, checkpoint + exact resume, the progress line and
+metrics.jsonl."""
+import contextlib
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanopost.checkpoint import save
 
@@ -36,6 +39,94 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+class WithLoss(torch.nn.Module):
+    """The model and its loss in one forward: the unit that DDP or FSDP2 wraps. Under FSDP2 the
+    root's parameters (embeddings, final norm, lm_head) are gathered only during the root's
+    forward, and the fused loss reads lm_head.weight directly, so the loss has to run in there."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *args, **kwargs):
+        return self.loss_fn(self.model, *args, **kwargs)
+
+
+def distribute(module: WithLoss, world: int, device, fsdp: bool = False):
+    """-> what to call for the loss: the module itself (one process), DDP, or FSDP2 (every decoder
+    block sharded on its own, then the root). FSDP2 replaces the parameters by their shards, so
+    make the optimizer after this."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in module.model.model.layers:
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+@contextlib.contextmanager
+def grad_sync(wrapped, sync: bool):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) unless sync (the last micro-batch)."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(sync)
+        yield
+    else:
+        yield
+
+
+def _full(t):
+    """A DTensor shard gathered into the whole tensor (a collective: every rank calls it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full, param):
+    """A whole tensor cut like param (its shard under FSDP2), on param's device."""
+    if isinstance(param, DTensor) and full.dim() > 0:
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device)
+
+
+def full_model_state(module: WithLoss, rank: int) -> dict | None:
+    """The model's weights as whole CPU tensors, named as in the checkpoint (no WithLoss prefix);
+    on rank 0, None elsewhere. Every rank must call it (under FSDP2 it gathers the shards)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = _full(v.detach())
+        if rank == 0:
+            out[k.removeprefix("model.")] = v.cpu()
+    return out if rank == 0 else None
+
+
+def full_optimizer_state(module: WithLoss, optimizer, rank: int) -> dict | None:
+    """AdamW state keyed by parameter name with whole tensors, so a checkpoint does not depend
+    on the number of processes or on DDP vs FSDP2; rank 0 gets it. Every rank must call it."""
+    out = {}
+    for name, p in module.named_parameters():
+        state = {k: _full(v).cpu() for k, v in optimizer.state.get(p, {}).items()}
+        if rank == 0:
+            out[name] = state
+    return {"state": out, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]} \
+        if rank == 0 else None
+
+
+def load_optimizer_state(module: WithLoss, optimizer, saved: dict) -> None:
+    """The inverse of full_optimizer_state, on every rank (each keeps its own shard)."""
+    params = dict(module.named_parameters())
+    if set(saved["state"]) != set(params):
+        raise ValueError(f"optimizer state names differ from the model's: {sorted(set(saved['state']) ^ set(params))[:5]}")
+    for name, state in saved["state"].items():
+        if state:
+            optimizer.state[params[name]] = {k: _like(v, params[name]) for k, v in state.items()}
+    for group, g in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(g)
 
 
 # ---- optimisation ----
@@ -101,14 +192,15 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out_dir, step, model, tok, optimizer, args, keep_last: int = 2):
-    """out_dir/checkpoints/step-XXXXXXX: the model in the Hugging Face layout plus the trainer
-    state (optimizer, RNG, step), written atomically; older ones beyond keep_last are removed."""
+def save_checkpoint(out_dir, step, model, tok, weights, optimizer_state, args, keep_last: int = 2):
+    """out_dir/checkpoints/step-XXXXXXX: the weights (from full_model_state) in the Hugging Face
+    layout plus the trainer state (optimizer from full_optimizer_state, RNG, step), written
+    atomically; older ones beyond keep_last are removed."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     path = os.path.join(ckpt_root, f"step-{step:07d}")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-    save(model, tok, path, extra_files={"args.json": json.dumps(vars(args), indent=2),
-                                        "trainer_state.pt": lambda p: torch.save(state, p)})
+    state = {"step": step, "optimizer": optimizer_state, "rng": rng_state()}
+    save(model, tok, path, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2),
+                                                            "trainer_state.pt": lambda p: torch.save(state, p)})
     for old in sorted(os.listdir(ckpt_root))[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     return path
@@ -121,13 +213,13 @@ def latest_checkpoint(out_dir):
     return os.path.join(root, done[-1]) if done else None
 
 
-def save_final(model, tok, out_dir, args):
+def save_final(model, tok, out_dir, args, weights=None):
     """The final model goes into out_dir itself (next to metrics.jsonl and checkpoints/): written
     to a temporary directory first, then moved in file by file, config.json last, so out_dir
     only looks like a checkpoint once every weight file is in place."""
     tmp = os.path.join(out_dir, ".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tok, tmp, extra_files={"args.json": json.dumps(vars(args), indent=2)})
+    save(model, tok, tmp, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2)})
     names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
     for n in names:
         os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))

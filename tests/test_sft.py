@@ -71,15 +71,17 @@ def test_loss_and_grads_match_transformers(tiny, examples):
         assert (p.grad - g_ref).norm() <= 1e-4 * g_ref.norm() + 1e-8, name
 
 
-def test_packed_row_equals_separate_runs(tiny, examples):
+@pytest.mark.parametrize("rows", [[[0, 1]], [[0, 1, 2]], [[0, 1], [2, 3]], [[0, 1], [2]]])
+def test_packed_row_equals_separate_runs(tiny, examples, rows):
+    """Two conversations in one row, three, two rows of two (no padding), and unequal rows."""
     tok, exs = examples
     model, _ = nanopost.load(tiny, dtype=torch.float64)
-    ids, labels, pos = collate([[0, 1, 2]], exs, tok.pad_id)
+    ids, labels, pos = collate(rows, exs, tok.pad_id)
     packed = sft_loss_sum(model, ids, labels, pos)
     packed.backward()
     g_packed = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
-    separate = sum(sft_loss_sum(model, *collate([[i]], exs, tok.pad_id)) for i in range(3))
+    separate = sum(sft_loss_sum(model, *collate([[i]], exs, tok.pad_id)) for row in rows for i in row)
     separate.backward()
     assert abs(packed.item() - separate.item()) < 1e-9
     assert all(torch.allclose(g_packed[k], p.grad, atol=1e-10) for k, p in model.named_parameters())
@@ -170,16 +172,46 @@ def test_ctrl_c_saves_a_checkpoint_then_resume(tmp_path, tiny):
     assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
 
 
+def torchrun(*args, port=29517):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), os.path.join(ROOT, "train_sft.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_ddp_two_processes_match_one(tmp_path, tiny):
     common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 2, "--device", "cpu"]
     one = train(*common, "--batch-size", 4, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                          os.path.join(ROOT, "train_sft.py"), *map(str, common), "--batch-size", "2",
-                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600)
+    ddp = torchrun(*common, "--batch-size", 2, "--out", tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     s1, s2 = final_state(tmp_path / "one"), final_state(tmp_path / "ddp")
     assert all(torch.allclose(s1[k], s2[k], atol=1e-5, rtol=1e-5) for k in s1)
+
+
+def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, tiny):
+    """FSDP2 (fully_shard per block, gloo) follows the single-process run step by step, and its
+    checkpoint (whole tensors by name) resumes in a single process as if nothing had changed."""
+    common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 4, "--device", "cpu",
+              "--save-every", 2, "--keep-last", 10, "--grad-accum", 2, "--val-fraction", 0.2, "--eval-every", 2]
+    one = train(*common, "--batch-size", 2, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    fsdp = torchrun(*common, "--batch-size", 1, "--fsdp", "--out", tmp_path / "fsdp", port=29518)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "2 process(es) (FSDP2)" in fsdp.stdout
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [m[key] for m in m2 if key in m] == pytest.approx([m[key] for m in m1 if key in m], rel=1e-5), key
+    assert len([m for m in m1 if "val_loss" in m]) == 2
+    s1, s2 = final_state(tmp_path / "one"), final_state(tmp_path / "fsdp")
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-5, rtol=1e-5) for k in s1)
+    mixed = tmp_path / "mixed" / "checkpoints"
+    mixed.mkdir(parents=True)
+    import shutil
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-0000002", mixed / "step-0000002")
+    r = train(*common, "--batch-size", 2, "--out", tmp_path / "mixed", "--resume")
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
+    s3 = final_state(tmp_path / "mixed")
+    assert all(torch.allclose(s1[k], s3[k], atol=1e-5, rtol=1e-5) for k in s1)
 
 
 @pytest.mark.parametrize("line,pattern", [
