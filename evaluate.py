@@ -159,7 +159,8 @@ def main(argv=None):
     try:
         loaded = {t: tasks.load(t, args.data_dir, args.shots, args.humaneval_mode) for t in names}
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir})")
+        sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir}; "
+                 f"--download fetches missing ones)")
     for f in args.perplexity:
         if not os.path.exists(f):
             sys.exit(f"error: --perplexity {f}: no such file")

@@ -208,7 +208,8 @@ def row_blocks(shape):
 
 
 def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row, out_rows):
-    """Yields the merged tensor of `name` in blocks of rows (in the compute dtype)."""
+    """Yields (merged block, the base model's same rows) for `name`, in blocks of rows, in the
+    compute dtype (the base rows feed the summary without a second read)."""
     method = plan["merge_method"]
     weights, densities, t = resolved_params(plan, name, n_layers)
     read = lambda i, a, b: index[i][name].read(name, a, b).to(cdtype)  # noqa: E731
@@ -222,25 +223,29 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
             sq0, sq1, dot = sq0 + (v0 * v0).sum().item(), sq1 + (v1 * v1).sum().item(), dot + (v0 * v1).sum().item()
         c = slerp_coefficients(t, slerp_dot(sq0, sq1, dot))
         for a, b in blocks:
-            v0, v1 = read(0, a, b), read(1, a, b)
-            yield torch.lerp(v0, v1, t) if c is None else c[0] * v0 + c[1] * v1
+            v = read(0, a, b), read(1, a, b)
+            yield (torch.lerp(v[0], v[1], t) if c is None else c[0] * v[0] + c[1] * v[1]), v[base_i]
     elif method == "slerp":
         for a, b in blocks:
-            yield slerp_rows(t, read(0, a, b), read(1, a, b))
+            v = read(0, a, b), read(1, a, b)
+            yield slerp_rows(t, v[0], v[1]), v[base_i]
     elif method == "linear":
         for a, b in blocks:
-            yield linear([read(i, a, b) for i in range(n)], weights, plan["normalize"])
+            vs = [read(i, a, b) for i in range(n)]
+            yield linear(vs, weights, plan["normalize"]), vs[base_i]
     else:
         others = [i for i in range(n) if i != base_i]
         w, d = [weights[i] for i in others], [densities[i] for i in others]
         if method == "task_arithmetic":  # elementwise: stream it
             for a, b in blocks:
-                yield task_merge(read(base_i, a, b), [read(i, a, b) for i in others], w, d, method, plan["normalize"])
+                base = read(base_i, a, b)
+                yield task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"]), base
         else:  # trim / drop are per whole tensor
             a, b = 0, shape[0] if shape else None
             gen = torch.Generator().manual_seed(crc_seed(seed, name)) if method.startswith("dare") else None
-            yield task_merge(read(base_i, a, b), [read(i, a, b) for i in others], w, d, method, plan["normalize"],
-                             gen, rescale=(plan.get("parameters") or {}).get("rescale", True))
+            base = read(base_i, a, b)
+            yield task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"],
+                             gen, rescale=(plan.get("parameters") or {}).get("rescale", True)), base
 
 
 # ---- main ----
@@ -321,17 +326,12 @@ def main(argv=None):
             w = Writer(os.path.join(tmp, fname), shard)
             for name, shape, dtype in shard:
                 out_sq = diff_sq = base_sq = 0.0
-                row = 0
-                for block in merge_tensor(name, plan, index, base_i, n_layers, cdtype, args.seed, args.slerp_rows,
-                                          shape[0] if shape else 1):
-                    rows = block.shape[0] if block.dim() else 1
-                    ref = base_reader[name].read(name, row, row + rows).to(cdtype) if shape else \
-                        base_reader[name].read(name).to(cdtype)
+                for block, ref in merge_tensor(name, plan, index, base_i, n_layers, cdtype, args.seed, args.slerp_rows,
+                                               shape[0] if shape else 1):
                     out_sq += block.double().pow(2).sum().item()
                     diff_sq += (block.double() - ref.double()).pow(2).sum().item()
                     base_sq += ref.double().pow(2).sum().item()
                     w.write(block.to(dtype))
-                    row += rows
                 summary[name] = {"norm": out_sq ** 0.5, "change_vs_base": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
                 wmap[name] = fname
                 bar.update(1)

@@ -1,8 +1,12 @@
 """Tiny random Qwen2 checkpoints in the Hugging Face layout, for tests and the offline demo:
 a small config + random weights + a small byte-level BPE tokenizer trained here on a built-in
 text, with Qwen2's normalizer, pre-tokenizer regex and the ChatML special tokens."""
+import contextlib
+import importlib.util
+import io
 import json
 import os
+import subprocess
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -25,6 +29,25 @@ The answer is 72. def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # 5
 Der schnelle braune Fuchs. Le renard brun rapide. 敏捷的棕色狐狸跳过了懒狗。 こんにちは世界。
 Hello, world! 1234567890 +-*/=<>()[]{} "quotes" 'single' \t tabs\r\n and   spaces.
 """
+
+
+def run_main(script: str, *args) -> subprocess.CompletedProcess:
+    """Run a script's main(argv) in this process and return what a subprocess run would
+    (returncode, stdout, stderr with the sys.exit message): error paths tested without an
+    interpreter start-up each. An uncaught exception propagates, so a traceback fails the test."""
+    name = "_nanopost_script_" + os.path.splitext(os.path.basename(script))[0]
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def make_tokenizer(vocab_size: int = 512) -> Tokenizer:

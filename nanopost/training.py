@@ -110,9 +110,9 @@ def full_optimizer_state(module: WithLoss, optimizer, rank: int) -> dict | None:
     on the number of processes or on DDP vs FSDP2; rank 0 gets it. Every rank must call it."""
     out = {}
     for name, p in module.named_parameters():
-        state = {k: _full(v).cpu() for k, v in optimizer.state.get(p, {}).items()}
+        state = {k: _full(v) for k, v in optimizer.state.get(p, {}).items()}  # every rank: the gather
         if rank == 0:
-            out[name] = state
+            out[name] = {k: v.cpu() for k, v in state.items()}
     return {"state": out, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]} \
         if rank == 0 else None
 

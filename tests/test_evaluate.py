@@ -15,6 +15,16 @@ from nanopost.tasks import choice, gsm8k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
+sys.path.insert(0, ROOT)  # evaluate.py's helpers
+from evaluate import letter_logprobs, subset  # noqa: E402  (evaluate.py at the repo root)
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """The paper's benchmark files (../shared/benchmarks), or skip."""
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared/benchmarks not found")
+    return SHARED
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +92,6 @@ def test_choice_prompts_in_each_layout(data_dir, task):
 
 
 def test_letter_scoring_equals_full_forward(tiny):
-    sys.path.insert(0, ROOT)
-    from evaluate import letter_logprobs
     model, tok = nanopost.load(tiny)
     letters = [tok.encode(L)[0] for L in "ABCD"]
     prompts = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True)[0]
@@ -143,14 +151,10 @@ def test_bad_inputs(tmp_path, tiny):
 
 
 @pytest.mark.real
-def test_real_mmlu_predictions_equal_transformers(real_model_dir):
+def test_real_mmlu_predictions_equal_transformers(real_model_dir, shared):
     """20 MMLU questions, letter scoring: our predictions equal an independent transformers run."""
     transformers = pytest.importorskip("transformers")
-    if not os.path.isdir(SHARED):
-        pytest.skip("../shared/benchmarks not found")
-    sys.path.insert(0, ROOT)
-    from evaluate import letter_logprobs, subset
-    examples = subset(tasks.load("mmlu", SHARED)[0], 20)
+    examples = subset(tasks.load("mmlu", shared)[0], 20)
     model, tok = nanopost.load(real_model_dir)
     prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in examples]
     letters = [tok.encode(L)[0] for L in "ABCD"]
@@ -169,15 +173,11 @@ def test_real_mmlu_predictions_equal_transformers(real_model_dir):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_gsm8k_predictions_equal_transformers(real_model_dir):
+def test_real_gsm8k_predictions_equal_transformers(real_model_dir, shared):
     """20 GSM8K questions, 4-shot, greedy, 256 new tokens: the same predictions as transformers
     generate on the same prompts (slow: run with -m slow)."""
     transformers = pytest.importorskip("transformers")
-    if not os.path.isdir(SHARED):
-        pytest.skip("../shared/benchmarks not found")
-    sys.path.insert(0, ROOT)
-    from evaluate import subset
-    examples = subset(tasks.load("gsm8k", SHARED)[0], 20)
+    examples = subset(tasks.load("gsm8k", shared)[0], 20)
     model, tok = nanopost.load(real_model_dir)
     replies = Engine(model, tok).generate([e["messages"] for e in examples], Sampling(max_new_tokens=256), batch_size=10)
     ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
@@ -192,13 +192,11 @@ def test_real_gsm8k_predictions_equal_transformers(real_model_dir):
 # ---- HumanEval and its sandbox ----
 
 @pytest.fixture(scope="module")
-def humaneval_examples():
-    if not os.path.isdir(SHARED):
-        pytest.skip("../shared/benchmarks not found")
-    return tasks.load("humaneval", SHARED)[0]
+def humaneval_examples(shared):
+    return tasks.load("humaneval", shared)[0]
 
 
-def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples):
+def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples, shared):
     from nanopost.tasks import humaneval
     for ex in humaneval_examples[::16]:  # a sample of 11 problems
         assert humaneval.score(ex, ex["canonical_solution"]) == ("pass", True), ex["id"]
@@ -206,7 +204,7 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples):
         assert humaneval.score(ex, as_chat)[1], ex["id"]
         pred, ok = humaneval.score(ex, "    return None\n")
         assert not ok and pred != "pass"
-    raw = tasks.load("humaneval", SHARED, humaneval_mode="raw")[0][0]
+    raw = tasks.load("humaneval", shared, humaneval_mode="raw")[0][0]
     assert "raw" in raw and "messages" not in raw and raw["stop"]
 
 
@@ -224,8 +222,8 @@ def test_sandbox_contains_bad_programs(tmp_path):
                        "open('inside.txt', 'w').write('fine')") == (True, "passed")
 
 
-def test_runner_humaneval_raw_mode(tmp_path, tiny, humaneval_examples):
-    r = run_eval("--model", tiny, "--tasks", "humaneval", "--humaneval-mode", "raw", "--data-dir", SHARED,
+def test_runner_humaneval_raw_mode(tmp_path, tiny, shared):
+    r = run_eval("--model", tiny, "--tasks", "humaneval", "--humaneval-mode", "raw", "--data-dir", shared,
                  "--limit", 3, "--max-new-tokens", 8, "--out", tmp_path / "he")
     assert r.returncode == 0, r.stderr
     res = json.load(open(tmp_path / "he" / "results.json"))[tiny]["humaneval"]
@@ -233,7 +231,6 @@ def test_runner_humaneval_raw_mode(tmp_path, tiny, humaneval_examples):
 
 
 def test_perplexity_and_chart(tmp_path, tiny, data_dir):
-    sys.path.insert(0, ROOT)
     from evaluate import perplexity
     from nanopost.data import collate, load_sft
     from nanopost.losses import reference_sft_loss_sum

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import nanopost
 from nanopost.engine import Engine, Sampling
 from nanopost.merging import (dare_drop, linear, resolve_param, slerp, slerp_rows, task_merge, trim_magnitude)
-from nanopost.testing import make_tiny_checkpoint
+from nanopost.testing import make_tiny_checkpoint, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,22 +237,24 @@ def assert_fails_cleanly(tmp_path, r, pattern):
 
 
 def test_bad_inputs(tmp_path, pair):
+    """The first case through the CLI (no traceback on stderr), the rest in-process (quick)."""
     a, b = pair
     out = tmp_path / "out"
     other = make_tiny_checkpoint(str(tmp_path / "wide"), hidden_size=32)
     assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, other, "--out", out),
                          r"different architectures \(hidden_size: 64 vs 32")
-    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, b, "--weights", 1, "--out", out),
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", 1, "--out", out),
                          r"--weights has 1 values for 2 models")
-    assert_fails_cleanly(tmp_path, merge("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
+    assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
                          r"t = 1.5 .* outside \[0, 1\]")
-    assert_fails_cleanly(tmp_path, merge("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
-    assert_fails_cleanly(tmp_path, merge("--method", "slerp", "--models", a, b, a, "--t", 0.5, "--out", out),
+    assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
+    assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, a, "--t", 0.5, "--out", out),
                          r"slerp merges two models")
     big = make_tiny_checkpoint(str(tmp_path / "bigvocab"), vocab_size=600)
-    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, big, "--out", out),
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, big, "--out", out),
                          r"embed_tokens.weight has shape \(600, 64\).*--embed-slice")
-    r = merge("--method", "linear", "--models", a, big, "--embed-slice", "--out", tmp_path / "sliced")
+    r = here("--method", "linear", "--models", a, big, "--embed-slice", "--out", tmp_path / "sliced")
     assert r.returncode == 0, r.stderr
     assert state(tmp_path / "sliced")["model.embed_tokens.weight"].shape[0] == state(a)["model.embed_tokens.weight"].shape[0]
     broken = tmp_path / "broken"
@@ -261,10 +263,10 @@ def test_bad_inputs(tmp_path, pair):
     sd = load_file(broken / "model.safetensors")
     sd.pop("model.layers.0.mlp.gate_proj.weight")
     save_file(sd, broken / "model.safetensors")
-    assert_fails_cleanly(tmp_path, merge("--method", "linear", "--models", a, broken, "--out", out),
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, broken, "--out", out),
                          r"broken: tensor names differ .*missing \['model.layers.0.mlp.gate_proj.weight'\]")
     (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "passthrough", "models": [{"model": a}]}))
-    assert_fails_cleanly(tmp_path, merge("--config", tmp_path / "bad.json", "--out", out),
+    assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out),
                          r"merge_method 'passthrough' is not supported")
 
 
