@@ -154,7 +154,6 @@ def main(argv=None):
         f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
 
     # ---- model (from the latest checkpoint with --resume), optimizer ----
-    os.makedirs(args.out, exist_ok=True)
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
@@ -199,6 +198,7 @@ def main(argv=None):
                 save_final(model, tok, args.out, args, weights)
             return path
 
+    os.makedirs(args.out, exist_ok=True)  # the first write: every check is behind us
     if rank == 0:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)

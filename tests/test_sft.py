@@ -242,6 +242,10 @@ def test_empty_file(tmp_path, tiny):
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="missing.jsonl"):
         load_sft([str(tmp_path / "missing.jsonl")], nanopost.Tokenizer(tiny), 64)
+    r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA, "--out", tmp_path / "big",
+                 "--batch-size", 64)
+    assert r.returncode != 0 and "fewer rows than one optimizer step needs" in r.stderr
+    assert not (tmp_path / "big").exists()
 
 
 def test_flops_per_token_counts_matmul_parameters(tiny):
