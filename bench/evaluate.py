@@ -11,13 +11,14 @@ each row's last prompt token; right padding). Each implementation runs in its ow
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from sides import DEFAULT_MODEL, run_side  # bench/sides.py
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DEFAULT_MODEL = os.environ.get("NANOPOST_REAL_MODEL", os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct"))
 
 
 def worker(impl, args):
@@ -97,11 +98,7 @@ def main():
           f"{args.new_tokens} new tokens, mmlu {args.mmlu}, batch {args.batch_size}, float32")
     res = {}
     for impl in ("nanopost", "transformers"):
-        cmd = [sys.executable, __file__, "--worker", impl] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        res[impl] = run_side(__file__, ["--worker", impl, *sys.argv[1:]], impl)
     print("| task | nanopost s/question | transformers s/question | speed ratio | identical predictions |")
     print("|---|---|---|---|---|")
     for task in res["nanopost"]:

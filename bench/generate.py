@@ -11,11 +11,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-DEFAULT_MODEL = os.environ.get("NANOPOST_REAL_MODEL", os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct"))
+from sides import DEFAULT_MODEL, run_side  # bench/sides.py
+
+
 QUESTIONS = ["Write a Python function that returns the n-th Fibonacci number.",
              "Explain the difference between a list and a tuple in Python, with examples.",
              "What is 17 * 23? Show your work.",
@@ -87,12 +87,8 @@ def main():
     for dtype in args.dtypes:
         res = {}
         for impl in ("nanopost", "transformers"):
-            cmd = [sys.executable, __file__, "--worker", impl, dtype, "--model", args.model, "--new-tokens",
-                   str(args.new_tokens), "--repeats", str(args.repeats), "--batch-sizes", *map(str, args.batch_sizes)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{impl} {dtype} failed:\n{out.stderr[-3000:]}")
-            res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[impl] = run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
+                                            "--repeats", args.repeats, "--batch-sizes", *args.batch_sizes], f"{impl} {dtype}")
         a, b = res["nanopost"], res["transformers"]
         for B in map(str, args.batch_sizes):
             print(f"| {dtype} | {B} | {a[B]['tokens_per_s']:.1f} | {b[B]['tokens_per_s']:.1f} | "

@@ -15,11 +15,9 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-DEFAULT_MODEL = os.environ.get("NANOPOST_REAL_MODEL", os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct"))
+from sides import DEFAULT_MODEL, run_side  # bench/sides.py
 
 
 def worker(impl, model_dir, T, precision, steps, device):
@@ -90,12 +88,8 @@ def main():
     for T in args.seq_lens:
         res = {}
         for impl in ("nanopost", "transformers"):
-            cmd = [sys.executable, __file__, "--worker", impl, str(T), "--model", args.model, "--precision",
-                   args.precision, "--steps", str(args.steps), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{impl} T={T} failed:\n{out.stderr[-3000:]}")
-            res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[impl] = run_side(__file__, ["--worker", impl, T, "--model", args.model, "--precision", args.precision,
+                                            "--steps", args.steps, "--device", args.device], f"{impl} T={T}")
         a, b = res["nanopost"], res["transformers"]
         print(f"| {T} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
               f"{a['peak_gb']:.2f} / {b['peak_gb']:.2f} | {a['peak_gb'] / b['peak_gb']:.2f}x |", flush=True)
