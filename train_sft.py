@@ -34,7 +34,7 @@ from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.training import (PAPER_PRESET, Progress, WithLoss, all_reduce_sum, distribute, flops_per_token,
-                               full_model_state, full_optimizer_state, grad_sync, latest_checkpoint,
+                               full_model_state, full_optimizer_state, full_tensor, grad_sync, latest_checkpoint,
                                load_optimizer_state, lr_at, make_optimizer, peak_flops, save_checkpoint, save_final,
                                set_rng_state, setup_distributed)
 
@@ -157,14 +157,15 @@ def main(argv=None):
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
-    if args.fsdp and world == 1:
+    fsdp = args.fsdp and world > 1
+    if args.fsdp and not fsdp:
         log("--fsdp with one process: nothing to shard, running as usual")
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model, _ = nanopost.load(ckpt or args.model, dtype=dtype, device=device)
     model.grad_checkpointing = args.grad_checkpoint
     model.train()
     loss_module = WithLoss(model, sft_loss_sum)  # named parameters, optimizer state and checkpoints go through this
-    wrapped = distribute(loss_module, world, device, fsdp=args.fsdp and world > 1)  # what the loop calls
+    wrapped = distribute(loss_module, world, device, fsdp=fsdp)  # what the loop calls
     optimizer = make_optimizer(loss_module, args.lr, args.weight_decay)
     use_autocast = args.precision == "bf16-autocast"
     peak = peak_flops(device)  # MFU is logged on known GPUs
@@ -204,7 +205,7 @@ def main(argv=None):
             json.dump(vars(args), f, indent=2)
     progress = Progress(args.out, total, start, rank)
     log(f"training {total} steps ({steps_per_epoch}/epoch), {rows_per_step} rows x {args.max_len} tokens per step, "
-        f"{world} process(es){' (FSDP2)' if args.fsdp and world > 1 else ' (DDP)' if world > 1 else ''}, "
+        f"{world} process(es){' (FSDP2)' if fsdp else ' (DDP)' if world > 1 else ''}, "
         f"{args.precision}, lr {args.lr}, warmup {warmup}")
 
     # ---- loop ----
@@ -229,10 +230,8 @@ def main(argv=None):
                     # DDP and FSDP2 average gradients over ranks; x world turns that into the global sum / n_trained
                     (s * world / n_trained).backward()
                 loss_sum += s.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), args.max_grad_norm) \
-                if args.max_grad_norm > 0 else torch.zeros(())
-            if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(loss_module.parameters(), args.max_grad_norm)) \
+                if args.max_grad_norm > 0 else torch.zeros(())  # a DTensor under FSDP2
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

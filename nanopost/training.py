@@ -82,7 +82,7 @@ def grad_sync(wrapped, sync: bool):
         yield
 
 
-def _full(t):
+def full_tensor(t):
     """A DTensor shard gathered into the whole tensor (a collective: every rank calls it)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
@@ -99,7 +99,7 @@ def full_model_state(module: WithLoss, rank: int) -> dict | None:
     on rank 0, None elsewhere. Every rank must call it (under FSDP2 it gathers the shards)."""
     out = {}
     for k, v in module.state_dict().items():
-        v = _full(v.detach())
+        v = full_tensor(v.detach())
         if rank == 0:
             out[k.removeprefix("model.")] = v.cpu()
     return out if rank == 0 else None
@@ -110,7 +110,7 @@ def full_optimizer_state(module: WithLoss, optimizer, rank: int) -> dict | None:
     on the number of processes or on DDP vs FSDP2; rank 0 gets it. Every rank must call it."""
     out = {}
     for name, p in module.named_parameters():
-        state = {k: _full(v) for k, v in optimizer.state.get(p, {}).items()}  # every rank: the gather
+        state = {k: full_tensor(v) for k, v in optimizer.state.get(p, {}).items()}  # every rank: the gather
         if rank == 0:
             out[name] = {k: v.cpu() for k, v in state.items()}
     return {"state": out, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]} \
