@@ -8,6 +8,7 @@ import os
 import re
 
 LETTERS = "ABCD"
+MAPPINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mappings")  # shipped tables
 SPLITS = {"mmlu": "test", "cmmlu": "test", "ceval": "val"}
 HEAD = {"mmlu": "The following are multiple choice questions (with answers) about {name}.\n\n",
         "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n",
@@ -40,7 +41,7 @@ def format_question(task, question, options, answer=None):
 def load(task: str, data_dir: str, shots: int = 0):
     path = os.path.join(data_dir, task, "mapping.json")
     if not os.path.exists(path):  # the table shipped with nanopost
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mappings", f"{task}.json")
+        path = os.path.join(MAPPINGS, f"{task}.json")
     with open(path, encoding="utf-8") as f:
         mapping = json.load(f)
     dev = subject_files(task, data_dir, "dev") if shots else {}

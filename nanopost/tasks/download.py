@@ -17,7 +17,6 @@ download never leaves a half-written benchmark behind. Benchmarks already presen
 Machines without internet: fetch the original files elsewhere (the URLs are in SOURCES) and pass
 `mirror=` (evaluate.py --mirror) as a local folder or http(s) URL that holds them by file name."""
 import gzip
-import io
 import json
 import os
 import re
@@ -29,7 +28,9 @@ import zipfile
 
 from tqdm import tqdm
 
-MAPPINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mappings")
+from nanopost import tasks
+from nanopost.tasks.choice import MAPPINGS, SPLITS
+
 GSM8K = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
 SOURCES = {
     "gsm8k": [GSM8K + "train.jsonl", GSM8K + "test.jsonl"],
@@ -54,7 +55,6 @@ class DownloadError(Exception):
 
 def present(task: str, data_dir: str) -> bool:
     """Whether data_dir already holds the files the task reads."""
-    from nanopost.tasks.choice import SPLITS
     root = os.path.join(data_dir, task)
     if task == "gsm8k":
         return all(os.path.isfile(os.path.join(root, f)) for f in ("train.jsonl", "test.jsonl"))
@@ -138,7 +138,6 @@ def _write_members(task, members, out):
 def download(task: str, data_dir: str, mirror: str | None = None, force: bool = False, log=print) -> str:
     """Fetch one benchmark into data_dir/task (skipped when already there unless force).
     Returns what was done, e.g. 'mmlu: 14042 questions in 57 subjects'."""
-    from nanopost import tasks
     if task not in SOURCES:
         raise DownloadError(f"unknown task {task!r} (known: {', '.join(SOURCES)})")
     final = os.path.join(data_dir, task)
