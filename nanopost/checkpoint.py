@@ -26,6 +26,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 
+
 class Reader:
     """A safetensors file read with ordinary reads (no mmap): header on open, then any tensor, or
     any block of its rows, on demand. Memory holds what was asked for and nothing else: file
@@ -68,8 +69,6 @@ class Reader:
             if self.f.readinto(buf) != buf.size:
                 raise CheckpointError(f"{self.path}: tensor {name} is truncated")
         return out
-
-
 
 
 def resolve(path_or_hub_id: str) -> str:
