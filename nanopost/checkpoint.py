@@ -123,15 +123,21 @@ def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
         model = Qwen2(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     files = weight_files(ckpt_dir)
+    tied_copy = cfg.tie_word_embeddings and files.pop("lm_head.weight", None)  # some exporters write it
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        files.pop("lm_head.weight", None)  # some exporters write the tied copy too: ignore it
     missing, extra = sorted(expected.keys() - files.keys()), sorted(files.keys() - expected.keys())
     if missing or extra:
         where = sorted(set(files.values())) or [ckpt_dir]
+        hint = (" (config.json leaves tie_word_embeddings false or unset; set it to true if the head is "
+                "model.embed_tokens.weight)" if missing == ["lm_head.weight"] else "")
         raise CheckpointError(f"{', '.join(where)}: tensors do not match the Qwen2 config: "
                               f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}")
+                              f"unexpected {extra[:8]}{'...' if len(extra) > 8 else ''}{hint}")
+    emb = "model.embed_tokens.weight"
+    if tied_copy and not torch.equal(Reader(tied_copy).read("lm_head.weight"), Reader(files[emb]).read(emb)):
+        raise CheckpointError(f"{tied_copy}: tensor lm_head.weight differs from {emb}, but config.json sets "
+                              "tie_word_embeddings: true, so it would be left unused (set it to false to use it)")
     state = {}
     by_file = {}
     for name, file in files.items():

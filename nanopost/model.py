@@ -20,7 +20,7 @@ class Qwen2Config:
     num_key_value_heads: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # a config.json without it is untied, as transformers reads it
     max_position_embeddings: int = 32768
     head_dim: int | None = None  # Qwen2 always uses hidden // heads; kept for forks that set it
 

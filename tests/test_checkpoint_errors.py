@@ -98,3 +98,26 @@ def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, tiny):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "64"
     assert "nanopost-test/absent: not a local directory and could not be fetched" in r.stdout
+
+
+@pytest.fixture
+def tied(tmp_path):
+    from nanopost.testing import make_tiny_checkpoint
+    return make_tiny_checkpoint(str(tmp_path / "tied"), tie_word_embeddings=True)
+
+
+def test_tied_config_with_another_lm_head_in_the_file(tied):
+    f = rewrite(tied, lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"] + 1}))
+    with pytest.raises(CheckpointError, match=rf"{f}: tensor lm_head\.weight differs from model\.embed_tokens\.weight.*"
+                                              r"tie_word_embeddings: true, so it would be left unused"):
+        nanopost.load(tied)
+    rewrite(tied, lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"].clone()}))
+    model, _ = nanopost.load(tied)  # an exact copy of the embedding (some exporters write one) is fine
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_untied_config_without_lm_head(tied):
+    f = os.path.join(tied, "config.json")
+    json.dump({k: v for k, v in json.load(open(f)).items() if k != "tie_word_embeddings"}, open(f, "w"))
+    with pytest.raises(CheckpointError, match=r"missing \['lm_head\.weight'\].*set it to true if the head is"):
+        nanopost.load(tied)

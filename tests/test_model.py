@@ -116,3 +116,16 @@ def test_save_replaces_existing_checkpoint_atomically(tmp_path, tiny, monkeypatc
         nanopost.save(model, tok, out)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == before  # the old one survives
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_config_without_tie_key_is_untied_as_in_transformers(tmp_path):
+    """transformers reads a config.json without tie_word_embeddings as untied: lm_head.weight in
+    the file is the head (it must not be dropped for embed_tokens)."""
+    d = make_tiny_checkpoint(str(tmp_path / "m"), tie_word_embeddings=False)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    del cfg["tie_word_embeddings"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    model, _ = nanopost.load(d)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4
