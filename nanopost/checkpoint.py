@@ -73,6 +73,7 @@ class Reader:
 
 def resolve(path_or_hub_id: str) -> str:
     """A local directory as is; anything else is a hub id, downloaded (or found in the cache)."""
+    recover(path_or_hub_id)
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/", "~")):
@@ -169,25 +170,59 @@ def _atomic_dir(out_dir):
     return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
 
 
+def _aside(out_dir):
+    """Where commit_dir moves an earlier out_dir: a fixed name beside it, so a crash cannot lose it."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, ".old-" + name)
+
+
+def recover(out_dir):
+    """Finish a commit_dir that a crash cut short: with out_dir missing, the old checkpoint moves
+    back from beside it; with out_dir there, the one moved aside is stale and goes."""
+    old = _aside(out_dir)
+    if os.path.exists(old):
+        if os.path.exists(out_dir):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out_dir)
+
+
 def commit_dir(tmp, out_dir):
-    """Move a finished temp directory into place; an existing out_dir is replaced only after
-    the new one is complete, so a crash leaves either the old or the new checkpoint."""
-    old = None
+    """Move the finished directory tmp (beside out_dir) to out_dir, replacing an earlier one.
+    A crash leaves the old or the new checkpoint, as resolve and the next commit_dir see it (both
+    call recover first): before (1), out_dir is the old one and tmp is garbage; between (1) and
+    (2), out_dir is missing and the old one lies whole at .old-NAME, which recover moves back;
+    after (2), out_dir is the new one, and a leftover .old-NAME (whole or half removed) goes."""
+    recover(out_dir)
     if os.path.exists(out_dir):
-        old = tmp + ".old"
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old)
+        os.rename(out_dir, _aside(out_dir))  # (1)
+    os.rename(tmp, out_dir)  # (2)
+    shutil.rmtree(_aside(out_dir), ignore_errors=True)
+
+
+def commit_files(tmp, out_dir):
+    """Move the files of the finished directory tmp into out_dir, keeping out_dir's other files
+    (metrics.jsonl, checkpoints/). out_dir's config.json goes first (so it stops looking like a
+    checkpoint), then the weight files of an earlier save (a stale shard or index would be read
+    with the new ones); the new files move in, config.json last. A crash in between leaves a
+    directory without config.json, never one that loads a mix of old and new weights."""
+    for n in ["config.json"] + sorted(os.listdir(out_dir)):
+        if (n == "config.json" or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
+                and os.path.exists(os.path.join(out_dir, n)):
+            os.remove(os.path.join(out_dir, n))
+    for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+    os.rmdir(tmp)
 
 
 def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_bytes: int = 2 * 1024**3,
-         dtype=None, extra_files: dict | None = None, state_dict: dict | None = None):
+         dtype=None, extra_files: dict | None = None, state_dict: dict | None = None, keep_other_files=False):
     """Write model (+ tokenizer files) in the Hugging Face layout, atomically. dtype: the dtype
     stored (default: the model's). extra_files: name -> text, or a function that writes the
     file given its path (e.g. args.json, trainer_state.pt), inside the same atomic write.
     state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP2
-    shards); the model then only supplies the config."""
+    shards); the model then only supplies the config. keep_other_files: write into an existing
+    out_dir file by file (commit_files), keeping what else it holds, instead of replacing it."""
     tmp = _atomic_dir(out_dir)
     try:
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
@@ -230,7 +265,10 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
             else:
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(content)
-        commit_dir(tmp, out_dir)
+        if keep_other_files and os.path.isdir(out_dir):
+            commit_files(tmp, out_dir)
+        else:
+            commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -129,3 +129,56 @@ def test_config_without_tie_key_is_untied_as_in_transformers(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4
+
+
+class Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("crash", ["old-aside", "new-in", "old-removed"])
+def test_a_crash_while_replacing_leaves_the_old_or_the_new_checkpoint(tmp_path, tiny, monkeypatch, crash):
+    """commit_dir's steps: (1) rename out_dir aside, (2) rename the new one in, (3) remove the old.
+    A crash at (1) or (2) must load the old checkpoint, at (3) the new one, and leave no litter."""
+    import shutil
+    model, tok = nanopost.load(tiny)
+    out = str(tmp_path / "ckpt")
+    nanopost.save(model, tok, out)
+    old_norm = model.model.norm.weight.clone()
+    with torch.no_grad():
+        model.model.norm.weight.add_(1)
+    renames, rename, rmtree = [], os.rename, shutil.rmtree
+
+    def crashing_rename(src, dst):
+        renames.append(dst)
+        if (crash, len(renames)) in (("old-aside", 1), ("new-in", 2)):
+            raise Crash
+        rename(src, dst)
+
+    def crashing_rmtree(path, *a, **k):
+        if crash == "old-removed" and len(renames) == 2:  # after (2)
+            raise Crash
+        rmtree(path, *a, **k)
+    monkeypatch.setattr(os, "rename", crashing_rename)
+    monkeypatch.setattr(shutil, "rmtree", crashing_rmtree)
+    with pytest.raises(Crash):
+        nanopost.save(model, tok, out)
+    monkeypatch.undo()
+    loaded, _ = nanopost.load(out)
+    expected = model.model.norm.weight if crash == "old-removed" else old_norm
+    assert torch.equal(loaded.model.norm.weight, expected)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    nanopost.save(model, tok, out)  # and the next save goes through
+    assert torch.equal(nanopost.load(out)[0].model.norm.weight, model.model.norm.weight)
+
+
+def test_save_into_a_run_dir_keeps_its_files_and_drops_stale_shards(tmp_path, tiny):
+    model, tok = nanopost.load(tiny)
+    out = tmp_path / "run"
+    nanopost.save(model, tok, str(out), max_shard_bytes=20_000)  # an earlier, sharded save
+    (out / "metrics.jsonl").write_text("{}\n")
+    with torch.no_grad():
+        model.model.norm.weight.add_(1)
+    nanopost.save(model, tok, str(out), keep_other_files=True)
+    assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+    assert torch.equal(nanopost.load(str(out))[0].model.norm.weight, model.model.norm.weight)
