@@ -15,9 +15,11 @@ summed over the whole accumulated batch (all micro-batches, all ranks) and divid
 of trained tokens, so k accumulated micro-batches equal one batch k times larger. Rows are packed
 (best-fit decreasing) with attention that never crosses a conversation; the lm_head + cross-entropy
 run in row chunks and never hold the full logits. Resumable: --resume continues from the latest
-checkpoint in --out exactly (same data order, optimizer and RNG state); Ctrl-C saves one first.
-Checkpoints hold whole tensors keyed by name, so a run may resume with a different number of
-processes or with/without --fsdp."""
+checkpoint in --out exactly (same data order, optimizer and RNG state); Ctrl-C finishes the step,
+saves one and exits. Checkpoints are safetensors + JSON (nothing executable) with whole tensors
+keyed by name, so a run may resume with a different number of processes or with/without --fsdp
+while batch-size x grad-accum x processes stays the same. A non-empty --out needs --resume or
+--overwrite."""
 import argparse
 import json
 import math
@@ -33,9 +35,10 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, Progress, WithLoss, all_reduce_sum, distribute, flops_per_token,
-                               full_model_state, full_optimizer_state, full_tensor, grad_sync, latest_checkpoint,
-                               load_optimizer_state, lr_at, make_optimizer, peak_flops, save_checkpoint, save_final,
+from nanopost.training import (PAPER_PRESET, Progress, StateError, StopAtStepEnd, WithLoss, all_reduce_sum,
+                               check_out_dir, check_resume, distribute, flops_per_token, full_model_state, full_optimizer_state,
+                               full_tensor, grad_sync, latest_checkpoint, load_optimizer_state, load_trainer_state,
+                               lr_at, make_optimizer, peak_flops, prepare_out_dir, save_checkpoint, save_final,
                                set_rng_state, setup_distributed)
 
 
@@ -80,12 +83,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0 = at the end)")
     p.add_argument("--log-every", type=int, default=1, help="log line + metrics.jsonl every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty --out (its checkpoints and metrics are deleted); "
+                        "without it a non-empty --out needs --resume")
+    args, _ = p.parse_known_args(argv)
+    if args.preset == "paper":  # the preset replaces the defaults, so a flag given in any spelling still wins
+        p.set_defaults(**PAPER_PRESET)
     args = p.parse_args(argv)
-    if args.preset == "paper":  # flags the user set explicitly still win
-        explicit = {a.dest for a in p._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
-        for k, v in PAPER_PRESET.items():
-            if k not in explicit:
-                setattr(args, k, v)
     if args.data_weights is not None and len(args.data_weights) != len(args.data):
         p.error(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data files")
     if args.precision is None:
@@ -93,19 +97,25 @@ def parse_args(argv=None):
     return args
 
 
-def batches_for_epoch(examples, args, epoch, rows_per_step):
-    """Deterministic: the rows of an epoch, shuffled by (seed, epoch), grouped into micro-batches."""
+def make_rows(examples, args):
+    """The rows (lists of example indices), the same every epoch: packed best-fit decreasing, or
+    with --no-packing one example per row, sorted by length so that batches are of similar length."""
     if args.no_packing:
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-        rows = [[i] for i in order]
+        return [[i] for i in sorted(range(len(examples)), key=lambda i: len(examples[i].ids))]
+    return pack(examples, args.max_len)
+
+
+def rows_for_epoch(rows, args, epoch, rows_per_step):
+    """Deterministic: the rows of an epoch, shuffled by (seed, epoch), cut to whole optimizer steps."""
+    rng = random.Random(args.seed * 1000 + epoch)
+    if args.no_packing:
         groups = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
-        random.Random(args.seed * 1000 + epoch).shuffle(groups)  # batches of similar length, in random order
+        rng.shuffle(groups)  # batches of similar length, in random order
         rows = [r for g in groups for r in g]
     else:
-        rows = pack(examples, args.max_len)
-        random.Random(args.seed * 1000 + epoch).shuffle(rows)
-    usable = len(rows) // rows_per_step * rows_per_step
-    return rows[:usable]
+        rows = rows[:]
+        rng.shuffle(rows)
+    return rows[:len(rows) // rows_per_step * rows_per_step]
 
 
 @torch.no_grad()
@@ -134,13 +144,14 @@ def main(argv=None):
 
     # ---- data (all checks before anything is written) ----
     try:
+        check_out_dir(args.out, args.resume, args.overwrite)
         tok = nanopost.Tokenizer(nanopost.checkpoint.resolve(args.model))
         per_file, stats = load_sft(args.data, tok, args.max_len, args.train_on_prompt, args.skip_bad_lines, log)
         val_examples = []
         if args.val:
             val_examples = [e for f in load_sft([args.val], tok, args.max_len, args.train_on_prompt,
                                                  args.skip_bad_lines, log)[0] for e in f]
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, StateError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     weights = args.data_weights or [1.0] * len(per_file)
     if not args.val and args.val_fraction > 0:
@@ -157,6 +168,10 @@ def main(argv=None):
     ckpt = latest_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
+    try:
+        saved = load_trainer_state(ckpt) if ckpt else None  # read before anything is written; RNG restored later
+    except StateError as e:
+        sys.exit(f"error: {e}")
     fsdp = args.fsdp and world > 1
     if args.fsdp and not fsdp:
         log("--fsdp with one process: nothing to shard, running as usual")
@@ -173,7 +188,8 @@ def main(argv=None):
 
     rows_per_step = args.batch_size * args.grad_accum * world
     train_examples = mix(per_file, weights, args.seed)
-    steps_per_epoch = len(batches_for_epoch(train_examples, args, 0, rows_per_step)) // rows_per_step
+    all_rows = make_rows(train_examples, args)
+    steps_per_epoch = len(all_rows) // rows_per_step
     if steps_per_epoch == 0:
         sys.exit(f"error: fewer rows than one optimizer step needs ({rows_per_step} = batch-size x grad-accum x "
                  f"processes); lower --batch-size or --grad-accum")
@@ -181,12 +197,15 @@ def main(argv=None):
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
 
     # ---- resume: the weights came from ckpt above; here the optimizer, RNG and step ----
-    start = 0
-    if ckpt is not None:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        load_optimizer_state(loss_module, optimizer, state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+    start, meta = 0, {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch}
+    if saved is not None:
+        try:
+            check_resume(meta, saved["meta"], ckpt)
+        except StateError as e:
+            sys.exit(f"error: {e}")
+        load_optimizer_state(loss_module, optimizer, saved["optimizer"])
+        set_rng_state(saved["rng"])
+        start = saved["step"]
         log(f"resumed from {ckpt} at step {start}")
 
     def checkpoint(step, final=False):
@@ -194,13 +213,15 @@ def main(argv=None):
         weights = full_model_state(loss_module, rank)
         opt_state = full_optimizer_state(loss_module, optimizer, rank)
         if rank == 0:
-            path = save_checkpoint(args.out, step, model, tok, weights, opt_state, args, args.keep_last)
+            path = save_checkpoint(args.out, step, model, tok, weights, opt_state, args, args.keep_last, meta)
             if final:
                 save_final(model, tok, args.out, args, weights)
             return path
 
-    os.makedirs(args.out, exist_ok=True)  # the first write: every check is behind us
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --out (above) before rank 0 writes into it
     if rank == 0:
+        prepare_out_dir(args.out, args.resume, args.overwrite)  # the first write: every check is behind us
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     progress = Progress(args.out, total, start, rank)
@@ -210,11 +231,11 @@ def main(argv=None):
 
     # ---- loop ----
     step, rows_epoch, rows = start, None, None
-    try:
+    with StopAtStepEnd() as stop:  # Ctrl-C: finish the step, save, exit (every rank at the same step)
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
-            if epoch != rows_epoch:  # same examples every epoch, rows reshuffled by (seed, epoch)
-                rows, rows_epoch = batches_for_epoch(train_examples, args, epoch, rows_per_step), epoch
+            if epoch != rows_epoch:  # same rows every epoch, reshuffled by (seed, epoch)
+                rows, rows_epoch = rows_for_epoch(all_rows, args, epoch, rows_per_step), epoch
             step_rows = rows[k * rows_per_step:(k + 1) * rows_per_step]
             mine = step_rows[rank::world]  # this process's share, in micro-batches
             micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
@@ -246,14 +267,13 @@ def main(argv=None):
                 metrics["val_loss"] = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
             if step % args.log_every == 0 or step == total:
                 progress.log(step, **metrics)
-            if args.save_every and step % args.save_every == 0 and step < total:
+            saved_now = args.save_every and step % args.save_every == 0 and step < total
+            if saved_now:
                 checkpoint(step)
-    except KeyboardInterrupt:  # Ctrl-C reaches every rank of a torchrun job, so FSDP2 can still gather
-        if step > start:
-            path = checkpoint(step)
-            if rank == 0:
-                print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
-        sys.exit(130)
+            if step < total and stop.requested(device):  # the last step goes on to the final save
+                path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
+                log(f"interrupted: saved {path}; continue with --resume", flush=True)
+                sys.exit(130)
     val = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
     checkpoint(step, final=True)
     if rank == 0:

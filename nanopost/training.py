@@ -7,11 +7,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanopost.checkpoint import save
@@ -177,53 +179,170 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-# ---- checkpoints ----
+# ---- checkpoints: weights in the Hugging Face layout, trainer state as safetensors + JSON ----
+# Nothing in a checkpoint is executable: resuming from a folder someone else wrote runs no code of theirs.
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+class StateError(ValueError):
+    """A checkpoint that cannot be resumed (an old torch.save state, a run with other rows per step)."""
 
 
-def save_checkpoint(out_dir, step, model, tok, weights, optimizer_state, args, keep_last: int = 2):
+def _rng_state():
+    """-> (tensors, scalars): torch CPU/CUDA, NumPy and Python RNG states, as tensors and JSON."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"rng.python": torch.tensor(py_words, dtype=torch.int64),
+               "rng.numpy": torch.from_numpy(np_words.astype(np.int64)), "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"python": [py_version, py_gauss], "numpy": [np_kind, np_pos, np_has_gauss, np_gauss]}
+
+
+def set_rng_state(rng):
+    tensors, scalars = rng
+    py_version, py_gauss = scalars["python"]
+    random.setstate((py_version, tuple(tensors["rng.python"].tolist()), py_gauss))
+    np_kind, np_pos, np_has_gauss, np_gauss = scalars["numpy"]
+    np.random.set_state((np_kind, tensors["rng.numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(out_dir, step, model, tok, weights, optimizer_state, args, keep_last: int = 2, meta=None):
     """out_dir/checkpoints/step-XXXXXXX: the weights (from full_model_state) in the Hugging Face
-    layout plus the trainer state (optimizer from full_optimizer_state, RNG, step), written
-    atomically; older ones beyond keep_last are removed."""
+    layout, plus trainer_state.safetensors (AdamW moments and steps as optimizer.NAME.KEY, RNG
+    states as rng.*) and trainer_state.json (step, param groups, parameter names, RNG scalars,
+    meta: what a resume must agree on), all in one atomic write; older ones beyond keep_last
+    are removed."""
     ckpt_root = os.path.join(out_dir, "checkpoints")
     path = os.path.join(ckpt_root, f"step-{step:07d}")
-    state = {"step": step, "optimizer": optimizer_state, "rng": rng_state()}
-    save(model, tok, path, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2),
-                                                            "trainer_state.pt": lambda p: torch.save(state, p)})
+    tensors, rng_scalars = _rng_state()
+    for name, state in optimizer_state["state"].items():
+        tensors.update({f"optimizer.{name}.{k}": v.contiguous() for k, v in state.items()})
+    info = {"step": step, "meta": meta or {}, "param_names": list(optimizer_state["state"]),
+            "param_groups": optimizer_state["param_groups"], "rng": rng_scalars}
+    save(model, tok, path, state_dict=weights, extra_files={
+        "args.json": json.dumps(vars(args), indent=2),
+        "trainer_state.safetensors": lambda p: save_file(tensors, p),
+        "trainer_state.json": json.dumps(info, indent=2)})  # last: its presence marks a complete checkpoint
     for old in sorted(os.listdir(ckpt_root))[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     return path
 
 
+def load_trainer_state(ckpt) -> dict:
+    """-> {"step", "meta", "rng" (for set_rng_state), "optimizer": {"state": {name: {key: tensor}},
+    "param_groups"}}. Reads JSON and safetensors only; an old trainer_state.pt (torch.save,
+    whose loading can run code) is refused, never opened."""
+    json_path = os.path.join(ckpt, "trainer_state.json")
+    if not os.path.exists(json_path):
+        raise StateError(
+            f"{os.path.join(ckpt, 'trainer_state.pt')}: a trainer state written by an older nanopost with "
+            f"torch.save. Loading that format can run any code stored in it, so nanopost never does. Its weights are plain "
+            f"safetensors: start a new run from them with --model {ckpt} (the optimizer state and data "
+            f"position are not carried over), or finish the run with the nanopost version that wrote it.")
+    with open(json_path, encoding="utf-8") as f:
+        info = json.load(f)
+    tensors = load_file(os.path.join(ckpt, "trainer_state.safetensors"))
+    state = {name: {} for name in info["param_names"]}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            name, k = key[len("optimizer."):].rsplit(".", 1)
+            state[name][k] = v
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
+    rng = ({k: v for k, v in tensors.items() if k.startswith("rng.")}, info["rng"])
+    return {"step": info["step"], "meta": info["meta"], "rng": rng, "optimizer": {"state": state, "param_groups": groups}}
+
+
 def latest_checkpoint(out_dir):
+    """The newest complete checkpoint in out_dir/checkpoints (an old torch.save one included, so
+    that resuming refuses it instead of silently starting over), or None."""
     root = os.path.join(out_dir, "checkpoints")
-    done = [d for d in sorted(os.listdir(root)) if os.path.exists(os.path.join(root, d, "trainer_state.pt"))] \
+    done = [d for d in sorted(os.listdir(root)) if any(os.path.exists(os.path.join(root, d, f))
+                                                       for f in ("trainer_state.json", "trainer_state.pt"))] \
         if os.path.isdir(root) else []
     return os.path.join(root, done[-1]) if done else None
 
 
+def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
+    """Resume is exact only when every optimizer step sees the same rows: batch x accum x
+    processes and the rows per epoch must be what the checkpoint was written with."""
+    for key, what in (("rows_per_step", "rows per optimizer step (batch-size x grad-accum x processes)"),
+                      ("steps_per_epoch", "optimizer steps per epoch (the data, --max-len or packing changed?)")):
+        if key in saved and saved[key] != meta[key]:
+            raise StateError(f"{ckpt}: written with {saved[key]} {what}, this run has {meta[key]}; resuming would "
+                             f"repeat or skip rows. Keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} "
+                             f"and the same data (e.g. 2 processes x --batch-size 2 resume as 1 process x "
+                             f"--batch-size 2 --grad-accum 2)")
+
+
+def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """A new run never mixes with an old one: without --resume or --overwrite a non-empty out_dir
+    is refused (its checkpoints would be pruned by name against ours, and --resume would later
+    load them)."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
+        raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
+                         f"with --resume, choose another --out, or pass --overwrite to start afresh there")
+
+
+def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """check_out_dir, then with --overwrite (and no --resume) the old run's checkpoints and
+    metrics go. Call it once every other check has passed (on every rank): it is the first write."""
+    if os.path.isdir(out_dir) and overwrite and not resume:
+        shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
+        for name in ("metrics.jsonl", "args.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+
+
 def save_final(model, tok, out_dir, args, weights=None):
     """The final model goes into out_dir itself (next to metrics.jsonl and checkpoints/): written
-    to a temporary directory first, then moved in file by file, config.json last, so out_dir
-    only looks like a checkpoint once every weight file is in place."""
+    to a temporary directory first; then out_dir's config.json goes (so it stops looking like a
+    checkpoint), any weight files of an earlier save go (a stale shard or index would be read
+    with the new ones), the new files move in, config.json last, so out_dir only looks like a
+    checkpoint once every weight file is in place."""
     tmp = os.path.join(out_dir, ".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(model, tok, tmp, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2)})
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-    for n in names:
+    for n in ["config.json"] + sorted(os.listdir(out_dir)):
+        if (n == "config.json" or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
+                and os.path.exists(os.path.join(out_dir, n)):
+            os.remove(os.path.join(out_dir, n))
+    for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
     os.rmdir(tmp)
+
+
+class StopAtStepEnd:
+    """Ctrl-C (SIGINT) and SIGTERM only set a flag while training; the loop calls
+    requested() at each step boundary, where it saves and stops. So a checkpoint never holds half
+    an optimizer step (an interrupt inside optimizer.step() would otherwise save weights one
+    update ahead of the step they are named after), and under torchrun every rank stops at the
+    same step: the flag is summed over ranks, and any rank's signal stops them all, so no rank
+    waits in a collective the others never reach. Repeated signals (a terminal's Ctrl-C reaches
+    every rank, then torchrun forwards its own) change nothing; Ctrl-\\ (SIGQUIT) still quits at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.flag, self.old = False, {s: signal.getsignal(s) for s in self.SIGNALS}
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.flag:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                  f"(Ctrl-\\ quits without saving)", flush=True)
+        self.flag = True
+
+    def requested(self, device) -> bool:
+        return all_reduce_sum(torch.tensor(float(self.flag), device=device)).item() > 0  # every rank, every step
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
 
 # ---- progress ----

@@ -1,0 +1,223 @@
+"""Runs you cannot lose: Ctrl-C at any point of a step, resume without pickle, output folders,
+the preset, stale weight files, and Ctrl-C under torchrun."""
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import nanopost
+import nanopost.losses
+import nanopost.training
+from nanopost.testing import run_main
+from nanopost.training import latest_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data", "chat.jsonl")
+TRAIN = os.path.join(ROOT, "train_sft.py")
+
+
+def common(tiny, out, *extra):
+    return ["--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 2, "--grad-accum", 2,
+            "--lr", 1e-3, "--max-steps", 4, "--save-every", 1, "--keep-last", 10, *extra]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def weights(out):
+    return nanopost.load(str(out))[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "baseline"
+    r = run_main(TRAIN, *common(tiny, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def interrupt_on_call(target, attr, n):
+    """Wrap target.attr so that its n-th call sends this process SIGINT (a Ctrl-C) halfway through."""
+    real, calls = getattr(target, attr), [0]
+
+    def wrapped(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    return wrapped
+
+
+class OptimizerStepInterrupted:
+    """make_optimizer whose step() is interrupted on its n-th call, after the update (before = True: before it)."""
+
+    def __init__(self, n, before):
+        self.n, self.before, self.real = n, before, nanopost.training.make_optimizer
+
+    def __call__(self, *a, **k):
+        opt = self.real(*a, **k)
+        step, calls = opt.step, [0]
+
+        def interrupted_step(*sa, **sk):
+            calls[0] += 1
+            if calls[0] == self.n and self.before:
+                os.kill(os.getpid(), signal.SIGINT)
+            out = step(*sa, **sk)
+            if calls[0] == self.n and not self.before:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        opt.step = interrupted_step
+        return opt
+
+
+@pytest.mark.parametrize("point", ["forward", "second micro-batch", "clip", "optimizer before", "optimizer after",
+                                   "log", "checkpoint"])
+def test_ctrl_c_anywhere_in_a_step_resumes_exactly(tiny, tmp_path, baseline, monkeypatch, point):
+    """A Ctrl-C at any point of step 2 saves step 2 exactly as an uninterrupted run had it, and
+    --resume then ends at the same losses and bit-identical weights."""
+    patch = {"forward": (nanopost.losses, "sft_loss_sum", 3), "second micro-batch": (nanopost.losses, "sft_loss_sum", 4),
+             "clip": (torch.nn.utils, "clip_grad_norm_", 2), "log": (nanopost.training.Progress, "log", 2),
+             "checkpoint": (nanopost.training, "save_checkpoint", 2)}
+    if point.startswith("optimizer"):
+        monkeypatch.setattr(nanopost.training, "make_optimizer", OptimizerStepInterrupted(2, point.endswith("before")))
+    else:
+        target, attr, n = patch[point]
+        monkeypatch.setattr(target, attr, interrupt_on_call(target, attr, n))
+    out = tmp_path / "run"
+    r = run_main(TRAIN, *common(tiny, out))
+    monkeypatch.undo()
+    assert r.returncode == 130 and "interrupted: saved" in r.stdout, r.stdout + r.stderr
+    assert latest_checkpoint(str(out)).endswith("step-0000002")
+    r = run_main(TRAIN, *common(tiny, out, "--resume"))
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
+    assert losses(out) == losses(baseline)
+    a, b = weights(out), weights(baseline)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Payload:
+    """Unpickling this would run code: it creates a file named 'pwned'."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_trainer_state_is_not_a_pickle_and_old_pickles_are_refused(tiny, tmp_path, baseline):
+    ckpt = latest_checkpoint(str(baseline))
+    assert {"trainer_state.json", "trainer_state.safetensors"} <= set(os.listdir(ckpt))
+    assert not [n for n in os.listdir(ckpt) if n.endswith((".pt", ".pkl", ".bin"))]
+    state = json.load(open(os.path.join(ckpt, "trainer_state.json")))
+    assert state["step"] == 4 and state["meta"]["rows_per_step"] == 4
+    # an old-style checkpoint whose pickle would run code when loaded
+    out = tmp_path / "old"
+    old = out / "checkpoints" / "step-0000002"
+    os.makedirs(old)
+    for n in os.listdir(ckpt):
+        if not n.startswith("trainer_state"):
+            os.link(os.path.join(ckpt, n), old / n)
+    pwned = tmp_path / "pwned"
+    with open(old / "trainer_state.pt", "wb") as f:
+        pickle.dump({"step": 2, "x": Payload(str(pwned))}, f)
+    r = run_main(TRAIN, *common(tiny, out, "--resume"))
+    assert r.returncode != 0 and "trainer_state.pt: a trainer state written by an older nanopost with torch.save" in r.stderr
+    assert f"--model {old}" in r.stderr  # the way out: a new run from its (safetensors) weights
+    assert not pwned.exists()
+    assert sorted(os.listdir(out)) == ["checkpoints"]  # nothing written
+
+
+def test_grep_finds_no_unpickling():
+    hits = []
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("venv", "build", "runs")]
+        hits += [os.path.relpath(os.path.join(d, f), ROOT) for f in files if f.endswith(".py")
+                 and re.search(r"weights_only=False|pickle", open(os.path.join(d, f), encoding="utf-8").read())]
+    assert hits == ["tests/test_train_runs.py"]
+
+
+def test_a_new_run_refuses_a_used_out_and_overwrite_starts_afresh(tiny, tmp_path, baseline):
+    out = tmp_path / "used"
+    r = run_main(TRAIN, *common(tiny, out, "--max-steps", 6))
+    assert r.returncode == 0
+    before = sorted(os.listdir(out / "checkpoints"))
+    r = run_main(TRAIN, *common(tiny, out))  # no --resume: its checkpoints must not be pruned against ours
+    assert r.returncode != 0 and "already holds" in r.stderr and "--overwrite" in r.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    r = run_main(TRAIN, *common(tiny, out, "--overwrite"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step-{i:07d}" for i in range(1, 5)]
+    assert losses(out) == losses(baseline)
+
+
+def test_preset_paper_never_overrides_explicit_flags():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_sft_args", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = ["--model", "m", "--data", "d", "--out", "o", "--preset", "paper"]
+    a = module.parse_args(base + ["--lr=1e-4", "--batch", "8", "--precision", "fp32"])
+    assert (a.lr, a.batch_size, a.precision, a.grad_accum, a.max_len) == (1e-4, 8, "fp32", 250, 1024)
+    a = module.parse_args(base)
+    assert (a.lr, a.batch_size, a.precision, a.epochs) == (5e-8, 4, "bf16-autocast", 3)
+
+
+def test_save_final_removes_an_earlier_saves_shards(tiny, tmp_path):
+    model, tok = nanopost.load(tiny)
+    out = tmp_path / "final"
+    nanopost.save(model, tok, str(out), max_shard_bytes=20_000)  # an earlier save, sharded
+    assert os.path.exists(out / "model.safetensors.index.json")
+    with torch.no_grad():
+        model.model.norm.weight += 1
+    nanopost.training.save_final(model, tok, str(out), argparse_namespace())
+    assert not [n for n in os.listdir(out) if n.startswith("model-") or n.endswith(".index.json")]
+    assert torch.equal(nanopost.load(str(out))[0].model.norm.weight, model.model.norm.weight)
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(seed=0)
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_then_resumes_in_one_process(tiny, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and both ranks at slightly different times; every rank
+    stops at the same step, the checkpoint is saved, nothing hangs, and a single process with the
+    same rows per step (batch 1 x accum 2 x 2 processes = batch 2 x accum 2) resumes it."""
+    out = tmp_path / "ddp"
+    args = ["--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 1, "--grad-accum", 2,
+            "--max-steps", 100000, "--device", "cpu"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29519", TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl")
+                                          and len(open(out / "metrics.jsonl").readlines()) >= 2):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole process group
+    stdout, stderr = p.communicate(timeout=120)
+    assert "interrupted: saved" in stdout, stdout + stderr[-3000:]
+    ckpt = latest_checkpoint(str(out))
+    step = int(ckpt.rsplit("-", 1)[1])
+    assert step >= 2 and json.load(open(os.path.join(ckpt, "trainer_state.json")))["step"] == step
+    r = run_main(TRAIN, *[a if a != 100000 else step + 1 for a in args], "--resume", "--batch-size", 2,
+                 "--grad-accum", 2)
+    assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr
+
+
+def test_rows_are_packed_once_for_all_epochs(tiny, tmp_path, monkeypatch):
+    import nanopost.data
+    calls, real = [], nanopost.data.pack
+    monkeypatch.setattr(nanopost.data, "pack", lambda *a: calls.append(1) or real(*a))
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "e", "--max-len", 64, "--batch-size", 4,
+                 "--epochs", 3)
+    assert r.returncode == 0 and '"steps": 12' in r.stdout, r.stdout + r.stderr  # 4 steps an epoch
+    assert len(calls) == 1
