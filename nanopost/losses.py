@@ -59,7 +59,10 @@ def sft_loss_sum(model, input_ids, labels, position_ids=None, chunk_rows: int = 
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)  # only trained rows go through the lm_head
-    return FusedLinearCrossEntropy.apply(h.index_select(0, keep), model.lm_head.weight, y[keep], chunk_rows)
+    w = model.lm_head.weight
+    if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still say True for the
+        w = w.detach()  # weight under no_grad, and the forward would build its V x C gradient
+    return FusedLinearCrossEntropy.apply(h.index_select(0, keep), w, y[keep], chunk_rows)
 
 
 def reference_sft_loss_sum(model, input_ids, labels, position_ids=None):
