@@ -208,6 +208,42 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples, shared
     assert "raw" in raw and "messages" not in raw and raw["stop"]
 
 
+# A crafted task: prompt, tests and check() in HumanEval's layout.
+ADD = {"id": "add/0", "prompt": 'def add(a, b):\n    """a + b"""\n', "entry_point": "add", "answer": "pass",
+       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+WRONG, RIGHT = "def add(a, b):\n    return a - b\n", "def add(a, b):\n    return a + b\n"
+
+
+def test_humaneval_passes_only_when_check_returns():
+    """Model code that leaves before check() runs fails (as in OpenAI's human-eval), whatever its
+    exit status; a `__main__` block is skipped, as human-eval's exec() skips it."""
+    from nanopost.tasks import humaneval
+    raw = {**ADD, "mode": "raw"}
+    for leave in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit", "exit()",
+                  "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        pass\nunittest.main()"):
+        pred, ok = humaneval.score(raw, f"    return a - b\n\n{leave}\n")
+        assert not ok and pred != "pass", leave
+    assert humaneval.score(raw, "    return a + b\n") == ("pass", True)
+    main_block = RIGHT + "\nif __name__ == '__main__':\n    assert add(1, 1) == 3\n    import sys\n    sys.exit(1)\n"
+    assert humaneval.score({**ADD, "mode": "chat"}, f"```python\n{main_block}```") == ("pass", True)
+
+
+@pytest.mark.parametrize("reply", [
+    f"Here is the function:\n```python\n{RIGHT}",  # cut off by the token limit before the closing fence
+    f"```python3\n{RIGHT}```",
+    f"```py\n{RIGHT}```\n",
+    f"```\n{RIGHT}```",
+    f"```Python\n{RIGHT}```\nThis adds the numbers.",
+    f"```python\n{RIGHT}```\n\nExample usage:\n```python\nprint(add(2, 3))  # 5\n```\n",  # the function, then a demo
+    f"```python\n{RIGHT}```\nRun it with:\n```bash\npython add.py\n```\nThat's all.",
+    f"First a wrong try:\n```python\n{WRONG}```\nFixed:\n```python\n{RIGHT}```",
+])
+def test_humaneval_code_extraction(reply):
+    from nanopost.tasks import humaneval
+    assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True)
+    assert humaneval.extract_code(reply, "add").strip() == RIGHT.strip()
+
+
 def test_sandbox_contains_bad_programs(tmp_path):
     from nanopost.tasks.humaneval import run_program
     assert run_program("while True:\n    pass\n", timeout=2) == (False, "timeout")
