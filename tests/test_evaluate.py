@@ -10,7 +10,7 @@ import torch
 
 import nanopost
 from nanopost import tasks
-from nanopost.engine import Engine, Sampling
+from nanopost.engine import Engine, Sampling, cut_at_stop
 from nanopost.tasks import choice, gsm8k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +56,9 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("The temperature fell to -7 degrees, so the answer is -7") == "-7"
     assert gsm8k.extract("3 apples + 4 apples = 7.0") == "7"
     assert gsm8k.extract("no number here") is None
+    assert gsm8k.extract("It takes between 5-6 hours, so 6") == "6"  # a dash, not a minus
+    assert gsm8k.extract("He spends 2-3=-1 hours") == "-1"
+    assert gsm8k.extract("Each costs .5 dollars, so the answer is .5") == "0.5"
     ex = {"answer": "72"}
     assert gsm8k.score(ex, "48 + 24 = 72. The answer is 72.") == ("72", True)
 
@@ -69,14 +72,47 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     assert examples[0]["answer"] == "3"
     zero = tasks.load("gsm8k", data_dir, shots=0)[0][0]["messages"][0]["content"]
     assert zero == "Question: Tom has 1 apples and buys 2 more. How many apples?\nLet's think step by step"
+    # generation stops where the reply starts the next exemplar-style question, whose numbers would count
+    reply = "1 + 2 = 3 apples. The answer is 3.\n\nQuestion: Tom has 4 apples and buys 5 more."
+    assert gsm8k.score(examples[0], cut_at_stop(reply, examples[0]["stop"])) == ("3", True)
 
 
-def test_choice_extraction():
-    assert choice.extract("The answer is (B).") == "B"
-    assert choice.extract("答案：C") == "C"
-    assert choice.extract("正确答案是D，因为……") == "D"
-    assert choice.extract("A. Paris is the capital") == "A"
-    assert choice.extract("I am not sure.") is None
+@pytest.mark.parametrize("reply, letter", [
+    # English
+    ("B", "B"),
+    ("The answer is (C).", "C"),
+    ("Answer: D", "D"),
+    ("The answer is: C", "C"),
+    ("A careful reading of the passage shows the answer is: C", "C"),
+    ("A good choice is C, because the other options ignore friction.", "C"),
+    ("A. Paris is the capital of France.", "A"),
+    ("**B**", "B"),
+    ("The correct answer is **D. 42**", "D"),
+    ("Option A is wrong since it ignores inflation. B is correct.", "B"),
+    ("Let's look at each option. A describes mitosis, not meiosis. Therefore, the answer is B.", "B"),
+    ("I think the answer is a matter of interpretation.", None),
+    ("Vitamin deficiency is the cause; the best choice would be (A).", "A"),
+    ("The final answer is $\\boxed{C}$", "C"),
+    ("A is the correct answer because water boils at 100 °C.", "A"),
+    ("(C) 1776", "C"),
+    ("None of the options is fully satisfying.", None),
+    # Chinese
+    ("答案是：B", "B"),
+    ("根据题意，A项说法错误。答案是：B", "B"),
+    ("答案：C", "C"),
+    ("正确答案是D，因为……", "D"),
+    ("A选项错误，C是正确的。", "C"),
+    ("选项A与题干不符，故选B。", "B"),
+    ("答案为（D）", "D"),
+    ("分析：A、B两项均不符合题意，所以答案应该是C。", "C"),
+    ("我认为答案是选项A。", "A"),
+    ("本题选C", "C"),
+    ("正确的选项是C", "C"),
+])
+def test_choice_extraction(reply, letter):
+    """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
+    extraction conventions): the article "A", an earlier option under discussion, lower-case "a"."""
+    assert choice.extract(reply) == letter
 
 
 @pytest.mark.parametrize("task", ["mmlu", "cmmlu", "ceval"])

@@ -57,13 +57,33 @@ def load(task: str, data_dir: str, shots: int = 0):
     return examples
 
 
+# Letter extraction for --mode generate, after OpenCompass' first_option_postprocess and
+# lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
+# decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
+LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
+EXTRACTION = [re.compile(p) for p in (
+    # $\boxed{B}$
+    r"\\boxed\{([A-D])\}",
+    # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A
+    r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
+    # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B
+    r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?\s*(?i:option\s*)?" + LETTER,
+    # B is correct, C is the right one, C是正确的, 选项D正确
+    r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right)",
+    # 故选B, 应该选择C (but not "选项A": an option under discussion)
+    r"选(?:择)?了?\s*[:：]?\s*" + LETTER,
+    # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the article
+    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER,
+)]
+
+
 def extract(reply: str) -> str | None:
-    """The option letter of a generated reply: 'The answer is (B)', '答案：C', 'B. text', 'B'."""
-    m = re.search(r"(?:answer is|答案是|答案[:：为]|Answer:)\s*\(?([A-D])\b", reply, re.IGNORECASE)
-    if m:
-        return m.group(1).upper()
-    m = re.search(r"(?<![A-Za-z])([A-D])(?![A-Za-z])", reply)
-    return m.group(1) if m else None
+    """The option letter of a generated reply (see EXTRACTION), or None."""
+    for pattern in EXTRACTION:
+        m = pattern.search(reply)
+        if m:
+            return m.group(1)
+    return None
 
 
 def score(ex, reply: str):

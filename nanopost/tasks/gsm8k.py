@@ -1,12 +1,15 @@
 """GSM8K, the paper's protocol: chat template, k-shot chain of thought in one user turn
-("Question: ...\nLet's think step by step"), exemplars ending "The answer is N", greedy decoding,
-prediction = the last number in the reply, exact match against the number after "####"."""
+("Question: ...\nLet's think step by step"), exemplars ending "The answer is N", greedy decoding
+stopped where the reply starts a next "Question:" (continuing the exemplars' pattern), prediction =
+the last number in the reply, exact match against the number after "####"."""
 import json
 import os
 import re
 
-MODE = "generate"
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# A minus sign only where it cannot be a dash between numbers ("between 5-6" is 6, not -6);
+# ".5" is a number.
+NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+STOP = ["Question:"]
 
 
 def gold(answer: str) -> str:
@@ -14,11 +17,11 @@ def gold(answer: str) -> str:
 
 
 def normalize(num: str) -> str:
-    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'."""
+    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'."""
     s = num.replace(",", "").replace("$", "").strip().rstrip(".")
     if "." in s:
         s = s.rstrip("0").rstrip(".")
-    return s
+    return re.sub(r"^(-?)\.", r"\g<1>0.", s)
 
 
 def extract(reply: str) -> str | None:
@@ -43,7 +46,7 @@ def load(data_dir: str, shots: int = 4):
     examples = []
     for i, row in enumerate(read("test.jsonl")):
         q = f"Question: {row['question']}\nLet's think step by step"
-        examples.append({"id": i, "question": row["question"], "answer": gold(row["answer"]),
+        examples.append({"id": i, "question": row["question"], "answer": gold(row["answer"]), "stop": STOP,
                          "messages": [{"role": "user", "content": (shots_text + "\n\n" + q) if shots else q}]})
     return examples
 
