@@ -21,12 +21,9 @@ keyed by name, so a run may resume with a different number of processes or with/
 while batch-size x grad-accum x processes stays the same. A non-empty --out needs --resume or
 --overwrite."""
 import argparse
-import json
 import math
-import os
 import random
 import sys
-import time
 
 import torch
 
@@ -35,65 +32,22 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, Progress, StateError, StopAtStepEnd, WithLoss, all_reduce_sum,
-                               check_out_dir, check_resume, distribute, flops_per_token, full_model_state, full_optimizer_state,
-                               full_tensor, grad_sync, latest_checkpoint, load_optimizer_state, load_trainer_state,
-                               lr_at, make_optimizer, peak_flops, prepare_out_dir, save_checkpoint, save_final,
-                               set_rng_state, setup_distributed)
+from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
+                               parse_training_args, split_validation, start_run, train)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # ---- model and data ----
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id to start from")
-    p.add_argument("--data", nargs="+", required=True, help="training JSONL files (messages or prompt/completion)")
+    add_training_args(p, "training JSONL files (messages or prompt/completion)")
+    # ---- SFT only ----
+    p.add_argument("--preset", choices=["paper"], default=None, help="paper: the paper's LLaMA-Factory settings")
     p.add_argument("--data-weights", nargs="+", type=float, default=None,
                    help="per file: how many times its examples appear per epoch (1 = once, 0.5 = a seeded half)")
-    p.add_argument("--val", default=None, help="validation JSONL (default: --val-fraction of the training data)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction when --val is not given")
-    p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer conversations are truncated")
     p.add_argument("--no-packing", action="store_true", help="padded batches sorted by length instead of packed rows")
     p.add_argument("--train-on-prompt", action="store_true", help="train on every token, not only assistant turns")
-    p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
-    # ---- optimisation ----
-    p.add_argument("--preset", choices=["paper"], default=None, help="paper: the paper's LLaMA-Factory settings")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on norms/biases)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--precision", choices=["bf16-autocast", "fp32", "bf16"], default=None,
-                   help="bf16-autocast: float32 master weights (default on CUDA); fp32 (default on CPU); bf16: pure")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2 fully_shard per block) "
-                        "instead of replicating them (DDP)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order and everything random")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    # ---- checkpoints and logs ----
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
-    p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0 = at the end)")
-    p.add_argument("--log-every", type=int, default=1, help="log line + metrics.jsonl every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a non-empty --out (its checkpoints and metrics are deleted); "
-                        "without it a non-empty --out needs --resume")
-    args, _ = p.parse_known_args(argv)
-    if args.preset == "paper":  # the preset replaces the defaults, so a flag given in any spelling still wins
-        p.set_defaults(**PAPER_PRESET)
-    args = p.parse_args(argv)
+    args = parse_training_args(p, argv, {"paper": PAPER_PRESET})
     if args.data_weights is not None and len(args.data_weights) != len(args.data):
         p.error(f"--data-weights has {len(args.data_weights)} values for {len(args.data)} --data files")
-    if args.precision is None:
-        args.precision = "bf16-autocast" if args.device.startswith("cuda") else "fp32"
     return args
 
 
@@ -137,151 +91,62 @@ def eval_loss(model, val_examples, args, device, pad_id, autocast):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-
-    # ---- data (all checks before anything is written) ----
     try:
-        check_out_dir(args.out, args.resume, args.overwrite)
+        rank, world, device, log = start_run(args)
+
+        # ---- data (all checks before anything is written) ----
         tok = nanopost.Tokenizer(nanopost.checkpoint.resolve(args.model))
         per_file, stats = load_sft(args.data, tok, args.max_len, args.train_on_prompt, args.skip_bad_lines, log)
         val_examples = []
         if args.val:
             val_examples = [e for f in load_sft([args.val], tok, args.max_len, args.train_on_prompt,
                                                  args.skip_bad_lines, log)[0] for e in f]
+        split_validation(per_file, args, val_examples)
+        log(f"data: {stats['examples']} examples ({stats['truncated']} truncated to {args.max_len} tokens, "
+            f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
+        train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
+        all_rows = make_rows(train_examples, args)
+        rows_per_step = args.batch_size * args.grad_accum * world
+        steps_per_epoch = len(all_rows) // rows_per_step
+        if steps_per_epoch == 0:
+            sys.exit(f"error: fewer rows than one optimizer step needs ({rows_per_step} = batch-size x grad-accum x "
+                     f"processes); lower --batch-size or --grad-accum")
+        total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+        # ---- model (from the latest checkpoint with --resume), optimizer ----
+        run = load_policy(args, sft_loss_sum, world, device, log)
     except (DataError, CheckpointError, StateError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    weights = args.data_weights or [1.0] * len(per_file)
-    if not args.val and args.val_fraction > 0:
-        rng = random.Random(args.seed)
-        for examples in per_file:
-            rng.shuffle(examples)
-            k = int(len(examples) * args.val_fraction)
-            val_examples += examples[:k]
-            del examples[:k]
-    log(f"data: {stats['examples']} examples ({stats['truncated']} truncated to {args.max_len} tokens, "
-        f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
 
-    # ---- model (from the latest checkpoint with --resume), optimizer ----
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and ckpt is None:
-        log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
+    # ---- one optimizer step: this rank's micro-batches, forward and backward ----
+    epoch_rows = {}
+
+    def step_fn(step, epoch, k):
+        if epoch not in epoch_rows:  # same rows every epoch, reshuffled by (seed, epoch)
+            epoch_rows.clear()
+            epoch_rows[epoch] = rows_for_epoch(all_rows, args, epoch, rows_per_step)
+        step_rows = epoch_rows[epoch][k * rows_per_step:(k + 1) * rows_per_step]
+        mine = step_rows[rank::world]  # this process's share, in micro-batches
+        micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
+        n_trained = all_reduce_sum(torch.tensor(float(sum((m[1][:, 1:] != IGNORE).sum() for m in micro)), device=device))
+        loss_sum = 0.0
+        for j, (ids, labels, pos) in enumerate(micro):
+            ids, labels, pos = ids.to(device), labels.to(device), pos.to(device)
+            with grad_sync(run.wrapped, sync=j == len(micro) - 1), run.autocast():
+                s = run.wrapped(ids, labels, pos)
+                # DDP and FSDP2 average gradients over ranks; x world turns that into the global sum / n_trained
+                (s * world / n_trained).backward()
+            loss_sum += s.item()
+        return {"loss": all_reduce_sum(torch.tensor(loss_sum, device=device)).item() / n_trained.item(),
+                "trained_tokens": int(n_trained.item()),
+                "tokens": all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()}
+
     try:
-        saved = load_trainer_state(ckpt) if ckpt else None  # read before anything is written; RNG restored later
+        train(args, run, tok, total, steps_per_epoch, {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch},
+              step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
+              rank, world, device, log)
     except StateError as e:
         sys.exit(f"error: {e}")
-    fsdp = args.fsdp and world > 1
-    if args.fsdp and not fsdp:
-        log("--fsdp with one process: nothing to shard, running as usual")
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model, _ = nanopost.load(ckpt or args.model, dtype=dtype, device=device)
-    model.grad_checkpointing = args.grad_checkpoint
-    model.train()
-    loss_module = WithLoss(model, sft_loss_sum)  # named parameters, optimizer state and checkpoints go through this
-    wrapped = distribute(loss_module, world, device, fsdp=fsdp)  # what the loop calls
-    optimizer = make_optimizer(loss_module, args.lr, args.weight_decay)
-    use_autocast = args.precision == "bf16-autocast"
-    peak = peak_flops(device)  # MFU is logged on known GPUs
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)  # noqa: E731
-
-    rows_per_step = args.batch_size * args.grad_accum * world
-    train_examples = mix(per_file, weights, args.seed)
-    all_rows = make_rows(train_examples, args)
-    steps_per_epoch = len(all_rows) // rows_per_step
-    if steps_per_epoch == 0:
-        sys.exit(f"error: fewer rows than one optimizer step needs ({rows_per_step} = batch-size x grad-accum x "
-                 f"processes); lower --batch-size or --grad-accum")
-    total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
-
-    # ---- resume: the weights came from ckpt above; here the optimizer, RNG and step ----
-    start, meta = 0, {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch}
-    if saved is not None:
-        try:
-            check_resume(meta, saved["meta"], ckpt)
-        except StateError as e:
-            sys.exit(f"error: {e}")
-        load_optimizer_state(loss_module, optimizer, saved["optimizer"])
-        set_rng_state(saved["rng"])
-        start = saved["step"]
-        log(f"resumed from {ckpt} at step {start}")
-
-    def checkpoint(step, final=False):
-        """Every rank gathers (a collective under FSDP2); rank 0 writes."""
-        weights = full_model_state(loss_module, rank)
-        opt_state = full_optimizer_state(loss_module, optimizer, rank)
-        if rank == 0:
-            path = save_checkpoint(args.out, step, model, tok, weights, opt_state, args, args.keep_last, meta)
-            if final:
-                save_final(model, tok, args.out, args, weights)
-            return path
-
-    if world > 1:
-        torch.distributed.barrier()  # every rank has checked --out (above) before rank 0 writes into it
-    if rank == 0:
-        prepare_out_dir(args.out, args.resume, args.overwrite)  # the first write: every check is behind us
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    progress = Progress(args.out, total, start, rank)
-    log(f"training {total} steps ({steps_per_epoch}/epoch), {rows_per_step} rows x {args.max_len} tokens per step, "
-        f"{world} process(es){' (FSDP2)' if fsdp else ' (DDP)' if world > 1 else ''}, "
-        f"{args.precision}, lr {args.lr}, warmup {warmup}")
-
-    # ---- loop ----
-    step, rows_epoch, rows = start, None, None
-    with StopAtStepEnd() as stop:  # Ctrl-C: finish the step, save, exit (every rank at the same step)
-        while step < total:
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != rows_epoch:  # same rows every epoch, reshuffled by (seed, epoch)
-                rows, rows_epoch = rows_for_epoch(all_rows, args, epoch, rows_per_step), epoch
-            step_rows = rows[k * rows_per_step:(k + 1) * rows_per_step]
-            mine = step_rows[rank::world]  # this process's share, in micro-batches
-            micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
-            n_trained = all_reduce_sum(torch.tensor(float(sum((m[1][:, 1:] != IGNORE).sum() for m in micro)), device=device))
-            lr = lr_at(step, total, warmup, args.lr, args.lr_schedule, args.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            t0, loss_sum = time.time(), 0.0
-            for j, (ids, labels, pos) in enumerate(micro):
-                ids, labels, pos = ids.to(device), labels.to(device), pos.to(device)
-                with grad_sync(wrapped, sync=j == len(micro) - 1), autocast():
-                    s = wrapped(ids, labels, pos)
-                    # DDP and FSDP2 average gradients over ranks; x world turns that into the global sum / n_trained
-                    (s * world / n_trained).backward()
-                loss_sum += s.item()
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(loss_module.parameters(), args.max_grad_norm)) \
-                if args.max_grad_norm > 0 else torch.zeros(())  # a DTensor under FSDP2
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = all_reduce_sum(torch.tensor(loss_sum, device=device)).item() / n_trained.item()
-            tokens = all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()
-            tokens_per_s = tokens / (time.time() - t0)
-            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-                       "trained_tokens": int(n_trained.item()), "epoch": epoch + (k + 1) / steps_per_epoch}
-            if peak:
-                metrics["mfu"] = tokens_per_s * flops_per_token(model.config, args.max_len) / (peak * world)
-            if args.eval_every and step % args.eval_every == 0:
-                metrics["val_loss"] = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
-            if step % args.log_every == 0 or step == total:
-                progress.log(step, **metrics)
-            saved_now = args.save_every and step % args.save_every == 0 and step < total
-            if saved_now:
-                checkpoint(step)
-            if step < total and stop.requested(device):  # the last step goes on to the final save
-                path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
-                log(f"interrupted: saved {path}; continue with --resume", flush=True)
-                sys.exit(130)
-    val = eval_loss(wrapped, val_examples, args, device, tok.pad_id, autocast)
-    checkpoint(step, final=True)
-    if rank == 0:
-        print(json.dumps({"out": args.out, "steps": step, "final_loss": metrics["loss"] if step > start else None,
-                          "val_loss": val}))
-    progress.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

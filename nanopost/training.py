@@ -8,7 +8,9 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from nanopost.checkpoint import save
+from nanopost.checkpoint import load, save
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -375,3 +377,175 @@ class Progress:
     def close(self):
         if self.file:
             self.file.close()
+
+
+# ---- what a training script does the same way: flags, setup, the loop ----
+
+def add_training_args(p, data_help: str):
+    """The flags train_sft.py and train_kto.py share (each adds its own after these)."""
+    # ---- model and data ----
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id to start from")
+    p.add_argument("--data", nargs="+", required=True, help=data_help)
+    p.add_argument("--val", default=None, help="validation JSONL (default: --val-fraction of the training data)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction when --val is not given")
+    p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
+    p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
+    # ---- optimisation ----
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on norms/biases)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--precision", choices=["bf16-autocast", "fp32", "bf16"], default=None,
+                   help="bf16-autocast: float32 master weights (default on CUDA); fp32 (default on CPU); bf16: pure")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2 fully_shard per block) "
+                        "instead of replicating them (DDP)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order and everything random")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    # ---- checkpoints and logs ----
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
+    p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0 = at the end)")
+    p.add_argument("--log-every", type=int, default=1, help="log line + metrics.jsonl every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty --out (its checkpoints and metrics are deleted); "
+                        "without it a non-empty --out needs --resume")
+
+
+def parse_training_args(p, argv, presets: dict):
+    """Parse; a --preset replaces the defaults (so a flag given in any spelling still wins)."""
+    args, _ = p.parse_known_args(argv)
+    if getattr(args, "preset", None):
+        p.set_defaults(**presets[args.preset])
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16-autocast" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def start_run(args):
+    """-> (rank, world, device, log): torchrun setup, seeds, and a print that only rank 0 does.
+    Refuses a used --out before any work (StateError)."""
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    check_out_dir(args.out, args.resume, args.overwrite)
+    return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
+
+
+def split_validation(per_file, args, val_examples):
+    """--val-fraction: a seeded share of every training file moves to validation (in place)."""
+    if not args.val and args.val_fraction > 0:
+        rng = random.Random(args.seed)
+        for examples in per_file:
+            rng.shuffle(examples)
+            k = int(len(examples) * args.val_fraction)
+            val_examples += examples[:k]
+            del examples[:k]
+    return val_examples
+
+
+def load_policy(args, loss_fn, world, device, log):
+    """The model to train (from --model, or the latest checkpoint with --resume), wrapped with
+    its loss for DDP/FSDP2, and AdamW -> namespace(model, module, wrapped, optimizer, autocast,
+    ckpt, saved). The trainer state is read here, before anything is written."""
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        log(f"--resume: no checkpoint in {args.out}/checkpoints, starting from step 0")
+    saved = load_trainer_state(ckpt) if ckpt else None
+    fsdp = args.fsdp and world > 1
+    if args.fsdp and not fsdp:
+        log("--fsdp with one process: nothing to shard, running as usual")
+    model, _ = load(ckpt or args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32, device=device)
+    model.grad_checkpointing = args.grad_checkpoint
+    model.train()
+    module = WithLoss(model, loss_fn)  # named parameters, optimizer state and checkpoints go through this
+    wrapped = distribute(module, world, device, fsdp=fsdp)  # what the loop calls
+    use_autocast = args.precision == "bf16-autocast"
+    return SimpleNamespace(model=model, module=module, wrapped=wrapped, fsdp=fsdp, ckpt=ckpt, saved=saved,
+                           optimizer=make_optimizer(module, args.lr, args.weight_decay),
+                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast))
+
+
+def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, world, device, log, mfu_seq_len=None):
+    """The loop both scripts run: resume (optimizer, RNG, step), then per optimizer step the lr,
+    step_fn(step, epoch, k) (forward + backward of this rank's micro-batches -> metrics, with
+    "tokens" summed over ranks), clipping, AdamW, the log line, validation (val_fn -> loss or
+    None), checkpoints and Ctrl-C; at the end the validation loss and the final model in --out.
+    meta: what a resume must agree on (rows per step, steps per epoch, ...)."""
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
+    start = 0
+    if run.saved is not None:
+        check_resume(meta, run.saved["meta"], run.ckpt)
+        load_optimizer_state(run.module, run.optimizer, run.saved["optimizer"])
+        set_rng_state(run.saved["rng"])
+        start = run.saved["step"]
+        log(f"resumed from {run.ckpt} at step {start}")
+
+    def checkpoint(step, final=False):
+        """Every rank gathers (a collective under FSDP2); rank 0 writes."""
+        weights = full_model_state(run.module, rank)
+        opt_state = full_optimizer_state(run.module, run.optimizer, rank)
+        if rank == 0:
+            path = save_checkpoint(args.out, step, run.model, tok, weights, opt_state, args, args.keep_last, meta)
+            if final:
+                save_final(run.model, tok, args.out, args, weights)
+            return path
+
+    if world > 1:
+        dist.barrier()  # every rank has checked --out (start_run) before rank 0 writes into it
+    if rank == 0:
+        prepare_out_dir(args.out, args.resume, args.overwrite)  # the first write: every check is behind us
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    progress = Progress(args.out, total, start, rank)
+    peak = peak_flops(device)  # MFU is logged on known GPUs
+    log(f"training {total} steps ({steps_per_epoch}/epoch), {meta['rows_per_step']} rows x {args.max_len} tokens per "
+        f"step, {world} process(es){' (FSDP2)' if run.fsdp else ' (DDP)' if world > 1 else ''}, {args.precision}, "
+        f"lr {args.lr}, warmup {warmup}")
+    step, metrics = start, {}
+    with StopAtStepEnd() as stop:  # Ctrl-C: finish the step, save, exit (every rank at the same step)
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            lr = lr_at(step, total, warmup, args.lr, args.lr_schedule, args.min_lr_ratio)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr
+            t0 = time.time()
+            metrics = step_fn(step, epoch, k)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.module.parameters(), args.max_grad_norm)) \
+                if args.max_grad_norm > 0 else torch.zeros(())  # a DTensor under FSDP2
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_per_s = metrics.pop("tokens") / (time.time() - t0)
+            metrics.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
+                           epoch=epoch + (k + 1) / steps_per_epoch)
+            if peak:
+                metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, mfu_seq_len or args.max_len) / (peak * world)
+            if args.eval_every and step % args.eval_every == 0:
+                metrics["val_loss"] = val_fn()
+            if step % args.log_every == 0 or step == total:
+                progress.log(step, **metrics)
+            saved_now = args.save_every and step % args.save_every == 0 and step < total
+            if saved_now:
+                checkpoint(step)
+            if step < total and stop.requested(device):  # the last step goes on to the final save
+                path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
+                log(f"interrupted: saved {path}; continue with --resume", flush=True)
+                sys.exit(130)
+    val = val_fn()
+    checkpoint(step, final=True)
+    progress.close()
+    log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))
+    if world > 1:
+        dist.destroy_process_group()

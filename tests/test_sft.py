@@ -110,13 +110,12 @@ def test_packing_best_fit_decreasing():
 
 
 def test_grad_accumulation_equals_bigger_batch(tmp_path, tiny):
-    common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 2, "--seed", 3]
-    a = train(*common, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "a")
-    b = train(*common, "--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "b")
+    common = ["--model", tiny, "--data", DATA, "--max-len", 96, "--lr", 1e-3, "--max-steps", 2, "--seed", 3,
+              "--save-every", 1, "--keep-last", 10]
+    a = run_main(os.path.join(ROOT, "train_sft.py"), *common, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "a")
+    b = run_main(os.path.join(ROOT, "train_sft.py"), *common, "--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "b")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    sa, sb = final_state(tmp_path / "a"), final_state(tmp_path / "b")
-    assert all(torch.allclose(sa[k], sb[k], atol=1e-5, rtol=1e-5) for k in sa)
-    assert [m["loss"] for m in metrics(tmp_path / "a")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "b")], rel=1e-5)
+    assert_same_training(tmp_path / "a", tmp_path / "b", tiny)
 
 
 def test_overfits_and_generates_a_training_answer(tmp_path, tiny):
