@@ -71,7 +71,8 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
     n_tokens = tok.get_vocab_size()
     cfg = Qwen2Config(**{"vocab_size": n_tokens + 5, "hidden_size": 64, "intermediate_size": 128,
                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                         "rope_theta": 10000.0, "max_position_embeddings": 2048, **cfg_overrides})
+                         "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                         **cfg_overrides})
     torch.manual_seed(seed)
     model = Qwen2(cfg)
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from nanopost.checkpoint import load, save
+from nanopost.checkpoint import load, recover, save
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -228,8 +228,8 @@ def save_checkpoint(out_dir, step, model, tok, weights, optimizer_state, args, k
         "args.json": json.dumps(vars(args), indent=2),
         "trainer_state.safetensors": lambda p: save_file(tensors, p),
         "trainer_state.json": json.dumps(info, indent=2)})  # last: its presence marks a complete checkpoint
-    for old in sorted(os.listdir(ckpt_root))[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    for old in _checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -261,10 +261,19 @@ def latest_checkpoint(out_dir):
     """The newest complete checkpoint in out_dir/checkpoints (an old torch.save one included, so
     that resuming refuses it instead of silently starting over), or None."""
     root = os.path.join(out_dir, "checkpoints")
-    done = [d for d in sorted(os.listdir(root)) if any(os.path.exists(os.path.join(root, d, f))
-                                                       for f in ("trainer_state.json", "trainer_state.pt"))] \
-        if os.path.isdir(root) else []
-    return os.path.join(root, done[-1]) if done else None
+    return (_checkpoints(root) or [None])[-1]
+
+
+def _checkpoints(root) -> list[str]:
+    """The complete step-* checkpoints in root, oldest first; a replace that a crash cut short is
+    finished first (checkpoint.recover), and temporary .tmp-* / .old-* folders are never listed."""
+    if not os.path.isdir(root):
+        return []
+    for d in os.listdir(root):
+        if d.startswith(".old-"):
+            recover(os.path.join(root, d[len(".old-"):]))
+    return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step-") and any(
+        os.path.exists(os.path.join(root, d, f)) for f in ("trainer_state.json", "trainer_state.pt"))]
 
 
 def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
@@ -300,21 +309,10 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
 
 
 def save_final(model, tok, out_dir, args, weights=None):
-    """The final model goes into out_dir itself (next to metrics.jsonl and checkpoints/): written
-    to a temporary directory first; then out_dir's config.json goes (so it stops looking like a
-    checkpoint), any weight files of an earlier save go (a stale shard or index would be read
-    with the new ones), the new files move in, config.json last, so out_dir only looks like a
-    checkpoint once every weight file is in place."""
-    tmp = os.path.join(out_dir, ".final-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tok, tmp, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2)})
-    for n in ["config.json"] + sorted(os.listdir(out_dir)):
-        if (n == "config.json" or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
-                and os.path.exists(os.path.join(out_dir, n)):
-            os.remove(os.path.join(out_dir, n))
-    for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
-    os.rmdir(tmp)
+    """The final model goes into out_dir itself, next to metrics.jsonl and checkpoints/ (file by
+    file, an earlier save's weight files removed, config.json last: checkpoint.commit_files)."""
+    save(model, tok, out_dir, state_dict=weights, extra_files={"args.json": json.dumps(vars(args), indent=2)},
+         keep_other_files=True)
 
 
 class StopAtStepEnd:

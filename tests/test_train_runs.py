@@ -221,3 +221,13 @@ def test_rows_are_packed_once_for_all_epochs(tiny, tmp_path, monkeypatch):
                  "--epochs", 3)
     assert r.returncode == 0 and '"steps": 12' in r.stdout, r.stdout + r.stderr  # 4 steps an epoch
     assert len(calls) == 1
+
+
+def test_latest_checkpoint_skips_temporary_folders_and_recovers_a_cut_replace(tmp_path, baseline):
+    import shutil
+    root = tmp_path / "run" / "checkpoints"
+    shutil.copytree(baseline / "checkpoints", root)
+    os.makedirs(root / ".tmp-step-0000009-abc")  # a save that a crash cut short
+    os.rename(root / "step-0000004", root / ".old-step-0000004")  # a replace cut between its two renames
+    assert latest_checkpoint(str(tmp_path / "run")) == str(root / "step-0000004")
+    assert not os.path.exists(root / ".old-step-0000004")
