@@ -1,27 +1,35 @@
 """Evaluate one or many checkpoints on GSM8K, MMLU, CMMLU, C-Eval and HumanEval (the paper's protocol:
 chat template, greedy decoding) and write one table comparing them.
 
+    python evaluate.py --download --tasks gsm8k,mmlu,cmmlu,ceval,humaneval    # benchmarks into ./data/benchmarks
     python evaluate.py --model Qwen/Qwen2-0.5B-Instruct --tasks gsm8k,mmlu --out runs/eval
     python evaluate.py --model base --model runs/sft --model runs/merged --tasks gsm8k,mmlu,cmmlu,ceval \\
-        --data-dir ../shared/benchmarks --limit 200 --out runs/eval
+        --shots mmlu=5,cmmlu=5,ceval=5 --limit 200 --out runs/eval
     python evaluate.py --model runs/tiny --tasks mmlu --shots 5 --mode generate --limit 20 --out runs/eval_tiny
 
-GSM8K: 4-shot chain of thought in one user turn, the last number of the reply against '#### N'.
-MMLU (test), CMMLU (test), C-Eval (val): zero-shot by default (--shots 5 for five-shot), scored by
-the next-token log-probs of the option letters after the assistant header (--mode generate:
-generate a reply and extract the letter). HumanEval: greedy completion, pass@1, each program run
-in a sandboxed subprocess (see nanopost/tasks/humaneval.py for what that sandbox does not protect
-against). Writes OUT/results.json (every prediction, so any score can be audited), OUT/results.md,
-and caches predictions per model+task+settings in OUT/cache/ so an interrupted run resumes where
-it stopped. --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat
-JSONL file (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
+GSM8K: 4-shot chain of thought in one user turn, generation stopped at a next "Question:", the
+last number of the reply against '#### N'. MMLU (test), CMMLU (test), C-Eval (val): zero-shot by
+default, scored by the next-token log-probs of the option letters after the assistant header
+(--mode generate: generate a reply and extract the letter). HumanEval: greedy completion, pass@1,
+each program run in a sandboxed subprocess (see nanopost/tasks/humaneval.py for what that sandbox
+does not protect against). --shots and --max-new-tokens take TASK=N pairs (--shots mmlu=5,gsm8k=0);
+a bare N is refused when it would apply to several of --tasks. Each task has its own default
+new-token budget (HumanEval 768, the others 256), and every generated prediction records whether
+its reply hit that limit ("hit_limit").
+
+Writes OUT/results.json (every prediction, so any score can be audited), OUT/results.md, and
+caches predictions in OUT/cache/ so an interrupted run resumes where it stopped. A cache file is
+keyed on the checkpoint (name, size and mtime of each file the loader reads, and a hash of its
+small files: config, index, tokenizer), a hash of the examples as loaded from --data-dir (prompts,
+answers, tests), every setting, and the scoring-protocol version (nanopost.tasks.PROTOCOL), so a
+retrained model, changed benchmark files or a changed scorer never reuse old rows.
+--perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat JSONL file
+(for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
 
 --download first fetches the requested benchmarks that are missing from --data-dir, from their
 original public sources (see nanopost/tasks/download.py); without --model it only downloads.
 Offline machines: put the original files in a folder (or on an internal web server) and add
---mirror DIR_OR_URL.
-
-    python evaluate.py --download --tasks gsm8k,mmlu,cmmlu,ceval,humaneval --data-dir data/benchmarks"""
+--mirror DIR_OR_URL."""
 import argparse
 import hashlib
 import json
@@ -36,7 +44,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import tasks
-from nanopost.checkpoint import CheckpointError
+from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate, load_sft
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
@@ -115,6 +123,40 @@ def summarize(preds):
     return out
 
 
+def fingerprint(ckpt_dir) -> list:
+    """The checkpoint as the cache key sees it: name, size and mtime of every file the loader
+    reads, and a hash of all but the weights (config, index, tokenizer, chat template). Cheap, and
+    a retrained, re-merged or edited model gets a new key."""
+    out = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith((".json", ".safetensors", ".txt", ".jinja")):
+            path = os.path.join(ckpt_dir, name)
+            digest = None if name.endswith(".safetensors") else hashlib.sha256(open(path, "rb").read()).hexdigest()
+            out.append([name, os.stat(path).st_size, os.stat(path).st_mtime_ns, digest])
+    return out
+
+
+def per_task(p, flag, value, names, applies) -> dict:
+    """'mmlu=5,gsm8k=0' -> {"mmlu": 5, "gsm8k": 0}. A bare number stands for the one task of
+    --tasks that the flag applies to; with several, it is refused rather than applied to all."""
+    if value is None:
+        return {}
+    if not applies:
+        p.error(f"{flag} applies to none of --tasks {','.join(names)}")
+    if "=" not in value:
+        if len(applies) > 1:
+            p.error(f"{flag} {value} is ambiguous with --tasks {','.join(names)}: it applies to "
+                    f"{', '.join(applies)}; name the task, e.g. {flag} {applies[-1]}={value}")
+        value = f"{applies[0]}={value}"
+    out = {}
+    for item in value.split(","):
+        task, _, n = (x.strip() for x in item.partition("="))
+        if task not in applies or not n.isdigit():
+            p.error(f"{flag} {item!r}: expected TASK=N with TASK one of {', '.join(applies)}")
+        out[task] = int(n)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- what ----
@@ -127,7 +169,8 @@ def main(argv=None):
     p.add_argument("--mirror", default=None, metavar="DIR_OR_URL",
                    help="with --download: fetch the original files by name from this folder or URL instead")
     # ---- protocol ----
-    p.add_argument("--shots", type=int, default=None, help="exemplars per prompt (default: gsm8k 4, others 0)")
+    p.add_argument("--shots", default=None, metavar="TASK=N,...",
+                   help="exemplars per prompt, per task (default: gsm8k 4, others 0); a bare N only for one task")
     p.add_argument("--mode", choices=["logprob", "generate"], default="logprob",
                    help="multiple choice: option-letter log-probs (default) or generate + extract")
     p.add_argument("--humaneval-mode", choices=["chat", "raw"], default="chat",
@@ -135,7 +178,9 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="at most N questions per task (a fixed seeded subset)")
     p.add_argument("--perplexity", nargs="+", default=[], metavar="F.jsonl",
                    help="also report perplexity on the assistant tokens of these chat JSONL files")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length (gsm8k, --mode generate)")
+    p.add_argument("--max-new-tokens", default=None, metavar="TASK=N,...",
+                   help="reply budget of generated tasks, per task (default: humaneval 768, others 256); "
+                        "a bare N only for one task")
     # ---- speed ----
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
@@ -143,6 +188,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    shots = per_task(p, "--shots", args.shots, names, [t for t in names if t in tasks.SHOTS])
+    generated = [t for t in names if t in tasks.NEW_TOKENS and (t not in tasks.CHOICE or args.mode == "generate")]
+    new_tokens = {t: tasks.NEW_TOKENS[t] for t in generated}
+    new_tokens.update(per_task(p, "--max-new-tokens", args.max_new_tokens, names, generated))
+    shots = {t: shots.get(t, tasks.SHOTS.get(t, 0)) for t in names}
     if not args.model and not args.download:
         p.error("give at least one --model (or --download to only fetch the benchmarks)")
     if args.model and not args.out:
@@ -157,7 +207,7 @@ def main(argv=None):
         if not args.model:
             return
     try:
-        loaded = {t: tasks.load(t, args.data_dir, args.shots, args.humaneval_mode) for t in names}
+        loaded = {t: tasks.load(t, args.data_dir, shots[t], args.humaneval_mode) for t in names}
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir}; "
                  f"--download fetches missing ones)")
@@ -168,7 +218,9 @@ def main(argv=None):
     results = {}
     for model_name in args.model:
         try:
-            model, tok = nanopost.load(model_name, dtype=getattr(torch, args.dtype), device=args.device)
+            ckpt = resolve(model_name)
+            checkpoint_print = fingerprint(ckpt)
+            model, tok = nanopost.load(ckpt, dtype=getattr(torch, args.dtype), device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         engine = Engine(model, tok)
@@ -181,13 +233,15 @@ def main(argv=None):
             examples, score, kind = loaded[task]
             examples = subset(examples, args.limit)
             mode = "generate" if kind == "generate" else args.mode
-            settings = {"task": task, "shots": args.shots, "mode": mode, "max_new_tokens": args.max_new_tokens,
-                        "dtype": args.dtype, "limit": args.limit}
+            settings = {"task": task, "shots": shots[task], "mode": mode, "max_new_tokens": new_tokens.get(task),
+                        "limit": args.limit, "dtype": args.dtype, "device": args.device, "batch_size": args.batch_size,
+                        "protocol": tasks.PROTOCOL}
             if task == "humaneval":
                 settings["humaneval_mode"] = args.humaneval_mode
-            key = hashlib.sha1(json.dumps([os.path.abspath(model_name) if os.path.isdir(model_name) else model_name,
-                                           settings], sort_keys=True).encode()).hexdigest()[:12]
-            cache_file = os.path.join(args.out, "cache", f"{task}-{key}.jsonl")
+            # the key covers everything a prediction depends on; a changed key starts a new file
+            asked = hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+            key = hashlib.sha256(json.dumps([checkpoint_print, asked, settings], sort_keys=True).encode()).hexdigest()
+            cache_file = os.path.join(args.out, "cache", f"{task}-{key[:16]}.jsonl")
             done = {}
             if os.path.exists(cache_file):
                 for line in open(cache_file, encoding="utf-8"):
@@ -210,9 +264,12 @@ def main(argv=None):
                         for o in outs:
                             o["pred"] = LETTERS[max(range(4), key=lambda j: o["logprobs"][j])]
                     else:
-                        stop = batch[0].get("stop", [])
-                        replies = engine.generate_ids(prompts, Sampling(max_new_tokens=args.max_new_tokens, stop=stop))
-                        outs = [{"reply": cut_at_stop(tok.decode(r), stop)} for r in replies]
+                        stop, budget = batch[0].get("stop", []), new_tokens[task]
+                        outs = []
+                        for ids in engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop)):
+                            text = tok.decode(ids)
+                            reply = cut_at_stop(text, stop)  # hit_limit: no eos or stop string ended it
+                            outs.append({"reply": reply, "hit_limit": reply == text and len(ids) == budget})
                         for e, o in zip(batch, outs):
                             o["pred"] = score(e, o["reply"])[0]
                     for e, o in zip(batch, outs):

@@ -12,11 +12,18 @@ import nanopost
 from nanopost import tasks
 from nanopost.engine import Engine, Sampling, cut_at_stop
 from nanopost.tasks import choice, gsm8k
+from nanopost.testing import make_tiny_checkpoint, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
 sys.path.insert(0, ROOT)  # evaluate.py's helpers
 from evaluate import letter_logprobs, subset  # noqa: E402  (evaluate.py at the repo root)
+
+
+# A crafted HumanEval task (prompt, tests, check) and two completions of it.
+ADD = {"id": "add/0", "prompt": 'def add(a, b):\n    """a + b"""\n', "entry_point": "add", "answer": "pass",
+       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+WRONG, RIGHT = "def add(a, b):\n    return a - b\n", "def add(a, b):\n    return a + b\n"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +54,10 @@ def data_dir(tmp_path_factory):
             (d / task / "dev" / f"{sub}{'_dev' if suffix else ''}.csv").write_text(text, encoding="utf-8")
         (d / task / "mapping.json").write_text(json.dumps({"algebra": {"name": "代数", "category": "STEM"},
                                                            "law": {"name": "law", "category": "Humanities"}}))
+    (d / "humaneval").mkdir()
+    row = {"task_id": ADD["id"], "canonical_solution": "    return a + b\n",
+           **{k: ADD[k] for k in ("prompt", "test", "entry_point")}}
+    (d / "humaneval" / "HumanEval.jsonl").write_text(json.dumps(row) + "\n")
     return str(d)
 
 
@@ -179,6 +190,48 @@ def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_d
     assert [len(open(c).readlines()) for c in caches][1:] == sizes[1:]
 
 
+def evaluate(*args):
+    """evaluate.py run in this process -> (returncode, stderr, results.json of --out or None)."""
+    r = run_main(os.path.join(ROOT, "evaluate.py"), *args)
+    out = str(args[args.index("--out") + 1])
+    path = os.path.join(out, "results.json")
+    return r.returncode, r.stderr, json.load(open(path)) if r.returncode == 0 and os.path.exists(path) else None
+
+
+def test_cache_never_serves_another_model_data_or_protocol(tmp_path, data_dir, monkeypatch):
+    model = make_tiny_checkpoint(str(tmp_path / "sft"), seed=1)
+    data = shutil.copytree(data_dir, tmp_path / "data")
+    args = ["--model", model, "--tasks", "mmlu", "--data-dir", data, "--limit", 4, "--out", tmp_path / "eval"]
+    logprobs = lambda res: [p["logprobs"] for p in res[model]["mmlu"]["predictions"]]  # noqa: E731
+    first = evaluate(*args)[2]
+    make_tiny_checkpoint(model, seed=2)  # retrained into the same directory
+    second = evaluate(*args)[2]
+    assert logprobs(second) != logprobs(first)
+    assert logprobs(second) == logprobs(evaluate(*args[:-1], tmp_path / "fresh")[2])
+    csv = data / "mmlu" / "test" / "algebra_test.csv"  # an edited benchmark file
+    csv.write_text(csv.read_text(encoding="utf-8").replace("问题 0", "问题 zero"), encoding="utf-8")
+    third = evaluate(*args)[2]
+    assert logprobs(third)[0] != logprobs(second)[0]
+    files = len(os.listdir(tmp_path / "eval" / "cache"))
+    monkeypatch.setattr(tasks, "PROTOCOL", tasks.PROTOCOL + 1)  # a changed scorer
+    evaluate(*args)
+    assert len(os.listdir(tmp_path / "eval" / "cache")) == files + 1
+
+
+def test_shots_and_new_tokens_per_task(tmp_path, tiny, data_dir):
+    base = ["--model", tiny, "--data-dir", data_dir, "--limit", 2, "--out", tmp_path / "eval"]
+    code, err, _ = evaluate(*base, "--tasks", "gsm8k,mmlu", "--shots", 5)
+    assert code != 0 and "ambiguous" in err and "--shots mmlu=5" in err  # never gsm8k 5-shot silently
+    code, err, _ = evaluate(*base, "--tasks", "gsm8k,humaneval", "--max-new-tokens", 64)
+    assert code != 0 and "ambiguous" in err
+    code, err, res = evaluate(*base, "--tasks", "gsm8k,mmlu,humaneval", "--shots", "mmlu=2", "--max-new-tokens", "gsm8k=5")
+    assert code == 0, err
+    settings = {t: (r["settings"]["shots"], r["settings"]["max_new_tokens"]) for t, r in res[tiny].items()}
+    assert settings == {"gsm8k": (4, 5), "mmlu": (2, None), "humaneval": (0, 768)}  # HumanEval's own budget
+    generated = res[tiny]["gsm8k"]["predictions"] + res[tiny]["humaneval"]["predictions"]
+    assert all(isinstance(p["hit_limit"], bool) for p in generated) and any(p["hit_limit"] for p in generated)
+
+
 def test_bad_inputs(tmp_path, tiny):
     r = run_eval("--model", tiny, "--tasks", "gsm8k", "--data-dir", tmp_path / "nothing", "--out", tmp_path / "o")
     assert r.returncode != 0 and "--data-dir" in r.stderr and "Traceback" not in r.stderr
@@ -242,12 +295,6 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(humaneval_examples, shared
         assert not ok and pred != "pass"
     raw = tasks.load("humaneval", shared, humaneval_mode="raw")[0][0]
     assert "raw" in raw and "messages" not in raw and raw["stop"]
-
-
-# A crafted task: prompt, tests and check() in HumanEval's layout.
-ADD = {"id": "add/0", "prompt": 'def add(a, b):\n    """a + b"""\n', "entry_point": "add", "answer": "pass",
-       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
-WRONG, RIGHT = "def add(a, b):\n    return a - b\n", "def add(a, b):\n    return a + b\n"
 
 
 def test_humaneval_passes_only_when_check_returns():

@@ -3,15 +3,26 @@ reply, and says whether it is generated ("generate") or scored by option letters
 from nanopost.tasks import choice, gsm8k, humaneval
 
 NAMES = ("gsm8k", "mmlu", "cmmlu", "ceval", "humaneval")
+CHOICE = ("mmlu", "cmmlu", "ceval")
+SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per prompt (HumanEval takes none)
+# Default new-token budget of a generated reply. HumanEval's 768: a canonical solution in a
+# ```python fence takes up to 560 Qwen2 tokens (29 of 164 exceed 256), and a chat reply adds prose.
+NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
+# The scoring protocol: bump it whenever a prompt, a stop string, an extraction or a scorer
+# changes, so that evaluate.py never reuses cached predictions made under another one.
+PROTOCOL = 2
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):
-    """-> (examples, score function, mode). shots: None = the task's default (GSM8K 4, others 0).
+    """-> (examples, score function, mode). shots: None = the task's default (SHOTS).
     An example prompts with "messages" (chat template) or "raw" text, optionally with "stop"."""
+    if name not in NAMES:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(NAMES)})")
+    shots = SHOTS.get(name, 0) if shots is None else shots
     if name == "gsm8k":
-        return gsm8k.load(data_dir, 4 if shots is None else shots), gsm8k.score, "generate"
-    if name in ("mmlu", "cmmlu", "ceval"):
-        return choice.load(name, data_dir, shots or 0), choice.score, "choice"
-    if name == "humaneval":
-        return humaneval.load(data_dir, humaneval_mode), humaneval.score, "generate"
-    raise ValueError(f"unknown task {name!r} (known: {', '.join(NAMES)})")
+        return gsm8k.load(data_dir, shots), gsm8k.score, "generate"
+    if name in CHOICE:
+        return choice.load(name, data_dir, shots), choice.score, "choice"
+    if shots:
+        raise ValueError("humaneval takes no exemplars (--shots)")
+    return humaneval.load(data_dir, humaneval_mode), humaneval.score, "generate"
