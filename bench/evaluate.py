@@ -83,7 +83,8 @@ def worker(impl, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
-    p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "benchmarks"), help="benchmark files")
+    p.add_argument("--data-dir", default=os.environ.get("NANOPOST_DATA", "./data/benchmarks"),
+                   help="benchmark files (default: $NANOPOST_DATA, else ./data/benchmarks; evaluate.py --download)")
     p.add_argument("--gsm8k", type=int, default=64, help="GSM8K questions")
     p.add_argument("--mmlu", type=int, default=256, help="MMLU questions")
     p.add_argument("--new-tokens", type=int, default=256, help="GSM8K new tokens")

@@ -1,5 +1,5 @@
 """Fetch the benchmarks from their original public sources into the layout the tasks read
-(the layout of ../shared/benchmarks, described in its README):
+(each benchmark's own file layout, as its authors distribute it):
 
     gsm8k/{train,test}.jsonl            openai/grade-school-math on GitHub
     mmlu/{dev,val,test}/<s>_<split>.csv Hendrycks' data.tar (people.eecs.berkeley.edu)
