@@ -1,5 +1,5 @@
-"""SFT data: JSONL readers and validators, tokenisation with the loss mask, truncation,
-best-fit-decreasing packing, and batches.
+"""Training data: JSONL readers and validators, tokenisation with the loss mask, truncation,
+best-fit-decreasing packing, and batches, for SFT and (at the end) KTO.
 
 Accepted lines (one JSON object per line):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (multi-turn)
@@ -175,3 +175,111 @@ def collate(rows, examples, pad_id: int):
             t += n
         pos[b, t:] = torch.arange(width - t)  # padding: its own segment, never attended by data
     return ids, labels, pos
+
+
+# ---- KTO: prompts, completions and labels ----
+# Accepted lines (TRL's formats):
+#     {"prompt": str | [messages], "completion": str | [one assistant message], "label": true | false}
+#     {"prompt": str | [messages], "chosen": ..., "rejected": ...}   (paired: one desirable + one undesirable)
+# A string prompt is one user turn. Prompt tokens: the chat template with the generation prompt;
+# completion tokens: the assistant content + <|im_end|>, exactly the tokens SFT trains on.
+
+@dataclass
+class KTOExample:
+    prompt: list[int]
+    completion: list[int]
+    label: bool  # True: desirable
+
+
+def _completion_text(value, key) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        return value[0]["content"]
+    raise ValueError(f"'{key}' must be a string or a list of one assistant message")
+
+
+def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
+    """One JSONL record -> [(prompt messages, completion text, label)] (raises ValueError)."""
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"'prompt' must be a string or a non-empty list of messages, got keys {sorted(obj)}")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"prompt message {i}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+    if "chosen" in obj or "rejected" in obj:
+        return [(prompt, _completion_text(obj.get("chosen"), "chosen"), True),
+                (prompt, _completion_text(obj.get("rejected"), "rejected"), False)]
+    if "completion" not in obj or not isinstance(obj.get("label"), bool):
+        raise ValueError("expected 'completion' and a boolean 'label' (true = desirable), or 'chosen' + 'rejected'")
+    return [(prompt, _completion_text(obj["completion"], "completion"), obj["label"])]
+
+
+def encode_kto(tok: Tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
+    """-> (prompt ids, completion ids): the completion is what the SFT mask trains of the reply."""
+    p_ids, _ = tok.render(prompt, add_generation_prompt=True)
+    ids, mask = tok.render(prompt + [{"role": "assistant", "content": completion}])
+    if ids[:len(p_ids)] != p_ids:
+        raise ValueError("the rendered prompt is not a prefix of prompt + completion")
+    return p_ids, [t for t, m in zip(ids[len(p_ids):], mask[len(p_ids):]) if m]
+
+
+def truncate_kto(prompt: list[int], completion: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + completion into max_len keeping the completion: the prompt is cut from the
+    left (down to half of max_len), then the completion from the right."""
+    if len(prompt) + len(completion) <= max_len:
+        return prompt, completion
+    keep = max(max_len - len(completion), min(len(prompt), max_len // 2))
+    return prompt[len(prompt) - keep:], completion[:max_len - keep]
+
+
+def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=print):
+    """Read and tokenise every file -> (examples, stats), with the same file:line errors as load_sft."""
+    examples, bad, stats = [], [], {"prompts_cut": 0, "completions_cut": 0}
+    for path in paths:
+        n_before, n_bad = len(examples), len(bad)
+        for n, obj in read_jsonl(path, bad):
+            try:
+                items = [encode_kto(tok, p, c) + (label,) for p, c, label in to_kto(obj)]
+            except ValueError as e:
+                bad.append(f"{path}:{n}: {e}")
+                continue
+            for p_ids, c_ids, label in items:
+                p_cut, c_cut = truncate_kto(p_ids, c_ids, max_len)
+                stats["prompts_cut"] += len(p_cut) < len(p_ids)
+                stats["completions_cut"] += len(c_cut) < len(c_ids)
+                examples.append(KTOExample(p_cut, c_cut, label))
+        if len(examples) == n_before and len(bad) == n_bad:
+            raise DataError(f"{path}: empty file (no examples)")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if not skip_bad_lines:
+            raise DataError(f"{len(bad)} bad line(s):\n  {shown}\n(--skip-bad-lines drops them with a warning)")
+        log(f"warning: skipped {len(bad)} bad line(s):\n  {shown}")
+    if not examples:
+        raise DataError("no usable examples in " + ", ".join(paths))
+    stats.update(bad_lines=len(bad), examples=len(examples), desirable=sum(e.label for e in examples))
+    return examples, stats
+
+
+def kto_groups(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The micro-batches of KTO: a seeded shuffle of the examples cut into groups of batch_size
+    (the last may be smaller), fixed for the whole run: the KL pairs are formed inside each group,
+    so reference log-probs can be computed once (--precompute-ref); epochs reshuffle the groups."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def collate_kto(group, examples, pad_id: int, max_len: int, kl: bool = False):
+    """A group of KTO examples -> input_ids, labels, position_ids (one sequence per row, labels on
+    the completion only). kl=True: the KL pairs instead, prompt i with completion i-1 (cyclic),
+    truncated like the examples."""
+    rows = []
+    for i, j in zip(group, group[-1:] + group[:-1] if kl else group):
+        p, c = truncate_kto(examples[i].prompt, examples[j].completion, max_len)
+        rows.append(Example(p + c, [IGNORE] * len(p) + c))
+    return collate([[b] for b in range(len(rows))], rows, pad_id)

@@ -279,9 +279,11 @@ def _checkpoints(root) -> list[str]:
 def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     """Resume is exact only when every optimizer step sees the same rows: batch x accum x
     processes and the rows per epoch must be what the checkpoint was written with."""
-    for key, what in (("rows_per_step", "rows per optimizer step (batch-size x grad-accum x processes)"),
-                      ("steps_per_epoch", "optimizer steps per epoch (the data, --max-len or packing changed?)")):
-        if key in saved and saved[key] != meta[key]:
+    whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
+             "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
+             "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)"}
+    for key, what in whats.items():
+        if key in saved and key in meta and saved[key] != meta[key]:
             raise StateError(f"{ckpt}: written with {saved[key]} {what}, this run has {meta[key]}; resuming would "
                              f"repeat or skip rows. Keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} "
                              f"and the same data (e.g. 2 processes x --batch-size 2 resume as 1 process x "

@@ -1,0 +1,344 @@
+"""KTO: the loss against TRL's KTOTrainer (its loss code, and one whole first step), chunked
+log-probs against full logits and float64, memory, the reference precomputed vs live, learning,
+DDP/FSDP2, resume, the two-stage SFT -> KTO run and bad input."""
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import nanopost
+from nanopost.data import DataError, KTOExample, collate_kto, kto_groups, load_kto, truncate_kto
+from nanopost.losses import (FusedLinearLogProb, kl_estimate, kto_loss, reference_sequence_logps,
+                             sequence_logps)
+from nanopost.testing import run_main
+from nanopost.tokenizer import IGNORE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KTO_DATA = os.path.join(ROOT, "tests", "data", "kto.jsonl")
+SFT_DATA = os.path.join(ROOT, "tests", "data", "chat.jsonl")
+TRAIN_KTO = os.path.join(ROOT, "train_kto.py")
+
+
+def metrics(d):
+    return [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+
+
+# ---- the loss against TRL's code ----
+
+def trl_compute_loss(policy, ref, policy_kl, ref_kl, labels, beta, w_d, w_u, loss_type):
+    """TRL's own KTOTrainer._compute_loss on given sequence log-probs: a stand-in trainer and a
+    stand-in model whose per-token log-probs sum to the given values (row r of input_ids holds
+    r, KL rows r + 1000), the reference log-probs passed as TRL's precomputed ones."""
+    trl = pytest.importorskip("trl")
+    B = len(labels)
+    table = {r: policy[r] for r in range(B)} | {1000 + r: policy_kl[r] for r in range(B)}
+
+    def model(input_ids, labels=None, **_):
+        log_probs = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
+        log_probs[:, 0] = torch.stack([table[int(i)] for i in input_ids[:, 0]])
+        zeros = torch.zeros_like(log_probs)
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
+
+    self = trl.KTOTrainer.__new__(trl.KTOTrainer)
+    self.__dict__.update(model=SimpleNamespace(training=True), calculate_KL=loss_type == "kto",
+                         precompute_ref_logps=True, aux_loss_enabled=False, loss_type=loss_type, beta=beta,
+                         desirable_weight=w_d, undesirable_weight=w_u, _metrics={"train": defaultdict(list)},
+                         _total_train_tokens=0, _tp_size=1,
+                         accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x))
+    ids = torch.arange(B)[:, None].repeat(1, 3)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids),
+             "KL_input_ids": ids + 1000, "KL_attention_mask": torch.ones_like(ids),
+             "KL_completion_mask": torch.ones_like(ids), "label": labels.long(), "ref_logps": ref,
+             "ref_KL_logps": ref_kl}
+    loss = self._compute_loss(model, batch, return_outputs=False)
+    return loss, {k: v[-1] for k, v in self._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("case", ["mixed", "only desirable", "only undesirable", "kl clamped"])
+def test_loss_rewards_and_kl_equal_trls_code(loss_type, case):
+    g = torch.Generator().manual_seed(hash((loss_type, case)) % 1000)
+    B = 6
+    policy, ref = -20 * torch.rand(B, generator=g, dtype=torch.float64), -20 * torch.rand(B, generator=g, dtype=torch.float64)
+    ref_kl = -20 * torch.rand(B, generator=g, dtype=torch.float64)
+    policy_kl = ref_kl + (-1 if case == "kl clamped" else 1) * torch.rand(B, generator=g, dtype=torch.float64)
+    labels = {"mixed": torch.tensor([1, 0, 1, 1, 0, 0]), "only desirable": torch.ones(B),
+              "only undesirable": torch.zeros(B), "kl clamped": torch.tensor([0, 1, 0, 1, 1, 0])}[case].bool()
+    beta, w_d, w_u = 0.3, 1.7, 0.6
+    theirs, m = trl_compute_loss(policy, ref, policy_kl, ref_kl, labels, beta, w_d, w_u, loss_type)
+    z0 = kl_estimate(policy_kl, ref_kl) if loss_type == "kto" else 0.0
+    ours, rewards = kto_loss(policy, ref, labels, z0, beta, w_d, w_u, loss_type)
+    assert abs(ours.item() - theirs.item()) <= 1e-10
+    if loss_type == "kto":
+        assert abs(float(z0) - m["kl"]) <= 1e-10 and (case != "kl clamped" or float(z0) == 0.0)
+    for key, sel in (("rewards/chosen", labels), ("rewards/rejected", ~labels)):
+        if sel.any():
+            assert abs(rewards[sel].mean().item() - m[key]) <= 1e-10
+        else:
+            assert key not in m
+    assert torch.isfinite(ours)
+
+
+# ---- one whole first step against TRL's KTOTrainer ----
+
+def test_first_step_equals_trl_kto_trainer(tiny, tmp_path):
+    """One optimizer step of train_kto.py and of TRL's KTOTrainer on the same tiny model, data and
+    batch: loss, kl and rewards agree. By construction TRL differs in two ways, so the data is
+    built for both to see the same tokens and pairs: (1) TRL's conversational path also trains the
+    newline after <|im_end|>, so TRL gets the chat already rendered as text (its plain-text path:
+    prompt = the template with the generation prompt, completion = content + <|im_end|>, the eos);
+    (2) TRL forms its KL pairs by rotating completions within consecutive rows of the dataset,
+    ours within a seeded group, so TRL's dataset is written in our group's order. With one batch
+    of all examples the loss is a mean, so TRL's row shuffling does not change it. The reference
+    is another random model, so r and z0 are far from 0 at the first step; after the step both
+    policies have moved alike (AdamW's first step, compared relative to how far they moved)."""
+    pytest.importorskip("trl")
+    import datasets
+    import transformers
+    from trl import KTOConfig, KTOTrainer
+    tok = nanopost.Tokenizer(tiny)
+    examples, _ = load_kto([KTO_DATA], tok, 256)
+    examples = examples[:8]
+    rows = [json.loads(line) for line in open(KTO_DATA)]
+    data = tmp_path / "kto8.jsonl"
+    flat = []  # the records behind examples[:8], one example per record
+    for r in rows:
+        if "chosen" in r:
+            flat += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                     {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+        else:
+            flat.append(r)
+    flat = flat[:8]
+    data.write_text("".join(json.dumps(r) + "\n" for r in flat))
+    order = kto_groups(8, 8, seed=0)[0]
+    text = []
+    for i in order:
+        r = flat[i]
+        prompt = [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
+        completion = r["completion"] if isinstance(r["completion"], str) else r["completion"][0]["content"]
+        text.append({"prompt": tok.render_text(prompt, add_generation_prompt=True),
+                     "completion": completion + "<|im_end|>", "label": r["label"]})
+        assert tok.encode(text[-1]["prompt"]) == examples[i].prompt  # the same tokens on both sides
+        assert tok.encode(text[-1]["completion"]) == examples[i].completion
+    from nanopost.testing import make_tiny_checkpoint
+    other = make_tiny_checkpoint(str(tmp_path / "ref"), seed=1)
+    out = tmp_path / "ours"
+    r = run_main(TRAIN_KTO, "--model", tiny, "--ref", other, "--data", data, "--out", out, "--batch-size", 8,
+                 "--max-steps", 1, "--lr", 1e-3, "--beta", 0.2, "--desirable-weight", 1.3, "--max-len", 256)
+    assert r.returncode == 0, r.stderr
+    ours = metrics(out)[0]
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    cfg = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, max_steps=1, learning_rate=1e-3,
+                    beta=0.2, desirable_weight=1.3, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                    max_length=256, seed=0, dataloader_drop_last=False, bf16=False, fp16=False)
+    trainer = KTOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=datasets.Dataset.from_list(text),
+                         processing_class=hf_tok)
+    trainer.train()
+    theirs = next(h for h in trainer.state.log_history if "loss" in h)
+    assert ours["kl"] > 0.1 and abs(ours["rewards/chosen"]) > 0.1  # a first step that says something
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), key
+    s0 = nanopost.load(tiny)[0].state_dict()
+    s1, s2 = nanopost.load(str(out))[0].state_dict(), trainer.model.state_dict()
+    moved = torch.cat([(s1[k] - s0[k]).flatten() for k in s0]).norm()
+    assert moved > 0 and torch.cat([(s1[k] - s2[k]).flatten() for k in s0]).norm() <= 1e-3 * moved
+
+
+# ---- chunked log-probs ----
+
+def test_fused_log_prob_float64_gradcheck_and_chunks():
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 3, 10, 0, 4, 4, 9])
+    assert torch.autograd.gradcheck(lambda h, w: FusedLinearLogProb.apply(h, w, y, 3), (h, w))
+    full = (h @ w.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(FusedLinearLogProb.apply(h, w, y, 2), full, atol=1e-12)
+
+
+def test_sequence_logps_equal_full_logits_and_kl_pairs_carry_no_gradient(tiny):
+    tok = nanopost.Tokenizer(tiny)
+    examples, _ = load_kto([KTO_DATA], tok, 256)
+    model, _ = nanopost.load(tiny)
+    g = [0, 3, 5, 6, 9]
+    ids, labels, pos = collate_kto(g, examples, tok.pad_id, 256)
+    ours = sequence_logps(model, ids, labels, pos, chunk_rows=7)
+    ref = reference_sequence_logps(model, ids, labels, pos)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    ours.sum().backward()
+    g_ours = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ref.sum().backward()
+    for k, p in model.named_parameters():
+        assert (g_ours[k] - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-7, k
+    # the KL pairs (prompt i, completion i-1) and z0 carry no gradient into the loss
+    kl_ids, kl_labels, kl_pos = collate_kto(g, examples, tok.pad_id, 256, kl=True)
+    assert torch.equal(kl_ids[1][:len(examples[3].prompt)], torch.tensor(examples[3].prompt))
+    z0 = kl_estimate(sequence_logps(model, kl_ids, kl_labels, kl_pos), torch.full((5,), -30.0))
+    assert not z0.requires_grad and z0 > 0
+    policy = sequence_logps(model, ids, labels, pos)
+    desirable = torch.tensor([True, False, True, False, True])
+    loss, _ = kto_loss(policy, torch.full((5,), -30.0), desirable, z0)
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    loss2, _ = kto_loss(policy, torch.full((5,), -30.0), desirable, float(z0))
+    for a, b in zip(grads, torch.autograd.grad(loss2, list(model.parameters()))):
+        assert torch.equal(a, b)
+
+
+def largest_tensor_bytes(fn):
+    """The largest tensor any op creates while fn runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.peak = max(Largest.peak, t.numel() * t.element_size())
+            return out
+    with Largest():
+        fn()
+    return Largest.peak
+
+
+def test_chunked_path_memory_stays_flat_as_vocab_times_length_grows(tmp_path):
+    """At a large tiny-model vocabulary the largest tensor of a KTO policy step is one chunk of
+    logits, whatever T; the full-logits path's grows with B x T x V."""
+    from nanopost.model import Qwen2, Qwen2Config
+    cfg = Qwen2Config(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = Qwen2(cfg)
+    peaks = {}
+    for T in (64, 256):
+        ids = torch.randint(0, 1000, (2, T))
+        labels = ids.clone()
+        labels[:, :T // 4] = IGNORE
+        chunked = lambda: sequence_logps(model, ids, labels, chunk_rows=32).sum().backward()  # noqa: E731
+        full = lambda: reference_sequence_logps(model, ids, labels).sum().backward()  # noqa: E731
+        peaks[T] = largest_tensor_bytes(chunked), largest_tensor_bytes(full)
+    assert peaks[64][0] == peaks[256][0] == 32 * 32768 * 4  # one chunk of float32 logits
+    assert peaks[256][1] >= 2 * 256 * 32768 * 4 > 3 * peaks[256][0]  # B x T x V float32
+
+
+# ---- runs ----
+
+COMMON = ["--data", KTO_DATA, "--max-len", 64, "--batch-size", 4, "--lr", 1e-3, "--device", "cpu"]
+
+
+def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, tmp_path):
+    live, pre = tmp_path / "live", tmp_path / "pre"
+    args = ["--model", tiny, *COMMON, "--max-steps", 30, "--val-fraction", 0.2, "--eval-every", 10]
+    r = run_main(TRAIN_KTO, *args, "--out", live)
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN_KTO, *args, "--out", pre, "--precompute-ref")
+    assert r.returncode == 0 and "reference log-probs computed once" in r.stdout, r.stderr
+    m_live, m_pre = metrics(live), metrics(pre)
+    for key in ("loss", "kl", "rewards/chosen", "val_loss"):
+        assert [m.get(key) is None for m in m_pre] == [m.get(key) is None for m in m_live]
+        assert [m[key] for m in m_pre if m.get(key) is not None] == \
+            pytest.approx([m[key] for m in m_live if m.get(key) is not None], rel=1e-5, abs=1e-6), key
+    assert os.listdir(pre / "ref_logps")
+    # learning: the margin between desirable and undesirable rewards and rewards/chosen rise
+    margins = [m["rewards/margins"] for m in m_live if m["rewards/margins"] is not None]
+    chosen = [m["rewards/chosen"] for m in m_live if m["rewards/chosen"] is not None]
+    assert sum(margins[-8:]) / 8 > sum(margins[:8]) / 8 + 0.3
+    assert sum(chosen[-8:]) / 8 > sum(chosen[:8]) / 8
+    assert all(m["n_desirable"] + m["n_undesirable"] == 4 for m in m_live)
+
+
+def torchrun(*args, port):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), TRAIN_KTO, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path, fsdp):
+    """2 processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same groups, the
+    same z0 (averaged over ranks there, over micro-batches here), so the same losses and weights.
+    Then the 2-process step-2 checkpoint resumes in one process to the same end."""
+    from test_sft import assert_same_training
+    common = ["--model", tiny, *COMMON, "--max-steps", 3, "--save-every", 1, "--keep-last", 10]
+    one = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two", port=29520 + fsdp)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("kl", "rewards/chosen", "rewards/rejected"):
+        assert [m[key] for m in m2 if m[key] is not None] == \
+            pytest.approx([m[key] for m in m1 if m[key] is not None], rel=1e-5, abs=1e-6), key
+    assert_same_training(tmp_path / "one", tmp_path / "two", tiny)
+    import shutil
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000003")
+    r = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "two", "--resume")
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
+    assert metrics(tmp_path / "two")[-1]["loss"] == pytest.approx(m1[-1]["loss"], rel=1e-5)
+
+
+def test_sft_then_kto_two_stages_as_in_the_readme(tiny, tmp_path):
+    r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", SFT_DATA, "--out", tmp_path / "sft",
+                 "--max-len", 64, "--batch-size", 8, "--lr", 3e-3, "--max-steps", 10)
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN_KTO, "--model", tmp_path / "sft", *COMMON, "--max-steps", 5, "--out", tmp_path / "kto")
+    assert r.returncode == 0, r.stderr
+    assert len(metrics(tmp_path / "kto")) == 5
+    model, tok = nanopost.load(str(tmp_path / "kto"))
+    assert model.config.vocab_size == nanopost.load(str(tmp_path / "sft"))[0].config.vocab_size
+
+
+# ---- data ----
+
+def test_data_formats_tokens_and_truncation(tiny):
+    tok = nanopost.Tokenizer(tiny)
+    examples, stats = load_kto([KTO_DATA], tok, 256)
+    assert stats["examples"] == 24 and stats["desirable"] == 12  # 4 paired lines -> 8 examples, 16 unpaired
+    ids, mask = tok.render([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}])
+    e = examples[0]
+    assert e.label and e.prompt + e.completion == ids[:len(e.prompt) + len(e.completion)]
+    assert e.completion == [t for t, m in zip(ids, mask) if m]  # exactly the tokens SFT trains
+    assert e.completion[-1] == tok.token_id("<|im_end|>") and len(ids) == len(e.prompt) + len(e.completion) + 1
+    p, c = truncate_kto(list(range(50)), list(range(100, 120)), 40)
+    assert (p, c) == (list(range(30, 50)), list(range(100, 120)))  # the prompt cut from the left first
+    p, c = truncate_kto(list(range(50)), list(range(100, 150)), 40)
+    assert (p, c) == (list(range(30, 50)), list(range(100, 120)))  # then the completion, prompt keeps half
+    g = [KTOExample([1, 2], [3], True), KTOExample([4], [5, 6], False), KTOExample([7, 8, 9], [10], True)]
+    ids, labels, _ = collate_kto([0, 1, 2], g, 0, 64, kl=True)
+    assert ids[0, :3].tolist() == [1, 2, 10] and ids[1, :2].tolist() == [4, 3] and ids[2, :5].tolist() == [7, 8, 9, 5, 6]
+    assert labels[2, :5].tolist() == [IGNORE] * 3 + [5, 6]
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ('{"prompt": "x", "completion": "y"}', r"bad.jsonl:2: expected 'completion' and a boolean 'label'"),
+    ('{"prompt": "x", "completion": "y", "label": "yes"}', r"bad.jsonl:2: expected 'completion' and a boolean"),
+    ('{"prompt": "x", "chosen": "y"}', r"bad.jsonl:2: 'rejected' must be a string"),
+    ('{"prompt": [{"role": "robot", "content": "x"}], "completion": "y", "label": true}', r"bad.jsonl:2: prompt message 0"),
+    ('{"completion": "y", "label": true}', r"bad.jsonl:2: 'prompt' must be"),
+    ('not json', r"bad.jsonl:2: not valid JSON"),
+])
+def test_bad_lines_stop_before_anything_is_written(tiny, tmp_path, line, pattern):
+    import re
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(KTO_DATA).readline() + line + "\n")
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", bad, "--out", tmp_path / "out", "--max-steps", 1)
+    assert r.returncode != 0 and re.search(pattern, r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", bad, "--out", tmp_path / "out2", "--max-steps", 1,
+                 "--batch-size", 1, "--skip-bad-lines")
+    assert r.returncode == 0 and "skipped 1 bad line" in r.stdout, r.stderr
+    with pytest.raises(DataError, match="empty file"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        load_kto([str(tmp_path / "empty.jsonl")], nanopost.Tokenizer(tiny), 64)
+
+
+def test_imbalance_warning_suggests_weights(tiny, tmp_path):
+    r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--max-steps", 1, "--out", tmp_path / "w",
+                 "--desirable-weight", 3)
+    assert r.returncode == 0 and "outside [1, 4/3]: use --desirable-weight in [1.00, 1.33]" in r.stdout, r.stdout

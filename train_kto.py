@@ -1,0 +1,228 @@
+"""KTO (Kahneman-Tversky Optimisation) of a Qwen2 checkpoint on desirable / undesirable completions,
+with TRL's KTOTrainer semantics; also the second stage of the paper's SFT->KTO run.
+
+    # CPU, the tiny offline demo (python -m nanopost.testing runs/tiny first)
+    python train_kto.py --model runs/tiny --data tests/data/kto.jsonl --out runs/kto --max-steps 20 --lr 1e-4
+    # the paper's two stages: SFT, then KTO from the SFT model (the reference is that model too)
+    python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft
+    python train_kto.py --model runs/sft --data kto.jsonl --out runs/sft-kto --device cuda
+    # reference log-probs computed once, then trained without the reference model in memory
+    python train_kto.py --model runs/sft --data kto.jsonl --out runs/sft-kto --precompute-ref
+    # several processes (DDP; gloo on CPU, nccl on GPUs); --fsdp shards weights, grads and AdamW
+    torchrun --nproc_per_node 2 train_kto.py --model runs/tiny --data kto.jsonl --out runs/kto-ddp --max-steps 10
+
+Data (JSONL, TRL's formats): {"prompt", "completion", "label": true|false} or {"prompt", "chosen",
+"rejected"} (one desirable + one undesirable example); a prompt is a string (one user turn) or a
+list of messages. Per example, r = log pi(y|x) - log pi_ref(y|x) summed over the completion tokens
+(the assistant content + <|im_end|>, exactly what SFT trains); the loss is nanopost.losses.kto_loss
+averaged over each micro-batch, with z0 from the KL pairs (prompt i, completion i-1) formed inside
+each micro-batch, averaged over the step's micro-batches and ranks (TRL averages over ranks only:
+the same with --grad-accum 1; ours makes grad-accum k equal k processes). The lm_head runs in row chunks and never holds the full logits.
+Micro-batches are fixed groups of --batch-size examples (a seeded shuffle); epochs reshuffle the
+groups. The loop, checkpoints, exact --resume, Ctrl-C and metrics.jsonl are train_sft.py's
+(nanopost/training.py)."""
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanopost
+from nanopost.checkpoint import CheckpointError, resolve
+from nanopost.data import DataError, collate_kto, kto_groups, load_kto
+from nanopost.losses import kl_estimate, kto_loss, sequence_logps
+from nanopost.training import (StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
+                               parse_training_args, split_validation, start_run, train)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p, "KTO JSONL files: prompt/completion/label or prompt/chosen/rejected")
+    # ---- KTO ----
+    p.add_argument("--ref", default=None, help="reference model (default: --model, the initial policy)")
+    p.add_argument("--beta", type=float, default=0.1, help="KTO beta: how far the policy may move from the reference")
+    p.add_argument("--desirable-weight", type=float, default=1.0, help="lambda_D: weight of desirable examples")
+    p.add_argument("--undesirable-weight", type=float, default=1.0, help="lambda_U: weight of undesirable examples")
+    p.add_argument("--loss-type", choices=["kto", "apo_zero_unpaired"], default="kto",
+                   help="kto: with the KL term z0; apo_zero_unpaired: APO-zero, no KL pass")
+    p.add_argument("--precompute-ref", action="store_true",
+                   help="compute the reference log-probs once (cached in OUT/ref_logps/, keyed by data, reference "
+                        "weights and settings), then train without the reference model in memory")
+    p.set_defaults(lr=1e-6)  # TRL's KTOConfig default
+    return parse_training_args(p, argv, {})
+
+
+def balance_note(n_d, n_u, args) -> str | None:
+    """KTO's paper: (lambda_D n_D) / (lambda_U n_U) should lie in [1, 4/3]; else suggest weights."""
+    if n_d == 0 or n_u == 0:
+        return f"warning: only {'undesirable' if n_d == 0 else 'desirable'} examples; KTO trains, but has nothing to contrast"
+    ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    d = args.undesirable_weight * n_u / n_d
+    u = args.desirable_weight * n_d / n_u
+    return (f"warning: (desirable-weight x {n_d} desirable) / (undesirable-weight x {n_u} undesirable) = {ratio:.2f}, "
+            f"outside [1, 4/3]: use --desirable-weight in [{d:.2f}, {4 / 3 * d:.2f}] or --undesirable-weight in "
+            f"[{3 / 4 * u:.2f}, {u:.2f}] (not both)")
+
+
+def fingerprint(model_dir: str) -> str:
+    """A hash of the reference checkpoint's config and weight files (their bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            h.update(name.encode())
+            with open(os.path.join(model_dir, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        rank, world, device, log = start_run(args)
+
+        # ---- data (all checks before anything is written) ----
+        tok = nanopost.Tokenizer(resolve(args.model))
+        examples, stats = load_kto(args.data, tok, args.max_len, args.skip_bad_lines, log)
+        val = load_kto([args.val], tok, args.max_len, args.skip_bad_lines, log)[0] if args.val else []
+        split_validation([examples], args, val)
+        n_d = sum(e.label for e in examples)
+        log(f"data: {len(examples)} examples ({n_d} desirable, {len(examples) - n_d} undesirable; "
+            f"{stats['prompts_cut']} prompts and {stats['completions_cut']} completions cut to {args.max_len} tokens, "
+            f"{stats['bad_lines']} bad lines skipped), {len(val)} validation")
+        if note := balance_note(n_d, len(examples) - n_d, args):
+            log(note)
+        groups, val_groups = kto_groups(len(examples), args.batch_size, args.seed), kto_groups(len(val), args.batch_size, args.seed)
+        groups_per_step = args.grad_accum * world
+        steps_per_epoch = len(groups) // groups_per_step
+        if steps_per_epoch == 0:
+            sys.exit(f"error: fewer micro-batches ({len(groups)} of --batch-size {args.batch_size}) than one optimizer "
+                     f"step needs ({groups_per_step} = grad-accum x processes); lower --batch-size or --grad-accum")
+        total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+        # ---- the policy (from the latest checkpoint with --resume), optimizer; the reference ----
+        run = load_policy(args, sequence_logps, world, device, log)
+        ref_dir = resolve(args.ref or args.model)  # the initial policy, also when resuming
+        ref_model, _ = nanopost.load(ref_dir, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                                     device=device)
+        ref_model.requires_grad_(False)
+    except (DataError, CheckpointError, StateError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    use_kl = args.loss_type == "kto"
+    mean_over_ranks = lambda x: all_reduce_sum(x.clone()) / world  # noqa: E731
+
+    def batch(data, group, kl=False):
+        return [t.to(device) for t in collate_kto(group, data, tok.pad_id, args.max_len, kl=kl)]
+
+    @torch.no_grad()
+    def live_reference(data, group, kl):
+        with run.autocast():
+            return sequence_logps(ref_model, *batch(data, group, kl))
+
+    # ---- --precompute-ref: the reference log-probs of every example and KL pair, once ----
+    table = {}
+    if args.precompute_ref:
+        key = hashlib.sha256(json.dumps({
+            "ref": fingerprint(ref_dir), "max_len": args.max_len, "precision": args.precision, "kl": use_kl,
+            "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
+                     for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
+        path = os.path.join(args.out, "ref_logps", f"{key}.safetensors")
+        if os.path.exists(path):
+            table = load_file(path, device=str(device))
+            log(f"reference log-probs: {path}")
+        else:
+            for name, data, gs in (("train", examples, groups), ("val", val, val_groups)):
+                for kind in ("ref", "ref_kl") if use_kl else ("ref",):
+                    t = torch.zeros(len(data), device=device)
+                    for gi, g in enumerate(gs):  # each rank its share, then summed: every rank has all
+                        if gi % world == rank:
+                            t[g] = live_reference(data, g, kind == "ref_kl").to(t.dtype)
+                    table[f"{name}.{kind}"] = all_reduce_sum(t)
+            if rank == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file({k: v.cpu() for k, v in table.items()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
+                log(f"reference log-probs computed once: {path}")
+        del ref_model
+        gc.collect()
+
+    def reference(name, data, group, kl=False):
+        if table:
+            return table[f"{name}.{'ref_kl' if kl else 'ref'}"][group]
+        return live_reference(data, group, kl)
+
+    @torch.no_grad()
+    def kl_ratios(name, data, group):
+        """The KL pairs' policy - reference log-probs of one micro-batch (no gradient)."""
+        with run.autocast():
+            return run.wrapped(*batch(data, group, kl=True)) - reference(name, data, group, kl=True)
+
+    def micro_batch(name, data, group, z0, sync=True, accum=1):
+        """The policy pass -> (loss, rewards, policy logps, desirable); with gradients on, backward
+        runs here (scaled for accumulation)."""
+        desirable = torch.tensor([data[i].label for i in group], device=device)
+        with grad_sync(run.wrapped, sync), run.autocast():
+            logps = run.wrapped(*batch(data, group))
+            loss, rewards = kto_loss(logps, reference(name, data, group), desirable, z0, args.beta,
+                                     args.desirable_weight, args.undesirable_weight, args.loss_type)
+            if torch.is_grad_enabled():
+                (loss / accum).backward()  # a mean of micro-batch means; DDP/FSDP2 average over ranks
+        return loss.detach(), rewards, logps.detach(), desirable
+
+    # ---- one optimizer step: this rank's micro-batches ----
+    epoch_groups = {}
+
+    def step_fn(step, epoch, k):
+        if epoch not in epoch_groups:  # same groups every epoch, in an order shuffled by (seed, epoch)
+            epoch_groups.clear()
+            epoch_groups[epoch] = groups[:]
+            random.Random(args.seed * 1000 + epoch).shuffle(epoch_groups[epoch])
+        mine = epoch_groups[epoch][k * groups_per_step:(k + 1) * groups_per_step][rank::world]
+        # z0 of the step: the KL pairs of all its micro-batches on all ranks (one estimate, so that
+        # grad-accum k equals k processes; with grad-accum 1 it is TRL's: the ranks' mean)
+        z0 = torch.zeros((), device=device)
+        if use_kl:
+            z0 = kl_estimate(torch.stack([kl_ratios("train", examples, g).mean() for g in mine]), 0, mean_over_ranks)
+        sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, n_d, n_u, rewards d/u, logps d/u
+        for j, g in enumerate(mine):
+            loss, rewards, logps, d = micro_batch("train", examples, g, z0, sync=j == len(mine) - 1, accum=len(mine))
+            u, n_tokens = ~d, sum(len(examples[i].prompt) + len(examples[i].completion) for i in g)
+            sums += torch.stack([t.to(sums) for t in (loss, torch.tensor(n_tokens), d.sum(), u.sum(),
+                                                      rewards[d].sum(), rewards[u].sum(), logps[d].sum(), logps[u].sum())])
+        loss, tokens, n_d, n_u, r_d, r_u, l_d, l_u = all_reduce_sum(sums).tolist()
+        per = lambda s, n: s / n if n else None  # noqa: E731  (null in metrics.jsonl: no such example this step)
+        m = {"loss": loss / (len(mine) * world), "kl": z0.item(), "rewards/chosen": per(r_d, n_d),
+             "rewards/rejected": per(r_u, n_u), "logps/chosen": per(l_d, n_d), "logps/rejected": per(l_u, n_u),
+             "n_desirable": int(n_d), "n_undesirable": int(n_u), "tokens": tokens}
+        m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"] if n_d and n_u else None
+        return m
+
+    @torch.no_grad()
+    def val_loss():
+        if not val_groups:
+            return None
+        run.model.eval()
+        # every rank the whole (small) validation set, z0 per micro-batch: no collective to pair up
+        losses = [micro_batch("val", val, g, kl_estimate(kl_ratios("val", val, g), 0) if use_kl else 0.0)[0].item()
+                  for g in val_groups]
+        run.model.train()
+        return sum(losses) / len(losses)
+
+    meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
+            "batch_size": args.batch_size}
+    try:
+        train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_loss, rank, world, device, log)
+    except StateError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
