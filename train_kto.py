@@ -25,7 +25,6 @@ import argparse
 import gc
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -38,7 +37,7 @@ from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
-                               parse_training_args, split_validation, start_run, train)
+                               parse_training_args, plan_steps, split_validation, start_run, train)
 
 
 def parse_args(argv=None):
@@ -102,11 +101,8 @@ def main(argv=None):
             log(note)
         groups, val_groups = kto_groups(len(examples), args.batch_size, args.seed), kto_groups(len(val), args.batch_size, args.seed)
         groups_per_step = args.grad_accum * world
-        steps_per_epoch = len(groups) // groups_per_step
-        if steps_per_epoch == 0:
-            sys.exit(f"error: fewer micro-batches ({len(groups)} of --batch-size {args.batch_size}) than one optimizer "
-                     f"step needs ({groups_per_step} = grad-accum x processes); lower --batch-size or --grad-accum")
-        total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+        steps_per_epoch, total = plan_steps(len(groups), groups_per_step, args,
+                                            f"micro-batches of --batch-size {args.batch_size}", "grad-accum x processes")
 
         # ---- the policy (from the latest checkpoint with --resume), optimizer; the reference ----
         run = load_policy(args, sequence_logps, world, device, log)

@@ -21,7 +21,6 @@ keyed by name, so a run may resume with a different number of processes or with/
 while batch-size x grad-accum x processes stays the same. A non-empty --out needs --resume or
 --overwrite."""
 import argparse
-import math
 import random
 import sys
 
@@ -33,7 +32,7 @@ from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
-                               parse_training_args, split_validation, start_run, train)
+                               parse_training_args, plan_steps, split_validation, start_run, train)
 
 
 def parse_args(argv=None):
@@ -107,11 +106,8 @@ def main(argv=None):
         train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
         all_rows = make_rows(train_examples, args)
         rows_per_step = args.batch_size * args.grad_accum * world
-        steps_per_epoch = len(all_rows) // rows_per_step
-        if steps_per_epoch == 0:
-            sys.exit(f"error: fewer rows than one optimizer step needs ({rows_per_step} = batch-size x grad-accum x "
-                     f"processes); lower --batch-size or --grad-accum")
-        total = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+        steps_per_epoch, total = plan_steps(len(all_rows), rows_per_step, args, "rows",
+                                            "batch-size x grad-accum x processes")
 
         # ---- model (from the latest checkpoint with --resume), optimizer ----
         run = load_policy(args, sft_loss_sum, world, device, log)

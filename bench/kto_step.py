@@ -18,11 +18,9 @@ Each side runs in its own process; the median of --steps timed steps after one w
 import argparse
 import json
 import os
-import resource
-import statistics
 import time
 
-from sides import DEFAULT_MODEL, run_side  # bench/sides.py
+from sides import DEFAULT_MODEL, run_side, timed_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, B, T, precision, steps, device):
@@ -68,11 +66,7 @@ def worker(impl, model_dir, B, T, precision, steps, device):
             token = logits.log_softmax(-1).gather(2, y.clamp(min=0)[..., None]).squeeze(2)
             return (token * (y != -100)).sum(-1)
     model.train()
-    times = []
-    for i in range(steps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def step():
         with autocast():
             with torch.no_grad():
                 kl_policy = logps(model, kl_ids, kl_labels)
@@ -83,14 +77,10 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    out = {"tokens_per_s": B * T / statistics.median(times), "step_s": statistics.median(times), "peak_gb": peak,
-           "loss": loss.item()}
+        losses.append(loss.item())
+    losses = []
+    step_s, peak = timed_steps(step, steps, device)
+    out = {"tokens_per_s": B * T / step_s, "step_s": step_s, "peak_gb": peak, "loss": losses[0]}
     if table:
         out["ref_pass_s"] = ref_pass
     return out

@@ -13,11 +13,8 @@ Each (implementation, T) runs in its own process; the table prints the median st
 import argparse
 import json
 import os
-import resource
-import statistics
-import time
 
-from sides import DEFAULT_MODEL, run_side  # bench/sides.py
+from sides import DEFAULT_MODEL, run_side, timed_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, T, precision, steps, device):
@@ -46,27 +43,18 @@ def worker(impl, model_dir, T, precision, steps, device):
 
         def loss_fn(ids):
             return model(input_ids=ids, labels=ids, use_cache=False).loss
-    times = []
-    for i in range(steps + 1):
+    def step():
         ids = torch.randint(0, 150000, (1, T), device=device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         with autocast:
             loss = loss_fn(ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {"tokens_per_s": T / statistics.median(times), "step_s": statistics.median(times), "peak_gb": peak,
-            "loss": loss.item()}
-
+        losses.append(loss.item())
+    losses = []
+    step_s, peak = timed_steps(step, steps, device)
+    return {"tokens_per_s": T / step_s, "step_s": step_s, "peak_gb": peak, "loss": losses[-1]}
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -443,6 +443,16 @@ def start_run(args):
     return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
 
 
+def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: str):
+    """-> (steps per epoch, total steps) for `units` rows or micro-batches an epoch; a StateError
+    when not even one optimizer step fits."""
+    steps_per_epoch = units // units_per_step
+    if steps_per_epoch == 0:
+        raise StateError(f"fewer {what} ({units}) than one optimizer step needs ({units_per_step} = {per_step_what}); "
+                         f"lower --batch-size or --grad-accum")
+    return steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+
 def split_validation(per_file, args, val_examples):
     """--val-fraction: a seeded share of every training file moves to validation (in place)."""
     if not args.val and args.val_fraction > 0:
