@@ -265,7 +265,7 @@ def test_empty_file(tmp_path, tiny):
         load_sft([str(tmp_path / "missing.jsonl")], nanopost.Tokenizer(tiny), 64)
     r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA, "--out", tmp_path / "big",
                  "--batch-size", 64)
-    assert r.returncode != 0 and "fewer rows (16) than one optimizer step needs (64" in r.stderr, r.stderr
+    assert r.returncode != 0 and "fewer rows (1) than one optimizer step needs (64" in r.stderr, r.stderr
     assert not (tmp_path / "big").exists()
 
 
