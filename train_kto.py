@@ -127,7 +127,8 @@ def main(argv=None):
     table = {}
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
-            "ref": fingerprint(ref_dir), "max_len": args.max_len, "precision": args.precision, "kl": use_kl,
+            "version": 1, "ref": fingerprint(ref_dir), "max_len": args.max_len, "precision": args.precision,
+            "device": device.type, "kl": use_kl,  # version: bump when sequence_logps or the KL pairs change
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
         path = os.path.join(args.out, "ref_logps", f"{key}.safetensors")

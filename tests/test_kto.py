@@ -342,3 +342,15 @@ def test_imbalance_warning_suggests_weights(tiny, tmp_path):
     r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--max-steps", 1, "--out", tmp_path / "w",
                  "--desirable-weight", 3)
     assert r.returncode == 0 and "outside [1, 4/3]: use --desirable-weight in [1.00, 1.33]" in r.stdout, r.stdout
+
+
+def test_precomputed_reference_cache_is_keyed_on_the_reference_and_the_data(tiny, tmp_path):
+    from nanopost.testing import make_tiny_checkpoint
+    other = make_tiny_checkpoint(str(tmp_path / "other"), seed=1)
+    out, args = tmp_path / "k", ["--model", tiny, *COMMON, "--max-steps", 1, "--precompute-ref"]
+    assert run_main(TRAIN_KTO, *args, "--out", out).returncode == 0
+    r = run_main(TRAIN_KTO, *args, "--out", out, "--overwrite")
+    assert r.returncode == 0 and "reference log-probs: " in r.stdout  # the same run reuses it
+    assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--ref", other).returncode == 0
+    assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--max-len", 48).returncode == 0
+    assert len(os.listdir(out / "ref_logps")) == 3  # another reference or other tokens: computed anew
