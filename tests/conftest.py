@@ -16,10 +16,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_model_dir():
-    """The real checkpoint from ../shared/tools/get-real-qwen2.sh, or skip."""
+    """A real Qwen2-architecture checkpoint (see the README's test section), or skip."""
     d = os.environ.get("NANOPOST_REAL_MODEL", REAL_DEFAULT)
     if not os.path.exists(os.path.join(d, "model.safetensors")):
-        pytest.skip(f"real checkpoint not found at {d} (run ../shared/tools/get-real-qwen2.sh)")
+        pytest.skip(f"real checkpoint not found at {d} (hf download Qwen/Qwen2.5-Coder-0.5B-Instruct --local-dir {d}, "
+                    f"or set NANOPOST_REAL_MODEL)")
     return d
 
 

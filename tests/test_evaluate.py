@@ -15,7 +15,7 @@ from nanopost.tasks import choice, gsm8k
 from nanopost.testing import make_tiny_checkpoint, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "benchmarks")
+SHARED = os.environ.get("NANOPOST_DATA", os.path.join(ROOT, "..", "shared", "benchmarks"))  # evaluate.py --download
 sys.path.insert(0, ROOT)  # evaluate.py's helpers
 from evaluate import letter_logprobs, subset  # noqa: E402  (evaluate.py at the repo root)
 
@@ -28,9 +28,9 @@ WRONG, RIGHT = "def add(a, b):\n    return a - b\n", "def add(a, b):\n    return
 
 @pytest.fixture(scope="module")
 def shared():
-    """The paper's benchmark files (../shared/benchmarks), or skip."""
+    """The paper's benchmark files ($NANOPOST_DATA, else the developers' ../shared/benchmarks), or skip."""
     if not os.path.isdir(SHARED):
-        pytest.skip("../shared/benchmarks not found")
+        pytest.skip(f"benchmark files not found at {SHARED} (evaluate.py --download --data-dir DIR, then NANOPOST_DATA=DIR)")
     return SHARED
 
 
