@@ -36,13 +36,13 @@ import nanopost
 from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-from nanopost.training import (StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
+from nanopost.training import (StateError, add_training_args, all_reduce_sum, data_hash, grad_sync, load_policy,
                                parse_training_args, plan_steps, split_validation, start_run, train)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p, "KTO JSONL files: prompt/completion/label or prompt/chosen/rejected")
+    add_training_args(p, "KTO JSONL files: prompt/completion/label or prompt/chosen/rejected", row="examples")
     # ---- KTO ----
     p.add_argument("--ref", default=None, help="reference model (default: --model, the initial policy)")
     p.add_argument("--beta", type=float, default=0.1, help="KTO beta: how far the policy may move from the reference")
@@ -54,7 +54,10 @@ def parse_args(argv=None):
                    help="compute the reference log-probs once (cached in OUT/ref_logps/, keyed by data, reference "
                         "weights and settings), then train without the reference model in memory")
     p.set_defaults(lr=1e-6)  # TRL's KTOConfig default
-    return parse_training_args(p, argv, {})
+    args = parse_training_args(p, argv, {})
+    if min(args.beta, args.desirable_weight, args.undesirable_weight) <= 0:
+        p.error("--beta, --desirable-weight and --undesirable-weight must be positive")
+    return args
 
 
 def balance_note(n_d, n_u, args) -> str | None:
@@ -214,7 +217,9 @@ def main(argv=None):
         return sum(losses) / len(losses)
 
     meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
+            "reference": os.path.abspath(ref_dir),
+            "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)]))}
     try:
         train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_loss, rank, world, device, log)
     except StateError as e:

@@ -31,8 +31,8 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, grad_sync, load_policy,
-                               parse_training_args, plan_steps, split_validation, start_run, train)
+from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, data_hash, grad_sync,
+                               load_policy, parse_training_args, plan_steps, split_validation, start_run, train)
 
 
 def parse_args(argv=None):
@@ -138,7 +138,9 @@ def main(argv=None):
                 "tokens": all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()}
 
     try:
-        train(args, run, tok, total, steps_per_epoch, {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch},
+        meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
+                "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels))}
+        train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)
     except StateError as e:

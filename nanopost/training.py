@@ -2,6 +2,7 @@
 no-decay groups, warmup + cosine schedule, checkpoint + exact resume, the progress line and
 metrics.jsonl."""
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -281,19 +282,26 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     processes and the rows per epoch must be what the checkpoint was written with."""
     whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
-             "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)"}
+             "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
+             "seed": "--seed (it orders the data and splits validation)",
+             "data": "training data (a hash of its tokens: a data file, --max-len or the tokenizer changed)",
+             "precision": "--precision (the optimizer state is kept in its dtype)",
+             "reference": "reference model"}
     for key, what in whats.items():
         if key in saved and key in meta and saved[key] != meta[key]:
-            raise StateError(f"{ckpt}: written with {saved[key]} {what}, this run has {meta[key]}; resuming would "
-                             f"repeat or skip rows. Keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} "
-                             f"and the same data (e.g. 2 processes x --batch-size 2 resume as 1 process x "
-                             f"--batch-size 2 --grad-accum 2)")
+            hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
+                    f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
+                if key == "rows_per_step" else "resume with what the run started with, or start a new run"
+            raise StateError(f"{ckpt}: written with {what} = {saved[key]}, this run has {meta[key]}; resuming would "
+                             f"not continue that run: {hint}")
 
 
 def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """A new run never mixes with an old one: without --resume or --overwrite a non-empty out_dir
     is refused (its checkpoints would be pruned by name against ours, and --resume would later
     load them)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise StateError(f"--out {out_dir} is a file, not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
@@ -301,11 +309,12 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
 
 def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """check_out_dir, then with --overwrite (and no --resume) the old run's checkpoints and
-    metrics go. Call it once every other check has passed (on every rank): it is the first write."""
+    metrics and final model go. Call it once every other check has passed (on every rank): it is the first write."""
     if os.path.isdir(out_dir) and overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
-        for name in ("metrics.jsonl", "args.json"):
-            if os.path.exists(os.path.join(out_dir, name)):
+        for name in os.listdir(out_dir):  # and its final model, which would otherwise pass for ours
+            if name in ("metrics.jsonl", "args.json", "config.json") or name.startswith("model") and \
+                    name.endswith((".safetensors", ".safetensors.index.json")):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -381,7 +390,7 @@ class Progress:
 
 # ---- what a training script does the same way: flags, setup, the loop ----
 
-def add_training_args(p, data_help: str):
+def add_training_args(p, data_help: str, row: str = "rows"):
     """The flags train_sft.py and train_kto.py share (each adds its own after these)."""
     # ---- model and data ----
     p.add_argument("--model", required=True, help="checkpoint directory or hub id to start from")
@@ -392,7 +401,7 @@ def add_training_args(p, data_help: str):
     p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
     # ---- optimisation ----
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch per process")
+    p.add_argument("--batch-size", type=int, default=4, help=f"{row} per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
@@ -413,7 +422,7 @@ def add_training_args(p, data_help: str):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     # ---- checkpoints and logs ----
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints (at least 1)")
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0 = at the end)")
     p.add_argument("--log-every", type=int, default=1, help="log line + metrics.jsonl every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -428,6 +437,13 @@ def parse_training_args(p, argv, presets: dict):
     if getattr(args, "preset", None):
         p.set_defaults(**presets[args.preset])
     args = p.parse_args(argv)
+    for flag in ("batch_size", "grad_accum", "keep_last", "max_len"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warmup_ratio > 0 and args.warmup_steps is not None:
+        if args.warmup_steps != p.get_default("warmup_steps"):
+            p.error("give --warmup-steps or --warmup-ratio, not both")
+        args.warmup_steps = None  # the preset's warmup steps yield to an explicit ratio
     if args.precision is None:
         args.precision = "bf16-autocast" if args.device.startswith("cuda") else "fp32"
     return args
@@ -441,6 +457,14 @@ def start_run(args):
     random.seed(args.seed)
     check_out_dir(args.out, args.resume, args.overwrite)
     return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
+
+
+def data_hash(sequences) -> str:
+    """A short hash of token sequences (what a resume must find unchanged)."""
+    h = hashlib.sha256()
+    for seq in sequences:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()[:16]
 
 
 def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: str):
@@ -544,7 +568,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, mfu_seq_len or args.max_len) / (peak * world)
             if args.eval_every and step % args.eval_every == 0:
                 metrics["val_loss"] = val_fn()
-            if step % args.log_every == 0 or step == total:
+            if step % args.log_every == 0 or step == total or "val_loss" in metrics:
                 progress.log(step, **metrics)
             saved_now = args.save_every and step % args.save_every == 0 and step < total
             if saved_now:
@@ -553,8 +577,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
                 log(f"interrupted: saved {path}; continue with --resume", flush=True)
                 sys.exit(130)
-    val = val_fn()
-    checkpoint(step, final=True)
+        val = val_fn()  # a Ctrl-C from here on waits for the final model: the run is complete then
+        checkpoint(step, final=True)
     progress.close()
     log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))
     if world > 1:

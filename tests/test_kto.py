@@ -255,9 +255,9 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
     assert all(m["n_desirable"] + m["n_undesirable"] == 4 for m in m_live)
 
 
-def torchrun(*args, port):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), TRAIN_KTO, *map(str, args)], capture_output=True, text=True, timeout=600)
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           TRAIN_KTO, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
@@ -269,7 +269,7 @@ def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path
     common = ["--model", tiny, *COMMON, "--max-steps", 3, "--save-every", 1, "--keep-last", 10]
     one = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two", port=29520 + fsdp)
+    two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for key in ("kl", "rewards/chosen", "rewards/rejected"):

@@ -173,9 +173,9 @@ def test_ctrl_c_saves_a_checkpoint_then_resume(tmp_path, tiny):
     assert [m["step"] for m in metrics(out)] == list(range(1, step + 3))
 
 
-def torchrun(*args, port=29517):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), os.path.join(ROOT, "train_sft.py"), *map(str, args)],
+def torchrun(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           os.path.join(ROOT, "train_sft.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -217,7 +217,7 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, tiny):
               "--save-every", 1, "--keep-last", 10, "--grad-accum", 2, "--val-fraction", 0.2, "--eval-every", 2]
     one = train(*common, "--batch-size", 2, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    fsdp = torchrun(*common, "--batch-size", 1, "--fsdp", "--out", tmp_path / "fsdp", port=29518)
+    fsdp = torchrun(*common, "--batch-size", 1, "--fsdp", "--out", tmp_path / "fsdp")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "2 process(es) (FSDP2)" in fsdp.stdout
     assert_same_training(tmp_path / "one", tmp_path / "fsdp", tiny)
@@ -228,7 +228,8 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, tiny):
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-0000002", mixed / "step-0000002")
     refused = run_main(os.path.join(ROOT, "train_sft.py"), *common, "--batch-size", 1, "--out", tmp_path / "mixed",
                        "--resume")  # 1 row x 2 accum x 1 process: every later step would see other rows
-    assert refused.returncode != 0 and "written with 4 rows per optimizer step" in refused.stderr, refused.stderr
+    assert refused.returncode != 0 and "(batch-size x grad-accum x processes) = 4, this run has 2" in refused.stderr, \
+        refused.stderr
     r = train(*common, "--batch-size", 2, "--out", tmp_path / "mixed", "--resume")
     assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
     s0, s1, s3 = final_state(tiny), final_state(tmp_path / "one"), final_state(tmp_path / "mixed")

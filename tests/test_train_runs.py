@@ -195,8 +195,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_then_resumes_in_one_
     out = tmp_path / "ddp"
     args = ["--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 1, "--grad-accum", 2,
             "--max-steps", 100000, "--device", "cpu"]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29519", TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl")
@@ -231,3 +231,66 @@ def test_latest_checkpoint_skips_temporary_folders_and_recovers_a_cut_replace(tm
     os.rename(root / "step-0000004", root / ".old-step-0000004")  # a replace cut between its two renames
     assert latest_checkpoint(str(tmp_path / "run")) == str(root / "step-0000004")
     assert not os.path.exists(root / ".old-step-0000004")
+
+
+def test_ctrl_c_during_the_final_validation_still_saves_the_model(tiny, tmp_path, monkeypatch):
+    """A signal after the last step waits for the final model: the run is complete then."""
+    import nanopost.training as training
+    real = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or real(*a, **k))
+    out = tmp_path / "final"
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 4,
+                 "--max-steps", 2, "--val-fraction", 0.25)
+    assert r.returncode == 0 and '"steps": 2' in r.stdout, r.stdout + r.stderr
+    assert os.path.exists(out / "config.json") and latest_checkpoint(str(out)).endswith("step-0000002")
+
+
+def test_overwrite_removes_the_old_final_model(tmp_path, baseline):
+    import shutil
+    from nanopost.training import prepare_out_dir
+    out = tmp_path / "ow"
+    shutil.copytree(baseline, out)
+    (out / "notes.txt").write_text("mine")
+    prepare_out_dir(str(out), resume=False, overwrite=True)
+    left = os.listdir(out)
+    assert "notes.txt" in left and not [n for n in left if n.startswith("model") or n in (
+        "config.json", "checkpoints", "metrics.jsonl", "args.json")]  # nothing that passes for the new run
+
+
+def test_resume_refuses_another_seed_precision_or_data(tiny, tmp_path, baseline):
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(DATA).read().replace("Paris.", "Lyon."))
+    for extra, what in ((["--seed", 1], "--seed"), (["--precision", "bf16"], "--precision"),
+                        (["--data", other], "training data")):
+        r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))
+        assert r.returncode != 0 and f"written with {what}" in r.stderr, r.stderr
+    assert len(losses(baseline)) == 4  # untouched
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", 0], "--batch-size must be at least 1"),
+    (["--grad-accum", 0], "--grad-accum must be at least 1"),
+    (["--keep-last", 0], "--keep-last must be at least 1"),
+    (["--warmup-steps", 3, "--warmup-ratio", 0.1], "not both"),
+])
+def test_flags_that_cannot_work_are_refused(tiny, tmp_path, argv, message):
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_preset_warmup_yields_to_an_explicit_ratio_and_val_loss_is_always_logged(tiny, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_sft_args2", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = module.parse_args(["--model", "m", "--data", "d", "--out", "o", "--preset", "paper", "--warmup-ratio", "0.5"])
+    assert a.warmup_steps is None and a.warmup_ratio == 0.5
+    (tmp_path / "f").write_text("")
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "f")
+    assert r.returncode != 0 and "is a file, not a directory" in r.stderr
+    out = tmp_path / "v"
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 2,
+                 "--max-steps", 6, "--val-fraction", 0.25, "--eval-every", 2, "--log-every", 3)
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in m] == [2, 4, 6]

@@ -68,12 +68,13 @@ EXTRACTION = [re.compile(p) for p in (
     r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B
     r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?\s*(?i:option\s*)?" + LETTER,
-    # B is correct, C is the right one, C是正确的, 选项D正确
-    r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right)",
+    # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
+    r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?\s*[:：]?\s*" + LETTER,
-    # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the article
-    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER,
+    # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
+    # article and a letter after "not" / "不是" is the one ruled out ("the answer is not A, it is B")
+    r"(?<![A-Za-z])(?<!not )(?<!不是)(?!A\s+[a-z])" + LETTER,
 )]
 
 
