@@ -18,8 +18,9 @@ refuses writes outside the scratch directory and disables process, signal and fi
 It is NOT a security boundary: the guard is Python code that determined code can undo (ctypes,
 re-importing internals); the process runs as the same user, can read any file that user can read,
 and can use the network; there is no seccomp, namespace, container or chroot; code that reads its
-own program file can print the pass token without passing. Run untrusted models' code inside a
-container or VM if that matters."""
+own program file can print the pass token without passing, and a function returning an object
+whose __eq__ always answers True passes the tests' comparisons (as in OpenAI's human-eval). Run
+untrusted models' code inside a container or VM if that matters."""
 import json
 import os
 import re
