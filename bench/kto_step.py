@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from sides import DEFAULT_MODEL, run_side, timed_steps  # bench/sides.py
+from sides import DEFAULT_MODEL, run_side, timed_train_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, B, T, precision, steps, device):
@@ -66,21 +66,15 @@ def worker(impl, model_dir, B, T, precision, steps, device):
             token = logits.log_softmax(-1).gather(2, y.clamp(min=0)[..., None]).squeeze(2)
             return (token * (y != -100)).sum(-1)
     model.train()
-    def step():
+
+    def loss_fn():
         with autocast():
             with torch.no_grad():
                 kl_policy = logps(model, kl_ids, kl_labels)
                 ref_main, ref_kl = table if table else (logps(ref, ids, labels), logps(ref, kl_ids, kl_labels))
-            z0 = kl_estimate(kl_policy, ref_kl)
-            loss, _ = kto_loss(logps(model, ids, labels), ref_main, desirable, z0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    losses = []
-    step_s, peak = timed_steps(step, steps, device)
-    out = {"tokens_per_s": B * T / step_s, "step_s": step_s, "peak_gb": peak, "loss": losses[0]}
+            return kto_loss(logps(model, ids, labels), ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
+    out = timed_train_steps(loss_fn, model, opt, steps, device)
+    out["tokens_per_s"] = B * T / out["step_s"]
     if table:
         out["ref_pass_s"] = ref_pass
     return out

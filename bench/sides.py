@@ -20,20 +20,26 @@ def run_side(script: str, argv: list[str], what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def timed_steps(step, steps: int, device: str) -> tuple[float, float]:
-    """-> (median seconds of `steps` calls of step() after one warm-up call, peak GB: CUDA memory
-    allocated, or the process's peak RSS on a CPU)."""
+def timed_train_steps(loss_fn, model, opt, steps: int, device: str) -> dict:
+    """Optimizer steps (loss_fn() -> loss, backward, clip to 1.0, opt.step) -> {"step_s": the median of
+    `steps` timed steps after one warm-up step, "peak_gb": CUDA memory allocated or, on a CPU, the
+    process's peak RSS, "loss": the first step's loss}."""
     import torch
-    times = []
+    times, losses = [], []
     for i in range(steps + 1):
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        step()
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
         if device == "cuda":
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return statistics.median(times), peak
+    return {"step_s": statistics.median(times), "peak_gb": peak, "loss": losses[0]}

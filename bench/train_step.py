@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from sides import DEFAULT_MODEL, run_side, timed_steps  # bench/sides.py
+from sides import DEFAULT_MODEL, run_side, timed_train_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, T, precision, steps, device):
@@ -43,18 +43,11 @@ def worker(impl, model_dir, T, precision, steps, device):
 
         def loss_fn(ids):
             return model(input_ids=ids, labels=ids, use_cache=False).loss
-    def step():
-        ids = torch.randint(0, 150000, (1, T), device=device)
+    def fresh_batch_loss():
         with autocast:
-            loss = loss_fn(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    losses = []
-    step_s, peak = timed_steps(step, steps, device)
-    return {"tokens_per_s": T / step_s, "step_s": step_s, "peak_gb": peak, "loss": losses[-1]}
+            return loss_fn(torch.randint(0, 150000, (1, T), device=device))
+    out = timed_train_steps(fresh_batch_loss, model, opt, steps, device)
+    return {**out, "tokens_per_s": T / out["step_s"]}
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
