@@ -153,6 +153,8 @@ def per_task(p, flag, value, names, applies) -> dict:
         task, _, n = (x.strip() for x in item.partition("="))
         if task not in applies or not n.isdigit():
             p.error(f"{flag} {item!r}: expected TASK=N with TASK one of {', '.join(applies)}")
+        if task in out:
+            p.error(f"{flag} names {task} twice")
         out[task] = int(n)
     return out
 

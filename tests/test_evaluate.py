@@ -68,6 +68,9 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("3 apples + 4 apples = 7.0") == "7"
     assert gsm8k.extract("no number here") is None
     assert gsm8k.extract("It takes between 5-6 hours, so 6") == "6"  # a dash, not a minus
+    assert gsm8k.extract("The temperature drops to \u22123 degrees.") == "-3"  # the Unicode minus
+    assert gsm8k.extract("Count them: 1,2,3") == "3"  # a list, not the number 123
+    assert gsm8k.extract("He earns 12,345 dollars and 1,000,000 later") == "1000000"
     assert gsm8k.extract("He spends 2-3=-1 hours") == "-1"
     assert gsm8k.extract("Each costs .5 dollars, so the answer is .5") == "0.5"
     ex = {"answer": "72"}
@@ -227,6 +230,10 @@ def test_shots_and_new_tokens_per_task(tmp_path, tiny, data_dir):
     assert code != 0 and "ambiguous" in err and "--shots mmlu=5" in err  # never gsm8k 5-shot silently
     code, err, _ = evaluate(*base, "--tasks", "gsm8k,humaneval", "--max-new-tokens", 64)
     assert code != 0 and "ambiguous" in err
+    code, err, _ = evaluate(*base, "--tasks", "mmlu", "--shots", "mmlu=5,mmlu=0")
+    assert code != 0 and "names mmlu twice" in err
+    code, err, _ = evaluate(*base, "--tasks", "mmlu", "--shots", "mmlu=99")
+    assert code != 0 and "--shots 99, but its dev split has" in err  # never fewer exemplars than recorded
     code, err, res = evaluate(*base, "--tasks", "gsm8k,mmlu,humaneval", "--shots", "mmlu=2", "--max-new-tokens", "gsm8k=5")
     assert code == 0, err
     settings = {t: (r["settings"]["shots"], r["settings"]["max_new_tokens"]) for t, r in res[tiny].items()}

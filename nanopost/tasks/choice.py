@@ -50,7 +50,10 @@ def load(task: str, data_dir: str, shots: int = 0):
         info = mapping.get(subject, {"name": subject.replace("_", " "), "category": "Other"})
         prefix = HEAD[task].format(name=info["name"])
         if shots:
-            prefix += "".join(format_question(task, q, o, a) for q, o, a in read_csv(task, dev[subject])[:shots])
+            exemplars = read_csv(task, dev[subject])
+            if len(exemplars) < shots:  # never fewer than the results say
+                raise ValueError(f"{task} {subject}: --shots {shots}, but its dev split has {len(exemplars)} questions")
+            prefix += "".join(format_question(task, q, o, a) for q, o, a in exemplars[:shots])
         for i, (q, opts, ans) in enumerate(read_csv(task, path)):
             examples.append({"id": f"{subject}/{i}", "subject": subject, "category": info["category"], "answer": ans,
                              "messages": [{"role": "user", "content": prefix + format_question(task, q, opts)}]})

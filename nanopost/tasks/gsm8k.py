@@ -6,9 +6,9 @@ import json
 import os
 import re
 
-# A minus sign only where it cannot be a dash between numbers ("between 5-6" is 6, not -6);
-# ".5" is a number.
-NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+# A minus sign (or U+2212) only where it cannot be a dash between numbers ("between 5-6" is 6,
+# not -6); commas only as thousands separators ("1,234" but "1,2,3" is three numbers); ".5" is a number.
+NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
 STOP = ["Question:"]
 
 
@@ -18,7 +18,7 @@ def gold(answer: str) -> str:
 
 def normalize(num: str) -> str:
     """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'."""
-    s = num.replace(",", "").replace("$", "").strip().rstrip(".")
+    s = num.replace(",", "").replace("$", "").replace("\u2212", "-").strip().rstrip(".")
     if "." in s:
         s = s.rstrip("0").rstrip(".")
     return re.sub(r"^(-?)\.", r"\g<1>0.", s)
