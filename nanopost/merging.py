@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from nanopost.checkpoint import DTYPES, Reader
+from nanopost.checkpoint import DTYPES
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
