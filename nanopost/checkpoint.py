@@ -200,16 +200,22 @@ def commit_dir(tmp, out_dir):
     shutil.rmtree(_aside(out_dir), ignore_errors=True)
 
 
-def commit_files(tmp, out_dir):
-    """Move the files of the finished directory tmp into out_dir, keeping out_dir's other files
-    (metrics.jsonl, checkpoints/). out_dir's config.json goes first (so it stops looking like a
-    checkpoint), then the weight files of an earlier save (a stale shard or index would be read
-    with the new ones); the new files move in, config.json last. A crash in between leaves a
-    directory without config.json, never one that loads a mix of old and new weights."""
+def remove_model_files(out_dir):
+    """Remove a saved model from out_dir, keeping its other files: config.json first (so it stops
+    looking like a checkpoint), then the weight files (model*.safetensors and their index)."""
     for n in ["config.json"] + sorted(os.listdir(out_dir)):
         if (n == "config.json" or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
                 and os.path.exists(os.path.join(out_dir, n)):
             os.remove(os.path.join(out_dir, n))
+
+
+def commit_files(tmp, out_dir):
+    """Move the files of the finished directory tmp into out_dir, keeping out_dir's other files
+    (metrics.jsonl, checkpoints/). An earlier save's model goes first (remove_model_files: a stale
+    shard or index would be read with the new ones); the new files move in, config.json last. A
+    crash in between leaves a directory without config.json, never one that loads a mix of old
+    and new weights."""
+    remove_model_files(out_dir)
     for n in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
         os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
     os.rmdir(tmp)
@@ -219,7 +225,7 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
          dtype=None, extra_files: dict | None = None, state_dict: dict | None = None, keep_other_files=False):
     """Write model (+ tokenizer files) in the Hugging Face layout, atomically. dtype: the dtype
     stored (default: the model's). extra_files: name -> text, or a function that writes the
-    file given its path (e.g. args.json, trainer_state.pt), inside the same atomic write.
+    file given its path (e.g. args.json, trainer_state.json), inside the same atomic write.
     state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP2
     shards); the model then only supplies the config. keep_other_files: write into an existing
     out_dir file by file (commit_files), keeping what else it holds, instead of replacing it."""

@@ -88,6 +88,16 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
     return Example(ids, labels), truncated
 
 
+def report_bad_lines(bad: list[str], skip_bad_lines: bool, log) -> None:
+    """Every bad line, as "file:line: why" (the first 20 shown): a DataError before training, or
+    with skip_bad_lines a counted warning."""
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        if not skip_bad_lines:
+            raise DataError(f"{len(bad)} bad line(s):\n  {shown}\n(--skip-bad-lines drops them with a warning)")
+        log(f"warning: skipped {len(bad)} bad line(s):\n  {shown}")
+
+
 def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_bad_lines=False, log=print):
     """Read and tokenise every file -> (list of examples per file, stats). Every bad line is
     reported with file:line; unless skip_bad_lines, any bad line stops here (before training)."""
@@ -108,11 +118,7 @@ def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_ba
         if not examples and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
         per_file.append(examples)
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        if not skip_bad_lines:
-            raise DataError(f"{len(bad)} bad line(s):\n  {shown}\n(--skip-bad-lines drops them with a warning)")
-        log(f"warning: skipped {len(bad)} bad line(s):\n  {shown}")
+    report_bad_lines(bad, skip_bad_lines, log)
     if not any(per_file):
         raise DataError("no usable examples in " + ", ".join(paths))
     return per_file, {"bad_lines": len(bad), "truncated": truncated, "examples": sum(map(len, per_file))}
@@ -254,11 +260,7 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
                 examples.append(KTOExample(p_cut, c_cut, label))
         if len(examples) == n_before and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        if not skip_bad_lines:
-            raise DataError(f"{len(bad)} bad line(s):\n  {shown}\n(--skip-bad-lines drops them with a warning)")
-        log(f"warning: skipped {len(bad)} bad line(s):\n  {shown}")
+    report_bad_lines(bad, skip_bad_lines, log)
     if not examples:
         raise DataError("no usable examples in " + ", ".join(paths))
     stats.update(bad_lines=len(bad), examples=len(examples), desirable=sum(e.label for e in examples))

@@ -52,17 +52,24 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None)
 
 
-def sft_loss_sum(model, input_ids, labels, position_ids=None, chunk_rows: int = 1024):
-    """Summed next-token NLL over positions whose *target* is trained (labels are aligned with
-    input_ids: labels[t] is the label of token t, so position t-1 predicts it)."""
+def trained_positions(model, input_ids, labels, position_ids=None):
+    """The model's final hidden states at the positions whose *target* is trained (labels are
+    aligned with input_ids: labels[t] is the label of token t, so position t-1 predicts it) ->
+    (hidden (N, C), lm_head weight, targets (N,), flat indices into the B x (T-1) positions).
+    Only these rows go through the lm_head."""
     hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)  # only trained rows go through the lm_head
+    keep = (y != IGNORE).nonzero().squeeze(1)
     w = model.lm_head.weight
     if not torch.is_grad_enabled():  # evaluation: needs_input_grad would still say True for the
         w = w.detach()  # weight under no_grad, and the forward would build its V x C gradient
-    return FusedLinearCrossEntropy.apply(h.index_select(0, keep), w, y[keep], chunk_rows)
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep), w, y[keep], keep
+
+
+def sft_loss_sum(model, input_ids, labels, position_ids=None, chunk_rows: int = 1024):
+    """Summed next-token NLL over the positions whose target is trained."""
+    h, w, y, _ = trained_positions(model, input_ids, labels, position_ids)
+    return FusedLinearCrossEntropy.apply(h, w, y, chunk_rows)
 
 
 def reference_sft_loss_sum(model, input_ids, labels, position_ids=None):
@@ -115,15 +122,11 @@ class FusedLinearLogProb(torch.autograd.Function):
 
 def sequence_logps(model, input_ids, labels, position_ids=None, chunk_rows: int = 1024):
     """log p(completion | prompt) per row: token log-probs *summed* over the positions whose
-    target is trained (labels aligned with input_ids, as in sft_loss_sum) -> (B,) float32."""
-    hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
-    T = hidden.shape[1] - 1
-    y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)
-    w = model.lm_head.weight if torch.is_grad_enabled() else model.lm_head.weight.detach()
-    token_logps = FusedLinearLogProb.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep), w,
-                                           y[keep], chunk_rows)
-    return torch.zeros(len(input_ids), dtype=token_logps.dtype, device=hidden.device).index_add(0, keep // T, token_logps)
+    target is trained (trained_positions) -> (B,) float32."""
+    h, w, y, keep = trained_positions(model, input_ids, labels, position_ids)
+    token_logps = FusedLinearLogProb.apply(h, w, y, chunk_rows)
+    rows = keep // (input_ids.shape[1] - 1)
+    return torch.zeros(len(input_ids), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
 
 
 def reference_sequence_logps(model, input_ids, labels, position_ids=None):

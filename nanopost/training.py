@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from nanopost.checkpoint import load, recover, save
+from nanopost.checkpoint import load, recover, remove_model_files, save
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -186,7 +186,8 @@ def peak_flops(device) -> float | None:
 # Nothing in a checkpoint is executable: resuming from a folder someone else wrote runs no code of theirs.
 
 class StateError(ValueError):
-    """A checkpoint that cannot be resumed (an old torch.save state, a run with other rows per step)."""
+    """A run that cannot go on as asked: a used --out, an old torch.save state, a resume with
+    other settings, fewer rows than one step."""
 
 
 def _rng_state():
@@ -278,8 +279,9 @@ def _checkpoints(root) -> list[str]:
 
 
 def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
-    """Resume is exact only when every optimizer step sees the same rows: batch x accum x
-    processes and the rows per epoch must be what the checkpoint was written with."""
+    """Resume continues the run only when every optimizer step sees what it would have seen: the
+    same rows per step and per epoch, seed, data, precision (and for KTO micro-batch size and
+    reference) as the checkpoint was written with; anything else is a StateError."""
     whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
@@ -308,13 +310,14 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
 
 
 def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
-    """check_out_dir, then with --overwrite (and no --resume) the old run's checkpoints and
-    metrics and final model go. Call it once every other check has passed (on every rank): it is the first write."""
+    """Create out_dir; with --overwrite (and no --resume) the old run's checkpoints, metrics and
+    final model go first (that model would otherwise pass for ours). Call it on rank 0 once
+    check_out_dir and every other check have passed: it is the first write."""
     if os.path.isdir(out_dir) and overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
-        for name in os.listdir(out_dir):  # and its final model, which would otherwise pass for ours
-            if name in ("metrics.jsonl", "args.json", "config.json") or name.startswith("model") and \
-                    name.endswith((".safetensors", ".safetensors.index.json")):
+        remove_model_files(out_dir)
+        for name in ("metrics.jsonl", "args.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -511,7 +514,7 @@ def load_policy(args, loss_fn, world, device, log):
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast))
 
 
-def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, world, device, log, mfu_seq_len=None):
+def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, world, device, log):
     """The loop both scripts run: resume (optimizer, RNG, step), then per optimizer step the lr,
     step_fn(step, epoch, k) (forward + backward of this rank's micro-batches -> metrics, with
     "tokens" summed over ranks), clipping, AdamW, the log line, validation (val_fn -> loss or
@@ -565,7 +568,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
             metrics.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
                            epoch=epoch + (k + 1) / steps_per_epoch)
             if peak:
-                metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, mfu_seq_len or args.max_len) / (peak * world)
+                metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, args.max_len) / (peak * world)
             if args.eval_every and step % args.eval_every == 0:
                 metrics["val_loss"] = val_fn()
             if step % args.log_every == 0 or step == total or "val_loss" in metrics:
