@@ -584,5 +584,6 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
         checkpoint(step, final=True)
     progress.close()
     log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))
-    if world > 1:
+    if world > 1:  # tear the group down together: a rank leaving while rank 0 still writes can abort gloo
+        dist.barrier()
         dist.destroy_process_group()

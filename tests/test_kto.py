@@ -3,8 +3,6 @@ log-probs against full logits and float64, memory, the reference precomputed vs 
 DDP/FSDP2, resume, the two-stage SFT -> KTO run and bad input."""
 import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -255,21 +253,16 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
     assert all(m["n_desirable"] + m["n_undesirable"] == 4 for m in m_live)
 
 
-def torchrun(*args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           TRAIN_KTO, *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path, fsdp):
     """2 processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same groups, the
     same z0 (averaged over ranks there, over micro-batches here), so the same losses and weights.
     Then the 2-process step-2 checkpoint resumes in one process to the same end."""
-    from test_sft import assert_same_training
+    from test_sft import assert_same_training, torchrun
     common = ["--model", tiny, *COMMON, "--max-steps", 3, "--save-every", 1, "--keep-last", 10]
     one = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two")
+    two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two", script="train_kto.py")
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for key in ("kl", "rewards/chosen", "rewards/rejected"):
