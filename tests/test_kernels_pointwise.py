@@ -1,0 +1,134 @@
+"""Triton RMSNorm, RoPE and SwiGLU against their PyTorch references, forward and backward.
+Fresh random inputs every run (the seed is in every failure message), shapes that are not powers
+of two, and every buffer a kernel writes into starts as NaN, so an element it never writes
+fails. On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+Tolerance is ‖got − ref‖ / ‖ref‖: 1e-5 in float32; 1e-2 in bf16, where the reference is run in bf16
+on the same inputs (what the CPU path computes and the kernel replaces): the kernel rounds once, the
+reference after every op, each rounding off by up to 2^-8 relative (bf16 keeps 8 significant bits)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from nanopost.kernels import rmsnorm, rope, swiglu
+from nanopost.model import rope_cos_sin
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def randn():
+    """randn(*shape, dtype=...) from a generator seeded from os.urandom; randn.seed to report."""
+    seed = int.from_bytes(os.urandom(8), "little") % 2**63
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def draw(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    draw.gen, draw.seed = gen, seed
+    return draw
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernel modules allocate starts as NaN; returns the list of them."""
+    allocated = []
+
+    def nan_empty(*args, **kwargs):
+        allocated.append(torch.empty(*args, **kwargs).fill_(float("nan")))
+        return allocated[-1]
+    for module in (rmsnorm, rope, swiglu):
+        monkeypatch.setattr(module, "_empty", nan_empty)
+    return allocated
+
+
+def check(name, got, ref, dtype, seed):
+    assert (got.shape, got.dtype) == (ref.shape, ref.dtype), f"{name}: {got.shape} {got.dtype}, want {ref.shape} {ref.dtype}"
+    bad = (~torch.isfinite(got)).sum().item()
+    assert bad == 0, f"{name}: {bad} elements unwritten (still NaN) or not finite (seed {seed})"
+    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e} ({dtype}, seed {seed})"
+
+
+@pytest.mark.parametrize("shape,dtype,w_dtype", [((37, 64), torch.float32, torch.float32),
+                                                 ((37, 64), torch.bfloat16, torch.bfloat16),
+                                                 ((37, 64), torch.bfloat16, torch.float32),  # float32 weights
+                                                 ((3, 13, 896), torch.float32, torch.float32),
+                                                 ((3, 13, 896), torch.bfloat16, torch.bfloat16)])
+def test_rms_norm(shape, dtype, w_dtype, randn, poisoned):
+    C = shape[-1]
+    # a non-contiguous x (every row padded by 3), as the wrapper must accept one
+    x = randn(*shape[:-1], C + 3, dtype=dtype)[..., :C].requires_grad_()
+    w = (1 + 0.5 * randn(C)).to(w_dtype).requires_grad_()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y, yr = rmsnorm.rms_norm_triton(x, w, 1e-6), rmsnorm.rms_norm_reference(xr, wr, 1e-6)
+    check("rms_norm y", y, yr, dtype, randn.seed)
+    # rounded to bf16 before the weight, as the reference does: then y has the reference's bits. Only
+    # compiled: Triton's CPU interpreter truncates float32 -> bf16 casts (the GPU rounds to nearest even)
+    if dtype == torch.bfloat16 and DEVICE == "cuda":
+        same = (y == yr).float().mean().item()
+        assert same > 0.99, f"rms_norm y: only {same:.1%} bit-identical to the reference (seed {randn.seed})"
+    dy = randn(*shape, dtype=yr.dtype)
+    y.backward(dy)
+    yr.backward(dy)
+    check("rms_norm grad x", x.grad, xr.grad, dtype, randn.seed)
+    check("rms_norm grad weight", w.grad, wr.grad, dtype, randn.seed)
+    assert len(poisoned) == 4  # y, rstd, grad x, grad weight partials: all came from the poisoned allocator
+    # grad weight is reduced over fixed blocks of rows, without atomics: a second run is bit-identical
+    first, w.grad = w.grad, None
+    rmsnorm.rms_norm_triton(x, w, 1e-6).backward(dy)
+    assert torch.equal(first, w.grad), f"rms_norm grad weight differs between two runs (seed {randn.seed})"
+
+
+def _views(store, pad, D):
+    """(B, heads, T, D) view of a (B, T, heads, D + 2 pad) storage, strided like the model's q and k."""
+    return store[..., pad:pad + D].transpose(1, 2)
+
+
+# D=48: halves of 24 in blocks of 32, so the masks matter
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 64), (torch.bfloat16, 64), (torch.float32, 48)])
+def test_rope(dtype, D, randn, poisoned):
+    B, T, H, K, pad = 3, 13, 14, 2, 4
+    # each row its own positions, and the last row packs a second sequence with another offset;
+    # all positions >= 1, so no element is rotated by the identity and an unwritten one shows
+    start = torch.randint(1, 4096, (B, 2), generator=randn.gen, device=DEVICE)
+    pos = start[:, :1] + torch.arange(T, device=DEVICE)
+    pos[-1, 7:] = start[-1, 1] + torch.arange(T - 7, device=DEVICE)
+    cos, sin = (c.reshape(B, T, D) for c in rope_cos_sin(pos, D, 1e6, dtype))  # the model's angles, no head axis
+    leaves = [randn(B, T, n, D + 2 * pad, dtype=dtype).requires_grad_() for n in (H, K)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    stores = [t.clone() for t in leaves]  # non-leaf storage: rotated in place through its views
+    before = [s.detach().clone() for s in stores]
+    q, k = rope.rope_triton(_views(stores[0], pad, D), _views(stores[1], pad, D), cos, sin)
+    qr, kr = rope.rope_reference(_views(ref_leaves[0], pad, D), _views(ref_leaves[1], pad, D), cos, sin)
+    for name, got, ref, store, old in zip("qk", (q, k), (qr, kr), stores, before):
+        check(f"rope {name}", got, ref, dtype, randn.seed)
+        assert got.data_ptr() == _views(store, pad, D).data_ptr(), f"rope {name} was not rotated in place"
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        outside = torch.ones(store.shape, dtype=torch.bool, device=DEVICE)
+        outside[..., pad:pad + D] = False
+        assert torch.equal(store.detach().view(bits)[outside], old.view(bits)[outside]), \
+            f"rope {name}: storage outside the view changed (seed {randn.seed})"
+    dq, dk = randn(B, H, T, D, dtype=dtype), randn(B, K, T, D, dtype=dtype)
+    ((q.float() * dq).sum() + (k.float() * dk).sum()).backward()
+    ((qr.float() * dq).sum() + (kr.float() * dk).sum()).backward()
+    for name, leaf, ref_leaf in zip(("q", "k"), leaves, ref_leaves):
+        check(f"rope grad {name}", leaf.grad, ref_leaf.grad, dtype, randn.seed)
+    assert len(poisoned) == 2  # backward writes fresh buffers: the incoming gradient is not ours to overwrite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(dtype, randn, poisoned):
+    N, F = 37, 301  # 11137 elements: 11 blocks of 1024, the last one partial
+    gate = (3 * randn(N, F + 5, dtype=dtype))[:, :F].requires_grad_()  # non-contiguous; tails of silu
+    up = randn(N, F, dtype=dtype).requires_grad_()
+    gr, ur = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    y, yr = swiglu.swiglu_triton(gate, up), swiglu.swiglu_reference(gr, ur)
+    check("swiglu y", y, yr, dtype, randn.seed)
+    dy = randn(N, F, dtype=dtype)
+    y.backward(dy)
+    yr.backward(dy)
+    check("swiglu grad gate", gate.grad, gr.grad, dtype, randn.seed)
+    check("swiglu grad up", up.grad, ur.grad, dtype, randn.seed)
+    assert len(poisoned) == 3  # y, grad gate, grad up
