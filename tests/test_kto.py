@@ -11,8 +11,8 @@ import torch
 
 import nanopost
 from nanopost.data import DataError, KTOExample, collate_kto, kto_groups, load_kto, truncate_kto
-from nanopost.losses import (FusedLinearLogProb, kl_estimate, kto_loss, reference_sequence_logps,
-                             sequence_logps)
+from nanopost.kernels.linear_logprob import linear_logprob_reference
+from nanopost.losses import kl_estimate, kto_loss, reference_sequence_logps, sequence_logps
 from nanopost.testing import run_main
 from nanopost.tokenizer import IGNORE
 
@@ -156,9 +156,9 @@ def test_fused_log_prob_float64_gradcheck_and_chunks():
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1, 3, 10, 0, 4, 4, 9])
-    assert torch.autograd.gradcheck(lambda h, w: FusedLinearLogProb.apply(h, w, y, 3), (h, w))
+    assert torch.autograd.gradcheck(lambda h, w: linear_logprob_reference(h, w, y, 3), (h, w))
     full = (h @ w.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
-    assert torch.allclose(FusedLinearLogProb.apply(h, w, y, 2), full, atol=1e-12)
+    assert torch.allclose(linear_logprob_reference(h, w, y, 2), full, atol=1e-12)
 
 
 def test_sequence_logps_equal_full_logits_and_kl_pairs_carry_no_gradient(tiny):

@@ -1,0 +1,158 @@
+"""Fused linear cross-entropy: the sum over rows with label != ignore_index of the cross-entropy of
+hidden @ weight.T, never holding more than chunk_rows rows of logits (V = 151936 makes full logits
+the largest tensor of a training step). Per row, with x its logits, lse = log sum_j exp(x_j):
+
+    loss = (1 - eps) (lse - x_y) + eps (lse - mean_j x_j) + z lse²
+    d loss / d x = softmax(x) (1 + 2 z lse) - (1 - eps) onehot(y) - eps / V
+
+eps is label smoothing as torch.nn.functional.cross_entropy defines it; z lse² is PaLM's auxiliary
+z-loss (Chowdhery et al. 2022, section 5), which keeps lse near 0.
+
+The gradients are computed in the forward pass, chunk by chunk, while each chunk's logits exist
+anyway; backward only scales them by the incoming gradient. That is three lm_head-sized matmuls
+per step, as with full logits, instead of four for a recompute-in-backward design. The matmuls are
+torch's (cuBLAS on the GPU) in both paths; the reference and the Triton path differ only in the
+per-chunk step: logits -> per-row losses, and d loss / d logits written over the logits. The
+Triton step is one kernel reading each row twice and writing it once, where eager PyTorch writes
+several float32 copies of the chunk."""
+import torch
+
+from nanopost.kernels._triton import tl, triton
+
+_empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
+BLOCK_V = 8192  # logits per iteration of a row's loop
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """The chunk loop shared by both paths; step(logits, labels, ignore_index, z_loss,
+    label_smoothing, want_grad) -> (per-row losses, d loss / d logits in hidden's dtype or None)."""
+
+    @staticmethod
+    def forward(ctx, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows, step):
+        acc = torch.promote_types(hidden_NC.dtype, torch.float32)  # float32, or float64 in tests
+        w = weight_VC.to(hidden_NC.dtype)  # autocast's cast, made explicit
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = _empty(hidden_NC.shape, dtype=hidden_NC.dtype, device=hidden_NC.device) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if want_w else None
+        total = torch.zeros((), dtype=acc, device=hidden_NC.device)
+        for a in range(0, hidden_NC.shape[0], chunk_rows):
+            h, y = hidden_NC[a:a + chunk_rows], labels_N[a:a + chunk_rows]
+            loss_rows, g = step(h @ w.T, y, ignore_index, z_loss, label_smoothing, want_grad=want_h or want_w)
+            total += loss_rows.sum()
+            if want_h:
+                grad_h[a:a + chunk_rows] = g @ w
+            if want_w:
+                grad_w += (g.T @ h).to(acc)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight_VC.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None, None, None, None)
+
+
+def _apply(step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows):
+    if not torch.is_grad_enabled():  # needs_input_grad would still say True for a parameter under
+        hidden_NC, weight_VC = hidden_NC.detach(), weight_VC.detach()  # no_grad: no gradient work then
+    return FusedLinearCrossEntropy.apply(hidden_NC, weight_VC, labels_N, ignore_index, float(z_loss),
+                                         float(label_smoothing), chunk_rows, step)
+
+
+# ---- PyTorch reference ----
+
+def _reference_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad):
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(acc)
+    valid = y != ignore_index
+    rows, y = torch.arange(len(y), device=y.device), torch.where(valid, y, 0)
+    lse = x.logsumexp(-1)
+    loss = lse - x[rows, y]
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - x.mean(-1))
+    if z_loss:
+        loss = loss + z_loss * lse ** 2
+    loss = loss * valid
+    if not want_grad:
+        return loss, None
+    g = x.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    if z_loss:
+        g.mul_(1 + 2 * z_loss * lse[:, None])
+    g[rows, y] -= 1 - label_smoothing
+    if label_smoothing:
+        g.sub_(label_smoothing / x.shape[1])
+    return loss, g.mul_(valid.to(acc)[:, None]).to(logits.dtype)
+
+
+def linear_cross_entropy_reference(hidden_NC, weight_VC, labels_N, ignore_index: int = -100, z_loss: float = 0.0,
+                                   label_smoothing: float = 0.0, chunk_rows: int = 1024):
+    """-> scalar in promote_types(hidden's dtype, float32): the summed row losses (module docstring)."""
+    return _apply(_reference_step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows)
+
+
+# ---- Triton ----
+# The logits chunk stays in hidden's dtype (bf16 in training): cuBLAS writes it so, the reference
+# rounds it so before upcasting (the same values), and the gradient goes back into bf16 matmuls
+# anyway. A float32 copy would add a chunk-sized write and read and double the chunk's memory for
+# nothing; the kernel does its math in float32 on the loaded values.
+
+@triton.jit
+def _logsumexp(row_ptr, V, BLOCK: tl.constexpr):
+    """lse and sum of one row of V logits, in float32, in one read of the row: the online softmax
+    (Milakov & Gimelshein 2018) keeps a running max m and the sum d of exp(x - m), rescaled by
+    exp(m_old - m_new) whenever the max grows."""
+    m = float("-inf")
+    d = 0.0
+    s = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        s += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+        m = m_new
+    return m + tl.log(d), s
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, stride, labels_ptr, loss_ptr, V, ignore_index, z_loss, smoothing,
+                          WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: its loss (0 where ignored) and, with WRITE_GRAD, its d loss / d logits
+    written over its logits (0 where ignored)."""
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 for a chunk of 16k rows
+    row_ptr = logits_ptr + row * stride
+    y = tl.load(labels_ptr + row)
+    valid = y != ignore_index
+    lse, sum_x = _logsumexp(row_ptr, V, BLOCK)
+    x_y = tl.load(row_ptr + y, mask=valid, other=0.0).to(tl.float32)
+    loss = (1 - smoothing) * (lse - x_y) + smoothing * (lse - sum_x / V) + z_loss * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    if WRITE_GRAD:
+        scale = tl.where(valid, 1 + 2 * z_loss * lse, 0.0)
+        target = tl.where(valid, 1 - smoothing, 0.0)
+        uniform = tl.where(valid, smoothing / V, 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) * scale - uniform - tl.where(cols == y, target, 0.0)
+            tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _triton_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad):
+    rows, V = logits.shape
+    loss = _empty(rows, dtype=torch.float32, device=logits.device)
+    _cross_entropy_kernel[(rows,)](logits, logits.stride(0), y.contiguous(), loss, V, ignore_index, z_loss,
+                                   label_smoothing, WRITE_GRAD=want_grad,
+                                   BLOCK=min(BLOCK_V, triton.next_power_of_2(V)), num_warps=16)
+    return loss, logits if want_grad else None
+
+
+def linear_cross_entropy_triton(hidden_NC, weight_VC, labels_N, ignore_index: int = -100, z_loss: float = 0.0,
+                                label_smoothing: float = 0.0, chunk_rows: int = 1024):
+    """The reference's result with the Triton per-chunk kernel; float32 math (float64 inputs are
+    for the reference: the kernel would round them to float32)."""
+    if hidden_NC.dtype == torch.float64:
+        raise ValueError("linear_cross_entropy_triton: float64 hidden states; the kernel computes in float32 "
+                         "(use linear_cross_entropy_reference, or NANOPOST_KERNELS=torch)")
+    return _apply(_triton_step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows)

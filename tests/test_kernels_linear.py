@@ -1,0 +1,204 @@
+"""Fused linear cross-entropy and log-prob: each Triton function against its PyTorch reference and
+against a float64 re-derivation from full logits, forward and backward (grads of hidden and weight
+under a random upstream gradient). Fresh random inputs every run (the seed is in every failure
+message); N = 37 rows in chunks of 16 (the last one short), one chunk with every row ignored; every
+buffer the modules allocate starts as NaN, so an element never written fails.
+Tolerance is ‖got − ref‖ / ‖ref‖: 1e-5 in float32, 1e-2 in bf16, where logits and d loss / d logits
+are bf16 tensors. On CPU, Triton's interpreter rounds float32 -> bf16 toward zero where the GPU
+rounds to nearest: a bias of up to one bf16 ulp (2^-7 relative) on every gradient element, so bf16
+gradients land at 0.3-0.7 of the tolerance here (about 1e-5 from the reference on an H200)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("triton")
+from nanopost.kernels import linear_ce, linear_logprob
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+N, CHUNK = 37, 16  # chunks [0, 16), [16, 32), [32, 37)
+
+
+@pytest.fixture
+def rng():
+    """A generator seeded from os.urandom (rng.initial_seed() to report)."""
+    return torch.Generator(device=DEVICE).manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the two modules allocate starts as NaN; returns the list of them."""
+    allocated = []
+
+    def nan_empty(*args, **kwargs):
+        allocated.append(torch.empty(*args, **kwargs).fill_(float("nan")))
+        return allocated[-1]
+    for module in (linear_ce, linear_logprob):
+        monkeypatch.setattr(module, "_empty", nan_empty)
+    return allocated
+
+
+def inputs(rng, n, C, V, dtype):
+    """hidden (n, C) and weight (V, C) leaves, logits of standard deviation about 2 (lse about
+    log V + 2: far from 0, as z-loss expects)."""
+    h = torch.randn(n, C, generator=rng, device=DEVICE).to(dtype).requires_grad_()
+    w = (torch.randn(V, C, generator=rng, device=DEVICE) * 2 / C ** 0.5).to(dtype).requires_grad_()
+    return h, w
+
+
+def leaves(*tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def check(name, got, ref, dtype, seed):
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} vs {ref.shape}"
+    assert torch.isfinite(got).all(), f"{name}: {(~torch.isfinite(got)).sum()} elements unwritten or not finite (seed {seed})"
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e} ({dtype}, seed {seed})"
+
+
+def ce_float64(h, w, y, ignore_index, z_loss, smoothing):
+    logits = h @ w.T
+    loss = F.cross_entropy(logits, y, ignore_index=ignore_index, label_smoothing=smoothing, reduction="sum")
+    return loss + z_loss * (logits.logsumexp(-1)[y != ignore_index] ** 2).sum()
+
+
+def compare_ce(h, w, y, ignore_index, z_loss, smoothing, dtype, rng, poisoned):
+    """Triton vs reference vs float64: the loss, then grads of (loss * s) for a scalar s != 1."""
+    s, seed = 0.5 + torch.rand((), generator=rng, device=DEVICE).item(), rng.initial_seed()
+    n0 = len(poisoned)
+    got = linear_ce.linear_cross_entropy_triton(h, w, y, ignore_index, z_loss, smoothing, CHUNK)
+    assert len(poisoned) - n0 == -(-len(y) // CHUNK) + 1  # a loss buffer per chunk, grad hidden
+    grads = torch.autograd.grad(got, (h, w), torch.tensor(s, device=DEVICE))
+    hr, wr = leaves(h, w)
+    ref = linear_ce.linear_cross_entropy_reference(hr, wr, y, ignore_index, z_loss, smoothing, CHUNK)
+    ref_grads = torch.autograd.grad(ref, (hr, wr), torch.tensor(s, device=DEVICE))
+    h64, w64 = leaves(h, w, dtype=torch.float64)
+    full = ce_float64(h64, w64, y, ignore_index, z_loss, smoothing)
+    full_grads = torch.autograd.grad(full * s, (h64, w64))
+    for against, value, gs in (("reference", ref, ref_grads), ("float64", full, full_grads)):
+        check(f"loss vs {against}", got, value, dtype, seed)
+        check(f"grad hidden vs {against}", grads[0], gs[0], dtype, seed)
+        check(f"grad weight vs {against}", grads[1], gs[1], dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("z_loss,smoothing,ignore_index", [(0.0, 0.0, -100), (0.05, 0.0, -100), (0.0, 0.1, -100),
+                                                           (0.05, 0.1, 5)])
+def test_linear_cross_entropy(dtype, z_loss, smoothing, ignore_index, rng, poisoned):
+    h, w = inputs(rng, N, 96, 1000, dtype)
+    y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
+    y[16:32] = ignore_index  # the second chunk has no trained row
+    y[[3, 35]] = ignore_index
+    compare_ce(h, w, y, ignore_index, z_loss, smoothing, dtype, rng, poisoned)
+
+
+def test_linear_cross_entropy_real_vocab(rng, poisoned):
+    """V = 151936 (Qwen2's), the last label in the final, partial block of the row loop."""
+    h, w = inputs(rng, 3, 32, 151936, torch.float32)
+    y = torch.tensor([151935, -100, 77777], device=DEVICE)
+    compare_ce(h, w, y, -100, 1e-2, 0.1, torch.float32, rng, poisoned)
+
+
+def compare_logprob(h, w, y, dtype, rng, poisoned):
+    seed = rng.initial_seed()
+    n0 = len(poisoned)
+    got = linear_logprob.linear_logprob_triton(h, w, y, CHUNK)
+    chunks = -(-len(y) // CHUNK)
+    assert got.dtype == torch.float32 and len(poisoned) - n0 == 2 + 2 * chunks  # logp, lse: whole and per chunk
+    upstream = torch.randn(len(y), 2, generator=rng, device=DEVICE)[:, 0]  # strided, as a kernel must take
+    grads = torch.autograd.grad(got, (h, w), upstream)
+    hr, wr = leaves(h, w)
+    ref = linear_logprob.linear_logprob_reference(hr, wr, y, CHUNK)
+    ref_grads = torch.autograd.grad(ref, (hr, wr), upstream)
+    h64, w64 = leaves(h, w, dtype=torch.float64)
+    full = (h64 @ w64.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+    full_grads = torch.autograd.grad(full, (h64, w64), upstream.double())
+    for against, value, gs in (("reference", ref, ref_grads), ("float64", full, full_grads)):
+        check(f"log-probs vs {against}", got, value, dtype, seed)
+        check(f"grad hidden vs {against}", grads[0], gs[0], dtype, seed)
+        check(f"grad weight vs {against}", grads[1], gs[1], dtype, seed)
+
+
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 64), (torch.bfloat16, 96)], ids=["float32", "bf16"])
+def test_linear_logprob(dtype, C, rng, poisoned):
+    h, w = inputs(rng, N, C, 1000, dtype)
+    y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
+    y[0], y[1] = 0, 999
+    compare_logprob(h, w, y, dtype, rng, poisoned)
+
+
+def test_linear_logprob_real_vocab(rng, poisoned):
+    h, w = inputs(rng, 3, 32, 151936, torch.float32)
+    compare_logprob(h, w, torch.tensor([151935, 0, 77777], device=DEVICE), torch.float32, rng, poisoned)
+
+
+class Ops(TorchDispatchMode):
+    """The shapes of every matmul run inside it, and of every output in new memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.allocated = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+            self.matmuls.append([tuple(t.shape) for t in tensors])
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in \
+                [t.untyped_storage().data_ptr() for t in tensors]:
+            self.allocated.append(tuple(out.shape))
+        return out
+
+
+def lm_head_matmuls(ops, V):
+    return sum(any(V in s for s in shapes) for shapes in ops.matmuls)
+
+
+@pytest.mark.parametrize("off", ["no_grad", "inference_mode", "inputs without grad"])
+def test_cross_entropy_without_grad_does_no_gradient_work(off, rng):
+    V, C = 1000, 64
+    h, w = inputs(rng, N, C, V, torch.float32)
+    y = torch.randint(0, V, (N,), generator=rng, device=DEVICE)
+    chunks = -(-N // CHUNK)
+    with Ops() as training:
+        with_grad = linear_ce.linear_cross_entropy_triton(h, w, y, chunk_rows=CHUNK)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(off, torch.enable_grad)
+    args = (h.detach(), w.detach()) if off == "inputs without grad" else (h, w)
+    with context(), Ops() as plain:
+        value = linear_ce.linear_cross_entropy_triton(*args, y, chunk_rows=CHUNK)
+    assert torch.equal(value, with_grad.detach()), f"value differs (seed {rng.initial_seed()})"
+    assert lm_head_matmuls(training, V) == 3 * chunks  # logits, grad hidden, grad weight
+    assert lm_head_matmuls(plain, V) == chunks  # the logits only
+    assert (V, C) in training.allocated and (N, C) in training.allocated  # the grad buffers
+    assert (V, C) not in plain.allocated and (N, C) not in plain.allocated
+
+
+def test_logprob_without_grad_does_no_backward_work(rng):
+    V, C = 1000, 64
+    h, w = inputs(rng, N, C, V, torch.float32)
+    y = torch.randint(0, V, (N,), generator=rng, device=DEVICE)
+    chunks = -(-N // CHUNK)
+    with Ops() as training:
+        with_grad = linear_logprob.linear_logprob_triton(h, w, y, CHUNK)
+        with_grad.sum().backward()  # the gradient of a sum reaches the kernel with stride 0
+    with torch.no_grad(), Ops() as plain:
+        value = linear_logprob.linear_logprob_triton(h, w, y, CHUNK)
+    assert not value.requires_grad and torch.equal(value, with_grad.detach()), f"seed {rng.initial_seed()}"
+    assert lm_head_matmuls(training, V) == 4 * chunks  # logits; in backward logits again, grad hidden, grad weight
+    assert lm_head_matmuls(plain, V) == chunks
+    hr, wr = leaves(h, w)
+    linear_logprob.linear_logprob_reference(hr, wr, y, CHUNK).sum().backward()
+    check("grad hidden of a sum", h.grad, hr.grad, torch.float32, rng.initial_seed())
+    check("grad weight of a sum", w.grad, wr.grad, torch.float32, rng.initial_seed())
+
+
+def test_float64_is_refused():
+    h, w, y = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(5, 4, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="reference"):
+        linear_ce.linear_cross_entropy_triton(h, w, y)
+    with pytest.raises(ValueError, match="reference"):
+        linear_logprob.linear_logprob_triton(h, w, y)
