@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from nanopost import kernels
+
 
 @dataclass
 class Qwen2Config:
@@ -62,24 +64,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32, cast back to the input dtype *before* the weight (as Qwen2 does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # statistics in float32, cast back to the input dtype *before* the weight (as Qwen2 does);
+        # the reference is kernels/rmsnorm.py, a Triton kernel on CUDA
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids_BT, head_dim: int, theta: float, dtype):
-    """cos, sin of shape (B, 1, T, D): angles in float32, halves duplicated (rotate-half form)."""
+    """cos, sin of shape (B, T, D): angles in float32, halves duplicated (rotate-half form)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device,
                                             dtype=torch.int64).float() / head_dim)
     angles = position_ids_BT.float()[..., None] * inv_freq  # (B, T, D/2)
-    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    emb = torch.cat((angles, angles), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache:
@@ -116,7 +112,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = kernels.apply_rope(q, k, cos, sin)  # x * cos + rotate_half(x) * sin (kernels/rope.py)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # GQA: query head h reads kv head h // (H/K); enable_gqa does that without copying K/V
@@ -133,7 +129,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class Block(nn.Module):

@@ -7,8 +7,8 @@ Why a kernel: eager PyTorch builds rotate_half and two products as new (B, H, T,
 saves cos and sin per use; here q and k are rotated in place in one read and one write, float32
 inside. Backward applies the inverse rotation (sin negated), also one read and one write."""
 import torch
-import triton
-import triton.language as tl
+
+from nanopost.kernels._triton import tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 

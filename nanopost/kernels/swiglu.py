@@ -6,8 +6,8 @@ The pitfall is silu's derivative: s * (1 + g * (1 - s)), not sigmoid's s * (1 - 
 d gate = dy * up * s * (1 + g * (1 - s)) and d up = dy * g * s. Float32 inside (as PyTorch's
 silu does for bf16), stored in the input dtype."""
 import torch
-import triton
-import triton.language as tl
+
+from nanopost.kernels._triton import tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 BLOCK = 1024
