@@ -65,7 +65,7 @@ def make_tokenizer(vocab_size: int = 512) -> Tokenizer:
 
 
 def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMPLATE, dtype=torch.float32,
-                         **cfg_overrides) -> str:
+                         init_std: float = 0.1, **cfg_overrides) -> str:
     """Write a random Qwen2 checkpoint + tokenizer to out_dir; returns out_dir."""
     tok = make_tokenizer()
     n_tokens = tok.get_vocab_size()
@@ -78,7 +78,7 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
     with torch.no_grad():
         for name, p in model.named_parameters():
             # random norms and biases too, so a wrong norm or a dropped bias shows in parity tests
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else init_std * torch.randn_like(p))
     model.to(dtype)
     staging = out_dir + ".tok"
     os.makedirs(staging, exist_ok=True)
@@ -98,10 +98,17 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
     return out_dir
 
 
+# Qwen2-0.5B's shapes (random weights, the small tokenizer): GPU benchmarks where the hub is out of reach
+SHAPE_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1e6, "max_position_embeddings": 32768}
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write a tiny random Qwen2 checkpoint (for tests and offline demos): "
                                 "python -m nanopost.testing runs/tiny")
     p.add_argument("out", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
-    print(make_tiny_checkpoint(p.parse_args().out, seed=p.parse_args().seed))
+    p.add_argument("--shape", choices=["tiny", "0.5b"], default="tiny",
+                   help="0.5b: Qwen2-0.5B's shapes with random weights (benchmarks; about 2 GB)")
+    a = p.parse_args()
+    print(make_tiny_checkpoint(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))
