@@ -1,0 +1,122 @@
+"""Near-duplicate detection with SimHash (Charikar 2002; the banded index is Manku et al. 2007's).
+
+A text becomes a 64-bit fingerprint: its features (shingles: k consecutive lowercase words, or
+k consecutive characters) are each hashed to 64 bits, and bit j of the fingerprint is 1 where
+more features have bit j set than not. Texts that share most features get fingerprints that
+differ in few bits, so "Hamming distance <= threshold" means near-duplicate. Unrelated texts
+differ in about 32 bits.
+
+Finding every pair within `threshold` bits without comparing all n^2/2 pairs: cut the 64 bits
+into threshold + 1 bands. Two fingerprints that differ in at most `threshold` bits leave at
+least one band untouched (pigeonhole), so each such pair has the same value in some band: bucket
+the fingerprints by each band's value and compare only inside buckets. Nothing within the
+threshold is missed (tests check it against brute force), and the work per band is about
+n^2 / 2 / 2^(64 / (threshold + 1)) comparisons instead of n^2 / 2; a larger threshold means
+narrower bands and fuller buckets."""
+import hashlib
+import re
+
+import numpy as np
+
+WORD = re.compile(r"\w+")
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _mix(x):
+    """splitmix64's finaliser on a uint64 array: every input bit moves about half the output bits."""
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+def tokens(text: str, unit: str = "word") -> list[str]:
+    """Lowercase words (punctuation and spacing ignored), or the characters of the
+    whitespace-collapsed lowercase text."""
+    if unit == "word":
+        return WORD.findall(text.lower())
+    if unit == "char":
+        return list(" ".join(text.lower().split()))
+    raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
+
+
+def simhash(texts, shingle: int = 3, unit: str = "word") -> np.ndarray:
+    """-> (n,) uint64 fingerprints. A token's hash is blake2b (stable across processes, unlike
+    Python's hash()); a shingle's hash mixes its tokens' hashes in order. A text shorter than one
+    shingle is one feature; an empty text gets fingerprint 0."""
+    token_hash = {}  # token -> 64-bit hash, computed once per distinct token
+    out = np.zeros(len(texts), dtype=np.uint64)
+    for i, text in enumerate(texts):
+        toks = tokens(text, unit)
+        if not toks:
+            continue
+        for t in toks:
+            if t not in token_hash:
+                token_hash[t] = int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+        h = np.fromiter((token_hash[t] for t in toks), dtype=np.uint64, count=len(toks))
+        n = max(len(h) - shingle + 1, 1)
+        feat = h[:n].copy()
+        for j in range(1, min(shingle, len(h))):
+            feat = _mix(feat ^ h[j:j + n])
+        bits = np.unpackbits(feat.view(np.uint8)).reshape(n, 64)  # (features, 64)
+        out[i] = np.packbits(2 * bits.sum(0, dtype=np.int64) > n).view(np.uint64)[0]
+    return out
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x) if hasattr(np, "bitwise_count") else np.unpackbits(x.view(np.uint8)).reshape(
+        *x.shape, 64).sum(-1)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(int(a) ^ int(b)).count("1")
+
+
+def bands(threshold: int) -> list[tuple[int, int]]:
+    """threshold + 1 bit ranges [lo, hi) covering the 64 bits, as equal as possible."""
+    if not 0 <= threshold < 64:
+        raise ValueError(f"threshold must be in 0..63 bits, got {threshold}")
+    edges = np.linspace(0, 64, threshold + 2).round().astype(int)
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
+def near_pairs(fps, threshold: int, block: int = 2048) -> list[tuple[int, int]]:
+    """Every pair (i, j), i < j, with Hamming(fps[i], fps[j]) <= threshold, sorted; through the
+    banded index (see the module docstring), in blocks of `block` rows inside a large bucket."""
+    fps = np.asarray(fps, dtype=np.uint64)
+    found = set()
+    for lo, hi in bands(threshold):
+        key = (fps >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        ends = np.r_[starts[1:], len(k)]
+        for s, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
+            idx = np.sort(order[s:e])
+            for b in range(0, len(idx), block):  # rows idx[b:b+block] against themselves and later rows
+                rows = idx[b:b + block]
+                close = popcount(fps[rows][:, None] ^ fps[idx[b:]][None, :]) <= threshold
+                r, c = np.nonzero(close)
+                keep = c > r  # c indexes idx[b:], so c > r means a later element
+                found.update(zip(rows[r[keep]].tolist(), idx[b:][c[keep]].tolist()))
+    return sorted(found)
+
+
+def brute_force_pairs(fps, threshold: int) -> list[tuple[int, int]]:
+    """The same pairs by comparing all n^2 / 2 (for tests)."""
+    fps = np.asarray(fps, dtype=np.uint64)
+    i, j = np.nonzero(np.triu(popcount(fps[:, None] ^ fps[None, :]) <= threshold, 1))
+    return sorted(zip(i.tolist(), j.tolist()))
+
+
+def duplicate_of(fps, threshold: int) -> list[int | None]:
+    """For each text, the earliest kept text it is a near-duplicate of, or None (kept). Greedy in
+    order: a text is dropped only for a *kept* one, so chains (a~b, b~c, a!~c) keep a and c."""
+    near = {}
+    for i, j in near_pairs(fps, threshold):
+        near.setdefault(j, []).append(i)
+    dup = [None] * len(fps)
+    for j in range(len(fps)):
+        kept = [i for i in near.get(j, []) if dup[i] is None]
+        dup[j] = min(kept) if kept else None
+    return dup

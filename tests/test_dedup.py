@@ -1,0 +1,98 @@
+"""SimHash near-duplicates: fingerprints of (near-)identical texts are close, unrelated ones far;
+the banded index finds exactly the pairs brute force finds; and on planted near-duplicates it
+agrees with datasketch's MinHashLSH."""
+import random
+
+import numpy as np
+import pytest
+
+from nanopost import dedup
+
+
+def random_text(rng, n_words, vocab=3000):
+    return " ".join(f"w{rng.randrange(vocab)}" for _ in range(n_words))
+
+
+def test_identical_and_formatting_only_collide():
+    a = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    fps = dedup.simhash([a, a, a.upper(), a.replace(",", "").replace(" ", "   "), ""])
+    assert [dedup.hamming(fps[0], f) for f in fps[:4]] == [0, 0, 0, 0]
+    assert fps[4] == 0  # empty text: no features
+
+
+def test_near_identical_within_threshold_unrelated_far():
+    rng = random.Random(0)
+    texts = [random_text(rng, 150) for _ in range(200)]
+    near = 0
+    for t in texts:
+        words = t.split()
+        words[rng.randrange(len(words))] = "changed"
+        f = dedup.simhash([t, " ".join(words)], shingle=2)
+        near += dedup.hamming(*f) <= 8
+    assert near >= 190  # one word of 150 changed: almost always within 8 bits
+    fps = dedup.simhash(texts, shingle=2)
+    assert dedup.brute_force_pairs(fps, 12) == []  # unrelated texts: ~32 bits apart, none within 12
+
+
+def test_char_shingles_short_texts():
+    fps = dedup.simhash(["What is the capital of France?", "what is the capital of france", "Write a poem about cats."],
+                        shingle=4, unit="char")
+    assert dedup.hamming(fps[0], fps[1]) <= 8 < dedup.hamming(fps[0], fps[2])
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 12])
+def test_banded_index_equals_brute_force(threshold):
+    """Planted fingerprints 0..16 bits away from others, among random ones: the index must find
+    every pair within the threshold (pigeonhole), and nothing else."""
+    rng = np.random.default_rng(threshold)
+    base = rng.integers(0, 2**63, size=2500, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    copies = []
+    for i in rng.choice(len(base), 700):
+        flip = rng.choice(64, size=rng.integers(0, 17), replace=False)
+        copies.append(base[i] ^ np.uint64(sum(1 << int(b) for b in flip)))
+    fps = np.concatenate([base, np.array(copies, dtype=np.uint64)])
+    found = dedup.near_pairs(fps, threshold, block=64)  # small blocks: the blocked path is exercised
+    assert found == dedup.brute_force_pairs(fps, threshold)
+    assert len(found) > 0
+
+
+def test_banded_index_on_texts_equals_brute_force():
+    rng = random.Random(1)
+    texts = [random_text(rng, rng.randint(5, 60), vocab=400) for _ in range(2500)]
+    texts += [t.replace("w1 ", "w2 ", 1) for t in texts[:500]]  # near-duplicates
+    fps = dedup.simhash(texts, shingle=2)
+    assert dedup.near_pairs(fps, 8) == dedup.brute_force_pairs(fps, 8)
+
+
+def test_duplicate_of_keeps_first_and_breaks_chains():
+    a, b, c = 0, 0b111, 0b111111  # a~b (3 bits), b~c (3 bits), a!~c (6 bits) at threshold 3
+    assert dedup.duplicate_of([a, b, c, a], 3) == [None, 0, None, 0]
+    with pytest.raises(ValueError):
+        dedup.bands(64)
+
+
+def test_agrees_with_datasketch_minhash_lsh():
+    """Sanity check against an independent method on planted near-duplicates (one word changed
+    in texts of 60-120 words): both find (almost) all planted pairs and almost nothing else."""
+    datasketch = pytest.importorskip("datasketch")
+    rng = random.Random(2)
+    texts = [random_text(rng, rng.randint(60, 120)) for _ in range(1000)]
+    planted = set()
+    for i in rng.sample(range(1000), 100):
+        words = texts[i].split()
+        words[rng.randrange(len(words))] = "edited"
+        planted.add((i, len(texts)))
+        texts.append(" ".join(words))
+    ours = set(dedup.near_pairs(dedup.simhash(texts, shingle=2), 8))
+    lsh, mh = datasketch.MinHashLSH(threshold=0.8, num_perm=128), []
+    for i, t in enumerate(texts):
+        w = t.split()
+        m = datasketch.MinHash(num_perm=128, seed=1)
+        m.update_batch([" ".join(w[j:j + 2]).encode() for j in range(len(w) - 1)])
+        lsh.insert(i, m)
+        mh.append(m)
+    theirs = {(i, j) for i, m in enumerate(mh) for j in lsh.query(m) if j > i}
+    for found in (ours, theirs):
+        assert len(found & planted) >= 0.9 * len(planted)
+        assert len(found - planted) <= 2
+    assert len(ours & theirs) >= 0.85 * len(planted)
