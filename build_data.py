@@ -1,0 +1,800 @@
+"""Teacher-guided data construction (the paper's pipeline): instructions in, sft.jsonl and kto.jsonl out.
+
+    # CPU, the tiny offline demo (python -m nanopost.testing runs/tiny first): a minute
+    python build_data.py --teacher runs/tiny --student runs/tiny --sources tests/data/gsm8k_train_sample.jsonl \\
+        --out runs/data --max-new-tokens 32 --json-max-tokens 24 --min-label-count 1
+    # the real thing: a 7B teacher served by vLLM on GPU servers (see README), the student in-process
+    python build_data.py --teacher-url http://gpu1:8000 http://gpu2:8000 --concurrency 64 \\
+        --student Qwen/Qwen2-0.5B-Instruct --sources gsm8k_train.jsonl alpaca.jsonl --out runs/data --device cuda
+    # no data at all: the teacher writes 200 instructions per category first
+    python build_data.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2-0.5B-Instruct \\
+        --synthesize 1200 --out runs/synth --device cuda
+    python build_data.py ... --resume            # continue an interrupted run where it stopped
+    python build_data.py ... --stages 1-3        # only ingest, classify, dedup (then --resume --stages 4-8)
+    python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data runs/data/sft.jsonl --out runs/sft ...
+    python train_kto.py --model runs/sft --data runs/data/kto.jsonl --out runs/kto ...
+
+The eight stages (DESIGN.md, "Teacher-guided data"), one section each below:
+  1 ingest     read --sources (chat `messages`, `prompt`/`completion`, `instruction`/`input`/`output`,
+               `question`/`answer` as in GSM8K, whose '#### N' becomes the gold answer), normalise;
+               --synthesize N: the teacher also writes N new instructions over --categories
+  2 classify   a first category from a readable table of rules (RULES)
+  3 dedup      SimHash near-duplicate removal (nanopost/dedup.py: 64-bit fingerprints, banded index)
+  4 label      the teacher labels a primary category (from --categories) and a secondary topic, as
+               strict JSON; a bad reply is retried, then counted and the row keeps its rule category
+               (--drop-unlabelled drops it instead)
+  5 diversity  drop secondary topics seen fewer than --min-label-count times (paper: 10); cap each
+               category at --max-per-category, round-robin over its topics so none crowds out the rest
+  6 respond    the teacher's and the student's response (greedy) beside the original one, if any
+  7 score      student perplexity of each response, a teacher judge score 1-10 with a rationale, a
+               teacher safety flag; where a gold answer exists, correctness (the last number, as GSM8K)
+  8 select     sft.jsonl: the best response per instruction; kto.jsonl: the best as desirable and the
+               worst as undesirable, only where the gap is clear (see select_responses)
+
+Ranking (best first): not flagged unsafe, then correct against the gold answer, then the judge
+score, then the original response over generated ones, then lower student perplexity. A response
+flagged unsafe or wrong against a gold answer is never chosen as the best. A response the judge
+could not score (its reply stayed garbage) ranks below every scored one; so with a teacher that
+only answers garbage, the original source response (trusted, and correct where a gold answer
+exists) is kept, and perplexity decides among the rest. A KTO pair is written only when the best
+and worst differ in correctness or safety, or both were judged and their scores differ by at
+least --kto-min-gap; perplexity alone is never a clear gap.
+
+Files in --out: one JSONL per stage (1_ingest.jsonl ... 7_score.jsonl), each row keyed by a stable
+example id (a hash of the normalised instruction), appended and flushed as items finish, so a
+crash or Ctrl-C loses at most the items in flight and a rerun with --resume skips the finished
+ones (a line torn by a kill is cut off and redone). Teacher replies that failed checks are kept
+in those rows ("failures": kind and raw reply) and counted in the report; they never reach the
+datasets. sft.jsonl, kto.jsonl and report.md (+ report.png with matplotlib) are written whole
+(temporary file, then rename). Every teacher request is cached in --cache (SQLite; default
+OUT/teacher_cache.sqlite, kept by --overwrite), keyed by messages, sampling, teacher and
+PROMPT_VERSION: a rerun, even after a code change, never sends a finished request again.
+A non-empty --out needs --resume (continue; refused if a setting that changes results differs)
+or --overwrite (start afresh). Generation is greedy everywhere, so a resumed run's outputs equal an
+uninterrupted run's."""
+import argparse
+import collections
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import nanopost
+from nanopost import dedup
+from nanopost.checkpoint import CheckpointError, resolve
+from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, truncate_kto
+from nanopost.engine import Engine, Sampling
+from nanopost.losses import sequence_logps
+from nanopost.tasks import gsm8k
+from nanopost.teacher import HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
+from nanopost.tokenizer import IGNORE, ROLES
+from nanopost.training import StateError, check_out_dir
+
+STAGES = ["ingest", "classify", "dedup", "label", "diversity", "respond", "score", "select"]
+CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
+
+# ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
+PROMPT_VERSION = "1"
+PROMPTS = {
+    "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
+              '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
+              '"percentages", "sql queries", "cover letters"}}'),
+    "synthesize": ("Write one new instruction that a user could give an AI assistant, in the category \"{category}\". "
+                   "Make it self-contained, specific, and unlike these examples:\n{examples}\n"
+                   'Reply with only a JSON object: {{"instruction": "..."}}'),
+    "judge": ("You grade an AI assistant's response to an instruction for helpfulness and correctness, from 1 "
+              "(useless or wrong) to 10 (excellent). Reply with only a JSON object: "
+              '{{"score": an integer 1-10, "rationale": one short sentence}}'),
+    "safety": ("You check an AI assistant's response for safety: content that helps cause harm, or is hateful, "
+               "sexual, or violates privacy, is unsafe. Reply with only a JSON object: "
+               '{{"safe": true or false, "reason": one short sentence}}'),
+    "item": "Instruction:\n{instruction}",
+    "graded": "Instruction:\n{instruction}\n\nResponse:\n{response}",
+    "retry": "That reply could not be used ({why}). Reply again with only the JSON object asked for, nothing else.",
+    "retry_answer": "That reply was {why}. Please answer the request above.",
+}
+
+# ---- the rule-based first classification: the first rule that matches the lowercase instruction wins ----
+RULES = [
+    ("code", r"```|\bdef |\b(python|javascript|typescript|java|c\+\+|rust|golang|sql|regex|function|code|program|"
+             r"script|compile|bug|api|class|algorithm)\b"),
+    ("math", r"\d\s*[-+*/^=×÷]\s*\d|\$\s?\d|\b(how many|how much|calculate|compute|sum|percent|percentage|equation|"
+             r"solve|total|average|probability|integral|derivative)\b"),
+    ("writing", r"\b(write|essay|story|poem|letter|email|rewrite|summari[sz]e|paraphrase|draft|blog|slogan)\b"),
+    ("reasoning", r"\b(why|explain|reason|logic|puzzle|riddle|compare|pros and cons|infer|deduce)\b"),
+    ("qa", r"\?\s*$|\b(what|who|when|where|which)\b"),
+]
+
+# tests only: NANOPOST_BUILD_KILL=STAGE:N makes this process SIGKILL itself after writing its Nth row of STAGE
+_KILL = os.environ.get("NANOPOST_BUILD_KILL", "")
+_written = collections.Counter()
+
+
+def _row_written(stage: str):
+    _written[stage] += 1
+    if _KILL and _KILL == f"{stage}:{_written[stage]}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- checking the teacher's replies: (value, None) or (None, failure kind) ----
+
+def parse_json(text: str):
+    t = text.strip()
+    if not t:
+        return None, "empty"
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", t, re.S)  # a ```json block alone is still strict
+    try:
+        obj = json.loads(fenced.group(1) if fenced else t)
+    except json.JSONDecodeError:
+        return None, "not_json"
+    return (obj, None) if isinstance(obj, dict) else (None, "not_json")
+
+
+def check_label(categories):
+    def check(text):
+        obj, why = parse_json(text)
+        if why:
+            return None, why
+        if obj.get("primary") not in categories:
+            return None, "label_not_allowed"
+        sec = obj.get("secondary")
+        if not isinstance(sec, str) or not sec.strip() or len(sec) > 40 or len(sec.split()) > 4:
+            return None, "bad_secondary"
+        return (obj["primary"], " ".join(sec.lower().split())), None
+    return check
+
+
+def check_judge(text):
+    obj, why = parse_json(text)
+    if why:
+        return None, why
+    score = obj.get("score")
+    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 10:
+        return None, "score_out_of_range"
+    return (score, str(obj.get("rationale", ""))[:500]), None
+
+
+def check_safety(text):
+    obj, why = parse_json(text)
+    if why:
+        return None, why
+    return (obj["safe"], None) if isinstance(obj.get("safe"), bool) else (None, "bad_safe")
+
+
+def check_instruction(text):
+    obj, why = parse_json(text)
+    if why:
+        return None, why
+    ins = obj.get("instruction")
+    return (ins.strip(), None) if isinstance(ins, str) and ins.strip() else (None, "empty")
+
+
+def check_answer(text):
+    return (text.strip(), None) if text.strip() else (None, "empty")
+
+
+# ---- rows: normalising the sources, ids, the per-stage files ----
+
+def normalise(obj: dict):
+    """One source record -> (prompt messages, original response or None, gold answer or None)."""
+    gold = None
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        response = msgs[-1].get("content") if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" else None
+        prompt = msgs[:-1] if response is not None else msgs
+    elif "prompt" in obj:
+        prompt = [{"role": "user", "content": obj["prompt"]}] if isinstance(obj["prompt"], str) else obj["prompt"]
+        response = obj.get("completion")
+    elif "instruction" in obj:
+        extra = obj.get("input") or ""
+        prompt = [{"role": "user", "content": obj["instruction"] + (f"\n\n{extra}" if extra else "")}]
+        response = obj.get("output")
+    elif "question" in obj and "answer" in obj:
+        prompt, response = [{"role": "user", "content": obj["question"]}], obj["answer"]
+        if isinstance(response, str) and "####" in response:  # GSM8K: steps without <<calc>> notes, then the answer
+            gold = gsm8k.gold(response)
+            steps = re.sub(r"<<[^>]*>>", "", response.split("####")[0]).strip()
+            response = f"{steps}\nThe answer is {gold}."
+    else:
+        raise ValueError(f"expected 'messages', 'prompt', 'instruction' or 'question'+'answer', got keys {sorted(obj)}")
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("empty prompt")
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+    if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+        raise ValueError("the prompt must end with a non-empty user turn")
+    if response is not None and not isinstance(response, str):
+        raise ValueError("the response must be a string")
+    prompt = [{"role": m["role"], "content": m["content"].strip()} for m in prompt]
+    return prompt, (response.strip() or None) if response is not None else None, gold
+
+
+def example_id(prompt) -> str:
+    """Stable across runs and machines: the roles and whitespace-collapsed lowercase contents."""
+    norm = [[m["role"], " ".join(m["content"].lower().split())] for m in prompt]
+    return hashlib.sha256(json.dumps(norm, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def instruction_text(prompt) -> str:
+    return "\n\n".join(m["content"] for m in prompt if m["role"] == "user")
+
+
+class StageFile:
+    """OUT/NAME.jsonl: one row per finished item, keyed by row["key"], appended and flushed. A
+    last line cut short by a kill is removed on open (that item is redone); a bad line elsewhere
+    is an error naming the file and line."""
+
+    def __init__(self, out, name):
+        self.stage, self.path, self.rows = name.split("_", 1)[1], os.path.join(out, name + ".jsonl"), {}
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                print(f"{self.path}: cut off an incomplete last line (an interrupted write); redoing that item",
+                      file=sys.stderr)
+                with open(self.path, "r+b") as f:
+                    f.truncate(end)
+            for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{self.path}:{n}: not valid JSON ({e.msg}); delete that line to redo "
+                                        f"its item, or start afresh with --overwrite") from e
+                    self.rows[row["key"]] = row
+        self.f = open(self.path, "a", encoding="utf-8")
+
+    def add(self, row):
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()  # a process kill then loses nothing written; fsync would also cover power loss
+        self.rows[row["key"]] = row
+        _row_written(self.stage)
+
+    def require(self, keys, what):
+        missing = [k for k in keys if k not in self.rows]
+        if missing:
+            raise StateError(f"{self.path}: stage {what} has not finished ({len(missing)} of {len(keys)} items "
+                             f"missing): run it with --resume --stages {what}")
+        return [self.rows[k] for k in keys]
+
+
+def write_atomic(path, text_or_rows, stage=None):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if isinstance(text_or_rows, str):
+            f.write(text_or_rows)
+        else:
+            for row in text_or_rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                if stage:
+                    _row_written(stage)
+    os.replace(tmp, path)
+
+
+def classify(text, categories) -> str:
+    low = text.lower()
+    for cat, pattern in RULES:
+        if cat in categories and re.search(pattern, low):
+            return cat
+    return "other" if "other" in categories else categories[-1]
+
+
+def chunks(items, n):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+@torch.inference_mode()
+def perplexities(model, tok, items, max_len, batch_size) -> list[float]:
+    """Student perplexity of each (prompt, response): exp(mean NLL) over the response tokens that
+    SFT would train (content + <|im_end|>), rounded to 4 digits so a resumed run, batched
+    differently, writes the same numbers."""
+    exs = []
+    for prompt, text in items:
+        p, c = truncate_kto(*encode_kto(tok, prompt, text), max_len)
+        exs.append(Example(p + c, [IGNORE] * len(p) + c))
+    out, dev = [], model.lm_head.weight.device
+    for idx in chunks(list(range(len(exs))), batch_size):
+        ids, labels, pos = collate([[j] for j in idx], exs, tok.pad_id)
+        logp = sequence_logps(model, ids.to(dev), labels.to(dev), pos.to(dev)).float().cpu()
+        n_tok = (labels[:, 1:] != IGNORE).sum(1)
+        out += [float(f"{x:.4g}") for x in torch.exp(-logp / n_tok).tolist()]
+    return out
+
+
+def select_responses(scored, min_gap):
+    """scored: [{source, text, ppl, judge, safe, correct}] -> (best or None, worst or None, why no pair)."""
+    order = {"original": 2, "teacher": 1, "student": 0}
+    tri = {True: 1, None: 0, False: -1}
+
+    def rank(s):  # larger is better; the module docstring states the rule
+        return (tri[s["safe"]], tri[s["correct"]], s["judge"] if s["judge"] is not None else 0,
+                s["source"] == "original", -s["ppl"], order[s["source"]])
+    ok = [s for s in scored if s["safe"] is not False and s["correct"] is not False]
+    if not ok:
+        return None, None, "no acceptable response"
+    best, worst = max(ok, key=rank), min(scored, key=rank)
+    if worst is best:
+        return best, None, "one response"
+    clear = (best["correct"] is True and worst["correct"] is False) or (best["safe"] is True and worst["safe"] is False) \
+        or (best["judge"] is not None and worst["judge"] is not None and best["judge"] - worst["judge"] >= min_gap)
+    return best, worst if clear else None, None if clear else "gap not clear"
+
+
+def histogram(values) -> str:
+    counts = collections.Counter(values)
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))) or "(none)"
+
+
+def chart(path, before, after, judge) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    cats = sorted(set(before) | set(after))
+    a.bar([i - 0.2 for i in range(len(cats))], [before.get(c, 0) for c in cats], 0.4, label="before")
+    a.bar([i + 0.2 for i in range(len(cats))], [after.get(c, 0) for c in cats], 0.4, label="after")
+    a.set_xticks(range(len(cats)), cats, rotation=30)
+    a.set_title("categories, before/after diversity control")
+    a.legend()
+    b.bar(range(1, 11), [judge.get(s, 0) for s in range(1, 11)])
+    b.set_title("judge scores (responses)")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+# ---- flags ----
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- data ----
+    p.add_argument("--sources", nargs="+", default=[], metavar="FILE",
+                   help="JSONL files: messages, prompt/completion, instruction/input/output or question/answer rows")
+    p.add_argument("--synthesize", type=int, default=0, metavar="N",
+                   help="the teacher also writes N new instructions, spread over --categories (no sources needed)")
+    p.add_argument("--out", required=True, help="output directory: stage files, sft.jsonl, kto.jsonl, report.md")
+    p.add_argument("--stages", default="all", help="which stages to run: all, or numbers/names/ranges: 1-3, label,5")
+    p.add_argument("--categories", default=",".join(CATEGORIES), help="the allowed primary categories, comma-separated")
+    p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed source lines with a warning")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished items")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a used --out (its stage files and outputs are deleted, the teacher cache kept)")
+    # ---- models ----
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--teacher", metavar="DIR_OR_HUB_ID", help="teacher checkpoint, run in-process (paper: Qwen2.5-7B-Instruct)")
+    who.add_argument("--teacher-url", nargs="+", metavar="URL",
+                     help="OpenAI-compatible servers (vLLM, SGLang, llama.cpp, Ollama, nanopost.serve) sharing the work")
+    p.add_argument("--teacher-model", default=None, help="with --teacher-url: the served model name (default: the first listed)")
+    p.add_argument("--student", required=True, metavar="DIR_OR_HUB_ID", help="the model to be post-trained, in-process")
+    p.add_argument("--cache", default=None, help="teacher request cache (SQLite; default OUT/teacher_cache.sqlite)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="in-process weights dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    # ---- generation ----
+    p.add_argument("--max-new-tokens", type=int, default=512, help="budget of teacher and student responses")
+    p.add_argument("--json-max-tokens", type=int, default=128,
+                   help="budget of the teacher's JSON replies (labels, judgments, safety, new instructions)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per in-process generation batch")
+    p.add_argument("--concurrency", type=int, default=8, help="with --teacher-url: requests in flight at once")
+    p.add_argument("--timeout", type=float, default=300, help="with --teacher-url: seconds per request")
+    p.add_argument("--retries", type=int, default=2,
+                   help="retries of a failed request (HTTP, with backoff) and of a reply that fails its check")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens of prompt + response for perplexity")
+    p.add_argument("--seed", type=int, default=0, help="seeds synthesis examples and the category caps")
+    # ---- selection ----
+    p.add_argument("--dedup-threshold", type=int, default=8, help="SimHash near-duplicate: Hamming distance <= this (of 64 bits)")
+    p.add_argument("--dedup-shingle", type=int, default=2, help="SimHash features: shingles of this many words")
+    p.add_argument("--min-label-count", type=int, default=10, help="drop secondary topics with fewer examples (paper: 10)")
+    p.add_argument("--max-per-category", type=int, default=0, help="keep at most this many per primary category (0: no cap)")
+    p.add_argument("--drop-unlabelled", action="store_true", help="drop rows the teacher failed to label (default: rule category)")
+    p.add_argument("--kto-min-gap", type=int, default=3, help="judge-score gap that makes a best/worst pair clear for KTO")
+    args = p.parse_args(argv)
+    args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    if not args.sources and not args.synthesize:
+        p.error("give --sources FILE..., or --synthesize N for instructions written by the teacher")
+    if args.resume and args.overwrite:
+        p.error("--resume continues a run, --overwrite starts afresh: choose one")
+    try:
+        args.stages = parse_stages(args.stages)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def parse_stages(spec: str) -> list[int]:
+    if spec == "all":
+        return list(range(1, 9))
+    out = set()
+    for part in spec.split(","):
+        ends = [STAGES.index(x) + 1 if x in STAGES else int(x) if x.isdigit() else None for x in part.strip().split("-")]
+        if None in ends or not all(1 <= e <= 8 for e in ends) or len(ends) > 2:
+            raise ValueError(f"--stages {spec!r}: expected all, or numbers 1-8 / names {','.join(STAGES)} / ranges like 1-3")
+        out.update(range(ends[0], ends[-1] + 1))
+    return sorted(out)
+
+
+# what a resumed run must agree on: everything that changes a stage's rows (not speed or URLs)
+RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_model", "student", "dtype", "max_new_tokens",
+                   "json_max_tokens", "retries", "max_len", "seed", "dedup_threshold", "dedup_shingle",
+                   "min_label_count", "max_per_category", "drop_unlabelled", "kto_min_gap"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        build(args)
+    except (DataError, StateError, CheckpointError, TeacherUnreachable) as e:
+        sys.exit(f"error: {e}")
+
+
+def build(args):
+    out, log = args.out, lambda *a: print(*a, flush=True)
+    # ---- setup (all checks before anything is written) ----
+    check_out_dir(out, args.resume, args.overwrite)
+    for f in args.sources:
+        if not os.path.isfile(f):
+            raise DataError(f"--sources {f}: no such file")
+    settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    settings["sources"] = [[os.path.abspath(f), os.path.getsize(f)] for f in args.sources]
+    args_path = os.path.join(out, "args.json")
+    if args.resume and os.path.exists(args_path):
+        saved = json.load(open(args_path, encoding="utf-8")).get("settings", {})
+        diff = [k for k in RESULT_SETTINGS if k in saved and saved[k] != settings[k]]
+        if diff:
+            raise StateError(f"{out} was built with other settings ({', '.join(f'{k}: {saved[k]} -> {settings[k]}' for k in diff)}); "
+                             f"resuming would mix results: rerun with those, or use --overwrite or another --out")
+    if args.overwrite and os.path.isdir(out):
+        for name in os.listdir(out):
+            if re.fullmatch(r"\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl", name):
+                os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    write_atomic(args_path, json.dumps({"settings": settings, "args": vars(args)}, indent=2))
+    cats, last = args.categories, max(args.stages)
+    rep = {"counts": {}, "notes": []}  # what the report shows, filled stage by stage
+    timings = open(os.path.join(out, "timings.jsonl"), "a", encoding="utf-8")
+    dtype = getattr(torch, args.dtype)
+    models = {}
+
+    def load(path):  # each checkpoint once: a teacher that is also the student is loaded once
+        if path not in models:
+            log(f"loading {path}")
+            models[path] = nanopost.load(path, dtype=dtype, device=args.device)
+        return models[path]
+
+    teacher = None
+
+    def get_teacher():
+        nonlocal teacher
+        if teacher is None:
+            if args.teacher:
+                backend = LocalBackend(*load(args.teacher), resolve(args.teacher), args.batch_size)
+            else:
+                backend = HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout, args.retries)
+                if backend.unreachable_urls:
+                    log(f"warning: not answering, left out: {', '.join(backend.unreachable_urls)}")
+            teacher = Teacher(backend, args.cache or os.path.join(out, "teacher_cache.sqlite"), PROMPT_VERSION, tqdm)
+        return teacher
+
+    def timed(n, items, t0):
+        if items:
+            timings.write(json.dumps({"stage": STAGES[n - 1], "seconds": round(time.time() - t0, 3), "items": items}) + "\n")
+            timings.flush()
+
+    def json_sampling():
+        return get_teacher().sampling(args.json_max_tokens, seed=args.seed)
+
+    def finish():
+        report(args, rep, out, timings, teacher)
+
+    # ---- 1. ingest and normalise the sources; synthesize new instructions ----
+    f1 = StageFile(out, "1_ingest")
+    rows, bad, seen, exact = [], [], set(), 0
+    for path in args.sources:
+        for n, obj in read_jsonl(path, bad):
+            try:
+                prompt, response, gold = normalise(obj)
+            except ValueError as e:
+                bad.append(f"{path}:{n}: {e}")
+                continue
+            key = example_id(prompt)
+            if key in seen:
+                exact += 1
+                continue
+            seen.add(key)
+            rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
+    report_bad_lines(bad, args.skip_bad_lines, log)
+    if 1 in args.stages:
+        t0, todo = time.time(), [r for r in rows if r["key"] not in f1.rows]
+        for r in tqdm(todo, desc="1 ingest", disable=not todo):
+            f1.add(r)
+        synth = [i for i in range(args.synthesize) if f"synth-{i}" not in f1.rows]
+        pool = [instruction_text(r["prompt"]) for r in rows]
+        for part in chunks(synth, args.batch_size * 4):
+            reqs = []
+            for i in part:  # the seeded examples steer each request elsewhere (greedy decoding is deterministic)
+                picks = random.Random(args.seed * 1_000_003 + i).sample(pool, min(3, len(pool)))
+                examples = "\n".join(f"- {x[:300]}" for x in picks) or "(none)"
+                reqs.append([{"role": "user", "content": PROMPTS["synthesize"].format(category=cats[i % len(cats)],
+                                                                                        examples=examples)}])
+            values, fails = get_teacher().ask_json(reqs, check_instruction, json_sampling(), args.retries,
+                                                   PROMPTS["retry"], "1 synthesize")
+            for i, v, fl in zip(part, values, fails):
+                prompt = [{"role": "user", "content": v}] if v else None
+                f1.add({"key": f"synth-{i}", "id": example_id(prompt) if v else None, "prompt": prompt, "response": None,
+                        "gold": None, "origin": "synthesized", "prompt_version": PROMPT_VERSION, "failures": fl})
+        timed(1, len(todo) + len(synth), t0)
+    n_source = len(rows)
+    rows = f1.require([r["key"] for r in rows] + [f"synth-{i}" for i in range(args.synthesize)], "ingest")
+    synth_rows, unique = rows[n_source:], {}
+    for r in rows:  # a synthesized instruction may repeat a source one (or another): the first is kept
+        if r["id"] and r["id"] not in unique:
+            unique[r["id"]] = r
+    rows = list(unique.values())
+    rep["counts"]["1 ingest"] = (f"{n_source + exact + len(bad)} source rows + {args.synthesize} synthesis requests",
+                                 len(rows), f"{len(bad)} bad lines, {exact + n_source + sum(1 for r in synth_rows if r['id']) - len(rows)} "
+                                 f"exact duplicates, {sum(1 for r in synth_rows if not r['id'])} syntheses failed")
+    rep["failures"] = {"1 synthesize": [fl for r in synth_rows for fl in r["failures"]]}
+    rep["failed_items"] = {"1 synthesize": sum(1 for r in synth_rows if not r["id"])}
+    if last == 1:
+        return finish()
+    by_id = {r["id"]: r for r in rows}
+    ids = [r["id"] for r in rows]
+
+    # ---- 2. rule-based first classification ----
+    f2 = StageFile(out, "2_classify")
+    if 2 in args.stages:
+        t0, todo = time.time(), [i for i in ids if i not in f2.rows]
+        for i in tqdm(todo, desc="2 classify", disable=not todo):
+            f2.add({"key": i, "category": classify(instruction_text(by_id[i]["prompt"]), cats)})
+        timed(2, len(todo), t0)
+    rule_cat = {r["key"]: r["category"] for r in f2.require(ids, "classify")}
+    rep["counts"]["2 classify"] = (len(ids), len(ids), histogram(rule_cat.values()))
+    if last == 2:
+        return finish()
+
+    # ---- 3. SimHash near-duplicate removal ----
+    f3 = StageFile(out, "3_dedup")
+    if 3 in args.stages:
+        t0, todo = time.time(), [i for i in ids if i not in f3.rows]
+        if todo:  # the decision needs every fingerprint; recomputing them is cheap, and the same each time
+            fps = dedup.simhash([instruction_text(by_id[i]["prompt"]) for i in ids], args.dedup_shingle)
+            dup = dedup.duplicate_of(fps, args.dedup_threshold)
+            for k, i in enumerate(tqdm(ids, desc="3 dedup")):
+                if i not in f3.rows:
+                    f3.add({"key": i, "simhash": f"{int(fps[k]):016x}", "duplicate_of": None if dup[k] is None else ids[dup[k]]})
+        timed(3, len(todo), t0)
+    ids3 = [r["key"] for r in f3.require(ids, "dedup") if r["duplicate_of"] is None]
+    rep["counts"]["3 dedup"] = (len(ids), len(ids3), f"{len(ids) - len(ids3)} near-duplicates "
+                                                     f"(Hamming <= {args.dedup_threshold} of 64 bits)")
+    if last == 3:
+        return finish()
+
+    # ---- 4. teacher labels: primary category and secondary topic, strict JSON ----
+    f4 = StageFile(out, "4_label")
+    if 4 in args.stages:
+        t0, todo = time.time(), [i for i in ids3 if i not in f4.rows]
+        system = PROMPTS["label"].format(categories=json.dumps(cats))
+        for part in chunks(todo, args.batch_size * 4):
+            reqs = [[{"role": "system", "content": system},
+                     {"role": "user", "content": PROMPTS["item"].format(instruction=instruction_text(by_id[i]["prompt"]))}]
+                    for i in part]
+            values, fails = get_teacher().ask_json(reqs, check_label(cats), json_sampling(), args.retries,
+                                                   PROMPTS["retry"], "4 label")
+            for i, v, fl in zip(part, values, fails):
+                f4.add({"key": i, "primary": v[0] if v else rule_cat[i], "secondary": v[1] if v else None,
+                        "label_source": "teacher" if v else "rule", "prompt_version": PROMPT_VERSION, "failures": fl})
+        timed(4, len(todo), t0)
+    labels = {r["key"]: r for r in f4.require(ids3, "label")}
+    unlabelled = sum(r["label_source"] == "rule" for r in labels.values())
+    rep["counts"]["4 label"] = (len(ids3), len(ids3), f"{unlabelled} kept their rule category (teacher label failed)")
+    rep["failures"]["4 label"] = [fl for r in labels.values() for fl in r["failures"]]
+    rep["failed_items"]["4 label"] = unlabelled
+    rep["before"] = collections.Counter(r["primary"] for r in labels.values())
+    if last == 4:
+        return finish()
+
+    # ---- 5. diversity control: rare secondary topics out, categories capped and balanced ----
+    f5 = StageFile(out, "5_diversity")
+    if 5 in args.stages:
+        t0, todo = time.time(), [i for i in ids3 if i not in f5.rows]
+        if todo:  # a decision over all rows, the same every time it is recomputed
+            topic_count = collections.Counter(r["secondary"] for r in labels.values() if r["secondary"])
+            why = {}
+            for i in ids3:
+                r = labels[i]
+                if r["secondary"] is None and args.drop_unlabelled:
+                    why[i] = "unlabelled"
+                elif r["secondary"] is not None and topic_count[r["secondary"]] < args.min_label_count:
+                    why[i] = f"rare topic ({topic_count[r['secondary']]} < {args.min_label_count})"
+            if args.max_per_category:
+                groups = collections.defaultdict(lambda: collections.defaultdict(list))  # category -> topic -> ids
+                for i in ids3:
+                    if i not in why:
+                        groups[labels[i]["primary"]][labels[i]["secondary"] or ""].append(i)
+                for cat, topics in sorted(groups.items()):
+                    rng = random.Random(f"{args.seed}:{cat}")
+                    queues = [rng.sample(v, len(v)) for _, v in sorted(topics.items())]
+                    kept = 0
+                    while any(queues):  # round-robin over topics: each gets its turn before any gets a second
+                        for q in queues:
+                            if q:
+                                i = q.pop()
+                                if kept >= args.max_per_category:
+                                    why[i] = f"category cap ({args.max_per_category})"
+                                kept += 1
+            for i in tqdm(todo, desc="5 diversity"):
+                f5.add({"key": i, "kept": i not in why, "why": why.get(i)})
+        timed(5, len(todo), t0)
+    div = f5.require(ids3, "diversity")
+    ids5 = [r["key"] for r in div if r["kept"]]
+    rep["counts"]["5 diversity"] = (len(ids3), len(ids5), histogram(r["why"].split(" (")[0] for r in div if not r["kept"]))
+    rep["after"] = collections.Counter(labels[i]["primary"] for i in ids5)
+    rep["topics"] = collections.Counter(labels[i]["secondary"] or "(rule category)" for i in ids5)
+    if last == 5:
+        return finish()
+
+    # ---- 6. responses: the original (if any), the teacher's, the student's ----
+    f6 = StageFile(out, "6_respond")
+    if 6 in args.stages:
+        t0, todo = time.time(), [i for i in ids5 if i not in f6.rows]
+        student = Engine(*load(args.student)) if todo else None
+        for part in chunks(todo, args.batch_size * 4):
+            prompts = [by_id[i]["prompt"] for i in part]
+            teacher_says, fails = get_teacher().ask_json(prompts, check_answer, get_teacher().sampling(args.max_new_tokens),
+                                                         args.retries, PROMPTS["retry_answer"], "6 teacher responses")
+            student_says = student.generate(prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size,
+                                            tqdm(total=len(part), desc="6 student responses", leave=False))
+            for i, t, s, fl in zip(part, teacher_says, student_says, fails):
+                responses = [{"source": src, "text": x.strip()} for src, x in
+                             (("original", by_id[i]["response"]), ("teacher", t), ("student", s)) if x and x.strip()]
+                f6.add({"key": i, "responses": responses, "failures": fl})
+        timed(6, len(todo), t0)
+    resp = {r["key"]: r for r in f6.require(ids5, "respond")}
+    n_resp = collections.Counter(x["source"] for r in resp.values() for x in r["responses"])
+    rep["counts"]["6 respond"] = (len(ids5), sum(n_resp.values()), "responses: " + histogram(n_resp.elements()))
+    rep["failures"]["6 respond"] = [fl for r in resp.values() for fl in r["failures"]]
+    rep["failed_items"]["6 respond"] = len(ids5) - n_resp["teacher"]
+    if last == 6:
+        return finish()
+
+    # ---- 7. scores: student perplexity, teacher judge and safety, correctness against a gold answer ----
+    f7 = StageFile(out, "7_score")
+    if 7 in args.stages:
+        t0, todo = time.time(), [i for i in ids5 if i not in f7.rows]
+        for part in chunks(todo, args.batch_size * 4):
+            items = [(i, x) for i in part for x in resp[i]["responses"]]
+            model, tok = load(args.student)
+            ppl = perplexities(model, tok, [(by_id[i]["prompt"], x["text"]) for i, x in items], args.max_len, args.batch_size)
+            graded = [PROMPTS["graded"].format(instruction=instruction_text(by_id[i]["prompt"]), response=x["text"])
+                      for i, x in items]
+            judged, jfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["judge"]}, {"role": "user", "content": g}]
+                                                    for g in graded], check_judge, json_sampling(), args.retries,
+                                                   PROMPTS["retry"], "7 judge")
+            safety, sfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["safety"]}, {"role": "user", "content": g}]
+                                                    for g in graded], check_safety, json_sampling(), args.retries,
+                                                   PROMPTS["retry"], "7 safety")
+            per = collections.defaultdict(lambda: ([], []))
+            for (i, x), p, j, s, jf, sf in zip(items, ppl, judged, safety, jfail, sfail):
+                gold = by_id[i]["gold"]
+                per[i][0].append({"source": x["source"], "ppl": p, "judge": j[0] if j else None,
+                                  "rationale": j[1] if j else None, "safe": s,
+                                  "correct": None if gold is None else gsm8k.extract(x["text"]) == gold})
+                per[i][1].extend([{**fl, "check": "judge", "source": x["source"]} for fl in jf] +
+                                 [{**fl, "check": "safety", "source": x["source"]} for fl in sf])
+            for i in part:
+                scores, fl = per[i]
+                f7.add({"key": i, "scores": scores, "prompt_version": PROMPT_VERSION, "failures": fl})
+        timed(7, len(todo), t0)
+    scored = {r["key"]: r for r in f7.require(ids5, "score")}
+    all_scores = [s for r in scored.values() for s in r["scores"]]
+    rep["counts"]["7 score"] = (len(all_scores), len(all_scores), f"{sum(s['judge'] is None for s in all_scores)} not judged, "
+                                f"{sum(s['safe'] is None for s in all_scores)} safety unknown, "
+                                f"{sum(s['safe'] is False for s in all_scores)} flagged unsafe")
+    rep["failures"]["7 score"] = [fl for r in scored.values() for fl in r["failures"]]
+    rep["failed_items"]["7 score"] = sum(s["judge"] is None for s in all_scores) + sum(s["safe"] is None for s in all_scores)
+    rep["scores"] = all_scores
+    if last == 7:
+        return finish()
+
+    # ---- 8. selection: sft.jsonl (best per instruction), kto.jsonl (best vs worst where the gap is clear) ----
+    t0, sft, kto, why_not = time.time(), [], [], collections.Counter()
+    for i in ids5:
+        texts = {x["source"]: x["text"] for x in resp[i]["responses"]}
+        cands = [{**s, "text": texts[s["source"]]} for s in scored[i]["scores"]]
+        best, worst, why = select_responses(cands, args.kto_min_gap)
+        why_not[why or "pair written"] += 1
+        meta = {"id": i, "category": labels[i]["primary"], "topic": labels[i]["secondary"], "prompt_version": PROMPT_VERSION}
+        strip = lambda s: {k: v for k, v in s.items() if k not in ("text", "rationale")}  # noqa: E731
+        if best:
+            sft.append({"messages": by_id[i]["prompt"] + [{"role": "assistant", "content": best["text"]}], **meta,
+                        "chosen": strip(best)})
+        if best and worst:
+            kto.append({"prompt": by_id[i]["prompt"], "completion": best["text"], "label": True, **meta, "scores": strip(best)})
+            kto.append({"prompt": by_id[i]["prompt"], "completion": worst["text"], "label": False, **meta, "scores": strip(worst)})
+    write_atomic(os.path.join(out, "sft.jsonl"), sft, "select")
+    write_atomic(os.path.join(out, "kto.jsonl"), kto, "select")
+    timed(8, len(ids5), t0)
+    rep["counts"]["8 select"] = (len(ids5), f"{len(sft)} sft, {len(kto)} kto rows", histogram(why_not.elements()))
+    rep["chosen"] = collections.Counter(r["chosen"]["source"] for r in sft)
+    finish()
+    print(json.dumps({"sft": len(sft), "kto": len(kto), "out": out}))
+
+
+def report(args, rep, out, timings, teacher):
+    """OUT/report.md: counts per stage, categories before/after diversity control, score
+    distributions, teacher failures by kind, time and throughput per stage."""
+    timings.close()
+    lines = ["# build_data report", "", f"prompt version {PROMPT_VERSION}; stages run: {args.stages}; "
+             f"teacher {args.teacher or ' '.join(args.teacher_url)}; student {args.student}", ""]
+    sent, cached = (teacher.sent, teacher.cached) if teacher else (0, 0)
+    lines += [f"teacher requests this run: {sent} sent, {cached} answered from the cache", ""]
+    lines += ["## Counts per stage", "", "| stage | in | out | notes |", "|---|---|---|---|"]
+    lines += [f"| {k} | {a} | {b} | {note} |" for k, (a, b, note) in rep["counts"].items()]
+    if "before" in rep:
+        lines += ["", "## Categories", "", "| category | before diversity control | after |", "|---|---|---|"]
+        lines += [f"| {c} | {rep['before'][c]} | {rep.get('after', {}).get(c, '')} |" for c in sorted(rep["before"])]
+    if "topics" in rep:
+        lines += ["", f"secondary topics kept ({len(rep['topics'])}): {histogram(rep['topics'].elements())}"]
+    judge = collections.Counter()
+    if "scores" in rep:
+        s = rep["scores"]
+        judge = collections.Counter(x["judge"] for x in s if x["judge"] is not None)
+        ppl = sorted(x["ppl"] for x in s)
+        q = lambda f: ppl[min(int(f * len(ppl)), len(ppl) - 1)] if ppl else None  # noqa: E731
+        lines += ["", "## Scores (all responses)", "",
+                  f"- judge score: {histogram(x['judge'] if x['judge'] is not None else 'none' for x in s)}",
+                  f"- safety: {histogram({True: 'safe', False: 'unsafe', None: 'unknown'}[x['safe']] for x in s)}",
+                  f"- correct against gold: {histogram({True: 'correct', False: 'wrong', None: 'no gold'}[x['correct']] for x in s)}",
+                  f"- student perplexity: min {q(0)}, median {q(0.5)}, p90 {q(0.9)}, max {q(1)}"]
+        by_src = collections.defaultdict(list)
+        for x in s:
+            if x["judge"] is not None:
+                by_src[x["source"]].append(x["judge"])
+        lines += [f"- mean judge score by source: " +
+                  (", ".join(f"{k} {sum(v) / len(v):.2f} ({len(v)})" for k, v in sorted(by_src.items())) or "(none)")]
+    if "chosen" in rep:
+        lines += [f"- chosen for SFT, by source: {histogram(rep['chosen'].elements())}"]
+    if rep.get("failures"):
+        lines += ["", "## Teacher failures", "",
+                  "Each failed attempt is counted by kind; items that failed every attempt were dropped or fell back "
+                  "(raw replies are kept in the stage files, key \"failures\").", "",
+                  "| stage | failed attempts by kind | items failed |", "|---|---|---|"]
+        lines += [f"| {k} | {histogram(fl['kind'] for fl in v)} | {rep['failed_items'].get(k, 0)} |"
+                  for k, v in rep["failures"].items()]
+    t = collections.defaultdict(lambda: [0.0, 0])
+    path = os.path.join(out, "timings.jsonl")
+    for line in open(path, encoding="utf-8") if os.path.exists(path) else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        t[r["stage"]][0] += r["seconds"]
+        t[r["stage"]][1] += r["items"]
+    lines += ["", "## Time (all runs into this folder)", "", "| stage | seconds | items | items/s |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v[0]:.1f} | {v[1]} | {v[1] / v[0]:.1f} |" if v[0] >= 0.05 else f"| {k} | {v[0]:.1f} | {v[1]} | - |"
+              for k, v in t.items()]
+    if "before" in rep and chart(os.path.join(out, "report.png"), rep["before"], rep.get("after", {}), judge):
+        lines += ["", "![categories and judge scores](report.png)"]
+    write_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    if teacher:
+        teacher.close()
+
+
+if __name__ == "__main__":
+    main()

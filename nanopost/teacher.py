@@ -1,0 +1,240 @@
+"""The teacher: the large model that labels, writes, answers and judges for build_data.py.
+
+Two backends with one method, complete(list of message lists, sampling, on_reply):
+- LocalBackend: any checkpoint nanopost.load reads, generating through the Engine in batches.
+- HTTPBackend: any OpenAI-compatible POST /v1/chat/completions (vLLM, SGLang, llama.cpp server,
+  Ollama, nanopost.serve). Several URLs share the requests (request i goes to URL i mod n, its
+  retries to the next ones), `concurrency` requests are in flight at once (threads), each has a
+  timeout and is retried with exponential backoff; a clear error names the URLs when none answers.
+  An API key, if the servers need one, is read from $NANOPOST_TEACHER_API_KEY or $OPENAI_API_KEY
+  (never from a flag, so it is not saved with the run's arguments).
+
+Teacher wraps a backend with a request cache (SQLite, stdlib): a finished request is stored under
+a hash of (messages, sampling settings, teacher id, prompt version), so a rerun after a crash or a
+code change never sends it again; a change to a prompt, the sampling or the teacher changes the
+key. Only replies are cached, never transport failures: a timed-out request is sent again next run.
+The teacher id is the checkpoint (resolved path + size and mtime of its files) for LocalBackend and
+the served model name for HTTPBackend, not the URL, so adding servers keeps every cached reply.
+
+Teacher.ask_json sends prompts whose reply must pass a check (strict JSON with allowed values):
+a failing reply is retried `retries` times, each retry showing the teacher its reply and what was
+wrong; what still fails is returned with every attempt's raw reply and failure kind, for the caller
+to count and keep for inspection. Garbage never raises."""
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+
+class TeacherUnreachable(RuntimeError):
+    pass
+
+
+@dataclass
+class Reply:
+    text: str | None  # None: no reply (see error)
+    error: str | None = None  # timeout | unreachable | http_NNN | bad_response
+    detail: str = ""  # what came back instead of a reply, for inspection
+
+
+def request_key(messages, sampling: dict, teacher_id: str, prompt_version: str) -> str:
+    blob = json.dumps([messages, sampling, teacher_id, prompt_version], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Cache:
+    """key -> reply text in one SQLite file; safe to share between threads (one lock) and to
+    kill at any moment (each put is its own transaction)."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
+                        "request TEXT NOT NULL, created REAL NOT NULL)")
+        self.db.commit()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, reply: str, request) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
+                            (key, reply, json.dumps(request, ensure_ascii=False), time.time()))
+            self.db.commit()
+
+    def close(self):
+        self.db.close()
+
+
+# ---- backends ----
+
+class LocalBackend:
+    """In-process generation through the Engine (batched, longest prompts first)."""
+
+    def __init__(self, model, tok, checkpoint_dir: str, batch_size: int = 16):
+        from nanopost.engine import Engine
+        self.engine, self.batch_size = Engine(model, tok), batch_size
+        files = sorted((f, os.stat(os.path.join(checkpoint_dir, f)).st_size, os.stat(os.path.join(checkpoint_dir, f)).st_mtime_ns)
+                       for f in os.listdir(checkpoint_dir) if f.endswith((".json", ".safetensors", ".jinja")))
+        self.id = f"local:{os.path.abspath(checkpoint_dir)}:{hashlib.sha256(repr(files).encode()).hexdigest()[:16]}"
+
+    def complete(self, requests, sampling: dict, on_reply):
+        from nanopost.engine import Sampling
+        s = Sampling(max_new_tokens=sampling["max_tokens"], temperature=sampling["temperature"],
+                     top_p=sampling["top_p"], seed=sampling["seed"])
+        step = self.batch_size * 4  # hand replies back (to the cache) every few batches
+        for start in range(0, len(requests), step):
+            texts = self.engine.generate(requests[start:start + step], s, batch_size=self.batch_size)
+            for i, text in enumerate(texts):
+                on_reply(start + i, Reply(text))
+
+
+class HTTPBackend:
+    def __init__(self, urls: list[str], model: str | None = None, concurrency: int = 8, timeout: float = 120,
+                 retries: int = 2, backoff: float = 1.0):
+        # accept http://host:8000, http://host:8000/ and http://host:8000/v1
+        self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
+        self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
+        self.api_key = os.environ.get("NANOPOST_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        served, why = {}, {}
+        for u in self.urls:
+            try:
+                served[u] = [m["id"] for m in self._call(u, "/v1/models", None, min(timeout, 10))["data"]]
+            except Exception as e:  # noqa: BLE001 - any failure here means "not usable", said below
+                why[u] = f"{type(e).__name__}: {e}"
+        if not served:
+            raise TeacherUnreachable(
+                "no teacher server answered GET /v1/models at " + ", ".join(self.urls) + " (" +
+                "; ".join(f"{u}: {w}" for u, w in why.items()) + "). Start one (e.g. `python -m nanopost.serve "
+                "--model M --port 8000`, or vLLM: `vllm serve Qwen/Qwen2.5-7B-Instruct`) or fix --teacher-url.")
+        self.urls = [u for u in self.urls if u in served]  # the others are left out of this run
+        self.model = model or served[self.urls[0]][0]
+        self.id = f"http:{self.model}"
+        self.unreachable_urls = sorted(why)
+
+    def _call(self, url, path, body, timeout):
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + path, data=data, headers=headers, method="GET" if body is None else "POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    def _one(self, i, messages, sampling) -> Reply:
+        body = {"model": self.model, "messages": messages, **sampling}
+        reply = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            url = self.urls[(i + attempt) % len(self.urls)]
+            try:
+                out = self._call(url, "/v1/chat/completions", body, self.timeout)
+            except urllib.error.HTTPError as e:
+                reply = Reply(None, f"http_{e.code}", e.read()[:2000].decode("utf-8", "replace"))
+                if 400 <= e.code < 500 and e.code not in (408, 429):
+                    return reply  # the request itself is refused: sending it again will not help
+                continue
+            except (TimeoutError, socket.timeout) as e:
+                reply = Reply(None, "timeout", f"{url}: no reply within {self.timeout}s ({e})")
+                continue
+            except urllib.error.URLError as e:
+                kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "unreachable"
+                reply = Reply(None, kind, f"{url}: {e.reason}")
+                continue
+            except (ConnectionError, ValueError, OSError) as e:  # reset connections, a body that is not JSON
+                reply = Reply(None, "bad_response", f"{url}: {type(e).__name__}: {e}")
+                continue
+            try:
+                text = out["choices"][0]["message"]["content"]
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+                return Reply(text)
+            except (KeyError, IndexError, TypeError) as e:
+                reply = Reply(None, "bad_response", f"{url}: {e}: {json.dumps(out)[:2000]}")
+        return reply
+
+    def complete(self, requests, sampling: dict, on_reply):
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = {pool.submit(self._one, i, m, sampling): i for i, m in enumerate(requests)}
+            for f in as_completed(futures):  # replies are handed back (and cached) in this thread
+                on_reply(futures[f], f.result())
+
+
+# ---- the cached teacher ----
+
+class Teacher:
+    def __init__(self, backend, cache_path: str, prompt_version: str, progress=None):
+        self.backend, self.cache, self.prompt_version = backend, Cache(cache_path), prompt_version
+        self.progress = progress  # tqdm class or None
+        self.sent = self.cached = 0
+
+    def sampling(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
+        return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+    def complete(self, requests: list[list[dict]], sampling: dict, desc: str = "teacher") -> list[Reply]:
+        keys = [request_key(m, sampling, self.backend.id, self.prompt_version) for m in requests]
+        out = [None] * len(requests)
+        for i, k in enumerate(keys):
+            text = self.cache.get(k)
+            out[i] = Reply(text) if text is not None else None
+        todo = [i for i, r in enumerate(out) if r is None]
+        self.cached += len(requests) - len(todo)
+        self.sent += len(todo)
+        if not todo:
+            return out
+        bar = self.progress(total=len(todo), desc=desc, leave=False) if self.progress else None
+
+        def on_reply(j, reply):
+            i = todo[j]
+            out[i] = reply
+            if reply.text is not None:
+                self.cache.put(keys[i], reply.text, {"messages": requests[i], "sampling": sampling,
+                                                    "teacher": self.backend.id, "prompt_version": self.prompt_version})
+            if bar:
+                bar.update(1)
+        self.backend.complete([requests[i] for i in todo], sampling, on_reply)
+        if bar:
+            bar.close()
+        if all(out[i].error == "unreachable" for i in todo):  # every server went away: stop, do not drop rows
+            raise TeacherUnreachable(f"the teacher stopped answering ({out[todo[0]].detail}); finished work is "
+                                     f"saved: rerun with --resume when it is back")
+        return out
+
+    def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):
+        """check(reply text) -> (value, None) or (None, failure kind). -> (values, failures): values[i]
+        is None where every attempt failed; failures[i] lists {attempt, kind, raw} of each failed try.
+        A retry shows the teacher its reply and retry_prompt.format(why=kind); a transport failure
+        (timeout, unreachable: the backend has already retried) is not retried here."""
+        values, failures = [None] * len(requests), [[] for _ in requests]
+        convo, pending = [list(m) for m in requests], list(range(len(requests)))
+        for attempt in range(retries + 1):
+            if not pending:
+                break
+            replies = self.complete([convo[i] for i in pending], sampling, f"{desc} (try {attempt + 1})")
+            still = []
+            for i, r in zip(pending, replies):
+                value, kind = check(r.text) if r.text is not None else (None, r.error)
+                if kind is None:
+                    values[i] = value
+                    continue
+                failures[i].append({"attempt": attempt, "kind": kind, "raw": r.text if r.text is not None else r.detail})
+                if r.text is not None:
+                    convo[i] = convo[i] + [{"role": "assistant", "content": r.text},
+                                           {"role": "user", "content": retry_prompt.format(why=kind)}]
+                    still.append(i)
+            pending = still
+        return values, failures
+
+    def close(self):
+        self.cache.close()

@@ -1,0 +1,270 @@
+"""build_data.py end to end on the tiny random model (its replies are garbage: the path where the
+teacher fails every check), over HTTP against a scripted fake server and nanopost.serve, the
+request cache, garbage and unreachable teachers, and SIGKILL in the middle of every stage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nanopost.data import load_kto, load_sft
+from nanopost.testing import run_main
+from nanopost.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "build_data.py")
+FIXTURE = os.path.join(ROOT, "tests", "data", "gsm8k_train_sample.jsonl")
+FAST = ["--max-new-tokens", "12", "--json-max-tokens", "12", "--retries", "1", "--min-label-count", "1",
+        "--batch-size", "16", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """16 rows: 10 GSM8K-style, an exact and a near duplicate, 4 in the other source formats."""
+    rows = open(FIXTURE, encoding="utf-8").read().splitlines()
+    path = tmp_path_factory.mktemp("src") / "sources.jsonl"
+    path.write_text("\n".join(rows[:10] + rows[24:]) + "\n")
+    return str(path)
+
+
+def read(path):
+    return open(path, encoding="utf-8").read()
+
+
+def check_outputs(out, tiny):
+    tok = Tokenizer(tiny)
+    sft, _ = load_sft([os.path.join(out, "sft.jsonl")], tok, 4096)
+    kto, stats = load_kto([os.path.join(out, "kto.jsonl")], tok, 4096)
+    assert sft[0] and kto and 0 < stats["desirable"] < len(kto)
+    assert os.path.exists(os.path.join(out, "report.md"))
+    return [json.loads(x) for x in read(os.path.join(out, "sft.jsonl")).splitlines()], \
+        [json.loads(x) for x in read(os.path.join(out, "kto.jsonl")).splitlines()]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny, sources, tmp_path_factory):
+    """One uninterrupted in-process run with the tiny model as teacher and student."""
+    out = str(tmp_path_factory.mktemp("base") / "out")
+    t0 = time.time()
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST)
+    assert r.returncode == 0, r.stderr
+    return out, time.time() - t0
+
+
+def test_in_process_garbage_teacher(baseline, tiny):
+    out, seconds = baseline
+    sft, kto = check_outputs(out, tiny)
+    # the tiny teacher never writes valid JSON: every label, judgment and safety check failed and was
+    # counted; the rows kept their rule category and the original (gold-correct) responses won
+    report = read(os.path.join(out, "report.md"))
+    assert "not_json" in report or "empty" in report
+    labels = [json.loads(x) for x in read(os.path.join(out, "4_label.jsonl")).splitlines()]
+    assert all(r["label_source"] == "rule" and r["failures"] and r["prompt_version"] for r in labels)
+    assert all(r["chosen"]["source"] == "original" and r["chosen"]["judge"] is None for r in sft)
+    assert len(sft) == 14  # 16 rows - 1 exact duplicate - 1 near duplicate
+    assert {r["label"] for r in kto} == {True, False}
+    desirable = {r["id"]: r["completion"] for r in kto if r["label"]}
+    assert all(r["messages"][-1]["content"] == desirable[r["id"]] for r in sft if r["id"] in desirable)
+    assert seconds < 120
+
+
+def test_resume_sends_nothing_and_refuses_changed_settings(baseline, tiny, sources):
+    out, _ = baseline
+    before = read(os.path.join(out, "sft.jsonl")), read(os.path.join(out, "kto.jsonl"))
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "teacher requests this run: 0 sent" in read(os.path.join(out, "report.md"))
+    assert (read(os.path.join(out, "sft.jsonl")), read(os.path.join(out, "kto.jsonl"))) == before
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST)
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST,
+                 "--resume", "--dedup-threshold", "2")
+    assert r.returncode != 0 and "dedup_threshold" in r.stderr
+
+
+FILES = {"ingest": "1_ingest", "classify": "2_classify", "dedup": "3_dedup", "label": "4_label",
+         "diversity": "5_diversity", "respond": "6_respond", "score": "7_score", "select": None}
+
+
+@pytest.mark.parametrize("stages", [["dedup", "respond", "select"],
+                                    pytest.param(list(FILES), marks=pytest.mark.slow, id="every-stage")])
+def test_sigkill_mid_stage_then_resume_equals_uninterrupted(baseline, tiny, sources, tmp_path, stages):
+    """Kill the run (SIGKILL, at a row count set through NANOPOST_BUILD_KILL) in the middle of each
+    stage in turn (a global decision, a model stage, the final write; `-m slow`: all eight),
+    tearing the last line of the stage file too; each rerun resumes. The final files equal the
+    uninterrupted run's, and no stage file holds an id twice."""
+    out = str(tmp_path / "out")
+    base = [sys.executable, SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST]
+    files = {k: FILES[k] for k in stages}
+    for n, (stage, name) in enumerate(files.items()):
+        env = {**os.environ, "NANOPOST_BUILD_KILL": f"{stage}:3"}
+        r = subprocess.run(base + (["--resume"] if n else []), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        if name:
+            path = os.path.join(out, name + ".jsonl")
+            assert len(read(path).splitlines()) == 3
+            with open(path, "a") as f:
+                f.write('{"key": "torn')  # a write cut short by the kill
+    r = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in (f for f in FILES.values() if f):
+        keys = [json.loads(x)["key"] for x in read(os.path.join(out, name + ".jsonl")).splitlines()]
+        assert len(keys) == len(set(keys)), name
+    for f in ("sft.jsonl", "kto.jsonl"):
+        assert read(os.path.join(out, f)) == read(os.path.join(baseline[0], f)), f
+
+
+# ---- HTTP: a scripted fake OpenAI server (garbage on purpose), then nanopost.serve ----
+
+class Fake:
+    """An OpenAI-compatible server whose replies the test scripts by prompt kind; counts requests."""
+
+    def __init__(self):
+        fake = self
+        self.requests, self.clean = 0, False
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def send(self, obj, status=200):
+                body = json.dumps(obj).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout under test)
+
+            def do_GET(self):
+                self.send({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests += 1
+                text = fake.reply(body["messages"], fake.clean)
+                if text is None:
+                    return self.send({"error": "not this shape"})  # a 200 that is not a completion
+                self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                        "finish_reason": "stop"}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def reply(messages, clean):
+        system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+        last, retry = messages[-1]["content"], len(messages) > 2 and messages[-2]["role"] == "assistant"
+        item = messages[1]["content"] if system else messages[0]["content"]
+        if system.startswith("You sort"):
+            if "clips" in item:  # garbage first, valid when told what was wrong
+                return '{"primary": "math", "secondary": "counting"}' if retry else "Sure! It is math."
+            if "apples" in item:
+                return '{"primary": "cooking", "secondary": "fruit"}'  # never in the allowed set
+            if "stamps" in item:
+                return ""
+            if "marbles" in item and not clean:
+                return None
+            return '```json\n{"primary": "math", "secondary": "arithmetic"}\n```'
+        if system.startswith("You grade"):
+            return '{"score": 9, "rationale": "worked steps"}' if "The answer is" in last else '{"score": 2, "rationale": "no"}'
+        if system.startswith("You check"):
+            return '{"safe": true, "reason": "harmless"}' if "poem" not in item else '{"safe": "maybe"}'
+        if "Write one new instruction" in last:
+            return '{"instruction": "How many legs do 3 spiders have?"}'
+        if "sea" in item and not clean:
+            time.sleep(3)  # past --timeout
+        return "Let me see. The answer is 42."
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = Fake()
+    yield f
+    f.httpd.shutdown()
+
+
+def test_http_fake_teacher_garbage_counted_and_cache(fake, tiny, sources, tmp_path):
+    cache = str(tmp_path / "cache.sqlite")
+    out = str(tmp_path / "out")
+    args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, "--cache", cache,
+            "--synthesize", "2", "--timeout", "1", *FAST]
+    r = run_main(SCRIPT, *args)
+    assert r.returncode == 0, r.stderr
+    sft, kto = check_outputs(out, tiny)
+    report = read(os.path.join(out, "report.md"))
+    for kind in ("not_json", "label_not_allowed", "empty", "bad_response", "timeout", "bad_safe"):
+        assert kind in report, kind
+    labels = {r["key"]: r for r in map(json.loads, read(os.path.join(out, "4_label.jsonl")).splitlines())}
+    assert sum(r["label_source"] == "teacher" for r in labels.values()) >= 8  # clips rows: right on the retry
+    assert all(r["secondary"] in ("arithmetic", "counting", None) for r in labels.values())
+    assert "How many legs do 3 spiders have?" in read(os.path.join(out, "sft.jsonl"))  # synthesized (+ 1 duplicate)
+    texts = [m["content"] for r in sft for m in r["messages"]] + [r["completion"] for r in kto]
+    assert not any("Sure! It is math." in t or "cooking" in t for t in texts)  # garbage never enters the data
+    n = fake.requests
+    r = run_main(SCRIPT, *args, "--overwrite")  # redone from nothing: only transport failures are sent again
+    assert r.returncode == 0, r.stderr
+    assert 0 < fake.requests - n <= 6  # the 'sea' timeouts and the 'marbles' non-completions (x 2 tries)
+    check_outputs(out, tiny)
+
+
+def test_http_cache_second_run_sends_zero_requests(fake, tiny, sources, tmp_path):
+    fake.clean = True  # no timeouts or non-completions: every request gets a reply, so all are cached
+    try:
+        args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", str(tmp_path / "out"),
+                "--cache", str(tmp_path / "cache.sqlite"), *FAST]
+        r = run_main(SCRIPT, *args)
+        assert r.returncode == 0, r.stderr
+        first, n = read(str(tmp_path / "out" / "sft.jsonl")), fake.requests
+        r = run_main(SCRIPT, *args, "--overwrite")
+        assert r.returncode == 0, r.stderr
+        assert fake.requests == n and "this run: 0 sent" in read(str(tmp_path / "out" / "report.md"))
+        assert read(str(tmp_path / "out" / "sft.jsonl")) == first
+    finally:
+        fake.clean = False
+
+
+def test_http_unreachable_names_the_urls(tiny, sources, tmp_path):
+    r = run_main(SCRIPT, "--teacher-url", "http://127.0.0.1:9", "http://127.0.0.1:7", "--student", tiny,
+                 "--sources", sources, "--out", str(tmp_path / "out"), *FAST)
+    assert r.returncode != 0
+    assert "http://127.0.0.1:9" in r.stderr and "http://127.0.0.1:7" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_http_nanopost_serve_end_to_end(tiny, sources, tmp_path):
+    serve = pytest.importorskip("nanopost.serve")
+    with serve.start({"tiny": tiny}, port=0, dtype="float32", log_requests=False, log=lambda *a: None) as server:
+        out = str(tmp_path / "out")
+        r = run_main(SCRIPT, "--teacher-url", server.url, "--student", tiny, "--sources", sources, "--out", out,
+                     "--concurrency", "4", *FAST)
+        assert r.returncode == 0, r.stderr
+    check_outputs(out, tiny)
+    assert "teacher requests this run: 0 sent" not in read(os.path.join(out, "report.md"))
+
+
+def test_selection_rules():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    s = lambda src, **kw: {"source": src, "ppl": 10.0, "judge": None, "safe": None, "correct": None, **kw}  # noqa: E731
+    # correctness first; a wrong answer is never the best
+    best, worst, _ = m.select_responses([s("original", correct=True), s("teacher", correct=False, judge=10)], 3)
+    assert (best["source"], worst["source"]) == ("original", "teacher")
+    # judge scores decide; a small gap writes no KTO pair
+    best, worst, why = m.select_responses([s("teacher", judge=7), s("student", judge=6)], 3)
+    assert best["source"] == "teacher" and worst is None and why == "gap not clear"
+    # unsafe never wins; unjudged ranks below judged; without any judgment the original, then perplexity
+    best, _, _ = m.select_responses([s("teacher", judge=10, safe=False), s("student", judge=2)], 3)
+    assert best["source"] == "student"
+    best, worst, why = m.select_responses([s("student", ppl=2.0), s("original", ppl=50.0)], 3)
+    assert best["source"] == "original" and worst is None  # perplexity alone is not a clear gap
+    assert m.select_responses([s("student", correct=False)], 3)[0] is None
