@@ -766,7 +766,7 @@ def report(args, rep, out, timings, teacher):
         for x in s:
             if x["judge"] is not None:
                 by_src[x["source"]].append(x["judge"])
-        lines += [f"- mean judge score by source: " +
+        lines += ["- mean judge score by source: " +
                   (", ".join(f"{k} {sum(v) / len(v):.2f} ({len(v)})" for k, v in sorted(by_src.items())) or "(none)")]
     if "chosen" in rep:
         lines += [f"- chosen for SFT, by source: {histogram(rep['chosen'].elements())}"]

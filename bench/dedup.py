@@ -17,7 +17,6 @@ import random
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanopost import dedup  # noqa: E402
