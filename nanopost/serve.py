@@ -1,0 +1,541 @@
+"""An OpenAI-compatible HTTP server for one or several checkpoints, on the standard library only.
+
+    python -m nanopost.serve --model Qwen/Qwen2-0.5B-Instruct --port 8000
+    python -m nanopost.serve --model base=Qwen/Qwen2-0.5B-Instruct --model sft=runs/sft --port 8000
+    python -m nanopost.serve --model runs/sft --host 0.0.0.0 --port 8000 --api-key "$KEY"   # other machines
+
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "sft", "messages": [{"role": "user", "content": "What is 17*23?"}]}'
+
+Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true),
+GET /v1/models (the served names), GET /health. The request's "model" field picks a checkpoint.
+Sampling fields: temperature (default 0: greedy), top_p (default 1), max_tokens or
+max_completion_tokens (default --default-max-tokens, 512), stop, seed, and the extensions top_k and
+repetition_penalty. n > 1, logprobs, tools and the OpenAI penalties are refused with a 400.
+
+How it works: each model has one worker thread, the only one that runs it. HTTP handler threads
+validate a request, render its prompt and queue it; the worker takes every request waiting, runs
+those sampled alike together in one Engine.generate_ids call (up to --batch-size rows), and the
+engine's per-step callback hands each row's new text to its own client as soon as it is final.
+
+Security: it listens on 127.0.0.1 unless told otherwise, and refuses any other address without
+--api-key (then every request needs `Authorization: Bearer KEY`). It does not protect against
+what a client puts in a prompt (text like <|im_start|> is read as the special token, as in
+transformers' chat template), does not rate-limit, and does not speak TLS: put it behind a
+reverse proxy for that.
+
+From Python (tests, build_data.py): `server = nanopost.serve.start({"base": "runs/tiny"}, port=0)`
+loads and serves in the background; `server.url` is http://127.0.0.1:PORT; `server.shutdown()`."""
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import re
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+import nanopost
+from nanopost.engine import Engine, Sampling, cut_at_stop
+from nanopost.tokenizer import ROLES, Tokenizer
+
+MAX_BODY_BYTES = 1 << 20  # a larger body gets 413 (a 0.5B model's 32k-token context is ~130 kB of text)
+MAX_MESSAGES = 1024
+MAX_CONTENT_CHARS = 200_000  # per message
+MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per stop string
+# fields we cannot honour: a request that sets one to anything but its default is refused, not ignored
+UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None, "tools": None,
+               "functions": None, "presence_penalty": 0, "frequency_penalty": 0}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ApiError(Exception):
+    """A 4xx/5xx reply in OpenAI's error shape."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _BatchOver(Exception):
+    """Raised from on_token to end a generate_ids call whose rows are all answered (or abandoned)."""
+
+
+# ---- one request = one row of a batch ----
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Request:
+    model: str
+    ids: list[int]  # the rendered prompt
+    sampling: Sampling  # max_new_tokens unused: rows with different max_tokens share a batch
+    max_tokens: int
+    stream: bool
+    tok: Tokenizer
+    include_usage: bool = False  # streaming: a last chunk with the token counts
+
+    def __post_init__(self):
+        self.events = queue.Queue()  # ("text", str) ... then ("done", reason, reply, n_tokens) or ("error", ApiError)
+        self.new, self.sent, self.finished, self.cancelled = [], 0, False, False
+        self.text, self.decoded = "", 0  # the text of new[:decoded], which ends on a whole character
+        # a stop string that begins in the text already sent would be inside `text` in full, so
+        # holding back len(longest) - 1 characters never streams text that a stop string later cuts
+        self.hold = max(map(len, self.sampling.stop), default=1) - 1
+        s = self.sampling  # rows run together only when they sample alike (one Sampling per call);
+        # a seeded sampled request runs alone, so its reply does not depend on who else was waiting
+        self.key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty, tuple(s.stop),
+                    id(self) if s.seed is not None and s.temperature > 0 else None)
+
+    def push(self, token, done):
+        """One decode step of this row: its token and whether the engine finished the row."""
+        if self.cancelled:  # its client went away: the row runs on in the batch, unread
+            self.finished = True
+            return
+        if not (done and token in self.tok.eos_ids):  # the eos itself is not part of the reply
+            self.new.append(token)
+        # decode only the tokens after the last whole character: decoding the whole reply at every
+        # step would cost O(length^2); bytes after a whole character never change the text before it
+        tail = self.tok.decode(self.new[self.decoded:])
+        text = self.text + tail
+        if not tail.endswith("\ufffd"):  # an unfinished UTF-8 character decodes to U+FFFD
+            self.text, self.decoded = text, len(self.new)
+        reply = cut_at_stop(text, self.sampling.stop)
+        stopped = done or len(reply) < len(text)  # done without eos: the engine saw a stop string
+        if stopped or len(self.new) >= self.max_tokens:
+            self.finish(reply, "stop" if stopped else "length")
+        elif self.stream and self.decoded == len(self.new):
+            upto = len(text) - self.hold
+            if upto > self.sent:
+                self.events.put(("text", text[self.sent:upto]))
+                self.sent = upto
+
+    def finish(self, reply, reason):
+        if self.stream and len(reply) > self.sent:
+            self.events.put(("text", reply[self.sent:]))
+        self.events.put(("done", reason, reply, len(self.new)))
+        self.finished = True
+
+    def fail(self, err: ApiError):
+        self.events.put(("error", err))
+        self.finished = True
+
+
+# ---- one worker thread per model ----
+
+class Worker:
+    def __init__(self, name, path, model, tok, batch_size):
+        self.name, self.path, self.tok, self.batch_size = name, path, tok, batch_size
+        self.engine, self.context = Engine(model, tok), model.config.max_position_embeddings
+        self.inbox, self.closing = queue.Queue(), False
+        self.thread = threading.Thread(target=self.loop, name=f"serve-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, r: Request):
+        if self.closing:
+            raise ApiError(503, "the server is shutting down", type="server_error")
+        self.inbox.put(r)
+
+    def stop(self):
+        """Ends the running batch after its current step; waiting requests get 503."""
+        self.closing = True
+        self.inbox.put(None)
+
+    def loop(self):
+        waiting = []
+        while True:
+            if not waiting:
+                waiting.append(self.inbox.get())
+            while True:  # everything that queued while the last batch ran
+                try:
+                    waiting.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self.closing:
+                for r in waiting:
+                    if r is not None:
+                        r.fail(ApiError(503, "the server is shutting down", type="server_error"))
+                return
+            head = waiting[0]
+            batch = [r for r in waiting if r.key == head.key][:self.batch_size]
+            waiting = [r for r in waiting if all(r is not b for b in batch)]
+            batch = [r for r in batch if not r.cancelled]
+            if batch:
+                self.run(batch)
+
+    def run(self, batch):
+        s = replace(batch[0].sampling, max_new_tokens=max(r.max_tokens for r in batch))
+
+        def on_token(step, tokens, done):
+            for r, token, d in zip(batch, tokens, done):
+                if not r.finished:
+                    r.push(token, d)
+            if self.closing or all(r.finished for r in batch):  # e.g. the longest max_tokens is unread
+                raise _BatchOver
+
+        try:
+            out = self.engine.generate_ids([r.ids for r in batch], s, on_token)
+            for r, new in zip(batch, out):  # only if the engine ended a row without saying so
+                if not r.finished:
+                    r.new = new[:r.max_tokens]
+                    r.finish(cut_at_stop(self.tok.decode(r.new), s.stop), "length")
+        except _BatchOver:
+            pass
+        except Exception as e:  # one bad batch must not take the model down for later requests
+            traceback.print_exc()
+            for r in batch:
+                if not r.finished:
+                    r.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
+        for r in batch:
+            if not r.finished:
+                r.fail(ApiError(503, "the server is shutting down", type="server_error"))
+
+
+# ---- request validation: every check before anything is queued ----
+
+def _number(body, key, default, ok, rule, kind=(int, float)):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
+        raise ApiError(400, f"{key} must be {rule}, got {v!r}", param=key)
+    return v
+
+
+def _content(m, i):
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI's content parts: only text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+        content = "\n".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
+    if len(content) > MAX_CONTENT_CHARS:
+        raise ApiError(400, f"messages[{i}].content is {len(content)} characters; the limit is {MAX_CONTENT_CHARS}",
+                       param=f"messages[{i}].content")
+    return content
+
+
+def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    name = body.get("model")
+    if not isinstance(name, str) or name not in workers:
+        raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}", param="model",
+                       code="model_not_found")
+    w, messages = workers[name], body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"{len(messages)} messages; the limit is {MAX_MESSAGES}", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+    messages = [{"role": m["role"], "content": _content(m, i)} for i, m in enumerate(messages)]
+    for key, default in UNSUPPORTED.items():
+        if body.get(key) not in (None, default):
+            raise ApiError(400, f"{key}={body[key]!r} is not supported by nanopost.serve", param=key)
+    temperature = _number(body, "temperature", 0.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    top_k = _number(body, "top_k", 0, lambda v: v >= 0, "an integer >= 0 (0 = off)", int)
+    penalty = _number(body, "repetition_penalty", 1.0, lambda v: 0 < v <= 10, "a number in (0, 10]")
+    seed = _number(body, "seed", None, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)", int)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, None, lambda v: 1 <= v <= max_tokens_limit,
+                         f"an integer in [1, {max_tokens_limit}] (--max-tokens-limit)", int)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP
+            or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop)):
+        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings of at most "
+                       f"{MAX_STOP_CHARS} characters", param="stop")
+    stream, options = body.get("stream") or False, body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
+
+    ids = w.engine.encode_prompt(messages)
+    room = w.context - len(ids)
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, room))
+    if max_tokens > room:
+        raise ApiError(400, f"model {name!r} has a context of {w.context} tokens; the messages take {len(ids)} and "
+                       f"{key} asks for {max_tokens} more", param="messages", code="context_length_exceeded")
+    if temperature == 0:  # greedy: the other sampling fields change nothing, so they do not split batches
+        top_p, top_k, seed = 1.0, 0, None
+    s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed, stop=stop)
+    return Request(name, ids, s, max_tokens, stream, w.tok, bool(options.get("include_usage")))
+
+
+# ---- HTTP ----
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
+    server_version = "nanopost"
+    timeout = 120  # seconds a socket may stall (reading a body, writing a stream) before its thread gives up
+
+    def log_message(self, format, *args):
+        if self.server.app.log_requests:
+            super().log_message(format, *args)
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def check_auth(self):
+        key = self.server.app.api_key
+        if key is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                       f"Bearer {key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            self.close_connection = True
+            raise ApiError(411, "send the body with a Content-Length, not chunked")
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_BODY_BYTES:
+            self.close_connection = True
+            left = min(max(n, 0), 16 * MAX_BODY_BYTES)  # read what the client sends anyway, so it
+            while left > 0:  # sees the 413 rather than a connection reset
+                chunk = self.rfile.read(min(left, 1 << 16))
+                left = left - len(chunk) if chunk else 0
+            raise ApiError(413 if n > 0 else 400, f"the body must be at most {MAX_BODY_BYTES} bytes with a valid "
+                           f"Content-Length (got {self.headers.get('Content-Length')})")
+        return self.rfile.read(n)
+
+    def do_GET(self):
+        app = self.server.app
+        try:
+            self.check_auth()
+            if self.path == "/health":
+                return self.send_json(200, {"status": "ok"})
+            if self.path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [
+                    {"id": n, "object": "model", "created": app.created, "owned_by": "nanopost", "root": w.path,
+                     "max_model_len": w.context} for n, w in app.workers.items()]})
+            raise ApiError(404, f"no route GET {self.path}: try /v1/models or /health")
+        except ApiError as e:
+            self.send_json(e.status, e.body)
+
+    def do_POST(self):
+        app = self.server.app
+        try:
+            raw = self.read_body()  # before any reply: an unread body would be taken for the next request
+            self.check_auth()
+            if self.path != "/v1/chat/completions":
+                raise ApiError(404, f"no route POST {self.path}: try /v1/chat/completions")
+            try:
+                body = json.loads(raw)
+            except ValueError as e:
+                raise ApiError(400, f"the body is not valid JSON: {e}")
+            r = parse_chat(body, app.workers, app.max_tokens_limit, app.default_max_tokens)
+            app.workers[r.model].submit(r)
+        except ApiError as e:
+            return self.send_json(e.status, e.body)
+        app.active.add(r)
+        try:
+            self.reply(r, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        except OSError:  # the client went away (broken pipe, reset, timeout): drop its row, not the batch
+            r.cancelled = True
+        finally:
+            app.active.discard(r)
+
+    def reply(self, r, rid, created):
+        if r.stream:
+            return self.stream(r, rid, created)
+        event = r.events.get()  # a row that is not streamed gets no "text" events
+        if event[0] == "error":
+            return self.send_json(event[1].status, event[1].body)
+        _, reason, reply, n = event
+        self.send_json(200, {"id": rid, "object": "chat.completion", "created": created, "model": r.model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                          "finish_reason": reason, "logprobs": None}],
+                             "usage": {"prompt_tokens": len(r.ids), "completion_tokens": n,
+                                       "total_tokens": len(r.ids) + n}})
+
+    def stream(self, r, rid, created):
+        def sse(obj):
+            self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+        def chunk(delta, reason=None):
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": r.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream's end is the connection's end: no chunked framing
+        self.end_headers()
+        self.close_connection = True
+        sse(chunk({"role": "assistant", "content": ""}))
+        while (event := r.events.get())[0] == "text":
+            sse(chunk({"content": event[1]}))
+        if event[0] == "error":
+            sse(event[1].body)
+        else:
+            _, reason, _, n = event
+            sse(chunk({}, reason))
+            if r.include_usage:
+                sse(dict(chunk({}), choices=[], usage={"prompt_tokens": len(r.ids), "completion_tokens": n,
+                                                       "total_tokens": len(r.ids) + n}))
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+class HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class Server:
+    """Loaded models' workers and the HTTP server (serving on a background thread); made by start()."""
+
+    def __init__(self, workers, host, port, api_key=None, max_tokens_limit=4096, default_max_tokens=512,
+                 log_requests=True):
+        self.workers, self.api_key, self.log_requests = workers, api_key, log_requests
+        self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
+        self.created = int(time.time())
+        self.active = set()  # requests whose reply is being written (shutdown waits for them)
+        self.httpd = (HTTPServer6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+        self.httpd.app = self
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
+        self.thread.start()
+
+    def shutdown(self):
+        """Stop accepting, end the running batches (their clients get 503), and join the threads."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for w in self.workers.values():
+            w.stop()
+        for w in self.workers.values():
+            w.thread.join(timeout=30)
+        deadline = time.time() + 10  # let handler threads send the 503s before the process exits
+        while self.active and time.time() < deadline:
+            time.sleep(0.02)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
+def auto_dtype(device):
+    """bfloat16 where the hardware computes it natively, else float32: without AVX512-BF16 or AMX a
+    CPU decodes bf16 far slower than float32 (see ../shared/DESIGN.md, measuring performance)."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else torch.float32
+
+
+def load_worker(name, path, dtype, device, batch_size, log=print):
+    dtype = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
+    model, tok = nanopost.load(path, dtype=dtype, device=device)
+    worker = Worker(name, path, model, tok, batch_size)
+    # one short generation now: the engine's one-time work (e.g. packing CPU weights) is counted
+    # below and not paid by the first client
+    worker.engine.generate_ids([worker.engine.encode_prompt("hi")], Sampling(max_new_tokens=1))
+    weights = sum(p.nbytes for p in model.parameters())  # parameters() lists a tied head once
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    used = (f"{torch.cuda.memory_allocated(device) / 2**20:,.0f} MiB allocated on {device}" if str(device).startswith("cuda")
+            else f"process peak so far {peak / 2**20:,.0f} MiB")
+    log(f"{name}: {path}: {weights / 2**20:,.1f} MiB of {str(dtype).removeprefix('torch.')} weights on {device}; {used}")
+    return worker
+
+
+def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", device="cpu", batch_size=16,
+          max_tokens_limit=4096, default_max_tokens=512, log_requests=True, log=print) -> Server:
+    """Load {name: checkpoint dir or hub id} and serve them; returns the running Server (`.url`,
+    `.shutdown()`, usable as a context manager). port=0 picks a free port."""
+    if api_key is None and not is_loopback(host):  # before loading anything
+        raise ValueError(f"refusing to listen on {host} without --api-key: anyone who can reach it could use the "
+                         "models (the default, 127.0.0.1, is this machine only)")
+    workers = {}
+    try:
+        for name, path in models.items():
+            workers[name] = load_worker(name, path, dtype, device, batch_size, log)
+        return Server(workers, host, port, api_key, max_tokens_limit, default_max_tokens, log_requests)
+    except BaseException:  # a bad checkpoint or a taken port: free the models already loaded
+        for w in workers.values():
+            w.stop()
+        raise
+
+
+def model_arg(spec):
+    """NAME=DIR_OR_HUB_ID, or a bare one named after its directory's basename (a hub id: itself)."""
+    name, eq, path = spec.partition("=")
+    if eq and name and "/" not in name and os.sep not in name and path:
+        return name, path
+    return (os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec), spec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- models ----
+    p.add_argument("--model", action="append", required=True, type=model_arg, metavar="[NAME=]DIR_OR_HUB_ID",
+                   help="a checkpoint to serve; repeat for several. A bare one is named after its directory "
+                   "(runs/sft -> sft) or is its hub id; the request's model field picks one")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights dtype; auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    # ---- network ----
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    p.add_argument("--api-key", default=os.environ.get("NANOPOST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: $NANOPOST_API_KEY)")
+    # ---- generation ----
+    p.add_argument("--batch-size", type=int, default=16, help="most requests one model runs together")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="max_tokens when a request gives none (cut to the room left in the context); "
+                   "temperature defaults to 0 (greedy)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    args = p.parse_args(argv)
+    names = [n for n, _ in args.model]
+    if len(set(names)) != len(names):
+        p.error(f"two --model entries share a name ({', '.join(names)}): name them, e.g. --model base=DIR")
+    try:
+        server = start(dict(args.model), args.host, args.port, args.api_key, args.dtype, args.device, args.batch_size,
+                       args.max_tokens_limit, args.default_max_tokens, log_requests=not args.quiet)
+    except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError is a ValueError
+        sys.exit(f"error: {e}")
+    print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down as on Ctrl-C
+    try:
+        server.thread.join()
+    except KeyboardInterrupt:
+        print("\nshutting down", flush=True)
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

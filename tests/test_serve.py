@@ -1,0 +1,278 @@
+"""nanopost.serve driven by the official openai client: replies equal the engine's, streamed or not,
+for each of two served models; stop strings; 4xx on bad requests; a burst of concurrent clients
+batched and not mixed up; a client leaving mid-stream; Ctrl-C. float64 weights: no argmax
+near-ties, so a batched row equals the same prompt run alone on every CPU."""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import openai
+import pytest
+import torch
+
+import nanopost
+from nanopost import serve
+from nanopost.engine import Engine, Sampling
+from nanopost.testing import make_tiny_checkpoint
+
+PROMPTS = ["Hello there", "What is 2+2?", "The quick brown fox", "Natalia sold clips", "Le renard brun",
+           "def add(a, b):", "Question: how many clips?", "こんにちは世界", "1234567890", "print(add(2, 3))",
+           "You are a helpful assistant.", "tabs\tand spaces", "Der schnelle braune Fuchs", "quotes 'single'",
+           "Let's think step by step.", "The answer is 72."]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny, tmp_path_factory):
+    """a and b: two tiny models; eos: a's weights with its 3rd greedy token for "Hello there" made an eos."""
+    b = make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "b"), seed=1)
+    engine = Engine(*nanopost.load(tiny, dtype=torch.float64))
+    third = engine.generate_ids([engine.encode_prompt("Hello there")], Sampling(max_new_tokens=3))[0][2]
+    eos = shutil.copytree(tiny, tmp_path_factory.mktemp("ckpt") / "eos")
+    config = json.loads((eos / "generation_config.json").read_text())
+    (eos / "generation_config.json").write_text(json.dumps(dict(config, eos_token_id=[third])))
+    return {"a": tiny, "b": b, "eos": str(eos)}
+
+
+@pytest.fixture(scope="module")
+def engines(ckpts):
+    return {name: Engine(*nanopost.load(path, dtype=torch.float64)) for name, path in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    with serve.start(ckpts, dtype="float64", batch_size=16, log_requests=False, log=lambda *a: None) as s:
+        yield s
+
+
+def client(server, **kw):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=30, **kw)
+
+
+def chat(c, prompt, model="a", stream=False, **kw):
+    msgs = [{"role": "user", "content": prompt}]
+    if not stream:
+        r = c.chat.completions.create(model=model, messages=msgs, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+    text, reasons = "", []
+    for chunk in c.chat.completions.create(model=model, messages=msgs, stream=True, **kw):
+        text += chunk.choices[0].delta.content or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert all(r is None for r in reasons[:-1])
+    return text, reasons[-1], None
+
+
+def greedy(engine, prompt, n, stop=()):
+    return engine.generate([prompt], Sampling(max_new_tokens=n, stop=list(stop)))[0]
+
+
+def post(server, raw: bytes, headers=None):
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=raw, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read())
+    conn.close()
+    return out
+
+
+def test_replies_streamed_or_not_equal_the_engine_for_each_model(server, engines):
+    c = client(server)
+    assert sorted(m.id for m in c.models.list()) == ["a", "b", "eos"]
+    replies = {}
+    # b's reply to "Le renard brun" has a character split across tokens: a stream must not send it half-made
+    for name, prompt in [(name, p) for name in engines for p in ("Hello there", "Le renard brun")]:
+        engine = engines[name]
+        want = greedy(engine, prompt, 20)
+        text, reason, usage = chat(c, prompt, model=name, max_tokens=20)
+        prompt_ids = engine.encode_prompt(prompt)
+        n_new = len(engine.generate_ids([prompt_ids], Sampling(max_new_tokens=20))[0])
+        assert (text, reason) == (want, "length" if n_new == 20 else "stop")
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), n_new)
+        assert chat(c, prompt, model=name, stream=True, max_tokens=20)[:2] == (text, reason)
+        replies[name] = replies.get(name, text)
+    assert replies["a"] != replies["b"]  # each name reaches its own model
+    assert replies["eos"] == replies["a"][:len(replies["eos"])] and 0 < len(replies["eos"]) < len(replies["a"])
+    # OpenAI's list-of-parts content reads as the text; a seeded sampled request is reproducible
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    assert c.chat.completions.create(model="a", messages=parts, max_tokens=20).choices[0].message.content == replies["a"]
+    s = Sampling(max_new_tokens=12, temperature=1.0, seed=7)
+    sampled = engines["a"].tok.decode(engines["a"].generate_ids([engines["a"].encode_prompt("Hello there")], s)[0])
+    assert chat(c, "Hello there", temperature=1.0, seed=7, max_tokens=12)[0] == sampled
+    assert chat(c, "Hello there", temperature=1.0, seed=7, max_tokens=12, stream=True)[0] == sampled
+
+
+def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
+    c, engine = client(server), engines["a"]
+    ids = engine.generate_ids([engine.encode_prompt("Hello there")], Sampling(max_new_tokens=30))[0]
+    full, first = engine.tok.decode(ids), len(engine.tok.decode(ids[:1]))
+    across = full[first - 1:first + 1]  # spans the first two tokens: a stream must not send its first half
+    assert full.find(across) == first - 1 and "\ufffd" not in across
+    for stop in (across, [full[first + 1:first + 3], across], [full[first + 4]]):
+        want = greedy(engine, "Hello there", 30, [stop] if isinstance(stop, str) else stop)
+        assert len(want) < len(full)
+        assert chat(c, "Hello there", max_tokens=30, stop=stop)[:2] == (want, "stop")
+        assert chat(c, "Hello there", max_tokens=30, stop=stop, stream=True)[:2] == (want, "stop")
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"temperature": 3}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
+    ({"n": 2}, 400, "n"),
+    ({"model": "nope"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),  # > the 2048-token context
+    ({"stop": ["", "x"]}, 400, "stop"),
+])
+def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server).chat.completions.create(**body)
+    assert e.value.status_code == status and e.value.body["param"] == param, e.value.body
+    if status == 404:
+        assert "a, b" in e.value.body["message"]  # lists the served names
+
+
+def test_oversize_and_malformed_bodies(server):
+    big = "x" * (serve.MAX_BODY_BYTES + 1000)
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server).chat.completions.create(model="a", messages=[{"role": "user", "content": big}])
+    assert e.value.status_code == 413
+    status, body = post(server, b'{"model": "a", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    assert post(server, b'["a list"]')[0] == 400
+    assert chat(client(server), "hi", max_tokens=2)[0] is not None  # the server still answers
+
+
+def test_api_key_is_required_when_set(ckpts):
+    with pytest.raises(ValueError, match="api-key"):
+        serve.start(ckpts, host="0.0.0.0", dtype="float64")
+    with pytest.raises(SystemExit, match="api-key"):
+        serve.main(["--model", ckpts["a"], "--host", "192.168.1.2", "--port", "0"])
+    with serve.start({"a": ckpts["a"]}, api_key="sekret", dtype="float64", log_requests=False, log=lambda *a: None) as s:
+        for key in ("none", "sekret2", "sekre"):
+            with pytest.raises(openai.AuthenticationError):
+                chat(client(s, api_key=key), "hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client(s).models.list()
+        assert chat(client(s, api_key="sekret"), "hi", max_tokens=2)[0] is not None
+        assert [m.id for m in client(s, api_key="sekret").models.list()] == ["a"]
+
+
+def spy_on(server, name, n):
+    """Plug the model's worker until n requests wait, so they deterministically share the next
+    batch; record each batch it runs and each decode step."""
+    worker, batches, steps, plugged = server.workers[name], [], [], threading.Event()
+    plug = serve.parse_chat({"model": name, "messages": [{"role": "user", "content": "plug"}]}, server.workers, 9, 9)
+    run, generate_ids = worker.run, worker.engine.generate_ids
+
+    def spying_run(batch):
+        if batch[0] is not plug:
+            batches.append(batch)
+            return run(batch)
+        plugged.set()
+        t0 = time.time()
+        while worker.inbox.qsize() < n and time.time() - t0 < 20:
+            time.sleep(0.01)
+    worker.run = spying_run
+    worker.engine.generate_ids = lambda p, s, on_token: generate_ids(p, s, lambda *a: (steps.append(a[0]), on_token(*a)))
+    worker.submit(plug)
+    assert plugged.wait(10)
+    return batches, steps, lambda: (worker.__dict__.pop("run"), worker.engine.__dict__.pop("generate_ids"))
+
+
+def run_threads(targets, timeout=60):
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_a_burst_of_16_clients_is_batched_and_each_gets_its_own_answer(server, engines):
+    """10 greedy requests (different max_tokens) share one batch, 2 unseeded sampled ones another;
+    4 seeded sampled ones run alone (their replies do not depend on who else was waiting)."""
+    engine, limits = engines["a"], [8 + 8 * (i % 3) for i in range(16)]
+    seeds = {i: 100 + i for i in (3, 6, 9, 12)}
+    want = [engine.tok.decode(engine.generate_ids([engine.encode_prompt(p)], Sampling(
+        max_new_tokens=n, temperature=1.0 if i in seeds else 0.0, seed=seeds.get(i)))[0])
+        for i, (p, n) in enumerate(zip(PROMPTS, limits))]  # one at a time
+    batches, _, restore = spy_on(server, "a", n=16)
+    got = [None] * 16
+
+    def one(i):
+        sampled = dict(temperature=1.0, seed=seeds[i]) if i in seeds else dict(temperature=0.7) if i >= 14 else {}
+        got[i] = chat(client(server), PROMPTS[i], stream=i % 2 == 1, max_tokens=limits[i], **sampled)[0]
+    try:
+        run_threads([lambda i=i: one(i) for i in range(16)])
+    finally:
+        restore()
+    assert got[:14] == want[:14] and all(isinstance(g, str) for g in got[14:])
+    assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2, 10]
+
+
+def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
+    batches, steps, restore = spy_on(server, "a", n=4)
+    results = {}
+
+    def leaver():
+        body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 1000,
+                           "stream": True}).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            f = sock.makefile("rb")
+            lines = iter(f.readline, b"")
+            results["leaver"] = [next(x for x in lines if x.startswith(b"data: ")) for _ in range(2)]  # role, text
+            f.close()
+            sock.shutdown(socket.SHUT_RDWR)  # gone mid-stream
+
+    def stayer(i):
+        results[i] = chat(client(server), PROMPTS[i], stream=i == 1, max_tokens=24)[0]
+    try:
+        run_threads([leaver] + [lambda i=i: stayer(i) for i in (1, 2, 3)])
+    finally:
+        restore()
+    assert [results[i] for i in (1, 2, 3)] == [greedy(engines["a"], PROMPTS[i], 24) for i in (1, 2, 3)]
+    assert b'"role": "assistant"' in results["leaver"][0] and b'"content"' in results["leaver"][1]
+    assert [len(b) for b in batches] == [4]
+    leaver_row = next(r for r in batches[0] if r.max_tokens == 1000)
+    assert leaver_row.cancelled
+    assert len(steps) < 1000  # its batch ended once it was gone, not after its 1000 tokens
+    assert chat(client(server), "Hello there", max_tokens=20)[0] == greedy(engines["a"], "Hello there", 20)
+
+
+def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys):
+    with pytest.raises(SystemExit):
+        serve.main(["--help"])
+    assert "--api-key" in capsys.readouterr().out
+    p = subprocess.Popen([sys.executable, "-m", "nanopost.serve", "--model", tiny, "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = [p.stdout.readline() for _ in range(2)]
+        assert re.match(r"tiny: .* MiB of (float32|bfloat16) weights on cpu", lines[0]), lines  # --dtype auto
+        url = lines[1].split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        stream = client(types.SimpleNamespace(url=url.removesuffix("/v1"))).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=2000, stream=True)
+        assert next(stream).choices[0].delta.role == "assistant"
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)  # mid-reply (this random model does not end its reply early)
+        with pytest.raises(openai.APIError, match="shutting down"):  # the stream ends with an error, not a cut
+            list(stream)
+        assert p.wait(timeout=30) == 0 and time.time() - t0 < 10
+        assert "shutting down" in p.stdout.read()
+    finally:
+        p.kill()
