@@ -202,3 +202,46 @@ def test_float64_is_refused():
         linear_ce.linear_cross_entropy_triton(h, w, y)
     with pytest.raises(ValueError, match="reference"):
         linear_logprob.linear_logprob_triton(h, w, y)
+
+
+def test_label_smoothing_with_shifted_logits(rng, poisoned):
+    """Label smoothing's mean-logit term matters only where a row's logits do not average to ~0:
+    give every row its own offset (a shared vector added to every lm_head row)."""
+    h, w = inputs(rng, N, 64, 1000, torch.float32)
+    with torch.no_grad():
+        w += torch.randn(64, generator=rng, device=DEVICE)  # logits of row i shift by h_i . c
+    y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
+    compare_ce(h, w, y, -100, 0.0, 0.2, torch.float32, rng, poisoned)
+
+
+@pytest.mark.parametrize("fn", ["ce", "logprob"])
+def test_labels_out_of_range_are_refused(fn):
+    h, w = torch.randn(3, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
+    for bad in ([0, 50, 1], [0, -1, 1]):  # -1: a common "ignore" that is not this call's ignore_index
+        y = torch.tensor(bad, device=DEVICE)
+        with pytest.raises(IndexError, match=r"\[0, 50\)"):
+            if fn == "ce":
+                linear_ce.linear_cross_entropy_triton(h, w, y, -100)
+            else:
+                linear_logprob.linear_logprob_triton(h, w, y)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_logprob_backward_outside_autocast(impl, rng):
+    """The usual AMP pattern: forward under bf16 autocast, backward after leaving it. Backward must
+    recompute the logits in bf16 as the forward did (else they disagree with the saved lse and the
+    softmax no longer sums to 1): equal to eager autocast through full logits."""
+    dev = DEVICE if DEVICE == "cuda" else "cpu"
+    h, w = inputs(rng, N, 64, 1000, torch.float32)
+    y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
+    up = torch.randn(N, generator=rng, device=DEVICE)
+    fn = getattr(linear_logprob, f"linear_logprob_{impl}")
+    grads = {}
+    for name, f in (("eager", lambda: (h @ w.T).float().log_softmax(-1).gather(1, y[:, None]).squeeze(1)),
+                    (impl, lambda: fn(h, w, y, CHUNK))):
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            out = f()
+        grads[name] = torch.autograd.grad(out, (h, w), up)
+    for i, what in enumerate(("hidden", "weight")):
+        check(f"grad {what} ({impl}) vs eager autocast", grads[impl][i], grads["eager"][i], torch.bfloat16,
+              rng.initial_seed())

@@ -132,3 +132,32 @@ def test_swiglu(dtype, randn, poisoned):
     check("swiglu grad gate", gate.grad, gr.grad, dtype, randn.seed)
     check("swiglu grad up", up.grad, ur.grad, dtype, randn.seed)
     assert len(poisoned) == 3  # y, grad gate, grad up
+
+
+def test_rms_norm_rounds_before_the_weight(randn, poisoned):
+    """Qwen2 rounds the normalised x to x's dtype before the weight multiply, in y and so in
+    grad weight. float16 x with float32 weights makes that rounding visible at float32 precision
+    (the interpreter rounds float32 -> float16 to nearest, unlike its bf16 casts)."""
+    x = randn(37, 64, dtype=torch.float16).requires_grad_()
+    w = (1 + 0.5 * randn(64)).requires_grad_()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y, yr = rmsnorm.rms_norm_triton(x, w, 1e-6), rmsnorm.rms_norm_reference(xr, wr, 1e-6)
+    dy = randn(37, 64)
+    y.backward(dy)
+    yr.backward(dy)
+    check("rms_norm y (float16 x, float32 weight)", y, yr, torch.float32, randn.seed)
+    check("rms_norm grad weight (float16 x, float32 weight)", w.grad, wr.grad, torch.float32, randn.seed)
+
+
+def test_rope_marks_q_and_k_modified(randn):
+    """q and k change in place: autograd must know (mark_dirty), so a graph that saved them
+    unrotated fails loudly instead of computing wrong gradients."""
+    B, T, H, D = 2, 5, 4, 16
+    pos = torch.arange(1, T + 1, device=DEVICE).repeat(B, 1)
+    cos, sin = (c.reshape(B, T, D) for c in rope_cos_sin(pos, D, 1e6, torch.float32))
+    leaf = randn(B, H, T, D).requires_grad_()
+    q, k = leaf * 1, leaf[:, :1] * 1
+    saved = (q * q).sum()  # mul saves q as it is now
+    rope.rope_triton(q, k, cos, sin)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

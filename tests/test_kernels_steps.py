@@ -12,7 +12,6 @@ import nanopost
 from nanopost import kernels
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps, sft_loss_sum
 
-pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -50,8 +49,9 @@ def kto_step(model, ids, labels, pos):
 @pytest.mark.parametrize("step", [sft_step, kto_step], ids=["sft", "kto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 def test_step_kernels_on_equals_off(tiny, step, dtype, grad_checkpoint, monkeypatch):
+    pytest.importorskip("triton")
     seed = int.from_bytes(os.urandom(4), "little")
-    model, tok = nanopost.load(tiny, dtype=dtype, device=DEV)
+    model, _ = nanopost.load(tiny, dtype=dtype, device=DEV)
     model.train()
     model.grad_checkpointing = grad_checkpoint
     inputs = batch(model.config.vocab_size, torch.Generator().manual_seed(seed))
@@ -62,19 +62,25 @@ def test_step_kernels_on_equals_off(tiny, step, dtype, grad_checkpoint, monkeypa
         loss = step(model, *inputs)
         loss.backward()
         out[mode] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    # float32: only the summation order differs. bf16: two bf16 computations that round differently,
+    # compounded through backprop, and on CPU the interpreter truncates float32 -> bf16 (a GPU rounds
+    # to nearest): measured 2.5e-2 on the whole gradient and up to 5e-2 on single small tensors
+    loss_tol, whole_tol, tensor_tol = (1e-5, 1e-5, 2e-5) if dtype == torch.float32 else (1e-2, 5e-2, 0.15)
     (loss_ref, g_ref), (loss_tri, g_tri) = out["torch"], out["triton"]
-    assert rel(loss_tri, loss_ref) <= tol, f"seed {seed}: loss {loss_tri} vs {loss_ref}"
+    assert rel(loss_tri, loss_ref) <= loss_tol, f"seed {seed}: loss {loss_tri} vs {loss_ref}"
     for name in g_ref:
         assert torch.isfinite(g_tri[name]).all(), f"seed {seed}: {name} gradient has NaN/inf"
-        # float32: summation order differs between the kernels and torch, amplified by backprop
-        assert rel(g_tri[name], g_ref[name]) <= 10 * tol, f"seed {seed}: {name} {rel(g_tri[name], g_ref[name]):.2e}"
+        assert rel(g_tri[name], g_ref[name]) <= tensor_tol, f"seed {seed}: {name} {rel(g_tri[name], g_ref[name]):.2e}"
+    whole = rel(torch.cat([g.flatten() for g in g_tri.values()]), torch.cat([g.flatten() for g in g_ref.values()]))
+    assert whole <= whole_tol, f"seed {seed}: whole gradient {whole:.2e}"
 
 
 def test_dispatch_rules(monkeypatch):
+    pytest.importorskip("triton")
     x = torch.zeros(2, device=DEV)
     monkeypatch.delenv("NANOPOST_KERNELS", raising=False)
     assert kernels.use_triton(x) == x.is_cuda
+    assert not kernels.use_triton(x.double())  # the kernels compute in float32: float64 stays on the references
     monkeypatch.setenv("NANOPOST_KERNELS", "torch")
     assert not kernels.use_triton(x)
     monkeypatch.setenv("NANOPOST_KERNELS", "cuda")

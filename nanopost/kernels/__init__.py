@@ -23,10 +23,13 @@ def use_triton(x: torch.Tensor) -> bool:
     mode = os.environ.get("NANOPOST_KERNELS", "auto")
     if mode not in ("auto", "torch", "triton"):
         raise ValueError(f"NANOPOST_KERNELS={mode!r}: use auto, torch or triton")
-    if mode == "auto":
-        return x.is_cuda and HAVE_TRITON
+    if mode == "auto":  # the kernels compute in float32: float64 (tests, re-derivations) stays exact
+        return x.is_cuda and HAVE_TRITON and x.dtype != torch.float64
+    if mode == "triton" and not HAVE_TRITON:
+        raise RuntimeError("NANOPOST_KERNELS=triton but triton is not installed (pip install triton)")
     if mode == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("NANOPOST_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        raise RuntimeError("NANOPOST_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter), "
+                           "set before nanopost is imported")
     return mode == "triton"
 
 

@@ -148,6 +148,15 @@ def _triton_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad):
     return loss, logits if want_grad else None
 
 
+def check_labels(labels_N, V: int, ignore_index: int | None = None):
+    """Torch's indexing refuses a label outside [0, V); a kernel would read out of bounds instead
+    (garbage on a GPU, or a loss for -1 meant as "ignore"). One device sync per call."""
+    valid = labels_N if ignore_index is None else labels_N[labels_N != ignore_index]
+    if bool(((valid < 0) | (valid >= V)).any()):
+        raise IndexError(f"labels must lie in [0, {V})" + ("" if ignore_index is None else f" or equal "
+                         f"ignore_index={ignore_index}") + f"; got values from {int(valid.min())} to {int(valid.max())}")
+
+
 def linear_cross_entropy_triton(hidden_NC, weight_VC, labels_N, ignore_index: int = -100, z_loss: float = 0.0,
                                 label_smoothing: float = 0.0, chunk_rows: int = 1024):
     """The reference's result with the Triton per-chunk kernel; float32 math (float64 inputs are
@@ -155,4 +164,5 @@ def linear_cross_entropy_triton(hidden_NC, weight_VC, labels_N, ignore_index: in
     if hidden_NC.dtype == torch.float64:
         raise ValueError("linear_cross_entropy_triton: float64 hidden states; the kernel computes in float32 "
                          "(use linear_cross_entropy_reference, or NANOPOST_KERNELS=torch)")
+    check_labels(labels_N, weight_VC.shape[0], ignore_index)
     return _apply(_triton_step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows)

@@ -11,7 +11,7 @@ the Triton steps keep the logits in hidden's dtype (see there) and do their math
 import torch
 
 from nanopost.kernels._triton import tl, triton
-from nanopost.kernels.linear_ce import BLOCK_V, _logsumexp
+from nanopost.kernels.linear_ce import BLOCK_V, _logsumexp, check_labels
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 
@@ -31,17 +31,21 @@ class FusedLinearLogProb(torch.autograd.Function):
             logp[a:a + chunk_rows], lse[a:a + chunk_rows] = steps[0](logits, labels_N[a:a + chunk_rows])
         ctx.save_for_backward(hidden_NC, weight_VC, labels_N, lse)
         ctx.chunk_rows, ctx.steps = chunk_rows, steps
+        # backward must recompute the logits in the dtype the forward used (bf16 under autocast), else
+        # they do not match the saved lse; autocast is often off by then (backward outside its block)
+        dev = hidden_NC.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden_NC.dtype
         return logp
 
     @staticmethod
     def backward(ctx, grad_N):
         hidden_NC, weight_VC, labels_N, lse = ctx.saved_tensors
-        acc, w, n = lse.dtype, weight_VC.to(hidden_NC.dtype), ctx.chunk_rows
+        acc, w, n = lse.dtype, weight_VC.to(ctx.mm_dtype), ctx.chunk_rows
         grad_h = _empty(hidden_NC.shape, dtype=hidden_NC.dtype, device=hidden_NC.device) \
             if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
         for a in range(0, hidden_NC.shape[0], n):
-            h = hidden_NC[a:a + n]
+            h = hidden_NC[a:a + n].to(ctx.mm_dtype)
             g = ctx.steps[1](h @ w.T, labels_N[a:a + n], grad_N[a:a + n].to(acc), lse[a:a + n])
             if grad_h is not None:
                 grad_h[a:a + n] = g @ w
@@ -121,4 +125,5 @@ def linear_logprob_triton(hidden_NC, weight_VC, labels_N, chunk_rows: int = 1024
     if hidden_NC.dtype == torch.float64:
         raise ValueError("linear_logprob_triton: float64 hidden states; the kernels compute in float32 "
                          "(use linear_logprob_reference, or NANOPOST_KERNELS=torch)")
+    check_labels(labels_N, weight_VC.shape[0])
     return FusedLinearLogProb.apply(hidden_NC, weight_VC, labels_N, chunk_rows, (_triton_forward, _triton_backward))

@@ -66,7 +66,9 @@ class _RoPE(torch.autograd.Function):
 
 
 def rope_triton(q_BHTD, k_BKTD, cos_BTD, sin_BTD):
-    """Rotates q and k in place (they must not be needed unrotated afterwards) and returns them."""
+    """Rotates q and k in place (they must not be needed unrotated afterwards) and returns them.
+    cos and sin must have duplicated halves (cos[..., :D/2] == cos[..., D/2:], as model.rope_cos_sin
+    builds them): the backward's inverse rotation (sin negated) is exact only then."""
     B, _, T, D = q_BHTD.shape
     if D % 2 or k_BKTD.shape[0] != B or k_BKTD.shape[2:] != (T, D) or cos_BTD.shape[-2:] != (T, D):
         raise ValueError(f"rope: q {tuple(q_BHTD.shape)}, k {tuple(k_BKTD.shape)}, cos {tuple(cos_BTD.shape)}"
