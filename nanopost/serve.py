@@ -3,12 +3,17 @@
     python -m nanopost.serve --model Qwen/Qwen2-0.5B-Instruct --port 8000
     python -m nanopost.serve --model base=Qwen/Qwen2-0.5B-Instruct --model sft=runs/sft --port 8000
     python -m nanopost.serve --model runs/sft --host 0.0.0.0 --port 8000 --api-key "$KEY"   # other machines
+    python -m nanopost.serve --model base=Qwen/Qwen2-0.5B-Instruct --model sft=runs/sft --model kto=runs/kto \\
+        --results runs/eval/results.json        # then open http://127.0.0.1:8000/ : the models side by side
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "sft", "messages": [{"role": "user", "content": "What is 17*23?"}]}'
 
 Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true),
-GET /v1/models (the served names), GET /health. The request's "model" field picks a checkpoint.
+GET /v1/models (the served names), GET /health, GET /v1/results (each served model's benchmark
+numbers from evaluate.py's results.json given as --results; {} without it), and GET / : a chat page
+(static/compare.html) with one column per model, every reply streamed from /v1/chat/completions.
+The request's "model" field picks a checkpoint.
 Sampling fields: temperature (default 0: greedy), top_p (default 1), max_tokens or
 max_completion_tokens (default --default-max-tokens, 512), stop, seed, and the extensions top_k and
 repetition_penalty. n > 1, logprobs, tools and the OpenAI penalties are refused with a 400.
@@ -19,14 +24,18 @@ those sampled alike together in one Engine.generate_ids call (up to --batch-size
 engine's per-step callback hands each row's new text to its own client as soon as it is final.
 
 Security: it listens on 127.0.0.1 unless told otherwise, and refuses any other address without
---api-key (then every request needs `Authorization: Bearer KEY`). It does not protect against
-what a client puts in a prompt (text like <|im_start|> is read as the special token, as in
-transformers' chat template), does not rate-limit, and does not speak TLS: put it behind a
-reverse proxy for that.
+--api-key (then every request needs `Authorization: Bearer KEY`; the page at / is the one thing
+served without it: it holds no secret, asks for the key and sends it with each request). The page
+puts model output on screen as text only, and is served with a Content-Security-Policy that runs its
+own script and nothing else. It does not protect against what a client puts in a prompt (text
+like <|im_start|> is read as the special token, as in transformers' chat template), does not
+rate-limit, and does not speak TLS: put it behind a reverse proxy for that.
 
 From Python (tests, build_data.py): `server = nanopost.serve.start({"base": "runs/tiny"}, port=0)`
 loads and serves in the background; `server.url` is http://127.0.0.1:PORT; `server.shutdown()`."""
 import argparse
+import base64
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -58,6 +67,7 @@ MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per s
 UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None, "tools": None,
                "functions": None, "presence_penalty": 0, "frequency_penalty": 0}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "compare.html")
 
 
 class ApiError(Exception):
@@ -319,17 +329,39 @@ class Handler(BaseHTTPRequestHandler):
                            f"Content-Length (got {self.headers.get('Content-Length')})")
         return self.rfile.read(n)
 
+    def send_page(self):
+        """The chat page, read on each request (edit it and reload), with a Content-Security-Policy
+        that lets only its own inline script run: were a reply ever inserted as HTML by mistake, a
+        <script> or onerror= in it would still not execute."""
+        with open(PAGE, "rb") as f:
+            html = f.read()
+        script = re.search(rb"<script>(.*?)</script>", html, re.DOTALL).group(1)
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Security-Policy", f"default-src 'none'; script-src 'sha256-{digest}'; "
+                         "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Length", str(len(html)))
+        self.end_headers()
+        self.wfile.write(html)
+
     def do_GET(self):
         app = self.server.app
         try:
+            if self.path.split("?")[0] in ("/", "/index.html"):  # before the key check: the page asks for it
+                return self.send_page()
             self.check_auth()
+            if self.path == "/v1/results":
+                return self.send_json(200, app.results)
             if self.path == "/health":
                 return self.send_json(200, {"status": "ok"})
             if self.path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
                     {"id": n, "object": "model", "created": app.created, "owned_by": "nanopost", "root": w.path,
                      "max_model_len": w.context} for n, w in app.workers.items()]})
-            raise ApiError(404, f"no route GET {self.path}: try /v1/models or /health")
+            raise ApiError(404, f"no route GET {self.path}: try /, /v1/models, /v1/results or /health")
         except ApiError as e:
             self.send_json(e.status, e.body)
 
@@ -405,8 +437,9 @@ class Server:
     """Loaded models' workers and the HTTP server (serving on a background thread); made by start()."""
 
     def __init__(self, workers, host, port, api_key=None, max_tokens_limit=4096, default_max_tokens=512,
-                 log_requests=True):
+                 log_requests=True, results=None):
         self.workers, self.api_key, self.log_requests = workers, api_key, log_requests
+        self.results = results or {}  # served name -> {task: {accuracy, n} or {perplexity}}, for the page
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
@@ -472,18 +505,45 @@ def load_worker(name, path, dtype, device, batch_size, log=print):
     return worker
 
 
+def load_results(path, models: dict, log=print) -> dict:
+    """evaluate.py's results.json ({evaluated model: {task: {accuracy, n, ..., predictions}}}) ->
+    {served name: {task: {accuracy, n} or {perplexity}}}. evaluate.py keys each model by the --model
+    it was given (runs/sft, a hub id), so an entry belongs to a served model whose name or path is that
+    key. The predictions are dropped: the page shows the numbers."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--results {path}: {e.strerror} (evaluate.py --out DIR writes DIR/results.json)") from None
+    except ValueError as e:
+        raise ValueError(f"--results {path}: not JSON ({e})") from None
+    if not (isinstance(results, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
+                                              for r in results.values())):
+        raise ValueError(f"--results {path}: not evaluate.py's results.json ({{model: {{task: {{accuracy, ...}}}}}})")
+    out = {}
+    for name, spec in models.items():
+        key = next((k for k in results if k == name or os.path.realpath(k) == os.path.realpath(spec)), None)
+        if key is None:
+            log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
+            continue
+        out[name] = {task: {k: v[k] for k in ("accuracy", "n", "perplexity") if k in v} for task, v in results[key].items()}
+    return out
+
+
 def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", device="cpu", batch_size=16,
-          max_tokens_limit=4096, default_max_tokens=512, log_requests=True, log=print) -> Server:
+          max_tokens_limit=4096, default_max_tokens=512, log_requests=True, log=print, results=None) -> Server:
     """Load {name: checkpoint dir or hub id} and serve them; returns the running Server (`.url`,
-    `.shutdown()`, usable as a context manager). port=0 picks a free port."""
+    `.shutdown()`, usable as a context manager). port=0 picks a free port. results: evaluate.py's
+    results.json, whose numbers the page at / shows in each model's column."""
     if api_key is None and not is_loopback(host):  # before loading anything
         raise ValueError(f"refusing to listen on {host} without --api-key: anyone who can reach it could use the "
                          "models (the default, 127.0.0.1, is this machine only)")
+    results = load_results(results, models, log) if results else {}
     workers = {}
     try:
         for name, path in models.items():
             workers[name] = load_worker(name, path, dtype, device, batch_size, log)
-        return Server(workers, host, port, api_key, max_tokens_limit, default_max_tokens, log_requests)
+        return Server(workers, host, port, api_key, max_tokens_limit, default_max_tokens, log_requests, results)
     except BaseException:  # a bad checkpoint or a taken port: free the models already loaded
         for w in workers.values():
             w.stop()
@@ -507,6 +567,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights dtype; auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--results", metavar="RESULTS_JSON",
+                   help="evaluate.py's results.json: the page at / shows each model's benchmark numbers")
     # ---- network ----
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
@@ -525,10 +587,12 @@ def main(argv=None):
         p.error(f"two --model entries share a name ({', '.join(names)}): name them, e.g. --model base=DIR")
     try:
         server = start(dict(args.model), args.host, args.port, args.api_key, args.dtype, args.device, args.batch_size,
-                       args.max_tokens_limit, args.default_max_tokens, log_requests=not args.quiet)
+                       args.max_tokens_limit, args.default_max_tokens, log_requests=not args.quiet,
+                       results=args.results)
     except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
-    print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible), side by side at {server.url}/ "
+          "(Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down as on Ctrl-C
     try:
         server.thread.join()
