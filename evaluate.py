@@ -48,23 +48,14 @@ from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate, load_sft
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.engine import Engine, Sampling, cut_at_stop
+from nanopost.engine import Engine, Sampling, cut_at_stop, resolve_dtype
 from nanopost.tasks.choice import LETTERS
 
 
-@torch.inference_mode()
-def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int]) -> list[list[float]]:
-    """Log-probs of each option letter as the next token after each prompt (one forward pass for
-    the batch; rows right-padded, so padding never precedes a real token)."""
-    model = engine.model
-    dev = model.lm_head.weight.device
-    width = max(map(len, prompts))
-    ids = torch.tensor([p + [engine.tok.pad_id] * (width - len(p)) for p in prompts], device=dev)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-    with engine.fast_linears():
-        hidden = model(ids, return_hidden=True)[torch.arange(len(prompts), device=dev), last]  # (B, C)
-        logprobs = model.lm_head(hidden).float().log_softmax(-1)
-    return logprobs[:, letter_ids].tolist()
+def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int], batch_size: int = 8) -> list[list[float]]:
+    """Log-probs of each option letter as the next token after each prompt: one packed prefill per
+    batch_size prompts, a few-shot block shared by them computed once (Engine.next_logprobs)."""
+    return engine.next_logprobs(prompts, letter_ids, batch_size)
 
 
 @torch.inference_mode()
@@ -184,8 +175,12 @@ def main(argv=None):
                    help="reply budget of generated tasks, per task (default: humaneval 768, others 256); "
                         "a bare N only for one task")
     # ---- speed ----
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows decoded concurrently (a finished row's slot takes the next prompt at once); "
+                        "letter scoring: prompts per prefill")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype; auto: bfloat16 where the hardware runs it natively (CPU with "
+                        "AVX512-BF16 or AMX, CUDA with bf16), else float32 (printed with the reason)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
 
@@ -217,12 +212,14 @@ def main(argv=None):
         if not os.path.exists(f):
             sys.exit(f"error: --perplexity {f}: no such file")
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
+    dtype = resolve_dtype(args.dtype, args.device)
+    dtype_name = str(dtype).removeprefix("torch.")
     results = {}
     for model_name in args.model:
         try:
             ckpt = resolve(model_name)
             checkpoint_print = fingerprint(ckpt)
-            model, tok = nanopost.load(ckpt, dtype=getattr(torch, args.dtype), device=args.device)
+            model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         engine = Engine(model, tok)
@@ -236,7 +233,7 @@ def main(argv=None):
             examples = subset(examples, args.limit)
             mode = "generate" if kind == "generate" else args.mode
             settings = {"task": task, "shots": shots[task], "mode": mode, "max_new_tokens": new_tokens.get(task),
-                        "limit": args.limit, "dtype": args.dtype, "device": args.device, "batch_size": args.batch_size,
+                        "limit": args.limit, "dtype": dtype_name, "device": args.device, "batch_size": args.batch_size,
                         "protocol": tasks.PROTOCOL}
             if task == "humaneval":
                 settings["humaneval_mode"] = args.humaneval_mode
@@ -256,31 +253,34 @@ def main(argv=None):
             t0 = time.time()
             with open(cache_file, "a", encoding="utf-8") as cache, \
                     tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{task} {model_name}") as bar:
-                order = sorted(todo, key=lambda e: -len(e["raw"] if "raw" in e else e["messages"][0]["content"]))
-                for i in range(0, len(order), args.batch_size):
-                    batch = order[i:i + args.batch_size]
-                    prompts = [tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
-                               for e in batch]
-                    if mode == "logprob":
-                        outs = [{"logprobs": lp} for lp in letter_logprobs(engine, prompts, letter_ids)]
-                        for o in outs:
-                            o["pred"] = LETTERS[max(range(4), key=lambda j: o["logprobs"][j])]
-                    else:
-                        stop, budget = batch[0].get("stop", []), new_tokens[task]
-                        outs = []
-                        for ids in engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop)):
-                            text = tok.decode(ids)
-                            reply = cut_at_stop(text, stop)  # hit_limit: no eos or stop string ended it
-                            outs.append({"reply": reply, "hit_limit": reply == text and len(ids) == budget})
-                        for e, o in zip(batch, outs):
-                            o["pred"] = score(e, o["reply"])[0]
-                    for e, o in zip(batch, outs):
-                        row = {"id": e["id"], "answer": e["answer"], "correct": o["pred"] == e["answer"], **o,
-                               **{k: e[k] for k in ("subject", "category") if k in e}}
-                        cache.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        done[e["id"]] = row
+                prompts = [tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
+                           for e in todo]
+                order = sorted(range(len(todo)), key=lambda i: prompts[i])  # shared few-shot prefixes side by side
+
+                def record(e, o):  # one finished question: into the cache file at once, so a crash loses little
+                    row = {"id": e["id"], "answer": e["answer"], "correct": o["pred"] == e["answer"], **o,
+                           **{k: e[k] for k in ("subject", "category") if k in e}}
+                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
                     cache.flush()
-                    bar.update(len(batch))
+                    done[e["id"]] = row
+                    bar.update(1)
+
+                if mode == "logprob":
+                    for i in range(0, len(order), args.batch_size):
+                        batch = order[i:i + args.batch_size]
+                        for j, lp in zip(batch, letter_logprobs(engine, [prompts[j] for j in batch], letter_ids, args.batch_size)):
+                            record(todo[j], {"logprobs": lp, "pred": LETTERS[max(range(4), key=lambda k: lp[k])]})
+                elif todo:
+                    stop, budget = todo[0].get("stop", []), new_tokens[task]
+
+                    def finished(j, ids):
+                        text = tok.decode(ids)
+                        reply = cut_at_stop(text, stop)  # hit_limit: no eos or stop string ended it
+                        record(todo[j], {"reply": reply, "hit_limit": reply == text and len(ids) == budget,
+                                         "pred": score(todo[j], reply)[0]})
+
+                    engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop), batch_size=args.batch_size,
+                                        on_done=finished)
             preds = [done[e["id"]] for e in examples]
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
                                          "predictions": preds}

@@ -1,13 +1,16 @@
 """Evaluation speed: nanopost's runner pieces against a transformers-based loop, side by side on
 the same machine, the same prompts and greedy decoding, with the predictions compared.
 
-    python bench/evaluate.py                                     # issue 5's slice: 64 GSM8K, 256 MMLU
+    python bench/evaluate.py                                     # issue 11's slice: 64 GSM8K, 256 MMLU 0- and 5-shot
     python bench/evaluate.py --gsm8k 16 --new-tokens 128 --mmlu 64 --batch-size 8   # a quicker CPU slice
+    python bench/evaluate.py --dtype bfloat16                    # both sides in bf16
 
-GSM8K: 4-shot chain of thought, `--new-tokens` new tokens, batches of --batch-size; nanopost uses
-Engine.generate, transformers uses model.generate(do_sample=False) on left-padded batches.
-MMLU: zero-shot letter scoring, one forward pass per batch for both (transformers: the logits at
-each row's last prompt token; right padding). Each implementation runs in its own process."""
+GSM8K: 4-shot chain of thought, `--new-tokens` new tokens (eos respected), --batch-size rows at a
+time: nanopost's continuous batching with the shared 4-shot prefix (Engine.generate_ids), against
+transformers' model.generate(do_sample=False) on left-padded batches of the same size.
+MMLU (--mmlu-shots): letter scoring; nanopost: Engine.next_logprobs (shared exemplar blocks, packed
+prefill); transformers: one forward per batch, the logits at each row's last prompt token (right
+padding). Each implementation runs in its own process."""
 import argparse
 import json
 import os
@@ -28,22 +31,23 @@ def worker(impl, args):
     from nanopost import tasks
     from nanopost.tasks import gsm8k
     tok = nanopost.Tokenizer(args.model)
-    g_ex = subset(tasks.load("gsm8k", args.data_dir)[0], args.gsm8k)
-    m_ex = subset(tasks.load("mmlu", args.data_dir)[0], args.mmlu)
-    g_prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in g_ex]
-    m_prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in m_ex]
+    render = lambda examples: [tok.render(e["messages"], add_generation_prompt=True)[0] for e in examples]  # noqa: E731
+    work = [("gsm8k", render(subset(tasks.load("gsm8k", args.data_dir)[0], args.gsm8k)), "generate")]
+    work += [(f"mmlu {k}-shot", render(subset(tasks.load("mmlu", args.data_dir, k)[0], args.mmlu)), "letter")
+             for k in args.mmlu_shots]
     letters = [tok.encode(L)[0] for L in "ABCD"]
-    B = args.batch_size
+    B, dtype = args.batch_size, getattr(torch, args.dtype)
     if impl == "nanopost":
-        from evaluate import letter_logprobs
         from nanopost.engine import Engine, Sampling
-        model, _ = nanopost.load(args.model)
+        model, _ = nanopost.load(args.model, dtype=dtype)
         eng = Engine(model, tok)
-        generate = lambda ps: [tok.decode(r) for r in eng.generate_ids(ps, Sampling(max_new_tokens=args.new_tokens))]  # noqa: E731
-        letter = lambda ps: [max(range(4), key=lambda j: lp[j]) for lp in letter_logprobs(eng, ps, letters)]  # noqa: E731
+        # all prompts at once: B rows decode concurrently, the 4-shot prefix computed once
+        generate_all = lambda ps: [tok.decode(r) for r in eng.generate_ids(ps, Sampling(max_new_tokens=args.new_tokens), batch_size=B)]  # noqa: E731
+        letter_all = lambda ps: [max(range(4), key=lambda j: lp[j]) for lp in eng.next_logprobs(ps, letters, B)]  # noqa: E731
+        warm_up = lambda: eng.generate_ids([[1, 2, 3]], Sampling(max_new_tokens=2))  # noqa: E731  (packs the weights)
     else:
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
 
         @torch.inference_mode()
         def generate(ps):
@@ -61,18 +65,25 @@ def worker(impl, args):
             mask = torch.tensor([[1] * len(p) + [0] * (w - len(p)) for p in ps])
             logits = model(input_ids=ids, attention_mask=mask).logits
             return [int(logits[b, len(p) - 1, letters].argmax()) for b, p in enumerate(ps)]
+
+        def batched(fn):  # longest first, batches of B
+            def run_all(ps):
+                order, preds = sorted(range(len(ps)), key=lambda i: -len(ps[i])), [None] * len(ps)
+                for s in range(0, len(order), B):
+                    for i, r in zip(order[s:s + B], fn([ps[i] for i in order[s:s + B]])):
+                        preds[i] = r
+                return preds
+            return run_all
+        generate_all, letter_all = batched(generate), batched(letter)
+        warm_up = lambda: generate([[1, 2, 3]])  # noqa: E731
     out = {}
-    for name, prompts, fn in (("gsm8k", g_prompts, generate), ("mmlu", m_prompts, letter)):
+    for name, prompts, kind in work:
         if not prompts:
             continue
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        preds = [None] * len(prompts)
-        fn([prompts[order[0]]])  # warm-up
+        fn = generate_all if kind == "generate" else letter_all
+        warm_up()  # not on these prompts: nanopost keeps no prefix from it
         t = time.perf_counter()
-        for s in range(0, len(order), B):
-            idx = order[s:s + B]
-            for i, r in zip(idx, fn([prompts[i] for i in idx])):
-                preds[i] = r
+        preds = fn(prompts)
         secs = time.perf_counter() - t
         if name == "gsm8k":
             preds = [gsm8k.extract(r) for r in preds]
@@ -88,7 +99,9 @@ def main():
     p.add_argument("--gsm8k", type=int, default=64, help="GSM8K questions")
     p.add_argument("--mmlu", type=int, default=256, help="MMLU questions")
     p.add_argument("--new-tokens", type=int, default=256, help="GSM8K new tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--mmlu-shots", type=int, nargs="+", default=[0, 5], help="MMLU exemplars per prompt (each a row)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows at a time (nanopost: concurrent rows)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' weights")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -96,7 +109,8 @@ def main():
         return
     import torch
     print(f"model {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs; gsm8k {args.gsm8k} x "
-          f"{args.new_tokens} new tokens, mmlu {args.mmlu}, batch {args.batch_size}, float32")
+          f"{args.new_tokens} new tokens, mmlu {args.mmlu} x {args.mmlu_shots}-shot, batch {args.batch_size}, {args.dtype}; "
+          f"capability {torch.backends.cpu.get_cpu_capability()}")
     res = {}
     for impl in ("nanopost", "transformers"):
         res[impl] = run_side(__file__, ["--worker", impl, *sys.argv[1:]], impl)

@@ -3,9 +3,15 @@ side on the same machine, same checkpoint, same prompts, same number of new toke
 
     python bench/generate.py                                  # real checkpoint at the default path
     python bench/generate.py --model DIR --dtypes float32 --batch-sizes 1 8 --new-tokens 128
+    python bench/generate.py --chat 64 --new-tokens 256 --batch-sizes 16   # the teacher's workload
 
 Each (implementation, dtype) runs in its own process so its peak RSS is its own; the table
-prints new tokens/s (median of --repeats runs after a warm-up), the ratio, and peak RSS."""
+prints new tokens/s (median of --repeats runs after a warm-up), the ratio, and peak RSS.
+
+--chat N: N chat instructions whose replies have mixed lengths, eos respected, at most
+--new-tokens each, rows at a time = the first --batch-sizes: nanopost's continuous batching against
+transformers `generate` on left-padded batches of the same size (longest prompts first) and a
+one-at-a-time transformers loop (--loop-sample of the instructions, scaled to N)."""
 import argparse
 import json
 import os
@@ -24,6 +30,63 @@ QUESTIONS = ["Write a Python function that returns the n-th Fibonacci number.",
              "Translate 'good morning' into French, German and Spanish.",
              "Write a SQL query that counts orders per customer.",
              "Summarise what a hash map is."]
+
+
+TOPICS = ["the moon", "binary search", "coffee", "the French revolution", "photosynthesis", "a hash map",
+          "volcanoes", "recursion"]
+TEMPLATES = ["Write a haiku about {}.", "Explain {} in one detailed paragraph.", "Give one word that describes {}.",
+             "List five facts about {}, one line each.", "Is {} older than 100 years? Answer yes or no.",
+             "Write a short story of about 150 words involving {}.", "Summarise {} in one sentence.",
+             "Write a Python function related to {}, with a docstring and two usage examples."]
+INSTRUCTIONS = [t.format(x) for x in TOPICS for t in TEMPLATES]  # 64, replies from one word to ~250 tokens
+
+
+def chat_worker(impl, model_dir, dtype_name, n, B, new_tokens, loop_sample):
+    import torch
+    import nanopost
+    dtype = getattr(torch, dtype_name)
+    tok = nanopost.Tokenizer(model_dir)
+    prompts = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in INSTRUCTIONS[:n]]
+    if impl == "nanopost":
+        from nanopost.engine import Engine, Sampling
+        model, _ = nanopost.load(model_dir, dtype=dtype)
+        eng = Engine(model, tok)
+        eng.generate_ids(prompts[:2], Sampling(max_new_tokens=4))  # warm-up
+        t = time.perf_counter()
+        outs = eng.generate_ids(prompts, Sampling(max_new_tokens=new_tokens), batch_size=B)
+        secs = time.perf_counter() - t
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+        @torch.inference_mode()
+        def run(ps):
+            w = max(map(len, ps))
+            ids = torch.tensor([[tok.pad_id] * (w - len(p)) + p for p in ps])
+            mask = torch.tensor([[0] * (w - len(p)) + [1] * len(p) for p in ps])
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                                 repetition_penalty=1.0, eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+            rows = []
+            for row in out[:, w:].tolist():
+                cut = next((j for j, x in enumerate(row) if x in tok.eos_ids), len(row))
+                rows.append(row[:cut])
+            return rows
+        run(prompts[:2])  # warm-up
+        if impl == "transformers-loop":  # one prompt at a time, on an even sample of the instructions
+            idx = list(range(0, n, max(1, n // loop_sample)))[:loop_sample]
+            t = time.perf_counter()
+            outs = {i: run([prompts[i]])[0] for i in idx}
+            secs = (time.perf_counter() - t) * n / len(idx)
+            outs = [outs.get(i) for i in range(n)]
+        else:
+            order = sorted(range(n), key=lambda i: -len(prompts[i]))
+            outs = [None] * n
+            t = time.perf_counter()
+            for s in range(0, n, B):
+                for i, r in zip(order[s:s + B], run([prompts[i] for i in order[s:s + B]])):
+                    outs[i] = r
+            secs = time.perf_counter() - t
+    return {"seconds": secs, "outs": outs, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
 def worker(impl, model_dir, dtype_name, batch_sizes, new_tokens, repeats):
@@ -74,14 +137,38 @@ def main():
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="batch sizes")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
+    p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker and args.chat:
+        print(json.dumps(chat_worker(args.worker[0], args.model, args.worker[1], args.chat, args.batch_sizes[0], args.new_tokens, args.loop_sample)))
+        return
     if args.worker:
         print(json.dumps(worker(*args.worker[:1], args.model, args.worker[1], args.batch_sizes, args.new_tokens, args.repeats)))
         return
     import torch
     print(f"model {args.model}; torch {torch.__version__}; {os.cpu_count()} CPUs; "
           f"threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
+    if args.chat:
+        print(f"chat workload: {args.chat} instructions, <= {args.new_tokens} new tokens, eos respected, "
+              f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample}, scaled")
+        print("| dtype | nanopost s | transformers batched s | one-at-a-time loop s | vs batched | vs loop | "
+              "identical replies (batched / loop) | reply lengths min-median-max |")
+        print("|---|---|---|---|---|---|---|---|")
+        for dtype in args.dtypes:
+            res = {impl: run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
+                                             "--chat", args.chat, "--loop-sample", args.loop_sample,
+                                             "--batch-sizes", args.batch_sizes[0]], f"{impl} {dtype}")
+                   for impl in ("nanopost", "transformers", "transformers-loop")}
+            a, b, c = res["nanopost"], res["transformers"], res["transformers-loop"]
+            same_b = sum(x == y for x, y in zip(a["outs"], b["outs"]))
+            same_c = sum(x == y for x, y in zip(a["outs"], c["outs"]) if y is not None)
+            lens = sorted(map(len, a["outs"]))
+            print(f"| {dtype} | {a['seconds']:.1f} | {b['seconds']:.1f} | {c['seconds']:.1f} | "
+                  f"{b['seconds'] / a['seconds']:.2f}x | {c['seconds'] / a['seconds']:.2f}x | {same_b}/{args.chat} / "
+                  f"{same_c}/{sum(y is not None for y in c['outs'])} | {lens[0]}-{lens[len(lens) // 2]}-{lens[-1]} |", flush=True)
+        return
     print("| dtype | batch | nanopost tok/s | transformers tok/s | ratio | same tokens (row 0) | peak RSS nanopost / transformers |")
     print("|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:

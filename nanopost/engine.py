@@ -1,17 +1,39 @@
-"""Batched generation: many prompts of different lengths, one prefill, then one decode step per
-new token over a preallocated KV cache. Prompts are left-padded; padded key slots are masked
-and positions start at 0 on each row's first real token, so a row's tokens are those it would
-get alone. Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row
-stop on eos ids, stop strings and max_new_tokens; an optional streaming callback."""
+"""Batched generation and next-token scoring with a shared-prefix KV cache and continuous batching.
+
+Shared prefix: prompts that start with the same tokens (a few-shot block, a system prompt and
+chat header) have that prefix's keys/values computed once, with batch 1, and copied into every
+row that starts with it. Prompts are taken in token order, so prompts that share a prefix are
+neighbours; a prompt's prefix is the longest common *token* prefix with a neighbour (never a
+text prefix: BPE merges across a text boundary). Computed prefixes are kept (the few
+most recently used, per model state), so a prefix that recurs across calls — the few-shot block
+of a whole task — is computed once; the keys/values of a kept prefix also serve any shorter
+prefix of it (attention is causal). Each prompt's remaining tokens (its suffix) are prefilled
+packed into one row with a block-diagonal mask, no padding.
+
+Continuous batching: a cache of `batch_size` slots (rows) × max_len. A row that finishes (eos,
+stop string, max_new_tokens) frees its slot for the next waiting prompt at once: that prompt's
+prefix K/V are copied into the slot and only its suffix is prefilled. Every slot holds its own
+row from cache position 0, so positions and cache lengths are per row, a decode step masks each
+row's keys past its own length, and a row's tokens are those it would get alone (exact up to
+float rounding: token-identical to one-at-a-time greedy decoding in float32, tests/test_engine.py).
+
+Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
+ids, stop strings and max_new_tokens; streaming and per-row completion callbacks."""
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from nanopost.model import KVCache, Qwen2
 from nanopost.tokenizer import Tokenizer
+
+MAX_PREFIXES = 8  # computed prefixes kept (least recently used dropped first)
+MIN_EXTEND = 32  # a new prefix must share this many more tokens than a kept one: a separate forward costs a full read of the weights
+PACK_TOKENS = 512  # suffix tokens per packed prefill forward (packing makes attention quadratic in the pack)
 
 
 @dataclass
@@ -65,16 +87,58 @@ def can_pack(model) -> bool:
         return False
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def auto_dtype(device: str = "cpu") -> tuple[torch.dtype, str]:
+    """The fastest exact-enough weights dtype for this hardware, and why: bfloat16 where matmuls
+    run it natively (a CUDA card with bf16; a CPU with AVX512-BF16 or AMX: 2.9x float32 measured
+    on an EPYC), else float32 (without them torch emulates bf16, slower than float32)."""
+    if str(device).startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name()} runs bf16 natively"
+        return torch.float32, f"{torch.cuda.get_device_name()} has no bf16"
+    native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    cap = torch.backends.cpu.get_cpu_capability()
+    if native:
+        return torch.bfloat16, f"CPU has {' and '.join(native)} (capability {cap}): bf16 matmuls are native"
+    return torch.float32, f"CPU has neither avx512_bf16 nor amx_bf16 (capability {cap}): bf16 would be emulated, slower than float32"
+
+
+def resolve_dtype(name: str, device: str = "cpu", log=print) -> torch.dtype:
+    """--dtype auto|float32|bfloat16|float16 -> a dtype; auto says which and why."""
+    if name != "auto":
+        return getattr(torch, name)
+    dtype, why = auto_dtype(device)
+    log(f"--dtype auto: {str(dtype).removeprefix('torch.')} ({why})")
+    return dtype
+
+
+def lcp(a, b) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
 class Engine:
     def __init__(self, model: Qwen2, tokenizer: Tokenizer, pack_weights: bool | None = None):
-        """pack_weights (CPU float32, or bfloat16 with native bf16; default on there): decode through a copy of every Linear
-        weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
+        """pack_weights (CPU float32, or bfloat16 with native bf16; default on there): run every Linear
+        through a copy of its weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
         than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
         weights. The copy is refreshed when the weights change in place (e.g. training)."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
         self._packed = {}  # Linear -> (weight version, packed weight)
+        self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
+        self._prefix_state = None  # the weights' versions, dtype and device the kept prefixes were computed with
 
     @contextmanager
     def fast_linears(self):
@@ -94,75 +158,197 @@ class Engine:
             for lin in linears:
                 lin.__dict__.pop("forward", None)  # back to nn.Linear.forward
 
-    def generate_ids(self, prompts: list[list[int]], s: Sampling = Sampling(), on_token=None) -> list[list[int]]:
-        """prompts: token id lists -> the new token ids of each row (eos and stop strings cut).
-        on_token(step, tokens: list[int], done: list[bool]) is called after every decode step."""
-        with torch.inference_mode(), self.fast_linears():
-            return self._generate_ids(prompts, s, on_token)
+    # ---- shared prefixes ----
 
-    def _generate_ids(self, prompts, s, on_token):
+    def _plan(self, prompts) -> tuple[list[int], list[int]]:
+        """-> (prompt indices in token order, each prompt's shared length: its longest common
+        prefix with a neighbour in that order, which is its longest with any other prompt)."""
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+        shared = [0] * len(prompts)
+        for a, b in zip(order, order[1:]):
+            n = lcp(prompts[a], prompts[b])
+            shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+        return order, [min(n, len(p) - 1) for n, p in zip(shared, prompts)]  # every row keeps >= 1 token to run
+
+    def _prefix(self, p, shared: int):
+        """-> (kept prefix KVCache or None, m): the first m tokens of p have their K/V in it. A
+        prefix `shared` tokens long is computed (extending the best kept one) when it adds at
+        least MIN_EXTEND tokens to what is kept."""
+        state = (self.model.lm_head.weight.dtype, self.model.lm_head.weight.device,
+                 tuple(w._version for w in self.model.parameters()))
+        if state != self._prefix_state:  # other weights (training, a merge): their K/V are stale
+            self._prefixes, self._prefix_state = [], state
+        best, m = None, 0
+        for entry in self._prefixes:
+            n = min(lcp(entry[0], p), len(p) - 1)
+            if n > m:
+                best, m = entry, n
+        if shared - m >= MIN_EXTEND:
+            cache, _ = self._prefill(best[1] if best else None, m, [p[m:shared]], logits=False)
+            if best is not None and m == len(best[0]):
+                self._prefixes.remove(best)  # the new prefix holds all of it
+            best, m = (tuple(p[:shared]), cache), shared
+            self._prefixes.append(best)
+            del self._prefixes[:-MAX_PREFIXES]
+        if best is not None:  # most recently used last
+            self._prefixes.remove(best)
+            self._prefixes.append(best)
+        return (best[1] if best else None), m
+
+    def _groups(self, prompts, rows, shared):
+        """rows (in token order) -> [(prefix KVCache or None, m, rows)]: consecutive rows on the same
+        kept prefix, m the shortest of their shared lengths, at most PACK_TOKENS suffix tokens each."""
+        groups = []
+        for i in rows:
+            prefix, m = self._prefix(prompts[i], shared[i])
+            g = groups[-1] if groups else None
+            if g is not None and g[0] is prefix and sum(len(prompts[j]) - min(g[1], m) for j in g[2] + [i]) <= PACK_TOKENS:
+                g[1] = min(g[1], m)
+                g[2].append(i)
+            else:
+                groups.append([prefix, m, [i]])
+        return groups
+
+    def _prefill(self, prefix: KVCache | None, m: int, suffixes: list[list[int]], logits: bool = True):
+        """Run the suffixes after the first m positions of `prefix`, packed into one row: each
+        suffix sees the prefix and itself (block-diagonal causal), at positions m, m+1, ...
+        -> (KVCache of that row: prefix, then the suffixes one after the other; the next-token
+        logits (n, V) float32 at each suffix's last token, or None)."""
+        model, dev = self.model, self.model.lm_head.weight.device
+        lens = torch.tensor([len(x) for x in suffixes], device=dev)
+        T = int(lens.sum())
+        cache = KVCache(model.config, 1, m + T, model.lm_head.weight.dtype, dev)
+        if m:
+            cache.k[:, :, :, :m], cache.v[:, :, :, :m] = prefix.k[:, :, :, :m], prefix.v[:, :, :, :m]
+            cache.pos = m
+        seg = torch.repeat_interleave(torch.arange(len(suffixes), device=dev), lens)  # suffix of each token
+        first = torch.cumsum(lens, 0) - lens
+        positions = m + torch.arange(T, device=dev) - first[seg]
+        mask = None  # one suffix: causal (the model's default, after the cache's m slots)
+        if len(suffixes) > 1:
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & (seg[:, None] == seg[None, :])
+            mask = torch.cat([torch.ones(T, m, dtype=torch.bool, device=dev), causal], 1)[None, None]
+        ids = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
+        hidden = model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True)[0]
+        if not logits:
+            return cache, None
+        return cache, model.lm_head(hidden[first + lens - 1]).float()
+
+    # ---- scoring ----
+
+    def next_logprobs(self, prompts: list[list[int]], token_ids: list[int], batch_size: int = 8) -> list[list[float]]:
+        """Log-probs of token_ids as the next token after each prompt (letter scoring), with the
+        shared prefixes computed once; batch_size: prompts per packed prefill at most."""
+        out = [None] * len(prompts)
+        with torch.inference_mode(), self.fast_linears():
+            order, shared = self._plan(prompts)
+            for start in range(0, len(order), batch_size):
+                for prefix, m, rows in self._groups(prompts, order[start:start + batch_size], shared):
+                    _, logits = self._prefill(prefix, m, [prompts[i][m:] for i in rows])
+                    for i, lp in zip(rows, logits.log_softmax(-1)[:, token_ids].tolist()):
+                        out[i] = lp
+        return out
+
+    # ---- generation ----
+
+    def generate_ids(self, prompts: list[list[int]], s: Sampling = Sampling(), on_token=None,
+                     batch_size: int | None = None, on_done=None) -> list[list[int]]:
+        """prompts: token id lists -> the new token ids of each row (eos and stop strings cut).
+        batch_size: rows decoded concurrently (default: all prompts); the others wait for a free slot.
+        on_token(step, tokens, done): after every step, lists over the prompts (a prompt not
+        running this step has the pad id). on_done(i, ids): as soon as prompt i is finished."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        with torch.inference_mode(), self.fast_linears():
+            return self._generate_ids([list(p) for p in prompts], s, on_token, batch_size or len(prompts), on_done)
+
+    def _generate_ids(self, prompts, s, on_token, batch_size, on_done):
         model, dev = self.model, self.model.lm_head.weight.device
-        B, P, N = len(prompts), max(map(len, prompts)), s.max_new_tokens
-        pad = torch.tensor([P - len(p) for p in prompts], device=dev)
-        ids = torch.tensor([[self.tok.pad_id] * (P - len(p)) + list(p) for p in prompts], device=dev)
-        slots = torch.arange(P + N, device=dev)
-        key_ok = slots[None, :] >= pad[:, None]  # (B, P+N): False on left padding
-        padded = bool((pad > 0).any())
-        cache = KVCache(model.config, B, P + N, model.lm_head.weight.dtype, dev)
-        mask = None
-        if padded:  # causal over real keys; a pad query sees itself so its softmax is never empty
-            causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-            mask = (causal & key_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
-            mask = mask[:, None]
-        positions = (slots[None, :P] - pad[:, None]).clamp(min=0)
-        logits = model(ids, position_ids=positions, cache=cache, mask=mask, last_only=True)[:, -1]
-        seen = None
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=dev)
-            seen.scatter_(1, ids, key_ok[:, :P])
+        N, V = s.max_new_tokens, model.config.vocab_size
+        order, shared = self._plan(prompts)
+        waiting = deque(order)
+        n = min(batch_size, len(prompts))
+        cache = KVCache(model.config, n, max(map(len, prompts)) + N, model.lm_head.weight.dtype, dev)
+        cache.pos = torch.zeros(n, dtype=torch.long, device=dev)  # per-row lengths
+        slot = [None] * n  # the prompt each slot runs
+        logits = torch.zeros(n, V, device=dev)  # each running row's next-token logits
+        seen = torch.zeros(n, V, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
-        out = torch.full((B, N), self.tok.pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        lengths = torch.full((B,), N, dtype=torch.long, device=dev)
-        eos = self.eos.to(dev) if not s.ignore_eos else torch.tensor([], dtype=torch.long, device=dev)
+        eos = set() if s.ignore_eos else set(self.eos.tolist())
         stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
-        for t in range(N):
-            nxt = sample_next(logits, seen, s, gen)
-            nxt = torch.where(done, self.tok.pad_id, nxt)
-            out[:, t] = nxt
-            hit = ~done & torch.isin(nxt, eos)
-            lengths = torch.where(hit, t, lengths)  # the eos itself is not part of the output
-            done |= hit
-            if s.stop:  # decode only a short tail per row: cost does not grow with the output
-                for b in (~done).nonzero().flatten().tolist():
-                    tail = self.tok.decode(out[b, max(0, t + 1 - stop_tail):t + 1].tolist())
-                    if any(x in tail for x in s.stop):
-                        done[b], lengths[b] = True, t + 1
+        out, done = [[] for _ in prompts], [False] * len(prompts)
+
+        def admit():  # the next waiting prompts into the free slots: prefix K/V copied, suffix prefilled
+            free = [b for b in range(len(slot)) if slot[b] is None][:len(waiting)]
+            rows = [waiting.popleft() for _ in free]
+            where = dict(zip(rows, free))
+            for prefix, m, group in self._groups(prompts, rows, shared):
+                packed, next_logits = self._prefill(prefix, m, [prompts[i][m:] for i in group])
+                start = m
+                for j, i in enumerate(group):
+                    b, T = where[i], len(prompts[i]) - m
+                    for dst, src in ((cache.k, packed.k), (cache.v, packed.v)):
+                        dst[:, b, :, :m] = src[:, 0, :, :m]
+                        dst[:, b, :, m:m + T] = src[:, 0, :, start:start + T]
+                    start += T
+                    slot[b], cache.pos[b], logits[b] = i, len(prompts[i]), next_logits[j]
+                    if seen is not None:
+                        seen[b] = False
+                        seen[b, prompts[i]] = True
+
+        admit()
+        step = 0
+        while any(i is not None for i in slot):
+            running = [b for b in range(len(slot)) if slot[b] is not None]
+            idx = torch.tensor(running, device=dev)
+            nxt = sample_next(logits[idx], seen[idx] if seen is not None else None, s, gen).tolist()
+            tokens = [self.tok.pad_id] * len(prompts)
+            for b, t in zip(running, nxt):
+                i = slot[b]
+                tokens[i] = t
+                if t in eos:  # the eos itself is not part of the output
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if seen is not None:
+                    seen[b, t] = True
+                if len(out[i]) == N:
+                    done[i] = True
+                elif s.stop:  # decode only a short tail: cost does not grow with the output
+                    done[i] = any(x in self.tok.decode(out[i][-stop_tail:]) for x in s.stop)
+            for b in running:
+                if done[slot[b]]:
+                    if on_done is not None:
+                        on_done(slot[b], out[slot[b]])
+                    slot[b] = None
             if on_token is not None:
-                on_token(t, nxt.tolist(), done.tolist())
-            if bool(done.all()) or t == N - 1:
-                break
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            step_mask = key_ok[:, None, None, :P + t + 1] if padded else None
-            logits = model(nxt[:, None], position_ids=(P + t - pad)[:, None], cache=cache, mask=step_mask)[:, -1]
-        return [out[b, :lengths[b]].tolist() for b in range(B)]
+                on_token(step, tokens, list(done))
+            step += 1
+            live = [b for b in range(len(slot)) if slot[b] is not None]
+            if live and not waiting and len(live) <= len(slot) // 2:  # the tail: drop the idle slots
+                keep = torch.tensor(live, device=dev)
+                cache.k, cache.v, cache.pos, logits = cache.k[:, keep], cache.v[:, keep], cache.pos[keep], logits[keep]
+                seen = seen[keep] if seen is not None else None
+                slot = [slot[b] for b in live]
+                live = list(range(len(live)))
+            if live:  # one decode step for every slot; an idle slot runs a pad token at position 0
+                ids = torch.full((len(slot),), self.tok.pad_id, dtype=torch.long, device=dev)
+                ids[live] = torch.tensor([out[slot[b]][-1] for b in live], device=dev)
+                idle = torch.tensor([slot[b] is None for b in range(len(slot))], device=dev)
+                cache.pos.masked_fill_(idle, 0)
+                S = int(cache.pos.max()) + 1
+                key_ok = torch.arange(S, device=dev)[None, :] <= cache.pos[:, None]  # (B, S): a row's keys up to its own
+                logits[:] = model(ids[:, None], position_ids=cache.pos[:, None].clone(), cache=cache,
+                                  mask=key_ok[:, None, None])[:, -1].float()
+            admit()
+        return out
 
     def generate(self, prompts, s: Sampling = Sampling(), batch_size: int = 16, progress=None) -> list[str]:
-        """prompts: strings (one user turn), chat message lists, or token id lists -> reply texts.
-        Prompts are run longest first in batches (less padding), results in the input order."""
+        """prompts: strings (one user turn), chat message lists, or token id lists -> reply texts,
+        batch_size rows at a time (continuous batching), results in the input order."""
         ids = [self.encode_prompt(p) for p in prompts]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        texts = [None] * len(ids)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            for i, new in zip(batch, self.generate_ids([ids[i] for i in batch], s)):
-                texts[i] = cut_at_stop(self.tok.decode(new), s.stop)
-            if progress is not None:
-                progress.update(len(batch))
-        return texts
+        on_done = (lambda i, new: progress.update(1)) if progress is not None else None
+        return [cut_at_stop(self.tok.decode(new), s.stop) for new in self.generate_ids(ids, s, batch_size=batch_size, on_done=on_done)]
 
     def encode_prompt(self, p) -> list[int]:
         if isinstance(p, str):

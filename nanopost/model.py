@@ -79,8 +79,10 @@ def rope_cos_sin(position_ids_BT, head_dim: int, theta: float, dtype):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (L, B, K, S_max, D). `pos` counts filled slots;
-    the model writes slots [pos, pos+T) and advances pos once per forward."""
+    """Preallocated keys/values for every layer: (L, B, K, S_max, D). `pos` counts filled slots:
+    an int shared by every row (the model writes slots [pos, pos+T)), or a LongTensor (B,) of
+    per-row lengths for rows at different positions (continuous batching: one token per row per
+    forward, written at each row's own pos). The model advances pos by T once per forward."""
 
     def __init__(self, cfg: Qwen2Config, batch_size: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -89,11 +91,17 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer: int, k_BKTD, v_BKTD):
-        end = self.pos + k_BKTD.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.k.shape[3]}")
-        self.k[layer, :, :, self.pos:end] = k_BKTD
-        self.v[layer, :, :, self.pos:end] = v_BKTD
+        if isinstance(self.pos, torch.Tensor):  # per-row lengths: the caller masks each row's keys >= its pos + 1
+            rows = torch.arange(k_BKTD.shape[0], device=k_BKTD.device)
+            self.k[layer, rows, :, self.pos] = k_BKTD[:, :, 0]
+            self.v[layer, rows, :, self.pos] = v_BKTD[:, :, 0]
+            end = int(self.pos.max()) + 1
+        else:
+            end = self.pos + k_BKTD.shape[2]
+            if end > self.k.shape[3]:
+                raise ValueError(f"KV cache overflow: {end} positions > max_len {self.k.shape[3]}")
+            self.k[layer, :, :, self.pos:end] = k_BKTD
+            self.v[layer, :, :, self.pos:end] = v_BKTD
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 

@@ -116,3 +116,117 @@ def test_packed_linears_equal_plain_and_follow_weight_updates(tiny):
     with torch.no_grad():  # an in-place update (as an optimizer step does) must reach the packed copy
         model.lm_head.weight.mul_(-1)
     assert packed.generate_ids(prompts, s) == plain.generate_ids(prompts, s)
+
+
+# ---- shared-prefix KV cache and continuous batching ----
+
+def naive(model, prompt, n, eos, penalty=1.0):
+    """One prompt alone, every step a full forward over all its tokens (no cache), greedy with
+    transformers' repetition penalty."""
+    ids, new = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[:, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[0, ids] = True
+            nxt = sample_next(logits, seen, Sampling(repetition_penalty=penalty), None).item()
+            if nxt in eos:
+                break
+            new.append(nxt)
+            ids.append(nxt)
+    return new
+
+
+@pytest.fixture(scope="module")
+def eng32(tiny):
+    model, tok = nanopost.load(tiny)  # float32, as the exactness claim is made
+    return Engine(model, tok)
+
+
+def shared_prompts(tok):
+    """Prompts with a long common token prefix (a few-shot block), a second group with another
+    one, and prompts that share nothing."""
+    shots = "Question: Natalia sold clips to 48 of her friends in April. The answer is 72.\n\n" * 3
+    chat = lambda text: tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0]  # noqa: E731
+    return ([chat(shots + q) for q in ("Hello world", "The quick brown fox", "How many clips?", "Der Fuchs")]
+            + [[7, 8, 9] * 20 + [n] for n in (3, 30, 40)] + [[5], [11, 12, 13, 14], chat("こんにちは")])
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_prefix_shared_continuous_batching_equals_one_at_a_time(eng32, penalty):
+    """11 prompts through 3 slots (a waiting queue), rows ending at very different lengths
+    (eos at different steps, the 24-token limit): each row's tokens equal decoding it alone."""
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    free = [naive(model, p, 24, [], penalty) for p in prompts]
+    eos = [free[0][2], free[5][11], free[9][20]]  # tokens some rows reach early, some late, some never
+    eng = Engine(model, tok)
+    eng.eos = torch.tensor(eos)
+    finished = []
+    outs = eng.generate_ids(prompts, Sampling(max_new_tokens=24, repetition_penalty=penalty), batch_size=3,
+                            on_done=lambda i, ids: finished.append(i))
+    assert outs == [naive(model, p, 24, eos, penalty) for p in prompts]
+    assert sorted(finished) == list(range(len(prompts)))
+    assert len({len(o) for o in outs}) >= 3  # the rows really did finish at different lengths
+    assert [len(k) for k, _ in eng._prefixes] and min(len(k) for k, _ in eng._prefixes) >= 32  # prefixes were shared
+
+
+def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    full = [tok.decode(naive(model, p, 16, tok.eos_ids)) for p in prompts]
+    stops = [full[1][4:7], full[7][2:5]]
+    assert all(stops)
+    s = Sampling(max_new_tokens=16, stop=stops)
+    got = Engine(model, tok).generate(prompts, s, batch_size=4)
+    assert got == [cut_at_stop(f, stops) for f in full]
+    assert got[1] != full[1] and got[7] != full[7]  # both stops cut their row
+    ids = Engine(model, tok).generate_ids(prompts, s, batch_size=4)
+    for row in (1, 7):  # the row ended at the token that completed its stop string, freeing its slot
+        assert any(x in tok.decode(ids[row]) for x in stops) and not any(x in tok.decode(ids[row][:-1]) for x in stops)
+
+
+def test_a_kept_prefix_is_reused_across_calls_and_dropped_when_weights_change(tiny):
+    model, tok = nanopost.load(tiny)
+    eng = Engine(model, tok)
+    prompts = shared_prompts(tok)
+    s = Sampling(max_new_tokens=6)
+    first = eng.generate_ids(prompts[:2], s)
+    kept = [c for _, c in eng._prefixes]
+    assert kept
+    assert eng.generate_ids(prompts[2:4], s) == [naive(model, p, 6, tok.eos_ids) for p in prompts[2:4]]
+    assert any(c is kept[0] for _, c in eng._prefixes)  # the few-shot block was not computed again
+    with torch.no_grad():  # an in-place update, as an optimizer step does: the kept K/V are stale
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+    again = eng.generate_ids(prompts[:2], s)
+    assert again == [naive(model, p, 6, tok.eos_ids) for p in prompts[:2]] and again != first
+    assert all(c is not kept[0] for _, c in eng._prefixes)
+
+
+def test_next_logprobs_with_a_shared_prefix_equal_a_full_forward(eng32):
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    ids = [tok.encode(L)[0] for L in "ABCD"]
+    eng = Engine(model, tok)
+    got = eng.next_logprobs(prompts, ids, batch_size=4)
+    assert eng._prefixes
+    with torch.no_grad():
+        for p, lp in zip(prompts, got):
+            ref = model(torch.tensor([p]))[0, -1].float().log_softmax(-1)[ids]
+            assert (torch.tensor(lp) - ref).abs().max() <= 1e-5
+
+
+# ---- --dtype auto ----
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from nanopost import engine
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512bw"})  # AVX-512 without BF16
+    dtype, why = engine.auto_dtype("cpu")
+    assert dtype == torch.float32 and "neither" in why
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert engine.auto_dtype("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert engine.auto_dtype("cpu")[0] == torch.bfloat16
+    said = []
+    assert engine.resolve_dtype("float32", "cpu", log=said.append) == torch.float32 and not said  # explicit wins
+    assert engine.resolve_dtype("auto", "cpu", log=said.append) == torch.bfloat16 and "amx_bf16" in said[0]

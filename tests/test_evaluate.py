@@ -165,7 +165,7 @@ def run_eval(*args):
 def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_dir):
     out = tmp_path / "eval"
     args = ["--model", tiny, "--model", tiny, "--tasks", "gsm8k,mmlu,ceval", "--data-dir", data_dir, "--limit", 6,
-            "--max-new-tokens", 6, "--batch-size", 4, "--out", out]
+            "--max-new-tokens", 6, "--batch-size", 4, "--dtype", "float32", "--out", out]
     r = run_eval(*args)
     assert r.returncode == 0, r.stderr
     res = json.load(open(out / "results.json"))
@@ -242,6 +242,19 @@ def test_shots_and_new_tokens_per_task(tmp_path, tiny, data_dir):
     assert all(isinstance(p["hit_limit"], bool) for p in generated) and any(p["hit_limit"] for p in generated)
 
 
+def test_dtype_auto_is_the_default_and_an_explicit_dtype_wins(tmp_path, tiny, data_dir, monkeypatch):
+    from nanopost import engine
+    base = ["--model", tiny, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2]
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2"})  # no native bf16: auto is float32
+    r = run_main(os.path.join(ROOT, "evaluate.py"), *base, "--out", tmp_path / "a")
+    assert r.returncode == 0 and "--dtype auto: float32 (CPU has neither" in r.stdout
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    for flag, want in ((["--dtype", "float32"], "float32"), ([], "bfloat16")):
+        code, err, res = evaluate(*base, *flag, "--out", tmp_path / want)
+        assert code == 0, err
+        assert res[tiny]["mmlu"]["settings"]["dtype"] == want
+
+
 def test_bad_inputs(tmp_path, tiny):
     r = run_eval("--model", tiny, "--tasks", "gsm8k", "--data-dir", tmp_path / "nothing", "--out", tmp_path / "o")
     assert r.returncode != 0 and "--data-dir" in r.stderr and "Traceback" not in r.stderr
@@ -250,15 +263,25 @@ def test_bad_inputs(tmp_path, tiny):
 
 
 @pytest.mark.real
-def test_real_mmlu_predictions_equal_transformers(real_model_dir, shared):
-    """20 MMLU questions, letter scoring: our predictions equal an independent transformers run."""
+@pytest.mark.parametrize("shots", [0, 5])
+def test_real_mmlu_predictions_equal_transformers(real_model_dir, shared, shots):
+    """20 MMLU questions, letter scoring: our predictions equal an independent transformers run.
+    5-shot: 10 questions from each of two subjects, so each exemplar block is a shared prefix."""
     transformers = pytest.importorskip("transformers")
-    examples = subset(tasks.load("mmlu", shared)[0], 20)
+    examples = tasks.load("mmlu", shared, shots)[0]
+    if shots:
+        subjects = sorted({e["subject"] for e in examples})[:2]
+        examples = [e for s in subjects for e in [x for x in examples if x["subject"] == s][:10]]
+    else:
+        examples = subset(examples, 20)
+    assert len(examples) == 20
     model, tok = nanopost.load(real_model_dir)
     prompts = [tok.render(e["messages"], add_generation_prompt=True)[0] for e in examples]
     letters = [tok.encode(L)[0] for L in "ABCD"]
+    engine = Engine(model, tok)
     ours = [max(range(4), key=lambda j: lp[j]) for i in range(0, 20, 5)
-            for lp in letter_logprobs(Engine(model, tok), prompts[i:i + 5], letters)]
+            for lp in letter_logprobs(engine, prompts[i:i + 5], letters)]
+    assert not shots or engine._prefixes  # the exemplar blocks were computed once and shared
     ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
     htok = transformers.AutoTokenizer.from_pretrained(real_model_dir)
     theirs = []

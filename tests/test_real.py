@@ -61,3 +61,20 @@ def test_real_load_holds_one_copy_of_the_weights(real_model_dir, dtype):
     assert r.returncode == 0, r.stderr
     weights_mb, peak_mb = map(float, r.stdout.split())
     assert peak_mb < 1.3 * weights_mb, (weights_mb, peak_mb)
+
+
+def test_real_prefix_shared_continuous_batching_equals_one_at_a_time(both):
+    """A shared 4-shot block and plain chats, 6 prompts through 2 slots, eos respected: each row's
+    tokens equal the plain engine decoding that prompt alone (no other row, no kept prefix)."""
+    model, tok, _ = both
+    shots = "".join(f"Question: What is {a} + {b}?\nLet's think step by step\n{a} + {b} = {a + b}.\nThe answer is {a + b}.\n\n"
+                    for a, b in ((12, 30), (7, 8), (100, 23), (5, 5)))
+    chats = [shots + f"Question: What is {q}?\nLet's think step by step" for q in ("3 + 4", "20 * 3", "9 - 11", "2 ** 10")]
+    chats += ["Say hello in French.", "Write one sentence about the sea, then stop."]
+    prompts = [tok.render([{"role": "user", "content": c}], add_generation_prompt=True)[0] for c in chats]
+    eng = Engine(model, tok)
+    s = Sampling(max_new_tokens=40)
+    outs = eng.generate_ids(prompts, s, batch_size=2)
+    assert eng._prefixes and max(len(k) for k, _ in eng._prefixes) > 150  # the 4-shot block was shared
+    assert outs == [Engine(model, tok).generate_ids([p], s)[0] for p in prompts]
+    assert len({len(o) for o in outs}) > 1  # rows of different lengths (eos)
