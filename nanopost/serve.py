@@ -111,7 +111,8 @@ class Request:
         if self.cancelled:  # its client went away: the row runs on in the batch, unread
             self.finished = True
             return
-        if not (done and token in self.tok.eos_ids):  # the eos itself is not part of the reply
+        eos = done and token in self.tok.eos_ids
+        if not eos:  # the eos itself is not part of the reply
             self.new.append(token)
         # decode only the tokens after the last whole character: decoding the whole reply at every
         # step would cost O(length^2); bytes after a whole character never change the text before it
@@ -120,9 +121,10 @@ class Request:
         if not tail.endswith("\ufffd"):  # an unfinished UTF-8 character decodes to U+FFFD
             self.text, self.decoded = text, len(self.new)
         reply = cut_at_stop(text, self.sampling.stop)
-        stopped = done or len(reply) < len(text)  # done without eos: the engine saw a stop string
-        if stopped or len(self.new) >= self.max_tokens:
-            self.finish(reply, "stop" if stopped else "length")
+        if eos or len(reply) < len(text) or (done and len(self.new) < self.max_tokens):
+            self.finish(reply, "stop")  # eos, a stop string (the engine may see one first, mid-character)
+        elif len(self.new) >= self.max_tokens:  # the engine also marks a row done at its token limit
+            self.finish(reply, "length")
         elif self.stream and self.decoded == len(self.new):
             upto = len(text) - self.hold
             if upto > self.sent:
