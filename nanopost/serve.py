@@ -231,6 +231,11 @@ def _content(m, i):
         content = "\n".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not text a tokenizer takes
+        raise ApiError(400, f"messages[{i}].content is not valid Unicode text (a lone surrogate)",
+                       param=f"messages[{i}].content") from None
     if len(content) > MAX_CONTENT_CHARS:
         raise ApiError(400, f"messages[{i}].content is {len(content)} characters; the limit is {MAX_CONTENT_CHARS}",
                        param=f"messages[{i}].content")
@@ -431,7 +436,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
-class HTTPServer6(ThreadingHTTPServer):
+class HTTPServer4(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: socketserver's 5 resets a burst of concurrent clients
+
+
+class HTTPServer6(HTTPServer4):
     address_family = socket.AF_INET6
 
 
@@ -445,7 +454,7 @@ class Server:
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
-        self.httpd = (HTTPServer6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+        self.httpd = (HTTPServer6 if ":" in host else HTTPServer4)((host, port), Handler)
         self.httpd.app = self
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
@@ -537,6 +546,8 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
     """Load {name: checkpoint dir or hub id} and serve them; returns the running Server (`.url`,
     `.shutdown()`, usable as a context manager). port=0 picks a free port. results: evaluate.py's
     results.json, whose numbers the page at / shows in each model's column."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a real one, or none to serve 127.0.0.1 only")
     if api_key is None and not is_loopback(host):  # before loading anything
         raise ValueError(f"refusing to listen on {host} without --api-key: anyone who can reach it could use the "
                          "models (the default, 127.0.0.1, is this machine only)")
@@ -574,7 +585,7 @@ def main(argv=None):
     # ---- network ----
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
-    p.add_argument("--api-key", default=os.environ.get("NANOPOST_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("NANOPOST_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every request (default: $NANOPOST_API_KEY)")
     # ---- generation ----
     p.add_argument("--batch-size", type=int, default=16, help="most requests one model runs together")

@@ -152,6 +152,10 @@ def test_oversize_and_malformed_bodies(server):
     status, body = post(server, b'{"model": "a", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert post(server, b'["a list"]')[0] == 400
+    # a lone surrogate is valid JSON but not text: a 400, not a dropped connection
+    status, body = post(server, b'{"model": "a", "messages": [{"role": "user", "content": "hi \\ud800 x"}]}')
+    assert status == 400 and body["error"]["param"] == "messages[0].content", body
+    assert server.httpd.request_queue_size >= 64  # socketserver's default backlog of 5 resets bursts
     assert chat(client(server), "hi", max_tokens=2)[0] is not None  # the server still answers
 
 
@@ -160,6 +164,9 @@ def test_api_key_is_required_when_set(ckpts):
         serve.start(ckpts, host="0.0.0.0", dtype="float64")
     with pytest.raises(SystemExit, match="api-key"):
         serve.main(["--model", ckpts["a"], "--host", "192.168.1.2", "--port", "0"])
+    for empty in ("", "  "):  # an empty key would let 'Authorization: Bearer ' in
+        with pytest.raises(ValueError, match="empty"):
+            serve.start(ckpts, host="0.0.0.0", api_key=empty, dtype="float64")
     with serve.start({"a": ckpts["a"]}, api_key="sekret", dtype="float64", log_requests=False, log=lambda *a: None) as s:
         for key in ("none", "sekret2", "sekre"):
             with pytest.raises(openai.AuthenticationError):
