@@ -43,7 +43,8 @@ def tokens(text: str, unit: str = "word") -> list[str]:
 def simhash(texts, shingle: int = 3, unit: str = "word") -> np.ndarray:
     """-> (n,) uint64 fingerprints. A token's hash is blake2b (stable across processes, unlike
     Python's hash()); a shingle's hash mixes its tokens' hashes in order. A text shorter than one
-    shingle is one feature; an empty text gets fingerprint 0."""
+    shingle is one feature; a text without tokens (empty, or no word characters in "word" unit) gets
+    fingerprint 0, like every other such text: pass duplicate_of(..., ignore=) to keep them apart."""
     token_hash = {}  # token -> 64-bit hash, computed once per distinct token
     out = np.zeros(len(texts), dtype=np.uint64)
     for i, text in enumerate(texts):
@@ -80,13 +81,14 @@ def bands(threshold: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def near_pairs(fps, threshold: int, block: int = 2048) -> list[tuple[int, int]]:
-    """Every pair (i, j), i < j, with Hamming(fps[i], fps[j]) <= threshold, sorted; through the
-    banded index (see the module docstring), in blocks of `block` rows inside a large bucket."""
-    fps = np.asarray(fps, dtype=np.uint64)
-    found = set()
-    for lo, hi in bands(threshold):
-        key = (fps >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+def _distinct_pairs(u, threshold: int, block: int):
+    """Pairs (a, b), a < b, of indices into u (distinct fingerprints) within threshold bits, each
+    once: a pair is taken only in the first band where the two agree, so later bands that bucket it
+    again add nothing (no set of repeats, threshold + 1 times the pairs)."""
+    spans = bands(threshold)
+    keys = np.stack([(u >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1) for lo, hi in spans])  # (bands, n)
+    out_a, out_b = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for band, key in enumerate(keys):
         order = np.argsort(key, kind="stable")
         k = key[order]
         starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
@@ -94,11 +96,28 @@ def near_pairs(fps, threshold: int, block: int = 2048) -> list[tuple[int, int]]:
         for s, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
             idx = np.sort(order[s:e])
             for b in range(0, len(idx), block):  # rows idx[b:b+block] against themselves and later rows
-                rows = idx[b:b + block]
-                close = popcount(fps[rows][:, None] ^ fps[idx[b:]][None, :]) <= threshold
-                r, c = np.nonzero(close)
-                keep = c > r  # c indexes idx[b:], so c > r means a later element
-                found.update(zip(rows[r[keep]].tolist(), idx[b:][c[keep]].tolist()))
+                rows, cols = idx[b:b + block], idx[b:]
+                r, c = np.nonzero(popcount(u[rows][:, None] ^ u[cols][None, :]) <= threshold)
+                a, c = rows[r[c > r]], cols[c[c > r]]  # c indexes idx[b:], so c > r means a later element
+                first = ~(keys[:band, a] == keys[:band, c]).any(0)  # not already found in an earlier band
+                out_a.append(a[first])
+                out_b.append(c[first])
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
+def near_pairs(fps, threshold: int, block: int = 2048) -> list[tuple[int, int]]:
+    """Every pair (i, j), i < j, with Hamming(fps[i], fps[j]) <= threshold, sorted; through the
+    banded index (see the module docstring) over the distinct fingerprints, in blocks of `block`
+    rows inside a large bucket. k copies of one fingerprint are k (k - 1) / 2 pairs: to decide
+    what to drop, use duplicate_of, which never lists them."""
+    fps = np.asarray(fps, dtype=np.uint64)
+    u, inv = np.unique(fps, return_inverse=True)
+    members = [[] for _ in u]
+    for i, g in enumerate(inv.tolist()):
+        members[g].append(i)
+    found = [(m[x], m[y]) for m in members for x in range(len(m)) for y in range(x + 1, len(m))]
+    for a, b in zip(*(x.tolist() for x in _distinct_pairs(u, threshold, block))):
+        found += [(min(i, j), max(i, j)) for i in members[a] for j in members[b]]
     return sorted(found)
 
 
@@ -109,14 +128,28 @@ def brute_force_pairs(fps, threshold: int) -> list[tuple[int, int]]:
     return sorted(zip(i.tolist(), j.tolist()))
 
 
-def duplicate_of(fps, threshold: int) -> list[int | None]:
+def duplicate_of(fps, threshold: int, ignore=None) -> list[int | None]:
     """For each text, the earliest kept text it is a near-duplicate of, or None (kept). Greedy in
-    order: a text is dropped only for a *kept* one, so chains (a~b, b~c, a!~c) keep a and c."""
-    near = {}
-    for i, j in near_pairs(fps, threshold):
-        near.setdefault(j, []).append(i)
+    order: a text is dropped only for a *kept* one, so chains (a~b, b~c, a!~c) keep a and c.
+    ignore[i] True: text i is never a duplicate nor the reason to drop one (pass it for texts
+    without features, e.g. no word characters: their fingerprint 0 says nothing about them).
+
+    Texts with one fingerprint share their neighbours, so the greedy pass runs over distinct
+    fingerprints (first occurrences): time and memory grow with the distinct ones and their near
+    pairs, not with the square of the copies of one text."""
+    fps = np.asarray(fps, dtype=np.uint64)
     dup = [None] * len(fps)
-    for j in range(len(fps)):
-        kept = [i for i in near.get(j, []) if dup[i] is None]
-        dup[j] = min(kept) if kept else None
+    use = np.flatnonzero(~np.asarray(ignore, dtype=bool)) if ignore is not None else np.arange(len(fps))
+    u, first, inv = np.unique(fps[use], return_index=True, return_inverse=True)  # first: index into use
+    near = [[] for _ in u]  # group -> earlier groups (by first occurrence) within the threshold
+    for a, b in zip(*(x.tolist() for x in _distinct_pairs(u, threshold, 2048))):
+        early, late = (a, b) if first[a] < first[b] else (b, a)
+        near[late].append(early)
+    group_dup = {}  # group -> index into use of the kept text it duplicates, or None (its first text is kept)
+    for g in np.argsort(first, kind="stable").tolist():
+        kept = [first[h] for h in near[g] if group_dup[h] is None]
+        group_dup[g] = min(kept) if kept else None
+    for k, g in enumerate(inv.reshape(-1).tolist()):  # a later copy duplicates what its first did, or the first
+        d = group_dup[g] if k == first[g] or group_dup[g] is not None else first[g]
+        dup[use[k]] = None if d is None else int(use[d])
     return dup

@@ -96,3 +96,24 @@ def test_agrees_with_datasketch_minhash_lsh():
         assert len(found & planted) >= 0.9 * len(planted)
         assert len(found - planted) <= 2
     assert len(ours & theirs) >= 0.85 * len(planted)
+
+
+def test_many_copies_of_one_text_are_fast_and_exact():
+    """20k copies of one fingerprint: grouped before the banded index, not 2e8 pairs per band."""
+    import time
+    fps = np.r_[np.full(20_000, 12345, dtype=np.uint64), np.uint64(12345 ^ 0b111), np.uint64(2**64 - 1)]
+    t0 = time.time()
+    dup = dedup.duplicate_of(fps, 8)
+    assert time.time() - t0 < 2
+    assert dup[0] is None and set(dup[1:20_001]) == {0} and dup[-1] is None
+    small = fps[[0, 20_000, 1, 2, 20_000, 20_001]]  # the same against brute force, copies interleaved
+    assert dedup.duplicate_of(small, 3) == [None, 0, 0, 0, 0, None]
+    assert dedup.near_pairs(small, 3, block=2) == dedup.brute_force_pairs(small, 3)
+
+
+def test_texts_without_words_are_never_duplicates():
+    texts = ["", "?", "...", "What is 2 + 2?", "what is 2+2"]
+    fps = dedup.simhash(texts)
+    assert list(fps[:3]) == [0, 0, 0]  # no features: the fingerprint says nothing
+    ignore = [not dedup.tokens(t) for t in texts]
+    assert dedup.duplicate_of(fps, 8, ignore=ignore) == [None, None, None, None, 3]
