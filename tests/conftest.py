@@ -30,3 +30,16 @@ def real_model_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def poison_allocations(monkeypatch, *modules):
+    """Make every buffer the kernel modules allocate (through their module-level `_empty`) start
+    as NaN, so an element a kernel never writes fails its test; returns the list of those buffers."""
+    allocated = []
+
+    def nan_empty(*args, **kwargs):
+        allocated.append(torch.empty(*args, **kwargs).fill_(float("nan")))
+        return allocated[-1]
+    for module in modules:
+        monkeypatch.setattr(module, "_empty", nan_empty)
+    return allocated

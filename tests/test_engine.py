@@ -6,11 +6,16 @@ import nanopost
 from nanopost.engine import Engine, Sampling, cut_at_stop, sample_next
 
 
-def naive_greedy(model, prompt, n, eos):
+def naive(model, prompt, n, eos, penalty=1.0):
+    """One prompt alone, every step a full forward over all its tokens (no cache), greedy with
+    transformers' repetition penalty."""
     ids, new = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+            logits = model(torch.tensor([ids]))[:, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[0, ids] = True
+            nxt = sample_next(logits, seen, Sampling(repetition_penalty=penalty), None).item()
             if nxt in eos:
                 break
             new.append(nxt)
@@ -30,14 +35,14 @@ def test_batched_greedy_equals_naive_row_by_row(eng64):
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (3, 11, 1, 7, 7, 20)]
     outs = eng64.generate_ids(prompts, Sampling(max_new_tokens=15))
     for p, o in zip(prompts, outs):
-        assert o == naive_greedy(eng64.model, p, 15, eng64.tok.eos_ids)
+        assert o == naive(eng64.model, p, 15, eng64.tok.eos_ids)
     assert [eng64.generate_ids([p], Sampling(max_new_tokens=15))[0] for p in prompts] == outs
 
 
 def test_eos_stops_a_row_and_is_not_returned(eng64):
     model, tok = eng64.model, eng64.tok
     prompt = [5, 6, 7]
-    first = naive_greedy(model, prompt, 1, [])[0]
+    first = naive(model, prompt, 1, [])[0]
     eng = Engine(model, tok)
     eng.eos = torch.tensor([first])  # make the first greedy token a stop token
     out = eng.generate_ids([prompt, [9, 10]], Sampling(max_new_tokens=6))
@@ -96,7 +101,7 @@ def test_float32_engine_matches_naive(tiny):
     model, tok = nanopost.load(tiny)
     eng = Engine(model, tok)
     prompts = [[1, 2, 3, 4], [7, 8]]
-    assert eng.generate_ids(prompts, Sampling(max_new_tokens=8)) == [naive_greedy(model, p, 8, tok.eos_ids) for p in prompts]
+    assert eng.generate_ids(prompts, Sampling(max_new_tokens=8)) == [naive(model, p, 8, tok.eos_ids) for p in prompts]
 
 
 def test_packed_linears_equal_plain_and_follow_weight_updates(tiny):
@@ -120,23 +125,6 @@ def test_packed_linears_equal_plain_and_follow_weight_updates(tiny):
 
 # ---- shared-prefix KV cache and continuous batching ----
 
-def naive(model, prompt, n, eos, penalty=1.0):
-    """One prompt alone, every step a full forward over all its tokens (no cache), greedy with
-    transformers' repetition penalty."""
-    ids, new = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids]))[:, -1]
-            seen = torch.zeros_like(logits, dtype=torch.bool)
-            seen[0, ids] = True
-            nxt = sample_next(logits, seen, Sampling(repetition_penalty=penalty), None).item()
-            if nxt in eos:
-                break
-            new.append(nxt)
-            ids.append(nxt)
-    return new
-
-
 @pytest.fixture(scope="module")
 def eng32(tiny):
     model, tok = nanopost.load(tiny)  # float32, as the exactness claim is made
@@ -147,7 +135,7 @@ def shared_prompts(tok):
     """Prompts with a long common token prefix (a few-shot block), a second group with another
     one, and prompts that share nothing."""
     shots = "Question: Natalia sold clips to 48 of her friends in April. The answer is 72.\n\n" * 3
-    chat = lambda text: tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0]  # noqa: E731
+    chat = lambda text: tok.render([{"role": "user", "content": text}], add_generation_prompt=True)[0]
     return ([chat(shots + q) for q in ("Hello world", "The quick brown fox", "How many clips?", "Der Fuchs")]
             + [[7, 8, 9] * 20 + [n] for n in (3, 30, 40)] + [[5], [11, 12, 13, 14], chat("こんにちは")])
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import poison_allocations
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
@@ -31,14 +32,7 @@ def rng():
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the two modules allocate starts as NaN; returns the list of them."""
-    allocated = []
-
-    def nan_empty(*args, **kwargs):
-        allocated.append(torch.empty(*args, **kwargs).fill_(float("nan")))
-        return allocated[-1]
-    for module in (linear_ce, linear_logprob):
-        monkeypatch.setattr(module, "_empty", nan_empty)
-    return allocated
+    return poison_allocations(monkeypatch, linear_ce, linear_logprob)
 
 
 def inputs(rng, n, C, V, dtype):

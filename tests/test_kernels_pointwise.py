@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import poison_allocations
 
 pytest.importorskip("triton")
 from nanopost.kernels import rmsnorm, rope, swiglu
@@ -33,14 +34,7 @@ def randn():
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernel modules allocate starts as NaN; returns the list of them."""
-    allocated = []
-
-    def nan_empty(*args, **kwargs):
-        allocated.append(torch.empty(*args, **kwargs).fill_(float("nan")))
-        return allocated[-1]
-    for module in (rmsnorm, rope, swiglu):
-        monkeypatch.setattr(module, "_empty", nan_empty)
-    return allocated
+    return poison_allocations(monkeypatch, rmsnorm, rope, swiglu)
 
 
 def check(name, got, ref, dtype, seed):
@@ -145,8 +139,12 @@ def test_rms_norm_rounds_before_the_weight(randn, poisoned):
     dy = randn(37, 64)
     y.backward(dy)
     yr.backward(dy)
-    check("rms_norm y (float16 x, float32 weight)", y, yr, torch.float32, randn.seed)
-    check("rms_norm grad weight (float16 x, float32 weight)", w.grad, wr.grad, torch.float32, randn.seed)
+    # the float32 rstd may differ in its last bit from torch's, which flips the float16 rounding of a
+    # rare element by one ulp (~1.2e-5 relative each; worst of 300 seeds 4.2e-5); skipping the rounding
+    # moves every element (1.8e-4 to 2.2e-4)
+    for name, got, ref in (("y", y, yr), ("grad weight", w.grad, wr.grad)):
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err <= 8e-5, f"rms_norm {name} (float16 x, float32 weight): relative error {err:.2e} (seed {randn.seed})"
 
 
 def test_rope_marks_q_and_k_modified(randn):
