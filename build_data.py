@@ -215,6 +215,10 @@ def normalise(obj: dict):
         raise ValueError("the prompt must end with a non-empty user turn")
     if response is not None and not isinstance(response, str):
         raise ValueError("the response must be a string")
+    try:  # JSON's "\ud800" decodes to a lone surrogate, which no UTF-8 file (or the example id) can hold
+        json.dumps([prompt, response], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), which is not valid Unicode") from e
     prompt = [{"role": m["role"], "content": m["content"].strip()} for m in prompt]
     return prompt, (response.strip() or None) if response is not None else None, gold
 
@@ -410,6 +414,12 @@ def parse_args(argv=None):
         p.error("give --sources FILE..., or --synthesize N for instructions written by the teacher")
     if args.resume and args.overwrite:
         p.error("--resume continues a run, --overwrite starts afresh: choose one")
+    if not args.categories:
+        p.error("--categories: give at least one category")
+    if args.synthesize < 0 or args.retries < 0 or args.min_label_count < 0 or args.max_per_category < 0:
+        p.error("--synthesize, --retries, --min-label-count and --max-per-category must be >= 0")
+    if not 0 <= args.dedup_threshold < 64 or args.dedup_shingle < 1:
+        p.error("--dedup-threshold must be in 0..63 bits and --dedup-shingle >= 1")
     try:
         args.stages = parse_stages(args.stages)
     except ValueError as e:
@@ -425,6 +435,8 @@ def parse_stages(spec: str) -> list[int]:
         ends = [STAGES.index(x) + 1 if x in STAGES else int(x) if x.isdigit() else None for x in part.strip().split("-")]
         if None in ends or not all(1 <= e <= 8 for e in ends) or len(ends) > 2:
             raise ValueError(f"--stages {spec!r}: expected all, or numbers 1-8 / names {','.join(STAGES)} / ranges like 1-3")
+        if ends[0] > ends[-1]:
+            raise ValueError(f"--stages {spec!r}: the range {part.strip()} runs backwards (write {ends[-1]}-{ends[0]})")
         out.update(range(ends[0], ends[-1] + 1))
     return sorted(out)
 
@@ -441,6 +453,12 @@ def main(argv=None):
         build(args)
     except (DataError, StateError, CheckpointError, TeacherUnreachable) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        # finished rows are flushed and every reply received is cached; requests still in flight are
+        # abandoned rather than waited for (their threads would hold the exit for up to --timeout)
+        print("\ninterrupted: finished items and teacher replies are saved; rerun with --resume", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 def build(args):
@@ -450,6 +468,21 @@ def build(args):
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: no such file")
+    rows, bad, seen, exact = [], [], set(), 0
+    for path in args.sources:
+        for n, obj in read_jsonl(path, bad):
+            try:
+                prompt, response, gold = normalise(obj)
+            except ValueError as e:
+                bad.append(f"{path}:{n}: {e}")
+                continue
+            key = example_id(prompt)
+            if key in seen:
+                exact += 1
+                continue
+            seen.add(key)
+            rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
+    report_bad_lines(bad, args.skip_bad_lines, log)
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
     settings["sources"] = [[os.path.abspath(f), os.path.getsize(f)] for f in args.sources]
     args_path = os.path.join(out, "args.json")
@@ -502,25 +535,17 @@ def build(args):
     def finish():
         report(args, rep, out, timings, teacher)
 
+    def stop_if_unfinished(n):  # later stages need every item: stop, with the finished ones saved
+        if n:
+            kinds = histogram(teacher.unfinished.elements())
+            finish()
+            raise StateError(f"{n} items not finished: teacher transport errors ({kinds}); the finished items are "
+                             f"saved: rerun with --resume to ask again for exactly those")
+
     # ---- 1. ingest and normalise the sources; synthesize new instructions ----
     f1 = StageFile(out, "1_ingest")
-    rows, bad, seen, exact = [], [], set(), 0
-    for path in args.sources:
-        for n, obj in read_jsonl(path, bad):
-            try:
-                prompt, response, gold = normalise(obj)
-            except ValueError as e:
-                bad.append(f"{path}:{n}: {e}")
-                continue
-            key = example_id(prompt)
-            if key in seen:
-                exact += 1
-                continue
-            seen.add(key)
-            rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
-    report_bad_lines(bad, args.skip_bad_lines, log)
     if 1 in args.stages:
-        t0, todo = time.time(), [r for r in rows if r["key"] not in f1.rows]
+        t0, todo, left = time.time(), [r for r in rows if r["key"] not in f1.rows], 0
         for r in tqdm(todo, desc="1 ingest", disable=not todo):
             f1.add(r)
         synth = [i for i in range(args.synthesize) if f"synth-{i}" not in f1.rows]
@@ -535,10 +560,14 @@ def build(args):
             values, fails = get_teacher().ask_json(reqs, check_instruction, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "1 synthesize")
             for i, v, fl in zip(part, values, fails):
+                if fl is None:  # a transport failure: left unwritten, so --resume asks again
+                    left += 1
+                    continue
                 prompt = [{"role": "user", "content": v}] if v else None
                 f1.add({"key": f"synth-{i}", "id": example_id(prompt) if v else None, "prompt": prompt, "response": None,
                         "gold": None, "origin": "synthesized", "prompt_version": PROMPT_VERSION, "failures": fl})
         timed(1, len(todo) + len(synth), t0)
+        stop_if_unfinished(left)
     n_source = len(rows)
     rows = f1.require([r["key"] for r in rows] + [f"synth-{i}" for i in range(args.synthesize)], "ingest")
     synth_rows, unique = rows[n_source:], {}
@@ -573,8 +602,9 @@ def build(args):
     if 3 in args.stages:
         t0, todo = time.time(), [i for i in ids if i not in f3.rows]
         if todo:  # the decision needs every fingerprint; recomputing them is cheap, and the same each time
-            fps = dedup.simhash([instruction_text(by_id[i]["prompt"]) for i in ids], args.dedup_shingle)
-            dup = dedup.duplicate_of(fps, args.dedup_threshold)
+            texts = [instruction_text(by_id[i]["prompt"]) for i in ids]
+            fps = dedup.simhash(texts, args.dedup_shingle)  # texts without a word ("?", "...") all get 0: never duplicates
+            dup = dedup.duplicate_of(fps, args.dedup_threshold, ignore=[not dedup.tokens(t) for t in texts])
             for k, i in enumerate(tqdm(ids, desc="3 dedup")):
                 if i not in f3.rows:
                     f3.add({"key": i, "simhash": f"{int(fps[k]):016x}", "duplicate_of": None if dup[k] is None else ids[dup[k]]})
@@ -588,7 +618,7 @@ def build(args):
     # ---- 4. teacher labels: primary category and secondary topic, strict JSON ----
     f4 = StageFile(out, "4_label")
     if 4 in args.stages:
-        t0, todo = time.time(), [i for i in ids3 if i not in f4.rows]
+        t0, todo, left = time.time(), [i for i in ids3 if i not in f4.rows], 0
         system = PROMPTS["label"].format(categories=json.dumps(cats))
         for part in chunks(todo, args.batch_size * 4):
             reqs = [[{"role": "system", "content": system},
@@ -597,9 +627,13 @@ def build(args):
             values, fails = get_teacher().ask_json(reqs, check_label(cats), json_sampling(), args.retries,
                                                    PROMPTS["retry"], "4 label")
             for i, v, fl in zip(part, values, fails):
+                if fl is None:
+                    left += 1
+                    continue
                 f4.add({"key": i, "primary": v[0] if v else rule_cat[i], "secondary": v[1] if v else None,
                         "label_source": "teacher" if v else "rule", "prompt_version": PROMPT_VERSION, "failures": fl})
         timed(4, len(todo), t0)
+        stop_if_unfinished(left)
     labels = {r["key"]: r for r in f4.require(ids3, "label")}
     unlabelled = sum(r["label_source"] == "rule" for r in labels.values())
     rep["counts"]["4 label"] = (len(ids3), len(ids3), f"{unlabelled} kept their rule category (teacher label failed)")
@@ -652,7 +686,7 @@ def build(args):
     # ---- 6. responses: the original (if any), the teacher's, the student's ----
     f6 = StageFile(out, "6_respond")
     if 6 in args.stages:
-        t0, todo = time.time(), [i for i in ids5 if i not in f6.rows]
+        t0, todo, left = time.time(), [i for i in ids5 if i not in f6.rows], 0
         student = Engine(*load(args.student)) if todo else None
         for part in chunks(todo, args.batch_size * 4):
             prompts = [by_id[i]["prompt"] for i in part]
@@ -661,10 +695,14 @@ def build(args):
             student_says = student.generate(prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size,
                                             tqdm(total=len(part), desc="6 student responses", leave=False))
             for i, t, s, fl in zip(part, teacher_says, student_says, fails):
+                if fl is None:
+                    left += 1
+                    continue
                 responses = [{"source": src, "text": x.strip()} for src, x in
                              (("original", by_id[i]["response"]), ("teacher", t), ("student", s)) if x and x.strip()]
                 f6.add({"key": i, "responses": responses, "failures": fl})
         timed(6, len(todo), t0)
+        stop_if_unfinished(left)
     resp = {r["key"]: r for r in f6.require(ids5, "respond")}
     n_resp = collections.Counter(x["source"] for r in resp.values() for x in r["responses"])
     rep["counts"]["6 respond"] = (len(ids5), sum(n_resp.values()), "responses: " + histogram(n_resp.elements()))
@@ -676,7 +714,7 @@ def build(args):
     # ---- 7. scores: student perplexity, teacher judge and safety, correctness against a gold answer ----
     f7 = StageFile(out, "7_score")
     if 7 in args.stages:
-        t0, todo = time.time(), [i for i in ids5 if i not in f7.rows]
+        t0, todo, left = time.time(), [i for i in ids5 if i not in f7.rows], 0
         for part in chunks(todo, args.batch_size * 4):
             items = [(i, x) for i in part for x in resp[i]["responses"]]
             model, tok = load(args.student)
@@ -689,18 +727,23 @@ def build(args):
             safety, sfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["safety"]}, {"role": "user", "content": g}]
                                                     for g in graded], check_safety, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "7 safety")
-            per = collections.defaultdict(lambda: ([], []))
+            per, unfinished = collections.defaultdict(lambda: ([], [])), set()
             for (i, x), p, j, s, jf, sf in zip(items, ppl, judged, safety, jfail, sfail):
+                if jf is None or sf is None:  # one of its checks met a transport failure: the item waits for --resume
+                    unfinished.add(i)
+                    continue
                 gold = by_id[i]["gold"]
                 per[i][0].append({"source": x["source"], "ppl": p, "judge": j[0] if j else None,
                                   "rationale": j[1] if j else None, "safe": s,
                                   "correct": None if gold is None else gsm8k.extract(x["text"]) == gold})
                 per[i][1].extend([{**fl, "check": "judge", "source": x["source"]} for fl in jf] +
                                  [{**fl, "check": "safety", "source": x["source"]} for fl in sf])
-            for i in part:
+            left += len(unfinished)
+            for i in (i for i in part if i not in unfinished):
                 scores, fl = per[i]
                 f7.add({"key": i, "scores": scores, "prompt_version": PROMPT_VERSION, "failures": fl})
         timed(7, len(todo), t0)
+        stop_if_unfinished(left)
     scored = {r["key"]: r for r in f7.require(ids5, "score")}
     all_scores = [s for r in scored.values() for s in r["scores"]]
     rep["counts"]["7 score"] = (len(all_scores), len(all_scores), f"{sum(s['judge'] is None for s in all_scores)} not judged, "

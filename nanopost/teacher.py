@@ -13,13 +13,19 @@ Teacher wraps a backend with a request cache (SQLite, stdlib): a finished reques
 a hash of (messages, sampling settings, teacher id, prompt version), so a rerun after a crash or a
 code change never sends it again; a change to a prompt, the sampling or the teacher changes the
 key. Only replies are cached, never transport failures: a timed-out request is sent again next run.
+Replies are cached as each arrives, so Ctrl-C keeps every reply received before it (HTTPBackend then
+cancels the queued requests and does not wait for those in flight).
 The teacher id is the checkpoint (resolved path + size and mtime of its files) for LocalBackend and
 the served model name for HTTPBackend, not the URL, so adding servers keeps every cached reply.
 
 Teacher.ask_json sends prompts whose reply must pass a check (strict JSON with allowed values):
 a failing reply is retried `retries` times, each retry showing the teacher its reply and what was
 wrong; what still fails is returned with every attempt's raw reply and failure kind, for the caller
-to count and keep for inspection. Garbage never raises."""
+to count and keep for inspection. Garbage never raises. A transport failure (timeout, no
+connection, HTTP 5xx/408/429, a reply that is not a completion) is not the teacher's answer: that
+item is returned unfinished (failures None), for the caller to leave unwritten so that --resume
+asks again; Teacher.unfinished counts them by kind."""
+import collections
 import hashlib
 import json
 import os
@@ -42,6 +48,13 @@ class Reply:
     text: str | None  # None: no reply (see error)
     error: str | None = None  # timeout | unreachable | http_NNN | bad_response
     detail: str = ""  # what came back instead of a reply, for inspection
+
+    @property
+    def transient(self) -> bool:
+        """No answer because of the transport, not the request: asking again later may work. A 4xx
+        other than 408/429 refuses the request itself, so it is a final failure like garbage."""
+        e = self.error
+        return e is not None and not (e.startswith("http_4") and e not in ("http_408", "http_429"))
 
 
 def request_key(messages, sampling: dict, teacher_id: str, prompt_version: str) -> str:
@@ -165,10 +178,13 @@ class HTTPBackend:
         return reply
 
     def complete(self, requests, sampling: dict, on_reply):
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
             futures = {pool.submit(self._one, i, m, sampling): i for i, m in enumerate(requests)}
-            for f in as_completed(futures):  # replies are handed back (and cached) in this thread
+            for f in as_completed(futures):  # replies are handed back (and cached) in this thread, as each arrives
                 on_reply(futures[f], f.result())
+        finally:  # on Ctrl-C: drop the queued requests instead of sending them all first (a `with` would wait)
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- the cached teacher ----
@@ -178,6 +194,7 @@ class Teacher:
         self.backend, self.cache, self.prompt_version = backend, Cache(cache_path), prompt_version
         self.progress = progress  # tqdm class or None
         self.sent = self.cached = 0
+        self.unfinished = collections.Counter()  # transport failure kind -> items ask_json left unfinished
 
     def sampling(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
         return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
@@ -214,8 +231,8 @@ class Teacher:
     def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):
         """check(reply text) -> (value, None) or (None, failure kind). -> (values, failures): values[i]
         is None where every attempt failed; failures[i] lists {attempt, kind, raw} of each failed try.
-        A retry shows the teacher its reply and retry_prompt.format(why=kind); a transport failure
-        (timeout, unreachable: the backend has already retried) is not retried here."""
+        A retry shows the teacher its reply and retry_prompt.format(why=kind). A transport failure (the
+        backend has already retried it) is not retried here: the item is unfinished, failures[i] None."""
         values, failures = [None] * len(requests), [[] for _ in requests]
         convo, pending = [list(m) for m in requests], list(range(len(requests)))
         for attempt in range(retries + 1):
@@ -224,6 +241,10 @@ class Teacher:
             replies = self.complete([convo[i] for i in pending], sampling, f"{desc} (try {attempt + 1})")
             still = []
             for i, r in zip(pending, replies):
+                if r.transient:
+                    values[i], failures[i] = None, None
+                    self.unfinished[r.error] += 1
+                    continue
                 value, kind = check(r.text) if r.text is not None else (None, r.error)
                 if kind is None:
                     values[i] = value

@@ -3,6 +3,7 @@ teacher fails every check), over HTTP against a scripted fake server and nanopos
 request cache, garbage and unreachable teachers, and SIGKILL in the middle of every stage."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ class Fake:
     def __init__(self):
         fake = self
         self.requests, self.clean = 0, False
+        self.fail_labels, self.delay = None, 0.0  # None | "http_500" | "timeout"; seconds before every reply
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -149,6 +151,11 @@ class Fake:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
+                time.sleep(fake.delay)
+                if fake.fail_labels and body["messages"][0]["content"].startswith("You sort"):
+                    if fake.fail_labels == "http_500":
+                        return self.send({"error": "overloaded"}, 500)
+                    time.sleep(3)  # past --timeout
                 text = fake.reply(body["messages"], fake.clean)
                 if text is None:
                     return self.send({"error": "not this shape"})  # a 200 that is not a completion
@@ -198,10 +205,24 @@ def test_http_fake_teacher_garbage_counted_and_cache(fake, tiny, sources, tmp_pa
     args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, "--cache", cache,
             "--synthesize", "2", "--timeout", "1", *FAST]
     r = run_main(SCRIPT, *args)
-    assert r.returncode == 0, r.stderr
+    # the 'marbles' label requests get a 200 that is not a completion: no answer, so not a finished item
+    assert r.returncode != 0 and "items not finished: teacher transport errors (bad_response" in r.stderr, r.stderr
+    labels = {r["key"]: r for r in map(json.loads, read(os.path.join(out, "4_label.jsonl")).splitlines())}
+    ingest = [json.loads(x) for x in read(os.path.join(out, "1_ingest.jsonl")).splitlines()]
+    dups = {r["key"]: r["duplicate_of"] for r in map(json.loads, read(os.path.join(out, "3_dedup.jsonl")).splitlines())}
+    left = [r for r in ingest if r["id"] and dups[r["id"]] is None and r["id"] not in labels]
+    assert len(labels) == 14 and len(left) == 1 and "marbles" in left[0]["prompt"][0]["content"]
+    fake.clean = True  # the server recovers: the resumed run asks for exactly the unfinished items
+    try:
+        n = fake.requests
+        r = run_main(SCRIPT, *args, "--resume")
+        assert r.returncode == 0, r.stderr
+    finally:
+        fake.clean = False
+    assert "teacher requests this run: " in read(os.path.join(out, "report.md"))
     sft, kto = check_outputs(out, tiny)
     report = read(os.path.join(out, "report.md"))
-    for kind in ("not_json", "label_not_allowed", "empty", "bad_response", "timeout", "bad_safe"):
+    for kind in ("not_json", "label_not_allowed", "empty", "bad_safe"):
         assert kind in report, kind
     labels = {r["key"]: r for r in map(json.loads, read(os.path.join(out, "4_label.jsonl")).splitlines())}
     assert sum(r["label_source"] == "teacher" for r in labels.values()) >= 8  # clips rows: right on the retry
@@ -209,11 +230,90 @@ def test_http_fake_teacher_garbage_counted_and_cache(fake, tiny, sources, tmp_pa
     assert "How many legs do 3 spiders have?" in read(os.path.join(out, "sft.jsonl"))  # synthesized (+ 1 duplicate)
     texts = [m["content"] for r in sft for m in r["messages"]] + [r["completion"] for r in kto]
     assert not any("Sure! It is math." in t or "cooking" in t for t in texts)  # garbage never enters the data
-    n = fake.requests
-    r = run_main(SCRIPT, *args, "--overwrite")  # redone from nothing: only transport failures are sent again
+    assert fake.requests > n
+
+
+@pytest.fixture(scope="module")
+def clean_http_run(fake, tiny, sources, tmp_path_factory):
+    """An uninterrupted run against the fake teacher with no transport failures."""
+    fake.clean = True
+    try:
+        out = str(tmp_path_factory.mktemp("clean") / "out")
+        r = run_main(SCRIPT, "--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, *FAST)
+        assert r.returncode == 0, r.stderr
+    finally:
+        fake.clean = False
+    return out
+
+
+@pytest.mark.parametrize("kind", ["http_500", "timeout"])
+def test_http_transport_failures_are_redone_on_resume(fake, tiny, sources, tmp_path, clean_http_run, kind):
+    """A 500 or a timeout is not the teacher's answer: the items stay unwritten, the run exits non-zero
+    naming them, and --resume (the server back) asks again: the rows equal an uninterrupted run's."""
+    out = str(tmp_path / "out")
+    args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, "--timeout", "1", *FAST]
+    fake.clean, fake.fail_labels = True, kind
+    try:
+        r = run_main(SCRIPT, *args)
+        assert r.returncode != 0 and f"14 items not finished: teacher transport errors ({kind}: 14)" in r.stderr, r.stderr
+        assert "--resume" in r.stderr and read(os.path.join(out, "4_label.jsonl")) == ""
+        fake.fail_labels, n = None, fake.requests
+        r = run_main(SCRIPT, *args, "--resume")
+        assert r.returncode == 0, r.stderr
+        assert fake.requests - n >= 14  # the label requests were sent again
+    finally:
+        fake.clean, fake.fail_labels = False, None
+    rows = lambda d: sorted(read(os.path.join(d, "4_label.jsonl")).splitlines())  # noqa: E731
+    assert rows(out) == rows(clean_http_run) and "teacher" in read(os.path.join(out, "4_label.jsonl"))
+    for f in ("sft.jsonl", "kto.jsonl"):
+        assert read(os.path.join(out, f)) == read(os.path.join(clean_http_run, f)), f
+
+
+def test_http_sigint_stops_at_once_keeps_replies_and_resumes(fake, tiny, sources, tmp_path, clean_http_run):
+    """Ctrl-C with a slow teacher: the process exits within seconds (queued requests cancelled,
+    those in flight not waited for), every reply received is in the cache, and --resume finishes
+    with the files of an uninterrupted run."""
+    import sqlite3
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache.sqlite")
+    cmd = [sys.executable, SCRIPT, "--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out,
+           "--cache", cache, "--concurrency", "2", "--timeout", "60", *FAST]
+    count = lambda: sqlite3.connect(cache).execute("SELECT COUNT(*) FROM replies").fetchone()[0]  # noqa: E731
+    fake.clean, fake.delay = True, 1.0
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.time()
+        while not (os.path.exists(cache) and count() >= 4) and time.time() - t0 < 120:
+            time.sleep(0.1)
+        before = count()
+        p.send_signal(signal.SIGINT)
+        t0 = time.time()
+        _, err = p.communicate(timeout=30)
+        assert time.time() - t0 < 5 and p.returncode == 130, err[-2000:]
+        assert "interrupted" in err and count() >= before
+        fake.delay = 0.0
+        r = run_main(*cmd[1:], "--resume")
+        assert r.returncode == 0, r.stderr
+    finally:
+        fake.clean, fake.delay = False, 0.0
+    cached = re.search(r"(\d+) answered from the cache", read(os.path.join(out, "report.md")))
+    assert int(cached.group(1)) >= before  # the replies received before Ctrl-C were not asked again
+    for f in ("sft.jsonl", "kto.jsonl"):
+        assert read(os.path.join(out, f)) == read(os.path.join(clean_http_run, f)), f
+
+
+def test_bad_sources_and_flags_refused_before_any_write(tiny, tmp_path):
+    src, out = tmp_path / "src.jsonl", tmp_path / "out"
+    src.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": "bad \\ud800 text"}\n')
+    args = ["--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST, "--stages", "1-2"]
+    r = run_main(SCRIPT, *args)
+    assert r.returncode != 0 and f"{src}:2:" in r.stderr and "surrogate" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()  # so the rerun below needs no --resume
+    r = run_main(SCRIPT, *args, "--skip-bad-lines")
     assert r.returncode == 0, r.stderr
-    assert 0 < fake.requests - n <= 6  # the 'sea' timeouts and the 'marbles' non-completions (x 2 tries)
-    check_outputs(out, tiny)
+    assert len(read(os.path.join(out, "1_ingest.jsonl")).splitlines()) == 1
+    for stages in ("3-2", "0", "9", "1,"):
+        r = run_main(SCRIPT, *args[:-1], stages)
+        assert r.returncode == 2 and "--stages" in r.stderr, stages
 
 
 def test_http_cache_second_run_sends_zero_requests(fake, tiny, sources, tmp_path):
