@@ -81,13 +81,14 @@ STAGES = ["ingest", "classify", "dedup", "label", "diversity", "respond", "score
 CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
               '"percentages", "sql queries", "cover letters"}}'),
-    "synthesize": ("Write one new instruction that a user could give an AI assistant, in the category \"{category}\". "
-                   "Make it self-contained, specific, and unlike these examples:\n{examples}\n"
+    "synthesize": ("Write one new instruction that a user could give an AI assistant, in the category \"{category}\", "
+                   "about {subject}. This is instruction #{k} of this category; make it self-contained, specific, and "
+                   "unlike these examples:\n{examples}\n"
                    'Reply with only a JSON object: {{"instruction": "..."}}'),
     "judge": ("You grade an AI assistant's response to an instruction for helpfulness and correctness, from 1 "
               "(useless or wrong) to 10 (excellent). Reply with only a JSON object: "
@@ -100,6 +101,10 @@ PROMPTS = {
     "retry": "That reply could not be used ({why}). Reply again with only the JSON object asked for, nothing else.",
     "retry_answer": "That reply was {why}. Please answer the request above.",
 }
+
+# subjects a synthesis request is steered to (seeded), so requests without source examples differ too
+SUBJECTS = ["everyday life", "work", "school", "science", "history", "travel", "food", "health", "money", "sport",
+            "nature", "technology", "art", "music", "games", "law", "language", "business", "home", "animals"]
 
 # ---- the rule-based first classification: the first rule that matches the lowercase instruction wins ----
 RULES = [
@@ -552,11 +557,12 @@ def build(args):
         pool = [instruction_text(r["prompt"]) for r in rows]
         for part in chunks(synth, args.batch_size * 4):
             reqs = []
-            for i in part:  # the seeded examples steer each request elsewhere (greedy decoding is deterministic)
-                picks = random.Random(args.seed * 1_000_003 + i).sample(pool, min(3, len(pool)))
+            for i in part:  # greedy decoding answers one prompt one way: the index, a seeded subject and examples make each differ
+                rng = random.Random(args.seed * 1_000_003 + i)
+                picks = rng.sample(pool, min(3, len(pool)))
                 examples = "\n".join(f"- {x[:300]}" for x in picks) or "(none)"
-                reqs.append([{"role": "user", "content": PROMPTS["synthesize"].format(category=cats[i % len(cats)],
-                                                                                        examples=examples)}])
+                reqs.append([{"role": "user", "content": PROMPTS["synthesize"].format(
+                    category=cats[i % len(cats)], subject=rng.choice(SUBJECTS), k=i // len(cats) + 1, examples=examples)}])
             values, fails = get_teacher().ask_json(reqs, check_instruction, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "1 synthesize")
             for i, v, fl in zip(part, values, fails):
@@ -571,13 +577,15 @@ def build(args):
     n_source = len(rows)
     rows = f1.require([r["key"] for r in rows] + [f"synth-{i}" for i in range(args.synthesize)], "ingest")
     synth_rows, unique = rows[n_source:], {}
+    synth_ids = [r["id"] for r in synth_rows if r["id"]]
     for r in rows:  # a synthesized instruction may repeat a source one (or another): the first is kept
         if r["id"] and r["id"] not in unique:
             unique[r["id"]] = r
     rows = list(unique.values())
     rep["counts"]["1 ingest"] = (f"{n_source + exact + len(bad)} source rows + {args.synthesize} synthesis requests",
                                  len(rows), f"{len(bad)} bad lines, {exact + n_source + sum(1 for r in synth_rows if r['id']) - len(rows)} "
-                                 f"exact duplicates, {sum(1 for r in synth_rows if not r['id'])} syntheses failed")
+                                 f"exact duplicates ({len(synth_ids) - len(set(synth_ids))} among the syntheses), "
+                                 f"{sum(1 for r in synth_rows if not r['id'])} syntheses failed")
     rep["failures"] = {"1 synthesize": [fl for r in synth_rows for fl in r["failures"]]}
     rep["failed_items"] = {"1 synthesize": sum(1 for r in synth_rows if not r["id"])}
     if last == 1:

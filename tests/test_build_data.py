@@ -368,3 +368,18 @@ def test_selection_rules():
     best, worst, why = m.select_responses([s("student", ppl=2.0), s("original", ppl=50.0)], 3)
     assert best["source"] == "original" and worst is None  # perplexity alone is not a clear gap
     assert m.select_responses([s("student", correct=False)], 3)[0] is None
+
+
+def test_synthesis_without_sources_sends_distinct_requests(fake, tiny, tmp_path):
+    """Greedy decoding answers one prompt one way: with no source examples, each request must still differ."""
+    seen, reply = [], Fake.reply
+    fake.reply = lambda messages, clean: seen.append(messages[-1]["content"]) or reply(messages, clean)
+    try:
+        r = run_main(SCRIPT, "--teacher-url", fake.url, "--student", tiny, "--synthesize", "12", "--out", tmp_path / "out",
+                     "--stages", "1", *FAST)
+    finally:
+        fake.reply = reply
+    assert r.returncode == 0, r.stderr
+    asks = [x for x in seen if "Write one new instruction" in x]
+    assert len(asks) == 12 and len(set(asks)) == 12
+    assert "exact duplicates (11 among the syntheses)" in read(os.path.join(tmp_path, "out", "report.md"))
