@@ -560,6 +560,8 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
     except BaseException:  # a bad checkpoint or a taken port: free the models already loaded
         for w in workers.values():
             w.stop()
+        for w in workers.values():  # a worker thread still alive at interpreter exit aborts the process
+            w.thread.join(timeout=10)
         raise
 
 

@@ -283,3 +283,13 @@ def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys):
         assert "shutting down" in p.stdout.read()
     finally:
         p.kill()
+
+
+def test_a_model_that_fails_to_load_exits_cleanly(tiny):
+    """The models loaded before it are stopped and their threads joined: a worker thread alive at
+    interpreter exit made the process abort (SIGABRT, 'terminate called without an active exception')."""
+    out = subprocess.run([sys.executable, "-m", "nanopost.serve", "--model", f"a={tiny}", "--model", f"b={tiny}",
+                          "--model", "c=not a repo id", "--port", "0"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert out.returncode == 1 and "error: not a repo id" in out.stderr, (out.returncode, out.stderr[-2000:])
+    assert "terminate called" not in out.stderr
