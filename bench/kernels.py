@@ -1,6 +1,11 @@
 """Each fused op against its eager PyTorch reference, torch.compile of that reference and
 Liger-Kernel (where it has the op), at Qwen2-0.5B's shapes on a CUDA GPU: median milliseconds of
-forward + backward (triton.testing.do_bench) and the peak memory a call allocates above its inputs.
+forward + backward, twice: wall time (triton.testing.do_bench: Python, autograd and launches
+included, which is what a small op costs when the GPU waits for the CPU) and GPU time (the same
+call captured once in a CUDA graph and replayed: what it costs inside a training step, where the
+CPU runs ahead of the GPU); and the peak memory a call allocates above its inputs. Ops that sync
+with the CPU (the linear ones check their labels) cannot be captured: their GPU column is "-"
+(they are GPU-bound anyway: their wall time is their GPU time).
 
     python bench/kernels.py                                  # every op, bf16, 8192 rows
     python bench/kernels.py --ops linear_ce --rows 4096 16384 --no-compile
@@ -44,9 +49,10 @@ def liger(name):
         return None
 
 
-def measure(step, reps: int) -> tuple[float, float]:
-    """step() runs one call (forward + backward) -> (median ms, peak MB allocated above what was live)."""
-    from triton.testing import do_bench
+def measure(step, reps: int, graph: bool) -> tuple[float, float, float | None]:
+    """step() runs one call (forward + backward) -> (median wall ms, peak MB allocated above what was
+    live, GPU ms replaying it as a CUDA graph, or None without graph)."""
+    from triton.testing import do_bench, do_bench_cudagraph
     step()  # warm-up / compile
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -55,7 +61,9 @@ def measure(step, reps: int) -> tuple[float, float]:
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     ms = statistics.median(do_bench(step, return_mode="all", rep=reps))
-    return ms, peak
+    # never try a capture that syncs (the linear ops check their labels): a failed capture leaves
+    # the CUDA generator refusing every later torch.randn
+    return ms, peak, do_bench_cudagraph(step, rep=reps) if graph else None
 
 
 def cases(op, rows, dtype, dev, compile_ok):
@@ -92,8 +100,8 @@ def cases(op, rows, dtype, dev, compile_ok):
         impls = [("eager", rope.rope_reference), ("ours (triton)", rope.rope_triton), ("liger", liger("rope"))]
         if compile_ok:
             impls.insert(1, ("torch.compile", torch.compile(rope.rope_reference)))
-        # (q0 + 0).transpose(1, 2): a non-leaf (B, H, T, D) view, as q_proj's output is in the model (the
-        # in-place kernels need one; the copy costs every side the same)
+        # (q0 + 0).transpose(1, 2): a non-leaf (B, H, T, D) view, as q_proj's output is in the model
+        # (Liger rotates it in place, which a leaf forbids; the copy costs every side the same)
         return [(n, fwd_bwd(lambda f=f: f((q0 + 0).transpose(1, 2), (k0 + 0).transpose(1, 2), cos, sin),
                             (q0, k0), (gq, gk))) for n, f in impls if f]
     if op == "swiglu":
@@ -150,20 +158,23 @@ def main():
                          "Triton's interpreter, for tests only)")
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}")
-    print("| op | rows | implementation | ms (fwd+bwd) | peak MB above inputs | speed vs eager | memory vs eager |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | rows | implementation | wall ms (fwd+bwd) | GPU ms (CUDA graph) | peak MB above inputs | "
+          "wall speed vs eager | GPU speed vs eager | memory vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for op in args.ops:
         for rows in args.rows:
             base = None
             for name, step in cases(op, rows, dtype, "cuda", not args.no_compile):
                 try:
-                    ms, mb = measure(step, args.reps)
+                    ms, mb, gpu = measure(step, args.reps, graph=op in ("rms_norm", "rope", "swiglu"))
                 except Exception as e:  # noqa: BLE001  one failing baseline (e.g. an old Liger) must not lose the rest
-                    print(f"| {op} | {rows} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |", flush=True)
+                    print(f"| {op} | {rows} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | | | |", flush=True)
                     continue
-                base = base or (ms, mb)
-                print(f"| {op} | {rows} | {name} | {ms:.3f} | {mb:.0f} | {base[0] / ms:.2f}x | "
-                      f"{mb / base[1] if base[1] else float('nan'):.2f}x |", flush=True)
+                base = base or (ms, mb, gpu)
+                gpu_ratio = f"{base[2] / gpu:.2f}x" if gpu and base[2] else "-"
+                print(f"| {op} | {rows} | {name} | {ms:.3f} | {f'{gpu:.3f}' if gpu else '-'} | {mb:.0f} | "
+                      f"{base[0] / ms:.2f}x | {gpu_ratio} | {mb / base[1] if base[1] else float('nan'):.2f}x |",
+                      flush=True)
                 torch.cuda.empty_cache()
 
 

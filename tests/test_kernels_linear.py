@@ -140,7 +140,7 @@ class Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in args if isinstance(t, torch.Tensor)]
-        if func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "matmul"):
+        if func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "bmm", "matmul"):
             self.matmuls.append([tuple(t.shape) for t in tensors])
         if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in \
                 [t.untyped_storage().data_ptr() for t in tensors]:
@@ -239,3 +239,23 @@ def test_logprob_backward_outside_autocast(impl, rng):
     for i, what in enumerate(("hidden", "weight")):
         check(f"grad {what} ({impl}) vs eager autocast", grads[impl][i], grads["eager"][i], torch.bfloat16,
               rng.initial_seed())
+
+
+@pytest.mark.parametrize("fn", [linear_ce.linear_cross_entropy_triton, linear_ce.linear_cross_entropy_reference])
+def test_cross_entropy_scales_its_gradients_by_each_backward(fn, rng):
+    """The gradients are made in the forward and scaled by backward's incoming gradient (not 1
+    here); a second backward through the same graph (retain_graph, gradcheck) scales them afresh."""
+    V, C = 300, 32
+    h, w = inputs(rng, N, C, V, torch.float32)
+    y = torch.randint(0, V, (N,), generator=rng, device=DEVICE)
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss = 0.25 * fn(h, w, y, chunk_rows=CHUNK)
+    loss.backward(retain_graph=True)
+    (0.25 * torch.nn.functional.cross_entropy(hr @ wr.T, y, reduction="sum")).backward()
+    for name, got, ref in (("hidden", h.grad, hr.grad), ("weight", w.grad, wr.grad)):
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err <= 1e-5, f"grad {name}: relative error {err:.2e} (seed {rng.initial_seed()})"
+    first = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss.backward()
+    assert torch.equal(h.grad, first[0]) and torch.equal(w.grad, first[1])

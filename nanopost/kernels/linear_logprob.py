@@ -11,7 +11,13 @@ the Triton steps keep the logits in hidden's dtype (see there) and do their math
 import torch
 
 from nanopost.kernels._triton import tl, triton
-from nanopost.kernels.linear_ce import BLOCK_V, _logsumexp, check_labels
+from nanopost.kernels.linear_ce import (
+    BLOCK_V,
+    _logsumexp,
+    _mm_operands,
+    add_matmul_,
+    check_labels,
+)
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 
@@ -23,18 +29,18 @@ class FusedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NC, weight_VC, labels_N, chunk_rows, steps):
         acc = torch.promote_types(hidden_NC.dtype, torch.float32)
-        w = weight_VC.to(hidden_NC.dtype)
+        hidden, w = _mm_operands(hidden_NC, weight_VC)
         logp = _empty(hidden_NC.shape[0], dtype=acc, device=hidden_NC.device)
         lse = _empty(hidden_NC.shape[0], dtype=acc, device=hidden_NC.device)
-        for a in range(0, hidden_NC.shape[0], chunk_rows):
-            logits = hidden_NC[a:a + chunk_rows] @ w.T
-            logp[a:a + chunk_rows], lse[a:a + chunk_rows] = steps[0](logits, labels_N[a:a + chunk_rows])
+        with torch.autocast(hidden_NC.device.type, enabled=False):  # the operands are cast already
+            for a in range(0, hidden_NC.shape[0], chunk_rows):
+                logits = hidden[a:a + chunk_rows] @ w.T
+                logp[a:a + chunk_rows], lse[a:a + chunk_rows] = steps[0](logits, labels_N[a:a + chunk_rows])
         ctx.save_for_backward(hidden_NC, weight_VC, labels_N, lse)
         ctx.chunk_rows, ctx.steps = chunk_rows, steps
         # backward must recompute the logits in the dtype the forward used (bf16 under autocast), else
         # they do not match the saved lse; autocast is often off by then (backward outside its block)
-        dev = hidden_NC.device.type
-        ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden_NC.dtype
+        ctx.mm_dtype = w.dtype
         return logp
 
     @staticmethod
@@ -44,13 +50,14 @@ class FusedLinearLogProb(torch.autograd.Function):
         grad_h = _empty(hidden_NC.shape, dtype=hidden_NC.dtype, device=hidden_NC.device) \
             if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if ctx.needs_input_grad[1] else None
-        for a in range(0, hidden_NC.shape[0], n):
-            h = hidden_NC[a:a + n].to(ctx.mm_dtype)
-            g = ctx.steps[1](h @ w.T, labels_N[a:a + n], grad_N[a:a + n].to(acc), lse[a:a + n])
-            if grad_h is not None:
-                grad_h[a:a + n] = g @ w
-            if grad_w is not None:
-                grad_w += (g.T @ h).to(acc)
+        with torch.autocast(hidden_NC.device.type, enabled=False):
+            for a in range(0, hidden_NC.shape[0], n):
+                h = hidden_NC[a:a + n].to(ctx.mm_dtype)
+                g = ctx.steps[1](h @ w.T, labels_N[a:a + n], grad_N[a:a + n].to(acc), lse[a:a + n])
+                if grad_h is not None:
+                    grad_h[a:a + n] = g @ w
+                if grad_w is not None:
+                    add_matmul_(grad_w, g.T, h)
         return grad_h, None if grad_w is None else grad_w.to(weight_VC.dtype), None, None, None
 
 
