@@ -90,16 +90,25 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0
 
-    def update(self, layer: int, k_BKTD, v_BKTD):
-        if isinstance(self.pos, torch.Tensor):  # per-row lengths: the caller masks each row's keys >= its pos + 1
-            rows = torch.arange(k_BKTD.shape[0], device=k_BKTD.device)
-            self.k[layer, rows, :, self.pos] = k_BKTD[:, :, 0]
-            self.v[layer, rows, :, self.pos] = v_BKTD[:, :, 0]
-            end = int(self.pos.max()) + 1
+    def begin(self, T: int):
+        """Once per forward, before the layers: where this forward's T slots go, checked against
+        max_len (per-row lengths: one token per row; one host sync here, not one per layer)."""
+        if isinstance(self.pos, torch.Tensor):
+            if T != 1:
+                raise ValueError(f"KV cache with per-row lengths takes one token per row per forward, got {T}")
+            self._rows = torch.arange(self.k.shape[1], device=self.k.device)
+            self._end = int(self.pos.max()) + 1
         else:
-            end = self.pos + k_BKTD.shape[2]
-            if end > self.k.shape[3]:
-                raise ValueError(f"KV cache overflow: {end} positions > max_len {self.k.shape[3]}")
+            self._end = self.pos + T
+        if self._end > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {self._end} positions > max_len {self.k.shape[3]}")
+
+    def update(self, layer: int, k_BKTD, v_BKTD):
+        end = self._end
+        if isinstance(self.pos, torch.Tensor):  # per-row lengths: the caller masks each row's keys >= its pos + 1
+            self.k[layer, self._rows, :, self.pos] = k_BKTD[:, :, 0]
+            self.v[layer, self._rows, :, self.pos] = v_BKTD[:, :, 0]
+        else:
             self.k[layer, :, :, self.pos:end] = k_BKTD
             self.v[layer, :, :, self.pos:end] = v_BKTD
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -194,7 +203,14 @@ class Qwen2(nn.Module):
         last_only: logits of the last position only (generation)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        if position_ids is None:
+        if cache is not None:
+            cache.begin(T)  # checks the slots; per-row lengths: one token per row
+        if isinstance(start, torch.Tensor):  # per-row lengths: row b is at start[b], sees slots <= start[b]
+            if position_ids is None:
+                position_ids = start[:, None].clone()
+            if mask is None:
+                mask = (torch.arange(cache._end, device=input_ids.device) <= start[:, None])[:, None, None, :]
+        elif position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         elif mask is None and cache is None and T > 1:
             mask = packed_causal_mask(position_ids)

@@ -69,6 +69,28 @@ def test_kv_cache_chunks_equal_full_forward(tiny):
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
 
 
+def test_kv_cache_refuses_overflow_and_multi_token_rows(tiny):
+    """Full slots are an error naming the cause, for a shared position and for per-row lengths
+    (continuous batching), and nothing is written past max_len."""
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    cache = nanopost.KVCache(model.config, 2, 6, torch.float64, "cpu")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), cache=cache)
+        with pytest.raises(ValueError, match="KV cache overflow: 7 positions > max_len 6"):
+            model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)
+        cache.pos = torch.tensor([4, 5])  # per-row lengths: row 1 is full after one more token
+        got = model(torch.tensor([[1], [2]]), cache=cache)
+        assert cache.pos.tolist() == [5, 6]
+        # row 0 at position 4 sees its 4 cached slots and itself, never row 1's extra slot
+        ref = nanopost.KVCache(model.config, 1, 6, torch.float64, "cpu")
+        model(torch.tensor([[1, 2, 3, 4]]), cache=ref)
+        assert torch.allclose(got[0], model(torch.tensor([[1]]), cache=ref)[0], atol=1e-12)
+        with pytest.raises(ValueError, match="KV cache overflow: 7 positions > max_len 6"):
+            model(torch.tensor([[1], [2]]), cache=cache)
+        with pytest.raises(ValueError, match="one token per row"):
+            model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+
+
 def test_save_load_round_trip_bit_exact_and_transformers_reads_it(tmp_path, tiny):
     model, tok = nanopost.load(tiny)
     out = nanopost.save(model, tok, str(tmp_path / "saved"))
