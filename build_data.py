@@ -31,14 +31,16 @@ The eight stages (DESIGN.md, "Teacher-guided data"), one section each below:
   8 select     sft.jsonl: the best response per instruction; kto.jsonl: the best as desirable and the
                worst as undesirable, only where the gap is clear (see select_responses)
 
-Ranking (best first): not flagged unsafe, then correct against the gold answer, then the judge
-score, then the original response over generated ones, then lower student perplexity. A response
-flagged unsafe or wrong against a gold answer is never chosen as the best. A response the judge
+Ranking (best first): whole (not cut off at --max-new-tokens), then not flagged unsafe, then correct
+against the gold answer, then the judge score, then the original response over generated ones, then
+lower student perplexity. A response cut off, flagged unsafe or wrong against a gold answer is never
+chosen as the best (a teacher reply cut off fails its check as "truncated" and is retried like
+garbage; the student's is kept, marked, as a candidate for the worst). A response the judge
 could not score (its reply stayed garbage) ranks below every scored one; so with a teacher that
 only answers garbage, the original source response (trusted, and correct where a gold answer
 exists) is kept, and perplexity decides among the rest. A KTO pair is written only when the best
-and worst differ in correctness or safety, or both were judged and their scores differ by at
-least --kto-min-gap; perplexity alone is never a clear gap.
+and worst differ in correctness or safety, the worst was cut off, or both were judged and their
+scores differ by at least --kto-min-gap; perplexity alone is never a clear gap.
 
 Files in --out: one JSONL per stage (1_ingest.jsonl ... 7_score.jsonl), each row keyed by a stable
 example id (a hash of the normalised instruction), appended and flushed as items finish, so a
@@ -81,7 +83,7 @@ STAGES = ["ingest", "classify", "dedup", "label", "diversity", "respond", "score
 CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
-PROMPT_VERSION = "2"
+PROMPT_VERSION = "3"  # 3: a reply cut off at max tokens is no longer taken as a whole answer
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
@@ -323,20 +325,21 @@ def perplexities(model, tok, items, max_len, batch_size) -> list[float]:
 
 
 def select_responses(scored, min_gap):
-    """scored: [{source, text, ppl, judge, safe, correct}] -> (best or None, worst or None, why no pair)."""
+    """scored: [{source, text, ppl, judge, safe, correct, truncated}] -> (best or None, worst or None, why no pair)."""
     order = {"original": 2, "teacher": 1, "student": 0}
     tri = {True: 1, None: 0, False: -1}
 
     def rank(s):  # larger is better; the module docstring states the rule
-        return (tri[s["safe"]], tri[s["correct"]], s["judge"] if s["judge"] is not None else 0,
+        return (not s.get("truncated"), tri[s["safe"]], tri[s["correct"]], s["judge"] if s["judge"] is not None else 0,
                 s["source"] == "original", -s["ppl"], order[s["source"]])
-    ok = [s for s in scored if s["safe"] is not False and s["correct"] is not False]
+    ok = [s for s in scored if s["safe"] is not False and s["correct"] is not False and not s.get("truncated")]
     if not ok:
         return None, None, "no acceptable response"
     best, worst = max(ok, key=rank), min(scored, key=rank)
     if worst is best:
         return best, None, "one response"
     clear = (best["correct"] is True and worst["correct"] is False) or (best["safe"] is True and worst["safe"] is False) \
+        or bool(worst.get("truncated")) \
         or (best["judge"] is not None and worst["judge"] is not None and best["judge"] - worst["judge"] >= min_gap)
     return best, worst if clear else None, None if clear else "gap not clear"
 
@@ -701,19 +704,25 @@ def build(args):
             teacher_says, fails = get_teacher().ask_json(prompts, check_answer, get_teacher().sampling(args.max_new_tokens),
                                                          args.retries, PROMPTS["retry_answer"], "6 teacher responses")
             student_says = student.generate(prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size,
-                                            tqdm(total=len(part), desc="6 student responses", leave=False))
-            for i, t, s, fl in zip(part, teacher_says, student_says, fails):
+                                            tqdm(total=len(part), desc="6 student responses", leave=False),
+                                            return_truncated=True)
+            for i, t, (s, s_cut), fl in zip(part, teacher_says, student_says, fails):
                 if fl is None:
                     left += 1
                     continue
-                responses = [{"source": src, "text": x.strip()} for src, x in
-                             (("original", by_id[i]["response"]), ("teacher", t), ("student", s)) if x and x.strip()]
+                # a teacher reply cut off at --max-new-tokens failed its check ("truncated"); the student's
+                # is kept, marked, and may only ever be the worst response of its item
+                responses = [{"source": src, "text": x.strip(), **({"truncated": True} if cut else {})}
+                             for src, x, cut in (("original", by_id[i]["response"], False), ("teacher", t, False),
+                                                 ("student", s, s_cut)) if x and x.strip()]
                 f6.add({"key": i, "responses": responses, "failures": fl})
         timed(6, len(todo), t0)
         stop_if_unfinished(left)
     resp = {r["key"]: r for r in f6.require(ids5, "respond")}
     n_resp = collections.Counter(x["source"] for r in resp.values() for x in r["responses"])
-    rep["counts"]["6 respond"] = (len(ids5), sum(n_resp.values()), "responses: " + histogram(n_resp.elements()))
+    n_cut = sum(bool(x.get("truncated")) for r in resp.values() for x in r["responses"])
+    rep["counts"]["6 respond"] = (len(ids5), sum(n_resp.values()), "responses: " + histogram(n_resp.elements()) +
+                                  f"; {n_cut} student responses cut off at --max-new-tokens (never chosen as the best)")
     rep["failures"]["6 respond"] = [fl for r in resp.values() for fl in r["failures"]]
     rep["failed_items"]["6 respond"] = len(ids5) - n_resp["teacher"]
     if last == 6:
@@ -766,8 +775,9 @@ def build(args):
     # ---- 8. selection: sft.jsonl (best per instruction), kto.jsonl (best vs worst where the gap is clear) ----
     t0, sft, kto, why_not = time.time(), [], [], collections.Counter()
     for i in ids5:
-        texts = {x["source"]: x["text"] for x in resp[i]["responses"]}
-        cands = [{**s, "text": texts[s["source"]]} for s in scored[i]["scores"]]
+        texts = {x["source"]: x for x in resp[i]["responses"]}
+        cands = [{**s, "text": texts[s["source"]]["text"], "truncated": bool(texts[s["source"]].get("truncated"))}
+                 for s in scored[i]["scores"]]
         best, worst, why = select_responses(cands, args.kto_min_gap)
         why_not[why or "pair written"] += 1
         meta = {"id": i, "category": labels[i]["primary"], "topic": labels[i]["secondary"], "prompt_version": PROMPT_VERSION}

@@ -343,12 +343,20 @@ class Engine:
             admit()
         return out
 
-    def generate(self, prompts, s: Sampling = Sampling(), batch_size: int = 16, progress=None) -> list[str]:
+    def generate(self, prompts, s: Sampling = Sampling(), batch_size: int = 16, progress=None,
+                 return_truncated: bool = False):
         """prompts: strings (one user turn), chat message lists, or token id lists -> reply texts,
-        batch_size rows at a time (continuous batching), results in the input order."""
+        batch_size rows at a time (continuous batching), results in the input order. With
+        return_truncated: (text, truncated) pairs, truncated when the reply used all of
+        s.max_new_tokens without an eos or stop string (an API's finish_reason "length")."""
         ids = [self.encode_prompt(p) for p in prompts]
         on_done = (lambda i, new: progress.update(1)) if progress is not None else None
-        return [cut_at_stop(self.tok.decode(new), s.stop) for new in self.generate_ids(ids, s, batch_size=batch_size, on_done=on_done)]
+        out = []
+        for new in self.generate_ids(ids, s, batch_size=batch_size, on_done=on_done):
+            text = self.tok.decode(new)
+            reply = cut_at_stop(text, s.stop)
+            out.append((reply, len(new) >= s.max_new_tokens and reply == text) if return_truncated else reply)
+        return out
 
     def encode_prompt(self, p) -> list[int]:
         if isinstance(p, str):

@@ -48,6 +48,7 @@ class Reply:
     text: str | None  # None: no reply (see error)
     error: str | None = None  # timeout | unreachable | http_NNN | bad_response
     detail: str = ""  # what came back instead of a reply, for inspection
+    truncated: bool = False  # the reply stopped at max_tokens (finish_reason "length"): not a whole answer
 
     @property
     def transient(self) -> bool:
@@ -70,19 +71,25 @@ class Cache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.db = sqlite3.connect(path, check_same_thread=False)
         self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
-                        "request TEXT NOT NULL, created REAL NOT NULL)")
+                        "request TEXT NOT NULL, created REAL NOT NULL, truncated INTEGER)")
+        if "truncated" not in [c[1] for c in self.db.execute("PRAGMA table_info(replies)")]:
+            # a cache from before replies recorded whether they were cut off: its rows say NULL (unknown)
+            # and are asked again rather than trusted as whole answers
+            self.db.execute("ALTER TABLE replies ADD COLUMN truncated INTEGER")
         self.db.commit()
         self.lock = threading.Lock()
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, bool] | None:
+        """-> (reply, truncated), or None when not cached (or cached without the truncation flag)."""
         with self.lock:
-            row = self.db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+            row = self.db.execute("SELECT reply, truncated FROM replies WHERE key = ? AND truncated IS NOT NULL",
+                                  (key,)).fetchone()
+        return (row[0], bool(row[1])) if row else None
 
-    def put(self, key: str, reply: str, request) -> None:
+    def put(self, key: str, reply: str, request, truncated: bool = False) -> None:
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
-                            (key, reply, json.dumps(request, ensure_ascii=False), time.time()))
+            self.db.execute("INSERT OR REPLACE INTO replies (key, reply, request, created, truncated) VALUES (?, ?, ?, ?, ?)",
+                            (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
             self.db.commit()
 
     def close(self):
@@ -107,9 +114,9 @@ class LocalBackend:
                      top_p=sampling["top_p"], seed=sampling["seed"])
         step = self.batch_size * 4  # hand replies back (to the cache) every few batches
         for start in range(0, len(requests), step):
-            texts = self.engine.generate(requests[start:start + step], s, batch_size=self.batch_size)
-            for i, text in enumerate(texts):
-                on_reply(start + i, Reply(text))
+            texts = self.engine.generate(requests[start:start + step], s, batch_size=self.batch_size, return_truncated=True)
+            for i, (text, truncated) in enumerate(texts):
+                on_reply(start + i, Reply(text, truncated=truncated))
 
 
 class HTTPBackend:
@@ -172,7 +179,7 @@ class HTTPBackend:
                 text = out["choices"][0]["message"]["content"]
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
-                return Reply(text)
+                return Reply(text, truncated=out["choices"][0].get("finish_reason") == "length")
             except (KeyError, IndexError, TypeError) as e:
                 reply = Reply(None, "bad_response", f"{url}: {e}: {json.dumps(out)[:2000]}")
         return reply
@@ -203,8 +210,8 @@ class Teacher:
         keys = [request_key(m, sampling, self.backend.id, self.prompt_version) for m in requests]
         out = [None] * len(requests)
         for i, k in enumerate(keys):
-            text = self.cache.get(k)
-            out[i] = Reply(text) if text is not None else None
+            hit = self.cache.get(k)
+            out[i] = Reply(hit[0], truncated=hit[1]) if hit is not None else None
         todo = [i for i, r in enumerate(out) if r is None]
         self.cached += len(requests) - len(todo)
         self.sent += len(todo)
@@ -217,7 +224,8 @@ class Teacher:
             out[i] = reply
             if reply.text is not None:
                 self.cache.put(keys[i], reply.text, {"messages": requests[i], "sampling": sampling,
-                                                    "teacher": self.backend.id, "prompt_version": self.prompt_version})
+                                                    "teacher": self.backend.id, "prompt_version": self.prompt_version},
+                               reply.truncated)
             if bar:
                 bar.update(1)
         self.backend.complete([requests[i] for i in todo], sampling, on_reply)
@@ -231,6 +239,8 @@ class Teacher:
     def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):
         """check(reply text) -> (value, None) or (None, failure kind). -> (values, failures): values[i]
         is None where every attempt failed; failures[i] lists {attempt, kind, raw} of each failed try.
+        A reply cut off at max_tokens fails as "truncated" whatever check says: half an answer (or a
+        JSON object that happens to parse before the cut) is not the teacher's answer.
         A retry shows the teacher its reply and retry_prompt.format(why=kind). A transport failure (the
         backend has already retried it) is not retried here: the item is unfinished, failures[i] None."""
         values, failures = [None] * len(requests), [[] for _ in requests]
@@ -246,6 +256,8 @@ class Teacher:
                     self.unfinished[r.error] += 1
                     continue
                 value, kind = check(r.text) if r.text is not None else (None, r.error)
+                if r.text is not None and r.truncated:
+                    value, kind = None, "truncated"
                 if kind is None:
                     values[i] = value
                     continue

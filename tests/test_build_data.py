@@ -60,10 +60,11 @@ def baseline(tiny, sources, tmp_path_factory):
 def test_in_process_garbage_teacher(baseline, tiny):
     out, seconds = baseline
     sft, kto = check_outputs(out, tiny)
-    # the tiny teacher never writes valid JSON: every label, judgment and safety check failed and was
-    # counted; the rows kept their rule category and the original (gold-correct) responses won
+    # the tiny teacher never ends a reply (every one is cut off at the token limit) nor writes valid
+    # JSON: every label, judgment and safety check failed and was counted; the rows kept their rule
+    # category and the original (gold-correct) responses won
     report = read(os.path.join(out, "report.md"))
-    assert "not_json" in report or "empty" in report
+    assert "truncated" in report
     labels = [json.loads(x) for x in read(os.path.join(out, "4_label.jsonl")).splitlines()]
     assert all(r["label_source"] == "rule" and r["failures"] and r["prompt_version"] for r in labels)
     assert all(r["chosen"]["source"] == "original" and r["chosen"]["judge"] is None for r in sft)
@@ -129,6 +130,7 @@ class Fake:
         fake = self
         self.requests, self.clean = 0, False
         self.fail_labels, self.delay = None, 0.0  # None | "http_500" | "timeout"; seconds before every reply
+        self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -159,8 +161,9 @@ class Fake:
                 text = fake.reply(body["messages"], fake.clean)
                 if text is None:
                     return self.send({"error": "not this shape"})  # a 200 that is not a completion
-                self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "stop"}]})
+                cut = fake.cut_first_answer and body["messages"][0]["role"] == "user" and len(body["messages"]) == 1
+                self.send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text[:8] if cut else text},
+                                        "finish_reason": "length" if cut else "stop"}]})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -368,6 +371,10 @@ def test_selection_rules():
     best, worst, why = m.select_responses([s("student", ppl=2.0), s("original", ppl=50.0)], 3)
     assert best["source"] == "original" and worst is None  # perplexity alone is not a clear gap
     assert m.select_responses([s("student", correct=False)], 3)[0] is None
+    # a response cut off at the token limit is never the best, even judged 10; it is a clear worst
+    best, worst, _ = m.select_responses([s("student", judge=10, truncated=True), s("teacher", judge=6)], 3)
+    assert (best["source"], worst["source"]) == ("teacher", "student")
+    assert m.select_responses([s("student", judge=10, truncated=True)], 3)[0] is None
 
 
 def test_synthesis_without_sources_sends_distinct_requests(fake, tiny, tmp_path):
@@ -383,3 +390,55 @@ def test_synthesis_without_sources_sends_distinct_requests(fake, tiny, tmp_path)
     asks = [x for x in seen if "Write one new instruction" in x]
     assert len(asks) == 12 and len(set(asks)) == 12
     assert "exact duplicates (11 among the syntheses)" in read(os.path.join(tmp_path, "out", "report.md"))
+
+
+def test_cut_off_replies_fail_their_check_and_are_cached_as_such(fake, tmp_path):
+    """finish_reason "length" marks a reply cut off at max_tokens: ask_json counts it as a failed try
+    ("truncated", even when the text would pass the check) and retries; the cache keeps the flag, and
+    rows from a cache that predates the flag are asked again, never trusted as whole answers."""
+    import sqlite3
+
+    from nanopost.teacher import HTTPBackend, Teacher, request_key
+
+    def check_answer(text):
+        return (text.strip(), None) if text.strip() else (None, "empty")
+    cache = str(tmp_path / "cache.sqlite")
+    fake.cut_first_answer = True
+    try:
+        teacher = Teacher(HTTPBackend([fake.url], retries=0), cache, "test")
+        asked = [[{"role": "user", "content": "How many eggs?"}]]
+        values, fails = teacher.ask_json(asked, check_answer, teacher.sampling(16), 1, "That reply was {why}.")
+        assert values == ["Let me see. The answer is 42."]
+        assert [(f["attempt"], f["kind"], f["raw"]) for f in fails[0]] == [(0, "truncated", "Let me s")]
+        n = fake.requests
+        again = Teacher(HTTPBackend([fake.url], retries=0), cache, "test")
+        assert again.complete(asked, again.sampling(16))[0].truncated  # from the cache, flag and all
+        assert fake.requests == n  # no completion request: the reply came from the cache
+    finally:
+        fake.cut_first_answer = False
+    # a cache written before replies carried the flag: its rows are not used
+    old = str(tmp_path / "old.sqlite")
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, request TEXT NOT NULL, created REAL NOT NULL)")
+    t = Teacher(HTTPBackend([fake.url], retries=0), str(tmp_path / "probe.sqlite"), "test")
+    key = request_key(asked[0], t.sampling(16), t.backend.id, "test")
+    db.execute("INSERT INTO replies VALUES (?, ?, ?, 0)", (key, "stale half", "{}"))
+    db.commit()
+    db.close()
+    n = fake.requests
+    reply = Teacher(HTTPBackend([fake.url], retries=0), old, "test").complete(asked, t.sampling(16))[0]
+    assert reply.text == "Let me see. The answer is 42." and fake.requests == n + 1  # asked again
+
+
+def test_engine_reports_replies_cut_off_at_the_limit(tiny):
+    import nanopost
+    from nanopost.engine import Engine, Sampling
+    eng = Engine(*nanopost.load(tiny))
+    prompts = ["Hello there", "What is 2 + 2?"]
+    for n in (1, 3, 40):
+        s = Sampling(max_new_tokens=n)
+        got = eng.generate(prompts, s, return_truncated=True)
+        ids = eng.generate_ids([eng.encode_prompt(p) for p in prompts], s)
+        assert [t for t, _ in got] == eng.generate(prompts, s)
+        assert [cut for _, cut in got] == [len(x) == n for x in ids]
+    assert any(cut for _, cut in eng.generate(prompts, Sampling(max_new_tokens=1), return_truncated=True))
