@@ -142,6 +142,9 @@ def main():
     p.add_argument("--download", action="store_true", help="evaluate.py --download first (needs a network)")
     p.add_argument("--tasks", default=",".join(TASKS), help="benchmarks, comma-separated")
     p.add_argument("--limit", type=int, help="questions per benchmark (a fixed seeded subset; 0 = all)")
+    p.add_argument("--choice-shots", type=int, default=5,
+                   help="exemplars for MMLU, CMMLU and C-Eval (default 5: zero-shot letter scoring puts a 0.5B "
+                        "model near or below chance on C-Eval, DESIGN.md); GSM8K is 4-shot as in the paper")
     p.add_argument("--preset", choices=["paper"], help="train_sft.py --preset paper (the paper's SFT settings)")
     p.add_argument("--device", help="cpu or cuda (passed to every script)")
     p.add_argument("--gpus", type=int, default=1, help="training stages under torchrun with N processes")
@@ -202,9 +205,11 @@ def main():
     if args.download:
         st.run("download", [PY, script("evaluate.py"), "--download", "--tasks", args.tasks, "--data-dir", args.data_dir])
     limit = ["--limit", str(args.limit)] if args.limit else []
+    choice = [t for t in args.tasks.split(",") if t in ("mmlu", "cmmlu", "ceval")]
+    shots = ["--shots", ",".join(f"{t}={args.choice_shots}" for t in choice)] if choice else []
     models = [a for m in variants.values() for a in ("--model", m)]
     st.run("eval", [PY, script("evaluate.py"), *models, "--tasks", args.tasks, "--data-dir", args.data_dir, *limit,
-                    "--out", d("eval"), *dev, *extra["eval"]], None)
+                    *shots, "--out", d("eval"), *dev, *extra["eval"]], None)
 
     # 5. the report (rewritten whenever a stage ran, or when it is missing)
     if st.ran or not os.path.exists(os.path.join(out, "report.json")):
