@@ -4,6 +4,7 @@
 # 1. the kernel tests natively on CUDA (the same files CI runs through Triton's CPU interpreter)
 # 2. bench/kernels.py: each kernel against eager, torch.compile and Liger-Kernel at Qwen2-0.5B's shapes
 # 3. bench/train_step.py: a whole SFT step of a 0.5B-shaped model, kernels on/off vs transformers, MFU
+# 4. bench/profile_step.py: where that step's GPU time goes, by kernel and by group
 # Liger-Kernel, when missing, is installed from wheels in .whl/ if present (no network needed).
 # Each part has its own time limit and writes its own log, so one failure does not lose the rest.
 set -uo pipefail
@@ -28,3 +29,6 @@ echo "== 3. a whole SFT step, 0.5B shapes, B=16 x T=1024, bf16 autocast"
 timeout 60 $PY -m nanopost.testing /tmp/r05 --shape 0.5b >/dev/null
 timeout 150 $PY bench/train_step.py --device cuda --precision bf16-autocast --model /tmp/r05 --batch 16 \
     --seq-lens 1024 --steps 3 --impls nanopost nanopost-torch transformers 2>&1 | tee "$OUT/train_step.md"
+
+echo "== 4. where the step's GPU time goes"
+timeout 90 $PY bench/profile_step.py --model /tmp/r05 --batch 16 --seq-len 1024 2>&1 | tee "$OUT/profile_step.md"
