@@ -34,13 +34,14 @@ The eight stages (DESIGN.md, "Teacher-guided data"), one section each below:
 Ranking (best first): whole (not cut off at --max-new-tokens), then not flagged unsafe, then correct
 against the gold answer, then the judge score, then the original response over generated ones, then
 lower student perplexity. A response cut off, flagged unsafe or wrong against a gold answer is never
-chosen as the best (a teacher reply cut off fails its check as "truncated" and is retried like
-garbage; the student's is kept, marked, as a candidate for the worst). A response the judge
+chosen as the best (a teacher reply cut off fails its check as "truncated", without a retry: the
+same budget would cut it again; the student's is kept, marked, as a candidate for the worst, but
+being cut off is not by itself a clear gap: KTO should not learn that shorter is better). A response the judge
 could not score (its reply stayed garbage) ranks below every scored one; so with a teacher that
 only answers garbage, the original source response (trusted, and correct where a gold answer
 exists) is kept, and perplexity decides among the rest. A KTO pair is written only when the best
-and worst differ in correctness or safety, the worst was cut off, or both were judged and their
-scores differ by at least --kto-min-gap; perplexity alone is never a clear gap.
+and worst differ in correctness or safety, or both were judged and their scores differ by at least
+--kto-min-gap; perplexity alone is never a clear gap.
 
 Files in --out: one JSONL per stage (1_ingest.jsonl ... 7_score.jsonl), each row keyed by a stable
 example id (a hash of the normalised instruction), appended and flushed as items finish, so a
@@ -339,7 +340,6 @@ def select_responses(scored, min_gap):
     if worst is best:
         return best, None, "one response"
     clear = (best["correct"] is True and worst["correct"] is False) or (best["safe"] is True and worst["safe"] is False) \
-        or bool(worst.get("truncated")) \
         or (best["judge"] is not None and worst["judge"] is not None and best["judge"] - worst["judge"] >= min_gap)
     return best, worst if clear else None, None if clear else "gap not clear"
 

@@ -22,20 +22,26 @@ by hand), in this order:
   report      OUT/report.md, report.json, report_*.png (with matplotlib)
 
 Every stage skips work already done: a finished stage leaves OUT/stages/NAME.json (its command,
-wall time, peak memory), and a rerun skips it; an interrupted one (Ctrl-C, a crash) is continued
-with the script's own --resume (training from its last checkpoint, build_data from its last
-finished item, evaluate.py from its prediction cache). A finished stage whose command would now
-differ (other flags) is refused rather than silently reused: delete OUT/NAME and
-OUT/stages/NAME.json to redo it, or choose another --out. --sft-args, --kto-args, --data-args and
---eval-args pass extra flags to one script ("--lr 1e-5 --max-steps 10")."""
+the finished stages it read, its wall time and peak memory), and a rerun skips it; an interrupted
+one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resume (training from
+its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
+A stage whose inputs were redone since (say OUT/sft was deleted and trained again) runs again, and
+so does one whose output has gone; the report is rewritten whenever a stage ran. A finished or
+interrupted stage asked for with other flags is refused rather than silently reused or mixed:
+delete OUT/NAME and OUT/stages/NAME*.json to redo it, or choose another --out. --sft-args,
+--kto-args, --data-args and --eval-args add flags to one script's command ("--lr 1e-5
+--max-steps 10"; a flag given again wins over the default).
+"""
 import argparse
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
+import uuid
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -46,7 +52,7 @@ CHANCE = {"gsm8k": 0.0, "mmlu": 25.0, "cmmlu": 25.0, "ceval": 25.0, "humaneval":
 # the offline default: a tiny random model needs few tokens and a high learning rate to move
 TINY = {"data": "--max-new-tokens 32 --json-max-tokens 24 --min-label-count 1 --batch-size 16",
         "sft": "--max-steps 10 --lr 1e-3 --batch-size 4", "kto": "--max-steps 10 --lr 1e-4 --batch-size 4",
-        "eval": "--limit 8 --max-new-tokens gsm8k=48,humaneval=48 --batch-size 8"}
+        "eval": "--batch-size 8"}
 
 
 def log(msg):
@@ -54,25 +60,28 @@ def log(msg):
 
 
 def run_child(cmd):
-    """cmd as a child process -> (exit code, peak RSS GB of it and its descendants, interrupted).
-    A Ctrl-C reaches the child too (same process group): we wait while it saves and stops."""
+    """cmd as a child process -> (exit code, peak RSS GB of its largest process, interrupted).
+    A Ctrl-C reaches the child too (same process group); a SIGTERM sent to paper.py alone is passed
+    on. Either way we wait while the child saves and stops, so no script is left running alone."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     p = subprocess.Popen(cmd, env=env)  # in the caller's folder: their relative paths mean what they meant
-    interrupted = False
-    while True:
-        try:
-            _, status, usage = os.wait4(p.pid, 0)
-            break
-        except KeyboardInterrupt:
-            interrupted = True
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        p.send_signal(signum)
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                _, status, usage = os.wait4(p.pid, 0)
+                break
+            except KeyboardInterrupt:
+                stopped.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, old)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, usage.ru_maxrss / 1024**2, interrupted
-
-
-def comparable(cmd):
-    """cmd as a stage's marker records it: the interpreter and this repository's folder left out,
-    so a moved checkout or another virtualenv still recognises its finished stages."""
-    return ["python" if c == PY else c.replace(ROOT + os.sep, "") for c in cmd]
+    return p.returncode, usage.ru_maxrss / 1024**2, bool(stopped)
 
 
 def script(name):
@@ -80,50 +89,119 @@ def script(name):
 
 
 class Stages:
-    """Runs each stage once: a marker file per finished stage holds its command and costs."""
+    """Runs each stage once. stages/NAME.json marks a finished stage: its command, the ids of the
+    finished stages it read (so a redone upstream stage makes it stale), its costs, and an id of its
+    own. stages/NAME.running.json holds the command of a stage started but not finished, and the
+    time and memory of its attempts so far."""
 
-    def __init__(self, out):
-        self.dir = os.path.join(out, "stages")
+    def __init__(self, out, out_spelled):
+        self.out, self.dir = out, os.path.join(out, "stages")
+        self.spellings = sorted({out, out_spelled.rstrip(os.sep)}, key=len, reverse=True)
         os.makedirs(self.dir, exist_ok=True)
         self.ran = []
 
-    def done(self, name):
-        path = os.path.join(self.dir, f"{name}.json")
+    def comparable(self, cmd):
+        """cmd as a marker records it: the interpreter, this repository's folder and --out written
+        as python, nothing and $OUT, so another virtualenv, a moved checkout or --out spelled another
+        way still recognise their finished stages."""
+        def norm(c):
+            c = c.replace(ROOT + os.sep, "")
+            for o in self.spellings:
+                if c == o or c.startswith(o + os.sep):
+                    return "$OUT" + c[len(o):]
+            return c
+        return ["python" if c in (PY, "python") else norm(c) for c in cmd]
+
+    def _read(self, name, suffix=".json"):
+        path = os.path.join(self.dir, name + suffix)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
         return None
 
-    def run(self, name, cmd, out_dir=None, resume_flag="--resume"):
-        old = self.done(name)
-        key = comparable(cmd)
-        if old is not None:
-            if old["cmd"] != key:
-                raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
-                                 f"  now:  {shlex.join(key)}\ndelete {out_dir or name} and {self.dir}/{name}.json to "
-                                 f"redo it with the new settings, or choose another --out")
-            log(f"{name}: done already ({old['wall_s']:.0f} s), skipped")
-            return
-        again = out_dir is not None and os.path.isdir(out_dir) and os.listdir(out_dir) and resume_flag
-        full = cmd + ([resume_flag] if again else [])
-        log(f"{name}: {'continuing: ' if again else ''}{shlex.join(full)}")
-        t0 = time.time()
-        code, peak_gb, interrupted = run_child(full)
-        wall = time.time() - t0
-        if interrupted or code in (130, -2):
-            log(f"{name}: interrupted after {wall:.0f} s; run the same command again to continue")
-            raise SystemExit(130)
-        if code != 0:
-            raise SystemExit(f"stage {name} failed (exit {code}) after {wall:.0f} s: {shlex.join(full)}\n"
-                             f"fix the cause and run the same paper.py command again: finished stages are kept")
-        rec = {"name": name, "cmd": key, "wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2),
-               "resumed": bool(again), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = os.path.join(self.dir, f".{name}.json.tmp")
+    def _write(self, name, rec, suffix=".json"):
+        tmp = os.path.join(self.dir, f".{name}{suffix}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(rec, f, indent=1)
-        os.replace(tmp, os.path.join(self.dir, f"{name}.json"))
+        os.replace(tmp, os.path.join(self.dir, name + suffix))
+
+    def done(self, name):
+        return self._read(name)
+
+    def id(self, name):
+        rec = self.done(name)
+        return None if rec is None else rec.get("id", rec.get("finished"))
+
+    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None):
+        """Run cmd unless it finished already. out_dir: where it writes (a non-empty one means an
+        interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
+        output: the file a finished stage must have left (else it runs again)."""
+        key, inputs = self.comparable(cmd), {n: self.id(n) for n in needs}
+        old, redo = self.done(name), None
+        if old is not None:
+            if self.comparable(old["cmd"]) != key:
+                raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
+                                 f"  now:  {shlex.join(key)}\ndelete {out_dir or os.path.join(self.out, name)} and "
+                                 f"{self.dir}/{name}.json to redo it with the new settings, or choose another --out")
+            if old.get("inputs", inputs) != inputs:
+                redo = f"{', '.join(n for n in needs if old.get('inputs', {}).get(n) != inputs[n])} changed since it ran"
+            elif output and not os.path.exists(output):
+                redo = f"its output {output} is gone"
+            else:
+                log(f"{name}: done already ({old['wall_s']:.0f} s), skipped")
+                return
+            log(f"{name}: {redo}: running it again")
+            os.remove(os.path.join(self.dir, f"{name}.json"))
+        running = self._read(name, ".running.json")
+        started = out_dir is not None and os.path.isdir(out_dir) and bool(os.listdir(out_dir))
+        changed = running is not None and self.comparable(running["cmd"]) != key
+        if changed and started and not redo:  # partial work made with other flags: never mixed
+            raise SystemExit(f"stage {name}: an interrupted attempt was started with another command\n"
+                             f"  then: {shlex.join(running['cmd'])}\n  now:  {shlex.join(key)}\nrun paper.py with the "
+                             f"settings it started with to continue it, or delete {out_dir or os.path.join(self.out, name)}"
+                             f" and {self.dir}/{name}.running.json to start it afresh")
+        if redo or running is None or changed:  # (changed and nothing written: it failed before any work)
+            running = {"cmd": key, "wall_s": 0.0, "peak_rss_gb": 0.0, "attempts": 0}
+        flags = ([fresh_flag] if redo and started and fresh_flag else
+                 [resume_flag] if started and resume_flag and not redo else [])
+        full = cmd + flags
+        log(f"{name}: {'continuing: ' if started and not redo else ''}{shlex.join(full)}")
+        running["attempts"] += 1
+        self._write(name, running, ".running.json")
+        t0 = time.time()
+        code, peak_gb, stopped = run_child(full)
+        running["wall_s"] = round(running["wall_s"] + time.time() - t0, 1)
+        running["peak_rss_gb"] = round(max(running["peak_rss_gb"], peak_gb), 2)
+        self._write(name, running, ".running.json")
+        if stopped or code in (130, -2, -15):
+            log(f"{name}: interrupted after {time.time() - t0:.0f} s; run the same command again to continue")
+            raise SystemExit(130)
+        if code != 0:
+            raise SystemExit(f"stage {name} failed (exit {code}) after {time.time() - t0:.0f} s: {shlex.join(full)}\n"
+                             f"fix the cause and run the same paper.py command again: finished stages are kept")
+        rec = {"name": name, "cmd": key, "inputs": inputs, "id": uuid.uuid4().hex, "wall_s": running["wall_s"],
+               "peak_rss_gb": running["peak_rss_gb"], "attempts": running["attempts"],
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._write(name, rec)
+        os.remove(os.path.join(self.dir, f"{name}.running.json"))
         self.ran.append(name)
-        log(f"{name}: finished in {wall:.0f} s, peak RSS {peak_gb:.2f} GB")
+        log(f"{name}: finished in {running['wall_s']:.0f} s, peak RSS {running['peak_rss_gb']:.2f} GB")
+
+
+ARGS_FLAGS = ("--data-args", "--sft-args", "--kto-args", "--eval-args")
+
+
+def glue_args_flags(argv):
+    """--sft-args "--lr 1e-5" as argparse would otherwise refuse it (a value that starts with --)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ARGS_FLAGS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main():
@@ -133,40 +211,65 @@ def main():
     teacher = p.add_mutually_exclusive_group()
     teacher.add_argument("--teacher", help="teacher model run in-process (default: --model)")
     teacher.add_argument("--teacher-url", nargs="+", help="OpenAI-compatible teacher server(s) (vLLM, SGLang, nanopost.serve)")
-    p.add_argument("--teacher-model", help="model name to ask the teacher server for")
+    p.add_argument("--teacher-model", help="with --teacher-url: the model name to ask the server for")
     p.add_argument("--seeds", nargs="+", default=[os.path.join(ROOT, "data", "seeds.jsonl")],
                    help="instruction sources for build_data.py (default: data/seeds.jsonl)")
     p.add_argument("--synthesize", type=int, default=0, help="the teacher also writes N instructions")
-    p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "mini"),
-                   help="benchmarks in evaluate.py's layout (default: the slices shipped in data/mini)")
-    p.add_argument("--download", action="store_true", help="evaluate.py --download first (needs a network)")
+    p.add_argument("--data-dir", help="benchmarks in evaluate.py's layout (default: the slices shipped in data/mini; "
+                                      "data/benchmarks with --download)")
+    p.add_argument("--download", action="store_true", help="first fetch the benchmarks into --data-dir (evaluate.py "
+                                                           "--download; needs a network)")
     p.add_argument("--tasks", default=",".join(TASKS), help="benchmarks, comma-separated")
-    p.add_argument("--limit", type=int, help="questions per benchmark (a fixed seeded subset; 0 = all)")
+    p.add_argument("--limit", type=int, help="questions per benchmark, a fixed seeded subset (default: 8 with the tiny "
+                                             "model, else all; 0 = all)")
     p.add_argument("--choice-shots", type=int, default=5,
-                   help="exemplars for MMLU, CMMLU and C-Eval (default 5: zero-shot letter scoring puts a 0.5B "
-                        "model near or below chance on C-Eval, DESIGN.md); GSM8K is 4-shot as in the paper")
+                   help="exemplars for MMLU, CMMLU and C-Eval (default 5: scored zero-shot by its letter, a 0.5B "
+                        "model lands near or below chance on C-Eval); GSM8K is 4-shot as in the paper")
     p.add_argument("--preset", choices=["paper"], help="train_sft.py --preset paper (the paper's SFT settings)")
     p.add_argument("--device", help="cpu or cuda (passed to every script)")
     p.add_argument("--gpus", type=int, default=1, help="training stages under torchrun with N processes")
     for s in ("data", "sft", "kto", "eval"):
-        p.add_argument(f"--{s}-args", default=None, help="extra flags for that stage's script (quoted; replaces the "
-                       "tiny default's)")
-    args = p.parse_args()
-    out = args.out or ("runs/paper-tiny" if args.model is None else "runs/paper")
-    os.makedirs(out, exist_ok=True)
+        p.add_argument(f"--{s}-args", default="", help=f"extra flags for that stage's script, quoted, added after "
+                       f"the defaults (a flag given again wins); tiny defaults: {TINY[s] or 'none'}")
+    args = p.parse_args(glue_args_flags(sys.argv[1:]))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        p.error(f"--tasks: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
+    if args.limit is not None and args.limit < 0:
+        p.error("--limit must be >= 0 (0 = every question)")
+    if args.gpus < 1:
+        p.error("--gpus must be >= 1")
+    if args.teacher_model and not args.teacher_url:
+        p.error("--teacher-model names a model on a --teacher-url server; give --teacher-url too")
+    for f in args.seeds:
+        if not os.path.isfile(f):
+            p.error(f"--seeds: {f}: no such file")
+    data_dir = args.data_dir or ("data/benchmarks" if args.download else os.path.join(ROOT, "data", "mini"))
+    if not args.download and not os.path.isdir(data_dir):
+        p.error(f"--data-dir {data_dir}: no such folder (add --download to fetch the benchmarks there)")
     tiny = args.model is None
-    extra = {s: shlex.split(getattr(args, f"{s}_args") if getattr(args, f"{s}_args") is not None
-                            else (TINY[s] if tiny else "")) for s in ("data", "sft", "kto", "eval")}
+    out_spelled = args.out or ("runs/paper-tiny" if tiny else "runs/paper")
+    out = os.path.abspath(out_spelled)
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out {out_spelled} is a file")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "stages")):
+        p.error(f"--out {out_spelled} holds other files and is not a paper.py run (no stages/ in it): choose another --out")
+    os.makedirs(out, exist_ok=True)
+    extra = {s: (shlex.split(TINY[s]) if tiny else []) + shlex.split(getattr(args, f"{s}_args")) for s in TINY}
+    limit = args.limit if args.limit is not None else (8 if tiny else 0)
     dev = ["--device", args.device] if args.device else []
-    st = Stages(out)
-    started = time.time()
+    st = Stages(out, out_spelled)
+    d = lambda name: os.path.join(out, name)  # noqa: E731
+    if args.download:  # first: a network problem should show before hours of training
+        st.run("download", [PY, script("evaluate.py"), "--download", "--tasks", ",".join(tasks), "--data-dir", data_dir])
 
     # 0. the base model (the tiny default makes one; it is also its own teacher)
     base = args.model
     if tiny:
-        base = os.path.join(out, "tiny")
-        st.run("tiny", [PY, "-m", "nanopost.testing", base])
-    d = lambda name: os.path.join(out, name)  # noqa: E731
+        base = d("tiny")
+        st.run("tiny", [PY, "-m", "nanopost.testing", base], output=os.path.join(base, "config.json"))
+    base_stage = ("tiny",) if tiny else ()
 
     # 1. teacher-guided data: sft.jsonl (the best response per instruction), kto.jsonl (best/worst)
     if args.teacher_url:
@@ -175,48 +278,65 @@ def main():
         who = ["--teacher", args.teacher or base]
     synth = ["--synthesize", str(args.synthesize)] if args.synthesize else []
     st.run("data", [PY, script("build_data.py"), *who, "--student", base, "--sources", *args.seeds, *synth,
-                    "--out", d("data"), *dev, *extra["data"]], d("data"))
+                    "--out", d("data"), *dev, *extra["data"]], d("data"), fresh_flag="--overwrite", needs=base_stage,
+           output=os.path.join(d("data"), "kto.jsonl"))
     for f in ("sft.jsonl", "kto.jsonl"):
-        if not os.path.exists(os.path.join(d("data"), f)) or not open(os.path.join(d("data"), f)).read().strip():
-            raise SystemExit(f"build_data.py wrote no {f} in {d('data')}: nothing to train on (see {d('data')}/report.md)")
+        path = os.path.join(d("data"), f)
+        with open(path, encoding="utf-8") as fh:
+            if not fh.read().strip():
+                raise SystemExit(f"build_data.py wrote an empty {path}: nothing to train on (see {d('data')}/report.md); "
+                                 f"more or other --seeds, or other --data-args, then delete {d('data')} and "
+                                 f"{d('stages')}/data.json and run again")
 
     # 2. training: SFT twice (two seeds: the paper fuses two SFT checkpoints), KTO from the base and
     #    from the SFT model (the paper's two-stage SFT -> KTO; the reference is the starting model)
-    launch = [PY] if args.gpus <= 1 else [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                         str(args.gpus)]
+    launch = [PY] if args.gpus == 1 else [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                          str(args.gpus)]
     preset = ["--preset", args.preset] if args.preset else []
     for name, seed in (("sft", 0), ("sft-b", 1)):
         st.run(name, [*launch, script("train_sft.py"), "--model", base, "--data", os.path.join(d("data"), "sft.jsonl"),
-                      "--out", d(name), "--seed", str(seed), *preset, *dev, *extra["sft"]], d(name))
-    for name, start in (("kto", base), ("sft-kto", d("sft"))):
+                      "--out", d(name), "--seed", str(seed), *preset, *dev, *extra["sft"]], d(name),
+               fresh_flag="--overwrite", needs=(*base_stage, "data"), output=os.path.join(d(name), "config.json"))
+    for name, start, needs in (("kto", base, base_stage), ("sft-kto", d("sft"), ("sft",))):
         st.run(name, [*launch, script("train_kto.py"), "--model", start, "--data", os.path.join(d("data"), "kto.jsonl"),
-                      "--out", d(name), *dev, *extra["kto"]], d(name))
+                      "--out", d(name), *dev, *extra["kto"]], d(name), fresh_flag="--overwrite",
+               needs=(*needs, "data"), output=os.path.join(d(name), "config.json"))
 
-    # 3. weight fusion (merge.py writes its output atomically: a folder there is a finished merge)
-    fusions = {"linear-0.5": ["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.5", "0.5"],
-               "linear-0.05": ["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.05", "0.95"],
-               "slerp": ["--method", "slerp", "--models", d("sft"), d("sft-kto"), "--t", "0.5"]}
-    for name, flags in fusions.items():
-        st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], None)
+    # 3. weight fusion (merge.py writes its output atomically, and replaces an older one)
+    fusions = {"linear-0.5": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.5", "0.5"],
+                              ("sft", "sft-b")),
+               "linear-0.05": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.05", "0.95"],
+                               ("sft", "sft-b")),
+               "slerp": (["--method", "slerp", "--models", d("sft"), d("sft-kto"), "--t", "0.5"], ("sft", "sft-kto"))}
+    for name, (flags, needs) in fusions.items():
+        st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], needs=needs,
+               output=os.path.join(d(name), "config.json"))
 
-    # 4. every model on the same questions
+    # 4. every model on the same questions (evaluate.py resumes from its own cache, keyed on each
+    #    checkpoint's files, so a retrained model is never scored from old predictions)
     variants = {"base": base, "sft": d("sft"), "sft-b": d("sft-b"), "kto": d("kto"), "sft-kto": d("sft-kto"),
                 **{n: d(n) for n in fusions}}
-    if args.download:
-        st.run("download", [PY, script("evaluate.py"), "--download", "--tasks", args.tasks, "--data-dir", args.data_dir])
-    limit = ["--limit", str(args.limit)] if args.limit else []
-    choice = [t for t in args.tasks.split(",") if t in ("mmlu", "cmmlu", "ceval")]
+    choice = [t for t in tasks if t in ("mmlu", "cmmlu", "ceval")]
     shots = ["--shots", ",".join(f"{t}={args.choice_shots}" for t in choice)] if choice else []
+    budget = [f"{t}=48" for t in tasks if t in ("gsm8k", "humaneval")] if tiny else []  # the tiny model never stops
     models = [a for m in variants.values() for a in ("--model", m)]
-    st.run("eval", [PY, script("evaluate.py"), *models, "--tasks", args.tasks, "--data-dir", args.data_dir, *limit,
-                    *shots, "--out", d("eval"), *dev, *extra["eval"]], None)
+    st.run("eval", [PY, script("evaluate.py"), *models, "--tasks", ",".join(tasks), "--data-dir", data_dir,
+                    *(["--limit", str(limit)] if limit else []), *shots,
+                    *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
+                    *extra["eval"]], d("eval"), resume_flag=None,
+           needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=os.path.join(d("eval"), "results.json"))
 
-    # 5. the report (rewritten whenever a stage ran, or when it is missing)
-    if st.ran or not os.path.exists(os.path.join(out, "report.json")):
-        write_report(args, out, variants, st, time.time() - started)
-        log(f"report: {os.path.join(out, 'report.md')}")
+    # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
+    ids = {n: st.id(n) for n in ("tiny", "data", "sft", "sft-b", "kto", "sft-kto", *fusions, "eval")}
+    current = None
+    if os.path.exists(os.path.join(out, "report.json")):
+        with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+            current = json.load(f).get("stage_ids")
+    if st.ran or current != ids or not os.path.exists(os.path.join(out, "report.md")):
+        write_report(args, tasks, tiny, out, variants, st, ids)
+        log(f"report: {os.path.join(out_spelled, 'report.md')}")
     else:
-        log(f"nothing to do: every stage is done; the report is {os.path.join(out, 'report.md')}")
+        log(f"nothing to do: every stage is done; the report is {os.path.join(out_spelled, 'report.md')}")
 
 
 # ---- the report ----
@@ -256,15 +376,17 @@ def training_summary(run_dir):
     rows = [m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in m]
     if not rows:
         return {}
-    keys = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"]
-    return {"steps": rows[-1].get("step"), **{k: {"first": rows[0].get(k), "last": rows[-1].get(k)}
-                                                for k in keys if rows[0].get(k) is not None}}
+    out = {"steps": rows[-1].get("step")}
+    for k in ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins"]:
+        vals = [m[k] for m in rows if m.get(k) is not None]  # a KTO step without a desirable row logs no margin
+        if vals:
+            out[k] = {"first": vals[0], "last": vals[-1]}
+    return out
 
 
-def write_report(args, out, variants, st, wall):
+def write_report(args, tasks, tiny, out, variants, st, ids):
     with open(os.path.join(out, "eval", "results.json"), encoding="utf-8") as f:
         results = json.load(f)
-    tasks = [t for t in args.tasks.split(",") if t]
     table = {name: {t: results.get(path, {}).get(t, {}).get("accuracy") for t in tasks} for name, path in variants.items()}
     n = {t: results.get(variants["base"], {}).get(t, {}).get("n") for t in tasks}
     settings = {t: results.get(variants["base"], {}).get(t, {}).get("settings", {}) for t in tasks}
@@ -279,7 +401,8 @@ def write_report(args, out, variants, st, wall):
     report = {"command": shlex.join([sys.executable, *sys.argv]), "git_commit": git_commit(), "hardware": hardware(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "models": variants, "accuracy": table, "questions": n,
               "settings": settings, "published_qwen2_0.5b_instruct": PUBLISHED, "data": data, "training": curves,
-              "stages": [s for s in stages if s]}
+              "stages": [s for s in stages if s], "stage_ids": ids}
+    wall = sum(s["wall_s"] for s in report["stages"])
     charts = draw_charts(out, table, tasks, curves)
 
     def cell(name, t):
@@ -299,12 +422,17 @@ def write_report(args, out, variants, st, wall):
             return "pass@1, greedy, run in a sandbox"
         return f"{s.get('shots', 0)}-shot, {'option-letter log-probs' if s.get('mode', 'logprob') == 'logprob' else 'generate + extract'}"
 
-    lines = ["# The paper's experiment, reproduced", "",
-             f"`{report['command']}`", "",
+    lines = ["# The paper's experiment: " + ("the tiny offline run" if tiny else f"`{args.model}`"), "",
+             f"`{report['command']}`", ""]
+    if tiny:
+        lines += ["**A tiny random model, its own teacher, a few training steps, a handful of questions: these "
+                  "numbers only show that every stage ran end to end. They measure nothing** (a random model's "
+                  "scores are chance or zero, and its teacher replies all fail their checks: see data/report.md).", ""]
+    lines += [
              f"git {report['git_commit']} · {report['date']} · {report['hardware']['cpu']}, {report['hardware']['cores']} "
              f"cores, CPU capability {report['hardware']['cpu_capability']}" +
              (f" · GPUs: {', '.join(report['hardware']['gpus'])}" if report["hardware"]["gpus"] else " · no GPU") +
-             f" · torch {report['hardware']['torch']} · total wall time of this invocation {wall / 60:.1f} min", "",
+             f" · torch {report['hardware']['torch']} · wall time of all stages {wall / 60:.1f} min", "",
              "## Accuracy (%) per benchmark; in parentheses the change against the base model", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
              "| Qwen2-0.5B-Instruct, **as published** (not measured here) | " +
@@ -313,8 +441,11 @@ def write_report(args, out, variants, st, wall):
     lines += ["| questions per benchmark | " + " | ".join(str(n[t]) for t in tasks) + " |",
               "| protocol | " + " | ".join(protocol(t) for t in tasks) + " |", "",
               "⚠ = at or below chance (25% for the four-option benchmarks): the score says nothing about the model. "
-              "With n questions, one question moves a score by 100/n points; differences smaller than a few "
-              "such steps are noise. Every prediction is in eval/results.json.", ""]
+              + "".join(f"With {k} questions one question moves a score by {100 / k:.1f} points; " for k in
+                        sorted({v for v in n.values() if v})) +
+              "differences of a few such steps are noise. The published row comes from the Qwen team's own "
+              "protocol and full benchmarks, not from the protocol row above. Every prediction is in "
+              "eval/results.json.", ""]
     if charts.get("accuracy"):
         lines += [f"![accuracy]({charts['accuracy']})", ""]
     lines += ["## Variants", "",
@@ -335,13 +466,15 @@ def write_report(args, out, variants, st, wall):
         lines.append(f"| {name} | {c.get('steps')} | {fmt('loss')} | {fmt('kl')} | {fmt('rewards/margins')} |")
     if charts.get("training"):
         lines += ["", f"![training]({charts['training']})"]
-    lines += ["", "## Stages", "", "| stage | wall time | peak RSS (GB) | finished |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['wall_s'] / 60:.1f} min | {s['peak_rss_gb']:.2f} | {s['finished']}"
-              f"{' (resumed)' if s.get('resumed') else ''} |" for s in report["stages"]]
-    lines += ["", "Peak RSS is the stage process's (and its children's) resident memory; on a GPU the training "
-              "scripts' own logs give CUDA memory. Each stage's exact command is in stages/NAME.json.", ""]
+    lines += ["", "## Stages", "", "| stage | wall time | peak RSS (GB) | attempts | finished |", "|---|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['wall_s'] / 60:.1f} min | {s['peak_rss_gb']:.2f} | {s.get('attempts', 1)} | "
+              f"{s['finished']} |" for s in report["stages"]]
+    lines += ["", "Wall time sums a stage's attempts (an interrupted stage continues where it stopped). Peak RSS is "
+              "the resident memory of the stage's largest single process (under torchrun: of one rank); on a GPU "
+              "the training scripts' own logs give CUDA memory. Each stage's exact command is in stages/NAME.json.", ""]
     tmp = os.path.join(out, ".report.tmp")
-    for name, text in (("report.json", json.dumps(report, indent=1, ensure_ascii=False)), ("report.md", "\n".join(lines))):
+    # report.md first, report.json last: report.json (with the stage ids it was made from) marks a finished report
+    for name, text in (("report.md", "\n".join(lines)), ("report.json", json.dumps(report, indent=1, ensure_ascii=False))):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         os.replace(tmp, os.path.join(out, name))
@@ -362,9 +495,10 @@ def draw_charts(out, table, tasks, curves):
         ax.bar([c + i * width for c in range(len(tasks))], [row[t] or 0 for t in tasks], width, label=name)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "report_accuracy.png"), dpi=110)
+    fig.savefig(os.path.join(out, "report_accuracy.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
     charts["accuracy"] = "report_accuracy.png"
     runs = [n for n, c in curves.items() if c]

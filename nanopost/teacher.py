@@ -239,8 +239,8 @@ class Teacher:
     def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):
         """check(reply text) -> (value, None) or (None, failure kind). -> (values, failures): values[i]
         is None where every attempt failed; failures[i] lists {attempt, kind, raw} of each failed try.
-        A reply cut off at max_tokens fails as "truncated" whatever check says: half an answer (or a
-        JSON object that happens to parse before the cut) is not the teacher's answer.
+        A reply cut off at max_tokens fails as "truncated" whatever check says (half an answer, or a
+        JSON object that happens to parse before the cut, is not the teacher's answer), and is not retried.
         A retry shows the teacher its reply and retry_prompt.format(why=kind). A transport failure (the
         backend has already retried it) is not retried here: the item is unfinished, failures[i] None."""
         values, failures = [None] * len(requests), [[] for _ in requests]
@@ -256,8 +256,9 @@ class Teacher:
                     self.unfinished[r.error] += 1
                     continue
                 value, kind = check(r.text) if r.text is not None else (None, r.error)
-                if r.text is not None and r.truncated:
-                    value, kind = None, "truncated"
+                if r.text is not None and r.truncated:  # final: the same budget would cut a retry too,
+                    failures[i].append({"attempt": attempt, "kind": "truncated", "raw": r.text})  # and a retry
+                    continue  # shown its own cut-off text invites a continuation, not a whole answer
                 if kind is None:
                     values[i] = value
                     continue

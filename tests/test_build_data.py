@@ -371,8 +371,11 @@ def test_selection_rules():
     best, worst, why = m.select_responses([s("student", ppl=2.0), s("original", ppl=50.0)], 3)
     assert best["source"] == "original" and worst is None  # perplexity alone is not a clear gap
     assert m.select_responses([s("student", correct=False)], 3)[0] is None
-    # a response cut off at the token limit is never the best, even judged 10; it is a clear worst
-    best, worst, _ = m.select_responses([s("student", judge=10, truncated=True), s("teacher", judge=6)], 3)
+    # a response cut off at the token limit is never the best, even judged 10; it is the worst, but
+    # being cut off is no clear gap by itself (KTO would learn that shorter is better)
+    best, worst, why = m.select_responses([s("student", judge=10, truncated=True), s("teacher", judge=9)], 3)
+    assert best["source"] == "teacher" and worst is None and why == "gap not clear"
+    best, worst, _ = m.select_responses([s("student", judge=2, truncated=True), s("teacher", judge=9)], 3)
     assert (best["source"], worst["source"]) == ("teacher", "student")
     assert m.select_responses([s("student", judge=10, truncated=True)], 3)[0] is None
 
@@ -394,8 +397,8 @@ def test_synthesis_without_sources_sends_distinct_requests(fake, tiny, tmp_path)
 
 def test_cut_off_replies_fail_their_check_and_are_cached_as_such(fake, tmp_path):
     """finish_reason "length" marks a reply cut off at max_tokens: ask_json counts it as a failed try
-    ("truncated", even when the text would pass the check) and retries; the cache keeps the flag, and
-    rows from a cache that predates the flag are asked again, never trusted as whole answers."""
+    ("truncated", even when the text would pass the check) and does not retry it; the cache keeps the
+    flag, and rows from a cache that predates the flag are asked again, never trusted as whole answers."""
     import sqlite3
 
     from nanopost.teacher import HTTPBackend, Teacher, request_key
@@ -407,8 +410,9 @@ def test_cut_off_replies_fail_their_check_and_are_cached_as_such(fake, tmp_path)
     try:
         teacher = Teacher(HTTPBackend([fake.url], retries=0), cache, "test")
         asked = [[{"role": "user", "content": "How many eggs?"}]]
+        n = fake.requests
         values, fails = teacher.ask_json(asked, check_answer, teacher.sampling(16), 1, "That reply was {why}.")
-        assert values == ["Let me see. The answer is 42."]
+        assert values == [None] and fake.requests == n + 1  # one request: no retry
         assert [(f["attempt"], f["kind"], f["raw"]) for f in fails[0]] == [(0, "truncated", "Let me s")]
         n = fake.requests
         again = Teacher(HTTPBackend([fake.url], retries=0), cache, "test")

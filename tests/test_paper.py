@@ -1,8 +1,10 @@
 """paper.py, the whole experiment, end to end on the tiny offline default (shrunk for CI time):
 every stage's outputs, the report with every variant and benchmark, a failed stage continued by
 rerunning the same command, a finished run doing no work again, and changed settings refused."""
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,9 +13,9 @@ VARIANTS = ["base", "sft", "sft-b", "kto", "sft-kto", "linear-0.5", "linear-0.05
 TASKS = ["gsm8k", "mmlu", "cmmlu", "ceval", "humaneval"]
 
 
-def paper(*args):
+def paper(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "paper.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
+                          text=True, timeout=900, cwd=cwd)
 
 
 def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
@@ -29,7 +31,8 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     # a stage that fails (a flag train_kto.py does not have) stops the run; what finished stays
     r = paper(*small, "--kto-args", "--max-steps 2 --lr 1e-4 --batch-size 4 --no-such-flag")
     assert r.returncode != 0 and "stage kto failed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sorted(os.listdir(out / "stages")) == ["data.json", "sft-b.json", "sft.json", "tiny.json"]
+    assert sorted(f for f in os.listdir(out / "stages") if not f.endswith(".running.json")) == \
+        ["data.json", "sft-b.json", "sft.json", "tiny.json"]
     kto = ["--kto-args", "--max-steps 2 --lr 1e-4 --batch-size 4"]
     r = paper(*small, *kto)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -66,8 +69,52 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     assert {f: (out / "stages" / f).stat().st_mtime_ns for f in os.listdir(out / "stages")} == markers
     assert (out / "report.json").stat().st_mtime_ns == before
 
+    # --out spelled another way (relative, from its parent folder) is the same run
+    r = paper(*["run" if a == out else a for a in small], *kto, cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
+
     # other settings for a finished stage are refused, not silently reused
     changed = [a if a != "--max-steps 2 --lr 1e-3 --batch-size 2" else "--max-steps 3 --lr 1e-3 --batch-size 2"
                for a in small]
     r = paper(*changed, *kto)
     assert r.returncode != 0 and "stage sft: finished earlier with another command" in r.stderr, r.stderr
+
+    # sft redone (deleted, trained again): everything that read it runs again, the report is rewritten
+    shutil.rmtree(out / "sft")
+    os.remove(out / "stages" / "sft.json")
+    r = paper(*small, *kto)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("sft-kto", "linear-0.5", "linear-0.05", "slerp", "eval"):
+        assert f"{name}: " in r.stdout and "sft changed since it ran: running it again" in r.stdout, r.stdout
+    for name in ("sft-b", "kto"):
+        assert f"{name}: done already" in r.stdout
+    assert (out / "report.json").stat().st_mtime_ns != before
+    ids = json.loads((out / "report.json").read_text())["stage_ids"]
+    assert ids["sft"] == json.loads((out / "stages" / "sft.json").read_text())["id"]
+
+
+def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
+    for args, why in ((["--tasks", "gsm8k,bogus"], "--tasks: unknown bogus"), (["--limit", "-1"], "--limit must be"),
+                      (["--gpus", "0"], "--gpus must be"), (["--seeds", tmp_path / "none.jsonl"], "no such file"),
+                      (["--teacher-model", "x"], "give --teacher-url too"),
+                      (["--data-dir", tmp_path / "nowhere"], "no such folder")):
+        r = paper("--out", tmp_path / "run", *args)
+        assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    r = paper("--out", tmp_path / "mine")
+    assert r.returncode == 2 and "not a paper.py run" in r.stderr and os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_report_reads_training_curves_with_missing_values(tmp_path):
+    """A KTO step without a desirable example logs no margin (null): first and last are the first and
+    last logged values, and a metric never logged is left out (the report once crashed on a final null)."""
+    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
+    paper_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_py)
+    rows = [{"step": 1, "loss": 0.5, "rewards/margins": None}, {"step": 2, "loss": 0.4, "rewards/margins": 1.5},
+            {"step": 3, "loss": 0.3, "rewards/margins": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = paper_py.training_summary(str(tmp_path))
+    assert got == {"steps": 3, "loss": {"first": 0.5, "last": 0.3}, "rewards/margins": {"first": 1.5, "last": 1.5}}
