@@ -14,7 +14,7 @@
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data runs/data/sft.jsonl --out runs/sft ...
     python train_kto.py --model runs/sft --data runs/data/kto.jsonl --out runs/kto ...
 
-The eight stages (DESIGN.md, "Teacher-guided data"), one section each below:
+The eight stages of the paper's pipeline, one section each below:
   1 ingest     read --sources (chat `messages`, `prompt`/`completion`, `instruction`/`input`/`output`,
                `question`/`answer` as in GSM8K, whose '#### N' becomes the gold answer), normalise;
                --synthesize N: the teacher also writes N new instructions over --categories

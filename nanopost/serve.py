@@ -490,7 +490,7 @@ def is_loopback(host):
 
 def auto_dtype(device):
     """bfloat16 where the hardware computes it natively, else float32: without AVX512-BF16 or AMX a
-    CPU decodes bf16 far slower than float32 (see ../shared/DESIGN.md, measuring performance)."""
+    CPU decodes bf16 far slower than float32 (BENCHMARKS.md)."""
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     try:
