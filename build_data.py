@@ -457,6 +457,10 @@ RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_mo
 
 def main(argv=None):
     args = parse_args(argv)
+    # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
+    # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
+    # install their own handler for the same reason.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         build(args)
     except (DataError, StateError, CheckpointError, TeacherUnreachable) as e:

@@ -205,6 +205,10 @@ def glue_args_flags(argv):
 
 
 def main():
+    # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
+    # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
+    # install their own handler for the same reason.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="everything goes here (default runs/paper, or runs/paper-tiny without --model)")
     p.add_argument("--model", help="the student/base model: directory or hub id (default: a tiny random one)")

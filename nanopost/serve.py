@@ -574,6 +574,10 @@ def model_arg(spec):
 
 
 def main(argv=None):
+    # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
+    # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
+    # install their own handler for the same reason.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- models ----
     p.add_argument("--model", action="append", required=True, type=model_arg, metavar="[NAME=]DIR_OR_HUB_ID",

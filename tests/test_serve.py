@@ -262,12 +262,16 @@ def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
     assert chat(client(server), "Hello there", max_tokens=20)[0] == greedy(engines["a"], "Hello there", 20)
 
 
-def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys):
+@pytest.mark.parametrize("launched", ["foreground", "with SIGINT ignored"])
+def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys, launched):
+    """Ctrl-C mid-reply; also when started as a shell's background job or under nohup, which start
+    programs with SIGINT ignored (Python then raises no KeyboardInterrupt unless told to)."""
     with pytest.raises(SystemExit):
         serve.main(["--help"])
     assert "--api-key" in capsys.readouterr().out
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if launched != "foreground" else None
     p = subprocess.Popen([sys.executable, "-m", "nanopost.serve", "--model", tiny, "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ignore)
     try:
         lines = [p.stdout.readline() for _ in range(2)]
         assert re.match(r"tiny: .* MiB of (float32|bfloat16) weights on cpu", lines[0]), lines  # --dtype auto
