@@ -254,7 +254,10 @@ def test_http_transport_failures_are_redone_on_resume(fake, tiny, sources, tmp_p
     """A 500 or a timeout is not the teacher's answer: the items stay unwritten, the run exits non-zero
     naming them, and --resume (the server back) asks again: the rows equal an uninterrupted run's."""
     out = str(tmp_path / "out")
-    args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, "--timeout", "1", *FAST]
+    # the timeout case needs a short --timeout (the server sleeps 3 s); the 500 case a generous one, or
+    # a slow reply on a loaded machine would be counted as a timeout instead
+    timeout = "1" if kind == "timeout" else "20"
+    args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, "--timeout", timeout, *FAST]
     fake.clean, fake.fail_labels = True, kind
     try:
         r = run_main(SCRIPT, *args)
