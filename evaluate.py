@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -312,4 +313,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C stops us even when started with SIGINT ignored (a shell's background job, nohup)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: every prediction made so far is cached in OUT/cache; the same command resumes",
+              file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -402,3 +402,31 @@ def test_perplexity_and_chart(tmp_path, tiny, data_dir):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p" / "results.png").stat().st_size > 1000
     assert "ppl:chat.jsonl" in open(tmp_path / "p" / "results.md").read()
+
+
+@pytest.mark.parametrize("launched", ["foreground", "with SIGINT ignored"])
+def test_ctrl_c_keeps_the_predictions_and_the_same_command_resumes(tmp_path, tiny, data_dir, launched):
+    """Ctrl-C mid-run: exit 130 with a line saying what is kept (no traceback), also when started with
+    SIGINT ignored (a background job, nohup); the rerun keeps the cached rows and finishes."""
+    import signal
+    import time
+    out = tmp_path / "eval"
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", tiny, "--tasks", "gsm8k", "--data-dir",
+           data_dir, "--limit", "3", "--max-new-tokens", "gsm8k=120", "--batch-size", "1", "--dtype", "float32",
+           "--out", out]
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if launched != "foreground" else None
+    p = subprocess.Popen(list(map(str, cmd)), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         preexec_fn=ignore)
+    rows = lambda: sum(len(open(f).readlines()) for f in (out / "cache").glob("*.jsonl")) if (out / "cache").exists() else 0  # noqa: E731
+    t0 = time.time()
+    while rows() < 1 and time.time() - t0 < 120:
+        time.sleep(0.05)
+    kept = rows()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted: every prediction made so far is cached" in err, err[-2000:]
+    assert "Traceback" not in err and kept >= 1
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())[str(tiny)]["gsm8k"]
+    assert res["n"] == 3 and rows() == 3
