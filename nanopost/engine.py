@@ -336,10 +336,9 @@ class Engine:
                 ids[live] = torch.tensor([out[slot[b]][-1] for b in live], device=dev)
                 idle = torch.tensor([slot[b] is None for b in range(len(slot))], device=dev)
                 cache.pos.masked_fill_(idle, 0)
-                S = int(cache.pos.max()) + 1
-                key_ok = torch.arange(S, device=dev)[None, :] <= cache.pos[:, None]  # (B, S): a row's keys up to its own
-                logits[:] = model(ids[:, None], position_ids=cache.pos[:, None].clone(), cache=cache,
-                                  mask=key_ok[:, None, None])[:, -1].float()
+                # per-row lengths: the model places each row at its own position and masks its keys
+                # past its own length (Qwen2.forward, KVCache.begin)
+                logits[:] = model(ids[:, None], cache=cache)[:, -1].float()
             admit()
         return out
 
