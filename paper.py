@@ -346,10 +346,9 @@ def main():
 # ---- the report ----
 
 def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The objects of a JSONL file, [] when it does not exist (a malformed line: DataError, file:line)."""
+    from nanopost.data import read_jsonl as rows
+    return [obj for _, obj in rows(path)] if os.path.exists(path) else []
 
 
 def hardware():

@@ -105,7 +105,7 @@ class KVCache:
 
     def update(self, layer: int, k_BKTD, v_BKTD):
         end = self._end
-        if isinstance(self.pos, torch.Tensor):  # per-row lengths: the caller masks each row's keys >= its pos + 1
+        if isinstance(self.pos, torch.Tensor):  # per-row lengths: Qwen2.forward masks each row's keys past its own
             self.k[layer, self._rows, :, self.pos] = k_BKTD[:, :, 0]
             self.v[layer, self._rows, :, self.pos] = v_BKTD[:, :, 0]
         else:
