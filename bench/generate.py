@@ -10,8 +10,11 @@ prints new tokens/s (median of --repeats runs after a warm-up), the ratio, and p
 
 --chat N: N chat instructions whose replies have mixed lengths, eos respected, at most
 --new-tokens each, rows at a time = the first --batch-sizes: nanopost's continuous batching against
-transformers `generate` on left-padded batches of the same size (longest prompts first) and a
-one-at-a-time transformers loop (--loop-sample of the instructions, scaled to N)."""
+transformers `generate` on left-padded batches of the same size (longest prompts first), a
+one-at-a-time transformers loop (--loop-sample of the instructions, scaled to N), and the same
+instructions over HTTP: `python -m nanopost.serve` started as its own process (--batch-size rows)
+and build_data.py's HTTP teacher backend sending them from --http-clients concurrent clients
+(issue 12's goals: in-process >= 8x the loop; HTTP with 8 clients >= 0.8x in-process)."""
 import argparse
 import json
 import os
@@ -41,9 +44,45 @@ TEMPLATES = ["Write a haiku about {}.", "Explain {} in one detailed paragraph.",
 INSTRUCTIONS = [t.format(x) for x in TOPICS for t in TEMPLATES]  # 64, replies from one word to ~250 tokens
 
 
-def chat_worker(impl, model_dir, dtype_name, n, B, new_tokens, loop_sample):
+def http_side(model_dir, dtype_name, n, B, new_tokens, clients):
+    """nanopost.serve in its own process; the instructions sent by build_data's HTTP teacher backend."""
+    import signal
+    import subprocess
+    import sys
+    from nanopost.teacher import HTTPBackend
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    srv = subprocess.Popen([sys.executable, "-m", "nanopost.serve", "--model", f"teacher={model_dir}", "--dtype", dtype_name,
+                            "--port", "0", "--quiet", "--batch-size", str(B)], cwd=root, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("serving"):
+            lines.append(srv.stdout.readline())
+            if not lines[-1]:
+                raise RuntimeError("nanopost.serve did not start: " + "".join(lines))
+        url = lines[-1].split(" at ")[1].split()[0]
+        backend = HTTPBackend([url], concurrency=clients, timeout=3600, retries=0)
+        sampling = {"max_tokens": new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+        messages = [[{"role": "user", "content": q}] for q in INSTRUCTIONS[:n]]
+        backend.complete(messages[:2], dict(sampling, max_tokens=4), lambda i, r: None)  # warm-up
+        outs = [None] * n
+
+        def keep(i, r):
+            outs[i] = r.text if r.text is not None else f"<{r.error}>"
+        t = time.perf_counter()
+        backend.complete(messages, sampling, keep)
+        secs = time.perf_counter() - t
+    finally:
+        srv.send_signal(signal.SIGINT)
+        srv.wait(60)
+    return {"seconds": secs, "texts": outs}
+
+
+def chat_worker(impl, model_dir, dtype_name, n, B, new_tokens, loop_sample, clients):
     import torch
     import nanopost
+    if impl == "nanopost-http":
+        return http_side(model_dir, dtype_name, n, B, new_tokens, clients)
     dtype = getattr(torch, dtype_name)
     tok = nanopost.Tokenizer(model_dir)
     prompts = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in INSTRUCTIONS[:n]]
@@ -139,10 +178,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
+    p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker and args.chat:
-        print(json.dumps(chat_worker(args.worker[0], args.model, args.worker[1], args.chat, args.batch_sizes[0], args.new_tokens, args.loop_sample)))
+        print(json.dumps(chat_worker(args.worker[0], args.model, args.worker[1], args.chat, args.batch_sizes[0], args.new_tokens, args.loop_sample,
+                                     args.http_clients)))
         return
     if args.worker:
         print(json.dumps(worker(*args.worker[:1], args.model, args.worker[1], args.batch_sizes, args.new_tokens, args.repeats)))
@@ -153,21 +194,34 @@ def main():
     if args.chat:
         print(f"chat workload: {args.chat} instructions, <= {args.new_tokens} new tokens, eos respected, "
               f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample}, scaled")
-        print("| dtype | nanopost s | transformers batched s | one-at-a-time loop s | vs batched | vs loop | "
-              "identical replies (batched / loop) | reply lengths min-median-max |")
-        print("|---|---|---|---|---|---|---|---|")
+        if args.http_clients:
+            print(f"HTTP: nanopost.serve in its own process (--batch-size {args.batch_sizes[0]}), "
+                  f"{args.http_clients} concurrent clients (build_data's HTTP teacher backend)")
+        print("| dtype | nanopost in-process s (responses/min) | transformers batched s | one-at-a-time loop s | vs batched | "
+              "vs loop | HTTP s (responses/min) | HTTP / in-process | identical replies (batched / loop / HTTP) | "
+              "reply lengths min-median-max |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        impls = ("nanopost", "transformers", "transformers-loop") + (("nanopost-http",) if args.http_clients else ())
         for dtype in args.dtypes:
             res = {impl: run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
                                              "--chat", args.chat, "--loop-sample", args.loop_sample,
+                                             "--http-clients", args.http_clients,
                                              "--batch-sizes", args.batch_sizes[0]], f"{impl} {dtype}")
-                   for impl in ("nanopost", "transformers", "transformers-loop")}
+                   for impl in impls}
             a, b, c = res["nanopost"], res["transformers"], res["transformers-loop"]
             same_b = sum(x == y for x, y in zip(a["outs"], b["outs"]))
             same_c = sum(x == y for x, y in zip(a["outs"], c["outs"]) if y is not None)
             lens = sorted(map(len, a["outs"]))
-            print(f"| {dtype} | {a['seconds']:.1f} | {b['seconds']:.1f} | {c['seconds']:.1f} | "
-                  f"{b['seconds'] / a['seconds']:.2f}x | {c['seconds'] / a['seconds']:.2f}x | {same_b}/{args.chat} / "
-                  f"{same_c}/{sum(y is not None for y in c['outs'])} | {lens[0]}-{lens[len(lens) // 2]}-{lens[-1]} |", flush=True)
+            http, same_h = "- | -", "-"
+            if args.http_clients:
+                import nanopost
+                tok, h = nanopost.Tokenizer(args.model), res["nanopost-http"]
+                same_h = f"{sum(tok.decode(x) == y for x, y in zip(a['outs'], h['texts']))}/{args.chat}"
+                http = f"{h['seconds']:.1f} ({args.chat * 60 / h['seconds']:.1f}) | {a['seconds'] / h['seconds']:.2f}x"
+            print(f"| {dtype} | {a['seconds']:.1f} ({args.chat * 60 / a['seconds']:.1f}) | {b['seconds']:.1f} | "
+                  f"{c['seconds']:.1f} | {b['seconds'] / a['seconds']:.2f}x | {c['seconds'] / a['seconds']:.2f}x | {http} | "
+                  f"{same_b}/{args.chat} / {same_c}/{sum(y is not None for y in c['outs'])} / {same_h} | "
+                  f"{lens[0]}-{lens[len(lens) // 2]}-{lens[-1]} |", flush=True)
         return
     print("| dtype | batch | nanopost tok/s | transformers tok/s | ratio | same tokens (row 0) | peak RSS nanopost / transformers |")
     print("|---|---|---|---|---|---|---|")

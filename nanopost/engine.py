@@ -252,23 +252,47 @@ class Engine:
     # ---- generation ----
 
     def generate_ids(self, prompts: list[list[int]], s: Sampling = Sampling(), on_token=None,
-                     batch_size: int | None = None, on_done=None) -> list[list[int]]:
+                     batch_size: int | None = None, on_done=None, limits: list[int] | None = None,
+                     more=None) -> list[list[int]]:
         """prompts: token id lists -> the new token ids of each row (eos and stop strings cut).
         batch_size: rows decoded concurrently (default: all prompts); the others wait for a free slot.
-        on_token(step, tokens, done): after every step, lists over the prompts (a prompt not
-        running this step has the pad id). on_done(i, ids): as soon as prompt i is finished."""
-        if not prompts or any(len(p) == 0 for p in prompts):
+        limits: each prompt's max_new_tokens (default s.max_new_tokens for every one).
+        more(n): asked for at most n more prompts whenever slots are free (a server's requests that
+        arrive mid-run) -> a list of (ids, max_new_tokens); they take the next prompt indices and
+        the call returns when every prompt, first or added, is done.
+        on_token(step, tokens, done): after every step, lists over the prompts (None for a prompt
+        not running this step); it may return prompt indices to end now (a client went away).
+        on_done(i, ids): as soon as prompt i is finished."""
+        if (not prompts and more is None) or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        limits = [s.max_new_tokens] * len(prompts) if limits is None else list(limits)
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} limits for {len(prompts)} prompts")
         with torch.inference_mode(), self.fast_linears():
-            return self._generate_ids([list(p) for p in prompts], s, on_token, batch_size or len(prompts), on_done)
+            return self._generate_ids([list(p) for p in prompts], s, on_token,
+                                      batch_size or max(len(prompts), 1), on_done, limits, more)
 
-    def _generate_ids(self, prompts, s, on_token, batch_size, on_done):
-        model, dev = self.model, self.model.lm_head.weight.device
-        N, V = s.max_new_tokens, model.config.vocab_size
-        order, shared = self._plan(prompts)
-        waiting = deque(order)
+    def _generate_ids(self, prompts, s, on_token, batch_size, on_done, limits, more):
+        model, dev, dtype = self.model, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        V = model.config.vocab_size
+        waiting, shared = deque(), []
+        out, done = [], []
+
+        def enqueue(new):  # (ids, limit) pairs -> waiting, in token order (neighbours share prefixes)
+            base = len(prompts)
+            prompts.extend(list(p) for p, _ in new)
+            limits.extend(n for _, n in new)
+            order, sh = self._plan(prompts[base:])
+            shared.extend(sh)
+            waiting.extend(base + i for i in order)
+            out.extend([] for _ in new)
+            done.extend(False for _ in new)
+
+        first = list(zip(prompts, limits))
+        del prompts[:], limits[:]
+        enqueue(first)
         n = min(batch_size, len(prompts))
-        cache = KVCache(model.config, n, max(map(len, prompts)) + N, model.lm_head.weight.dtype, dev)
+        cache = KVCache(model.config, n, max((len(p) + m for p, m in first), default=1), dtype, dev)
         cache.pos = torch.zeros(n, dtype=torch.long, device=dev)  # per-row lengths
         slot = [None] * n  # the prompt each slot runs
         logits = torch.zeros(n, V, device=dev)  # each running row's next-token logits
@@ -276,12 +300,29 @@ class Engine:
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
         stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
-        out, done = [[] for _ in prompts], [False] * len(prompts)
+
+        def grow(B, T):  # room for B slots of T positions; only rows added mid-run (more) need it
+            nonlocal cache, logits, seen, slot
+            B0, T0 = cache.k.shape[1], cache.k.shape[3]
+            if B <= B0 and T <= T0:
+                return
+            bigger = KVCache(model.config, max(B, B0), max(T, T0), dtype, dev)
+            bigger.k[:, :B0, :, :T0], bigger.v[:, :B0, :, :T0] = cache.k, cache.v
+            extra = max(B, B0) - B0
+            bigger.pos = torch.cat([cache.pos, cache.pos.new_zeros(extra)])
+            cache, slot = bigger, slot + [None] * extra
+            logits = torch.cat([logits, logits.new_zeros(extra, V)])
+            seen = torch.cat([seen, seen.new_zeros(extra, V)]) if seen is not None else None
 
         def admit():  # the next waiting prompts into the free slots: prefix K/V copied, suffix prefilled
-            free = [b for b in range(len(slot)) if slot[b] is None][:len(waiting)]
-            rows = [waiting.popleft() for _ in free]
-            where = dict(zip(rows, free))
+            running = sum(b is not None for b in slot)
+            if more is not None and len(waiting) < batch_size - running:
+                enqueue(more(batch_size - running - len(waiting)))
+            rows = [waiting.popleft() for _ in range(min(len(waiting), batch_size - running))]
+            if not rows:
+                return
+            grow(running + len(rows), max(len(prompts[i]) + limits[i] for i in rows))
+            where = dict(zip(rows, [b for b in range(len(slot)) if slot[b] is None]))
             for prefix, m, group in self._groups(prompts, rows, shared):
                 packed, next_logits = self._prefill(prefix, m, [prompts[i][m:] for i in group])
                 start = m
@@ -302,7 +343,7 @@ class Engine:
             running = [b for b in range(len(slot)) if slot[b] is not None]
             idx = torch.tensor(running, device=dev)
             nxt = sample_next(logits[idx], seen[idx] if seen is not None else None, s, gen).tolist()
-            tokens = [self.tok.pad_id] * len(prompts)
+            tokens = [None] * len(prompts)
             for b, t in zip(running, nxt):
                 i = slot[b]
                 tokens[i] = t
@@ -312,7 +353,7 @@ class Engine:
                 out[i].append(t)
                 if seen is not None:
                     seen[b, t] = True
-                if len(out[i]) == N:
+                if len(out[i]) >= limits[i]:
                     done[i] = True
                 elif s.stop:  # decode only a short tail: cost does not grow with the output
                     done[i] = any(x in self.tok.decode(out[i][-stop_tail:]) for x in s.stop)
@@ -322,7 +363,12 @@ class Engine:
                         on_done(slot[b], out[slot[b]])
                     slot[b] = None
             if on_token is not None:
-                on_token(step, tokens, list(done))
+                ended = set(on_token(step, tokens, list(done)) or ())
+                if ended:  # the caller no longer wants these rows: free their slots, drop them from the queue
+                    for i in ended:
+                        done[i] = True
+                    slot = [None if i in ended else i for i in slot]
+                    waiting = deque(i for i in waiting if i not in ended)
             step += 1
             live = [b for b in range(len(slot)) if slot[b] is not None]
             if live and not waiting and len(live) <= len(slot) // 2:  # the tail: drop the idle slots

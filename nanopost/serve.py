@@ -20,7 +20,9 @@ repetition_penalty. n > 1, logprobs, tools and the OpenAI penalties are refused 
 
 How it works: each model has one worker thread, the only one that runs it. HTTP handler threads
 validate a request, render its prompt and queue it; the worker takes every request waiting, runs
-those sampled alike together in one Engine.generate_ids call (up to --batch-size rows), and the
+those sampled alike together in one Engine.generate_ids call (up to --batch-size rows at once),
+and requests sampled alike that arrive meanwhile join that call as rows finish (continuous
+batching across requests: a new request does not wait for the longest reply in flight). The
 engine's per-step callback hands each row's new text to its own client as soon as it is final.
 
 Security: it listens on 127.0.0.1 unless told otherwise, and refuses any other address without
@@ -50,7 +52,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -88,7 +90,7 @@ class _BatchOver(Exception):
 class Request:
     model: str
     ids: list[int]  # the rendered prompt
-    sampling: Sampling  # max_new_tokens unused: rows with different max_tokens share a batch
+    sampling: Sampling  # max_new_tokens unused: each row stops at its own max_tokens
     max_tokens: int
     stream: bool
     tok: Tokenizer
@@ -167,7 +169,7 @@ class Worker:
         while True:
             if not waiting:
                 waiting.append(self.inbox.get())
-            while True:  # everything that queued while the last batch ran
+            while True:  # everything that queued while the last run went on
                 try:
                     waiting.append(self.inbox.get_nowait())
                 except queue.Empty:
@@ -179,35 +181,55 @@ class Worker:
                 return
             head = waiting[0]
             batch = [r for r in waiting if r.key == head.key][:self.batch_size]
-            waiting = [r for r in waiting if all(r is not b for b in batch)]
+            waiting[:] = [r for r in waiting if all(r is not b for b in batch)]
             batch = [r for r in batch if not r.cancelled]
             if batch:
-                self.run(batch)
+                self.run(batch, waiting)
 
-    def run(self, batch):
-        s = replace(batch[0].sampling, max_new_tokens=max(r.max_tokens for r in batch))
+    def run(self, batch, waiting):
+        """One Engine.generate_ids call: `batch` first, then requests sampled alike that arrive while
+        it runs join as slots free up (continuous batching across requests). Once a request sampled
+        otherwise waits, no more join: the run drains and that request goes next."""
+        rows, key = list(batch), batch[0].key
+
+        def more(n):
+            new = []
+            while len(new) < n and not waiting and not self.closing:
+                try:
+                    r = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if r is None or r.key != key:
+                    waiting.append(r)
+                elif not r.cancelled:
+                    new.append(r)
+            rows.extend(new)
+            return [(r.ids, r.max_tokens) for r in new]
 
         def on_token(step, tokens, done):
-            for r, token, d in zip(batch, tokens, done):
-                if not r.finished:
+            for r, token, d in zip(rows, tokens, done):
+                if token is not None and not r.finished:
                     r.push(token, d)
-            if self.closing or all(r.finished for r in batch):  # e.g. the longest max_tokens is unread
+            if self.closing:
                 raise _BatchOver
+            # rows answered here (a stop string the engine has not seen whole yet) or abandoned by their client
+            return [i for i, r in enumerate(rows) if (r.finished or r.cancelled) and not done[i]]
 
         try:
-            out = self.engine.generate_ids([r.ids for r in batch], s, on_token)
-            for r, new in zip(batch, out):  # only if the engine ended a row without saying so
+            out = self.engine.generate_ids([r.ids for r in batch], batch[0].sampling, on_token,
+                                           limits=[r.max_tokens for r in batch], more=more)
+            for r, new in zip(rows, out):  # only if the engine ended a row without saying so
                 if not r.finished:
                     r.new = new[:r.max_tokens]
-                    r.finish(cut_at_stop(self.tok.decode(r.new), s.stop), "length")
+                    r.finish(cut_at_stop(self.tok.decode(r.new), r.sampling.stop), "length")
         except _BatchOver:
             pass
-        except Exception as e:  # one bad batch must not take the model down for later requests
+        except Exception as e:  # one bad run must not take the model down for later requests
             traceback.print_exc()
-            for r in batch:
+            for r in rows:
                 if not r.finished:
                     r.fail(ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
-        for r in batch:
+        for r in rows:
             if not r.finished:
                 r.fail(ApiError(503, "the server is shutting down", type="server_error"))
 
@@ -614,7 +636,10 @@ def main(argv=None):
           "(Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down as on Ctrl-C
     try:
-        server.thread.join()
+        # timed waits: a signal may land on any thread (a worker's, the kernel picks), and Python
+        # runs its handler only when the main thread next runs; an untimed join would never wake up
+        while server.thread.is_alive():
+            server.thread.join(timeout=0.25)
     except KeyboardInterrupt:
         print("\nshutting down", flush=True)
         server.shutdown()

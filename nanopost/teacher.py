@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 
@@ -99,7 +99,8 @@ class Cache:
 # ---- backends ----
 
 class LocalBackend:
-    """In-process generation through the Engine (batched, longest prompts first)."""
+    """In-process generation through the Engine: every request in one continuous-batching call,
+    `batch_size` rows at a time; each reply is handed back (to the cache) the moment its row ends."""
 
     def __init__(self, model, tok, checkpoint_dir: str, batch_size: int = 16):
         from nanopost.engine import Engine
@@ -112,11 +113,10 @@ class LocalBackend:
         from nanopost.engine import Sampling
         s = Sampling(max_new_tokens=sampling["max_tokens"], temperature=sampling["temperature"],
                      top_p=sampling["top_p"], seed=sampling["seed"])
-        step = self.batch_size * 4  # hand replies back (to the cache) every few batches
-        for start in range(0, len(requests), step):
-            texts = self.engine.generate(requests[start:start + step], s, batch_size=self.batch_size, return_truncated=True)
-            for i, (text, truncated) in enumerate(texts):
-                on_reply(start + i, Reply(text, truncated=truncated))
+        ids = [self.engine.encode_prompt(m) for m in requests]
+        # a row that used all max_tokens without an eos stopped mid-answer (an API's finish_reason "length")
+        self.engine.generate_ids(ids, s, batch_size=self.batch_size, on_done=lambda i, new: on_reply(
+            i, Reply(self.engine.tok.decode(new), truncated=len(new) >= s.max_new_tokens)))
 
 
 class HTTPBackend:
@@ -188,8 +188,12 @@ class HTTPBackend:
         pool = ThreadPoolExecutor(self.concurrency)
         try:
             futures = {pool.submit(self._one, i, m, sampling): i for i, m in enumerate(requests)}
-            for f in as_completed(futures):  # replies are handed back (and cached) in this thread, as each arrives
-                on_reply(futures[f], f.result())
+            pending = set(futures)
+            while pending:  # replies are handed back (and cached) in this thread, as each arrives
+                # timed waits, so a Ctrl-C that the kernel hands to a client thread still stops us promptly
+                finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    on_reply(futures[f], f.result())
         finally:  # on Ctrl-C: drop the queued requests instead of sending them all first (a `with` would wait)
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -218,3 +218,43 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     said = []
     assert engine.resolve_dtype("float32", "cpu", log=said.append) == torch.float32 and not said  # explicit wins
     assert engine.resolve_dtype("auto", "cpu", log=said.append) == torch.bfloat16 and "amx_bf16" in said[0]
+
+
+def test_per_row_limits_and_rows_added_mid_run_equal_one_at_a_time(eng32):
+    """A server's requests arrive while others decode: more(n) hands in new prompts (with their own
+    max_new_tokens) as slots free up; the cache grows in rows and length for them. Every row's
+    tokens equal decoding it alone with its own limit, and more() is never asked for more than fits."""
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    limits = [4 + 5 * (i % 4) for i in range(len(prompts))]
+    want = [naive(model, p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
+    feed, asked = list(range(1, len(prompts))), []
+
+    def more(n):  # one new prompt every other call, the longest prompt last (the cache must grow)
+        asked.append(n)
+        if not feed or len(asked) % 2:
+            return []
+        i = feed.pop(0)
+        return [(prompts[i], limits[i])]
+    got = Engine(model, tok).generate_ids([prompts[0]], Sampling(), batch_size=3, limits=limits[:1], more=more)
+    assert got == want
+    assert not feed and 0 < max(asked) <= 3
+
+
+def test_rows_the_caller_ends_free_their_slots(eng32):
+    """on_token may end rows (a client went away): a running row stops there, a waiting row never runs."""
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)[:5]
+    steps, end = [], []
+
+    def on_token(step, tokens, done):
+        steps.append([t is not None for t in tokens])
+        if step == 2:  # one row that ran from the start, and the one queued behind the four slots
+            end.extend([steps[0].index(True), steps[0].index(False)])
+            return end
+    got = Engine(model, tok).generate_ids(prompts, Sampling(max_new_tokens=8), batch_size=4, on_token=on_token)
+    ran, queued = end
+    assert len(got[ran]) == 3 and got[queued] == []
+    assert not any(s[ran] for s in steps[3:]) and not any(s[queued] for s in steps)
+    rest = [i for i in range(5) if i not in end]
+    assert [got[i] for i in rest] == [naive(model, prompts[i], 8, tok.eos_ids) for i in rest]

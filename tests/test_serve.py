@@ -184,16 +184,17 @@ def spy_on(server, name, n):
     plug = serve.parse_chat({"model": name, "messages": [{"role": "user", "content": "plug"}]}, server.workers, 9, 9)
     run, generate_ids = worker.run, worker.engine.generate_ids
 
-    def spying_run(batch):
+    def spying_run(batch, waiting):
         if batch[0] is not plug:
             batches.append(batch)
-            return run(batch)
+            return run(batch, waiting)
         plugged.set()
         t0 = time.time()
         while worker.inbox.qsize() < n and time.time() - t0 < 20:
             time.sleep(0.01)
     worker.run = spying_run
-    worker.engine.generate_ids = lambda p, s, on_token: generate_ids(p, s, lambda *a: (steps.append(a[0]), on_token(*a)))
+    worker.engine.generate_ids = lambda p, s, on_token, **kw: generate_ids(
+        p, s, lambda *a: (steps.append(a[0]), on_token(*a))[1], **kw)
     worker.submit(plug)
     assert plugged.wait(10)
     return batches, steps, lambda: (worker.__dict__.pop("run"), worker.engine.__dict__.pop("generate_ids"))
@@ -260,6 +261,36 @@ def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
     assert leaver_row.cancelled
     assert len(steps) < 1000  # its batch ended once it was gone, not after its 1000 tokens
     assert chat(client(server), "Hello there", max_tokens=20)[0] == greedy(engines["a"], "Hello there", 20)
+
+
+def test_a_request_arriving_mid_run_joins_it_and_is_answered_first(server, engines, monkeypatch):
+    """Continuous batching across requests: a short request sent while a long one decodes joins the
+    running engine call (no second call) and its reply comes back before the long one ends."""
+    worker, calls, finished = server.workers["a"], [], {}
+    generate_ids = worker.engine.generate_ids
+
+    def slow(prompts, s, on_token, **kw):  # 100 steps/s, so the long reply surely outlasts the short one
+        calls.append(len(prompts))
+        return generate_ids(prompts, s, lambda *a: (time.sleep(0.01), on_token(*a))[1], **kw)
+    monkeypatch.setattr(worker.engine, "generate_ids", slow)
+    started = threading.Event()
+
+    def long():
+        text = ""
+        for chunk in client(server).chat.completions.create(
+                model="a", messages=[{"role": "user", "content": PROMPTS[0]}], stream=True, max_tokens=150):
+            text += chunk.choices[0].delta.content or ""
+            started.set()
+        finished["long"] = (time.time(), text)
+
+    def short():
+        assert started.wait(20)
+        finished["short"] = (time.time(), chat(client(server), PROMPTS[2], max_tokens=10)[0])
+    run_threads([long, short])
+    assert calls == [1]  # one engine call; the short request joined it
+    assert finished["short"][1] == greedy(engines["a"], PROMPTS[2], 10)
+    assert finished["long"][1] == greedy(engines["a"], PROMPTS[0], 150)
+    assert finished["short"][0] < finished["long"][0]
 
 
 @pytest.mark.parametrize("launched", ["foreground", "with SIGINT ignored"])
