@@ -263,8 +263,8 @@ class Engine:
         on_token(step, tokens, done): after every step, lists over the prompts (None for a prompt
         not running this step); it may return prompt indices to end now (a client went away).
         on_done(i, ids): as soon as prompt i is finished."""
-        if (not prompts and more is None) or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if not prompts and more is None:
+            raise ValueError("no prompts")
         limits = [s.max_new_tokens] * len(prompts) if limits is None else list(limits)
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} limits for {len(prompts)} prompts")
@@ -279,6 +279,9 @@ class Engine:
         out, done = [], []
 
         def enqueue(new):  # (ids, limit) pairs -> waiting, in token order (neighbours share prefixes)
+            for p, n in new:
+                if len(p) == 0 or n < 1:
+                    raise ValueError(f"every prompt needs at least one token and a limit >= 1, got {len(p)} tokens, limit {n}")
             base = len(prompts)
             prompts.extend(list(p) for p, _ in new)
             limits.extend(n for _, n in new)

@@ -81,7 +81,12 @@ class ApiError(Exception):
 
 
 class _BatchOver(Exception):
-    """Raised from on_token to end a generate_ids call whose rows are all answered (or abandoned)."""
+    """Raised from on_token to end a generate_ids call at once (the server is shutting down)."""
+
+
+# Requests one generate_ids call takes in all (then it drains and the next call starts): the call's
+# per-step bookkeeping is a list over every request it took, so under steady traffic it must end.
+MAX_ROWS_PER_CALL = 1024
 
 
 # ---- one request = one row of a batch ----
@@ -179,8 +184,8 @@ class Worker:
                     if r is not None:
                         r.fail(ApiError(503, "the server is shutting down", type="server_error"))
                 return
-            head = waiting[0]
-            batch = [r for r in waiting if r.key == head.key][:self.batch_size]
+            head = waiting[0]  # every request sampled like the oldest: the engine runs batch_size at once, queues the rest
+            batch = [r for r in waiting if r.key == head.key][:MAX_ROWS_PER_CALL]
             waiting[:] = [r for r in waiting if all(r is not b for b in batch)]
             batch = [r for r in batch if not r.cancelled]
             if batch:
@@ -194,6 +199,7 @@ class Worker:
 
         def more(n):
             new = []
+            n = min(n, MAX_ROWS_PER_CALL - len(rows))
             while len(new) < n and not waiting and not self.closing:
                 try:
                     r = self.inbox.get_nowait()
@@ -216,7 +222,7 @@ class Worker:
             return [i for i, r in enumerate(rows) if (r.finished or r.cancelled) and not done[i]]
 
         try:
-            out = self.engine.generate_ids([r.ids for r in batch], batch[0].sampling, on_token,
+            out = self.engine.generate_ids([r.ids for r in batch], batch[0].sampling, on_token, self.batch_size,
                                            limits=[r.max_tokens for r in batch], more=more)
             for r, new in zip(rows, out):  # only if the engine ended a row without saying so
                 if not r.finished:

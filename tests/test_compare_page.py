@@ -121,8 +121,8 @@ def test_two_turns_equal_the_engine_then_reload(browser, server, engines):
 def test_stop_halts_every_stream(browser, server, engines, monkeypatch):
     """Decoding slowed to 20 steps/s: both columns are seen filling at once, then stop freezes them."""
     for w in server.workers.values():
-        def slow(prompts, s, on_token, generate_ids=w.engine.generate_ids, **kw):
-            return generate_ids(prompts, s, lambda *a: (time.sleep(0.05), on_token(*a))[1], **kw)
+        def slow(prompts, s, on_token, *args, generate_ids=w.engine.generate_ids, **kw):
+            return generate_ids(prompts, s, lambda *a: (time.sleep(0.05), on_token(*a))[1], *args, **kw)
         monkeypatch.setattr(w.engine, "generate_ids", slow)
     page = open_page(browser, server.url)
     send(page, "The quick brown fox", wait=False)

@@ -258,3 +258,10 @@ def test_rows_the_caller_ends_free_their_slots(eng32):
     assert not any(s[ran] for s in steps[3:]) and not any(s[queued] for s in steps)
     rest = [i for i in range(5) if i not in end]
     assert [got[i] for i in rest] == [naive(model, prompts[i], 8, tok.eos_ids) for i in rest]
+
+
+def test_prompts_added_mid_run_are_checked_like_the_first(eng32):
+    eng = Engine(eng32.model, eng32.tok)
+    for bad in ([([], 4)], [([5, 6], 0)]):  # an empty prompt; a limit below one token
+        with pytest.raises(ValueError, match="at least one token and a limit >= 1"):
+            eng.generate_ids([[5, 6, 7]], Sampling(max_new_tokens=4), more=lambda n, bad=bad: bad)

@@ -193,8 +193,8 @@ def spy_on(server, name, n):
         while worker.inbox.qsize() < n and time.time() - t0 < 20:
             time.sleep(0.01)
     worker.run = spying_run
-    worker.engine.generate_ids = lambda p, s, on_token, **kw: generate_ids(
-        p, s, lambda *a: (steps.append(a[0]), on_token(*a))[1], **kw)
+    worker.engine.generate_ids = lambda p, s, on_token, *a, **kw: generate_ids(
+        p, s, lambda *x: (steps.append(x[0]), on_token(*x))[1], *a, **kw)
     worker.submit(plug)
     assert plugged.wait(10)
     return batches, steps, lambda: (worker.__dict__.pop("run"), worker.engine.__dict__.pop("generate_ids"))
@@ -263,17 +263,19 @@ def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
     assert chat(client(server), "Hello there", max_tokens=20)[0] == greedy(engines["a"], "Hello there", 20)
 
 
-def test_a_request_arriving_mid_run_joins_it_and_is_answered_first(server, engines, monkeypatch):
-    """Continuous batching across requests: a short request sent while a long one decodes joins the
-    running engine call (no second call) and its reply comes back before the long one ends."""
-    worker, calls, finished = server.workers["a"], [], {}
+def test_requests_arriving_mid_run_join_it_and_are_answered_first(server, engines, monkeypatch):
+    """Continuous batching across requests: short requests sent while a long one decodes join the
+    running engine call (no second call) and their replies come back while the long one goes on.
+    Two of them with batch_size 2: the second waits for the first's slot, not for the long reply."""
+    worker, calls, times = server.workers["a"], [], {}
     generate_ids = worker.engine.generate_ids
+    monkeypatch.setattr(worker, "batch_size", 2)
 
-    def slow(prompts, s, on_token, **kw):  # 100 steps/s, so the long reply surely outlasts the short one
+    def slow(prompts, s, on_token, *a, **kw):  # 50 steps/s, so the long reply surely outlasts the short ones
         calls.append(len(prompts))
-        return generate_ids(prompts, s, lambda *a: (time.sleep(0.01), on_token(*a))[1], **kw)
+        return generate_ids(prompts, s, lambda *x: (time.sleep(0.02), on_token(*x))[1], *a, **kw)
     monkeypatch.setattr(worker.engine, "generate_ids", slow)
-    started = threading.Event()
+    started, got = threading.Event(), {}
 
     def long():
         text = ""
@@ -281,16 +283,18 @@ def test_a_request_arriving_mid_run_joins_it_and_is_answered_first(server, engin
                 model="a", messages=[{"role": "user", "content": PROMPTS[0]}], stream=True, max_tokens=150):
             text += chunk.choices[0].delta.content or ""
             started.set()
-        finished["long"] = (time.time(), text)
+        got["long"], times["long"] = text, time.time()
 
-    def short():
+    def short(i):
         assert started.wait(20)
-        finished["short"] = (time.time(), chat(client(server), PROMPTS[2], max_tokens=10)[0])
-    run_threads([long, short])
-    assert calls == [1]  # one engine call; the short request joined it
-    assert finished["short"][1] == greedy(engines["a"], PROMPTS[2], 10)
-    assert finished["long"][1] == greedy(engines["a"], PROMPTS[0], 150)
-    assert finished["short"][0] < finished["long"][0]
+        got[i] = chat(client(server), PROMPTS[i], max_tokens=10)[0]
+        times[i] = time.time()  # when the reply is back
+    run_threads([long, lambda: short(2), lambda: short(5)])
+    assert calls == [1]  # one engine call; the short requests joined it
+    assert got[2] == greedy(engines["a"], PROMPTS[2], 10) and got[5] == greedy(engines["a"], PROMPTS[5], 10)
+    assert got["long"] == greedy(engines["a"], PROMPTS[0], 150)
+    assert len(engines["a"].tok.encode(got["long"])) > 100  # the long reply really ran long (about 3 s here)
+    assert max(times[2], times[5]) < times["long"] - 1.0  # both answered well before the long one ended
 
 
 @pytest.mark.parametrize("launched", ["foreground", "with SIGINT ignored"])
