@@ -179,6 +179,7 @@ def main():
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
+    p.add_argument("--no-transformers", action="store_true", help="--chat: nanopost's sides only (in-process, HTTP)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker and args.chat:
@@ -201,27 +202,31 @@ def main():
               "vs loop | HTTP s (responses/min) | HTTP / in-process | identical replies (batched / loop / HTTP) | "
               "reply lengths min-median-max |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        impls = ("nanopost", "transformers", "transformers-loop") + (("nanopost-http",) if args.http_clients else ())
+        impls = ("nanopost",) + (() if args.no_transformers else ("transformers", "transformers-loop")) + \
+            (("nanopost-http",) if args.http_clients else ())
         for dtype in args.dtypes:
             res = {impl: run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
                                              "--chat", args.chat, "--loop-sample", args.loop_sample,
                                              "--http-clients", args.http_clients,
                                              "--batch-sizes", args.batch_sizes[0]], f"{impl} {dtype}")
                    for impl in impls}
-            a, b, c = res["nanopost"], res["transformers"], res["transformers-loop"]
-            same_b = sum(x == y for x, y in zip(a["outs"], b["outs"]))
-            same_c = sum(x == y for x, y in zip(a["outs"], c["outs"]) if y is not None)
-            lens = sorted(map(len, a["outs"]))
+            a, lens = res["nanopost"], sorted(map(len, res["nanopost"]["outs"]))
+            hf = "- | - | - | - | - / -"
+            if not args.no_transformers:
+                b, c = res["transformers"], res["transformers-loop"]
+                same_b = sum(x == y for x, y in zip(a["outs"], b["outs"]))
+                same_c = sum(x == y for x, y in zip(a["outs"], c["outs"]) if y is not None)
+                hf = (f"{b['seconds']:.1f} | {c['seconds']:.1f} | {b['seconds'] / a['seconds']:.2f}x | "
+                      f"{c['seconds'] / a['seconds']:.2f}x | {same_b}/{args.chat} / {same_c}/{sum(y is not None for y in c['outs'])}")
+            hf, same = hf.rsplit(" | ", 1)
             http, same_h = "- | -", "-"
             if args.http_clients:
                 import nanopost
                 tok, h = nanopost.Tokenizer(args.model), res["nanopost-http"]
                 same_h = f"{sum(tok.decode(x) == y for x, y in zip(a['outs'], h['texts']))}/{args.chat}"
                 http = f"{h['seconds']:.1f} ({args.chat * 60 / h['seconds']:.1f}) | {a['seconds'] / h['seconds']:.2f}x"
-            print(f"| {dtype} | {a['seconds']:.1f} ({args.chat * 60 / a['seconds']:.1f}) | {b['seconds']:.1f} | "
-                  f"{c['seconds']:.1f} | {b['seconds'] / a['seconds']:.2f}x | {c['seconds'] / a['seconds']:.2f}x | {http} | "
-                  f"{same_b}/{args.chat} / {same_c}/{sum(y is not None for y in c['outs'])} / {same_h} | "
-                  f"{lens[0]}-{lens[len(lens) // 2]}-{lens[-1]} |", flush=True)
+            print(f"| {dtype} | {a['seconds']:.1f} ({args.chat * 60 / a['seconds']:.1f}) | {hf} | {http} | "
+                  f"{same} / {same_h} | {lens[0]}-{lens[len(lens) // 2]}-{lens[-1]} |", flush=True)
         return
     print("| dtype | batch | nanopost tok/s | transformers tok/s | ratio | same tokens (row 0) | peak RSS nanopost / transformers |")
     print("|---|---|---|---|---|---|---|")
