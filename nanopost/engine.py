@@ -209,11 +209,12 @@ class Engine:
                 groups.append([prefix, m, [i]])
         return groups
 
-    def _prefill(self, prefix: KVCache | None, m: int, suffixes: list[list[int]], logits: bool = True):
+    def _prefill(self, prefix: KVCache | None, m: int, suffixes: list[list[int]], logits: bool | str = True):
         """Run the suffixes after the first m positions of `prefix`, packed into one row: each
         suffix sees the prefix and itself (block-diagonal causal), at positions m, m+1, ...
         -> (KVCache of that row: prefix, then the suffixes one after the other; the next-token
-        logits (n, V) float32 at each suffix's last token, or None)."""
+        logits (n, V) float32 at each suffix's last token, or None; logits="hidden": the final
+        hidden states there instead, (n, C) in the model's dtype)."""
         model, dev = self.model, self.model.lm_head.weight.device
         lens = torch.tensor([len(x) for x in suffixes], device=dev)
         T = int(lens.sum())
@@ -232,20 +233,28 @@ class Engine:
         hidden = model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True)[0]
         if not logits:
             return cache, None
+        if logits == "hidden":
+            return cache, hidden[first + lens - 1]
         return cache, model.lm_head(hidden[first + lens - 1]).float()
 
     # ---- scoring ----
 
     def next_logprobs(self, prompts: list[list[int]], token_ids: list[int], batch_size: int = 8) -> list[list[float]]:
         """Log-probs of token_ids as the next token after each prompt (letter scoring), with the
-        shared prefixes computed once; batch_size: prompts per packed prefill at most."""
+        shared prefixes computed once; batch_size: prompts per packed prefill at most.
+        The scored tokens' logits are computed in float32 from the final hidden state: in bf16 the
+        lm_head's output is rounded to steps of 1/8 at typical logit sizes, which ties or flips
+        close options (a tie goes to the first letter, A). The log-softmax normaliser, shared by
+        every option, comes from the full logits in the model's dtype."""
         out = [None] * len(prompts)
         with torch.inference_mode(), self.fast_linears():
+            w = self.model.lm_head.weight[token_ids].float()  # (n_options, C)
             order, shared = self._plan(prompts)
             for start in range(0, len(order), batch_size):
                 for prefix, m, rows in self._groups(prompts, order[start:start + batch_size], shared):
-                    _, logits = self._prefill(prefix, m, [prompts[i][m:] for i in rows])
-                    for i, lp in zip(rows, logits.log_softmax(-1)[:, token_ids].tolist()):
+                    _, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in rows], logits="hidden")
+                    norm = self.model.lm_head(hidden).float().logsumexp(-1, keepdim=True)
+                    for i, lp in zip(rows, (hidden.float() @ w.T - norm).tolist()):
                         out[i] = lp
         return out
 

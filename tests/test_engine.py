@@ -204,6 +204,35 @@ def test_next_logprobs_with_a_shared_prefix_equal_a_full_forward(eng32):
             assert (torch.tensor(lp) - ref).abs().max() <= 1e-5
 
 
+def test_bf16_letter_scores_are_not_rounded_to_bf16_steps(tiny, monkeypatch):
+    """In bf16 the lm_head's outputs are rounded to 1/16-1/8 at logits of ~10-30, tying near options
+    (ties went to A). The option log-probs must equal a float64 re-derivation from the engine's own
+    bf16 hidden states far closer than that rounding."""
+    model, tok = nanopost.load(tiny, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    prompts = shared_prompts(tok)
+    ids = [tok.encode(L)[0] for L in "ABCD"]
+    eng, hiddens = Engine(model, tok), []
+    prefill = eng._prefill
+
+    def spy(*a, **kw):
+        cache, h = prefill(*a, **kw)
+        if kw.get("logits") == "hidden":
+            hiddens.append(h.clone())
+        return cache, h
+    monkeypatch.setattr(eng, "_prefill", spy)
+    got = eng.next_logprobs(prompts[:4], ids, batch_size=4)  # one packed group: rows in token order
+    h = torch.cat(hiddens)
+    order = sorted(range(4), key=lambda i: prompts[i])
+    with torch.no_grad():
+        letters = h.double() @ model.lm_head.weight[ids].double().T
+        want = letters - model.lm_head(h).double().logsumexp(-1, keepdim=True)
+        bf16_error = (model.lm_head(h).double()[:, ids] - letters).abs().max().item()
+    assert (torch.tensor([got[i] for i in order], dtype=torch.float64) - want).abs().max() < 1e-4
+    assert bf16_error > 1e-2  # bf16 logits really were that coarse here: the test tells the two apart
+
+
 # ---- --dtype auto ----
 
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch):
