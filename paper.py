@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -246,6 +247,15 @@ def main():
         p.error("--gpus must be >= 1")
     if args.teacher_model and not args.teacher_url:
         p.error("--teacher-model names a model on a --teacher-url server; give --teacher-url too")
+    if args.choice_shots < 0:
+        p.error("--choice-shots must be >= 0")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    for flag, m in (("--model", args.model), ("--teacher", args.teacher)):
+        # a path (not a hub id like Qwen/Qwen2-0.5B-Instruct) must be a checkpoint folder now, not when its stage starts
+        if m and (os.path.exists(m) or m.startswith((".", "/", "~"))) and \
+                not os.path.isfile(os.path.join(os.path.expanduser(m), "config.json")):
+            p.error(f"{flag} {m}: not a checkpoint directory (no config.json in it)")
     for f in args.seeds:
         if not os.path.isfile(f):
             p.error(f"--seeds: {f}: no such file")

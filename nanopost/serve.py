@@ -274,6 +274,8 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, f"model is required: one of {', '.join(workers)}", param="model")
     if not isinstance(name, str) or name not in workers:
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}", param="model",
                        code="model_not_found")
@@ -601,12 +603,16 @@ def model_arg(spec):
     return (os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec), spec
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default after its help."""
+
+
 def main(argv=None):
     # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
     # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
     # install their own handler for the same reason.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # ---- models ----
     p.add_argument("--model", action="append", required=True, type=model_arg, metavar="[NAME=]DIR_OR_HUB_ID",
                    help="a checkpoint to serve; repeat for several. A bare one is named after its directory "
@@ -619,7 +625,7 @@ def main(argv=None):
     # ---- network ----
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback needs --api-key")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
-    p.add_argument("--api-key", default=os.environ.get("NANOPOST_API_KEY") or None,
+    p.add_argument("--api-key", default=argparse.SUPPRESS,  # not shown in --help: it may hold the real key
                    help="require 'Authorization: Bearer KEY' on every request (default: $NANOPOST_API_KEY)")
     # ---- generation ----
     p.add_argument("--batch-size", type=int, default=16, help="most requests one model runs together")
@@ -629,6 +635,12 @@ def main(argv=None):
                    "temperature defaults to 0 (greedy)")
     p.add_argument("--quiet", action="store_true", help="do not log each request")
     args = p.parse_args(argv)
+    args.api_key = getattr(args, "api_key", None) or os.environ.get("NANOPOST_API_KEY") or None
+    for flag, v, lo, hi in (("--port", args.port, 0, 65535), ("--batch-size", args.batch_size, 1, None),
+                            ("--max-tokens-limit", args.max_tokens_limit, 1, None),
+                            ("--default-max-tokens", args.default_max_tokens, 1, None)):
+        if v < lo or (hi is not None and v > hi):
+            p.error(f"{flag} must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, got {v}")
     names = [n for n, _ in args.model]
     if len(set(names)) != len(names):
         p.error(f"two --model entries share a name ({', '.join(names)}): name them, e.g. --model base=DIR")

@@ -97,7 +97,10 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
     for args, why in ((["--tasks", "gsm8k,bogus"], "--tasks: unknown bogus"), (["--limit", "-1"], "--limit must be"),
                       (["--gpus", "0"], "--gpus must be"), (["--seeds", tmp_path / "none.jsonl"], "no such file"),
                       (["--teacher-model", "x"], "give --teacher-url too"),
-                      (["--data-dir", tmp_path / "nowhere"], "no such folder")):
+                      (["--data-dir", tmp_path / "nowhere"], "no such folder"),
+                      (["--model", tmp_path / "nope"], "not a checkpoint directory"),
+                      (["--teacher", tmp_path], "not a checkpoint directory"),
+                      (["--device", "tpu"], "expected cpu, cuda"), (["--choice-shots", "-1"], "--choice-shots must be")):
         r = paper("--out", tmp_path / "run", *args)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
         assert not (tmp_path / "run").exists()

@@ -129,6 +129,7 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
     ({"n": 2}, 400, "n"),
     ({"model": "nope"}, 404, "model"),
+    ({"model": ""}, 400, "model"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
@@ -322,6 +323,22 @@ def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys, launched)
         assert "shutting down" in p.stdout.read()
     finally:
         p.kill()
+
+
+@pytest.mark.parametrize("flag,value", [("--port", "99999"), ("--batch-size", "0"), ("--max-tokens-limit", "0"),
+                                        ("--default-max-tokens", "0")])
+def test_bad_option_values_are_refused_at_startup(tiny, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--model", tiny, flag, value])
+    assert e.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_but_never_the_api_key(monkeypatch, capsys):
+    monkeypatch.setenv("NANOPOST_API_KEY", "sekret-123")
+    with pytest.raises(SystemExit):
+        serve.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 16)" in out and "sekret-123" not in out
 
 
 def test_a_model_that_fails_to_load_exits_cleanly(tiny):
