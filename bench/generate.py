@@ -11,7 +11,8 @@ prints new tokens/s (median of --repeats runs after a warm-up), the ratio, and p
 --chat N: N chat instructions whose replies have mixed lengths, eos respected, at most
 --new-tokens each, rows at a time = the first --batch-sizes: nanopost's continuous batching against
 transformers `generate` on left-padded batches of the same size (longest prompts first), a
-one-at-a-time transformers loop (--loop-sample of the instructions, scaled to N), and the same
+one-at-a-time transformers loop (--loop-sample of the instructions, one per template, its time
+scaled to the N replies by their token count), and the same
 instructions over HTTP: `python -m nanopost.serve` started as its own process (--batch-size rows)
 and build_data.py's HTTP teacher backend sending them from --http-clients concurrent clients
 (issue 12's goals: in-process >= 8x the loop; HTTP with 8 clients >= 0.8x in-process)."""
@@ -111,11 +112,13 @@ def chat_worker(impl, model_dir, dtype_name, n, B, new_tokens, loop_sample, clie
                 rows.append(row[:cut])
             return rows
         run(prompts[:2])  # warm-up
-        if impl == "transformers-loop":  # one prompt at a time, on an even sample of the instructions
-            idx = list(range(0, n, max(1, n // loop_sample)))[:loop_sample]
+        if impl == "transformers-loop":  # one prompt at a time, on a sample of the instructions
+            # every 9th: one of each template (INSTRUCTIONS runs topic by topic through the 8 templates),
+            # so short and long replies are both in it; main() scales its time to all n by tokens
+            idx = sorted({k * (len(TEMPLATES) + 1) % n for k in range(loop_sample)})
             t = time.perf_counter()
             outs = {i: run([prompts[i]])[0] for i in idx}
-            secs = (time.perf_counter() - t) * n / len(idx)
+            secs = time.perf_counter() - t
             outs = [outs.get(i) for i in range(n)]
         else:
             order = sorted(range(n), key=lambda i: -len(prompts[i]))
@@ -179,7 +182,8 @@ def main():
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
-    p.add_argument("--no-transformers", action="store_true", help="--chat: nanopost's sides only (in-process, HTTP)")
+    p.add_argument("--sides", nargs="+", default=["transformers", "transformers-loop", "nanopost-http"],
+                   help="--chat: the sides to run beside nanopost in-process (nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker and args.chat:
@@ -194,7 +198,7 @@ def main():
           f"threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
     if args.chat:
         print(f"chat workload: {args.chat} instructions, <= {args.new_tokens} new tokens, eos respected, "
-              f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample}, scaled")
+              f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample} (one per template), scaled by tokens")
         if args.http_clients:
             print(f"HTTP: nanopost.serve in its own process (--batch-size {args.batch_sizes[0]}), "
                   f"{args.http_clients} concurrent clients (build_data's HTTP teacher backend)")
@@ -202,8 +206,8 @@ def main():
               "vs loop | HTTP s (responses/min) | HTTP / in-process | identical replies (batched / loop / HTTP) | "
               "reply lengths min-median-max |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        impls = ("nanopost",) + (() if args.no_transformers else ("transformers", "transformers-loop")) + \
-            (("nanopost-http",) if args.http_clients else ())
+        impls = ("nanopost",) + tuple(x for x in ("transformers", "transformers-loop", "nanopost-http") if x in args.sides
+                                      and (x != "nanopost-http" or args.http_clients))
         for dtype in args.dtypes:
             res = {impl: run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
                                              "--chat", args.chat, "--loop-sample", args.loop_sample,
@@ -211,16 +215,20 @@ def main():
                                              "--batch-sizes", args.batch_sizes[0]], f"{impl} {dtype}")
                    for impl in impls}
             a, lens = res["nanopost"], sorted(map(len, res["nanopost"]["outs"]))
-            hf = "- | - | - | - | - / -"
-            if not args.no_transformers:
-                b, c = res["transformers"], res["transformers-loop"]
-                same_b = sum(x == y for x, y in zip(a["outs"], b["outs"]))
-                same_c = sum(x == y for x, y in zip(a["outs"], c["outs"]) if y is not None)
-                hf = (f"{b['seconds']:.1f} | {c['seconds']:.1f} | {b['seconds'] / a['seconds']:.2f}x | "
-                      f"{c['seconds'] / a['seconds']:.2f}x | {same_b}/{args.chat} / {same_c}/{sum(y is not None for y in c['outs'])}")
-            hf, same = hf.rsplit(" | ", 1)
+            cells = {k: "-" for k in ("b", "c", "vs_b", "vs_c", "same_b", "same_c")}
+            if "transformers" in res:
+                b = res["transformers"]
+                cells.update(b=f"{b['seconds']:.1f}", vs_b=f"{b['seconds'] / a['seconds']:.2f}x",
+                             same_b=f"{sum(x == y for x, y in zip(a['outs'], b['outs']))}/{args.chat}")
+            if "transformers-loop" in res:  # its sample's time, scaled to all n replies by tokens (+1 each: the prefill)
+                c = res["transformers-loop"]
+                sample = [i for i, y in enumerate(c["outs"]) if y is not None]
+                est = c["seconds"] * sum(len(x) + 1 for x in a["outs"]) / sum(len(c["outs"][i]) + 1 for i in sample)
+                cells.update(c=f"{est:.1f}", vs_c=f"{est / a['seconds']:.2f}x",
+                             same_c=f"{sum(a['outs'][i] == c['outs'][i] for i in sample)}/{len(sample)}")
+            hf, same = " | ".join(cells[k] for k in ("b", "c", "vs_b", "vs_c")), f"{cells['same_b']} / {cells['same_c']}"
             http, same_h = "- | -", "-"
-            if args.http_clients:
+            if "nanopost-http" in res:
                 import nanopost
                 tok, h = nanopost.Tokenizer(args.model), res["nanopost-http"]
                 same_h = f"{sum(tok.decode(x) == y for x, y in zip(a['outs'], h['texts']))}/{args.chat}"
