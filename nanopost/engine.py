@@ -184,7 +184,7 @@ class Engine:
             if n > m:
                 best, m = entry, n
         if shared - m >= MIN_EXTEND:
-            cache, _ = self._prefill(best[1] if best else None, m, [p[m:shared]], logits=False)
+            cache, _ = self._prefill(best[1] if best else None, m, [p[m:shared]])
             if best is not None and m == len(best[0]):
                 self._prefixes.remove(best)  # the new prefix holds all of it
             best, m = (tuple(p[:shared]), cache), shared
@@ -209,12 +209,11 @@ class Engine:
                 groups.append([prefix, m, [i]])
         return groups
 
-    def _prefill(self, prefix: KVCache | None, m: int, suffixes: list[list[int]], logits: bool | str = True):
+    def _prefill(self, prefix: KVCache | None, m: int, suffixes: list[list[int]]):
         """Run the suffixes after the first m positions of `prefix`, packed into one row: each
         suffix sees the prefix and itself (block-diagonal causal), at positions m, m+1, ...
-        -> (KVCache of that row: prefix, then the suffixes one after the other; the next-token
-        logits (n, V) float32 at each suffix's last token, or None; logits="hidden": the final
-        hidden states there instead, (n, C) in the model's dtype)."""
+        -> (KVCache of that row: prefix, then the suffixes one after the other; the final hidden
+        state (n, C) at each suffix's last token, in the model's dtype: lm_head gives its logits)."""
         model, dev = self.model, self.model.lm_head.weight.device
         lens = torch.tensor([len(x) for x in suffixes], device=dev)
         T = int(lens.sum())
@@ -231,11 +230,7 @@ class Engine:
             mask = torch.cat([torch.ones(T, m, dtype=torch.bool, device=dev), causal], 1)[None, None]
         ids = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
         hidden = model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True)[0]
-        if not logits:
-            return cache, None
-        if logits == "hidden":
-            return cache, hidden[first + lens - 1]
-        return cache, model.lm_head(hidden[first + lens - 1]).float()
+        return cache, hidden[first + lens - 1]
 
     # ---- scoring ----
 
@@ -252,7 +247,7 @@ class Engine:
             order, shared = self._plan(prompts)
             for start in range(0, len(order), batch_size):
                 for prefix, m, rows in self._groups(prompts, order[start:start + batch_size], shared):
-                    _, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in rows], logits="hidden")
+                    _, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in rows])
                     norm = self.model.lm_head(hidden).float().logsumexp(-1, keepdim=True)
                     for i, lp in zip(rows, (hidden.float() @ w.T - norm).tolist()):
                         out[i] = lp
@@ -278,13 +273,14 @@ class Engine:
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} limits for {len(prompts)} prompts")
         with torch.inference_mode(), self.fast_linears():
-            return self._generate_ids([list(p) for p in prompts], s, on_token,
-                                      batch_size or max(len(prompts), 1), on_done, limits, more)
+            return self._generate_ids(list(zip(prompts, limits)), s, on_token, batch_size or max(len(prompts), 1),
+                                      on_done, more)
 
-    def _generate_ids(self, prompts, s, on_token, batch_size, on_done, limits, more):
+    def _generate_ids(self, first, s, on_token, batch_size, on_done, more):
+        """first: (prompt ids, max_new_tokens) pairs; the rest as generate_ids."""
         model, dev, dtype = self.model, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
         V = model.config.vocab_size
-        waiting, shared = deque(), []
+        prompts, limits, shared, waiting = [], [], [], deque()  # per prompt index, first or added
         out, done = [], []
 
         def enqueue(new):  # (ids, limit) pairs -> waiting, in token order (neighbours share prefixes)
@@ -300,8 +296,6 @@ class Engine:
             out.extend([] for _ in new)
             done.extend(False for _ in new)
 
-        first = list(zip(prompts, limits))
-        del prompts[:], limits[:]
         enqueue(first)
         n = min(batch_size, len(prompts))
         cache = KVCache(model.config, n, max((len(p) + m for p, m in first), default=1), dtype, dev)
@@ -336,7 +330,8 @@ class Engine:
             grow(running + len(rows), max(len(prompts[i]) + limits[i] for i in rows))
             where = dict(zip(rows, [b for b in range(len(slot)) if slot[b] is None]))
             for prefix, m, group in self._groups(prompts, rows, shared):
-                packed, next_logits = self._prefill(prefix, m, [prompts[i][m:] for i in group])
+                packed, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in group])
+                next_logits = model.lm_head(hidden).float()
                 start = m
                 for j, i in enumerate(group):
                     b, T = where[i], len(prompts[i]) - m
@@ -408,12 +403,15 @@ class Engine:
         s.max_new_tokens without an eos or stop string (an API's finish_reason "length")."""
         ids = [self.encode_prompt(p) for p in prompts]
         on_done = (lambda i, new: progress.update(1)) if progress is not None else None
-        out = []
-        for new in self.generate_ids(ids, s, batch_size=batch_size, on_done=on_done):
-            text = self.tok.decode(new)
-            reply = cut_at_stop(text, s.stop)
-            out.append((reply, len(new) >= s.max_new_tokens and reply == text) if return_truncated else reply)
-        return out
+        replies = [self.reply(new, s) for new in self.generate_ids(ids, s, batch_size=batch_size, on_done=on_done)]
+        return replies if return_truncated else [text for text, _ in replies]
+
+    def reply(self, new: list[int], s: Sampling) -> tuple[str, bool]:
+        """A row's new tokens -> (its text, cut at the first stop string; truncated: it used all of
+        s.max_new_tokens without an eos or stop string, an API's finish_reason "length")."""
+        text = self.tok.decode(new)
+        reply = cut_at_stop(text, s.stop)
+        return reply, len(new) >= s.max_new_tokens and reply == text
 
     def encode_prompt(self, p) -> list[int]:
         if isinstance(p, str):

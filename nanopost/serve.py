@@ -276,7 +276,7 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise ApiError(400, f"model is required: one of {', '.join(workers)}", param="model")
-    if not isinstance(name, str) or name not in workers:
+    if name not in workers:
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(workers)}", param="model",
                        code="model_not_found")
     w, messages = workers[name], body.get("messages")

@@ -113,10 +113,11 @@ class LocalBackend:
         from nanopost.engine import Sampling
         s = Sampling(max_new_tokens=sampling["max_tokens"], temperature=sampling["temperature"],
                      top_p=sampling["top_p"], seed=sampling["seed"])
-        ids = [self.engine.encode_prompt(m) for m in requests]
-        # a row that used all max_tokens without an eos stopped mid-answer (an API's finish_reason "length")
-        self.engine.generate_ids(ids, s, batch_size=self.batch_size, on_done=lambda i, new: on_reply(
-            i, Reply(self.engine.tok.decode(new), truncated=len(new) >= s.max_new_tokens)))
+        def done(i, new):
+            text, truncated = self.engine.reply(new, s)
+            on_reply(i, Reply(text, truncated=truncated))
+        self.engine.generate_ids([self.engine.encode_prompt(m) for m in requests], s, batch_size=self.batch_size,
+                                 on_done=done)
 
 
 class HTTPBackend:

@@ -218,12 +218,12 @@ def test_bf16_letter_scores_are_not_rounded_to_bf16_steps(tiny, monkeypatch):
 
     def spy(*a, **kw):
         cache, h = prefill(*a, **kw)
-        if kw.get("logits") == "hidden":
-            hiddens.append(h.clone())
+        hiddens.append(h.clone())
         return cache, h
     monkeypatch.setattr(eng, "_prefill", spy)
     got = eng.next_logprobs(prompts[:4], ids, batch_size=4)  # one packed group: rows in token order
-    h = torch.cat(hiddens)
+    h = hiddens[-1]  # the one packed group's prefill (the shared few-shot prefix is computed before it)
+    assert h.shape[0] == 4
     order = sorted(range(4), key=lambda i: prompts[i])
     with torch.no_grad():
         letters = h.double() @ model.lm_head.weight[ids].double().T
