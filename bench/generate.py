@@ -182,8 +182,8 @@ def main():
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
-    p.add_argument("--sides", nargs="+", default=["transformers", "transformers-loop", "nanopost-http"],
-                   help="--chat: the sides to run beside nanopost in-process (nanopost-http needs --http-clients > 0)")
+    p.add_argument("--sides", nargs="*", default=["transformers", "transformers-loop", "nanopost-http"],
+                   help="--chat: the sides to run beside nanopost in-process (none: nanopost alone; nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker and args.chat:

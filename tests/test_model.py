@@ -204,3 +204,25 @@ def test_save_into_a_run_dir_keeps_its_files_and_drops_stale_shards(tmp_path, ti
     assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]
     assert (out / "metrics.jsonl").read_text() == "{}\n"
     assert torch.equal(nanopost.load(str(out))[0].model.norm.weight, model.model.norm.weight)
+
+
+@pytest.mark.parametrize("H,K", [(14, 2), (4, 4), (7, 1)])
+def test_decode_attention_equals_float64_and_sdpa(H, K):
+    """One query per row in float32 on CPU takes attention()'s matmul-softmax path (no SDPA):
+    equal to a float64 re-derivation and to SDPA, with per-row key masks and without a mask."""
+    from nanopost.model import attention
+    B, S, D = 5, 37, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    lengths = torch.tensor([1, 9, 37, 20, 3])
+    for mask in ((torch.arange(S) < lengths[:, None])[:, None, None, :], None):
+        with torch.inference_mode():
+            got = attention(q, k, v, mask, 0.25)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+        kk, vv = (t.double().repeat_interleave(H // K, dim=1) for t in (k, v))
+        s = q.double() @ kk.transpose(-1, -2) * 0.25
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        want = s.softmax(-1) @ vv
+        assert got.shape == (B, H, 1, D)
+        assert (got.double() - want).abs().max() < 1e-6
+        assert (got - sdpa).abs().max() < 1e-6
