@@ -32,9 +32,9 @@ def worker(impl, args):
     from nanopost.tasks import gsm8k
     tok = nanopost.Tokenizer(args.model)
     render = lambda examples: [tok.render(e["messages"], add_generation_prompt=True)[0] for e in examples]  # noqa: E731
-    work = [("gsm8k", render(subset(tasks.load("gsm8k", args.data_dir)[0], args.gsm8k)), "generate")]
+    work = [("gsm8k", render(subset(tasks.load("gsm8k", args.data_dir)[0], args.gsm8k)), "generate")] if args.gsm8k > 0 else []
     work += [(f"mmlu {k}-shot", render(subset(tasks.load("mmlu", args.data_dir, k)[0], args.mmlu)), "letter")
-             for k in args.mmlu_shots]
+             for k in args.mmlu_shots if args.mmlu > 0]
     letters = [tok.encode(L)[0] for L in "ABCD"]
     B, dtype = args.batch_size, getattr(torch, args.dtype)
     if impl == "nanopost":
@@ -96,8 +96,8 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
     p.add_argument("--data-dir", default=os.environ.get("NANOPOST_DATA", "./data/benchmarks"),
                    help="benchmark files (default: $NANOPOST_DATA, else ./data/benchmarks; evaluate.py --download)")
-    p.add_argument("--gsm8k", type=int, default=64, help="GSM8K questions")
-    p.add_argument("--mmlu", type=int, default=256, help="MMLU questions")
+    p.add_argument("--gsm8k", type=int, default=64, help="GSM8K questions (0: none)")
+    p.add_argument("--mmlu", type=int, default=256, help="MMLU questions (0: none)")
     p.add_argument("--new-tokens", type=int, default=256, help="GSM8K new tokens")
     p.add_argument("--mmlu-shots", type=int, nargs="+", default=[0, 5], help="MMLU exemplars per prompt (each a row)")
     p.add_argument("--batch-size", type=int, default=16, help="rows at a time (nanopost: concurrent rows)")

@@ -19,6 +19,7 @@ float rounding: token-identical to one-at-a-time greedy decoding in float32, tes
 
 Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
 ids, stop strings and max_new_tokens; streaming and per-row completion callbacks."""
+import bisect
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -160,14 +161,20 @@ class Engine:
 
     # ---- shared prefixes ----
 
-    def _plan(self, prompts) -> tuple[list[int], list[int]]:
+    def _plan(self, prompts, known: list | None = None) -> tuple[list[int], list[int]]:
         """-> (prompt indices in token order, each prompt's shared length: its longest common
-        prefix with a neighbour in that order, which is its longest with any other prompt)."""
+        prefix with a neighbour in that order, which is its longest with any other prompt).
+        known: the prompts seen before, sorted (a server's earlier requests, which arrive one at a
+        time); a prompt's shared length counts them too, and the new prompts are added to it."""
         order = sorted(range(len(prompts)), key=lambda i: prompts[i])
         shared = [0] * len(prompts)
         for a, b in zip(order, order[1:]):
             n = lcp(prompts[a], prompts[b])
             shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+        for i in order if known is not None else ():
+            j = bisect.bisect(known, prompts[i])
+            shared[i] = max([shared[i]] + [lcp(prompts[i], known[k]) for k in (j - 1, j) if 0 <= k < len(known)])
+            known.insert(j, prompts[i])
         return order, [min(n, len(p) - 1) for n, p in zip(shared, prompts)]  # every row keeps >= 1 token to run
 
     def _prefix(self, p, shared: int):
@@ -281,6 +288,7 @@ class Engine:
         model, dev, dtype = self.model, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
         V = model.config.vocab_size
         prompts, limits, shared, waiting = [], [], [], deque()  # per prompt index, first or added
+        known = []  # every prompt so far, sorted: one added later shares a prefix with the earlier ones
         out, done = [], []
 
         def enqueue(new):  # (ids, limit) pairs -> waiting, in token order (neighbours share prefixes)
@@ -290,7 +298,7 @@ class Engine:
             base = len(prompts)
             prompts.extend(list(p) for p, _ in new)
             limits.extend(n for _, n in new)
-            order, sh = self._plan(prompts[base:])
+            order, sh = self._plan(prompts[base:], known)
             shared.extend(sh)
             waiting.extend(base + i for i in order)
             out.extend([] for _ in new)

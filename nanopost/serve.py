@@ -152,12 +152,42 @@ class Request:
 # ---- one worker thread per model ----
 
 class Worker:
-    def __init__(self, name, path, model, tok, batch_size):
-        self.name, self.path, self.tok, self.batch_size = name, path, tok, batch_size
-        self.engine, self.context = Engine(model, tok), model.config.max_position_embeddings
-        self.inbox, self.closing = queue.Queue(), False
-        self.thread = threading.Thread(target=self.loop, name=f"serve-{name}", daemon=True)
+    """One thread per model, which loads it and runs all its generation: the main thread then never
+    runs torch's parallel (OpenMP) regions. With libgomp, each thread that does gets a pool of its
+    own; more pool threads than cores make every pool spin only briefly before sleeping, and each of
+    the ~400 parallel ops of a decode step then pays a wake-up: steps 35% slower on 2 cores when the
+    model was loaded on the main thread (BENCHMARKS.md, the teacher's workload over HTTP)."""
+
+    def __init__(self, name, path, batch_size, load):
+        """load() -> (model, tokenizer), called on the worker's thread; its error is raised here."""
+        self.name, self.path, self.batch_size = name, path, batch_size
+        self.inbox, self.closing, self.ready, self.error = queue.Queue(), False, threading.Event(), None
+        self.thread = threading.Thread(target=self.main, args=(load,), name=f"serve-{name}", daemon=True)
         self.thread.start()
+        try:
+            while not self.ready.wait(0.25):  # timed: a Ctrl-C meanwhile is acted on at once
+                pass
+        except BaseException:  # Ctrl-C while loading: the thread ends once its load returns
+            self.stop()
+            self.thread.join(timeout=10)  # a thread still running torch at interpreter exit can abort it
+            raise
+        if self.error is not None:
+            self.thread.join()
+            raise self.error
+
+    def main(self, load):
+        try:
+            self.model, self.tok = load()
+            self.engine, self.context = Engine(self.model, self.tok), self.model.config.max_position_embeddings
+            # one short generation now: the engine's one-time work (e.g. packing CPU weights) is
+            # done before the first client, and counted in the memory that load_worker reports
+            self.engine.generate_ids([self.engine.encode_prompt("hi")], Sampling(max_new_tokens=1))
+        except BaseException as e:
+            self.error = e
+            return
+        finally:
+            self.ready.set()
+        self.loop()
 
     def submit(self, r: Request):
         if self.closing:
@@ -533,12 +563,8 @@ def auto_dtype(device):
 
 def load_worker(name, path, dtype, device, batch_size, log=print):
     dtype = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
-    model, tok = nanopost.load(path, dtype=dtype, device=device)
-    worker = Worker(name, path, model, tok, batch_size)
-    # one short generation now: the engine's one-time work (e.g. packing CPU weights) is counted
-    # below and not paid by the first client
-    worker.engine.generate_ids([worker.engine.encode_prompt("hi")], Sampling(max_new_tokens=1))
-    weights = sum(p.nbytes for p in model.parameters())  # parameters() lists a tied head once
+    worker = Worker(name, path, batch_size, lambda: nanopost.load(path, dtype=dtype, device=device))
+    weights = sum(p.nbytes for p in worker.model.parameters())  # parameters() lists a tied head once
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     used = (f"{torch.cuda.memory_allocated(device) / 2**20:,.0f} MiB allocated on {device}" if str(device).startswith("cuda")
             else f"process peak so far {peak / 2**20:,.0f} MiB")

@@ -265,9 +265,13 @@ def test_per_row_limits_and_rows_added_mid_run_equal_one_at_a_time(eng32):
             return []
         i = feed.pop(0)
         return [(prompts[i], limits[i])]
-    got = Engine(model, tok).generate_ids([prompts[0]], Sampling(), batch_size=3, limits=limits[:1], more=more)
+    eng = Engine(model, tok)
+    got = eng.generate_ids([prompts[0]], Sampling(), batch_size=3, limits=limits[:1], more=more)
     assert got == want
     assert not feed and 0 < max(asked) <= 3
+    # prompts that arrive one at a time still share their few-shot block: the second one to come
+    # shares it with the first (kept from the earlier arrival), and it is computed once
+    assert any(len(k) >= 60 and list(k) == prompts[0][:len(k)] for k, _ in eng._prefixes)
 
 
 def test_rows_the_caller_ends_free_their_slots(eng32):

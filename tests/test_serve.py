@@ -349,3 +349,32 @@ def test_a_model_that_fails_to_load_exits_cleanly(tiny):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
     assert out.returncode == 1 and "error: not a repo id" in out.stderr, (out.returncode, out.stderr[-2000:])
     assert "terminate called" not in out.stderr
+
+
+def test_a_worker_loads_and_runs_its_model_on_its_own_thread(tiny):
+    """The worker's thread loads the model and runs every generation, so the main thread never
+    starts an OpenMP pool of its own (a second pool on a 2-core machine made decode steps 35%
+    slower); a load that fails raises in the caller, with the thread gone."""
+    seen = []
+
+    def load():
+        seen.append(threading.current_thread())
+        return nanopost.load(tiny)
+    w = serve.Worker("m", tiny, 2, load)
+    try:
+        generate_ids = w.engine.generate_ids
+        w.engine.generate_ids = lambda *a, **kw: seen.append(threading.current_thread()) or generate_ids(*a, **kw)
+        r = serve.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                             {"m": w}, 4096, 16)
+        w.submit(r)
+        assert r.events.get(timeout=30)[0] == "done"
+        assert seen == [w.thread, w.thread]
+    finally:
+        w.stop()
+        w.thread.join(10)
+
+    def bad():
+        raise ValueError("no such checkpoint")
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        serve.Worker("m", tiny, 2, bad)
+    assert not any(t.name == "serve-m" and t.is_alive() for t in threading.enumerate())
