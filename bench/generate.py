@@ -182,6 +182,9 @@ def main():
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
+    p.add_argument("--loop-dtype", default=None,
+                   help="--chat: the one-at-a-time loop's dtype (default: each row's; one prompt at a time is memory-bound, "
+                        "where bf16 is fastest on any CPU that has it)")
     p.add_argument("--sides", nargs="*", default=["transformers", "transformers-loop", "nanopost-http"],
                    help="--chat: the sides to run beside nanopost in-process (none: nanopost alone; nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
@@ -198,7 +201,8 @@ def main():
           f"threads {torch.get_num_threads()}; cuda {torch.cuda.is_available()}")
     if args.chat:
         print(f"chat workload: {args.chat} instructions, <= {args.new_tokens} new tokens, eos respected, "
-              f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample} (one per template), scaled by tokens")
+              f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample} (one per template), scaled by tokens"
+              + (f", in {args.loop_dtype}" if args.loop_dtype else ""))
         if args.http_clients:
             print(f"HTTP: nanopost.serve in its own process (--batch-size {args.batch_sizes[0]}), "
                   f"{args.http_clients} concurrent clients (build_data's HTTP teacher backend)")
@@ -209,7 +213,8 @@ def main():
         impls = ("nanopost",) + tuple(x for x in ("transformers", "transformers-loop", "nanopost-http") if x in args.sides
                                       and (x != "nanopost-http" or args.http_clients))
         for dtype in args.dtypes:
-            res = {impl: run_side(__file__, ["--worker", impl, dtype, "--model", args.model, "--new-tokens", args.new_tokens,
+            res = {impl: run_side(__file__, ["--worker", impl, args.loop_dtype if impl == "transformers-loop" and args.loop_dtype
+                                             else dtype, "--model", args.model, "--new-tokens", args.new_tokens,
                                              "--chat", args.chat, "--loop-sample", args.loop_sample,
                                              "--http-clients", args.http_clients,
                                              "--batch-sizes", args.batch_sizes[0]], f"{impl} {dtype}")

@@ -58,7 +58,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import nanopost
-from nanopost.engine import Engine, Sampling, cut_at_stop
+from nanopost.engine import Engine, Sampling, cut_at_stop, resolve_dtype
 from nanopost.tokenizer import ROLES, Tokenizer
 
 MAX_BODY_BYTES = 1 << 20  # a larger body gets 413 (a 0.5B model's 32k-token context is ~130 kB of text)
@@ -548,21 +548,8 @@ def is_loopback(host):
         return False
 
 
-def auto_dtype(device):
-    """bfloat16 where the hardware computes it natively, else float32: without AVX512-BF16 or AMX a
-    CPU decodes bf16 far slower than float32 (BENCHMARKS.md)."""
-    if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else torch.float32
-
-
 def load_worker(name, path, dtype, device, batch_size, log=print):
-    dtype = auto_dtype(device) if dtype == "auto" else DTYPES[dtype]
+    dtype = resolve_dtype(dtype, device, log) if dtype == "auto" else DTYPES[dtype]  # auto says which and why
     worker = Worker(name, path, batch_size, lambda: nanopost.load(path, dtype=dtype, device=device))
     weights = sum(p.nbytes for p in worker.model.parameters())  # parameters() lists a tied head once
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -309,9 +309,10 @@ def test_command_line_serves_and_stops_cleanly_on_ctrl_c(tiny, capsys, launched)
     p = subprocess.Popen([sys.executable, "-m", "nanopost.serve", "--model", tiny, "--port", "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ignore)
     try:
-        lines = [p.stdout.readline() for _ in range(2)]
-        assert re.match(r"tiny: .* MiB of (float32|bfloat16) weights on cpu", lines[0]), lines  # --dtype auto
-        url = lines[1].split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        lines = [p.stdout.readline() for _ in range(3)]
+        assert re.match(r"--dtype auto: (float32|bfloat16) \(CPU has .*\)", lines[0]), lines  # which and why
+        assert re.match(r"tiny: .* MiB of (float32|bfloat16) weights on cpu", lines[1]), lines
+        url = lines[2].split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         stream = client(types.SimpleNamespace(url=url.removesuffix("/v1"))).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=2000, stream=True)
         assert next(stream).choices[0].delta.role == "assistant"
