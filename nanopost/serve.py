@@ -163,13 +163,15 @@ class Worker:
         self.name, self.path, self.batch_size = name, path, batch_size
         self.inbox, self.closing, self.ready, self.error = queue.Queue(), False, threading.Event(), None
         self.thread = threading.Thread(target=self.main, args=(load,), name=f"serve-{name}", daemon=True)
-        self.thread.start()
         try:
+            self.thread.start()
             while not self.ready.wait(0.25):  # timed: a Ctrl-C meanwhile is acted on at once
                 pass
         except BaseException:  # Ctrl-C while loading: the thread ends once its load returns
             self.stop()
-            self.thread.join(timeout=10)  # a thread still running torch at interpreter exit can abort it
+            if self.thread.ident is not None:  # started: wait for it, as a thread still running torch
+                while self.thread.is_alive():  # at interpreter exit aborts the process (a second Ctrl-C does)
+                    self.thread.join(timeout=0.25)
             raise
         if self.error is not None:
             self.thread.join()
@@ -663,6 +665,9 @@ def main(argv=None):
                        results=args.results)
     except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted while loading", flush=True)
+        sys.exit(130)
     print(f"serving {', '.join(names)} at {server.url}/v1 (OpenAI-compatible), side by side at {server.url}/ "
           "(Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, docker stop: shut down as on Ctrl-C

@@ -374,6 +374,15 @@ def test_a_worker_loads_and_runs_its_model_on_its_own_thread(tiny):
         w.stop()
         w.thread.join(10)
 
+    def interrupted():  # Ctrl-C lands while the model loads: the caller gets it once the load has ended
+        import _thread
+        _thread.interrupt_main()
+        time.sleep(0.5)
+        return nanopost.load(tiny)
+    with pytest.raises(KeyboardInterrupt):
+        serve.Worker("m", tiny, 2, interrupted)
+    assert not any(t.name == "serve-m" and t.is_alive() for t in threading.enumerate())
+
     def bad():
         raise ValueError("no such checkpoint")
     with pytest.raises(ValueError, match="no such checkpoint"):
