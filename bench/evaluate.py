@@ -104,6 +104,10 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' weights")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.gsm8k < 0 or args.mmlu < 0:
+        p.error("--gsm8k and --mmlu take a number of questions >= 0 (0: none)")
+    if args.gsm8k == 0 and args.mmlu == 0:
+        p.error("nothing to measure: --gsm8k 0 and --mmlu 0")
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

@@ -182,13 +182,16 @@ def main():
     p.add_argument("--chat", type=int, default=0, metavar="N", help="the chat workload: N instructions (at most 64)")
     p.add_argument("--loop-sample", type=int, default=8, help="--chat: instructions timed in the one-at-a-time loop")
     p.add_argument("--http-clients", type=int, default=8, help="--chat: concurrent HTTP clients (0: skip the HTTP side)")
-    p.add_argument("--loop-dtype", default=None,
+    p.add_argument("--loop-dtype", default=None, choices=["float32", "bfloat16"],
                    help="--chat: the one-at-a-time loop's dtype (default: each row's; one prompt at a time is memory-bound, "
                         "where bf16 is fastest on any CPU that has it)")
     p.add_argument("--sides", nargs="*", default=["transformers", "transformers-loop", "nanopost-http"],
                    help="--chat: the sides to run beside nanopost in-process (none: nanopost alone; nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = set(args.sides) - {"transformers", "transformers-loop", "nanopost-http"}
+    if unknown:
+        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (choose from transformers, transformers-loop, nanopost-http)")
     if args.worker and args.chat:
         print(json.dumps(chat_worker(args.worker[0], args.model, args.worker[1], args.chat, args.batch_sizes[0], args.new_tokens, args.loop_sample,
                                      args.http_clients)))
@@ -202,8 +205,8 @@ def main():
     if args.chat:
         print(f"chat workload: {args.chat} instructions, <= {args.new_tokens} new tokens, eos respected, "
               f"{args.batch_sizes[0]} rows at a time; one-at-a-time loop timed on {args.loop_sample} (one per template), scaled by tokens"
-              + (f", in {args.loop_dtype}" if args.loop_dtype else ""))
-        if args.http_clients:
+              + (f", in {args.loop_dtype}" if args.loop_dtype and "transformers-loop" in args.sides else ""))
+        if args.http_clients and "nanopost-http" in args.sides:
             print(f"HTTP: nanopost.serve in its own process (--batch-size {args.batch_sizes[0]}), "
                   f"{args.http_clients} concurrent clients (build_data's HTTP teacher backend)")
         print("| dtype | nanopost in-process s (responses/min) | transformers batched s | one-at-a-time loop s | vs batched | "

@@ -117,12 +117,15 @@ class KVCache:
 def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float):
     """softmax(q kᵀ · scale, masked) v. GQA: query head h reads kv head h // (H/K), without copying
     K/V. mask: boolean, broadcastable to (B, H, T, S), True = attend; None = causal (T > 1).
-    One query per row in float32 on CPU (a decode step) is a plain matmul, softmax, matmul, with
-    the H/K query heads of a kv head as the rows of one matmul: 1.7x faster there than SDPA's CPU
-    kernel at 16 rows x 900 keys (BENCHMARKS.md), equal up to float rounding. All else is SDPA."""
+    One query per row in float32 on CPU (a decode step), with no mask or a boolean key mask per
+    row (B or 1, 1, 1, S), is a plain matmul, softmax, matmul, the H/K query heads of a kv head as
+    the rows of one matmul: 1.5-1.7x faster than SDPA's CPU kernel at 16 rows x 600-900 keys (a
+    16-row GSM8K step 181 -> 170 ms, BENCHMARKS.md), equal up to float rounding. All else is SDPA."""
     B, H, T, D = q_BHTD.shape
     K = k_BKSD.shape[1]
-    if T == 1 and q_BHTD.dtype == torch.float32 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled():
+    row_mask = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
+                                and mask.shape[0] in (1, B))
+    if T == 1 and row_mask and q_BHTD.dtype == torch.float32 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled():
         s_BKGS = q_BHTD.view(B, K, H // K, D) @ k_BKSD.transpose(-1, -2) * scale
         if mask is not None:  # (B|1, 1, 1, S): the same keys for every head of a row
             s_BKGS = s_BKGS.masked_fill(~mask.view(mask.shape[0], 1, 1, -1), float("-inf"))

@@ -155,8 +155,10 @@ class Worker:
     """One thread per model, which loads it and runs all its generation: the main thread then never
     runs torch's parallel (OpenMP) regions. With libgomp, each thread that does gets a pool of its
     own; more pool threads than cores make every pool spin only briefly before sleeping, and each of
-    the ~400 parallel ops of a decode step then pays a wake-up: steps 35% slower on 2 cores when the
-    model was loaded on the main thread (BENCHMARKS.md, the teacher's workload over HTTP)."""
+    the ~400 parallel ops of a decode step then pays a wake-up: steps 30% slower on 2 cores when the
+    model was loaded on the main thread (135 vs 104 ms; BENCHMARKS.md, the teacher's workload over
+    HTTP). Several --model entries mean several pools, and that cost again (measured ~30% on one
+    model's steps with a second, idle one loaded): serve one model per process where speed matters."""
 
     def __init__(self, name, path, batch_size, load):
         """load() -> (model, tokenizer), called on the worker's thread; its error is raised here."""
@@ -169,9 +171,11 @@ class Worker:
                 pass
         except BaseException:  # Ctrl-C while loading: the thread ends once its load returns
             self.stop()
-            if self.thread.ident is not None:  # started: wait for it, as a thread still running torch
-                while self.thread.is_alive():  # at interpreter exit aborts the process (a second Ctrl-C does)
+            while self.thread.ident is not None and self.thread.is_alive():  # a thread still running
+                try:  # torch at interpreter exit aborts the process, so wait for the load to end
                     self.thread.join(timeout=0.25)
+                except KeyboardInterrupt:  # a second Ctrl-C: leave now (a load cannot be interrupted)
+                    os._exit(130)
             raise
         if self.error is not None:
             self.thread.join()

@@ -226,3 +226,11 @@ def test_decode_attention_equals_float64_and_sdpa(H, K):
         assert got.shape == (B, H, 1, D)
         assert (got.double() - want).abs().max() < 1e-6
         assert (got - sdpa).abs().max() < 1e-6
+    # masks the fast path does not take (per head, additive float) go to SDPA, as its docstring says
+    per_head = torch.rand(B, H, 1, S) < 0.7
+    per_head[..., 0] = True
+    for mask in (per_head, torch.where(per_head, 0.0, float("-inf"))):
+        with torch.inference_mode():
+            got = attention(q, k, v, mask, 0.25)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+        assert (got - sdpa).abs().max() < 1e-6

@@ -354,7 +354,7 @@ def test_a_model_that_fails_to_load_exits_cleanly(tiny):
 
 def test_a_worker_loads_and_runs_its_model_on_its_own_thread(tiny):
     """The worker's thread loads the model and runs every generation, so the main thread never
-    starts an OpenMP pool of its own (a second pool on a 2-core machine made decode steps 35%
+    starts an OpenMP pool of its own (a second pool on a 2-core machine made decode steps 30%
     slower); a load that fails raises in the caller, with the thread gone."""
     seen = []
 
