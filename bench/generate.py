@@ -43,6 +43,7 @@ TEMPLATES = ["Write a haiku about {}.", "Explain {} in one detailed paragraph.",
              "Write a short story of about 150 words involving {}.", "Summarise {} in one sentence.",
              "Write a Python function related to {}, with a docstring and two usage examples."]
 INSTRUCTIONS = [t.format(x) for x in TOPICS for t in TEMPLATES]  # 64, replies from one word to ~250 tokens
+SIDES = ("transformers", "transformers-loop", "nanopost-http")  # --chat: what nanopost in-process is compared with
 
 
 def http_side(model_dir, dtype_name, n, B, new_tokens, clients):
@@ -185,13 +186,13 @@ def main():
     p.add_argument("--loop-dtype", default=None, choices=["float32", "bfloat16"],
                    help="--chat: the one-at-a-time loop's dtype (default: each row's; one prompt at a time is memory-bound, "
                         "where bf16 is fastest on any CPU that has it)")
-    p.add_argument("--sides", nargs="*", default=["transformers", "transformers-loop", "nanopost-http"],
+    p.add_argument("--sides", nargs="*", default=list(SIDES),
                    help="--chat: the sides to run beside nanopost in-process (none: nanopost alone; nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    unknown = set(args.sides) - {"transformers", "transformers-loop", "nanopost-http"}
+    unknown = set(args.sides) - set(SIDES)
     if unknown:
-        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (choose from transformers, transformers-loop, nanopost-http)")
+        p.error(f"--sides: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SIDES)})")
     if args.worker and args.chat:
         print(json.dumps(chat_worker(args.worker[0], args.model, args.worker[1], args.chat, args.batch_sizes[0], args.new_tokens, args.loop_sample,
                                      args.http_clients)))
@@ -213,7 +214,7 @@ def main():
               "vs loop | HTTP s (responses/min) | HTTP / in-process | identical replies (batched / loop / HTTP) | "
               "reply lengths min-median-max |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        impls = ("nanopost",) + tuple(x for x in ("transformers", "transformers-loop", "nanopost-http") if x in args.sides
+        impls = ("nanopost",) + tuple(x for x in SIDES if x in args.sides
                                       and (x != "nanopost-http" or args.http_clients))
         for dtype in args.dtypes:
             res = {impl: run_side(__file__, ["--worker", impl, args.loop_dtype if impl == "transformers-loop" and args.loop_dtype

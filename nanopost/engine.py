@@ -171,10 +171,11 @@ class Engine:
         for a, b in zip(order, order[1:]):
             n = lcp(prompts[a], prompts[b])
             shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
-        for i in order if known is not None else ():
+        for i in order if known else ():  # the longest with an earlier prompt: one of its neighbours among them
             j = bisect.bisect(known, prompts[i])
             shared[i] = max([shared[i]] + [lcp(prompts[i], known[k]) for k in (j - 1, j) if 0 <= k < len(known)])
-            known.insert(j, prompts[i])
+        if known is not None:
+            known[:] = sorted(known + [prompts[i] for i in order])  # two sorted runs: a linear merge
         return order, [min(n, len(p) - 1) for n, p in zip(shared, prompts)]  # every row keeps >= 1 token to run
 
     def _prefix(self, p, shared: int):
