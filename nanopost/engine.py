@@ -128,15 +128,55 @@ def lcp(a, b) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+class DecodeGraph:
+    """One decode step of one KV cache (per-row lengths, static: see KVCache) captured in a CUDA
+    graph, replayed every step: a 0.5B model's eager step is ~400 kernel launches whose Python and
+    launch cost is far longer than their GPU time at small batches (gpt-fast's reason for
+    torch.compile's CUDA graphs). The graph reads the token ids from its own buffer and the cache's
+    per-row lengths from cache.pos (updated in place by the caller and by the step itself), and
+    writes the float32 next-token logits into its own output buffer."""
+
+    def __init__(self, model: Qwen2, cache: KVCache):
+        self.k, self.v, self.pos = cache.k, cache.v, cache.pos  # the tensors the graph was captured on
+        cache.static = True
+        self.ids = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
+        pos0 = cache.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks kernels): writes one slot
+            model(self.ids, cache=cache)  # per row at its own length, which the real step overwrites
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos.copy_(pos0)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache=cache)[:, -1].float()
+
+    def captured_on(self, cache: KVCache) -> bool:
+        return cache.k is self.k and cache.v is self.v and cache.pos is self.pos
+
+    def __call__(self, ids_B):
+        self.ids[:, 0].copy_(ids_B)
+        self.graph.replay()
+        return self.logits
+
+
 class Engine:
-    def __init__(self, model: Qwen2, tokenizer: Tokenizer, pack_weights: bool | None = None):
+    def __init__(self, model: Qwen2, tokenizer: Tokenizer, pack_weights: bool | None = None,
+                 cuda_graphs: bool | None = None):
         """pack_weights (CPU float32, or bfloat16 with native bf16; default on there): run every Linear
         through a copy of its weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
         than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
-        weights. The copy is refreshed when the weights change in place (e.g. training)."""
+        weights. The copy is refreshed when the weights change in place (e.g. training).
+        cuda_graphs (default on for a model on CUDA): decode steps replayed from a CUDA graph
+        (DecodeGraph), captured again whenever the batch's cache changes shape."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
+        on_cuda = model.lm_head.weight.is_cuda
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs needs a model on a CUDA device")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self._graph = None
         self._packed = {}  # Linear -> (weight version, packed weight)
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
         self._prefix_state = None  # the weights' versions, dtype and device the kept prefixes were computed with
@@ -400,9 +440,19 @@ class Engine:
                 cache.pos.masked_fill_(idle, 0)
                 # per-row lengths: the model places each row at its own position and masks its keys
                 # past its own length (Qwen2.forward, KVCache.begin)
-                logits[:] = model(ids[:, None], cache=cache)[:, -1].float()
+                logits[:] = self._decode(ids, cache)
             admit()
+        self._graph = None  # frees the graph's memory and the cache it holds
         return out
+
+    def _decode(self, ids_B, cache: KVCache):
+        """One decode step, each row at its own length -> float32 next-token logits (B, V)."""
+        if not self.cuda_graphs:
+            return self.model(ids_B[:, None], cache=cache)[:, -1].float()
+        if self._graph is None or not self._graph.captured_on(cache):  # a new batch, grown or shrunk
+            self._graph = None
+            self._graph = DecodeGraph(self.model, cache)
+        return self._graph(ids_B)
 
     def generate(self, prompts, s: Sampling = Sampling(), batch_size: int = 16, progress=None,
                  return_truncated: bool = False):

@@ -82,13 +82,17 @@ class KVCache:
     """Preallocated keys/values for every layer: (L, B, K, S_max, D). `pos` counts filled slots:
     an int shared by every row (the model writes slots [pos, pos+T)), or a LongTensor (B,) of
     per-row lengths for rows at different positions (continuous batching: one token per row per
-    forward, written at each row's own pos). The model advances pos by T once per forward."""
+    forward, written at each row's own pos). The model advances pos by T once per forward.
+    static (per-row lengths only): every forward attends over all max_len slots, each row's keys
+    past its own length masked, so shapes never change and nothing waits for the device (a CUDA
+    graph replays such a step); the caller keeps every row inside max_len."""
 
     def __init__(self, cfg: Qwen2Config, batch_size: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0
+        self.static = False
 
     def begin(self, T: int):
         """Once per forward, before the layers: where this forward's T slots go, checked against
@@ -97,7 +101,7 @@ class KVCache:
             if T != 1:
                 raise ValueError(f"KV cache with per-row lengths takes one token per row per forward, got {T}")
             self._rows = torch.arange(self.k.shape[1], device=self.k.device)
-            self._end = int(self.pos.max()) + 1
+            self._end = self.k.shape[3] if self.static else int(self.pos.max()) + 1
         else:
             self._end = self.pos + T
         if self._end > self.k.shape[3]:

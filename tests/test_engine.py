@@ -298,3 +298,66 @@ def test_prompts_added_mid_run_are_checked_like_the_first(eng32):
     for bad in ([([], 4)], [([5, 6], 0)]):  # an empty prompt; a limit below one token
         with pytest.raises(ValueError, match="at least one token and a limit >= 1"):
             eng.generate_ids([[5, 6, 7]], Sampling(max_new_tokens=4), more=lambda n, bad=bad: bad)
+
+
+# ---- CUDA graphs: decode steps on a static cache ----
+
+class EagerGraph:
+    """DecodeGraph's bookkeeping and static cache without a GPU: the same step, run eagerly."""
+    captures = 0
+
+    def __init__(self, model, cache):
+        type(self).captures += 1
+        self.model, self.cache, self.k, self.v, self.pos = model, cache, cache.k, cache.v, cache.pos
+        cache.static = True
+
+    def captured_on(self, cache):
+        return cache.k is self.k and cache.v is self.v and cache.pos is self.pos
+
+    def __call__(self, ids_B):
+        assert self.captured_on(self.cache)  # a step never runs on tensors it was not captured on
+        return self.model(ids_B[:, None], cache=self.cache)[:, -1].float()
+
+
+def test_static_cache_decode_equals_one_at_a_time(eng32, monkeypatch):
+    """What a CUDA graph replays: every step attends over all max_len slots with each row's keys
+    past its own length masked (fixed shapes, no host sync). Rows finishing at different steps, a
+    queue, the tail shrinking the batch and rows added mid-run (the cache grows): each change of
+    the cache's tensors is captured again, and every row equals decoding it alone."""
+    import nanopost.engine as engine_mod
+    monkeypatch.setattr(engine_mod, "DecodeGraph", EagerGraph)
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    limits = [4 + 5 * (i % 4) for i in range(len(prompts))]
+    want = [naive(model, p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
+    eng = Engine(model, tok)
+    eng.cuda_graphs = True  # a CPU model: the stand-in graph
+    EagerGraph.captures = 0
+    assert eng.generate_ids(prompts, Sampling(), batch_size=4, limits=limits) == want
+    assert EagerGraph.captures >= 2 and eng._graph is None  # captured again after the tail shrank; freed at the end
+    feed = list(range(1, len(prompts)))
+
+    def more(n):  # one new prompt at a time, the longest last (the cache grows)
+        return [(prompts[feed[0]], limits[feed.pop(0)])] if n and feed else []
+    assert eng.generate_ids([prompts[0]], Sampling(), batch_size=3, limits=limits[:1], more=more) == want
+
+
+def test_cuda_graphs_need_a_cuda_model(eng32):
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(eng32.model, eng32.tok, cuda_graphs=True)
+    assert not Engine(eng32.model, eng32.tok).cuda_graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(tiny, dtype):
+    model, tok = nanopost.load(tiny, dtype=dtype, device="cuda")
+    prompts = shared_prompts(tok)
+    limits = [4 + 5 * (i % 4) for i in range(len(prompts))]
+    s = Sampling()
+    eager = Engine(model, tok, cuda_graphs=False).generate_ids(prompts, s, batch_size=4, limits=limits)
+    graphs = Engine(model, tok)
+    assert graphs.cuda_graphs
+    assert graphs.generate_ids(prompts, s, batch_size=4, limits=limits) == eager
+    if dtype == torch.float32:
+        assert eager == [naive(model.cpu(), p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
