@@ -138,6 +138,17 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float):
                                           scale=scale, enable_gqa=K != H)
 
 
+def fused_linear(x, linears):
+    """x through Linears that read the same x as one matmul, their weights (and biases) joined:
+    x is read once, and backward computes x's gradient in one matmul instead of one per Linear
+    plus their sum. Training only (model code checks torch.is_grad_enabled()): the weights change
+    every step, so they are joined every forward, a copy small next to a batch's activations;
+    inference calls the Linears themselves (the engine swaps in packed weights for each on CPU)."""
+    w = torch.cat([lin.weight for lin in linears])
+    b = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    return F.linear(x, w, b)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, layer: int):
         super().__init__()
@@ -150,9 +161,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if torch.is_grad_enabled():  # training: q, k, v as one matmul
+            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj)).split(
+                [self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = kernels.apply_rope(q, k, cos, sin)  # x * cos + rotate_half(x) * sin (kernels/rope.py)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -167,8 +183,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+    def forward(self, x):  # silu(gate) * up
+        if torch.is_grad_enabled():  # training: gate and up as one matmul, its output's two halves
+            return self.down_proj(kernels.silu_mul_halves(fused_linear(x, (self.gate_proj, self.up_proj))))
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -75,6 +75,28 @@ def test_rms_norm(shape, dtype, w_dtype, randn, poisoned):
     assert torch.equal(first, w.grad), f"rms_norm grad weight differs between two runs (seed {randn.seed})"
 
 
+def test_rms_norm_under_autocast_writes_what_the_next_matmul_reads(randn, poisoned):
+    """Under autocast a float32 x gives bf16 out: float32 math rounded once, the value the next
+    matmul would read after autocast's own cast of a float32 result; the bf16 gradient that comes
+    back is read as float32 (x's gradient stays float32)."""
+    x = randn(37, 896).requires_grad_()
+    w = (1 + 0.5 * randn(896)).requires_grad_()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = rmsnorm.rms_norm_triton(x, w, 1e-6, torch.bfloat16)
+    yr = rmsnorm.rms_norm_reference(xr, wr, 1e-6).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    check("rms_norm y (bf16 out)", y, yr, torch.bfloat16, randn.seed)
+    dy = randn(37, 896, dtype=torch.bfloat16)
+    y.backward(dy)
+    yr.backward(dy)
+    check("rms_norm grad x (bf16 out)", x.grad, xr.grad, torch.float32, randn.seed)
+    check("rms_norm grad weight (bf16 out)", w.grad, wr.grad, torch.float32, randn.seed)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the dispatcher picks autocast's dtype
+        from nanopost import kernels
+        assert kernels.rms_norm(x, w, 1e-6).dtype == torch.bfloat16
+    assert kernels.rms_norm(x, w, 1e-6).dtype == torch.float32
+
+
 def _views(store, pad, D):
     """(B, heads, T, D) view of a (B, T, heads, D + 2 pad) storage, strided like the model's q and k."""
     return store[..., pad:pad + D].transpose(1, 2)
@@ -123,7 +145,26 @@ def test_swiglu(dtype, randn, poisoned):
     yr.backward(dy)
     check("swiglu grad gate", gate.grad, gr.grad, dtype, randn.seed)
     check("swiglu grad up", up.grad, ur.grad, dtype, randn.seed)
-    assert len(poisoned) == 3  # y, grad gate, grad up
+    assert len(poisoned) == 2  # y; grad gate and grad up, the two halves of one buffer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_on_the_halves_of_one_matmul_output(dtype, randn, poisoned):
+    """The fused gate/up projection's output (B, T, 2F), gate its left half: read in place (here
+    through rows padded by 3, as a slice of a wider output would be), and its gradient one
+    (B, T, 2F) tensor."""
+    B, T, F = 3, 7, 301
+    gu = (2 * randn(B, T, 2 * F + 3, dtype=dtype))[..., :2 * F].requires_grad_()
+    ref = gu.detach().clone().requires_grad_()
+    y, yr = swiglu.swiglu_halves_triton(gu), swiglu.swiglu_halves_reference(ref)
+    check("swiglu halves y", y, yr, dtype, randn.seed)
+    dy = randn(B, T, F, dtype=dtype)
+    y.backward(dy)
+    yr.backward(dy)
+    check("swiglu halves grad", gu.grad, ref.grad, dtype, randn.seed)
+    assert len(poisoned) == 2  # y, grad
+    with pytest.raises(ValueError, match="odd"):
+        swiglu.swiglu_halves_triton(gu[..., 1:])
 
 
 def test_rms_norm_rounds_before_the_weight(randn, poisoned):

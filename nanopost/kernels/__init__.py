@@ -34,8 +34,11 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x, weight, eps: float):
-    """Qwen2's RMSNorm: weight * (x in float32 / rms, cast back to x's dtype)."""
-    return (_rmsnorm.rms_norm_triton if use_triton(x) else _rmsnorm.rms_norm_reference)(x, weight, eps)
+    """Qwen2's RMSNorm: weight * (x in float32 / rms, cast back to x's dtype). Under autocast a
+    float32 x gives autocast's dtype, the one the matmul that reads it would cast to (rmsnorm.py)."""
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.dtype == torch.float32 else None
+    return (_rmsnorm.rms_norm_triton if use_triton(x) else _rmsnorm.rms_norm_reference)(x, weight, eps, out_dtype)
 
 
 def apply_rope(q_BHTD, k_BKTD, cos_BTD, sin_BTD):
@@ -46,6 +49,11 @@ def apply_rope(q_BHTD, k_BKTD, cos_BTD, sin_BTD):
 def silu_mul(gate, up):
     """silu(gate) * up, the Qwen2 MLP's activation."""
     return (_swiglu.swiglu_triton if use_triton(gate) else _swiglu.swiglu_reference)(gate, up)
+
+
+def silu_mul_halves(gate_up):
+    """silu(gate) * up for gate, up the two halves of gate_up's last dimension (one matmul's output)."""
+    return (_swiglu.swiglu_halves_triton if use_triton(gate_up) else _swiglu.swiglu_halves_reference)(gate_up)
 
 
 def linear_cross_entropy(hidden_NC, weight_VC, labels_N, ignore_index: int = -100, z_loss: float = 0.0,

@@ -4,7 +4,11 @@ weight multiply, in the forward and so in grad_weight (grad_out * that rounded v
 Why a kernel: eager PyTorch writes the float32 copy, its square, the normalized tensor and the
 cast as separate (rows, C) tensors and saves some for backward; here one pass reads x once and
 saves one float32 rstd per row. grad_weight sums float32 partials over fixed blocks of rows,
-then torch .sum(0): no atomics, so two backward passes give bit-identical gradients."""
+then torch .sum(0): no atomics, so two backward passes give bit-identical gradients.
+out_dtype (kernels.rms_norm passes autocast's dtype for a float32 x under autocast): the result is
+written in that dtype, rounded once from float32 -- exactly what the next matmul would read after
+autocast's own cast, without a float32 copy written and read back; its gradient arrives in that
+dtype and is read as float32."""
 import torch
 
 from nanopost.kernels._triton import tl, triton
@@ -12,10 +16,11 @@ from nanopost.kernels._triton import tl, triton
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 
 
-def rms_norm_reference(x, weight, eps: float):
+def rms_norm_reference(x, weight, eps: float, out_dtype=None):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    y = weight * xf.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 @triton.jit
@@ -54,10 +59,10 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, C, 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         C = x.shape[-1]
         x2 = x.contiguous().view(-1, C)
-        y = _empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        y = _empty(x2.shape, dtype=out_dtype or torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = _empty(x2.shape[0], dtype=torch.float32, device=x.device)
         _fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, C, eps, BLOCK_C=triton.next_power_of_2(C))
         ctx.save_for_backward(x2, weight, rstd)
@@ -76,8 +81,8 @@ class _RMSNorm(torch.autograd.Function):
         dw_part = _empty((n_programs, C), dtype=torch.float32, device=x2.device)
         _bwd_kernel[(n_programs,)](dy2, x2, weight, rstd, dx, dw_part, n_rows, C, rows_per_program,
                                    BLOCK_C=triton.next_power_of_2(C))
-        return dx.view(dy.shape), dw_part.sum(0).to(weight.dtype), None
+        return dx.view(dy.shape), dw_part.sum(0).to(weight.dtype), None, None
 
 
-def rms_norm_triton(x, weight, eps: float):
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm_triton(x, weight, eps: float, out_dtype=None):
+    return _RMSNorm.apply(x, weight, eps, out_dtype)
