@@ -4,7 +4,8 @@
 # 1. the kernel tests natively on CUDA (the same files CI runs through Triton's CPU interpreter)
 # 2. bench/kernels.py: each kernel against eager, torch.compile and Liger-Kernel at Qwen2-0.5B's shapes
 # 3. bench/train_step.py: a whole SFT step of a 0.5B-shaped model, kernels on/off vs transformers, MFU
-# 4. bench/profile_step.py: where that step's GPU time goes, by kernel and by group
+# 4. bench/profile_step.py: where that step's GPU time goes, by kernel and by group; the same for a decode step
+# 5. bench/decode.py: decode with CUDA graphs vs eager vs transformers, and batch-1 decode's share of the memory bandwidth
 # Liger-Kernel, when missing, is installed from wheels in .whl/ if present (no network needed).
 # Each part has its own time limit and writes its own log, so one failure does not lose the rest.
 set -uo pipefail
@@ -20,7 +21,7 @@ fi
 
 echo "== 1. kernel tests on CUDA"
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_pointwise.py tests/test_kernels_linear.py \
-    tests/test_kernels_steps.py 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/test_kernels_steps.py "tests/test_engine.py::test_cuda_graph_decode_equals_eager" 2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== 2. kernels vs eager / torch.compile / Liger"
 timeout 200 $PY bench/kernels.py --reps 30 2>&1 | tee "$OUT/kernels.md"
@@ -32,3 +33,8 @@ timeout 150 $PY bench/train_step.py --device cuda --precision bf16-autocast --mo
 
 echo "== 4. where the step's GPU time goes"
 timeout 90 $PY bench/profile_step.py --model /tmp/r05 --batch 16 --seq-len 1024 2>&1 | tee "$OUT/profile_step.md"
+timeout 60 $PY bench/profile_step.py --model /tmp/r05 --decode 1 2>&1 | tee "$OUT/profile_decode.md"
+
+echo "== 5. decode: CUDA graphs, eager, transformers (bf16, random 0.5B weights)"
+timeout 200 $PY bench/decode.py --model /tmp/r05 --device cuda --batch-sizes 1 16 --new-tokens 128 --repeats 2 \
+    --peak-gbps 4800 2>&1 | tee "$OUT/decode.md"

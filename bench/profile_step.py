@@ -6,7 +6,11 @@ weights, fused AdamW, clipping) under torch.profiler, its CUDA kernels grouped a
 
 Prints the step time (median of 3 after 2 warm-ups) and the kernels with the most GPU time, and
 the same time by group (matmuls, attention, copies/casts, elementwise, our Triton kernels, optimizer)
--- the list to work down when chasing MFU."""
+-- the list to work down when chasing MFU.
+
+    python bench/profile_step.py --model /tmp/r05 --decode 1      # one engine decode step instead
+      (bf16 weights, CUDA graphs on, --decode rows): wall time per step, GPU kernel time per step
+      and kernels per step -- where batch-1 decode's time goes against the weights' read time."""
 import argparse
 import collections
 import statistics
@@ -14,13 +18,19 @@ import time
 
 import torch
 
-GROUPS = [("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "ampere_")),
+GROUPS = [("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "ampere_", "splitKreduce")),
           ("attention", ("flash", "sdpa", "cudnn", "fmha", "attention")),
-          ("copies / casts", ("copy", "Memcpy", "cast")),
-          ("ours (Triton)", ("_kernel",)),
           ("optimizer", ("adam", "multi_tensor", "foreach")),
+          ("copies / casts", ("copy", "Memcpy", "cast")),
+          ("float adds", ("CUDAFunctor_add",)),
           ("reductions", ("reduce",)),
           ("elementwise", ("elementwise",))]
+
+
+def group_of(name: str) -> str:
+    if name.startswith("_"):  # Triton kernels are named after their Python functions: ours all start with _
+        return "ours (Triton)"
+    return next((g for g, keys in GROUPS if any(k.lower() in name.lower() for k in keys)), "other")
 
 
 def main():
@@ -29,9 +39,12 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--top", type=int, default=30, help="kernels listed")
+    p.add_argument("--decode", type=int, default=0, metavar="ROWS", help="profile an engine decode step of ROWS rows instead")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/profile_step.py profiles CUDA kernels: no CUDA device here")
+    if args.decode:
+        return profile_decode(args)
     import nanopost
     from nanopost.losses import sft_loss_sum
     from nanopost.training import make_optimizer
@@ -63,6 +76,36 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    report(prof, args.top)
+
+
+def profile_decode(args):
+    import nanopost
+    from nanopost.engine import Engine, Sampling
+    model, tok = nanopost.load(args.model, dtype=torch.bfloat16, device="cuda")
+    engine = Engine(model, tok)
+    prompts = torch.randint(1000, 2000, (args.decode, 64)).tolist()
+    n = 64
+    run = lambda: engine.generate_ids(prompts, Sampling(max_new_tokens=n, ignore_eos=True), batch_size=args.decode)
+    run()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.time_range.elapsed_us() for e in kernels) / n
+    print(f"{torch.cuda.get_device_name()}; decode, {args.decode} rows, bf16, CUDA graphs; {n} steps: "
+          f"{1000 * wall:.2f} ms wall per step, {gpu / 1000:.2f} ms of GPU kernels per step, "
+          f"{len(kernels) / n:.0f} kernels per step (prefill included, spread over the steps)")
+    report(prof, args.top)
+
+
+def report(prof, top):
     # kernel events only (device time of their own); aten ops' totals would count them twice
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name = collections.Counter()
@@ -73,13 +116,12 @@ def main():
     total = sum(by_name.values())
     groups = collections.Counter()
     for name, us in by_name.items():
-        group = next((g for g, keys in GROUPS if any(k.lower() in name.lower() for k in keys)), "other")
-        groups[group] += us
+        groups[group_of(name)] += us
     print(f"GPU kernel time {total / 1000:.1f} ms\n\n| group | ms | share |\n|---|---|---|")
     for g, us in groups.most_common():
         print(f"| {g} | {us / 1000:.2f} | {100 * us / total:.0f}% |")
     print("\n| kernel | calls | ms |\n|---|---|---|")
-    for name, us in by_name.most_common(args.top):
+    for name, us in by_name.most_common(top):
         print(f"| {name[:100]} | {calls[name]} | {us / 1000:.2f} |")
 
 
