@@ -397,8 +397,10 @@ class Engine:
         step = 0
         while any(i is not None for i in slot):
             running = [b for b in range(len(slot)) if slot[b] is not None]
-            idx = torch.tensor(running, device=dev)
-            nxt = sample_next(logits[idx], seen[idx] if seen is not None else None, s, gen).tolist()
+            full = len(running) == len(slot)  # every slot runs: no gather (nor its host-to-device copy)
+            idx = None if full else torch.tensor(running, device=dev)
+            nxt_t = sample_next(logits if full else logits[idx], seen if full or seen is None else seen[idx], s, gen)
+            nxt = nxt_t.tolist()
             tokens = [None] * len(prompts)
             for b, t in zip(running, nxt):
                 i = slot[b]
@@ -427,17 +429,21 @@ class Engine:
                     waiting = deque(i for i in waiting if i not in ended)
             step += 1
             live = [b for b in range(len(slot)) if slot[b] is not None]
+            carry_on = full and len(live) == len(slot)  # the same rows run on: their new tokens are the next input
             if live and not waiting and len(live) <= len(slot) // 2:  # the tail: drop the idle slots
                 keep = torch.tensor(live, device=dev)
                 cache.k, cache.v, cache.pos, logits = cache.k[:, keep], cache.v[:, keep], cache.pos[keep], logits[keep]
                 seen = seen[keep] if seen is not None else None
                 slot = [slot[b] for b in live]
                 live = list(range(len(live)))
-            if live:  # one decode step for every slot; an idle slot runs a pad token at position 0
+            if carry_on:
+                ids = nxt_t
+            elif live:  # an idle slot runs a pad token at position 0
                 ids = torch.full((len(slot),), self.tok.pad_id, dtype=torch.long, device=dev)
                 ids[live] = torch.tensor([out[slot[b]][-1] for b in live], device=dev)
                 idle = torch.tensor([slot[b] is None for b in range(len(slot))], device=dev)
                 cache.pos.masked_fill_(idle, 0)
+            if live:  # one decode step for every slot
                 # per-row lengths: the model places each row at its own position and masks its keys
                 # past its own length (Qwen2.forward, KVCache.begin)
                 logits[:] = self._decode(ids, cache)

@@ -265,6 +265,10 @@ class Qwen2(nn.Module):
             # chunked prefill after earlier slots: causal within the chunk, all earlier slots visible
             mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
         x = self.model.embed_tokens(input_ids)
+        if mask is not None and mask.dtype == torch.bool and x.is_cuda and not torch.is_grad_enabled():
+            # SDPA on CUDA turns a boolean mask into an additive one at every call, three kernels a
+            # layer (a decode step's ~500 launches are its cost): once here instead
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
