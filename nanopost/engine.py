@@ -320,9 +320,12 @@ class Engine:
         limits = [s.max_new_tokens] * len(prompts) if limits is None else list(limits)
         if len(limits) != len(prompts):
             raise ValueError(f"{len(limits)} limits for {len(prompts)} prompts")
-        with torch.inference_mode(), self.fast_linears():
-            return self._generate_ids(list(zip(prompts, limits)), s, on_token, batch_size or max(len(prompts), 1),
-                                      on_done, more)
+        try:
+            with torch.inference_mode(), self.fast_linears():
+                return self._generate_ids(list(zip(prompts, limits)), s, on_token, batch_size or max(len(prompts), 1),
+                                          on_done, more)
+        finally:
+            self._graph = None  # a captured step holds its cache and its own memory: freed with the call, even on error
 
     def _generate_ids(self, first, s, on_token, batch_size, on_done, more):
         """first: (prompt ids, max_new_tokens) pairs; the rest as generate_ids."""
@@ -448,7 +451,6 @@ class Engine:
                 # past its own length (Qwen2.forward, KVCache.begin)
                 logits[:] = self._decode(ids, cache)
             admit()
-        self._graph = None  # frees the graph's memory and the cache it holds
         return out
 
     def _decode(self, ids_B, cache: KVCache):
