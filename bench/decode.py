@@ -10,7 +10,10 @@ Every row decodes --new-tokens tokens (eos ignored) after a --prompt-len-token p
 a run is from the call to the last token, the prompt's prefill included (one forward, small next
 to the decode steps). Each side runs in its own process: nanopost-graphs (the engine's default on
 CUDA: each decode step replayed from a CUDA graph), nanopost-eager (the same engine, graphs off),
-transformers (`generate`, greedy, the same dtype). Median of --repeats runs after one warm-up."""
+transformers (`generate`, greedy, the same dtype). Median of --repeats runs after one warm-up.
+A run's time includes, for nanopost-graphs, its warm-up forward and the graph's capture (each
+generate call captures its own, and again when its batch shrinks at the tail), so the per-step
+figure is a whole call's average, not the steady replay alone."""
 import argparse
 import json
 import os
@@ -77,13 +80,19 @@ def main():
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs (median) after one warm-up")
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                   help="sides to run (default: all three on CUDA; nanopost-eager and transformers elsewhere)")
     p.add_argument("--peak-gbps", type=float, default=0.0,
                    help="the device's memory bandwidth in GB/s for the fraction column (H200: 4800, H100 SXM: 3350)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "B"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if min(a.batch_sizes) < 1 or a.prompt_len < 1 or a.new_tokens < 2 or a.repeats < 1:
         p.error("batch sizes, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
+    cuda = a.device.startswith("cuda")
+    if a.impls is None:
+        a.impls = [i for i in IMPLS if cuda or i != "nanopost-graphs"]
+    elif "nanopost-graphs" in a.impls and not cuda:
+        p.error(f"nanopost-graphs needs --device cuda (CUDA graphs), not {a.device}")
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.model, a.device, a.dtype, int(a.worker[1]), a.prompt_len,
                                 a.new_tokens, a.repeats)))

@@ -20,6 +20,7 @@ float rounding: token-identical to one-at-a-time greedy decoding in float32, tes
 Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
 ids, stop strings and max_new_tokens; streaming and per-row completion callbacks."""
 import bisect
+import threading
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,35 +129,46 @@ def lcp(a, b) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+_CAPTURE = threading.Lock()  # CUDA allows one graph capture at a time in a process
+
+
 class DecodeGraph:
     """One decode step of one KV cache (per-row lengths, static: see KVCache) captured in a CUDA
     graph, replayed every step: a 0.5B model's eager step is ~400 kernel launches whose Python and
     launch cost is far longer than their GPU time at small batches (gpt-fast's reason for
-    torch.compile's CUDA graphs). The graph reads the token ids from its own buffer and the cache's
+    torch.compile's CUDA graphs). While a graph is captured no other thread may run CUDA work: one
+    engine per process, or several run one at a time (serve turns graphs off for several models).
+    Each generate_ids call captures its own (a warm-up forward and the capture, tens of ms), and again
+    when its batch's cache changes shape. The graph reads the token ids from its own buffer and the cache's
     per-row lengths from cache.pos (updated in place by the caller and by the step itself), and
     writes the float32 next-token logits into its own output buffer."""
 
     def __init__(self, model: Qwen2, cache: KVCache):
         self.k, self.v, self.pos = cache.k, cache.v, cache.pos  # the tensors the graph was captured on
+        self.device = cache.k.device
         cache.static = True
-        self.ids = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
+        self.ids = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=self.device)
         pos0 = cache.pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks kernels): writes one slot
-            model(self.ids, cache=cache)  # per row at its own length, which the real step overwrites
-        torch.cuda.current_stream().wait_stream(side)
-        cache.pos.copy_(pos0)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache=cache)[:, -1].float()
+        # the model's device made current: streams and the capture belong to the current device, and a
+        # model on another one (cuda:1) would run eagerly outside an empty capture
+        with torch.cuda.device(self.device), _CAPTURE:  # one capture at a time in a process (CUDA's rule)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (Triton compiles, cuBLAS picks kernels): writes one slot
+                model(self.ids, cache=cache)  # per row at its own length, which the real step overwrites
+            torch.cuda.current_stream().wait_stream(side)
+            cache.pos.copy_(pos0)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.ids, cache=cache)[:, -1].float()
 
     def captured_on(self, cache: KVCache) -> bool:
         return cache.k is self.k and cache.v is self.v and cache.pos is self.pos
 
     def __call__(self, ids_B):
-        self.ids[:, 0].copy_(ids_B)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.ids[:, 0].copy_(ids_B)
+            self.graph.replay()
         return self.logits
 
 
@@ -172,10 +184,9 @@ class Engine:
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
-        on_cuda = model.lm_head.weight.is_cuda
-        if cuda_graphs and not on_cuda:
+        if cuda_graphs and not model.lm_head.weight.is_cuda:
             raise ValueError("cuda_graphs needs a model on a CUDA device")
-        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = cuda_graphs  # None: wherever the model is on CUDA (checked at each call: it may move)
         self._graph = None
         self._packed = {}  # Linear -> (weight version, packed weight)
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
@@ -453,9 +464,12 @@ class Engine:
             admit()
         return out
 
+    def _graphs_for(self, cache: KVCache) -> bool:
+        return self.cuda_graphs is not False and cache.k.is_cuda
+
     def _decode(self, ids_B, cache: KVCache):
         """One decode step, each row at its own length -> float32 next-token logits (B, V)."""
-        if not self.cuda_graphs:
+        if not self._graphs_for(cache):
             return self.model(ids_B[:, None], cache=cache)[:, -1].float()
         if self._graph is None or not self._graph.captured_on(cache):  # a new batch, grown or shrunk
             self._graph = None

@@ -139,18 +139,20 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float):
 
 
 def fuse_projections(x) -> bool:
-    """Whether q/k/v and gate/up run as one matmul each (fused_linear): in training on CUDA, where
-    it took an H200's SFT step from 35.0% to 40.5% MFU (BENCHMARKS.md). Not on CPU, where joining
-    the weights costs more than it saves (a float32 step 8% slower), nor in inference, which calls
-    the Linears themselves (the engine swaps in packed weights for each on CPU)."""
-    return x.is_cuda and torch.is_grad_enabled()
+    """Whether q/k/v and gate/up run as one matmul each (fused_linear): for forwards of several
+    tokens a row on CUDA -- training, where it took an H200's SFT step from 35.0% to 40.5% MFU
+    (BENCHMARKS.md), and with it every pass that must compute exactly as training does (KTO's
+    reference log-probs under no_grad), and prefill. Not a decode step (one token a row), where
+    joining the weights would copy them for every token, and not on CPU, where joining them costs
+    more than it saves (a float32 SFT step 8% slower) and the engine packs each Linear's weight."""
+    return x.is_cuda and x.shape[1] > 1
 
 
 def fused_linear(x, linears):
     """x through Linears that read the same x as one matmul, their weights (and biases) joined:
     x is read once, and backward computes x's gradient in one matmul instead of one per Linear
     plus their sum. The weights change every training step, so they are joined every forward, a
-    copy small next to a batch's activations."""
+    copy small next to the activations of a forward of many tokens."""
     w = torch.cat([lin.weight for lin in linears])
     b = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
     return F.linear(x, w, b)

@@ -160,9 +160,10 @@ class Worker:
     HTTP). Several --model entries mean several pools, and that cost again (measured ~30% on one
     model's steps with a second, idle one loaded): serve one model per process where speed matters."""
 
-    def __init__(self, name, path, batch_size, load):
-        """load() -> (model, tokenizer), called on the worker's thread; its error is raised here."""
-        self.name, self.path, self.batch_size = name, path, batch_size
+    def __init__(self, name, path, batch_size, load, cuda_graphs=None):
+        """load() -> (model, tokenizer), called on the worker's thread; its error is raised here.
+        cuda_graphs: the Engine's (None: on for a CUDA model)."""
+        self.name, self.path, self.batch_size, self.cuda_graphs = name, path, batch_size, cuda_graphs
         self.inbox, self.closing, self.ready, self.error = queue.Queue(), False, threading.Event(), None
         self.thread = threading.Thread(target=self.main, args=(load,), name=f"serve-{name}", daemon=True)
         try:
@@ -184,7 +185,8 @@ class Worker:
     def main(self, load):
         try:
             self.model, self.tok = load()
-            self.engine, self.context = Engine(self.model, self.tok), self.model.config.max_position_embeddings
+            self.engine = Engine(self.model, self.tok, cuda_graphs=self.cuda_graphs)
+            self.context = self.model.config.max_position_embeddings
             # one short generation now: the engine's one-time work (e.g. packing CPU weights) is
             # done before the first client, and counted in the memory that load_worker reports
             self.engine.generate_ids([self.engine.encode_prompt("hi")], Sampling(max_new_tokens=1))
@@ -554,9 +556,9 @@ def is_loopback(host):
         return False
 
 
-def load_worker(name, path, dtype, device, batch_size, log=print):
+def load_worker(name, path, dtype, device, batch_size, log=print, cuda_graphs=None):
     dtype = resolve_dtype(dtype, device, log) if dtype == "auto" else DTYPES[dtype]  # auto says which and why
-    worker = Worker(name, path, batch_size, lambda: nanopost.load(path, dtype=dtype, device=device))
+    worker = Worker(name, path, batch_size, lambda: nanopost.load(path, dtype=dtype, device=device), cuda_graphs)
     weights = sum(p.nbytes for p in worker.model.parameters())  # parameters() lists a tied head once
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     used = (f"{torch.cuda.memory_allocated(device) / 2**20:,.0f} MiB allocated on {device}" if str(device).startswith("cuda")
@@ -602,9 +604,13 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
                          "models (the default, 127.0.0.1, is this machine only)")
     results = load_results(results, models, log) if results else {}
     workers = {}
+    # a CUDA graph's capture forbids CUDA work on any other thread, and each model decodes on its own
+    graphs = None if len(models) == 1 else False
+    if graphs is False and str(device).startswith("cuda"):
+        log(f"{len(models)} models: decoding without CUDA graphs (one model per process decodes faster)")
     try:
         for name, path in models.items():
-            workers[name] = load_worker(name, path, dtype, device, batch_size, log)
+            workers[name] = load_worker(name, path, dtype, device, batch_size, log, graphs)
         return Server(workers, host, port, api_key, max_tokens_limit, default_max_tokens, log_requests, results)
     except BaseException:  # a bad checkpoint or a taken port: free the models already loaded
         for w in workers.values():

@@ -331,7 +331,7 @@ def test_static_cache_decode_equals_one_at_a_time(eng32, monkeypatch):
     limits = [4 + 5 * (i % 4) for i in range(len(prompts))]
     want = [naive(model, p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
     eng = Engine(model, tok)
-    eng.cuda_graphs = True  # a CPU model: the stand-in graph
+    eng._graphs_for = lambda cache: True  # a CPU model: the stand-in graph
     EagerGraph.captures = 0
     assert eng.generate_ids(prompts, Sampling(), batch_size=4, limits=limits) == want
     assert EagerGraph.captures >= 2 and eng._graph is None  # captured again after the tail shrank; freed at the end
@@ -345,7 +345,20 @@ def test_static_cache_decode_equals_one_at_a_time(eng32, monkeypatch):
 def test_cuda_graphs_need_a_cuda_model(eng32):
     with pytest.raises(ValueError, match="CUDA"):
         Engine(eng32.model, eng32.tok, cuda_graphs=True)
-    assert not Engine(eng32.model, eng32.tok).cuda_graphs
+    from nanopost.model import KVCache
+    cache = KVCache(eng32.model.config, 1, 4, torch.float32, "cpu")
+    assert not Engine(eng32.model, eng32.tok)._graphs_for(cache)  # the default follows the cache's device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_follow_the_model_off_the_gpu(tiny):
+    """An engine built for a CUDA model whose model then moves to the CPU decodes eagerly there."""
+    model, tok = nanopost.load(tiny, device="cuda")
+    eng = Engine(model, tok)
+    prompts = shared_prompts(tok)[:3]
+    on_gpu = eng.generate_ids(prompts, Sampling(max_new_tokens=6))
+    model.cpu()
+    assert eng.generate_ids(prompts, Sampling(max_new_tokens=6)) == on_gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -388,3 +388,11 @@ def test_a_worker_loads_and_runs_its_model_on_its_own_thread(tiny):
     with pytest.raises(ValueError, match="no such checkpoint"):
         serve.Worker("m", tiny, 2, bad)
     assert not any(t.name == "serve-m" and t.is_alive() for t in threading.enumerate())
+
+
+def test_several_models_decode_without_cuda_graphs(server, tiny):
+    """A graph's capture forbids CUDA work on other threads, and each model decodes on its own
+    thread: with several models no engine captures; one model keeps the default (on for CUDA)."""
+    assert all(w.engine.cuda_graphs is False for w in server.workers.values())
+    with serve.start({"one": tiny}, dtype="float32", log_requests=False, log=lambda *a: None) as s:
+        assert [w.engine.cuda_graphs for w in s.workers.values()] == [None]
