@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import dedup
-from nanopost.checkpoint import CheckpointError, resolve
+from nanopost.checkpoint import CheckpointError, read_config, resolve
 from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, truncate_kto
 from nanopost.engine import Engine, Sampling
 from nanopost.losses import sequence_logps
@@ -477,6 +477,15 @@ def build(args):
     out, log = args.out, lambda *a: print(*a, flush=True)
     # ---- setup (all checks before anything is written) ----
     check_out_dir(out, args.resume, args.overwrite)
+    # the checkpoints the chosen stages need, found now (a folder with a config.json, or a hub id
+    # fetched or found in the cache), not when their stage starts after the earlier ones wrote files
+    teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
+    for flag, path, stages in (("--teacher", args.teacher, teacher_stages), ("--student", args.student, {6, 7})):
+        if path and stages & set(args.stages):
+            try:
+                read_config(resolve(path))
+            except CheckpointError as e:
+                raise CheckpointError(f"{flag} {e}") from e
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: no such file")

@@ -60,9 +60,11 @@ def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[i
 
 
 @torch.inference_mode()
-def perplexity(model, tok, path, max_len=4096, batch_size=8) -> float:
+def perplexity(model, tok, path, max_len=4096, batch_size=8, skip_bad_lines=False, log=print) -> float:
     """exp(mean NLL) over the trained (assistant) tokens of a chat JSONL file."""
-    examples = load_sft([path], tok, max_len, log=lambda *a: None)[0][0]
+    examples = load_sft([path], tok, max_len, skip_bad_lines=skip_bad_lines, log=log)[0][0]
+    if not examples:
+        raise DataError(f"{path}: no usable example")
     nll = n = 0.0
     for i in range(0, len(examples), batch_size):
         ids, labels, pos = collate([[j] for j in range(i, min(i + batch_size, len(examples)))], examples, tok.pad_id)
@@ -172,6 +174,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="at most N questions per task (a fixed seeded subset)")
     p.add_argument("--perplexity", nargs="+", default=[], metavar="F.jsonl",
                    help="also report perplexity on the assistant tokens of these chat JSONL files")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="--perplexity: drop malformed lines with a warning instead of stopping")
     p.add_argument("--max-new-tokens", default=None, metavar="TASK=N,...",
                    help="reply budget of generated tasks, per task (default: humaneval 768, others 256); "
                         "a bare N only for one task")
@@ -191,6 +195,8 @@ def main(argv=None):
     new_tokens = {t: tasks.NEW_TOKENS[t] for t in generated}
     new_tokens.update(per_task(p, "--max-new-tokens", args.max_new_tokens, names, generated))
     shots = {t: shots.get(t, tasks.SHOTS.get(t, 0)) for t in names}
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be at least 1 (got {args.limit}); leave it out for every question")
     if not args.model and not args.download:
         p.error("give at least one --model (or --download to only fetch the benchmarks)")
     if args.model and not args.out:
@@ -290,7 +296,8 @@ def main(argv=None):
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         for f in args.perplexity:
             try:
-                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(perplexity(model, tok, f), 4)}
+                ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
+                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4)}
             except DataError as e:
                 sys.exit(f"error: {e}")
         del model, engine

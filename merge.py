@@ -81,9 +81,15 @@ def read_config_file(path: str) -> dict:
             import yaml
         except ImportError:
             raise MergeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as JSON")
-        cfg = yaml.safe_load(text)
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MergeError(f"{path}: not valid YAML: {e}") from e
     else:
-        cfg = json.loads(text)
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MergeError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise MergeError(f"{path}: expected a mapping at the top level")
     unknown = set(cfg) - {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source"}
@@ -272,7 +278,9 @@ def main(argv=None):
     p.add_argument("--embed-slice", action="store_true",
                    help="models with larger vocabularies: cut embed_tokens/lm_head to the base's rows")
     # ---- output ----
-    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically); must be new or "
+                   "empty unless --overwrite, and never one of the models merged")
+    p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: the base model's)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float64", "bfloat16"],
@@ -293,7 +301,15 @@ def main(argv=None):
         g = plan.setdefault("parameters", {}) or {}
         plan["parameters"] = g
         plan["normalize"] = g.get("normalize", NORMALIZE_DEFAULT[method]) if args.normalize is None else args.normalize
+        if os.path.isfile(args.out):
+            raise MergeError(f"--out {args.out} is a file, not a directory")
+        used = os.path.isdir(args.out) and os.listdir(args.out)
+        if used and not args.overwrite:  # before reading any model: a used --out is never replaced by default
+            raise MergeError(f"--out {args.out} already holds {', '.join(sorted(os.listdir(args.out))[:4])}: choose "
+                             "another folder, or pass --overwrite to replace it")
         names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
+        if any(os.path.realpath(d) == os.path.realpath(args.out) for d in dirs):
+            raise MergeError(f"--out {args.out} is one of the models being merged: writing there would replace it")
         tensor_names = list(index[base_i].keys())
         check_params(plan, tensor_names, n_layers)
     except (MergeError, CheckpointError, ValueError) as e:

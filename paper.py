@@ -316,15 +316,15 @@ def main():
                       "--out", d(name), *dev, *extra["kto"]], d(name), fresh_flag="--overwrite",
                needs=(*needs, "data"), output=os.path.join(d(name), "config.json"))
 
-    # 3. weight fusion (merge.py writes its output atomically, and replaces an older one)
+    # 3. weight fusion (merge.py writes its output atomically; --overwrite lets a rerun replace an older one)
     fusions = {"linear-0.5": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.5", "0.5"],
                               ("sft", "sft-b")),
                "linear-0.05": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.05", "0.95"],
                                ("sft", "sft-b")),
                "slerp": (["--method", "slerp", "--models", d("sft"), d("sft-kto"), "--t", "0.5"], ("sft", "sft-kto"))}
     for name, (flags, needs) in fusions.items():
-        st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], needs=needs,
-               output=os.path.join(d(name), "config.json"))
+        st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], d(name), resume_flag="--overwrite",
+               fresh_flag="--overwrite", needs=needs, output=os.path.join(d(name), "config.json"))
 
     # 4. every model on the same questions (evaluate.py resumes from its own cache, keyed on each
     #    checkpoint's files, so a retrained model is never scored from old predictions)

@@ -3,8 +3,7 @@ decode step reads all the weights once (embedding rows aside), so bytes per step
 the bandwidth a step achieves; gpt-fast's anchor is the fraction of the card's peak.
 
     python -m nanopost.testing /tmp/r05 --shape 0.5b          # random 0.5B weights (no hub needed)
-    python bench/decode.py --model /tmp/r05 --device cuda --dtype bfloat16 --batch-sizes 1 8 \
-        --impls nanopost-graphs nanopost-eager transformers --peak-gbps 4800
+    python bench/decode.py --model /tmp/r05 --device cuda --batch-sizes 1 16 --peak-gbps 4800
 
 Every row decodes --new-tokens tokens (eos ignored) after a --prompt-len-token prompt; the time of
 a run is from the call to the last token, the prompt's prefill included (one forward, small next
@@ -89,6 +88,12 @@ def main():
     if min(a.batch_sizes) < 1 or a.prompt_len < 1 or a.new_tokens < 2 or a.repeats < 1:
         p.error("batch sizes, --prompt-len and --repeats must be >= 1, --new-tokens >= 2")
     cuda = a.device.startswith("cuda")
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        p.error(f"--model {a.model}: not a checkpoint directory (python -m nanopost.testing DIR --shape 0.5b makes one)")
+    if cuda:
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f"--device {a.device}: this torch sees no CUDA device")
     if a.impls is None:
         a.impls = [i for i in IMPLS if cuda or i != "nanopost-graphs"]
     elif "nanopost-graphs" in a.impls and not cuda:

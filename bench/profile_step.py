@@ -41,6 +41,8 @@ def main():
     p.add_argument("--top", type=int, default=30, help="kernels listed")
     p.add_argument("--decode", type=int, default=0, metavar="ROWS", help="profile an engine decode step of ROWS rows instead")
     args = p.parse_args()
+    if args.decode < 0 or args.batch < 1 or args.seq_len < 2 or args.top < 1:
+        p.error("--decode must be >= 0, --batch and --top >= 1, --seq-len >= 2")
     if not torch.cuda.is_available():
         raise SystemExit("bench/profile_step.py profiles CUDA kernels: no CUDA device here")
     if args.decode:
@@ -84,7 +86,8 @@ def profile_decode(args):
     from nanopost.engine import Engine, Sampling
     model, tok = nanopost.load(args.model, dtype=torch.bfloat16, device="cuda")
     engine = Engine(model, tok)
-    prompts = torch.randint(1000, 2000, (args.decode, 64)).tolist()
+    V = model.config.vocab_size
+    prompts = torch.randint(V // 4, V // 2, (args.decode, 64)).tolist()  # ordinary tokens of any vocabulary
     n = 64
     run = lambda: engine.generate_ids(prompts, Sampling(max_new_tokens=n, ignore_eos=True), batch_size=args.decode)
     run()

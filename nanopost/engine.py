@@ -20,6 +20,7 @@ float rounding: token-identical to one-at-a-time greedy decoding in float32, tes
 Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
 ids, stop strings and max_new_tokens; streaming and per-row completion callbacks."""
 import bisect
+import os
 import threading
 from collections import deque
 from contextlib import contextmanager
@@ -179,8 +180,8 @@ class Engine:
         through a copy of its weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
         than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
         weights. The copy is refreshed when the weights change in place (e.g. training).
-        cuda_graphs (default on for a model on CUDA): decode steps replayed from a CUDA graph
-        (DecodeGraph), captured again whenever the batch's cache changes shape."""
+        cuda_graphs (default: on for a model on CUDA, unless NANOPOST_CUDA_GRAPHS=0): decode steps
+        replayed from a CUDA graph (DecodeGraph), captured again whenever the batch's cache changes shape."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
@@ -465,7 +466,14 @@ class Engine:
         return out
 
     def _graphs_for(self, cache: KVCache) -> bool:
-        return self.cuda_graphs is not False and cache.k.is_cuda
+        """CUDA graphs for this cache's decode steps: the engine's cuda_graphs, or by default on CUDA
+        unless NANOPOST_CUDA_GRAPHS=0 (one switch for every script: to compare, or to debug)."""
+        if self.cuda_graphs is not None:
+            return self.cuda_graphs and cache.k.is_cuda
+        env = os.environ.get("NANOPOST_CUDA_GRAPHS", "1")
+        if env not in ("0", "1"):
+            raise ValueError(f"NANOPOST_CUDA_GRAPHS={env!r}: use 1 (the default on CUDA) or 0")
+        return env == "1" and cache.k.is_cuda
 
     def _decode(self, ids_B, cache: KVCache):
         """One decode step, each row at its own length -> float32 next-token logits (B, V)."""

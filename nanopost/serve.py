@@ -522,7 +522,10 @@ class Server:
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
-        self.httpd = (HTTPServer6 if ":" in host else HTTPServer4)((host, port), Handler)
+        try:
+            self.httpd = (HTTPServer6 if ":" in host else HTTPServer4)((host, port), Handler)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
         self.httpd.app = self
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
@@ -603,6 +606,13 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
         raise ValueError(f"refusing to listen on {host} without --api-key: anyone who can reach it could use the "
                          "models (the default, 127.0.0.1, is this machine only)")
     results = load_results(results, models, log) if results else {}
+    if port:  # a taken port is said before minutes of loading, not after
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
     workers = {}
     # a CUDA graph's capture forbids CUDA work on any other thread, and each model decodes on its own
     graphs = None if len(models) == 1 else False

@@ -322,6 +322,26 @@ def test_bad_sources_and_flags_refused_before_any_write(tiny, tmp_path):
         assert r.returncode == 2 and "--stages" in r.stderr, stages
 
 
+
+def test_a_wrong_teacher_or_student_is_refused_before_any_stage(tiny, tmp_path, monkeypatch):
+    """A teacher or student that is not a checkpoint is named at start, before stage 1 writes a file
+    (it used to surface at stage 4 or 6, after earlier stages wrote theirs); one no chosen stage
+    needs is not looked at."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src, out = tmp_path / "src.jsonl", tmp_path / "out"
+    src.write_text('{"prompt": "What is 2 + 2?"}\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for flag, bad in (("--teacher", tmp_path / "nope"), ("--student", empty), ("--student", "runs/zz")):
+        models = {"--teacher": tiny, "--student": tiny, flag: bad}
+        r = run_main(SCRIPT, "--teacher", models["--teacher"], "--student", models["--student"], "--sources", src,
+                     "--out", out, *FAST)
+        assert r.returncode != 0 and f"{flag} {bad}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not out.exists()
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", empty, "--sources", src, "--out", out, *FAST, "--stages", "1-3")
+    assert r.returncode == 0, r.stderr  # stages 1-3 need no student
+
+
 def test_http_cache_second_run_sends_zero_requests(fake, tiny, sources, tmp_path):
     fake.clean = True  # no timeouts or non-completions: every request gets a reply, so all are cached
     try:

@@ -350,6 +350,15 @@ def test_cuda_graphs_need_a_cuda_model(eng32):
     assert not Engine(eng32.model, eng32.tok)._graphs_for(cache)  # the default follows the cache's device
 
 
+def test_the_cuda_graphs_switch_is_checked(eng32, monkeypatch):
+    from nanopost.model import KVCache
+    cache = KVCache(eng32.model.config, 1, 4, torch.float32, "cpu")
+    monkeypatch.setenv("NANOPOST_CUDA_GRAPHS", "off")
+    with pytest.raises(ValueError, match="NANOPOST_CUDA_GRAPHS='off'"):
+        Engine(eng32.model, eng32.tok)._graphs_for(cache)
+    assert not Engine(eng32.model, eng32.tok, cuda_graphs=False)._graphs_for(cache)  # an explicit choice wins
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_follow_the_model_off_the_gpu(tiny):
     """An engine built for a CUDA model whose model then moves to the CPU decodes eagerly there."""

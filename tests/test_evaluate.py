@@ -404,6 +404,24 @@ def test_perplexity_and_chart(tmp_path, tiny, data_dir):
     assert "ppl:chat.jsonl" in open(tmp_path / "p" / "results.md").read()
 
 
+def test_bad_perplexity_lines_and_limit_are_refused_clearly(tmp_path, tiny, data_dir):
+    """A malformed --perplexity line is named (file:line) with a hint evaluate.py accepts
+    (--skip-bad-lines, which then drops it with a warning); --limit below 1 is refused up front."""
+    good = open(os.path.join(ROOT, "tests", "data", "chat.jsonl")).read()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "{not json\n")
+    n = good.count("\n") + 1
+    here = lambda *a: run_main(os.path.join(ROOT, "evaluate.py"), *a)  # noqa: E731
+    args = ("--model", tiny, "--tasks", "mmlu", "--limit", "2", "--data-dir", data_dir, "--perplexity", bad)
+    r = here(*args, "--out", tmp_path / "e1")
+    assert r.returncode != 0 and f"bad.jsonl:{n}" in r.stderr and "--skip-bad-lines" in r.stderr, r.stderr
+    r = here(*args, "--skip-bad-lines", "--out", tmp_path / "e2")
+    assert r.returncode == 0, r.stderr
+    assert "ppl:bad.jsonl" in open(tmp_path / "e2" / "results.md").read()
+    r = here("--model", tiny, "--tasks", "gsm8k", "--limit", "-1", "--data-dir", data_dir, "--out", tmp_path / "e3")
+    assert r.returncode == 2 and "--limit must be at least 1" in r.stderr
+
+
 @pytest.mark.parametrize("launched", ["foreground", "with SIGINT ignored"])
 def test_ctrl_c_keeps_the_predictions_and_the_same_command_resumes(tmp_path, tiny, data_dir, launched):
     """Ctrl-C mid-run: exit 130 with a line saying what is kept (no traceback), also when started with

@@ -289,3 +289,32 @@ def test_real_merge_memory_and_generation(real_model_dir, tmp_path):
     model, tok = nanopost.load(str(out))
     text = Engine(model, tok).generate(["Write a Python function that adds two numbers."], Sampling(max_new_tokens=24))[0]
     assert "def" in text
+
+
+def test_a_used_out_is_kept_unless_overwrite_and_never_an_input(tmp_path, pair):
+    """A merge never replaces a folder silently: a non-empty --out needs --overwrite, and --out may
+    never be one of the models being merged (the input would be gone). Broken config files name
+    themselves, without a traceback."""
+    a, b = pair
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("keep me")
+    r = here("--method", "linear", "--models", a, b, "--out", used)
+    assert r.returncode != 0 and "already holds notes.txt" in r.stderr and "--overwrite" in r.stderr
+    assert (used / "notes.txt").read_text() == "keep me"
+    assert here("--method", "linear", "--models", a, b, "--out", used, "--overwrite").returncode == 0
+    assert "model.layers.0.mlp.up_proj.weight" in state(used)
+    import shutil
+    a2 = shutil.copytree(a, tmp_path / "a2")
+    before = state(a2)
+    for extra, why in (((), "already holds"), (("--overwrite",), "is one of the models being merged")):
+        r = here("--method", "linear", "--models", a2, b, "--out", a2, *extra)
+        assert r.returncode != 0 and why in r.stderr, r.stderr
+        assert all(torch.equal(before[k], v) for k, v in state(a2).items())
+    for name, text, kind in (("bad.json", '{"merge_method": ', "JSON"), ("bad.yml", "merge_method: [linear", "YAML")):
+        if kind == "YAML":
+            pytest.importorskip("yaml")
+        (tmp_path / name).write_text(text)
+        r = here("--config", tmp_path / name, "--out", tmp_path / "out")
+        assert r.returncode != 0 and f"bad.{name.split('.')[1]}: not valid {kind}" in r.stderr, r.stderr

@@ -396,3 +396,13 @@ def test_several_models_decode_without_cuda_graphs(server, tiny):
     assert all(w.engine.cuda_graphs is False for w in server.workers.values())
     with serve.start({"one": tiny}, dtype="float32", log_requests=False, log=lambda *a: None) as s:
         assert [w.engine.cuda_graphs for w in s.workers.values()] == [None]
+
+
+def test_a_taken_port_is_named_before_any_model_loads(tiny):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve.start({"a": "/no/such/model"}, port=port, log=lambda *a: None)  # refused before loading it
