@@ -73,7 +73,7 @@ import nanopost
 from nanopost import dedup
 from nanopost.checkpoint import CheckpointError, read_config, resolve
 from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, truncate_kto
-from nanopost.engine import Engine, Sampling
+from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import gsm8k
 from nanopost.teacher import HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
@@ -417,6 +417,10 @@ def parse_args(argv=None):
     p.add_argument("--drop-unlabelled", action="store_true", help="drop rows the teacher failed to label (default: rule category)")
     p.add_argument("--kto-min-gap", type=int, default=3, help="judge-score gap that makes a best/worst pair clear for KTO")
     args = p.parse_args(argv)
+    try:
+        graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS before any work
+    except ValueError as e:
+        p.error(str(e))
     args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if not args.sources and not args.synthesize:
         p.error("give --sources FILE..., or --synthesize N for instructions written by the teacher")
@@ -477,7 +481,10 @@ def build(args):
     out, log = args.out, lambda *a: print(*a, flush=True)
     # ---- setup (all checks before anything is written) ----
     check_out_dir(out, args.resume, args.overwrite)
-    # the checkpoints the chosen stages need, found now (a folder with a config.json, or a hub id
+    for f in args.sources:
+        if not os.path.isfile(f):
+            raise DataError(f"--sources {f}: no such file")
+    # then the checkpoints the chosen stages need (a hub id may download), found now (a folder with a config.json, or a hub id
     # fetched or found in the cache), not when their stage starts after the earlier ones wrote files
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
     for flag, path, stages in (("--teacher", args.teacher, teacher_stages), ("--student", args.student, {6, 7})):
@@ -486,9 +493,6 @@ def build(args):
                 read_config(resolve(path))
             except CheckpointError as e:
                 raise CheckpointError(f"{flag} {e}") from e
-    for f in args.sources:
-        if not os.path.isfile(f):
-            raise DataError(f"--sources {f}: no such file")
     rows, bad, seen, exact = [], [], set(), 0
     for path in args.sources:
         for n, obj in read_jsonl(path, bad):

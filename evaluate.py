@@ -49,7 +49,7 @@ from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate, load_sft
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.engine import Engine, Sampling, cut_at_stop, resolve_dtype
+from nanopost.engine import Engine, Sampling, cut_at_stop, graphs_switch, resolve_dtype
 from nanopost.tasks.choice import LETTERS
 
 
@@ -63,8 +63,6 @@ def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[i
 def perplexity(model, tok, path, max_len=4096, batch_size=8, skip_bad_lines=False, log=print) -> float:
     """exp(mean NLL) over the trained (assistant) tokens of a chat JSONL file."""
     examples = load_sft([path], tok, max_len, skip_bad_lines=skip_bad_lines, log=log)[0][0]
-    if not examples:
-        raise DataError(f"{path}: no usable example")
     nll = n = 0.0
     for i in range(0, len(examples), batch_size):
         ids, labels, pos = collate([[j] for j in range(i, min(i + batch_size, len(examples)))], examples, tok.pad_id)
@@ -188,6 +186,10 @@ def main(argv=None):
                         "AVX512-BF16 or AMX, CUDA with bf16), else float32 (printed with the reason)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    try:
+        graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS before any work
+    except ValueError as e:
+        p.error(str(e))
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     shots = per_task(p, "--shots", args.shots, names, [t for t in names if t in tasks.SHOTS])
@@ -235,6 +237,12 @@ def main(argv=None):
             sys.exit(f"error: {model_name}: the option letters are not single tokens; use --mode generate")
         letter_ids = [t[0] for t in letter_ids]
         results[model_name] = {}
+        for f in args.perplexity:  # first: a bad file stops the run before any task's work
+            try:
+                ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
+                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4)}
+            except DataError as e:
+                sys.exit(f"error: {e}")
         for task in names:
             examples, score, kind = loaded[task]
             examples = subset(examples, args.limit)
@@ -294,12 +302,6 @@ def main(argv=None):
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
                                          "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
-        for f in args.perplexity:
-            try:
-                ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
-                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4)}
-            except DataError as e:
-                sys.exit(f"error: {e}")
         del model, engine
 
     tmp = os.path.join(args.out, "results.json.tmp")

@@ -301,6 +301,8 @@ def main(argv=None):
         g = plan.setdefault("parameters", {}) or {}
         plan["parameters"] = g
         plan["normalize"] = g.get("normalize", NORMALIZE_DEFAULT[method]) if args.normalize is None else args.normalize
+        if os.path.islink(args.out):  # replacing it would replace the link, not the folder it points to
+            raise MergeError(f"--out {args.out} is a symbolic link: give the folder itself")
         if os.path.isfile(args.out):
             raise MergeError(f"--out {args.out} is a file, not a directory")
         used = os.path.isdir(args.out) and os.listdir(args.out)
@@ -308,8 +310,11 @@ def main(argv=None):
             raise MergeError(f"--out {args.out} already holds {', '.join(sorted(os.listdir(args.out))[:4])}: choose "
                              "another folder, or pass --overwrite to replace it")
         names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
-        if any(os.path.realpath(d) == os.path.realpath(args.out) for d in dirs):
-            raise MergeError(f"--out {args.out} is one of the models being merged: writing there would replace it")
+        out_real = os.path.realpath(args.out)
+        for d in dirs:  # --out replaces its folder whole: never one holding a model being merged
+            if os.path.realpath(d) == out_real or os.path.realpath(d).startswith(out_real + os.sep):
+                raise MergeError(f"--out {args.out} is or holds {d}, one of the models being merged: writing there "
+                                 "would replace it")
         tensor_names = list(index[base_i].keys())
         check_params(plan, tensor_names, n_layers)
     except (MergeError, CheckpointError, ValueError) as e:

@@ -166,7 +166,8 @@ class Stages:
         flags = ([fresh_flag] if redo and started and fresh_flag else
                  [resume_flag] if started and resume_flag and not redo else [])
         full = cmd + flags
-        log(f"{name}: {'continuing: ' if started and not redo else ''}{shlex.join(full)}")
+        continuing = started and not redo and resume_flag != fresh_flag  # (a merge starts over: --overwrite)
+        log(f"{name}: {'continuing: ' if continuing else ''}{shlex.join(full)}")
         running["attempts"] += 1
         self._write(name, running, ".running.json")
         t0 = time.time()

@@ -92,7 +92,12 @@ def read_config(ckpt_dir: str) -> Qwen2Config:
     if not os.path.exists(file):
         raise CheckpointError(f"{file}: missing")
     with open(file, encoding="utf-8") as f:
-        d = json.load(f)
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
     if d.get("model_type") != "qwen2":
         raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (nanopost "
                               "implements Qwen2: model_type 'qwen2')")
@@ -160,6 +165,7 @@ def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
 def load(path_or_hub_id: str, dtype=torch.float32, device="cpu"):
     """-> (model, tokenizer) from a local Hugging Face checkpoint directory or a hub id."""
     d = resolve(path_or_hub_id)
+    read_config(d)  # a broken config.json is named before the tokenizer reads its eos ids from it
     tokenizer = Tokenizer(d)
     return load_model(d, dtype, device), tokenizer
 

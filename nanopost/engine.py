@@ -130,6 +130,14 @@ def lcp(a, b) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def graphs_switch() -> bool:
+    """NANOPOST_CUDA_GRAPHS: 1 (the default) or 0, which turns CUDA graphs off for every engine."""
+    env = os.environ.get("NANOPOST_CUDA_GRAPHS", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"NANOPOST_CUDA_GRAPHS={env!r}: use 1 (the default on CUDA) or 0")
+    return env == "1"
+
+
 _CAPTURE = threading.Lock()  # CUDA allows one graph capture at a time in a process
 
 
@@ -188,6 +196,8 @@ class Engine:
         if cuda_graphs and not model.lm_head.weight.is_cuda:
             raise ValueError("cuda_graphs needs a model on a CUDA device")
         self.cuda_graphs = cuda_graphs  # None: wherever the model is on CUDA (checked at each call: it may move)
+        if cuda_graphs is None:
+            graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS is said now, not at the first decode step
         self._graph = None
         self._packed = {}  # Linear -> (weight version, packed weight)
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
@@ -470,10 +480,7 @@ class Engine:
         unless NANOPOST_CUDA_GRAPHS=0 (one switch for every script: to compare, or to debug)."""
         if self.cuda_graphs is not None:
             return self.cuda_graphs and cache.k.is_cuda
-        env = os.environ.get("NANOPOST_CUDA_GRAPHS", "1")
-        if env not in ("0", "1"):
-            raise ValueError(f"NANOPOST_CUDA_GRAPHS={env!r}: use 1 (the default on CUDA) or 0")
-        return env == "1" and cache.k.is_cuda
+        return graphs_switch() and cache.k.is_cuda
 
     def _decode(self, ids_B, cache: KVCache):
         """One decode step, each row at its own length -> float32 next-token logits (B, V)."""

@@ -162,7 +162,7 @@ class Worker:
 
     def __init__(self, name, path, batch_size, load, cuda_graphs=None):
         """load() -> (model, tokenizer), called on the worker's thread; its error is raised here.
-        cuda_graphs: the Engine's (None: on for a CUDA model)."""
+        cuda_graphs: the Engine's (None: on for a CUDA model unless NANOPOST_CUDA_GRAPHS=0)."""
         self.name, self.path, self.batch_size, self.cuda_graphs = name, path, batch_size, cuda_graphs
         self.inbox, self.closing, self.ready, self.error = queue.Queue(), False, threading.Event(), None
         self.thread = threading.Thread(target=self.main, args=(load,), name=f"serve-{name}", daemon=True)
@@ -525,9 +525,9 @@ class Server:
         try:
             self.httpd = (HTTPServer6 if ":" in host else HTTPServer4)((host, port), Handler)
         except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+            raise OSError(f"cannot listen on {hostport(host, port)}: {e.strerror}") from e
         self.httpd.app = self
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.httpd.server_address[1]}"
+        self.url = f"http://{hostport(host, self.httpd.server_address[1])}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="serve-http", daemon=True)
         self.thread.start()
 
@@ -548,6 +548,10 @@ class Server:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def hostport(host, port) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_loopback(host):
@@ -612,7 +616,7 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
             try:
                 probe.bind((host, port))
             except OSError as e:
-                raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+                raise OSError(f"cannot listen on {hostport(host, port)}: {e.strerror}") from e
     workers = {}
     # a CUDA graph's capture forbids CUDA work on any other thread, and each model decodes on its own
     graphs = None if len(models) == 1 else False

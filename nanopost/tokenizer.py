@@ -18,7 +18,13 @@ def _read_json(path):
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
 
 
 def default_system_prompt(chat_template: str | None) -> str | None:

@@ -340,6 +340,9 @@ def test_a_wrong_teacher_or_student_is_refused_before_any_stage(tiny, tmp_path, 
         assert not out.exists()
     r = run_main(SCRIPT, "--teacher", tiny, "--student", empty, "--sources", src, "--out", out, *FAST, "--stages", "1-3")
     assert r.returncode == 0, r.stderr  # stages 1-3 need no student
+    r = run_main(SCRIPT, "--teacher", "Org/Missing-7B", "--student", tiny, "--sources", tmp_path / "typo.jsonl",
+                 "--out", tmp_path / "out2", *FAST)
+    assert r.returncode != 0 and "typo.jsonl: no such file" in r.stderr  # the cheap check first: no 7B download
 
 
 def test_http_cache_second_run_sends_zero_requests(fake, tiny, sources, tmp_path):

@@ -122,3 +122,11 @@ def test_untied_config_without_lm_head(tied):
     json.dump({k: v for k, v in json.load(open(f)).items() if k != "tie_word_embeddings"}, open(f, "w"))
     with pytest.raises(CheckpointError, match=r"missing \['lm_head\.weight'\].*set it to true if the head is"):
         nanopost.load(tied)
+
+
+@pytest.mark.parametrize("text,why", [('{"model_type": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_a_broken_config_is_named(ckpt, text, why):
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        f.write(text)
+    with pytest.raises(CheckpointError, match=f"config.json: {why}"):
+        nanopost.load(ckpt)

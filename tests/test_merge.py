@@ -308,10 +308,15 @@ def test_a_used_out_is_kept_unless_overwrite_and_never_an_input(tmp_path, pair):
     import shutil
     a2 = shutil.copytree(a, tmp_path / "a2")
     before = state(a2)
-    for extra, why in (((), "already holds"), (("--overwrite",), "is one of the models being merged")):
+    for extra, why in (((), "already holds"), (("--overwrite",), "one of the models being merged")):
         r = here("--method", "linear", "--models", a2, b, "--out", a2, *extra)
         assert r.returncode != 0 and why in r.stderr, r.stderr
         assert all(torch.equal(before[k], v) for k, v in state(a2).items())
+    r = here("--method", "linear", "--models", a2, b, "--out", tmp_path, "--overwrite")  # a folder holding a2
+    assert r.returncode != 0 and "is or holds" in r.stderr and all(torch.equal(before[k], v) for k, v in state(a2).items())
+    os.symlink(used, tmp_path / "link")
+    r = here("--method", "linear", "--models", a, b, "--out", tmp_path / "link", "--overwrite")
+    assert r.returncode != 0 and "symbolic link" in r.stderr and os.path.islink(tmp_path / "link")
     for name, text, kind in (("bad.json", '{"merge_method": ', "JSON"), ("bad.yml", "merge_method: [linear", "YAML")):
         if kind == "YAML":
             pytest.importorskip("yaml")
