@@ -484,8 +484,8 @@ def build(args):
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: no such file")
-    # then the checkpoints the chosen stages need (a hub id may download), found now (a folder with a config.json, or a hub id
-    # fetched or found in the cache), not when their stage starts after the earlier ones wrote files
+    # then the checkpoints the chosen stages need (a folder with a config.json, or a hub id fetched or
+    # found in the cache: a download), found now, not when their stage starts after earlier ones wrote files
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
     for flag, path, stages in (("--teacher", args.teacher, teacher_stages), ("--student", args.student, {6, 7})):
         if path and stages & set(args.stages):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanopost.model import Qwen2, Qwen2Config
-from nanopost.tokenizer import Tokenizer
+from nanopost.tokenizer import Tokenizer, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -91,13 +91,10 @@ def read_config(ckpt_dir: str) -> Qwen2Config:
     file = os.path.join(ckpt_dir, "config.json")
     if not os.path.exists(file):
         raise CheckpointError(f"{file}: missing")
-    with open(file, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file}: not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+    try:
+        d = read_json(file)
+    except ValueError as e:  # not valid JSON, or not an object: said as a checkpoint's error
+        raise CheckpointError(str(e)) from e
     if d.get("model_type") != "qwen2":
         raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (nanopost "
                               "implements Qwen2: model_type 'qwen2')")

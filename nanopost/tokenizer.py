@@ -14,7 +14,9 @@ IGNORE = -100  # label of a position the loss does not train on, everywhere in n
 ROLES = ("system", "user", "assistant")
 
 
-def _read_json(path):
+def read_json(path) -> dict:
+    """A JSON object file -> dict ({} when the file is absent); a ValueError naming the file when it
+    is not valid JSON or not an object (config.json, tokenizer_config.json, generation_config.json)."""
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -45,7 +47,7 @@ class Tokenizer:
                                     "(tokenizer.json) that every Qwen2 checkpoint ships")
         self.path = path
         self.tok = HFTokenizer.from_file(file)
-        tcfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        tcfg = read_json(os.path.join(path, "tokenizer_config.json"))
         template = tcfg.get("chat_template")
         if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
             template = open(os.path.join(path, "chat_template.jinja"), encoding="utf-8").read()
@@ -66,7 +68,7 @@ class Tokenizer:
     def _stop_ids(self, path):
         ids = []
         for name in ("generation_config.json", "config.json"):
-            e = _read_json(os.path.join(path, name)).get("eos_token_id")
+            e = read_json(os.path.join(path, name)).get("eos_token_id")
             ids += e if isinstance(e, list) else [] if e is None else [e]
         for t in ("<|im_end|>", "<|endoftext|>"):  # ChatML models stop on both (DESIGN.md)
             ids.append(self.tok.token_to_id(t))
