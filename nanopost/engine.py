@@ -8,7 +8,9 @@ text prefix: BPE merges across a text boundary). Computed prefixes are kept (the
 most recently used, per model state), so a prefix that recurs across calls — the few-shot block
 of a whole task — is computed once; the keys/values of a kept prefix also serve any shorter
 prefix of it (attention is causal). Each prompt's remaining tokens (its suffix) are prefilled
-packed into one row with a block-diagonal mask, no padding.
+packed into one row with a block-diagonal mask, no padding. While decoding, the prompt tokens that
+every running row starts with are attended once a step for all rows (cascade attention,
+KVCache.share; float32 on CPU), not once per row.
 
 Continuous batching: a cache of `batch_size` slots (rows) × max_len. A row that finishes (eos,
 stop string, max_new_tokens) frees its slot for the next waiting prompt at once: that prompt's
@@ -36,6 +38,7 @@ from nanopost.tokenizer import Tokenizer
 
 MAX_PREFIXES = 8  # computed prefixes kept (least recently used dropped first)
 MIN_EXTEND = 32  # a new prefix must share this many more tokens than a kept one: a separate forward costs a full read of the weights
+MIN_CASCADE = 64  # a prefix every running row shares is attended once for all (KVCache.share) from this length
 PACK_TOKENS = 512  # suffix tokens per packed prefill forward (packing makes attention quadratic in the pack)
 
 
@@ -380,6 +383,8 @@ class Engine:
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
         stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
+        # cascade attention where a decode step's attention is matmul-softmax-matmul (model.attention)
+        cascade = dev.type == "cpu" and dtype == torch.float32
 
         def grow(B, T):  # room for B slots of T positions; only rows added mid-run (more) need it
             nonlocal cache, logits, seen, slot
@@ -417,6 +422,15 @@ class Engine:
                     if seen is not None:
                         seen[b] = False
                         seen[b, prompts[i]] = True
+            share()
+
+        def share():  # the prompt tokens every running row starts with: attended once a step for all rows
+            live = [b for b in range(len(slot)) if slot[b] is not None]
+            if not cascade or not live or self._graphs_for(cache):  # (a captured step's shapes are fixed)
+                return
+            first = prompts[slot[live[0]]]
+            P = min(lcp(first, prompts[slot[b]]) for b in live)
+            cache.share(live[0], first[:P] if P >= MIN_CASCADE else ())
 
         admit()
         step = 0
@@ -461,6 +475,7 @@ class Engine:
                 seen = seen[keep] if seen is not None else None
                 slot = [slot[b] for b in live]
                 live = list(range(len(live)))
+                share()  # the rows left may share more
             if carry_on:
                 ids = nxt_t
             elif live:  # an idle slot runs a pad token at position 0

@@ -159,6 +159,30 @@ def test_prefix_shared_continuous_batching_equals_one_at_a_time(eng32, penalty):
     assert [len(k) for k, _ in eng._prefixes] and min(len(k) for k, _ in eng._prefixes) >= 32  # prefixes were shared
 
 
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_cascade_decoding_equals_one_at_a_time(eng32, monkeypatch, batch_size):
+    """Decode steps attend the prompt tokens every running row shares once for all rows
+    (KVCache.share): as rows come and go the shared part shrinks (a prompt from another group) or
+    grows (the tail), and every row's tokens still equal decoding it alone. The threshold is
+    lowered so the tiny prompts take it, and the cascade is checked to have run."""
+    import nanopost.engine as engine_mod
+    from nanopost.model import KVCache
+    monkeypatch.setattr(engine_mod, "MIN_CASCADE", 4)
+    shared, share = [], KVCache.share
+    monkeypatch.setattr(KVCache, "share", lambda self, row, tokens: (shared.append(len(tokens)), share(self, row, tokens))[1])
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)
+    limits = [4 + 5 * (i % 4) for i in range(len(prompts))]
+    want = [naive(model, p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
+    assert Engine(model, tok).generate_ids(prompts, Sampling(), batch_size=batch_size, limits=limits) == want
+    assert 0 in shared  # not shared with the prompts that lack the few-shot block
+    assert max(shared) >= 60 or batch_size >= len(prompts)  # and shared by a batch of the rows with it
+    shared.clear()
+    assert Engine(model, tok).generate_ids(prompts[:4], Sampling(max_new_tokens=12), batch_size=batch_size) == \
+        [naive(model, p, 12, tok.eos_ids) for p in prompts[:4]]
+    assert shared and min(shared) >= 60
+
+
 def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
     model, tok = eng32.model, eng32.tok
     prompts = shared_prompts(tok)

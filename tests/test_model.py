@@ -271,3 +271,32 @@ def test_decode_attention_equals_float64_and_sdpa(H, K):
             got = attention(q, k, v, mask, 0.25)
             sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
         assert (got - sdpa).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("H,K", [(14, 2), (4, 4), (7, 1)])
+def test_cascade_attention_equals_the_prefix_in_every_row(H, K):
+    """A prefix every row shares (KVCache.share), attended once for all rows, equals each row
+    holding its own copy in front of its keys (float64 re-derivation): the matmul-softmax path
+    (float32 CPU decode) and the SDPA fallback (bf16, and a query block), with per-row masks. A row
+    whose own keys are all masked (an idle slot) still gets a finite output from the prefix."""
+    from nanopost.model import attention
+    B, P, S, D = 5, 23, 11, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    kp, vp = torch.randn(K, P, D), torch.randn(K, P, D)
+    lengths = torch.tensor([0, 4, 11, 7, 1])  # each row's own keys after the prefix; 0: an idle slot
+    mask = (torch.arange(S) < lengths[:, None])[:, None, None, :]
+
+    def want(q, mask):
+        kk, vv = (torch.cat([p.double().expand(B, -1, -1, -1), t.double()], 2).repeat_interleave(H // K, dim=1)
+                  for p, t in ((kp, k), (vp, v)))
+        s = q.double() @ kk.transpose(-1, -2) * 0.25
+        full = torch.cat([torch.ones(B, 1, q.shape[2], P, dtype=torch.bool), mask.expand(B, 1, q.shape[2], S)], -1)
+        return s.masked_fill(~full, float("-inf")).softmax(-1) @ vv
+    with torch.inference_mode():
+        got = attention(q, k, v, mask, 0.25, (kp, vp))
+        assert torch.isfinite(got).all() and (got.double() - want(q, mask)).abs().max() < 1e-6
+        got16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.25, (kp.bfloat16(), vp.bfloat16()))
+        assert (got16.double() - want(q, mask)).abs().max() < 3e-2
+        q3 = torch.randn(B, H, 3, D)  # three queries a row: causal among them, after every prefix slot
+        causal = torch.ones(3, S, dtype=torch.bool).tril(S - 3)[None, None].expand(B, 1, 3, S)
+        assert (attention(q3, k, v, None, 0.25, (kp, vp)).double() - want(q3, causal)).abs().max() < 1e-6
