@@ -20,7 +20,9 @@ row's keys past its own length, and a row's tokens are those it would get alone 
 float rounding: token-identical to one-at-a-time greedy decoding in float32, tests/test_engine.py).
 
 Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
-ids, stop strings and max_new_tokens; streaming and per-row completion callbacks."""
+ids, stop strings and max_new_tokens; streaming and per-row completion callbacks. Plain greedy
+decoding of a float32 model on CPU picks tokens through GreedyScreen (an int8 lm_head with an
+error bound; only tokens that could win are scored in float32), the same tokens as full logits."""
 import bisect
 import os
 import threading
@@ -77,6 +79,81 @@ def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
 
 def _packed_linear(packed, bias, x):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def int8_matmul_exact(C: int) -> int | None:
+    """The largest activation magnitude (127, else 63) for which torch._int_mm of int8 (M, C) by
+    int8 (C, N) equals exact integer arithmetic on this machine, or None. x86 kernels without VNNI
+    sum pairs of int8 products into int16 with saturation; 63 keeps every pair inside int16."""
+    for top in (127, 63):
+        a = torch.tensor([[top] * C, [-top] * C, [top, -top] * (C // 2) + [top] * (C % 2)], dtype=torch.int8)
+        b = torch.full((C, 8), 127, dtype=torch.int8)
+        b[:, 1::2] = -127
+        try:
+            if torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+                return top
+        except RuntimeError:  # no int8 matmul for this shape or build
+            return None
+    return None
+
+
+class GreedyScreen:
+    """Greedy next tokens from final hidden states without a float32 pass over the whole lm_head
+    (151936 x 896: 545 MB read at every decode step, ~20% of a CPU step at 16 rows). An int8 copy
+    of the weight scores every token (a quarter of the bytes, VNNI int8 matmuls) together with a
+    proven bound on its error; only the tokens that could still be the argmax are scored again in
+    float32 (typically tens of the 151936), and the argmax is taken over them.
+
+    Why it is exact. With h = s_h·ĥ + r (ĥ int8) and each weight row w = s_w·q + e (q int8), the
+    screened logit S = s_h·s_w·(ĥ·q) differs from h·w by at most ‖h‖‖e‖ + ‖r‖‖s_w·q‖
+    (Cauchy-Schwarz), and float32 rounding of a C-term dot product (the full matmul's, and ours)
+    by at most C·2⁻²⁴·‖h‖‖w‖ each. A token u with S_u + bound_u below some token's S_v - bound_v
+    has a float32 logit below that token's, so it is not the argmax. The int8 products are summed
+    exactly in int32 (checked on this machine at construction: int8_matmul_exact) and C·127² <
+    2²⁴ for C <= 1040 keeps their float32 copy exact (larger C: covered by the rounding term).
+    Ties and float32 rounding aside, the chosen token is the full logits' argmax: the same
+    tokens as float32 decoding (tests/test_engine.py), as any batch composition is."""
+
+    def __init__(self, lm_head: nn.Linear, top: int):
+        w = lm_head.weight.detach()
+        self.head, self.w, self.top = lm_head, w, top
+        self.s_w = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
+        q = torch.round(w / self.s_w[:, None])
+        self.q = q.to(torch.int8)
+        w_hat = q * self.s_w[:, None]
+        rounding = 2 * w.shape[1] * 2.0 ** -24
+        self.norms = torch.stack([(w - w_hat).norm(dim=1) + rounding * w.norm(dim=1), w_hat.norm(dim=1)])  # (2, V)
+        self._buf = None
+        self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
+
+    def screened(self, h_BC):
+        """-> (S (B, V), hr (B, 2)): the int8 scores divided by each row's activation scale s_h (no
+        token's order changes), and the error bound's factors, also divided by s_h: |h·w_v -
+        s_h·S_v| <= s_h·(hr @ norms)_v. S is a buffer reused by the next call."""
+        B, tiny = h_BC.shape[0], torch.finfo(torch.float32).tiny
+        if self._buf is None or self._buf[0].shape[0] != B:  # (B, V) buffers reused: a fresh 10 MB
+            V = self.w.shape[0]  # tensor costs its page faults at every step
+            self._buf = (torch.empty(B, V, dtype=torch.int32), torch.empty(B, V), torch.empty(B, V), torch.empty(B, V, dtype=torch.bool))
+        dots, S, _, _ = self._buf
+        s_h = (h_BC.abs().amax(1, keepdim=True) / self.top).clamp_min(tiny)
+        h_q = torch.round(h_BC / s_h)
+        hr = torch.stack([h_BC.norm(dim=1), (h_BC - h_q * s_h).norm(dim=1)], 1) / s_h
+        torch._int_mm(h_q.to(torch.int8), self.q.t(), out=dots)
+        return torch.mul(dots, self.s_w, out=S), hr
+
+    def __call__(self, h_BC):
+        """(B, C) float32 final hidden states -> (B,) argmax token ids of h @ weight.T."""
+        S, hr = self.screened(h_BC)
+        _, _, upper, cand = self._buf
+        best = S.argmax(1)
+        lo = S.gather(1, best[:, None]) - (hr * self.norms[:, best].T).sum(1, keepdim=True)  # <= the max logit
+        torch.ge(torch.addmm(S, hr, self.norms, out=upper), lo, out=cand)  # could be the argmax
+        U = cand.any(0).nonzero().squeeze(1)  # ascending: argmax's first-index rule among ties holds
+        self.rescored = len(U)
+        if len(U) > self.w.shape[0] // 8:  # a flat distribution: the full float32 logits
+            return self.head(h_BC).float().argmax(1)
+        exact = (h_BC @ self.w[U].T).masked_fill_(~cand[:, U], float("-inf"))
+        return U[exact.argmax(1)]
 
 
 def can_pack(model) -> bool:
@@ -186,13 +263,16 @@ class DecodeGraph:
 
 class Engine:
     def __init__(self, model: Qwen2, tokenizer: Tokenizer, pack_weights: bool | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, greedy_screen: bool = True):
         """pack_weights (CPU float32, or bfloat16 with native bf16; default on there): run every Linear
         through a copy of its weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
         than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
         weights. The copy is refreshed when the weights change in place (e.g. training).
         cuda_graphs (default: on for a model on CUDA, unless NANOPOST_CUDA_GRAPHS=0): decode steps
-        replayed from a CUDA graph (DecodeGraph), captured again whenever the batch's cache changes shape."""
+        replayed from a CUDA graph (DecodeGraph), captured again whenever the batch's cache changes shape.
+        greedy_screen: plain greedy decoding (no repetition penalty) of a float32 model on CPU picks
+        each token through GreedyScreen (an int8 copy of the lm_head with an error bound, exact
+        candidates rescored in float32) instead of computing every logit."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
@@ -202,6 +282,8 @@ class Engine:
         if cuda_graphs is None:
             graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS is said now, not at the first decode step
         self._graph = None
+        self.greedy_screen = greedy_screen
+        self._screen = (None, None, None)  # (lm_head weight, its version, GreedyScreen or None)
         self._packed = {}  # Linear -> (weight version, packed weight)
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
         self._prefix_state = None  # the weights' versions, dtype and device the kept prefixes were computed with
@@ -223,6 +305,19 @@ class Engine:
         finally:
             for lin in linears:
                 lin.__dict__.pop("forward", None)  # back to nn.Linear.forward
+
+    def _screen_for(self, s: Sampling):
+        """The GreedyScreen for this call, or None: sampling, a repetition penalty (it needs every
+        logit), weights not float32 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head
+        weight changes (training, a merge)."""
+        w = self.model.lm_head.weight
+        if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0 or w.dtype != torch.float32
+                or w.device.type != "cpu"):
+            return None
+        if self._screen[0] is not w or self._screen[1] != w._version:
+            top = int8_matmul_exact(w.shape[1])
+            self._screen = (w, w._version, GreedyScreen(self.model.lm_head, top) if top else None)
+        return self._screen[2]
 
     # ---- shared prefixes ----
 
@@ -378,7 +473,9 @@ class Engine:
         cache = KVCache(model.config, n, max((len(p) + m for p, m in first), default=1), dtype, dev)
         cache.pos = torch.zeros(n, dtype=torch.long, device=dev)  # per-row lengths
         slot = [None] * n  # the prompt each slot runs
-        logits = torch.zeros(n, V, device=dev)  # each running row's next-token logits
+        screen = None if self._graphs_for(cache) else self._screen_for(s)
+        # each running row's next-token logits, or with the screen its final hidden state (float32)
+        last = torch.zeros(n, V if screen is None else model.config.hidden_size, device=dev)
         seen = torch.zeros(n, V, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
@@ -387,7 +484,7 @@ class Engine:
         cascade = dev.type == "cpu" and dtype == torch.float32
 
         def grow(B, T):  # room for B slots of T positions; only rows added mid-run (more) need it
-            nonlocal cache, logits, seen, slot
+            nonlocal cache, last, seen, slot
             B0, T0 = cache.k.shape[1], cache.k.shape[3]
             if B <= B0 and T <= T0:
                 return
@@ -396,7 +493,7 @@ class Engine:
             extra = max(B, B0) - B0
             bigger.pos = torch.cat([cache.pos, cache.pos.new_zeros(extra)])
             cache, slot = bigger, slot + [None] * extra
-            logits = torch.cat([logits, logits.new_zeros(extra, V)])
+            last = torch.cat([last, last.new_zeros(extra, last.shape[1])])
             seen = torch.cat([seen, seen.new_zeros(extra, V)]) if seen is not None else None
 
         def admit():  # the next waiting prompts into the free slots: prefix K/V copied, suffix prefilled
@@ -410,7 +507,7 @@ class Engine:
             where = dict(zip(rows, [b for b in range(len(slot)) if slot[b] is None]))
             for prefix, m, group in self._groups(prompts, rows, shared):
                 packed, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in group])
-                next_logits = model.lm_head(hidden).float()
+                nexts = hidden.float() if screen is not None else model.lm_head(hidden).float()
                 start = m
                 for j, i in enumerate(group):
                     b, T = where[i], len(prompts[i]) - m
@@ -418,7 +515,7 @@ class Engine:
                         dst[:, b, :, :m] = src[:, 0, :, :m]
                         dst[:, b, :, m:m + T] = src[:, 0, :, start:start + T]
                     start += T
-                    slot[b], cache.pos[b], logits[b] = i, len(prompts[i]), next_logits[j]
+                    slot[b], cache.pos[b], last[b] = i, len(prompts[i]), nexts[j]
                     if seen is not None:
                         seen[b] = False
                         seen[b, prompts[i]] = True
@@ -438,7 +535,8 @@ class Engine:
             running = [b for b in range(len(slot)) if slot[b] is not None]
             full = len(running) == len(slot)  # every slot runs: no gather (nor its host-to-device copy)
             idx = None if full else torch.tensor(running, device=dev)
-            nxt_t = sample_next(logits if full else logits[idx], seen if full or seen is None else seen[idx], s, gen)
+            rows = last if full else last[idx]
+            nxt_t = screen(rows) if screen is not None else sample_next(rows, seen if full or seen is None else seen[idx], s, gen)
             nxt = nxt_t.tolist()
             tokens = [None] * len(prompts)
             for b, t in zip(running, nxt):
@@ -471,7 +569,7 @@ class Engine:
             carry_on = full and len(live) == len(slot)  # the same rows run on: their new tokens are the next input
             if live and not waiting and len(live) <= len(slot) // 2:  # the tail: drop the idle slots
                 keep = torch.tensor(live, device=dev)
-                cache.k, cache.v, cache.pos, logits = cache.k[:, keep], cache.v[:, keep], cache.pos[keep], logits[keep]
+                cache.k, cache.v, cache.pos, last = cache.k[:, keep], cache.v[:, keep], cache.pos[keep], last[keep]
                 seen = seen[keep] if seen is not None else None
                 slot = [slot[b] for b in live]
                 live = list(range(len(live)))
@@ -486,7 +584,7 @@ class Engine:
             if live:  # one decode step for every slot
                 # per-row lengths: the model places each row at its own position and masks its keys
                 # past its own length (Qwen2.forward, KVCache.begin)
-                logits[:] = self._decode(ids, cache)
+                last[:] = self._decode(ids, cache, hidden=screen is not None)
             admit()
         return out
 
@@ -497,10 +595,11 @@ class Engine:
             return self.cuda_graphs and cache.k.is_cuda
         return graphs_switch() and cache.k.is_cuda
 
-    def _decode(self, ids_B, cache: KVCache):
-        """One decode step, each row at its own length -> float32 next-token logits (B, V)."""
-        if not self._graphs_for(cache):
-            return self.model(ids_B[:, None], cache=cache)[:, -1].float()
+    def _decode(self, ids_B, cache: KVCache, hidden: bool = False):
+        """One decode step, each row at its own length -> float32 next-token logits (B, V), or with
+        hidden the final hidden states (B, C) (for a GreedyScreen: CPU only, never a graph)."""
+        if hidden or not self._graphs_for(cache):
+            return self.model(ids_B[:, None], cache=cache, return_hidden=hidden)[:, -1].float()
         if self._graph is None or not self._graph.captured_on(cache):  # a new batch, grown or shrunk
             self._graph = None
             self._graph = DecodeGraph(self.model, cache)

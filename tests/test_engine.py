@@ -407,3 +407,76 @@ def test_cuda_graph_decode_equals_eager(tiny, dtype):
     assert graphs.generate_ids(prompts, s, batch_size=4, limits=limits) == eager
     if dtype == torch.float32:
         assert eager == [naive(model.cpu(), p, n, tok.eos_ids) for p, n in zip(prompts, limits)]
+
+
+# ---- the int8 greedy screen ----
+
+def test_int8_matmul_is_exact_here_or_refused():
+    from nanopost.engine import int8_matmul_exact
+    for C in (64, 96, 896):
+        top = int8_matmul_exact(C)
+        assert top in (127, 63, None)
+        if top is not None:  # extreme values both signs: every product and pair sum at its limit
+            a = torch.randint(-top, top + 1, (5, C), dtype=torch.int8)
+            a[0], a[1] = top, -top
+            b = torch.randint(-127, 128, (C, 24), dtype=torch.int8)
+            b[:, 0], b[:, 1] = 127, -127
+            assert torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
+def test_greedy_screen_bound_holds_and_it_picks_the_float32_argmax():
+    """The screen's error bound holds against float64 logits, and the token it picks is the
+    float32 argmax: rows of very different sizes, hidden states with outlier dimensions, planted
+    near-ties (two tokens 1e-4 apart), exact ties (the first index wins, as argmax), an all-zero
+    hidden state (every logit ties: the float32 fallback), and small and large batches."""
+    from nanopost.engine import GreedyScreen, int8_matmul_exact
+    g = torch.Generator().manual_seed(0)
+    V, C = 5000, 96
+    top = int8_matmul_exact(C)
+    if top is None:
+        pytest.skip("no exact int8 matmul on this machine")
+    w = torch.randn(V, C, generator=g) * torch.rand(V, 1, generator=g) * 0.2
+    w[11] = w[5]  # an exact tie
+    w[7] = w[3]
+    w[7, 0] += 1e-4  # a near-tie, decided by h[:, 0]
+    head = torch.nn.Linear(C, V, bias=False)
+    head.weight.data = w
+    screen = GreedyScreen(head, top)
+    h = torch.randn(64, C, generator=g) * 3
+    h[:, [4, 50]] *= 15  # outlier dimensions, as real hidden states have
+    h[1] = 0
+    h[2:10] = w[3] * 40  # tokens 3 and 7 on top, 1e-4 * h[0] apart
+    h[10:14] = w[5] * 40  # tokens 5 and 11 exactly tied
+    h[2:6, 0] = h[2:6, 0].abs()
+    h[6:10, 0] = -h[6:10, 0].abs()
+    want = (h @ w.T).argmax(1)
+    for rows in (slice(0, 1), slice(0, 16), slice(0, 64)):
+        assert torch.equal(screen(h[rows]), want[rows])
+        S, hr = screen.screened(h[rows])
+        exact = h[rows].double() @ w.double().T
+        s_h = (h[rows].abs().amax(1, keepdim=True) / top).clamp_min(torch.finfo(torch.float32).tiny).double()
+        assert ((exact - s_h * S.double()).abs() <= s_h * (hr.double() @ screen.norms.double()) + 1e-12).all()
+    assert set(want[2:6].tolist()) == {7} and set(want[6:10].tolist()) == {3} and set(want[10:14].tolist()) == {5}
+    assert want[1] == 0
+    screen(h[16:64])
+    assert 0 < screen.rescored < V // 8  # the rows with a clear winner rescored few tokens in float32
+
+
+def test_greedy_decoding_goes_through_the_screen_where_it_applies(eng32):
+    """Plain greedy decoding of a float32 CPU model uses the screen (same tokens as without it, and
+    as decoding alone); sampling and a repetition penalty, which need every logit, do not; a weight
+    update rebuilds it."""
+    model, tok = eng32.model, eng32.tok
+    prompts = shared_prompts(tok)[:6]
+    eng = Engine(model, tok)
+    if eng._screen_for(Sampling()) is None:
+        pytest.skip("no exact int8 matmul on this machine")
+    got = eng.generate_ids(prompts, Sampling(max_new_tokens=12), batch_size=4)
+    assert got == Engine(model, tok, greedy_screen=False).generate_ids(prompts, Sampling(max_new_tokens=12), batch_size=4)
+    assert got == [naive(model, p, 12, tok.eos_ids) for p in prompts]
+    assert eng._screen_for(Sampling(temperature=0.7)) is None and eng._screen_for(Sampling(repetition_penalty=1.2)) is None
+    first = eng._screen_for(Sampling())
+    assert eng._screen_for(Sampling()) is first  # kept while the weights are unchanged
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # an in-place update: a new version
+    assert eng._screen_for(Sampling()) is not first
