@@ -411,29 +411,34 @@ def test_cuda_graph_decode_equals_eager(tiny, dtype):
 
 # ---- the int8 greedy screen ----
 
-def test_int8_matmul_is_exact_here_or_refused():
-    from nanopost.engine import int8_matmul_exact
+@pytest.mark.parametrize("backends", [("onednn",), ("int_mm",), ("onednn", "int_mm")])
+def test_int8_matmul_is_exact_here_or_refused(backends):
+    """int8_matmul names a backend only if its integer sums are exact here; then random int8 with
+    every product and pair sum at its limit (both signs) equals int64 arithmetic, scaled once."""
+    from nanopost.engine import Int8Matmul, int8_matmul
     for C in (64, 96, 896):
-        top = int8_matmul_exact(C)
-        assert top in (127, 63, None)
-        if top is not None:  # extreme values both signs: every product and pair sum at its limit
+        backend, top = int8_matmul(C, backends)
+        assert (backend, top) == (None, None) or (backend in backends and top in (127, 63))
+        if backend is not None:
             a = torch.randint(-top, top + 1, (5, C), dtype=torch.int8)
             a[0], a[1] = top, -top
-            b = torch.randint(-127, 128, (C, 24), dtype=torch.int8)
-            b[:, 0], b[:, 1] = 127, -127
-            assert torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+            b = torch.randint(-127, 128, (24, C), dtype=torch.int8)
+            b[0], b[1] = 127, -127
+            scale = torch.rand(24)
+            assert torch.equal(Int8Matmul(b, scale, backend)(a), (a.long() @ b.long().T).float() * scale)
 
 
-def test_greedy_screen_bound_holds_and_it_picks_the_float32_argmax():
+@pytest.mark.parametrize("backend", ["onednn", "int_mm"])
+def test_greedy_screen_bound_holds_and_it_picks_the_float32_argmax(backend):
     """The screen's error bound holds against float64 logits, and the token it picks is the
     float32 argmax: rows of very different sizes, hidden states with outlier dimensions, planted
     near-ties (two tokens 1e-4 apart), exact ties (the first index wins, as argmax), an all-zero
     hidden state (every logit ties: the float32 fallback), and small and large batches."""
-    from nanopost.engine import GreedyScreen, int8_matmul_exact
+    from nanopost.engine import GreedyScreen, int8_matmul
     g = torch.Generator().manual_seed(0)
     V, C = 5000, 96
-    top = int8_matmul_exact(C)
-    if top is None:
+    backend, top = int8_matmul(C, (backend,))
+    if backend is None:
         pytest.skip("no exact int8 matmul on this machine")
     w = torch.randn(V, C, generator=g) * torch.rand(V, 1, generator=g) * 0.2
     w[11] = w[5]  # an exact tie
@@ -441,7 +446,7 @@ def test_greedy_screen_bound_holds_and_it_picks_the_float32_argmax():
     w[7, 0] += 1e-4  # a near-tie, decided by h[:, 0]
     head = torch.nn.Linear(C, V, bias=False)
     head.weight.data = w
-    screen = GreedyScreen(head, top)
+    screen = GreedyScreen(head, backend, top)
     h = torch.randn(64, C, generator=g) * 3
     h[:, [4, 50]] *= 15  # outlier dimensions, as real hidden states have
     h[1] = 0
