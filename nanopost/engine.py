@@ -134,10 +134,11 @@ class GreedyScreen:
     (Cauchy-Schwarz), and float32 rounding of a C-term dot product (the full matmul's, and ours)
     by at most C·2⁻²⁴·‖h‖‖w‖ each. A token u with S_u + bound_u below some token's S_v - bound_v
     has a float32 logit below that token's, so it is not the argmax. The int8 products are summed
-    exactly (checked on this machine: int8_matmul) and C·127² <
-    2²⁴ for C <= 1040 keeps their float32 copy exact (larger C: covered by the rounding term).
-    Ties and float32 rounding aside, the chosen token is the full logits' argmax: the same
-    tokens as float32 decoding (tests/test_engine.py), as any batch composition is."""
+    exactly (checked on this machine: int8_matmul); C·127² < 2²⁴ for C <= 1040 keeps their float32
+    copy exact (a larger C rounds it relatively by 2⁻²⁴, as the scaling and the bound's own
+    arithmetic do: a margin of 8·2⁻²⁴·‖h‖‖w‖ covers them). Ties and float32 rounding aside, the
+    chosen token is the full logits' argmax: the same tokens as float32 decoding
+    (tests/test_engine.py), as any batch composition is."""
 
     def __init__(self, lm_head: nn.Linear, backend: str, top: int):
         w = lm_head.weight.detach()
@@ -146,7 +147,7 @@ class GreedyScreen:
         q = torch.round(w / self.s_w[:, None])
         self.int8 = Int8Matmul(q.to(torch.int8), self.s_w, backend)
         w_hat = q * self.s_w[:, None]
-        rounding = 2 * w.shape[1] * 2.0 ** -24
+        rounding = (2 * w.shape[1] + 8) * 2.0 ** -24  # two C-term sums, and the few roundings of S and the bound
         self.norms = torch.stack([(w - w_hat).norm(dim=1) + rounding * w.norm(dim=1), w_hat.norm(dim=1)])  # (2, V)
         self._buf = None
         self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
