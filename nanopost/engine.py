@@ -168,6 +168,8 @@ class GreedyScreen:
     def __call__(self, h_BC):
         """(B, C) float32 final hidden states -> (B,) argmax token ids of h @ weight.T."""
         S, hr = self.screened(h_BC)
+        if not torch.isfinite(hr).all():  # a NaN or inf hidden state (a diverged model): no bound holds
+            return self.head(h_BC).float().argmax(1)
         upper, cand = self._buf
         hi, best = S.max(1)
         lo = hi[:, None] - (hr * self.norms[:, best].T).sum(1, keepdim=True)  # the top one's lower bound <= max logit
@@ -225,6 +227,21 @@ def resolve_dtype(name: str, device: str = "cpu", log=print) -> torch.dtype:
     dtype, why = auto_dtype(device)
     log(f"--dtype auto: {str(dtype).removeprefix('torch.')} ({why})")
     return dtype
+
+
+def weights_state(params) -> list:
+    """What a copy made from these tensors depends on: each one's storage (held, so its address
+    is never reused while this is kept: after model.to() the old weights live until the copy is
+    next refreshed), dtype, device, shape and version. A version moves with in-place updates (an
+    optimizer step, a merge); model.to() swaps the storage instead."""
+    return [(p.detach(), p._version) for p in params]
+
+
+def unchanged(state, params) -> bool:
+    params = list(params)
+    return state is not None and len(state) == len(params) and all(
+        d.data_ptr() == p.data_ptr() and d.dtype == p.dtype and d.device == p.device and d.shape == p.shape
+        and v == p._version for (d, v), p in zip(state, params))
 
 
 def lcp(a, b) -> int:
@@ -307,24 +324,25 @@ class Engine:
             graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS is said now, not at the first decode step
         self._graph = None
         self.greedy_screen = greedy_screen
-        self._screen = (None, None, None)  # (lm_head weight, its version, GreedyScreen or None)
-        self._packed = {}  # Linear -> (weight version, packed weight)
+        self._screen = (None, None)  # (weights_state of the lm_head weight, GreedyScreen or None)
+        self._packed = {}  # Linear -> (weights_state of its weight, packed weight)
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
-        self._prefix_state = None  # the weights' versions, dtype and device the kept prefixes were computed with
+        self._prefix_state = None  # weights_state of the parameters the kept prefixes were computed with
 
     @contextmanager
     def fast_linears(self):
-        if not self.pack:
+        if not (self.pack and can_pack(self.model)):  # (the model may have moved since: model.to())
             yield
             return
         linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         try:
             for lin in linears:
-                version, packed = self._packed.get(lin, (None, None))
-                if version != lin.weight._version:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 8)
-                    self._packed[lin] = (lin.weight._version, packed)
-                lin.forward = partial(_packed_linear, packed, lin.bias)
+                kept = self._packed.pop(lin, None)
+                if kept is None or not unchanged(kept[0], [lin.weight]):  # updated in place, or model.to()
+                    kept = None  # the stale copy freed before the new one is made
+                    kept = (weights_state([lin.weight]), torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 8))
+                self._packed[lin] = kept
+                lin.forward = partial(_packed_linear, kept[1], lin.bias)
             yield
         finally:
             for lin in linears:
@@ -338,10 +356,11 @@ class Engine:
         if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0 or w.dtype != torch.float32
                 or w.device.type != "cpu"):
             return None
-        if self._screen[0] is not w or self._screen[1] != w._version:
+        if not unchanged(self._screen[0], [w]):
+            self._screen = (None, None)  # the stale copy freed before the new one is made
             backend, top = int8_matmul(w.shape[1])
-            self._screen = (w, w._version, GreedyScreen(self.model.lm_head, backend, top) if backend else None)
-        return self._screen[2]
+            self._screen = (weights_state([w]), GreedyScreen(self.model.lm_head, backend, top) if backend else None)
+        return self._screen[1]
 
     # ---- shared prefixes ----
 
@@ -366,10 +385,8 @@ class Engine:
         """-> (kept prefix KVCache or None, m): the first m tokens of p have their K/V in it. A
         prefix `shared` tokens long is computed (extending the best kept one) when it adds at
         least MIN_EXTEND tokens to what is kept."""
-        state = (self.model.lm_head.weight.dtype, self.model.lm_head.weight.device,
-                 tuple(w._version for w in self.model.parameters()))
-        if state != self._prefix_state:  # other weights (training, a merge): their K/V are stale
-            self._prefixes, self._prefix_state = [], state
+        if not unchanged(self._prefix_state, self.model.parameters()):  # other weights (training, a merge,
+            self._prefixes, self._prefix_state = [], weights_state(self.model.parameters())  # model.to): stale K/V
         best, m = None, 0
         for entry in self._prefixes:
             n = min(lcp(entry[0], p), len(p) - 1)

@@ -485,3 +485,42 @@ def test_greedy_decoding_goes_through_the_screen_where_it_applies(eng32):
     with torch.no_grad():
         model.lm_head.weight.mul_(1.0)  # an in-place update: a new version
     assert eng._screen_for(Sampling()) is not first
+
+
+def test_copies_follow_model_to_another_dtype_and_back(tiny):
+    """model.to() swaps each weight's storage without moving its version: the packed weights, the
+    int8 screen and the kept prefixes must still follow (a bf16 model once crashed the packed
+    linears; bf16 -> float32 kept the screen's old int8 copy)."""
+    model, tok = nanopost.load(tiny)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # varied tokens rather than one repeated
+    prompts = [[1, 2, 3, 4] * 20 + [5], [1, 2, 3, 4] * 20 + [9, 9], [7, 8]]
+    s = Sampling(max_new_tokens=10)
+    eng = Engine(model, tok)
+    eng.generate_ids(prompts, s)  # packs, screens and keeps the prefix in float32
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)  # bf16 -> float32: the same values rounded to bf16, the versions unchanged
+        fresh = Engine(model, tok).generate_ids(prompts, s)
+        assert eng.generate_ids(prompts, s) == fresh
+        if dtype == torch.float32:
+            assert Engine(model, tok, greedy_screen=False, pack_weights=False).generate_ids(prompts, s) == fresh
+
+
+def test_greedy_screen_with_nan_or_inf_hidden_states_takes_the_full_logits():
+    """A diverged model's NaN or inf hidden state satisfies no bound: the batch takes the float32
+    logits' argmax, exactly what decoding without the screen returns, instead of failing or
+    giving a row another row's token."""
+    from nanopost.engine import GreedyScreen, int8_matmul
+    C = 32
+    backend, top = int8_matmul(C)
+    if backend is None:
+        pytest.skip("no exact int8 matmul on this machine")
+    head = torch.nn.Linear(C, 300, bias=False)
+    screen = GreedyScreen(head, backend, top)
+    h = torch.randn(3, C)
+    for bad in (float("nan"), float("inf")):
+        h[1, 5] = bad
+        with torch.inference_mode():
+            assert torch.equal(screen(h), head(h).argmax(1))
+            assert torch.equal(screen(h[1:2]), head(h[1:2]).argmax(1))
