@@ -103,23 +103,24 @@ class Int8Matmul:
         return torch._int_mm(h_q, self.q.t()) * self.scale
 
 
-def int8_matmul(C: int, backends=("onednn", "int_mm")) -> tuple[str | None, int | None]:
-    """-> (backend, top): the first Int8Matmul backend whose integer sums are exact on this machine
-    for int8 (M, C) activations up to magnitude top (127, else 63: x86 kernels without VNNI sum
-    pairs of int8 products into int16 with saturation; 63 keeps every pair inside it), checked
-    on the extreme values; (None, None) where none is."""
+def int8_matmul(C: int, backends=("onednn", "int_mm")) -> str | None:
+    """The first Int8Matmul backend whose integer sums are exact on this machine for int8 (M, C)
+    activations, checked on the extreme values (every product ±127², every sum at its largest that
+    float32 holds exactly), or None. x86 kernels without VNNI sum pairs of products into int16
+    with saturation: refused, and the screen is off there."""
+    k = min(C, 1040)  # C·127² < 2²⁴: a wrong sum shows, rather than rounding away in float32
+    a = torch.zeros(3, C, dtype=torch.int8)
+    a[0, :k], a[1, :k], a[2, 0::2], a[2, 1::2] = 127, -127, 127, -127
+    b = torch.full((8, C), 127, dtype=torch.int8)
+    b[1::2] = -127
     for backend in backends:
-        for top in (127, 63):
-            a = torch.tensor([[top] * C, [-top] * C, [top, -top] * (C // 2) + [top] * (C % 2)], dtype=torch.int8)
-            b = torch.full((8, C), 127, dtype=torch.int8)
-            b[1::2] = -127
-            try:
-                got = Int8Matmul(b, torch.ones(8), backend)(a)
-            except (RuntimeError, AttributeError):  # not in this torch build, or not for this shape
-                break
-            if torch.equal(got.double(), (a.long() @ b.long().T).double()):
-                return backend, top
-    return None, None
+        try:
+            got = Int8Matmul(b, torch.ones(8), backend)(a)
+        except (RuntimeError, AttributeError):  # not in this torch build, or not for this shape
+            continue
+        if torch.equal(got.double(), (a.long() @ b.long().T).double()):
+            return backend
+    return None
 
 
 class GreedyScreen:
@@ -127,7 +128,8 @@ class GreedyScreen:
     (151936 x 896: 545 MB read at every decode step, ~20% of a CPU step at 16 rows). An int8 copy
     of the weight scores every token (a quarter of the bytes, VNNI int8 matmuls) together with a
     proven bound on its error; only the tokens that could still be the argmax are scored again in
-    float32 (typically tens of the 151936), and the argmax is taken over them.
+    float32 (for the real 0.5B model a few hundred of the 151936 for a batch of 16 rows), and the
+    argmax is taken over them. One caller at a time (its buffers are reused), as an engine is.
 
     Why it is exact. With h = s_h·ĥ + r (ĥ int8) and each weight row w = s_w·q + e (q int8), the
     screened logit S = s_h·s_w·(ĥ·q) differs from h·w by at most ‖h‖‖e‖ + ‖r‖‖s_w·q‖
@@ -140,15 +142,15 @@ class GreedyScreen:
     chosen token is the full logits' argmax: the same tokens as float32 decoding
     (tests/test_engine.py), as any batch composition is."""
 
-    def __init__(self, lm_head: nn.Linear, backend: str, top: int):
+    def __init__(self, lm_head: nn.Linear, backend: str):
         w = lm_head.weight.detach()
-        self.head, self.w, self.top = lm_head, w, top
+        self.head, self.w = lm_head, w
         self.s_w = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
         q = torch.round(w / self.s_w[:, None])
         self.int8 = Int8Matmul(q.to(torch.int8), self.s_w, backend)
-        w_hat = q * self.s_w[:, None]
         rounding = (2 * w.shape[1] + 8) * 2.0 ** -24  # two C-term sums, and the few roundings of S and the bound
-        self.norms = torch.stack([(w - w_hat).norm(dim=1) + rounding * w.norm(dim=1), w_hat.norm(dim=1)])  # (2, V)
+        ws = w / self.s_w[:, None]  # norms taken where entries are <= 127: no float32 underflow (1e-25 weights)
+        self.norms = torch.stack([(ws - q).norm(dim=1) + rounding * ws.norm(dim=1), q.norm(dim=1)]) * self.s_w  # (2, V)
         self._buf = None
         self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
 
@@ -160,9 +162,10 @@ class GreedyScreen:
         if self._buf is None or self._buf[0].shape[0] != B or self._buf[0].is_inference() != torch.is_inference_mode_enabled():
             self._buf = (torch.empty(B, self.w.shape[0]), torch.empty(B, self.w.shape[0], dtype=torch.bool))  # reused: a
             # fresh (B, V) tensor costs its page faults at every step
-        s_h = (h_BC.abs().amax(1, keepdim=True) / self.top).clamp_min(tiny)
-        h_q = torch.round(h_BC / s_h)
-        hr = torch.stack([h_BC.norm(dim=1), (h_BC - h_q * s_h).norm(dim=1)], 1) / s_h
+        s_h = (h_BC.abs().amax(1, keepdim=True) / 127).clamp_min(tiny)
+        hs = h_BC / s_h  # |hs| <= 127: its norms neither underflow nor overflow
+        h_q = torch.round(hs)
+        hr = torch.stack([hs.norm(dim=1), (hs - h_q).norm(dim=1)], 1)
         return self.int8(h_q.to(torch.int8)), hr
 
     def __call__(self, h_BC):
@@ -176,7 +179,7 @@ class GreedyScreen:
         torch.ge(torch.addmm(S, hr, self.norms, out=upper), lo, out=cand)  # could be the argmax
         U = cand.view(torch.uint8).amax(0).nonzero().squeeze(1)  # ascending: argmax's first-index rule among ties holds
         self.rescored = len(U)
-        if len(U) > self.w.shape[0] // 8:  # a flat distribution: the full float32 logits
+        if len(U) > self.w.shape[0] // 8 or len(U) == 0:  # a flat distribution: the full float32 logits
             return self.head(h_BC).float().argmax(1)
         exact = (h_BC @ self.w[U].T).masked_fill_(~cand[:, U], float("-inf"))
         return U[exact.argmax(1)]
@@ -358,8 +361,8 @@ class Engine:
             return None
         if not unchanged(self._screen[0], [w]):
             self._screen = (None, None)  # the stale copy freed before the new one is made
-            backend, top = int8_matmul(w.shape[1])
-            self._screen = (weights_state([w]), GreedyScreen(self.model.lm_head, backend, top) if backend else None)
+            backend = int8_matmul(w.shape[1])
+            self._screen = (weights_state([w]), GreedyScreen(self.model.lm_head, backend) if backend else None)
         return self._screen[1]
 
     # ---- shared prefixes ----
