@@ -158,11 +158,7 @@ class GreedyScreen:
         """-> (S (B, V), hr (B, 2)): the int8 scores divided by each row's activation scale s_h (no
         token's order changes), and the error bound's factors, also divided by s_h: |h·w_v -
         s_h·S_v| <= s_h·(hr @ norms)_v."""
-        B, tiny = h_BC.shape[0], torch.finfo(torch.float32).tiny
-        if self._buf is None or self._buf[0].shape[0] != B or self._buf[0].is_inference() != torch.is_inference_mode_enabled():
-            self._buf = (torch.empty(B, self.w.shape[0]), torch.empty(B, self.w.shape[0], dtype=torch.bool))  # reused: a
-            # fresh (B, V) tensor costs its page faults at every step
-        s_h = (h_BC.abs().amax(1, keepdim=True) / 127).clamp_min(tiny)
+        s_h = (h_BC.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         hs = h_BC / s_h  # |hs| <= 127: its norms neither underflow nor overflow
         h_q = torch.round(hs)
         hr = torch.stack([hs.norm(dim=1), (hs - h_q).norm(dim=1)], 1)
@@ -173,6 +169,10 @@ class GreedyScreen:
         S, hr = self.screened(h_BC)
         if not torch.isfinite(hr).all():  # a NaN or inf hidden state (a diverged model): no bound holds
             return self.head(h_BC).float().argmax(1)
+        B = h_BC.shape[0]
+        if self._buf is None or self._buf[0].shape[0] != B or self._buf[0].is_inference() != torch.is_inference_mode_enabled():
+            self._buf = (torch.empty(B, self.w.shape[0]), torch.empty(B, self.w.shape[0], dtype=torch.bool))  # reused: a
+            # fresh (B, V) tensor costs its page faults at every step
         upper, cand = self._buf
         hi, best = S.max(1)
         lo = hi[:, None] - (hr * self.norms[:, best].T).sum(1, keepdim=True)  # the top one's lower bound <= max logit
@@ -517,15 +517,17 @@ class Engine:
         cache = KVCache(model.config, n, max((len(p) + m for p, m in first), default=1), dtype, dev)
         cache.pos = torch.zeros(n, dtype=torch.long, device=dev)  # per-row lengths
         slot = [None] * n  # the prompt each slot runs
-        screen = None if self._graphs_for(cache) else self._screen_for(s)
+        graphs = self._graphs_for(cache)  # the device and the switch: the same for the whole call
+        screen = None if graphs else self._screen_for(s)
         # each running row's next-token logits, or with the screen its final hidden state (float32)
         last = torch.zeros(n, V if screen is None else model.config.hidden_size, device=dev)
         seen = torch.zeros(n, V, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
         stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
-        # cascade attention where a decode step's attention is matmul-softmax-matmul (model.attention)
-        cascade = dev.type == "cpu" and dtype == torch.float32
+        # cascade attention where a decode step's attention is matmul-softmax-matmul (model.attention);
+        # never in a captured step, whose shapes are fixed
+        cascade = dev.type == "cpu" and dtype == torch.float32 and not graphs
 
         def grow(B, T):  # room for B slots of T positions; only rows added mid-run (more) need it
             nonlocal cache, last, seen, slot
@@ -567,7 +569,7 @@ class Engine:
 
         def share():  # the prompt tokens every running row starts with: attended once a step for all rows
             live = [b for b in range(len(slot)) if slot[b] is not None]
-            if not cascade or not live or self._graphs_for(cache):  # (a captured step's shapes are fixed)
+            if not cascade or not live:
                 return
             first = prompts[slot[live[0]]]
             P = min(lcp(first, prompts[slot[b]]) for b in live)

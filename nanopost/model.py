@@ -93,9 +93,12 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0
         self.static = False
-        self.shared = 0  # slots [0, shared) hold the same tokens in every row: see share()
-        self.shared_tokens = ()
+        self.shared_tokens = ()  # slots [0, len) hold these tokens in every row: see share()
         self.prefix_k = self.prefix_v = None
+
+    @property
+    def shared(self) -> int:
+        return len(self.shared_tokens)
 
     def share(self, row: int, tokens):
         """Cascade attention: every row starts with `tokens` (a few-shot block, a system prompt), so
@@ -110,7 +113,7 @@ class KVCache:
         if tokens and (self.static or not isinstance(self.pos, torch.Tensor)):
             raise ValueError("a shared prefix needs a cache with per-row lengths, not static")
         P = len(tokens)
-        self.shared, self.shared_tokens = P, tokens
+        self.shared_tokens = tokens
         self.prefix_k = self.k[:, row, :, :P].clone() if P else None
         self.prefix_v = self.v[:, row, :, :P].clone() if P else None
 
