@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanopost.model import KVCache, Qwen2
+from nanopost.model import KVCache, Qwen2, Segments
 from nanopost.tokenizer import Tokenizer
 
 MAX_PREFIXES = 8  # computed prefixes kept (least recently used dropped first)
@@ -436,13 +436,11 @@ class Engine:
         seg = torch.repeat_interleave(torch.arange(len(suffixes), device=dev), lens)  # suffix of each token
         first = torch.cumsum(lens, 0) - lens
         positions = m + torch.arange(T, device=dev) - first[seg]
-        mask = None  # one suffix: causal (the model's default, after the cache's m slots)
-        if len(suffixes) > 1:
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & (seg[:, None] == seg[None, :])
-            mask = torch.cat([torch.ones(T, m, dtype=torch.bool, device=dev), causal], 1)[None, None]
+        # one suffix: causal (the model's default, after the cache's m slots)
+        mask = Segments(m, [len(x) for x in suffixes]) if len(suffixes) > 1 else None
         ids = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
-        hidden = model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True)[0]
-        return cache, hidden[first + lens - 1]
+        return cache, model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True,
+                            keep=first + lens - 1)[0]
 
     # ---- scoring ----
 

@@ -96,6 +96,43 @@ def test_hidden_states_and_last_only(tiny):
         assert torch.allclose(model(ids, last_only=True), logits[:, -1:], atol=1e-5)
 
 
+def test_packed_prefill_segments_and_keep_equal_the_dense_forward(tiny):
+    """A packed prefill (Engine._prefill) after m cached slots: a Segments mask (one SDPA per
+    sequence) and keep (the last layer only at each sequence's last token) give the hidden states
+    and every layer's cached keys/values of the dense-mask full forward (float64)."""
+    from nanopost.model import KVCache, Segments
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    cfg, V = model.config, model.config.vocab_size
+    m, lens = 5, [4, 1, 7, 3]
+    T = sum(lens)
+    head, ids = torch.randint(0, V, (1, m)), torch.randint(0, V, (1, T))
+    positions = torch.cat([torch.arange(m, m + n) for n in lens])[None]
+    keep = torch.cumsum(torch.tensor(lens), 0) - 1
+    with torch.no_grad():
+        def run(mask, keep):
+            cache = KVCache(cfg, 1, m + T, torch.float64, "cpu")
+            model(head, cache=cache)
+            return model(ids, position_ids=positions, cache=cache, mask=mask, return_hidden=True, keep=keep), cache
+        seg = Segments(m, lens)
+        full, c0 = run(seg.dense("cpu")[None, None], None)
+        for mask in (seg, seg.dense("cpu")[None, None]):
+            for k in (None, keep):
+                out, c = run(mask, k)
+                want = full if k is None else full[:, keep]
+                assert out.shape == want.shape and (out - want).abs().max() <= 1e-10
+                assert (c.k - c0.k).abs().max() <= 1e-10 and (c.v - c0.v).abs().max() <= 1e-10
+        # keep with the default causal mask (no cache) and under gradient checkpointing
+        x = torch.randint(0, V, (2, 9))
+        rows = torch.tensor([0, 4, 8])
+        assert (model(x, keep=rows) - model(x)[:, rows]).abs().max() <= 1e-10
+    model.train()
+    model.grad_checkpointing = True
+    out = model(x, keep=rows)
+    out.sum().backward()
+    assert out.shape == (2, 3, V) and model.model.layers[-1].mlp.down_proj.weight.grad is not None
+    model.grad_checkpointing = False
+
+
 def test_kv_cache_chunks_equal_full_forward(tiny):
     model, _ = nanopost.load(tiny, dtype=torch.float64)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
