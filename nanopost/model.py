@@ -156,21 +156,23 @@ class Segments:
     def __init__(self, start: int, lens: list[int]):
         self.start, self.lens = start, list(lens)
 
-    def dense(self, device):
-        """The same mask as a (T, start + T) boolean tensor, True = attend."""
-        seg = torch.repeat_interleave(torch.arange(len(self.lens), device=device), torch.tensor(self.lens, device=device))
-        T = len(seg)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril() & (seg[:, None] == seg[None, :])
-        return torch.cat([torch.ones(T, self.start, dtype=torch.bool, device=device), causal], 1)
+    def rows(self, keep, device):
+        """Rows `keep` of the mask as a (len(keep), start + T) boolean tensor, True = attend: every
+        cached slot, then its own sequence up to itself."""
+        ends = torch.tensor(self.lens, device=device).cumsum(0)
+        first = torch.cat([ends.new_zeros(1), ends])[torch.searchsorted(ends, keep, right=True)]  # its sequence's start
+        j = torch.arange(self.start + int(ends[-1]), device=device) - self.start  # key slot, counted from the first new one
+        return (j < 0) | ((j >= first[:, None]) & (j <= keep[:, None]))
 
 
 def mask_rows(mask, keep, T: int, S: int, device):
-    """The rows `keep` of a forward's mask (None: causal over T queries after S - T earlier slots)."""
-    if mask is None:
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[keep]
+    """The rows `keep` of a forward's mask (None: causal over T queries after S - T earlier slots),
+    built for those rows only: a long prompt's whole (T, S) mask is T·S booleans (1 GiB at 32k)."""
+    if mask is None:  # query t sees every slot up to its own, S - T + t
+        return torch.arange(S, device=device) <= (keep + S - T)[:, None]
     if isinstance(mask, Segments):
-        return mask.dense(device)[keep]
-    return mask[..., keep, :]
+        return mask.rows(keep, device)
+    return mask if mask.shape[-2] == 1 else mask[..., keep, :]  # a key mask (.., 1, S) serves every row
 
 
 def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
@@ -270,7 +272,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if keep is not None:  # only these positions' outputs are needed (every position's k, v are)
-            q, mask, T = q[:, :, keep], mask_rows(mask, keep, T, k.shape[2], x.device), len(keep)
+            q, mask = q[:, :, keep], mask_rows(mask, keep, T, k.shape[2], x.device)
+            T = len(keep)
         y = attention(q, k, v, mask, 1.0 / math.sqrt(self.hd), cache.prefix(self.layer) if cache is not None else None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -343,10 +346,10 @@ class Qwen2(nn.Module):
         mask, packed sequences (positions restarting) get a block-diagonal causal mask.
         mask: boolean (B, 1, T, S), True = attend, or a Segments (packed prefill); overrides the
         default causal mask.
-        keep: LongTensor of positions whose output is needed (each prompt's last token in a
-        prefill): the output has those positions only, and the last layer computes its queries,
-        o_proj and MLP at those only (1/L of the FLOPs less; its keys/values still for every
-        position). last_only: keep the last position (generation)."""
+        keep: LongTensor of positions (0..T-1) whose output is needed (each prompt's last token in
+        a prefill): the output has those positions only, and the last layer's attention, o_proj
+        and MLP run at those only (its q/k/v projections, and the keys/values it caches, still at
+        every position): ~4% of a 24-layer prefill's FLOPs. last_only: keep the last position."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if cache is not None:
@@ -370,7 +373,12 @@ class Qwen2(nn.Module):
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         if last_only:
-            keep = torch.tensor([T - 1], device=input_ids.device)
+            if keep is not None:
+                raise ValueError("last_only and keep both choose the positions to keep: pass one")
+            keep = torch.arange(T - 1, T, device=input_ids.device)
+        if isinstance(mask, Segments) and (mask.start != start or sum(mask.lens) != T):
+            raise ValueError(f"Segments mask of {sum(mask.lens)} tokens after {mask.start} slots, "
+                             f"for a forward of {T} tokens after {start}")
         for i, block in enumerate(self.model.layers):
             kept = keep if i == len(self.model.layers) - 1 else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -96,10 +96,18 @@ def test_hidden_states_and_last_only(tiny):
         assert torch.allclose(model(ids, last_only=True), logits[:, -1:], atol=1e-5)
 
 
+def dense_segments(m, lens):
+    """Segments(m, lens) written out: (T, m + T), every cached slot, then causal within each sequence."""
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    causal = torch.ones(len(seg), len(seg), dtype=torch.bool).tril() & (seg[:, None] == seg[None, :])
+    return torch.cat([torch.ones(len(seg), m, dtype=torch.bool), causal], 1)
+
+
 def test_packed_prefill_segments_and_keep_equal_the_dense_forward(tiny):
     """A packed prefill (Engine._prefill) after m cached slots: a Segments mask (one SDPA per
     sequence) and keep (the last layer only at each sequence's last token) give the hidden states
-    and every layer's cached keys/values of the dense-mask full forward (float64)."""
+    and every layer's cached keys/values of the dense-mask full forward, which equals one forward
+    per sequence (float64)."""
     from nanopost.model import KVCache, Segments
     model, _ = nanopost.load(tiny, dtype=torch.float64)
     cfg, V = model.config, model.config.vocab_size
@@ -113,24 +121,41 @@ def test_packed_prefill_segments_and_keep_equal_the_dense_forward(tiny):
             cache = KVCache(cfg, 1, m + T, torch.float64, "cpu")
             model(head, cache=cache)
             return model(ids, position_ids=positions, cache=cache, mask=mask, return_hidden=True, keep=keep), cache
-        seg = Segments(m, lens)
-        full, c0 = run(seg.dense("cpu")[None, None], None)
-        for mask in (seg, seg.dense("cpu")[None, None]):
-            for k in (None, keep):
+        full, c0 = run(dense_segments(m, lens)[None, None], None)
+        a = 0
+        for n in lens:  # the dense reference: each sequence on its own after the cached slots
+            cache = KVCache(cfg, 1, m + n, torch.float64, "cpu")
+            model(head, cache=cache)
+            alone = model(ids[:, a:a + n], cache=cache, return_hidden=True)
+            assert (alone - full[:, a:a + n]).abs().max() <= 1e-10
+            a += n
+        for mask in (Segments(m, lens), dense_segments(m, lens)[None, None], dense_segments(m, lens)):
+            for k in (None, keep, keep.flip(0)[:2]):
                 out, c = run(mask, k)
-                want = full if k is None else full[:, keep]
+                want = full if k is None else full[:, k]
                 assert out.shape == want.shape and (out - want).abs().max() <= 1e-10
                 assert (c.k - c0.k).abs().max() <= 1e-10 and (c.v - c0.v).abs().max() <= 1e-10
-        # keep with the default causal mask (no cache) and under gradient checkpointing
+        with pytest.raises(ValueError, match="Segments mask of 15 tokens after 0 slots"):
+            run(Segments(0, lens), keep)  # a layout that is not this forward's
+        # keep with the default causal mask (no cache), and with a key mask (B, 1, 1, S)
         x = torch.randint(0, V, (2, 9))
         rows = torch.tensor([0, 4, 8])
         assert (model(x, keep=rows) - model(x)[:, rows]).abs().max() <= 1e-10
+        assert (model(x, last_only=True) - model(x)[:, -1:]).abs().max() <= 1e-10
+        keys = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        keys[0, ..., :3] = False
+        assert (model(x, mask=keys, keep=rows) - model(x, mask=keys)[:, rows]).abs().max() <= 1e-10
+    # under gradient checkpointing: the gradients of the kept rows' outputs
     model.train()
-    model.grad_checkpointing = True
-    out = model(x, keep=rows)
-    out.sum().backward()
-    assert out.shape == (2, 3, V) and model.model.layers[-1].mlp.down_proj.weight.grad is not None
+    grads = []
+    for ckpt, k in ((False, None), (True, rows)):
+        model.zero_grad()
+        model.grad_checkpointing = ckpt
+        out = model(x, keep=k)
+        (out if k is not None else out[:, rows]).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     model.grad_checkpointing = False
+    assert (grads[0] - grads[1]).abs().max() <= 1e-10 * grads[0].abs().max()
 
 
 def test_kv_cache_chunks_equal_full_forward(tiny):
