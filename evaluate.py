@@ -286,6 +286,9 @@ def main(argv=None):
                     for i in range(0, len(order), args.batch_size):
                         batch = order[i:i + args.batch_size]
                         for j, lp in zip(batch, letter_logprobs(engine, [prompts[j] for j in batch], letter_ids, args.batch_size)):
+                            if not all(map(math.isfinite, lp)):  # max() would pick A: a broken model scoring ~25%
+                                sys.exit(f"error: {model_name}: {task} {todo[j]['id']}: option log-probs {lp}; the model "
+                                         f"computes NaN/inf (diverged training, a bad merge?): no score reported")
                             record(todo[j], {"logprobs": lp, "pred": LETTERS[max(range(4), key=lambda k: lp[k])]})
                 elif todo:
                     stop, budget = todo[0].get("stop", []), new_tokens[task]

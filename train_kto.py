@@ -219,6 +219,8 @@ def main(argv=None):
     meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
             "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
             "reference": os.path.abspath(ref_dir),
+            "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
+                     "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},
             "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)]))}
     try:
         train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_loss, rank, world, device, log)

@@ -280,30 +280,49 @@ def _checkpoints(root) -> list[str]:
 
 def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     """Resume continues the run only when every optimizer step sees what it would have seen: the
-    same rows per step and per epoch, seed, data, precision (and for KTO micro-batch size and
-    reference) as the checkpoint was written with; anything else is a StateError."""
+    same rows per step and per epoch, seed, data, precision, optimizer settings (lr, its schedule
+    and warmup, total steps, weight decay, clipping) and for KTO micro-batch size, reference and
+    loss settings as the checkpoint was written with; anything else is a StateError (a changed lr
+    would otherwise train on silently, and args.json would record the new one)."""
     whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
              "seed": "--seed (it orders the data and splits validation)",
              "data": "training data (a hash of its tokens: a data file, --max-len or the tokenizer changed)",
              "precision": "--precision (the optimizer state is kept in its dtype)",
-             "reference": "reference model"}
+             "reference": "reference model",
+             "schedule": "optimizer settings",
+             "loss": "loss settings"}
     for key, what in whats.items():
         if key in saved and key in meta and saved[key] != meta[key]:
+            then, now = saved[key], meta[key]
+            if isinstance(now, dict):  # only what differs
+                diff = [k for k in now if then.get(k) != now[k]]
+                then, now = {k: then.get(k) for k in diff}, {k: now[k] for k in diff}
             hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
                     f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
                 if key == "rows_per_step" else "resume with what the run started with, or start a new run"
-            raise StateError(f"{ckpt}: written with {what} = {saved[key]}, this run has {meta[key]}; resuming would "
+            raise StateError(f"{ckpt}: written with {what} = {then}, this run has {now}; resuming would "
                              f"not continue that run: {hint}")
 
 
-def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json"}  # what a run writes before its final model
+
+
+def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = None) -> None:
     """A new run never mixes with an old one: without --resume or --overwrite a non-empty out_dir
     is refused (its checkpoints would be pruned by name against ours, and --resume would later
-    load them)."""
+    load them); --resume into a folder that holds anything but a run's files is refused too; and
+    out_dir is never the --model folder (the final model, or --overwrite, would replace it)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise StateError(f"--out {out_dir} is a file, not a directory")
+    if model is not None and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(out_dir):
+        raise StateError(f"--out {out_dir} is the --model folder: the run would replace the model it starts "
+                         f"from; choose another --out")
+    if resume and os.path.isdir(out_dir) and not overwrite and not set(os.listdir(out_dir)) <= RUN_FILES \
+            and not os.path.isdir(os.path.join(out_dir, "checkpoints")):
+        raise StateError(f"--resume: {out_dir} holds {', '.join(sorted(os.listdir(out_dir))[:4])} but no "
+                         f"checkpoints/: it is not a run to continue; choose another --out")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
@@ -458,7 +477,7 @@ def start_run(args):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    check_out_dir(args.out, args.resume, args.overwrite)
+    check_out_dir(args.out, args.resume, args.overwrite, args.model)
     return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
 
 
@@ -522,6 +541,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     meta: what a resume must agree on (rows per step, steps per epoch, ...)."""
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
     start = 0
+    meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
+                                "warmup_steps": warmup, "total_steps": total, "weight_decay": args.weight_decay,
+                                "max_grad_norm": args.max_grad_norm})
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
         load_optimizer_state(run.module, run.optimizer, run.saved["optimizer"])

@@ -204,6 +204,20 @@ def evaluate(*args):
     return r.returncode, r.stderr, json.load(open(path)) if r.returncode == 0 and os.path.exists(path) else None
 
 
+def test_a_model_that_computes_nan_gets_an_error_not_a_score(tmp_path, data_dir):
+    """NaN option log-probs would make every prediction 'A' (max over NaN): a chance-level score for
+    a broken model (a diverged run, a bad merge)."""
+    from safetensors.torch import load_file, save_file
+    model = make_tiny_checkpoint(str(tmp_path / "nan"), seed=1)
+    path = os.path.join(model, "model.safetensors")
+    w = load_file(path)
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, path, metadata={"format": "pt"})
+    code, err, res = evaluate("--model", model, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2,
+                              "--out", tmp_path / "eval")
+    assert code != 0 and res is None and "NaN/inf" in err and "no score reported" in err, err
+
+
 def test_cache_never_serves_another_model_data_or_protocol(tmp_path, data_dir, monkeypatch):
     model = make_tiny_checkpoint(str(tmp_path / "sft"), seed=1)
     data = shutil.copytree(data_dir, tmp_path / "data")

@@ -267,6 +267,34 @@ def test_resume_refuses_another_seed_precision_or_data(tiny, tmp_path, baseline)
     assert len(losses(baseline)) == 4  # untouched
 
 
+def test_resume_refuses_other_optimizer_settings_and_names_them(tiny, tmp_path, baseline):
+    """A resume with another lr, schedule length or weight decay would train on silently (and
+    args.json would then record settings the model was not trained with)."""
+    for extra, what in ((["--lr", 0.5], "'lr': 0.001}, this run has {'lr': 0.5}"),
+                        (["--max-steps", 8], "'total_steps': 4}, this run has {'total_steps': 8}"),
+                        (["--weight-decay", 0.3], "'weight_decay'")):
+        r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))
+        assert r.returncode != 0 and "written with optimizer settings" in r.stderr and what in r.stderr, r.stderr
+    assert len(losses(baseline)) == 4  # untouched
+    assert json.load(open(baseline / "args.json"))["lr"] == 1e-3
+
+
+def test_out_is_never_the_model_nor_a_foreign_folder_on_resume(tiny, tmp_path):
+    import shutil
+    model = shutil.copytree(tiny, tmp_path / "model")
+    before = sorted(os.listdir(model))
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        r = run_main(TRAIN, *common(model, model, *extra))
+        assert r.returncode != 0 and "is the --model folder" in r.stderr, r.stderr
+    assert sorted(os.listdir(model)) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = run_main(TRAIN, *common(tiny, other, "--resume"))
+    assert r.returncode != 0 and "not a run to continue" in r.stderr, r.stderr
+    assert os.listdir(other) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--batch-size", 0], "--batch-size must be at least 1"),
     (["--grad-accum", 0], "--grad-accum must be at least 1"),
