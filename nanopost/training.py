@@ -281,7 +281,7 @@ def _checkpoints(root) -> list[str]:
 def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     """Resume continues the run only when every optimizer step sees what it would have seen: the
     same rows per step and per epoch, seed, data, precision, optimizer settings (lr, its schedule
-    and warmup, total steps, weight decay, clipping) and for KTO micro-batch size, reference and
+    and warmup, weight decay, clipping) and for KTO micro-batch size, reference and
     loss settings as the checkpoint was written with; anything else is a StateError (a changed lr
     would otherwise train on silently, and args.json would record the new one)."""
     whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
@@ -312,17 +312,14 @@ RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json"}  # what a run writes b
 def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = None) -> None:
     """A new run never mixes with an old one: without --resume or --overwrite a non-empty out_dir
     is refused (its checkpoints would be pruned by name against ours, and --resume would later
-    load them); --resume into a folder that holds anything but a run's files is refused too; and
-    out_dir is never the --model folder (the final model, or --overwrite, would replace it)."""
+    load them); and out_dir is never the --model folder (the final model, or --overwrite, would
+    replace it)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise StateError(f"--out {out_dir} is a file, not a directory")
     if model is not None and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(out_dir):
         raise StateError(f"--out {out_dir} is the --model folder: the run would replace the model it starts "
                          f"from; choose another --out")
-    if resume and os.path.isdir(out_dir) and not overwrite and not set(os.listdir(out_dir)) <= RUN_FILES \
-            and not os.path.isdir(os.path.join(out_dir, "checkpoints")):
-        raise StateError(f"--resume: {out_dir} holds {', '.join(sorted(os.listdir(out_dir))[:4])} but no "
-                         f"checkpoints/: it is not a run to continue; choose another --out")
+
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
@@ -478,6 +475,11 @@ def start_run(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     check_out_dir(args.out, args.resume, args.overwrite, args.model)
+    out = args.out
+    if args.resume and os.path.isdir(out) and not args.overwrite and not os.path.isdir(os.path.join(out, "checkpoints")) \
+            and not set(os.listdir(out)) <= RUN_FILES:  # a training run's folder, or nothing to continue
+        raise StateError(f"--resume: {out} holds {', '.join(sorted(os.listdir(out))[:4])} but no checkpoints/: "
+                         f"it is not a run to continue; choose another --out")
     return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
 
 
@@ -542,10 +544,15 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
     start = 0
     meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
-                                "warmup_steps": warmup, "total_steps": total, "weight_decay": args.weight_decay,
-                                "max_grad_norm": args.max_grad_norm})
+                                "warmup_steps": warmup, "weight_decay": args.weight_decay,
+                                "max_grad_norm": args.max_grad_norm}, total_steps=total)
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
+        then = run.saved["meta"].get("total_steps", total)
+        if total < run.saved["step"]:
+            raise StateError(f"{run.ckpt}: already at step {run.saved['step']}, this run asks for {total} steps in all")
+        if then != total:  # a longer or shorter run is a choice, but not the same schedule
+            log(f"note: the run started as {then} steps, now {total}: the lr schedule follows the new length")
         load_optimizer_state(run.module, run.optimizer, run.saved["optimizer"])
         set_rng_state(run.saved["rng"])
         start = run.saved["step"]

@@ -271,10 +271,10 @@ def test_resume_refuses_other_optimizer_settings_and_names_them(tiny, tmp_path, 
     """A resume with another lr, schedule length or weight decay would train on silently (and
     args.json would then record settings the model was not trained with)."""
     for extra, what in ((["--lr", 0.5], "'lr': 0.001}, this run has {'lr': 0.5}"),
-                        (["--max-steps", 8], "'total_steps': 4}, this run has {'total_steps': 8}"),
+                        (["--max-steps", 2], "already at step 4, this run asks for 2 steps"),
                         (["--weight-decay", 0.3], "'weight_decay'")):
         r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))
-        assert r.returncode != 0 and "written with optimizer settings" in r.stderr and what in r.stderr, r.stderr
+        assert r.returncode != 0 and what in r.stderr, r.stderr
     assert len(losses(baseline)) == 4  # untouched
     assert json.load(open(baseline / "args.json"))["lr"] == 1e-3
 
