@@ -25,14 +25,15 @@ Every stage skips work already done: a finished stage leaves OUT/stages/NAME.jso
 the finished stages it read, its wall time and peak memory), and a rerun skips it; an interrupted
 one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resume (training from
 its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
-A stage whose inputs were redone since (say OUT/sft was deleted and trained again) runs again, and
-so does one whose output has gone; the report is rewritten whenever a stage ran. A finished or
+A stage whose inputs were redone since (say OUT/sft was deleted and trained again), or whose files
+changed (the --seeds, the benchmark data), runs again, and so does one whose output has gone; the report is rewritten whenever a stage ran. A finished or
 interrupted stage asked for with other flags is refused rather than silently reused or mixed:
 delete OUT/NAME and OUT/stages/NAME*.json to redo it, or choose another --out. --sft-args,
 --kto-args, --data-args and --eval-args add flags to one script's command ("--lr 1e-5
 --max-steps 10"; a flag given again wins over the default).
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -89,6 +90,19 @@ def script(name):
     return os.path.join(ROOT, name)
 
 
+def contents(path) -> str:
+    """A hash of what a file, or every file under a folder, holds (names and bytes): a stage that
+    read them is stale once they change, though its command is the same."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16] if files else "missing"
+
+
 class Stages:
     """Runs each stage once. stages/NAME.json marks a finished stage: its command, the ids of the
     finished stages it read (so a redone upstream stage makes it stale), its costs, and an id of its
@@ -133,19 +147,22 @@ class Stages:
         rec = self.done(name)
         return None if rec is None else rec.get("id", rec.get("finished"))
 
-    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None):
+    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None, reads=()):
         """Run cmd unless it finished already. out_dir: where it writes (a non-empty one means an
         interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
-        output: the file a finished stage must have left (else it runs again)."""
-        key, inputs = self.comparable(cmd), {n: self.id(n) for n in needs}
+        reads: files or folders of the user's it reads (seeds, benchmark data): a change to what
+        they hold makes it stale. output: the file a finished stage must have left (else it runs again)."""
+        key = self.comparable(cmd)
+        inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads}}
         old, redo = self.done(name), None
         if old is not None:
             if self.comparable(old["cmd"]) != key:
                 raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
                                  f"  now:  {shlex.join(key)}\ndelete {out_dir or os.path.join(self.out, name)} and "
                                  f"{self.dir}/{name}.json to redo it with the new settings, or choose another --out")
-            if old.get("inputs", inputs) != inputs:
-                redo = f"{', '.join(n for n in needs if old.get('inputs', {}).get(n) != inputs[n])} changed since it ran"
+            then = old.get("inputs", {})  # (markers of older versions lack the files' hashes: not compared)
+            if stale := [n for n in inputs if n in then and then[n] != inputs[n]]:
+                redo = f"{', '.join(stale)} changed since it ran"
             elif output and not os.path.exists(output):
                 redo = f"its output {output} is gone"
             else:
@@ -294,7 +311,7 @@ def main():
     synth = ["--synthesize", str(args.synthesize)] if args.synthesize else []
     st.run("data", [PY, script("build_data.py"), *who, "--student", base, "--sources", *args.seeds, *synth,
                     "--out", d("data"), *dev, *extra["data"]], d("data"), fresh_flag="--overwrite", needs=base_stage,
-           output=os.path.join(d("data"), "kto.jsonl"))
+           output=os.path.join(d("data"), "kto.jsonl"), reads=args.seeds)
     for f in ("sft.jsonl", "kto.jsonl"):
         path = os.path.join(d("data"), f)
         with open(path, encoding="utf-8") as fh:
@@ -339,7 +356,8 @@ def main():
                     *(["--limit", str(limit)] if limit else []), *shots,
                     *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
                     *extra["eval"]], d("eval"), resume_flag=None,
-           needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=os.path.join(d("eval"), "results.json"))
+           needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=os.path.join(d("eval"), "results.json"),
+           reads=[data_dir])
 
     # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
     ids = {n: st.id(n) for n in ("tiny", "data", "sft", "sft-b", "kto", "sft-kto", *fusions, "eval")}

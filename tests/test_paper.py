@@ -121,3 +121,26 @@ def test_report_reads_training_curves_with_missing_values(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = paper_py.training_summary(str(tmp_path))
     assert got == {"steps": 3, "loss": {"first": 0.5, "last": 0.3}, "rewards/margins": {"first": 1.5, "last": 1.5}}
+
+
+def test_a_stage_reruns_when_the_files_it_reads_change(tmp_path, capsys):
+    """Seeds or benchmark data edited in place keep the command the same: the stage must still run
+    again (its marker holds a hash of what they held), not report numbers of the old files."""
+    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
+    paper_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_py)
+    seeds, data = tmp_path / "seeds.jsonl", tmp_path / "data"
+    seeds.write_text('{"instruction": "a"}\n')
+    (data / "mmlu").mkdir(parents=True)
+    (data / "mmlu" / "test.csv").write_text("q,a,b,c,d,A\n")
+    st = paper_py.Stages(str(tmp_path / "run"), str(tmp_path / "run"))
+    cmd = [sys.executable, "-c", "pass"]
+    runs = lambda: st.run("eval", cmd, reads=[str(seeds), str(data)]) or capsys.readouterr().out  # noqa: E731
+    assert "eval: finished in" in runs()
+    assert "eval: done already" in runs()
+    (data / "mmlu" / "test.csv").write_text("q,a,b,c,d,B\n")  # same size, same name
+    out = runs()
+    assert "changed since it ran: running it again" in out and str(data) in out and "finished in" in out
+    assert "eval: done already" in runs()
+    seeds.write_text('{"instruction": "b"}\n')
+    assert f"{seeds} changed since it ran" in runs()
