@@ -19,7 +19,8 @@ It is NOT a security boundary: the guard is Python code that determined code can
 re-importing internals); the process runs as the same user, can read any file that user can read,
 and can use the network; there is no seccomp, namespace, container or chroot; code that reads its
 own program file can print the pass token without passing, and a function returning an object
-whose __eq__ always answers True passes the tests' comparisons (as in OpenAI's human-eval). Run
+whose __eq__ always answers True, or code that replaces a builtin or library function the tests
+call (`builtins.abs = ...`), passes the tests' comparisons (as in OpenAI's human-eval). Run
 untrusted models' code inside a container or VM if that matters."""
 import json
 import os
