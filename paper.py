@@ -26,11 +26,11 @@ the finished stages it read, its wall time and peak memory), and a rerun skips i
 one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resume (training from
 its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
 A stage whose inputs were redone since (say OUT/sft was deleted and trained again), or whose files
-changed (the --seeds, the benchmark data), runs again, and so does one whose output has gone; the report is rewritten whenever a stage ran. A finished or
-interrupted stage asked for with other flags is refused rather than silently reused or mixed:
-delete OUT/NAME and OUT/stages/NAME*.json to redo it, or choose another --out. --sft-args,
---kto-args, --data-args and --eval-args add flags to one script's command ("--lr 1e-5
---max-steps 10"; a flag given again wins over the default).
+changed (the --seeds, the benchmark data), runs again, and so does one whose output has gone; the
+report is rewritten whenever a stage ran. A finished or interrupted stage asked for with other
+flags is refused rather than silently reused or mixed: delete OUT/NAME and OUT/stages/NAME*.json
+to redo it, or choose another --out. --sft-args, --kto-args, --data-args and --eval-args add flags
+to one script's command ("--lr 1e-5 --max-steps 10"; a flag given again wins over the default).
 """
 import argparse
 import hashlib

@@ -427,8 +427,8 @@ class Engine:
         -> (KVCache of that row: prefix, then the suffixes one after the other; the final hidden
         state (n, C) at each suffix's last token, in the model's dtype: lm_head gives its logits)."""
         model, dev = self.model, self.model.lm_head.weight.device
-        lens = torch.tensor([len(x) for x in suffixes], device=dev)
-        T = int(lens.sum())
+        sizes = [len(x) for x in suffixes]
+        lens, T = torch.tensor(sizes, device=dev), sum(sizes)
         cache = KVCache(model.config, 1, m + T, model.lm_head.weight.dtype, dev)
         if m:
             cache.k[:, :, :, :m], cache.v[:, :, :, :m] = prefix.k[:, :, :, :m], prefix.v[:, :, :, :m]
@@ -437,7 +437,7 @@ class Engine:
         first = torch.cumsum(lens, 0) - lens
         positions = m + torch.arange(T, device=dev) - first[seg]
         # one suffix: causal (the model's default, after the cache's m slots)
-        mask = Segments(m, [len(x) for x in suffixes]) if len(suffixes) > 1 else None
+        mask = Segments(m, sizes) if len(suffixes) > 1 else None
         ids = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
         return cache, model(ids, position_ids=positions[None], cache=cache, mask=mask, return_hidden=True,
                             keep=first + lens - 1)[0]

@@ -151,7 +151,7 @@ class Segments:
     that every query sees, the forward's T tokens are sequences of lens[0], lens[1], ... tokens, each
     causal over itself. attention() runs one SDPA per sequence, its queries against the cached slots
     and its own keys, instead of one SDPA over a dense (T, start + T) mask whose off-diagonal blocks
-    are computed and then thrown away (7% of a packed 0-shot MMLU prefill on CPU, mostly such)."""
+    are computed and then thrown away (packed 0-shot MMLU on CPU: attention 7% -> 4% of the time)."""
 
     def __init__(self, start: int, lens: list[int]):
         self.start, self.lens = start, list(lens)
@@ -161,7 +161,7 @@ class Segments:
         cached slot, then its own sequence up to itself."""
         ends = torch.tensor(self.lens, device=device).cumsum(0)
         first = torch.cat([ends.new_zeros(1), ends])[torch.searchsorted(ends, keep, right=True)]  # its sequence's start
-        j = torch.arange(self.start + int(ends[-1]), device=device) - self.start  # key slot, counted from the first new one
+        j = torch.arange(self.start + sum(self.lens), device=device) - self.start  # key slot, counted from the first new one
         return (j < 0) | ((j >= first[:, None]) & (j <= keep[:, None]))
 
 

@@ -319,7 +319,6 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
     if model is not None and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(out_dir):
         raise StateError(f"--out {out_dir} is the --model folder: the run would replace the model it starts "
                          f"from; choose another --out")
-
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
@@ -475,9 +474,9 @@ def start_run(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     check_out_dir(args.out, args.resume, args.overwrite, args.model)
-    out = args.out
-    if args.resume and os.path.isdir(out) and not args.overwrite and not os.path.isdir(os.path.join(out, "checkpoints")) \
-            and not set(os.listdir(out)) <= RUN_FILES:  # a training run's folder, or nothing to continue
+    out = args.out  # --resume continues a training run's folder (or starts one), never another's files
+    if args.resume and not args.overwrite and os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")) \
+            and not set(os.listdir(out)) <= RUN_FILES:
         raise StateError(f"--resume: {out} holds {', '.join(sorted(os.listdir(out))[:4])} but no checkpoints/: "
                          f"it is not a run to continue; choose another --out")
     return rank, world, device, (print if rank == 0 else (lambda *a, **k: None))
