@@ -375,7 +375,7 @@ def chart(path, before, after, judge) -> bool:
 # ---- flags ----
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- data ----
     p.add_argument("--sources", nargs="+", default=[], metavar="FILE",
                    help="JSONL files: messages, prompt/completion, instruction/input/output or question/answer rows")

@@ -28,6 +28,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
+import nanopost
 from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, commit_dir, read_config, resolve,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
@@ -146,8 +147,11 @@ def open_models(plan, embed_slice: bool):
         if m.get("layer_range") not in (None, [0, n_layers]):
             raise MergeError(f"{m['model']}: layer_range {m['layer_range']} does not cover all {n_layers} layers "
                              "(partial slices are not supported)")
+    # everything the forward reads: the merged model gets the base's config.json, so a model whose
+    # rope_theta or rms_norm_eps differs would be merged into one that computes something else
+    # (vocab sizes may differ: the tensor shapes are checked below, --embed-slice)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "tie_word_embeddings")
+            "head_dim", "tie_word_embeddings", "rope_theta", "rms_norm_eps")
     for d, c in zip(dirs[1:], cfgs[1:]):
         diff = [f"{k}: {getattr(cfgs[0], k)} vs {getattr(c, k)}" for k in keys if getattr(c, k) != getattr(cfgs[0], k)]
         if diff:
@@ -257,7 +261,7 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
 # ---- main ----
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- what to merge ----
     p.add_argument("--method", choices=METHODS, help="merge method")
     p.add_argument("--models", nargs="+", help="checkpoint directories or hub ids")

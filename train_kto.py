@@ -41,7 +41,7 @@ from nanopost.training import (StateError, add_training_args, all_reduce_sum, da
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     add_training_args(p, "KTO JSONL files: prompt/completion/label or prompt/chosen/rejected", row="examples")
     # ---- KTO ----
     p.add_argument("--ref", default=None, help="reference model (default: --model, the initial policy)")

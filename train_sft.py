@@ -36,7 +36,7 @@ from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     add_training_args(p, "training JSONL files (messages or prompt/completion)")
     # ---- SFT only ----
     p.add_argument("--preset", choices=["paper"], default=None, help="paper: the paper's LLaMA-Factory settings")

@@ -33,7 +33,7 @@ class Streamer:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--system", default=None, help="system prompt (default: the checkpoint's template default)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit")

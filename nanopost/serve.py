@@ -642,16 +642,12 @@ def model_arg(spec):
     return (os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec), spec
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each option's default after its help."""
-
-
 def main(argv=None):
     # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
     # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
     # install their own handler for the same reason.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- models ----
     p.add_argument("--model", action="append", required=True, type=model_arg, metavar="[NAME=]DIR_OR_HUB_ID",
                    help="a checkpoint to serve; repeat for several. A bare one is named after its directory "

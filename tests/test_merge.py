@@ -251,6 +251,9 @@ def test_bad_inputs(tmp_path, pair):
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
     assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, a, "--t", 0.5, "--out", out),
                          r"slerp merges two models")
+    rope = make_tiny_checkpoint(str(tmp_path / "rope"), rope_theta=5e5)  # same shapes, another forward
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, rope, "--out", out),
+                         r"different architectures \(rope_theta: 10000.0 vs 500000.0\)")
     big = make_tiny_checkpoint(str(tmp_path / "bigvocab"), vocab_size=600)
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, big, "--out", out),
                          r"embed_tokens.weight has shape \(600, 64\).*--embed-slice")
