@@ -22,7 +22,9 @@ caches predictions in OUT/cache/ so an interrupted run resumes where it stopped.
 keyed on the checkpoint (name, size and mtime of each file the loader reads, and a hash of its
 small files: config, index, tokenizer), a hash of the examples as loaded from --data-dir (prompts,
 answers, tests), every setting, and the scoring-protocol version (nanopost.tasks.PROTOCOL), so a
-retrained model, changed benchmark files or a changed scorer never reuse old rows.
+retrained model, changed benchmark files or a changed scorer never reuse old rows. An --out that
+has results from earlier runs keeps them beside this run's (see merge_earlier; kept cells are
+marked * in results.md).
 --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat JSONL file
 (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
 
@@ -83,7 +85,7 @@ def chart(results, columns, path) -> bool:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(columns), 4))
     width = 0.8 / max(len(results), 1)
     for i, (model, r) in enumerate(results.items()):
-        ax.bar([c + i * width for c in range(len(columns))], [r[t]["accuracy"] or 0 for t in columns], width,
+        ax.bar([c + i * width for c in range(len(columns))], [r.get(t, {}).get("accuracy") or 0 for t in columns], width,
                label=os.path.basename(model.rstrip("/")) or model)
     ax.set_xticks([c + width * (len(results) - 1) / 2 for c in range(len(columns))], columns)
     ax.set_ylabel("accuracy (%)")
@@ -128,7 +130,41 @@ def fingerprint(ckpt_dir) -> list:
     return out
 
 
-def per_task(p, flag, value, names, applies) -> dict:
+def read_earlier(path) -> dict:
+    """The results.json an earlier run left in --out (empty without one); one that is not ours stops
+    the run before any work, rather than being overwritten."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: cannot read it ({e}); move it away or choose another --out")
+    if not (isinstance(earlier, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
+                                              for r in earlier.values())):
+        sys.exit(f"error: {path} is not an evaluate.py results.json; move it away or choose another --out")
+    return earlier
+
+
+def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dict]:
+    """Evaluating into a folder that has results adds to them: models evaluated one run at a time
+    (the base today, the fine-tune tomorrow) end in one table. This run's entries win; an earlier
+    entry of a model evaluated now is kept only for a task not run now and only if it was made
+    from the same checkpoint (stamps: model -> checkpoint stamp; a retrained model drops its old
+    scores). -> (merged, {model: [kept tasks]})."""
+    merged, carried = {}, {}
+    for m, r in earlier.items():
+        now = results.get(m)
+        keep = {t: v for t, v in r.items() if now is None or (t not in now and v.get("checkpoint") == stamps[m])}
+        if keep:
+            carried[m] = list(keep)
+        merged[m] = {**keep, **(now or {})}
+    for m, r in results.items():
+        merged.setdefault(m, r)
+    return {m: r for m, r in merged.items() if r}, carried
+
+
+def per_task(p, flag, value, names, applies, minimum=0) -> dict:
     """'mmlu=5,gsm8k=0' -> {"mmlu": 5, "gsm8k": 0}. A bare number stands for the one task of
     --tasks that the flag applies to; with several, it is refused rather than applied to all."""
     if value is None:
@@ -147,12 +183,14 @@ def per_task(p, flag, value, names, applies) -> dict:
             p.error(f"{flag} {item!r}: expected TASK=N with TASK one of {', '.join(applies)}")
         if task in out:
             p.error(f"{flag} names {task} twice")
+        if int(n) < minimum:
+            p.error(f"{flag} {item!r}: must be at least {minimum}")
         out[task] = int(n)
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- what ----
     p.add_argument("--model", action="append", default=[], help="checkpoint dir or hub id (repeat for several)")
     p.add_argument("--tasks", default="gsm8k,mmlu,cmmlu,ceval", help=f"comma-separated, from {','.join(tasks.NAMES)}")
@@ -195,8 +233,10 @@ def main(argv=None):
     shots = per_task(p, "--shots", args.shots, names, [t for t in names if t in tasks.SHOTS])
     generated = [t for t in names if t in tasks.NEW_TOKENS and (t not in tasks.CHOICE or args.mode == "generate")]
     new_tokens = {t: tasks.NEW_TOKENS[t] for t in generated}
-    new_tokens.update(per_task(p, "--max-new-tokens", args.max_new_tokens, names, generated))
+    new_tokens.update(per_task(p, "--max-new-tokens", args.max_new_tokens, names, generated, minimum=1))
     shots = {t: shots.get(t, tasks.SHOTS.get(t, 0)) for t in names}
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be at least 1 (got {args.limit}); leave it out for every question")
     if not args.model and not args.download:
@@ -220,14 +260,16 @@ def main(argv=None):
     for f in args.perplexity:
         if not os.path.exists(f):
             sys.exit(f"error: --perplexity {f}: no such file")
+    earlier = read_earlier(os.path.join(args.out, "results.json"))
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
     dtype = resolve_dtype(args.dtype, args.device)
     dtype_name = str(dtype).removeprefix("torch.")
-    results = {}
+    results, stamps = {}, {}
     for model_name in args.model:
         try:
             ckpt = resolve(model_name)
             checkpoint_print = fingerprint(ckpt)
+            stamp = stamps[model_name] = hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
             model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
@@ -240,7 +282,7 @@ def main(argv=None):
         for f in args.perplexity:  # first: a bad file stops the run before any task's work
             try:
                 ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
-                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4)}
+                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4), "checkpoint": stamp}
             except DataError as e:
                 sys.exit(f"error: {e}")
         for task in names:
@@ -303,24 +345,40 @@ def main(argv=None):
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
-                                         "predictions": preds}
+                                         "checkpoint": stamp, "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         del model, engine
 
+    results, carried = merge_earlier(earlier, results, stamps)
+    if carried:
+        print(f"note: {args.out}/results.json keeps earlier results: " +
+              "; ".join(f"{m} ({', '.join(ts)})" for m, ts in carried.items()), flush=True)
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     os.replace(tmp, os.path.join(args.out, "results.json"))
     ppl = [f"ppl:{os.path.basename(f)}" for f in args.perplexity]
-    lines = ["| model | " + " | ".join(names + ppl) + " |", "|---|" + "---|" * len(names + ppl)]
-    for m, r in results.items():
-        lines.append(f"| {m} | " + " | ".join([f"{r[t]['accuracy']}" for t in names] +
-                                               [f"{r[c]['perplexity']}" for c in ppl]) + " |")
+    every = [c for r in results.values() for c in r]  # this run's columns first, then earlier runs'
+    columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
+                                 ppl + [c for c in every if c.startswith("ppl:")]))
+
+    def cell(m, c):
+        v = results[m].get(c)
+        if v is None:
+            return "–"
+        return f"{v.get('accuracy', v.get('perplexity'))}" + ("*" if c in carried.get(m, ()) else "")
+
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {m} | " + " | ".join(cell(m, c) for c in columns) + " |" for m in results]
     table = "\n".join(lines) + "\n"
+    if carried:
+        table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
+                  "not evaluated this time); its settings are in results.json\n")
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                 f"results.json\n\n{table}")
-    if names and not chart(results, names, os.path.join(args.out, "results.png")):
+    tasks_done = [c for c in columns if not c.startswith("ppl:")]
+    if tasks_done and not chart(results, tasks_done, os.path.join(args.out, "results.png")):
         print("note: no chart (pip install matplotlib for OUT/results.png)")
     print(table)
     print(json.dumps({m: {t: v.get("accuracy", v.get("perplexity")) for t, v in r.items()} for m, r in results.items()}))

@@ -1,6 +1,7 @@
 """Evaluation tasks: prompt rendering, answer extraction, letter scoring, the runner and its cache."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("He earns 12,345 dollars and 1,000,000 later") == "1000000"
     assert gsm8k.extract("He spends 2-3=-1 hours") == "-1"
     assert gsm8k.extract("Each costs .5 dollars, so the answer is .5") == "0.5"
+    assert gsm8k.extract("Agent 007 needs 007 minutes") == "7" and gsm8k.gold("#### 0") == gsm8k.extract("-0.0")
     ex = {"answer": "72"}
     assert gsm8k.score(ex, "48 + 24 = 72. The answer is 72.") == ("72", True)
 
@@ -113,6 +115,9 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A is the correct answer because water boils at 100 °C.", "A"),
     ("(C) 1776", "C"),
     ("None of the options is fully satisfying.", None),
+    ("Looking at A and B, neither holds, so the correct option is C.", "C"),
+    ("A and B are both wrong. The best option here is (D).", "D"),
+    ("Option A is wrong: B contradicts it. The right option: C", "C"),
     # Chinese
     ("答案是：B", "B"),
     ("根据题意，A项说法错误。答案是：B", "B"),
@@ -125,6 +130,7 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("我认为答案是选项A。", "A"),
     ("本题选C", "C"),
     ("正确的选项是C", "C"),
+    ("A项和B项都不对，正确选项为D", "D"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
@@ -276,6 +282,57 @@ def test_bad_inputs(tmp_path, tiny):
     assert r.returncode != 0 and "unknown task 'triviaqa'" in r.stderr
 
 
+def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data_dir):
+    base = ["--model", tiny, "--limit", 2, "--out", tmp_path / "o"]
+    for flags, says in ((["--tasks", "mmlu", "--batch-size", 0], "--batch-size must be at least 1"),
+                        (["--tasks", "gsm8k", "--max-new-tokens", "gsm8k=0"], "must be at least 1")):
+        code, err, _ = evaluate(*base, "--data-dir", data_dir, *flags)
+        assert code == 2 and says in err, err
+    bad = {"gsm8k/test.jsonl": ('{"question": "q"}\n', r"test.jsonl:1: no string answer"),
+           "gsm8k/train.jsonl": ('{"question": "q", "answer": "7"}\n', r"train.jsonl:1: the answer has no final"),
+           "mmlu/test/law_test.csv": ('q,a,b,c,d,A\nq,a,b\n', r"law_test.csv:2: 3 fields, expected 6"),
+           "cmmlu/test/law.csv": (',Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n', r"law.csv:2: answer 'E' is not"),
+           "ceval/val/law_val.csv": ('id,question,A,B,C\n', r"law_val.csv:1: the header .* lacks d, answer"),
+           "humaneval/HumanEval.jsonl": ('{"task_id": "x", "prompt": "p"}\n[1]\n', r"HumanEval.jsonl:1: no string test, entry_point")}
+    for file, (text, says) in bad.items():
+        data = shutil.copytree(data_dir, tmp_path / "data", dirs_exist_ok=True)
+        saved = (data / file).read_text(encoding="utf-8")
+        (data / file).write_text(text, encoding="utf-8")
+        code, err, _ = evaluate(*base, "--tasks", file.split("/")[0], "--data-dir", data)  # a traceback would raise
+        assert code == 1 and re.search(says, err), (file, err)
+        (data / file).write_text(saved, encoding="utf-8")
+
+
+def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir):
+    """The base today, the fine-tune tomorrow, into one --out: one table with both. A model evaluated
+    again replaces its rows; its earlier task scores stay only while its checkpoint is unchanged."""
+    base, sft = (make_tiny_checkpoint(str(tmp_path / n), seed=s) for n, s in (("base", 1), ("sft", 2)))
+    out = tmp_path / "eval"
+    common = ["--data-dir", data_dir, "--limit", 2, "--out", out]
+    assert evaluate("--model", base, "--tasks", "mmlu,gsm8k", *common)[0] == 0
+    code, err, res = evaluate("--model", sft, "--tasks", "mmlu", *common)
+    assert code == 0, err
+    assert set(res) == {base, sft} and set(res[base]) == {"mmlu", "gsm8k"} and set(res[sft]) == {"mmlu"}
+    md = open(out / "results.md").read()
+    assert "| model | mmlu | gsm8k |" in md and f"| {sft} | " in md and "–" in md and "kept from an earlier run" in md
+    first_mmlu = res[base]["mmlu"]
+    code, err, res = evaluate("--model", base, "--tasks", "ceval", *common)  # same checkpoint: its mmlu, gsm8k stay
+    assert code == 0 and set(res[base]) == {"mmlu", "gsm8k", "ceval"} and res[base]["mmlu"] == first_mmlu
+    make_tiny_checkpoint(base, seed=3)  # retrained in place: its old scores no longer describe it
+    code, err, res = evaluate("--model", base, "--tasks", "ceval", *common)
+    assert code == 0 and set(res[base]) == {"ceval"} and set(res[sft]) == {"mmlu"}
+    (out / "results.json").write_text("[1, 2]")  # not ours: refused before any work, never overwritten
+    code, err, _ = evaluate("--model", base, "--tasks", "ceval", *common)
+    assert code == 1 and "is not an evaluate.py results.json" in err and (out / "results.json").read_text() == "[1, 2]"
+
+
+def test_help_shows_defaults():
+    r = run_eval("--help")
+    assert r.returncode == 0 and "(default: 16)" in r.stdout and "(default: None)" not in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_kto.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "(default: 0.1)" in r.stdout and "(default: 1e-06)" in r.stdout, r.stdout
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("shots", [0, 5])
 def test_real_mmlu_predictions_equal_transformers(real_model_dir, shared, shots):
@@ -372,6 +429,30 @@ def test_humaneval_code_extraction(reply):
     from nanopost.tasks import humaneval
     assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True)
     assert humaneval.extract_code(reply, "add").strip() == RIGHT.strip()
+
+
+def test_humaneval_extraction_edges():
+    """Correct code in the shapes models write it passes: ~~~ and indented fences, a helper in a
+    block of its own (before or after), a `from __future__` import, prose around unfenced code; the
+    other blocks' example calls do not run, and a wrong helper still fails."""
+    from nanopost.tasks import humaneval
+    helper = "def helper(a, b):\n    return a + b\n"
+    uses = "def add(a, b):\n    return helper(a, b)\n"
+    indented = "".join("   " + line for line in RIGHT.splitlines(True))
+    demo = "```python\nprint(add(1, 2))\nassert add(1, 1) == 3\nTOTAL = 7\n```\n"
+    for reply in (f"~~~python\n{RIGHT}~~~\nDone.",
+                  f"1. Write the function:\n   ```python\n{indented}   ```\n2. Call it.",
+                  f"```python\nfrom __future__ import annotations\n{RIGHT}```",
+                  f"First a helper:\n```python\n{helper}```\nThen:\n```python\n{uses}```\nExample:\n{demo}",
+                  f"```python\n{uses}```\nwhere\n```python\nimport math\n{helper}print(helper(1, 2))\n```",
+                  f"Sure! Here is the function:\n\n{RIGHT}\nIt returns the sum of a and b.",
+                  f"Here:\n\n{RIGHT}"):
+        assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True), reply
+    wrong_helper = f"```python\n{uses}```\n```python\ndef helper(a, b):\n    return a * b\n```"
+    assert not humaneval.score({**ADD, "mode": "chat"}, wrong_helper)[1]
+    assert not humaneval.score({**ADD, "mode": "chat"}, f"Here it is:\n\n{WRONG}\nIt adds them.")[1]
+    code = humaneval.extract_code(f"```python\n{uses}```\n{demo}", "add")
+    assert "print" not in code and "assert" not in code and "TOTAL = 7" in code
 
 
 def test_sandbox_contains_bad_programs(tmp_path):

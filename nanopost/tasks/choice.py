@@ -7,6 +7,8 @@ import json
 import os
 import re
 
+from nanopost.data import DataError
+
 LETTERS = "ABCD"
 MAPPINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mappings")  # shipped tables
 SPLITS = {"mmlu": "test", "cmmlu": "test", "ceval": "val"}
@@ -17,14 +19,28 @@ ANSWER = {"mmlu": "Answer:", "cmmlu": "答案：", "ceval": "答案："}
 
 
 def read_csv(task, path):
-    """Rows as (question, [A, B, C, D], answer letter) in each benchmark's own layout."""
+    """Rows as (question, [A, B, C, D], answer letter) in each benchmark's own layout; a malformed
+    file is a DataError naming file:line."""
+    out = []
     with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
-    if task == "mmlu":  # no header: question,A,B,C,D,answer
-        return [(r[0], r[1:5], r[5].strip()) for r in rows]
-    header = [h.strip().lower() for h in rows[0]]
-    q, a, ans = header.index("question"), header.index("a"), header.index("answer")
-    return [(r[q], r[a:a + 4], r[ans].strip()) for r in rows[1:]]
+        reader = csv.reader(f)
+        if task == "mmlu":  # no header: question,A,B,C,D,answer
+            q, a, ans = 0, 1, 5
+        else:
+            header = [h.strip().lower() for h in next(reader, [])]
+            missing = [c for c in ("question", "a", "b", "c", "d", "answer") if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: the header {header} lacks {', '.join(missing)}")
+            q, a, ans = header.index("question"), header.index("a"), header.index("answer")
+        for r in reader:
+            if not any(x.strip() for x in r):
+                continue
+            if len(r) <= max(q, a + 3, ans):
+                raise DataError(f"{path}:{reader.line_num}: {len(r)} fields, expected {max(q, a + 3, ans) + 1}")
+            if r[ans].strip() not in LETTERS:
+                raise DataError(f"{path}:{reader.line_num}: answer {r[ans]!r} is not one of A, B, C, D")
+            out.append((r[q], r[a:a + 4], r[ans].strip()))
+    return out
 
 
 def subject_files(task, data_dir, split):
@@ -43,13 +59,19 @@ def load(task: str, data_dir: str, shots: int = 0):
     if not os.path.exists(path):  # the table shipped with nanopost
         path = os.path.join(MAPPINGS, f"{task}.json")
     with open(path, encoding="utf-8") as f:
-        mapping = json.load(f)
+        try:
+            mapping = json.load(f)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
     dev = subject_files(task, data_dir, "dev") if shots else {}
     examples = []
     for subject, path in subject_files(task, data_dir, SPLITS[task]).items():
         info = mapping.get(subject, {"name": subject.replace("_", " "), "category": "Other"})
         prefix = HEAD[task].format(name=info["name"])
         if shots:
+            if subject not in dev:
+                raise DataError(f"{task} {subject}: --shots {shots}, but {os.path.join(data_dir, task, 'dev')} has no "
+                                f"file for it")
             exemplars = read_csv(task, dev[subject])
             if len(exemplars) < shots:  # never fewer than the results say
                 raise ValueError(f"{task} {subject}: --shots {shots}, but its dev split has {len(exemplars)} questions")
@@ -71,6 +93,10 @@ EXTRACTION = [re.compile(p) for p in (
     r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B
     r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?\s*(?i:option\s*)?" + LETTER,
+    # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C (but not "Option A is wrong")
+    r"(?i:correct|right|best|final|true)\s+(?i:option|letter)(?:\s+here)?(?:\s+(?i:is|would be|should be|will be))?"
+    r"\s*[:：]?\s*" + LETTER,
+    r"正确(?:的)?选项(?:应该|应)?(?:是|为)?\s*[:：]?\s*" + LETTER,
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)

@@ -2,9 +2,10 @@
 ("Question: ...\nLet's think step by step"), exemplars ending "The answer is N", greedy decoding
 stopped where the reply starts a next "Question:" (continuing the exemplars' pattern), prediction =
 the last number in the reply, exact match against the number after "####"."""
-import json
 import os
 import re
+
+from nanopost.data import DataError, read_jsonl
 
 # A minus sign (or U+2212) only where it cannot be a dash between numbers ("between 5-6" is 6,
 # not -6); commas only as thousands separators ("1,234" but "1,2,3" is three numbers); ".5" is a number.
@@ -17,11 +18,13 @@ def gold(answer: str) -> str:
 
 
 def normalize(num: str) -> str:
-    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'."""
+    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'; '007' -> '7'; '-0' -> '0'."""
     s = num.replace(",", "").replace("$", "").replace("\u2212", "-").strip().rstrip(".")
     if "." in s:
         s = s.rstrip("0").rstrip(".")
-    return re.sub(r"^(-?)\.", r"\g<1>0.", s)
+    s = re.sub(r"^(-?)0+(?=\d)", r"\g<1>", s)  # leading zeros: 007 is 7
+    s = re.sub(r"^(-?)\.", r"\g<1>0.", s)
+    return "0" if s == "-0" else s
 
 
 def extract(reply: str) -> str | None:
@@ -37,11 +40,24 @@ def exemplar(row) -> str:
     return f"Question: {row['question']}\nLet's think step by step\n{steps}\nThe answer is {gold(row['answer'])}."
 
 
+def read_rows(path: str) -> list[dict]:
+    """The {question, answer} rows of a GSM8K JSONL file; a malformed one is a DataError naming file:line."""
+    rows = []
+    for n, row in read_jsonl(path):
+        bad = [k for k in ("question", "answer") if not isinstance(row.get(k), str)]
+        if bad:
+            raise DataError(f"{path}:{n}: no string {' or '.join(bad)} (a GSM8K row is {{\"question\", \"answer\"}})")
+        if "####" not in row["answer"]:
+            raise DataError(f"{path}:{n}: the answer has no final '#### N' line")
+        rows.append(row)
+    return rows
+
+
 def load(data_dir: str, shots: int = 4):
     """-> examples [{id, question, answer, messages}] from data_dir/gsm8k/test.jsonl; exemplars
     are the first `shots` problems of train.jsonl."""
     root = os.path.join(data_dir, "gsm8k")
-    read = lambda f: [json.loads(line) for line in open(os.path.join(root, f), encoding="utf-8") if line.strip()]  # noqa: E731
+    read = lambda f: read_rows(os.path.join(root, f))  # noqa: E731
     shots_text = "\n\n".join(exemplar(r) for r in read("train.jsonl")[:shots])
     examples = []
     for i, row in enumerate(read("test.jsonl")):

@@ -22,7 +22,7 @@ own program file can print the pass token without passing, and a function return
 whose __eq__ always answers True, or code that replaces a builtin or library function the tests
 call (`builtins.abs = ...`), passes the tests' comparisons (as in OpenAI's human-eval). Run
 untrusted models' code inside a container or VM if that matters."""
-import json
+import ast
 import os
 import re
 import resource
@@ -31,6 +31,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+
+from nanopost.data import DataError, read_jsonl
 
 RAW_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 
@@ -88,7 +90,9 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
     with tempfile.TemporaryDirectory(prefix="nanopost-humaneval-") as scratch, \
             open(os.path.join(scratch, "stdout"), "wb+") as out:  # a file: bounded by RLIMIT_FSIZE, unlike a pipe
         with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8") as f:
-            f.write(f"{GUARD}\n{code}\n__import__('os').write(1, b'{token}\\n')\n")
+            # a `from __future__` import is legal only at the top of the file: above the guard
+            future = "".join(line if line.endswith("\n") else line + "\n" for line in FUTURE.findall(code))
+            f.write(f"{future}{GUARD}\n{FUTURE.sub('', code)}\n__import__('os').write(1, b'{token}\\n')\n")
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         run = "import runpy; runpy.run_path('program.py', run_name='sandbox')"  # not __main__, as in human-eval
@@ -108,32 +112,109 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
     return False, lines[-1][:300] if lines else f"stopped before the end (exit status {p.returncode})"
 
 
-FENCE = re.compile(r"^```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^```|\Z)", re.DOTALL | re.MULTILINE)
+# A fenced block: ``` or ~~~, possibly indented (inside a list item), a language tag or none; the
+# last block may lack its closing fence (the reply was cut off by the token limit)
+FENCE = re.compile(r"^([ \t]*)(```|~~~)[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*\2|\Z)", re.DOTALL | re.MULTILINE)
+PYTHON = ("", "python", "python3", "py")
+CODE_START = re.compile(r"^(?:def |async def |class |import |from |@)", re.MULTILINE)
+FUTURE = re.compile(r"^from __future__ import [^\n]*(?:\n|\Z)", re.MULTILINE)
 
 
-def extract_code(reply: str, entry_point: str = "") -> str:
-    """The code of a chat reply: of its python blocks (```python, ```python3, ```py or a bare ```;
-    the last one may lack its closing fence, cut off by the token limit), the last that defines
-    entry_point (a reply often ends with a block of example calls), else the last; else the reply."""
-    blocks = [code for lang, code in FENCE.findall(reply) if lang.lower() in ("", "python", "python3", "py")]
-    defining = [b for b in blocks if re.search(rf"^\s*def {re.escape(entry_point)}\b", b, re.MULTILINE)]
-    return (defining or blocks or [reply])[-1]
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<reply>", "exec")
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def _blocks(reply: str) -> list[str]:
+    """The python code blocks of a reply, each without the indentation of its fence."""
+    out = []
+    for indent, _, lang, code in FENCE.findall(reply):
+        if lang.lower() in PYTHON:
+            out.append("".join(line[len(indent):] if line.startswith(indent) else line
+                               for line in code.splitlines(True)))
+    return out
+
+
+def _definitions(code: str, skip: set) -> str:
+    """The imports, functions, classes and literal constants of a block that parses, in order,
+    without its calls, prints or asserts (example usage) and without definitions named in skip."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return ""
+    lines, keep = code.splitlines(True), []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if node.name in skip:
+                continue
+        elif isinstance(node, ast.Assign):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if any(isinstance(t, ast.Name) and t.id in skip for t in node.targets):
+                continue
+        elif not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        keep.append("".join(lines[first - 1:node.end_lineno]))
+    return "\n".join(keep)
+
+
+def _top_names(code: str) -> set:
+    try:
+        return {n.name for n in ast.parse(code).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    except SyntaxError:
+        return set()
+
+
+def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
+    """The code of a chat reply. Of its python blocks (```python, ```py, a bare ``` or ~~~; indented
+    fences too), the last that defines entry_point (a reply often ends with a block of example calls),
+    else the last; then the functions, classes, imports and constants of the other blocks (a helper
+    the model wrote in a block of its own) follow it, their example calls dropped. A reply without a
+    fence: itself if it compiles after the prompt, else its code from the first line that starts
+    a definition or import, cut after the last line where it still compiles (prose before and after)."""
+    blocks = _blocks(reply)
+    if not blocks:
+        if _compiles(prompt + reply):
+            return reply
+        start = CODE_START.search(reply)
+        if start is None:
+            return reply
+        lines = reply[start.start():].splitlines(True)
+        for end in range(len(lines), 0, -1):
+            code = "".join(lines[:end])
+            if _compiles(prompt + code):
+                return code
+        return reply
+    defining = [i for i, b in enumerate(blocks) if re.search(rf"^\s*def {re.escape(entry_point)}\b", b, re.MULTILINE)]
+    main = (defining or [len(blocks) - 1])[-1]
+    skip = _top_names(blocks[main]) | {entry_point}
+    helpers = [d for i, b in enumerate(blocks) if i != main and (d := _definitions(b, skip))]
+    return "\n\n".join([blocks[main]] + helpers) + ("\n" if helpers else "")
 
 
 def program(ex, reply: str) -> str:
     """prompt + completion + tests + check(entry_point). A chat reply that restates the whole
-    function simply redefines it after the prompt (the prompt keeps its imports and helpers)."""
-    completion = extract_code(reply, ex["entry_point"]) if ex["mode"] == "chat" else reply
+    function simply redefines it after the prompt (the prompt keeps its imports and helpers; a
+    `from __future__` import anywhere moves to the top of the file in run_program)."""
+    completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else reply
     return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
 
 
 def load(data_dir: str, mode: str = "chat"):
-    rows = [json.loads(line) for line in open(os.path.join(data_dir, "humaneval", "HumanEval.jsonl"), encoding="utf-8")
-            if line.strip()]
+    path = os.path.join(data_dir, "humaneval", "HumanEval.jsonl")
     examples = []
-    for r in rows:
+    for n, r in read_jsonl(path):
+        bad = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(r.get(k), str)]
+        if bad:
+            raise DataError(f"{path}:{n}: no string {', '.join(bad)} (a HumanEval row has task_id, prompt, test, entry_point)")
         ex = {"id": r["task_id"], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
-              "canonical_solution": r["canonical_solution"], "answer": "pass", "mode": mode}
+              "canonical_solution": r.get("canonical_solution", ""), "answer": "pass", "mode": mode}
         if mode == "chat":
             ex["messages"] = [{"role": "user", "content": "Complete the following Python function. Reply with the "
                                f"complete function in a ```python code block.\n\n```python\n{r['prompt']}```"}]
