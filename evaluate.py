@@ -85,7 +85,7 @@ def chart(results, columns, path) -> bool:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(columns), 4))
     width = 0.8 / max(len(results), 1)
     for i, (model, r) in enumerate(results.items()):
-        ax.bar([c + i * width for c in range(len(columns))], [r.get(t, {}).get("accuracy") or 0 for t in columns], width,
+        ax.bar([c + i * width for c in range(len(columns))], [math.nan if (r.get(t) or {}).get("accuracy") is None else r[t]["accuracy"] for t in columns], width,
                label=os.path.basename(model.rstrip("/")) or model)
     ax.set_xticks([c + width * (len(results) - 1) / 2 for c in range(len(columns))], columns)
     ax.set_ylabel("accuracy (%)")
@@ -146,22 +146,40 @@ def read_earlier(path) -> dict:
     return earlier
 
 
-def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dict]:
+def stamp(ckpt_dir) -> str:
+    """A short hash of fingerprint(): what results.json records as each result's "checkpoint"."""
+    return hashlib.sha256(json.dumps(fingerprint(ckpt_dir)).encode()).hexdigest()[:16]
+
+
+def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dict, dict]:
     """Evaluating into a folder that has results adds to them: models evaluated one run at a time
-    (the base today, the fine-tune tomorrow) end in one table. This run's entries win; an earlier
-    entry of a model evaluated now is kept only for a task not run now and only if it was made
-    from the same checkpoint (stamps: model -> checkpoint stamp; a retrained model drops its old
-    scores). -> (merged, {model: [kept tasks]})."""
-    merged, carried = {}, {}
+    (the base today, the fine-tune tomorrow) end in one table. This run's entries win. An earlier
+    entry is kept only if it still describes its checkpoint: for a model evaluated now (the same
+    name, or the same local folder spelled another way), only tasks not run now and made from the
+    same checkpoint (stamps: model -> stamp); for another model that is a local folder, only if its
+    stamp is unchanged (a retrained model's old scores are dropped); a hub id's are kept as
+    recorded. -> (merged, {model: [kept]}, {model: [dropped]})."""
+    def same(a, b):
+        return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+
+    merged, carried, dropped = {}, {}, {}
     for m, r in earlier.items():
-        now = results.get(m)
-        keep = {t: v for t, v in r.items() if now is None or (t not in now and v.get("checkpoint") == stamps[m])}
+        now = next((n for n in results if same(m, n)), None)
+        if now is not None:
+            keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
+        else:
+            current = stamp(m) if os.path.isdir(m) else None
+            keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
+        name = now or m
+        gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
         if keep:
-            carried[m] = list(keep)
-        merged[m] = {**keep, **(now or {})}
-    for m, r in results.items():
-        merged.setdefault(m, r)
-    return {m: r for m, r in merged.items() if r}, carried
+            carried.setdefault(name, []).extend(keep)
+        if gone:
+            dropped[m] = gone
+        merged[name] = {**merged.get(name, {}), **keep}
+    for n, r in results.items():
+        merged[n] = {**merged.get(n, {}), **r}
+    return {m: r for m, r in merged.items() if r}, carried, dropped
 
 
 def per_task(p, flag, value, names, applies, minimum=0) -> dict:
@@ -260,7 +278,7 @@ def main(argv=None):
     for f in args.perplexity:
         if not os.path.exists(f):
             sys.exit(f"error: --perplexity {f}: no such file")
-    earlier = read_earlier(os.path.join(args.out, "results.json"))
+    read_earlier(os.path.join(args.out, "results.json"))  # one we cannot add to stops us before any work
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
     dtype = resolve_dtype(args.dtype, args.device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -269,7 +287,7 @@ def main(argv=None):
         try:
             ckpt = resolve(model_name)
             checkpoint_print = fingerprint(ckpt)
-            stamp = stamps[model_name] = hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
+            stamps[model_name] = stamp(ckpt)
             model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
@@ -282,7 +300,8 @@ def main(argv=None):
         for f in args.perplexity:  # first: a bad file stops the run before any task's work
             try:
                 ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
-                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4), "checkpoint": stamp}
+                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4),
+                                                                      "checkpoint": stamps[model_name]}
             except DataError as e:
                 sys.exit(f"error: {e}")
         for task in names:
@@ -345,14 +364,18 @@ def main(argv=None):
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
-                                         "checkpoint": stamp, "predictions": preds}
+                                         "checkpoint": stamps[model_name], "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         del model, engine
 
-    results, carried = merge_earlier(earlier, results, stamps)
+    # read again: another run may have written its results into this folder since we started
+    results, carried, dropped = merge_earlier(read_earlier(os.path.join(args.out, "results.json")), results, stamps)
     if carried:
         print(f"note: {args.out}/results.json keeps earlier results: " +
               "; ".join(f"{m} ({', '.join(ts)})" for m, ts in carried.items()), flush=True)
+    if dropped:
+        print(f"note: dropped earlier results whose checkpoint changed since (or unrecorded) from {args.out}/results.json: " +
+              "; ".join(f"{m} ({', '.join(ts)})" for m, ts in dropped.items()), flush=True)
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)

@@ -14,7 +14,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
-                or "default" in text or "%(default)" in text):
+        off = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if not action.option_strings or off or "(default" in text or "%(default)" in text:
             return text
         return text + " (default: %(default)s)"

@@ -24,18 +24,23 @@ def read_jsonl(path: str, errors: list | None = None):
     """Yields (line_number, object). A line that is not a JSON object raises DataError(file:line),
     or, given an `errors` list, is appended to it as "file:line: why" and skipped."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: a bad byte is that line's error, at its own number
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from e
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for n, raw in enumerate(f, 1):
             try:
-                obj = json.loads(line)
-                why = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-            except json.JSONDecodeError as e:
-                why = f"not valid JSON ({e.msg} at column {e.colno})"
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is not JSON
+            except UnicodeDecodeError as e:
+                obj, why = None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    why = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+                except json.JSONDecodeError as e:
+                    why = f"not valid JSON ({e.msg} at column {e.colno})"
             if why is None:
                 yield n, obj
             elif errors is None:

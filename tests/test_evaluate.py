@@ -131,6 +131,13 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("本题选C", "C"),
     ("正确的选项是C", "C"),
     ("A项和B项都不对，正确选项为D", "D"),
+    # ... but "option" without a verb or colon before the letter names an option under discussion
+    ("Let's go through each option to find the correct option:\nA. 1776 - signed, not ratified.\nB. 1789.\nSo B is correct.", "B"),
+    ("Is the correct option A? No. B is correct.", "B"),
+    ("The final option D is a distractor. C is correct.", "C"),
+    ("Checking the best option A: not it. Option B is correct.", "B"),
+    ("分析每个选项，找出正确选项：\nA. 错误\nB. 错误\nC. 正确\n故选C", "C"),
+    ("正确选项是A吗？不是，故选B", "B"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
@@ -293,14 +300,23 @@ def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data
            "mmlu/test/law_test.csv": ('q,a,b,c,d,A\nq,a,b\n', r"law_test.csv:2: 3 fields, expected 6"),
            "cmmlu/test/law.csv": (',Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n', r"law.csv:2: answer 'E' is not"),
            "ceval/val/law_val.csv": ('id,question,A,B,C\n', r"law_val.csv:1: the header .* lacks d, answer"),
-           "humaneval/HumanEval.jsonl": ('{"task_id": "x", "prompt": "p"}\n[1]\n', r"HumanEval.jsonl:1: no string test, entry_point")}
+           "humaneval/HumanEval.jsonl": ('{"task_id": "x", "prompt": "p"}\n[1]\n', r"HumanEval.jsonl:1: no string test, entry_point"),
+           "mmlu/mapping.json": ('{"law": {"category": "Humanities"}}', r"mapping.json: expected \{subject"),
+           "ceval/val/law_val.csv ": ('id,question,A,answer,B,C,D\n', r"options A, B, C, D side by side"),
+           "cmmlu/test/law.csv ": (b',Question,A,B,C,D,Answer\n0,q,\xff,b,c,d,A\n', r"law.csv: not UTF-8"),
+           "gsm8k/test.jsonl ": (b'{"question": "q", "answer": "#### 3"}\n\xff\n', r"test.jsonl:2: not UTF-8")}
     for file, (text, says) in bad.items():
         data = shutil.copytree(data_dir, tmp_path / "data", dirs_exist_ok=True)
-        saved = (data / file).read_text(encoding="utf-8")
-        (data / file).write_text(text, encoding="utf-8")
+        file = file.strip()  # (a trailing space: a second case for the same file)
+        saved = (data / file).read_bytes()
+        (data / file).write_bytes(text if isinstance(text, bytes) else text.encode())
         code, err, _ = evaluate(*base, "--tasks", file.split("/")[0], "--data-dir", data)  # a traceback would raise
         assert code == 1 and re.search(says, err), (file, err)
-        (data / file).write_text(saved, encoding="utf-8")
+        (data / file).write_bytes(saved)
+    data = tmp_path / "data"  # a byte-order mark before the header (Excel's UTF-8) is read, not refused
+    csv = data / "ceval" / "val" / "law_val.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
+    assert evaluate(*base, "--tasks", "ceval", "--data-dir", data)[0] == 0
 
 
 def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir):
@@ -321,6 +337,11 @@ def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir)
     make_tiny_checkpoint(base, seed=3)  # retrained in place: its old scores no longer describe it
     code, err, res = evaluate("--model", base, "--tasks", "ceval", *common)
     assert code == 0 and set(res[base]) == {"ceval"} and set(res[sft]) == {"mmlu"}
+    make_tiny_checkpoint(sft, seed=4)  # retrained, not evaluated now: its old score goes, with a note
+    r = run_main(os.path.join(ROOT, "evaluate.py"), "--model", base + "/", "--tasks", "mmlu", *common)
+    res = json.load(open(out / "results.json"))
+    assert r.returncode == 0 and sft not in res and f"{sft} (mmlu)" in r.stdout and "dropped" in r.stdout, r.stdout
+    assert list(res) == [base + "/"] and set(res[base + "/"]) == {"ceval", "mmlu"}  # base/ is base: one row
     (out / "results.json").write_text("[1, 2]")  # not ours: refused before any work, never overwritten
     code, err, _ = evaluate("--model", base, "--tasks", "ceval", *common)
     assert code == 1 and "is not an evaluate.py results.json" in err and (out / "results.json").read_text() == "[1, 2]"
@@ -331,6 +352,7 @@ def test_help_shows_defaults():
     assert r.returncode == 0 and "(default: 16)" in r.stdout and "(default: None)" not in r.stdout
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_kto.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "(default: 0.1)" in r.stdout and "(default: 1e-06)" in r.stdout, r.stdout
+    assert "random (default: 0)" in r.stdout  # a default of 0 is a default
 
 
 @pytest.mark.real
@@ -448,11 +470,32 @@ def test_humaneval_extraction_edges():
                   f"Sure! Here is the function:\n\n{RIGHT}\nIt returns the sum of a and b.",
                   f"Here:\n\n{RIGHT}"):
         assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True), reply
+    # other blocks give only what the main block needs: a test block's imports, an example's
+    # assignments that shadow a module or builtin, a redefinition of something the prompt defines stay out
+    test_block = "```python\nimport unittest\nfrom solution import add\nclass T(unittest.TestCase):\n    pass\n```"
+    shadows = "```python\nstring = 'Hello'\nlist = [1, 2]\nd = {[1]: 2} if False else {}\nx = {(1, 2): {}}\n```"
+    uses_module = "import string\ndef add(a, b):\n    return len(string.digits[:a]) + b if a >= 0 else a + b\n"
+    for reply in (f"```python\n{RIGHT}```\nTests:\n{test_block}", f"```python\n{uses_module}```\n{shadows}",
+                  f"```python\n{RIGHT}```\n```python\nd = {{[1.0, 2.0]: 0.5}}\n```",  # not a literal: no crash
+                  f"Sure.\nfrom the examples, we add.\n\n{RIGHT}\nThat's it.",  # prose that starts like an import
+                  f"~~~~~~~~~~\nNotes\n~~~~~~~~~~\n```python\n{RIGHT}```"):  # ~~~ separators are not fences
+        assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True), reply
+    with_helper = {**ADD, "prompt": "def double(x):\n    return 2 * x\n\n\n" + ADD["prompt"],
+                   "test": "def check(candidate):\n    assert double(candidate(2, 3)) == 10\n"}
+    assert not humaneval.score({**with_helper, "mode": "chat"}, "```python\ndef add(a, b):\n    return double(0)\n```\n"
+                               "```python\ndef double(x):\n    return 10\n```")[1]  # the prompt's double stays
+    target = f"/tmp/nanopost-future-{os.getpid()}"
+    open(target, "w").close()
+    try:  # only a plain `from __future__ import ...` line moves above the sandbox's guard
+        ok, status = humaneval.run_program(f"from __future__ import annotations; import os; os.remove({target!r})")
+        assert not ok and os.path.exists(target), status
+    finally:
+        os.remove(target)
     wrong_helper = f"```python\n{uses}```\n```python\ndef helper(a, b):\n    return a * b\n```"
     assert not humaneval.score({**ADD, "mode": "chat"}, wrong_helper)[1]
     assert not humaneval.score({**ADD, "mode": "chat"}, f"Here it is:\n\n{WRONG}\nIt adds them.")[1]
-    code = humaneval.extract_code(f"```python\n{uses}```\n{demo}", "add")
-    assert "print" not in code and "assert" not in code and "TOTAL = 7" in code
+    code = humaneval.extract_code(f"```python\n{uses}```\n{demo}```python\nimport os\n{helper}print(1)\n```", "add")
+    assert code.startswith(uses) and helper in code and "print" not in code and "assert" not in code and "os" not in code
 
 
 def test_sandbox_contains_bad_programs(tmp_path):

@@ -21,25 +21,33 @@ ANSWER = {"mmlu": "Answer:", "cmmlu": "答案：", "ceval": "答案："}
 def read_csv(task, path):
     """Rows as (question, [A, B, C, D], answer letter) in each benchmark's own layout; a malformed
     file is a DataError naming file:line."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a column name
+            return _read_rows(task, path, csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_rows(task, path, reader):
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        if task == "mmlu":  # no header: question,A,B,C,D,answer
-            q, a, ans = 0, 1, 5
-        else:
-            header = [h.strip().lower() for h in next(reader, [])]
-            missing = [c for c in ("question", "a", "b", "c", "d", "answer") if c not in header]
-            if missing:
-                raise DataError(f"{path}:1: the header {header} lacks {', '.join(missing)}")
-            q, a, ans = header.index("question"), header.index("a"), header.index("answer")
-        for r in reader:
-            if not any(x.strip() for x in r):
-                continue
-            if len(r) <= max(q, a + 3, ans):
-                raise DataError(f"{path}:{reader.line_num}: {len(r)} fields, expected {max(q, a + 3, ans) + 1}")
-            if r[ans].strip() not in LETTERS:
-                raise DataError(f"{path}:{reader.line_num}: answer {r[ans]!r} is not one of A, B, C, D")
-            out.append((r[q], r[a:a + 4], r[ans].strip()))
+    if task == "mmlu":  # no header: question,A,B,C,D,answer
+        q, a, ans = 0, 1, 5
+    else:
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in ("question", "a", "b", "c", "d", "answer") if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: the header {header} lacks {', '.join(missing)}")
+        q, a, ans = header.index("question"), header.index("a"), header.index("answer")
+        if header[a:a + 4] != ["a", "b", "c", "d"]:
+            raise DataError(f"{path}:1: the header {header} does not have the options A, B, C, D side by side")
+    for r in reader:
+        if not any(x.strip() for x in r):
+            continue
+        if len(r) <= max(q, a + 3, ans):
+            raise DataError(f"{path}:{reader.line_num}: {len(r)} fields, expected {max(q, a + 3, ans) + 1}")
+        if r[ans].strip() not in LETTERS:
+            raise DataError(f"{path}:{reader.line_num}: answer {r[ans]!r} is not one of A, B, C, D")
+        out.append((r[q], r[a:a + 4], r[ans].strip()))
     return out
 
 
@@ -63,6 +71,9 @@ def load(task: str, data_dir: str, shots: int = 0):
             mapping = json.load(f)
         except ValueError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(mapping, dict) and all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                              and isinstance(v.get("category"), str) for v in mapping.values())):
+        raise DataError(f"{path}: expected {{subject: {{\"name\": str, \"category\": str}}}}")
     dev = subject_files(task, data_dir, "dev") if shots else {}
     examples = []
     for subject, path in subject_files(task, data_dir, SPLITS[task]).items():
@@ -93,10 +104,12 @@ EXTRACTION = [re.compile(p) for p in (
     r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B
     r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?\s*(?i:option\s*)?" + LETTER,
-    # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C (but not "Option A is wrong")
-    r"(?i:correct|right|best|final|true)\s+(?i:option|letter)(?:\s+here)?(?:\s+(?i:is|would be|should be|will be))?"
-    r"\s*[:：]?\s*" + LETTER,
-    r"正确(?:的)?选项(?:应该|应)?(?:是|为)?\s*[:：]?\s*" + LETTER,
+    # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
+    # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
+    # "正确选项是A吗", "the best option is A good ..."
+    r"(?i:correct|right|best|final|true)[ \t]+(?i:option|letter)(?:[ \t]+here)?"
+    r"(?:[ \t]+(?i:is|would be|should be|will be)[ \t]*[:：]?|[ \t]*[:：])[ \t]*(?!A[ \t]+[a-z])" + LETTER + r"(?![ \t]*[?？吗])",
+    r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t]*[:：]?[ \t]*" + LETTER + r"(?![ \t]*[?？吗])",
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)

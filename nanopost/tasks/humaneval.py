@@ -23,6 +23,7 @@ whose __eq__ always answers True, or code that replaces a builtin or library fun
 call (`builtins.abs = ...`), passes the tests' comparisons (as in OpenAI's human-eval). Run
 untrusted models' code inside a container or VM if that matters."""
 import ast
+import builtins
 import os
 import re
 import resource
@@ -112,19 +113,30 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
     return False, lines[-1][:300] if lines else f"stopped before the end (exit status {p.returncode})"
 
 
-# A fenced block: ``` or ~~~, possibly indented (inside a list item), a language tag or none; the
-# last block may lack its closing fence (the reply was cut off by the token limit)
-FENCE = re.compile(r"^([ \t]*)(```|~~~)[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*\2|\Z)", re.DOTALL | re.MULTILINE)
+# A fenced block: ``` or ~~~ (not a longer run of them: a separator line), possibly indented (inside
+# a list item), a language tag or none; the last block may lack its closing fence (the reply was
+# cut off by the token limit)
+FENCE = re.compile(r"^([ \t]*)(```|~~~)(?![`~])[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*\2|\Z)", re.DOTALL | re.MULTILINE)
 PYTHON = ("", "python", "python3", "py")
-CODE_START = re.compile(r"^(?:def |async def |class |import |from |@)", re.MULTILINE)
-FUTURE = re.compile(r"^from __future__ import [^\n]*(?:\n|\Z)", re.MULTILINE)
+CODE_START = re.compile(r"^(?:(?:async )?def \w+\s*\(|class \w+|import [\w.]+|from [\w.]+ import |@\w)", re.MULTILINE)
+# only a plain `from __future__ import a, b  # comment` line moves above the sandbox's guard
+FUTURE = re.compile(r"^from __future__ import [A-Za-z_]\w*(?:[ \t]*,[ \t]*[A-Za-z_]\w*)*[ \t]*(?:#[^\n]*)?(?:\n|\Z)",
+                    re.MULTILINE)
+DEFINES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _parse(code: str):
+    try:
+        return ast.parse(code)
+    except Exception:  # SyntaxError, null bytes, nesting too deep: not code we can use
+        return None
 
 
 def _compiles(code: str) -> bool:
     try:
         compile(code, "<reply>", "exec")
         return True
-    except (SyntaxError, ValueError):
+    except Exception:
         return False
 
 
@@ -138,64 +150,86 @@ def _blocks(reply: str) -> list[str]:
     return out
 
 
-def _definitions(code: str, skip: set) -> str:
-    """The imports, functions, classes and literal constants of a block that parses, in order,
-    without its calls, prints or asserts (example usage) and without definitions named in skip."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
+def _bound(node) -> set:
+    """The top-level names a statement binds."""
+    if isinstance(node, DEFINES):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+
+def _used(node) -> set:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _helpers(main: str, others: list[str], prompt: str) -> str:
+    """The definitions the main block needs from the reply's other blocks: functions, classes,
+    imports and literal constants bound to a name that the main block (or a definition carried for
+    it) uses and that neither it, the prompt nor Python's builtins define. Nothing else: a test
+    block's imports, example calls, asserts and prints, and a redefinition of a prompt's helper
+    (which the tests may call) stay out."""
+    tree = _parse(main)
+    if tree is None:
         return ""
-    lines, keep = code.splitlines(True), []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            if node.name in skip:
-                continue
-        elif isinstance(node, ast.Assign):
-            try:
-                ast.literal_eval(node.value)
-            except ValueError:
-                continue
-            if any(isinstance(t, ast.Name) and t.id in skip for t in node.targets):
-                continue
-        elif not isinstance(node, (ast.Import, ast.ImportFrom)):
+    known = set(dir(builtins)) | {n for node in (_parse(prompt) or ast.Module(body=[])).body for n in _bound(node)}
+    known |= {n for node in tree.body for n in _bound(node)}
+    offered = {}  # name -> (source, names it uses); the last block that defines a name wins
+    for code in others:
+        other = _parse(code)
+        if other is None:
             continue
-        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        keep.append("".join(lines[first - 1:node.end_lineno]))
-    return "\n".join(keep)
-
-
-def _top_names(code: str) -> set:
-    try:
-        return {n.name for n in ast.parse(code).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    except SyntaxError:
-        return set()
+        lines = code.splitlines(True)
+        for node in other.body:
+            if isinstance(node, ast.Assign):
+                try:
+                    ast.literal_eval(node.value)
+                except Exception:  # not a literal (a call, a name): example code
+                    continue
+            elif not isinstance(node, DEFINES + (ast.Import, ast.ImportFrom)):
+                continue
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            source = "".join(lines[first - 1:node.end_lineno])
+            for name in _bound(node):
+                offered[name] = (source, _used(node))
+    needed, carried, todo = set(), [], sorted(_used(tree) - known)
+    while todo:
+        name = todo.pop()
+        if name in needed or name in known or name not in offered:
+            continue
+        needed.add(name)
+        source, uses = offered[name]
+        if source not in carried:
+            carried.append(source)
+        todo += sorted(uses - known - needed)
+    return "\n".join(carried)
 
 
 def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
     """The code of a chat reply. Of its python blocks (```python, ```py, a bare ``` or ~~~; indented
     fences too), the last that defines entry_point (a reply often ends with a block of example calls),
-    else the last; then the functions, classes, imports and constants of the other blocks (a helper
-    the model wrote in a block of its own) follow it, their example calls dropped. A reply without a
-    fence: itself if it compiles after the prompt, else its code from the first line that starts
-    a definition or import, cut after the last line where it still compiles (prose before and after)."""
+    else the last; then what that block needs from the other blocks (a helper the model wrote in a
+    block of its own: _helpers). A reply without a fence: itself if it compiles after the prompt,
+    else its code from the first line that starts a definition or import, cut after the last line
+    where it still compiles (prose before and after)."""
     blocks = _blocks(reply)
     if not blocks:
         if _compiles(prompt + reply):
             return reply
-        start = CODE_START.search(reply)
-        if start is None:
-            return reply
-        lines = reply[start.start():].splitlines(True)
-        for end in range(len(lines), 0, -1):
-            code = "".join(lines[:end])
-            if _compiles(prompt + code):
-                return code
+        for start in list(CODE_START.finditer(reply))[:8]:  # prose may start with "from ..." too
+            lines = reply[start.start():].splitlines(True)
+            for end in range(len(lines), 0, -1):
+                code = "".join(lines[:end])
+                if _compiles(prompt + code):
+                    return code
         return reply
     defining = [i for i, b in enumerate(blocks) if re.search(rf"^\s*def {re.escape(entry_point)}\b", b, re.MULTILINE)]
     main = (defining or [len(blocks) - 1])[-1]
-    skip = _top_names(blocks[main]) | {entry_point}
-    helpers = [d for i, b in enumerate(blocks) if i != main and (d := _definitions(b, skip))]
-    return "\n\n".join([blocks[main]] + helpers) + ("\n" if helpers else "")
+    helpers = _helpers(blocks[main], blocks[:main] + blocks[main + 1:], prompt)
+    return f"{blocks[main]}\n\n{helpers}\n" if helpers else blocks[main]
 
 
 def program(ex, reply: str) -> str:
@@ -225,5 +259,9 @@ def load(data_dir: str, mode: str = "chat"):
 
 
 def score(ex, reply: str):
-    passed, status = run_program(program(ex, reply))
+    try:
+        code = program(ex, reply)
+    except Exception as e:  # a reply no extraction rule foresaw fails its question, never the whole run
+        return f"no program from the reply ({type(e).__name__}: {e})"[:300], False
+    passed, status = run_program(code)
     return ("pass" if passed else status), passed
