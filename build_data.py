@@ -397,7 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--student", required=True, metavar="DIR_OR_HUB_ID", help="the model to be post-trained, in-process")
     p.add_argument("--cache", default=None, help="teacher request cache (SQLite; default OUT/teacher_cache.sqlite)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="in-process weights dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=nanopost.device_arg,
+                   help="cpu, cuda or cuda:N")
     # ---- generation ----
     p.add_argument("--max-new-tokens", type=int, default=512, help="budget of teacher and student responses")
     p.add_argument("--json-max-tokens", type=int, default=128,

@@ -23,8 +23,8 @@ keyed on the checkpoint (name, size and mtime of each file the loader reads, and
 small files: config, index, tokenizer), a hash of the examples as loaded from --data-dir (prompts,
 answers, tests), every setting, and the scoring-protocol version (nanopost.tasks.PROTOCOL), so a
 retrained model, changed benchmark files or a changed scorer never reuse old rows. An --out that
-has results from earlier runs keeps them beside this run's (see merge_earlier; kept cells are
-marked * in results.md).
+has results from earlier runs keeps them beside this run's (kept cells are marked * in
+results.md, and † where their settings or questions differ from this run's in that column).
 --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat JSONL file
 (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
 
@@ -146,6 +146,9 @@ def read_earlier(path) -> dict:
     return earlier
 
 
+PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol")
+
+
 def stamp(ckpt_dir) -> str:
     """A short hash of fingerprint(): what results.json records as each result's "checkpoint"."""
     return hashlib.sha256(json.dumps(fingerprint(ckpt_dir)).encode()).hexdigest()[:16]
@@ -197,8 +200,10 @@ def per_task(p, flag, value, names, applies, minimum=0) -> dict:
     out = {}
     for item in value.split(","):
         task, _, n = (x.strip() for x in item.partition("="))
-        if task not in applies or not n.isdigit():
+        if task not in applies:
             p.error(f"{flag} {item!r}: expected TASK=N with TASK one of {', '.join(applies)}")
+        if not n.isdigit():
+            p.error(f"{flag} {item!r}: N must be a whole number >= {minimum}")
         if task in out:
             p.error(f"{flag} names {task} twice")
         if int(n) < minimum:
@@ -240,7 +245,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto: bfloat16 where the hardware runs it natively (CPU with "
                         "AVX512-BF16 or AMX, CUDA with bf16), else float32 (printed with the reason)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=nanopost.device_arg,
+                   help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
         graphs_switch()  # a bad NANOPOST_CUDA_GRAPHS before any work
@@ -261,6 +267,14 @@ def main(argv=None):
         p.error("give at least one --model (or --download to only fetch the benchmarks)")
     if args.model and not args.out:
         p.error("--out is required with --model")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder")
+    if args.model and not names and not args.perplexity:
+        p.error("--tasks names no task (and no --perplexity file given): nothing to evaluate")
+    bases = [os.path.basename(f) for f in args.perplexity]
+    if len(set(bases)) < len(bases):  # results key perplexity by file name
+        p.error(f"--perplexity: two files share a name ({', '.join(b for b in bases if bases.count(b) > 1)}); "
+                "rename or copy one")
     if args.download:
         from nanopost.tasks.download import DownloadError, download
         for t in names:
@@ -272,12 +286,20 @@ def main(argv=None):
             return
     try:
         loaded = {t: tasks.load(t, args.data_dir, shots[t], args.humaneval_mode) for t in names}
-    except (ValueError, OSError) as e:
+    except OSError as e:  # a missing file or folder
         sys.exit(f"error: {e} (benchmarks are looked for in --data-dir {args.data_dir}; "
                  f"--download fetches missing ones)")
+    except ValueError as e:  # a file that is there but malformed, an unknown task, too few exemplars
+        sys.exit(f"error: {e}")
     for f in args.perplexity:
         if not os.path.exists(f):
             sys.exit(f"error: --perplexity {f}: no such file")
+    for m in args.model:  # a typo in the last --model is found before the first model's work
+        if not os.path.isdir(m):
+            try:
+                resolve(m)
+            except CheckpointError as e:
+                sys.exit(f"error: {e}")
     read_earlier(os.path.join(args.out, "results.json"))  # one we cannot add to stops us before any work
     os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
     dtype = resolve_dtype(args.dtype, args.device)
@@ -364,10 +386,12 @@ def main(argv=None):
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
-                                         "checkpoint": stamps[model_name], "predictions": preds}
+                                         "checkpoint": stamps[model_name], "data": asked[:16],
+                                         "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         del model, engine
 
+    this_run = results
     # read again: another run may have written its results into this folder since we started
     results, carried, dropped = merge_earlier(read_earlier(os.path.join(args.out, "results.json")), results, stamps)
     if carried:
@@ -385,11 +409,24 @@ def main(argv=None):
     columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
                                  ppl + [c for c in every if c.startswith("ppl:")]))
 
+    def protocol(v):  # what makes two cells of a column comparable
+        return [v.get("settings", {}).get(k) for k in PROTOCOL_KEYS] + [v.get("data")]
+
+    def differs(m, c):  # a kept cell made with other settings or questions than this run's cell of its column
+        ours = next((r[c] for r in this_run.values() if c in r and "settings" in r[c]), None)
+        return c in carried.get(m, ()) and ours is not None and protocol(results[m][c]) != protocol(ours)
+
+    mixed = [f"{m} {c}" for m in results for c in columns if differs(m, c)]
+    if mixed:
+        print(f"note: kept results made with other settings or questions than this run's: {', '.join(mixed)} "
+              f"(marked † in results.md; compare their settings in results.json)", flush=True)
+
     def cell(m, c):
         v = results[m].get(c)
         if v is None:
             return "–"
-        return f"{v.get('accuracy', v.get('perplexity'))}" + ("*" if c in carried.get(m, ()) else "")
+        return (f"{v.get('accuracy', v.get('perplexity'))}" + ("*" if c in carried.get(m, ()) else "")
+                + ("†" if differs(m, c) else ""))
 
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {m} | " + " | ".join(cell(m, c) for c in columns) + " |" for m in results]
@@ -397,6 +434,8 @@ def main(argv=None):
     if carried:
         table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
                   "not evaluated this time); its settings are in results.json\n")
+    if mixed:
+        table += "\n† made with other settings (shots, mode, limit, protocol) or other questions than this run's column\n"
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                 f"results.json\n\n{table}")

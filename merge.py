@@ -104,12 +104,24 @@ def read_config_file(path: str) -> dict:
                          "model's tokenizer is copied)")
     if "slices" in cfg:  # one slice of whole models is the same as `models:`
         slices = cfg.pop("slices")
-        if len(slices) != 1:
-            raise MergeError(f"{path}: {len(slices)} slices; only one slice covering every layer is supported")
-        cfg["models"] = [{"model": s["model"], "parameters": s.get("parameters", {}), "layer_range": s.get("layer_range")}
-                         for s in slices[0]["sources"]]
+        if not isinstance(slices, list) or len(slices) != 1:
+            raise MergeError(f"{path}: slices must be a list of one slice covering every layer (got {slices!r:.80})")
+        sources = slices[0].get("sources") if isinstance(slices[0], dict) else None
+        if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources):
+            raise MergeError(f"{path}: the slice needs `sources:`, a list of {{model: ..., layer_range: [0, N]}}")
+        cfg["models"] = [{"model": x.get("model"), "parameters": x.get("parameters", {}), "layer_range": x.get("layer_range")}
+                         for x in sources]
     if not cfg.get("models"):
         raise MergeError(f"{path}: no models")
+    if not isinstance(cfg["models"], list):
+        raise MergeError(f"{path}: models must be a list of {{model: DIR_OR_HUB_ID, parameters: ...}}")
+    for i, m in enumerate(cfg["models"]):
+        if not isinstance(m, dict) or not isinstance(m.get("model"), str):
+            raise MergeError(f"{path}: models[{i}] is {m!r:.80}; expected {{model: DIR_OR_HUB_ID, parameters: ...}}")
+        if not isinstance(m.get("parameters") or {}, dict):
+            raise MergeError(f"{path}: model {m['model']}: parameters must be a mapping")
+    if not isinstance(cfg.get("parameters") or {}, dict):
+        raise MergeError(f"{path}: parameters must be a mapping")
     for m in cfg["models"]:
         bad = set(m.get("parameters") or {}) - {"weight", "density"}
         if bad:

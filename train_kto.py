@@ -30,10 +30,10 @@ import random
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import nanopost
-from nanopost.checkpoint import CheckpointError, resolve
+from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, data_hash, grad_sync, load_policy,
@@ -148,7 +148,7 @@ def main(argv=None):
                     table[f"{name}.{kind}"] = all_reduce_sum(t)
             if rank == 0:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_file({k: v.cpu() for k, v in table.items()}, path + ".tmp")
+                save_tensors({k: v.cpu() for k, v in table.items()}, path + ".tmp")
                 os.replace(path + ".tmp", path)
                 log(f"reference log-probs computed once: {path}")
         del ref_model

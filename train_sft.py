@@ -1,7 +1,8 @@
 """Full-parameter supervised fine-tuning of a Qwen2 checkpoint on chat JSONL.
 
     # CPU, the tiny offline demo (python -m nanopost.testing runs/tiny first)
-    python train_sft.py --model runs/tiny --data tests/data/chat.jsonl --out runs/sft --max-steps 20 --lr 1e-3
+    python train_sft.py --model runs/tiny --data tests/data/chat.jsonl --out runs/sft --max-len 64 --batch-size 8 \\
+        --lr 3e-3 --max-steps 20
     # one GPU, the real model
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --device cuda
     # the paper's LLaMA-Factory run (full FT, cutoff 1024, bs 4 x accum 250, lr 5e-8, 3 epochs, bf16)

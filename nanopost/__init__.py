@@ -1,6 +1,8 @@
 """nanopost: a small, readable toolkit for post-training small language models (Qwen2)."""
 import argparse
 
+import torch
+
 from nanopost.checkpoint import load, save
 from nanopost.model import KVCache, Qwen2, Qwen2Config
 from nanopost.tokenizer import IGNORE, Tokenizer
@@ -18,3 +20,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if not action.option_strings or off or "(default" in text or "%(default)" in text:
             return text
         return text + " (default: %(default)s)"
+
+
+def device_arg(value: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N, refused when this machine cannot run it
+    (a CPU-only torch build or no GPU), before any work starts."""
+    try:
+        d = torch.device(value)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return value

@@ -76,15 +76,23 @@ def resolve(path_or_hub_id: str) -> str:
     recover(path_or_hub_id)
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
-    if os.path.exists(path_or_hub_id) or path_or_hub_id.startswith((".", "/", "~")):
-        raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory")
+    if os.path.exists(path_or_hub_id):
+        raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory (a file)")
+    # a hub id is "owner/name" (or a bare name); anything else that looks like a path is a missing folder
+    parent = os.path.dirname(path_or_hub_id.rstrip("/"))
+    if (path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or "\\" in path_or_hub_id
+            or (parent and os.path.isdir(parent))):
+        raise CheckpointError(f"{path_or_hub_id}: no such directory")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
     except Exception as e:  # offline, unknown repo, gated repo: say which and why
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("HF_HUB_OFFLINE is set: only the local hub cache was searched" if offline else
+                "Offline? Set HF_HUB_OFFLINE=1 to use the cache only")
+        why = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{path_or_hub_id}: not a local directory and could not be fetched from the "
-                              f"hub ({type(e).__name__}: {e}). Offline? Set HF_HUB_OFFLINE=1 to use the cache "
-                              "only, or pass a local directory.") from e
+                              f"hub ({type(e).__name__}: {why}). {hint}, or pass a local directory.") from e
 
 
 def read_config(ckpt_dir: str) -> Qwen2Config:
@@ -190,6 +198,15 @@ def recover(out_dir):
             os.rename(old, out_dir)
 
 
+def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the permissions of any other file we write (safetensors 0.8
+    creates 0600 files: a shared model folder became unreadable to the rest of a team)."""
+    save_file(tensors, path, metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def commit_dir(tmp, out_dir):
     """Move the finished directory tmp (beside out_dir) to out_dir, replacing an earlier one.
     A crash leaves the old or the new checkpoint, as resolve and the next commit_dir see it (both
@@ -247,12 +264,12 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
             cur[k], size = v, size + n
         shards.append(cur)
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            save_tensors(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
             wmap = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                save_tensors(shard, os.path.join(tmp, name), metadata={"format": "pt"})
                 wmap.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in state.values())
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),

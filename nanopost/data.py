@@ -40,7 +40,7 @@ def read_jsonl(path: str, errors: list | None = None):
                     obj = json.loads(line)
                     why = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
                 except json.JSONDecodeError as e:
-                    why = f"not valid JSON ({e.msg} at column {e.colno})"
+                    why = f"not valid JSON: {e.msg} (column {e.colno})"
             if why is None:
                 yield n, obj
             elif errors is None:

@@ -654,7 +654,8 @@ def main(argv=None):
                    "(runs/sft -> sft) or is its hub id; the request's model field picks one")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights dtype; auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=nanopost.device_arg,
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--results", metavar="RESULTS_JSON",
                    help="evaluate.py's results.json: the page at / shows each model's benchmark numbers")
     # ---- network ----

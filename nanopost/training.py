@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from nanopost.checkpoint import load, recover, remove_model_files, save
+import nanopost
+from nanopost.checkpoint import load, recover, remove_model_files, save, save_tensors
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -228,7 +229,7 @@ def save_checkpoint(out_dir, step, model, tok, weights, optimizer_state, args, k
             "param_groups": optimizer_state["param_groups"], "rng": rng_scalars}
     save(model, tok, path, state_dict=weights, extra_files={
         "args.json": json.dumps(vars(args), indent=2),
-        "trainer_state.safetensors": lambda p: save_file(tensors, p),
+        "trainer_state.safetensors": lambda p: save_tensors(tensors, p),
         "trainer_state.json": json.dumps(info, indent=2)})  # last: its presence marks a complete checkpoint
     for old in _checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -437,7 +438,8 @@ def add_training_args(p, data_help: str, row: str = "rows"):
                    help="under torchrun: shard weights, gradients and optimizer state (FSDP2 fully_shard per block) "
                         "instead of replicating them (DDP)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order and everything random")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=nanopost.device_arg,
+                   help="cpu, cuda or cuda:N")
     # ---- checkpoints and logs ----
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints (at least 1)")
@@ -496,7 +498,8 @@ def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: 
     steps_per_epoch = units // units_per_step
     if steps_per_epoch == 0:
         raise StateError(f"fewer {what} ({units}) than one optimizer step needs ({units_per_step} = {per_step_what}); "
-                         f"lower --batch-size or --grad-accum")
+                         f"lower --batch-size or --grad-accum" + ("; packing put the data in few rows: a smaller --max-len "
+                                                                 "or --no-packing makes more" if what == "rows" else ""))
     return steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
 

@@ -77,8 +77,13 @@ def test_truncated_safetensors(ckpt):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="nope: no such directory"):
         nanopost.load(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="runs/nope/deeper: no such directory"):  # never tried as a hub id
+        nanopost.load("runs/nope/deeper")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        nanopost.load(str(tmp_path / "file"))
 
 
 def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, tiny):
@@ -130,3 +135,19 @@ def test_a_broken_config_is_named(ckpt, text, why):
         f.write(text)
     with pytest.raises(CheckpointError, match=f"config.json: {why}"):
         nanopost.load(ckpt)
+
+
+def test_saved_weights_are_readable_like_any_file_and_foreign_activations_refused(tmp_path, tiny):
+    """safetensors 0.8 writes 0600 files: a model shared on a team machine was readable by its owner only."""
+    import stat
+    model, tok = nanopost.load(tiny)
+    old = os.umask(0o022)
+    try:
+        nanopost.save(model, tok, str(tmp_path / "saved"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "saved" / "model.safetensors").st_mode) == 0o644
+    cfg = json.load(open(tmp_path / "saved" / "config.json"))
+    json.dump({**cfg, "hidden_act": "gelu"}, open(tmp_path / "saved" / "config.json", "w"))
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):
+        nanopost.load(str(tmp_path / "saved"))

@@ -27,6 +27,6 @@ def test_chat_interactive_reset_and_quit(tiny):
 def test_help_and_bad_model(tmp_path):
     assert "--temperature" in run("-m", "nanopost.chat", "--help").stdout
     r = run("-m", "nanopost.chat", "--model", str(tmp_path / "missing"), "--prompt", "x")
-    assert r.returncode != 0 and "not a checkpoint directory" in r.stderr
+    assert r.returncode != 0 and "missing: no such directory" in r.stderr
     r = run("-m", "nanopost.testing", str(tmp_path / "t"))
     assert r.returncode == 0 and nanopost.load(str(tmp_path / "t"))[0].config.hidden_size == 64

@@ -292,14 +292,28 @@ def test_bad_inputs(tmp_path, tiny):
 def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data_dir):
     base = ["--model", tiny, "--limit", 2, "--out", tmp_path / "o"]
     for flags, says in ((["--tasks", "mmlu", "--batch-size", 0], "--batch-size must be at least 1"),
-                        (["--tasks", "gsm8k", "--max-new-tokens", "gsm8k=0"], "must be at least 1")):
+                        (["--tasks", "gsm8k", "--max-new-tokens", "gsm8k=0"], "must be at least 1"),
+                        (["--tasks", "gsm8k", "--shots", "gsm8k=-1"], "N must be a whole number"),
+                        (["--tasks", ","], "--tasks names no task"),
+                        (["--tasks", "mmlu", "--perplexity", tmp_path / "a" / "c.jsonl", tmp_path / "b" / "c.jsonl"],
+                         "two files share a name (c.jsonl"),
+                        (["--tasks", "mmlu", "--out", __file__], "is a file; give a folder"),
+                        *([(["--tasks", "mmlu", "--device", "cuda"], "no CUDA GPU here")] if not torch.cuda.is_available() else [])):
         code, err, _ = evaluate(*base, "--data-dir", data_dir, *flags)
-        assert code == 2 and says in err, err
+        assert code == 2 and says in err, (flags, err)
+    code, err, _ = evaluate(*base, "--data-dir", data_dir, "--tasks", "gsm8k", "--shots", 99)  # 8 train problems
+    assert code == 1 and "--shots 99, but" in err and "--download" not in err, err  # present but short: no fetch hint
+    code, err, _ = evaluate(*base, "--data-dir", data_dir, "--tasks", "mmlu", "--model", tmp_path / "typo")
+    assert code == 1 and "typo: no such directory" in err and not os.path.exists(tmp_path / "o" / "cache"), err
     bad = {"gsm8k/test.jsonl": ('{"question": "q"}\n', r"test.jsonl:1: no string answer"),
            "gsm8k/train.jsonl": ('{"question": "q", "answer": "7"}\n', r"train.jsonl:1: the answer has no final"),
            "mmlu/test/law_test.csv": ('q,a,b,c,d,A\nq,a,b\n', r"law_test.csv:2: 3 fields, expected 6"),
            "cmmlu/test/law.csv": (',Question,A,B,C,D,Answer\n0,q,a,b,c,d,E\n', r"law.csv:2: answer 'E' is not"),
-           "ceval/val/law_val.csv": ('id,question,A,B,C\n', r"law_val.csv:1: the header .* lacks d, answer"),
+           "ceval/val/law_val.csv": ('id,question,A,B,C\n', r"law_val.csv:1: the header 'id,question,A,B,C' lacks D, answer"),
+           "mmlu/test/algebra_test.csv": ('q,a,b,c,d,A\nq,a,b,c,d,,\n', r"algebra_test.csv:2: 7 fields, expected 6"),
+           "mmlu/test/algebra_test.csv ": ('q,a,b,c,d,A\nq,a,b,c,d,BC\n', r"algebra_test.csv:2: answer 'BC' is not"),
+           "mmlu/test/algebra_test.csv  ": ('q,a,b,c,d,\n', r"algebra_test.csv:1: answer '' is not"),
+           "cmmlu/test/algebra.csv": (',Question,A,B,C,D,Answer\n', r"algebra.csv: no questions in it"),
            "humaneval/HumanEval.jsonl": ('{"task_id": "x", "prompt": "p"}\n[1]\n', r"HumanEval.jsonl:1: no string test, entry_point"),
            "mmlu/mapping.json": ('{"law": {"category": "Humanities"}}', r"mapping.json: expected \{subject"),
            "ceval/val/law_val.csv ": ('id,question,A,answer,B,C,D\n', r"options A, B, C, D side by side"),
@@ -332,6 +346,9 @@ def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir)
     md = open(out / "results.md").read()
     assert "| model | mmlu | gsm8k |" in md and f"| {sft} | " in md and "–" in md and "kept from an earlier run" in md
     first_mmlu = res[base]["mmlu"]
+    code, err, res = evaluate("--model", sft, "--tasks", "mmlu", "--shots", 1, *common)  # base's 0-shot cell differs
+    assert code == 0 and "†" in open(out / "results.md").read() and res[sft]["mmlu"]["settings"]["shots"] == 1
+    assert evaluate("--model", sft, "--tasks", "mmlu", *common)[0] == 0  # back to 0-shot, as the earlier table
     code, err, res = evaluate("--model", base, "--tasks", "ceval", *common)  # same checkpoint: its mmlu, gsm8k stay
     assert code == 0 and set(res[base]) == {"mmlu", "gsm8k", "ceval"} and res[base]["mmlu"] == first_mmlu
     make_tiny_checkpoint(base, seed=3)  # retrained in place: its old scores no longer describe it

@@ -271,6 +271,11 @@ def test_bad_inputs(tmp_path, pair):
     (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "passthrough", "models": [{"model": a}]}))
     assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out),
                          r"merge_method 'passthrough' is not supported")
+    for cfg, why in (({"slices": None}, r"slices must be a list"), ({"models": [a, b]}, r"models\[0\] is '.*'; expected"),
+                     ({"models": [{"name": a}]}, r"models\[0\] is .*expected"),
+                     ({"slices": [{"sources": "x"}]}, r"needs `sources:`")):
+        (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "linear", **cfg}))
+        assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out), why)
 
 
 @pytest.mark.real

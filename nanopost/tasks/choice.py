@@ -33,21 +33,24 @@ def _read_rows(task, path, reader):
     if task == "mmlu":  # no header: question,A,B,C,D,answer
         q, a, ans = 0, 1, 5
     else:
-        header = [h.strip().lower() for h in next(reader, [])]
-        missing = [c for c in ("question", "a", "b", "c", "d", "answer") if c not in header]
+        row = next(reader, [])
+        header = [h.strip().lower() for h in row]
+        missing = [c for c in ("question", "A", "B", "C", "D", "answer") if c.lower() not in header]
         if missing:
-            raise DataError(f"{path}:1: the header {header} lacks {', '.join(missing)}")
+            raise DataError(f"{path}:1: the header {','.join(row)!r} lacks {', '.join(missing)}")
         q, a, ans = header.index("question"), header.index("a"), header.index("answer")
         if header[a:a + 4] != ["a", "b", "c", "d"]:
-            raise DataError(f"{path}:1: the header {header} does not have the options A, B, C, D side by side")
+            raise DataError(f"{path}:1: the header {','.join(row)!r} does not have the options A, B, C, D side by side")
     for r in reader:
         if not any(x.strip() for x in r):
             continue
-        if len(r) <= max(q, a + 3, ans):
+        if len(r) <= max(q, a + 3, ans) or (task == "mmlu" and len(r) != 6):
             raise DataError(f"{path}:{reader.line_num}: {len(r)} fields, expected {max(q, a + 3, ans) + 1}")
-        if r[ans].strip() not in LETTERS:
+        if r[ans].strip() not in tuple(LETTERS):
             raise DataError(f"{path}:{reader.line_num}: answer {r[ans]!r} is not one of A, B, C, D")
         out.append((r[q], r[a:a + 4], r[ans].strip()))
+    if not out:
+        raise DataError(f"{path}: no questions in it")
     return out
 
 

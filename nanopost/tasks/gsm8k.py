@@ -42,6 +42,8 @@ def exemplar(row) -> str:
 
 def read_rows(path: str) -> list[dict]:
     """The {question, answer} rows of a GSM8K JSONL file; a malformed one is a DataError naming file:line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     rows = []
     for n, row in read_jsonl(path):
         bad = [k for k in ("question", "answer") if not isinstance(row.get(k), str)]
@@ -58,7 +60,10 @@ def load(data_dir: str, shots: int = 4):
     are the first `shots` problems of train.jsonl."""
     root = os.path.join(data_dir, "gsm8k")
     read = lambda f: read_rows(os.path.join(root, f))  # noqa: E731
-    shots_text = "\n\n".join(exemplar(r) for r in read("train.jsonl")[:shots])
+    train = read("train.jsonl") if shots else []
+    if len(train) < shots:  # never fewer exemplars than the results record
+        raise DataError(f"gsm8k: --shots {shots}, but {os.path.join(root, 'train.jsonl')} has {len(train)} problems")
+    shots_text = "\n\n".join(exemplar(r) for r in train[:shots])
     examples = []
     for i, row in enumerate(read("test.jsonl")):
         q = f"Question: {row['question']}\nLet's think step by step"

@@ -242,6 +242,8 @@ def program(ex, reply: str) -> str:
 
 def load(data_dir: str, mode: str = "chat"):
     path = os.path.join(data_dir, "humaneval", "HumanEval.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     examples = []
     for n, r in read_jsonl(path):
         bad = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(r.get(k), str)]
