@@ -79,9 +79,7 @@ def resolve(path_or_hub_id: str) -> str:
     if os.path.exists(path_or_hub_id):
         raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory (a file)")
     # a hub id is "owner/name" (or a bare name); anything else that looks like a path is a missing folder
-    parent = os.path.dirname(path_or_hub_id.rstrip("/"))
-    if (path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or "\\" in path_or_hub_id
-            or (parent and os.path.isdir(parent))):
+    if path_or_hub_id.startswith((".", "/", "~")) or path_or_hub_id.count("/") > 1 or "\\" in path_or_hub_id:
         raise CheckpointError(f"{path_or_hub_id}: no such directory")
     from huggingface_hub import snapshot_download
     try:
@@ -91,6 +89,10 @@ def resolve(path_or_hub_id: str) -> str:
         hint = ("HF_HUB_OFFLINE is set: only the local hub cache was searched" if offline else
                 "Offline? Set HF_HUB_OFFLINE=1 to use the cache only")
         why = " ".join(str(e).split())[:300]
+        parent = os.path.dirname(path_or_hub_id.rstrip("/"))
+        if parent and os.path.isdir(parent):  # runs/sft-typo: most likely a folder, not a hub repo
+            raise CheckpointError(f"{path_or_hub_id}: no such directory (nor a hub id that could be fetched: "
+                                  f"{type(e).__name__})") from e
         raise CheckpointError(f"{path_or_hub_id}: not a local directory and could not be fetched from the "
                               f"hub ({type(e).__name__}: {why}). {hint}, or pass a local directory.") from e
 
