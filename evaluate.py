@@ -149,9 +149,9 @@ def read_earlier(path) -> dict:
 PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol")
 
 
-def stamp(ckpt_dir) -> str:
-    """A short hash of fingerprint(): what results.json records as each result's "checkpoint"."""
-    return hashlib.sha256(json.dumps(fingerprint(ckpt_dir)).encode()).hexdigest()[:16]
+def stamp(checkpoint_print: list) -> str:
+    """A short hash of a fingerprint(): what results.json records as each result's "checkpoint"."""
+    return hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
 
 
 def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dict, dict]:
@@ -171,7 +171,7 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
         if now is not None:
             keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
         else:
-            current = stamp(m) if os.path.isdir(m) else None
+            current = stamp(fingerprint(m)) if os.path.isdir(m) else None
             keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
         name = now or m
         gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
@@ -309,7 +309,7 @@ def main(argv=None):
         try:
             ckpt = resolve(model_name)
             checkpoint_print = fingerprint(ckpt)
-            stamps[model_name] = stamp(ckpt)
+            stamps[model_name] = stamp(checkpoint_print)  # the folder is read once, for both
             model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
