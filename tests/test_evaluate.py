@@ -116,6 +116,8 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("(C) 1776", "C"),
     ("None of the options is fully satisfying.", None),
     ("Looking at A and B, neither holds, so the correct option is C.", "C"),
+    ("The correct option is A because the others contradict the premise. B is wrong.", "A"),
+    ("The best option: A, since B and C fail.", "A"),
     ("A and B are both wrong. The best option here is (D).", "D"),
     ("Option A is wrong: B contradicts it. The right option: C", "C"),
     # Chinese
@@ -513,6 +515,36 @@ def test_humaneval_extraction_edges():
     assert not humaneval.score({**ADD, "mode": "chat"}, f"Here it is:\n\n{WRONG}\nIt adds them.")[1]
     code = humaneval.extract_code(f"```python\n{uses}```\n{demo}```python\nimport os\n{helper}print(1)\n```", "add")
     assert code.startswith(uses) and helper in code and "print" not in code and "assert" not in code and "os" not in code
+
+
+def test_humaneval_helpers_in_source_order_and_what_binds():
+    """Review cases: carried definitions keep the reply's order (an import before the decorator that
+    uses it, a base class before its subclass); `result[0] = 2.0` binds nothing, so it is not carried
+    as if it defined `result`; another block's star import is carried (before the main block) only
+    when a used name is bound nowhere; a parenthesized `from __future__` import is hoisted."""
+    from nanopost.tasks import humaneval
+    chat = {**ADD, "mode": "chat"}
+    decorated = ("```python\ndef add(a, b):\n    return plus(a, b)\n```\n"
+                 "```python\nimport functools\n\n@functools.lru_cache(None)\ndef plus(a, b):\n    return a + b\n```")
+    subclass = ("```python\ndef add(a, b):\n    return Adder().run(a, b)\n```\n"
+                "```python\nclass Base:\n    def run(self, a, b):\n        return a + b\n\n"
+                "class Adder(Base):\n    pass\n```")
+    for reply in (decorated, subclass):
+        assert humaneval.score(chat, reply) == ("pass", True), humaneval.extract_code(reply, "add")
+    code = humaneval.extract_code(subclass, "add")
+    assert code.index("class Base") < code.index("class Adder")
+    store = ("```python\nresult = [0]\ndef add(a, b):\n    result[0] = a + b\n    return result[0]\n```\n"
+             "```python\nresult[0] = 2.0\nresult = [5]\n```")
+    assert humaneval.score(chat, store) == ("pass", True)
+    assert "2.0" not in humaneval.extract_code(store, "add")
+    main = "def add(a, b):\n    return sum(islice(count(a), 1)) + b\n"
+    star = f"```python\n{main}```\n```python\nfrom itertools import *\nfrom solution import add\n```"
+    assert humaneval.score(chat, star) == ("pass", True), humaneval.extract_code(star, "add")
+    # no name is missing: a test block's star import stays out
+    plain = f"```python\n{RIGHT}```\n```python\nfrom solution import *\nassert add(1, 2) == 3\n```"
+    assert humaneval.extract_code(plain, "add").strip() == RIGHT.strip()
+    for future in ("from __future__ import (annotations)", "from __future__ import (\n    annotations,\n)"):
+        assert humaneval.score(chat, f"```python\nimport math\n{future}\n{RIGHT}```") == ("pass", True), future
 
 
 def test_sandbox_contains_bad_programs(tmp_path):

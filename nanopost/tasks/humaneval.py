@@ -120,8 +120,10 @@ FENCE = re.compile(r"^([ \t]*)(```|~~~)(?![`~])[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[
 PYTHON = ("", "python", "python3", "py")
 CODE_START = re.compile(r"^(?:(?:async )?def \w+\s*\(|class \w+|import [\w.]+|from [\w.]+ import |@\w)", re.MULTILINE)
 # only a plain `from __future__ import a, b  # comment` line moves above the sandbox's guard
-FUTURE = re.compile(r"^from __future__ import [A-Za-z_]\w*(?:[ \t]*,[ \t]*[A-Za-z_]\w*)*[ \t]*(?:#[^\n]*)?(?:\n|\Z)",
-                    re.MULTILINE)
+# (or its parenthesized form, which may span lines: only names, commas and blanks inside)
+_NAMES = r"[A-Za-z_]\w*(?:{ws}*,{ws}*[A-Za-z_]\w*)*"
+FUTURE = re.compile(r"^from __future__ import (?:" + _NAMES.format(ws=r"[ \t]") + r"|\([ \t\n]*" + _NAMES.format(ws=r"[ \t\n]")
+                    + r"[ \t\n]*,?[ \t\n]*\))[ \t]*(?:#[^\n]*)?(?:\n|\Z)", re.MULTILINE)
 DEFINES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
@@ -158,26 +160,51 @@ def _bound(node) -> set:
         return {(a.asname or a.name).split(".")[0] for a in node.names}
     if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        # `x = ...`, `a, b = ...`, not `result[0] = ...` or `obj.attr = ...` (they bind nothing)
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     return set()
+
+
+def _anywhere(node) -> set:
+    """Every name a tree binds at any depth: assignments, loop and with targets, arguments,
+    definitions, imports, except and match names (a name used but bound nowhere comes from outside)."""
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            out.add(n.id)
+        elif isinstance(n, ast.arg):
+            out.add(n.arg)
+        elif isinstance(n, DEFINES):
+            out.add(n.name)
+        elif isinstance(n, ast.alias):
+            out.add((n.asname or n.name).split(".")[0])
+        elif isinstance(n, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and n.name:
+            out.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            out.add(n.rest)
+    return out
 
 
 def _used(node) -> set:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
 
-def _helpers(main: str, others: list[str], prompt: str) -> str:
+def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
     """The definitions the main block needs from the reply's other blocks: functions, classes,
     imports and literal constants bound to a name that the main block (or a definition carried for
-    it) uses and that neither it, the prompt nor Python's builtins define. Nothing else: a test
-    block's imports, example calls, asserts and prints, and a redefinition of a prompt's helper
-    (which the tests may call) stay out."""
+    it) uses and that neither it, the prompt nor Python's builtins define, to go after it in the
+    order the reply wrote them (an import before the decorator using it, a base class before its
+    subclass); and another block's star imports (`from math import *`), to go before it, only when
+    some name it uses is bound nowhere at all -> (before, after). Nothing else: a test block's
+    imports, example calls, asserts and prints, and a redefinition of a prompt's helper (which the
+    tests may call) stay out."""
     tree = _parse(main)
     if tree is None:
-        return ""
+        return "", ""
     known = set(dir(builtins)) | {n for node in (_parse(prompt) or ast.Module(body=[])).body for n in _bound(node)}
     known |= {n for node in tree.body for n in _bound(node)}
-    offered = {}  # name -> (source, names it uses); the last block that defines a name wins
+    offered, stars = {}, []  # name -> (place, source, names used, names bound); the last definition wins
+    place = 0  # reply order: block by block, statement by statement
     for code in others:
         other = _parse(code)
         if other is None:
@@ -193,19 +220,28 @@ def _helpers(main: str, others: list[str], prompt: str) -> str:
                 continue
             first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
             source = "".join(lines[first - 1:node.end_lineno])
-            for name in _bound(node):
-                offered[name] = (source, _used(node))
-    needed, carried, todo = set(), [], sorted(_used(tree) - known)
+            place += 1
+            if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+                stars.append((place, source))
+            for name in _bound(node) - {"*"}:
+                offered[name] = (place, source, _used(node), _anywhere(node))
+    needed, carried, todo = set(), {}, sorted(_used(tree) - known)
+    missing, bound = set(), _anywhere(tree)
     while todo:
         name = todo.pop()
-        if name in needed or name in known or name not in offered:
+        if name in needed or name in known:
+            continue
+        if name not in offered:
+            missing.add(name)
             continue
         needed.add(name)
-        source, uses = offered[name]
-        if source not in carried:
-            carried.append(source)
+        where, source, uses, binds = offered[name]
+        carried[source] = where
+        bound |= binds
         todo += sorted(uses - known - needed)
-    return "\n".join(carried)
+    # a name used but bound nowhere we can see (not even as a local): perhaps a star import's
+    before = "\n".join(source for _, source in stars) if missing - bound else ""
+    return before, "\n".join(sorted(carried, key=carried.get))
 
 
 def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
@@ -228,8 +264,9 @@ def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
         return reply
     defining = [i for i, b in enumerate(blocks) if re.search(rf"^\s*def {re.escape(entry_point)}\b", b, re.MULTILINE)]
     main = (defining or [len(blocks) - 1])[-1]
-    helpers = _helpers(blocks[main], blocks[:main] + blocks[main + 1:], prompt)
-    return f"{blocks[main]}\n\n{helpers}\n" if helpers else blocks[main]
+    # a star import goes before the main block (whose definitions then win), the rest after it
+    before, after = _helpers(blocks[main], blocks[:main] + blocks[main + 1:], prompt)
+    return "".join([f"{before}\n\n" if before else "", blocks[main], f"\n\n{after}\n" if after else ""])
 
 
 def program(ex, reply: str) -> str:
