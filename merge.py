@@ -71,6 +71,10 @@ def plan_from_args(args) -> dict:
             "parameters": {k: v for k, v in (("t", t), ("normalize", args.normalize)) if v is not None}}
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
 def read_config_file(path: str) -> dict:
     """A mergekit config (YAML needs PyYAML; JSON always works), checked against what we support."""
     try:
@@ -111,6 +115,13 @@ def read_config_file(path: str) -> dict:
             raise MergeError(f"{path}: the slice needs `sources:`, a list of {{model: ..., layer_range: [0, N]}}")
         cfg["models"] = [{"model": x.get("model"), "parameters": x.get("parameters", {}), "layer_range": x.get("layer_range")}
                          for x in sources]
+    if cfg.get("dtype") is not None:
+        dtype = DTYPES.get(str(cfg["dtype"]).removeprefix("torch."))
+        if dtype is None:
+            raise MergeError(f"{path}: dtype {cfg['dtype']!r} is not supported; use float32, bfloat16 or float16")
+        cfg["dtype"] = dtype
+    if not isinstance(cfg.get("base_model"), (str, type(None))):
+        raise MergeError(f"{path}: base_model is {cfg['base_model']!r:.80}; expected one DIR_OR_HUB_ID")
     if not cfg.get("models"):
         raise MergeError(f"{path}: no models")
     if not isinstance(cfg["models"], list):

@@ -213,6 +213,10 @@ def test_task_methods_and_config_file(tmp_path, pair):
     r = merge("--config", tmp_path / "ties.yml", "--out", tmp_path / "ties_yaml")
     assert r.returncode == 0, r.stderr
     assert all(torch.equal(state(tmp_path / "ties_yaml")[k], got[k]) for k in got)
+    (tmp_path / "bf16.yml").write_text(yaml.safe_dump({**cfg, "dtype": "bf16"}))  # mergekit's short names too
+    r = merge("--config", tmp_path / "bf16.yml", "--out", tmp_path / "ties_bf16")
+    assert r.returncode == 0, r.stderr
+    assert load_file(tmp_path / "ties_bf16" / "model.safetensors")[k].dtype == torch.bfloat16
 
 
 def test_dare_is_seeded(tmp_path, pair):
@@ -273,7 +277,9 @@ def test_bad_inputs(tmp_path, pair):
                          r"merge_method 'passthrough' is not supported")
     for cfg, why in (({"slices": None}, r"slices must be a list"), ({"models": [a, b]}, r"models\[0\] is '.*'; expected"),
                      ({"models": [{"name": a}]}, r"models\[0\] is .*expected"),
-                     ({"slices": [{"sources": "x"}]}, r"needs `sources:`")):
+                     ({"slices": [{"sources": "x"}]}, r"needs `sources:`"),
+                     ({"models": [{"model": a}, {"model": b}], "dtype": "int8"}, r"dtype 'int8' is not supported"),
+                     ({"models": [{"model": a}], "base_model": [a]}, r"base_model is \[.*expected one")):
         (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "linear", **cfg}))
         assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out), why)
 
