@@ -9,6 +9,7 @@ import bisect
 import heapq
 import json
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +21,23 @@ class DataError(ValueError):
     pass
 
 
+BAD_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
 def read_jsonl(path: str, errors: list | None = None):
     """Yields (line_number, object). A line that is not a JSON object raises DataError(file:line),
     or, given an `errors` list, is appended to it as "file:line: why" and skipped."""
-    try:
-        f = open(path, "rb")  # decoded line by line: a bad byte is that line's error, at its own number
+    try:  # a byte that is not UTF-8 becomes a lone surrogate: that line's error, at its own number
+        f = open(path, encoding="utf-8", errors="surrogateescape")  # \n, \r\n and a lone \r end lines
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from e
     with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is not JSON
-            except UnicodeDecodeError as e:
-                obj, why = None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+        for n, line in enumerate(f, 1):
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not JSON
+            bad = None if line.isascii() else BAD_BYTE.search(line)
+            if bad:
+                obj, why = None, f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column {bad.start() + 1})"
             else:
                 if not line.strip():
                     continue

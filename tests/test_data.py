@@ -67,3 +67,21 @@ def test_pack_a_paper_sized_set():
     rows = pack(exs, 2048)
     print(f"packed {len(exs)} examples into {len(rows)} rows in {time.perf_counter() - t:.2f} s")
     assert sum(map(len, rows)) == len(exs)
+
+
+def test_read_jsonl_line_ends_bom_and_bad_bytes(tmp_path):
+    """Every line ending (\\n, \\r\\n, an old Mac's lone \\r) splits lines; a byte-order mark is
+    skipped; a byte that is not UTF-8 is its own line's error, at its line number, and the lines
+    after it are still read when errors are collected."""
+    import pytest
+
+    from nanopost.data import DataError, read_jsonl
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r{"a": 2}\r\n{"a": "\xc3\xa9"}\n\n{"a": 4}\r')
+    assert list(read_jsonl(str(p))) == [(1, {"a": 1}), (2, {"a": 2}), (3, {"a": "é"}), (5, {"a": 4})]
+    p.write_bytes(b'{"a": 1}\n{"a": "\xff"}\r{"a": 3}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xff at column 8\)"):
+        list(read_jsonl(str(p)))
+    errors = []
+    assert list(read_jsonl(str(p), errors)) == [(1, {"a": 1}), (3, {"a": 3})]
+    assert len(errors) == 1 and errors[0].endswith("d.jsonl:2: not UTF-8 text (byte 0xff at column 8)")
