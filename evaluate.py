@@ -136,14 +136,9 @@ def read_earlier(path) -> dict:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            earlier = json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {path}: cannot read it ({e}); move it away or choose another --out")
-    if not (isinstance(earlier, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
-                                              for r in earlier.values())):
-        sys.exit(f"error: {path} is not an evaluate.py results.json; move it away or choose another --out")
-    return earlier
+        return tasks.read_results(path)
+    except ValueError as e:
+        sys.exit(f"error: {e}; move it away or choose another --out")
 
 
 PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol")
@@ -202,7 +197,7 @@ def per_task(p, flag, value, names, applies, minimum=0) -> dict:
         task, _, n = (x.strip() for x in item.partition("="))
         if task not in applies:
             p.error(f"{flag} {item!r}: expected TASK=N with TASK one of {', '.join(applies)}")
-        if not n.isdigit():
+        if not (n.isascii() and n.isdigit()):  # "²" is a digit to str.isdigit, not to int()
             p.error(f"{flag} {item!r}: N must be a whole number >= {minimum}")
         if task in out:
             p.error(f"{flag} names {task} twice")
@@ -273,7 +268,7 @@ def main(argv=None):
         p.error("--tasks names no task (and no --perplexity file given): nothing to evaluate")
     bases = [os.path.basename(f) for f in args.perplexity]
     if len(set(bases)) < len(bases):  # results key perplexity by file name
-        p.error(f"--perplexity: two files share a name ({', '.join(b for b in bases if bases.count(b) > 1)}); "
+        p.error(f"--perplexity: two files share a name ({', '.join(dict.fromkeys(b for b in bases if bases.count(b) > 1))}); "
                 "rename or copy one")
     if args.download:
         from nanopost.tasks.download import DownloadError, download

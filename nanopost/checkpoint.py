@@ -92,7 +92,7 @@ def resolve(path_or_hub_id: str) -> str:
         parent = os.path.dirname(path_or_hub_id.rstrip("/"))
         if parent and os.path.isdir(parent):  # runs/sft-typo: most likely a folder, not a hub repo
             raise CheckpointError(f"{path_or_hub_id}: no such directory (nor a hub id that could be fetched: "
-                                  f"{type(e).__name__})") from e
+                                  f"{type(e).__name__}: {why}). {hint}, or check the path.") from e
         raise CheckpointError(f"{path_or_hub_id}: not a local directory and could not be fetched from the "
                               f"hub ({type(e).__name__}: {why}). {hint}, or pass a local directory.") from e
 

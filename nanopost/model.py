@@ -43,7 +43,7 @@ class Qwen2Config:
             raise ValueError(f"unsupported rope scaling {rope!r}: nanopost implements plain RoPE")
         if "rope_theta" not in d and "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: Qwen2's MLP is SwiGLU (silu)")
         if d.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported (no Qwen2 release uses it)")

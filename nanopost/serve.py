@@ -579,16 +579,11 @@ def load_results(path, models: dict, log=print) -> dict:
     {served name: {task: {accuracy, n} or {perplexity}}}. evaluate.py keys each model by the --model
     it was given (runs/sft, a hub id), so an entry belongs to a served model whose name or path is that
     key. The predictions are dropped: the page shows the numbers."""
+    from nanopost.tasks import read_results
     try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
-    except OSError as e:
-        raise ValueError(f"--results {path}: {e.strerror} (evaluate.py --out DIR writes DIR/results.json)") from None
+        results = read_results(path)
     except ValueError as e:
-        raise ValueError(f"--results {path}: not JSON ({e})") from None
-    if not (isinstance(results, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
-                                              for r in results.values())):
-        raise ValueError(f"--results {path}: not evaluate.py's results.json ({{model: {{task: {{accuracy, ...}}}}}})")
+        raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
     out = {}
     for name, spec in models.items():
         key = next((k for k in results if k == name or os.path.realpath(k) == os.path.realpath(spec)), None)

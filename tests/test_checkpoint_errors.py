@@ -86,6 +86,21 @@ def test_not_a_directory(tmp_path):
         nanopost.load(str(tmp_path / "file"))
 
 
+def test_a_folder_typo_that_looks_like_a_hub_id_says_why(tmp_path):
+    """runs/sft-typo beside an existing runs/: tried on the hub (it could be owner/name), then called
+    a missing directory, with the hub's reason and the offline hint."""
+    import subprocess
+    import sys
+    (tmp_path / "runs").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    code = "import nanopost; nanopost.load('runs/sft-typo')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    err = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "runs/sft-typo: no such directory (nor a hub id" in err, r.stderr[-2000:]
+    assert "HF_HUB_OFFLINE is set" in err and "Error:" in err, err
+
+
 def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, tiny):
     """A hub id goes through huggingface_hub.snapshot_download, which honours HF_HUB_CACHE and
     HF_HUB_OFFLINE: a snapshot already in the cache loads with no network."""

@@ -217,5 +217,5 @@ def test_results_in_headers_and_screenshot(browser, ckpts, tmp_path):
 
 def test_results_errors(tmp_path):
     (tmp_path / "r.json").write_text('{"base": {"gsm8k": 31.5}}')
-    with pytest.raises(ValueError, match="r.json: not evaluate.py's results.json"):
+    with pytest.raises(ValueError, match="r.json is not an evaluate.py results.json"):
         serve.load_results(str(tmp_path / "r.json"), {"base": "x"})

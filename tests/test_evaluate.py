@@ -297,8 +297,9 @@ def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data
                         (["--tasks", "gsm8k", "--max-new-tokens", "gsm8k=0"], "must be at least 1"),
                         (["--tasks", "gsm8k", "--shots", "gsm8k=-1"], "N must be a whole number"),
                         (["--tasks", ","], "--tasks names no task"),
+                        (["--tasks", "gsm8k", "--shots", "gsm8k=²"], "N must be a whole number"),
                         (["--tasks", "mmlu", "--perplexity", tmp_path / "a" / "c.jsonl", tmp_path / "b" / "c.jsonl"],
-                         "two files share a name (c.jsonl"),
+                         "two files share a name (c.jsonl);"),
                         (["--tasks", "mmlu", "--out", __file__], "is a file; give a folder"),
                         *([(["--tasks", "mmlu", "--device", "cuda"], "no CUDA GPU here")] if not torch.cuda.is_available() else [])):
         code, err, _ = evaluate(*base, "--data-dir", data_dir, *flags)
@@ -319,7 +320,7 @@ def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data
            "humaneval/HumanEval.jsonl": ('{"task_id": "x", "prompt": "p"}\n[1]\n', r"HumanEval.jsonl:1: no string test, entry_point"),
            "mmlu/mapping.json": ('{"law": {"category": "Humanities"}}', r"mapping.json: expected \{subject"),
            "ceval/val/law_val.csv ": ('id,question,A,answer,B,C,D\n', r"options A, B, C, D side by side"),
-           "cmmlu/test/law.csv ": (b',Question,A,B,C,D,Answer\n0,q,\xff,b,c,d,A\n', r"law.csv: not UTF-8"),
+           "cmmlu/test/law.csv ": (b',Question,A,B,C,D,Answer\n0,q,\xff,b,c,d,A\n', r"law.csv:2: not UTF-8 text \(byte 0xff"),
            "gsm8k/test.jsonl ": (b'{"question": "q", "answer": "#### 3"}\n\xff\n', r"test.jsonl:2: not UTF-8")}
     for file, (text, says) in bad.items():
         data = shutil.copytree(data_dir, tmp_path / "data", dirs_exist_ok=True)

@@ -1,5 +1,7 @@
 """Evaluation tasks. Each yields examples (dicts with "id", "messages" and "answer"), scores a
 reply, and says whether it is generated ("generate") or scored by option letters ("choice")."""
+import json
+
 from nanopost.tasks import choice, gsm8k, humaneval
 
 NAMES = ("gsm8k", "mmlu", "cmmlu", "ceval", "humaneval")
@@ -27,3 +29,19 @@ def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str
     if shots:
         raise ValueError("humaneval takes no exemplars (--shots)")
     return humaneval.load(data_dir, humaneval_mode), humaneval.score, "generate"
+
+
+def read_results(path: str) -> dict:
+    """evaluate.py's results.json -> {model: {task: {accuracy, n, ...}}}; anything else is a
+    ValueError that names the file and says why (evaluate.py and the server's page both read it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not (isinstance(results, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
+                                              for r in results.values())):
+        raise ValueError(f"{path} is not an evaluate.py results.json ({{model: {{task: {{accuracy, ...}}}}}})")
+    return results

@@ -24,8 +24,14 @@ def read_csv(task, path):
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a column name
             return _read_rows(task, path, csv.reader(f))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:  # its position is within a chunk of the file: find the line anew
+        raw = open(path, "rb").read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}, {e.reason})") from None
+        raise
 
 
 def _read_rows(task, path, reader):
