@@ -36,8 +36,9 @@ import nanopost
 from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-from nanopost.training import (StateError, add_training_args, all_reduce_sum, data_hash, grad_sync, load_policy,
-                               parse_training_args, plan_steps, split_validation, start_run, train)
+from nanopost.training import (StateError, add_training_args, all_reduce_sum, data_hash, frozen_for_autocast,
+                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_run,
+                               train)
 
 
 def parse_args(argv=None):
@@ -113,6 +114,8 @@ def main(argv=None):
         ref_model, _ = nanopost.load(ref_dir, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
                                      device=device)
         ref_model.requires_grad_(False)
+        if args.precision == "bf16-autocast":  # its Linears in bf16: the same results, ~40% less memory
+            frozen_for_autocast(ref_model)
     except (DataError, CheckpointError, StateError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     use_kl = args.loss_type == "kto"

@@ -9,7 +9,8 @@ last quarter of each row is the completion).
 A step: the KL pass (policy, no gradient) and the reference passes (completions and KL pairs),
 then the policy forward + backward, the KTO loss, clipping and AdamW.
 - nanopost: hidden states -> chunked lm_head log-probs (nanopost.losses.sequence_logps), never
-  B*T*V logits; live reference model.
+  B*T*V logits; live reference model (under bf16-autocast its Linears held in bf16, as train_kto.py
+  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves).
 - nanopost --precompute-ref: the reference log-probs come from a table (train_kto.py computes it
   once before training; that pass is timed separately and printed as "ref pass").
 - TRL way: transformers' Qwen2ForCausalLM, full logits -> log_softmax -> gather, a live
@@ -39,9 +40,11 @@ def worker(impl, model_dir, B, T, precision, steps, device):
     if impl.startswith("nanopost"):
         import nanopost
         from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-        from nanopost.training import make_optimizer
+        from nanopost.training import frozen_for_autocast, make_optimizer
         logps = lambda m, i, y: sequence_logps(m, i, y)  # noqa: E731
         ref = nanopost.load(model_dir, dtype=dtype, device=device)[0]
+        if precision == "bf16-autocast" and not os.environ.get("NANOPOST_BENCH_FP32_REF"):
+            frozen_for_autocast(ref)  # as train_kto.py does: its Linears in bf16, the same results
         if impl == "nanopost-precomputed":  # the one-off pass train_kto.py makes before training
             t = time.perf_counter()
             with torch.no_grad(), autocast():

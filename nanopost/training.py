@@ -515,6 +515,19 @@ def split_validation(per_file, args, val_examples):
     return val_examples
 
 
+def frozen_for_autocast(model, dtype=torch.bfloat16):
+    """A frozen model (KTO's reference) that only ever runs under autocast to `dtype` can hold its
+    Linear weights and biases in that dtype already: autocast casts them to it before every matmul
+    anyway, so the results are the same bit for bit (tests/test_kto.py), with half their memory and
+    no cast at each forward. The embedding and the norms stay as loaded (they are read in float32);
+    a tied lm_head is the embedding, so it stays too."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not (tied and m is model.lm_head):
+            m.to(dtype)
+    return model
+
+
 def load_policy(args, loss_fn, world, device, log):
     """The model to train (from --model, or the latest checkpoint with --resume), wrapped with
     its loss for DDP/FSDP2, and AdamW -> namespace(model, module, wrapped, optimizer, autocast,

@@ -190,6 +190,31 @@ def test_sequence_logps_equal_full_logits_and_kl_pairs_carry_no_gradient(tiny):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_reference_with_bf16_linears_gives_the_same_logps_under_autocast(tiny, tmp_path, monkeypatch, fused):
+    """train_kto.py keeps the reference's Linears in bf16 under bf16-autocast (frozen_for_autocast):
+    autocast casts them to bf16 before every matmul anyway, so the log-probs are equal bit for bit,
+    tied and untied lm_head, q/k/v and gate/up joined (the CUDA path) or not."""
+    from nanopost import model as model_module
+    from nanopost.testing import make_tiny_checkpoint
+    from nanopost.training import frozen_for_autocast
+    monkeypatch.setattr(model_module, "fuse_projections", lambda x: fused and x.shape[1] > 1)
+    untied = make_tiny_checkpoint(str(tmp_path / "untied"), seed=4, tie_word_embeddings=False)
+    tok = nanopost.Tokenizer(tiny)
+    examples, _ = load_kto([KTO_DATA], tok, 256)
+    ids, labels, pos = collate_kto([0, 3, 5, 6, 9], examples, tok.pad_id, 256)
+    for ckpt in (tiny, untied):
+        full, _ = nanopost.load(ckpt)
+        half = frozen_for_autocast(nanopost.load(ckpt)[0])
+        assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert half.model.embed_tokens.weight.dtype == half.model.norm.weight.dtype == torch.float32
+        assert (half.lm_head.weight.dtype == torch.float32) == (half.lm_head.weight is half.model.embed_tokens.weight)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = sequence_logps(full, ids, labels, pos), sequence_logps(half, ids, labels, pos)
+        assert torch.equal(a, b), (ckpt, a, b)
+        assert not torch.equal(a, sequence_logps(full, ids, labels, pos))  # autocast was on: not a vacuous test
+
+
 def largest_tensor_bytes(fn):
     """The largest tensor any op creates while fn runs (forward and backward)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -251,6 +276,17 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
     assert sum(margins[-8:]) / 8 > sum(margins[:8]) / 8 + 0.3
     assert sum(chosen[-8:]) / 8 > sum(chosen[:8]) / 8
     assert all(m["n_desirable"] + m["n_undesirable"] == 4 for m in m_live)
+
+
+def test_bf16_autocast_runs_with_its_bf16_reference_live_and_precomputed(tiny, tmp_path):
+    """--precision bf16-autocast (the reference's Linears held in bf16): the live and the precomputed
+    reference give the same losses."""
+    args = ["--model", tiny, *COMMON, "--max-steps", 4, "--precision", "bf16-autocast"]
+    for out in ("live", "pre"):
+        r = run_main(TRAIN_KTO, *args, "--out", tmp_path / out, *(["--precompute-ref"] if out == "pre" else []))
+        assert r.returncode == 0, r.stderr
+    m_live, m_pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
+    assert len(m_live) == 4 and [m["loss"] for m in m_pre] == pytest.approx([m["loss"] for m in m_live], rel=1e-6)
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
