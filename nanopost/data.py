@@ -35,7 +35,12 @@ def read_jsonl(path: str, errors: list | None = None):
         for n, line in enumerate(f, 1):
             if n == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark is not JSON
-            bad = None if line.isascii() else BAD_BYTE.search(line)
+            bad = None
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")  # fast; only a lone surrogate (a bad byte) fails, then find it
+                except UnicodeEncodeError:
+                    bad = BAD_BYTE.search(line)
             if bad:
                 obj, why = None, f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column {bad.start() + 1})"
             else:

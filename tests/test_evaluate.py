@@ -118,6 +118,10 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("Looking at A and B, neither holds, so the correct option is C.", "C"),
     ("The correct option is A because the others contradict the premise. B is wrong.", "A"),
     ("The best option: A, since B and C fail.", "A"),
+    ("The correct option is A since the rest fail.", "A"),
+    ("The best option is: A decrease in aggregate demand, so the final letter is C.", "C"),
+    ("So the correct option is A sharp rise in unemployment (option D).", "D"),
+    ("The best option would be A lot more expensive than C, so C.", "C"),
     ("A and B are both wrong. The best option here is (D).", "D"),
     ("Option A is wrong: B contradicts it. The right option: C", "C"),
     # Chinese
@@ -544,8 +548,24 @@ def test_humaneval_helpers_in_source_order_and_what_binds():
     # no name is missing: a test block's star import stays out
     plain = f"```python\n{RIGHT}```\n```python\nfrom solution import *\nassert add(1, 2) == 3\n```"
     assert humaneval.extract_code(plain, "add").strip() == RIGHT.strip()
-    for future in ("from __future__ import (annotations)", "from __future__ import (\n    annotations,\n)"):
+    for future in ("from __future__ import (annotations)", "from __future__ import (\n    annotations,\n)",
+                   "from __future__ import annotations\r"):  # a lone \r ends a line for Python
         assert humaneval.score(chat, f"```python\nimport math\n{future}\n{RIGHT}```") == ("pass", True), future
+    # second review: a star import is carried only from the standard library and only when the main
+    # block has none of its own; a repeated import further down does not move the first one's place
+    floor = "from math import *\ndef add(a, b):\n    return floor(a) + b\n"
+    for other in ("from solution import *\nassert add(1, 2) == 3\n", "from itertools import *\n"):
+        assert humaneval.score(chat, f"```python\n{floor}```\n```python\n{other}```") == ("pass", True), other
+    annotated = ("from __future__ import annotations\ndef add(a: Real, b: Real) -> Real:\n    return a + b\n")
+    assert humaneval.score(chat, f"```python\n{annotated}```\n```python\nfrom my_solution import *\n```") == ("pass", True)
+    repeated = ("```python\nfrom functools import lru_cache\n\n@lru_cache(None)\ndef plus(a, b):\n    return a + b\n```\n"
+                "```python\ndef add(a, b):\n    return plus(a, b)\n```\n"
+                "```python\nfrom functools import lru_cache\nprint(add(1, 2))\n```")
+    assert humaneval.score(chat, repeated) == ("pass", True), humaneval.extract_code(repeated, "add")
+    # the sandbox's guard stays above everything but plain __future__ lines, whatever ends a line
+    target = f"/tmp/nanopost-future-cr-{os.getpid()}"
+    escape = f"from __future__ import (annotations)  # ok\rimport os; open({target!r}, 'w').write('x')\n"
+    assert not humaneval.run_program(escape)[0] and not os.path.exists(target)
 
 
 def test_sandbox_contains_bad_programs(tmp_path):

@@ -114,10 +114,12 @@ EXTRACTION = [re.compile(p) for p in (
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B
     r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?\s*(?i:option\s*)?" + LETTER,
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
-    # same line, then the letter ("the correct option is A because ..." is A); not "to find the correct
-    # option:\nA. ...", "Is the correct option A?", "正确选项是A吗"
+    # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
+    # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
+    # but "the correct option is A because ..." is A
     r"(?i:correct|right|best|final|true)[ \t]+(?i:option|letter)(?:[ \t]+here)?"
-    r"(?:[ \t]+(?i:is|would be|should be|will be)[ \t]*[:：]?|[ \t]*[:：])[ \t]*" + LETTER + r"(?![ \t]*[?？吗])",
+    r"(?:[ \t]+(?i:is|would be|should be|will be)[ \t]*[:：]?|[ \t]*[:：])[ \t]*"
+    r"(?!A[ \t]+(?!(?:because|since|as|and|for|which|given|so|but)\b)[a-z])" + LETTER + r"(?![ \t]*[?？吗])",
     r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t]*[:：]?[ \t]*" + LETTER + r"(?![ \t]*[?？吗])",
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",

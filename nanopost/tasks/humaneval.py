@@ -77,6 +77,8 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
     to its end (the token printed after it arrived); status is "passed", "timeout", or the last
     line of the error."""
     token = secrets.token_hex(16)
+    # Python ends a line at \r\n and a lone \r too: say so as \n, so that FUTURE sees the lines Python sees
+    code = code.replace("\r\n", "\n").replace("\r", "\n")
 
     def limits():
         os.setsid()
@@ -123,7 +125,7 @@ CODE_START = re.compile(r"^(?:(?:async )?def \w+\s*\(|class \w+|import [\w.]+|fr
 # (or its parenthesized form, which may span lines: only names, commas and blanks inside)
 _NAMES = r"[A-Za-z_]\w*(?:{ws}*,{ws}*[A-Za-z_]\w*)*"
 FUTURE = re.compile(r"^from __future__ import (?:" + _NAMES.format(ws=r"[ \t]") + r"|\([ \t\n]*" + _NAMES.format(ws=r"[ \t\n]")
-                    + r"[ \t\n]*,?[ \t\n]*\))[ \t]*(?:#[^\n]*)?(?:\n|\Z)", re.MULTILINE)
+                    + r"[ \t\n]*(?:,[ \t\n]*)?\))[ \t]*(?:#[^\r\n]*)?(?:\n|\Z)", re.MULTILINE)
 DEFINES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
@@ -194,8 +196,9 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
     imports and literal constants bound to a name that the main block (or a definition carried for
     it) uses and that neither it, the prompt nor Python's builtins define, to go after it in the
     order the reply wrote them (an import before the decorator using it, a base class before its
-    subclass); and another block's star imports (`from math import *`), to go before it, only when
-    some name it uses is bound nowhere at all -> (before, after). Nothing else: a test block's
+    subclass); and another block's star imports of the standard library (`from math import *`), to
+    go before it, only when some name it uses is bound nowhere at all and it has none of its own
+    -> (before, after). Nothing else: a test block's
     imports, example calls, asserts and prints, and a redefinition of a prompt's helper (which the
     tests may call) stay out."""
     tree = _parse(main)
@@ -203,7 +206,7 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
         return "", ""
     known = set(dir(builtins)) | {n for node in (_parse(prompt) or ast.Module(body=[])).body for n in _bound(node)}
     known |= {n for node in tree.body for n in _bound(node)}
-    offered, stars = {}, []  # name -> (place, source, names used, names bound); the last definition wins
+    offered, stars = {}, []  # name -> [(place, source, names used, names bound)], in reply order
     place = 0  # reply order: block by block, statement by statement
     for code in others:
         other = _parse(code)
@@ -222,25 +225,31 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
             source = "".join(lines[first - 1:node.end_lineno])
             place += 1
             if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
-                stars.append((place, source))
+                if node.level == 0 and (node.module or "").split(".")[0] in sys.stdlib_module_names:
+                    stars.append(source)  # never `from solution import *`: only the standard library's
             for name in _bound(node) - {"*"}:
-                offered[name] = (place, source, _used(node), _anywhere(node))
-    needed, carried, todo = set(), {}, sorted(_used(tree) - known)
+                offered.setdefault(name, []).append((place, source, _used(node), _anywhere(node)))
+    # the main block's names take the last definition of each; a carried definition's names, the
+    # last one written before it (else the last): a repeated import further down stays where it was
+    needed, carried, todo = set(), {}, [(n, place + 1) for n in sorted(_used(tree) - known)]
     missing, bound = set(), _anywhere(tree)
     while todo:
-        name = todo.pop()
+        name, before = todo.pop()
         if name in needed or name in known:
             continue
         if name not in offered:
             missing.add(name)
             continue
         needed.add(name)
-        where, source, uses, binds = offered[name]
+        where, source, uses, binds = ([d for d in offered[name] if d[0] < before] or offered[name])[-1]
         carried[source] = where
         bound |= binds
-        todo += sorted(uses - known - needed)
-    # a name used but bound nowhere we can see (not even as a local): perhaps a star import's
-    before = "\n".join(source for _, source in stars) if missing - bound else ""
+        todo += [(n, where) for n in sorted(uses - known - needed)]
+    # a name used but bound nowhere we can see (not even as a local): perhaps a star import's, unless
+    # the main block or the prompt has one of its own
+    own_star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names)
+                   for t in (tree, _parse(prompt) or ast.Module(body=[])) for n in ast.walk(t))
+    before = "\n".join(dict.fromkeys(stars)) if missing - bound and not own_star else ""
     return before, "\n".join(sorted(carried, key=carried.get))
 
 
