@@ -248,7 +248,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
 
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # gsm8k,gsm8k: once
     shots = per_task(p, "--shots", args.shots, names, [t for t in names if t in tasks.SHOTS])
     generated = [t for t in names if t in tasks.NEW_TOKENS and (t not in tasks.CHOICE or args.mode == "generate")]
     new_tokens = {t: tasks.NEW_TOKENS[t] for t in generated}
@@ -264,6 +264,10 @@ def main(argv=None):
         p.error("--out is required with --model")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; give a folder")
+    same = [m for i, m in enumerate(args.model or []) if any(
+        m == n or (os.path.isdir(m) and os.path.realpath(m) == os.path.realpath(n)) for n in args.model[:i])]
+    if same:  # results key models by --model: ./runs/sft and runs/sft would be one row evaluated twice
+        p.error(f"--model {same[0]} is given twice (the same checkpoint)")
     if args.model and not names and not args.perplexity:
         p.error("--tasks names no task (and no --perplexity file given): nothing to evaluate")
     bases = [os.path.basename(f) for f in args.perplexity]

@@ -20,6 +20,7 @@ straight into the output shards, so memory stays at a few tensors whatever the m
 written atomically, with the base model's tokenizer and generation config."""
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -78,9 +79,11 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16
 def read_config_file(path: str) -> dict:
     """A mergekit config (YAML needs PyYAML; JSON always works), checked against what we support."""
     try:
-        text = open(path, encoding="utf-8").read()
+        text = open(path, encoding="utf-8-sig").read()  # -sig: a byte-order mark is not part of the config
     except OSError as e:
         raise MergeError(f"{path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.endswith((".yml", ".yaml")):
         try:
             import yaml
@@ -224,9 +227,11 @@ def check_params(plan, names_in_order, n_layers):
         weights, densities, t = resolved_params(plan, name, n_layers)
         if t is not None and not 0 <= t <= 1:
             raise MergeError(f"t = {t} for tensor {name} is outside [0, 1]")
-        for m, d in zip(plan["models"], densities):
+        for m, d, w in zip(plan["models"], densities, weights):
             if not 0 < d <= 1:
                 raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
+            if not math.isfinite(w):  # a NaN or inf weight would write a model of NaNs
+                raise MergeError(f"weight {w} of {m['model']} for tensor {name} is not a finite number")
         if method == "linear" and plan["normalize"] and abs(sum(weights)) < 1e-12:
             raise MergeError(f"linear weights sum to 0 for tensor {name}; cannot normalize")
 

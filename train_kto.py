@@ -36,9 +36,9 @@ import nanopost
 from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-from nanopost.training import (StateError, add_training_args, all_reduce_sum, data_hash, frozen_for_autocast,
-                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_run,
-                               train)
+from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, data_hash,
+                               frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
+                               split_validation, start_run, train)
 
 
 def parse_args(argv=None):
@@ -129,11 +129,25 @@ def main(argv=None):
         with run.autocast():
             return sequence_logps(ref_model, *batch(data, group, kl))
 
+    # ---- what a resume must agree on, checked before the reference pass below is spent ----
+    ref_print = fingerprint(ref_dir)
+    meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
+            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
+            "reference": os.path.abspath(ref_dir), "reference_weights": ref_print,
+            "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
+                     "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},
+            "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)]))}
+    if run.saved is not None:
+        try:
+            check_resume(meta, run.saved["meta"], run.ckpt)  # train() checks the rest (the schedule)
+        except StateError as e:
+            sys.exit(f"error: {e}")
+
     # ---- --precompute-ref: the reference log-probs of every example and KL pair, once ----
     table = {}
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
-            "version": 1, "ref": fingerprint(ref_dir), "max_len": args.max_len, "precision": args.precision,
+            "version": 1, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
             "device": device.type, "kl": use_kl,  # version: bump when sequence_logps or the KL pairs change
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
@@ -142,13 +156,17 @@ def main(argv=None):
             table = load_file(path, device=str(device))
             log(f"reference log-probs: {path}")
         else:
-            for name, data, gs in (("train", examples, groups), ("val", val, val_groups)):
-                for kind in ("ref", "ref_kl") if use_kl else ("ref",):
-                    t = torch.zeros(len(data), device=device)
-                    for gi, g in enumerate(gs):  # each rank its share, then summed: every rank has all
-                        if gi % world == rank:
-                            t[g] = live_reference(data, g, kind == "ref_kl").to(t.dtype)
-                    table[f"{name}.{kind}"] = all_reduce_sum(t)
+            try:
+                for name, data, gs in (("train", examples, groups), ("val", val, val_groups)):
+                    for kind in ("ref", "ref_kl") if use_kl else ("ref",):
+                        t = torch.zeros(len(data), device=device)
+                        for gi, g in enumerate(gs):  # each rank its share, then summed: every rank has all
+                            if gi % world == rank:
+                                t[g] = live_reference(data, g, kind == "ref_kl").to(t.dtype)
+                        table[f"{name}.{kind}"] = all_reduce_sum(t)
+            except KeyboardInterrupt:
+                log("interrupted during the reference pass: nothing of it was written; the same command starts it again")
+                sys.exit(130)
             if rank == 0:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_tensors({k: v.cpu() for k, v in table.items()}, path + ".tmp")
@@ -219,12 +237,6 @@ def main(argv=None):
         run.model.train()
         return sum(losses) / len(losses)
 
-    meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
-            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision,
-            "reference": os.path.abspath(ref_dir),
-            "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
-                     "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},
-            "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)]))}
     try:
         train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_loss, rank, world, device, log)
     except StateError as e:

@@ -292,6 +292,7 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "data": "training data (a hash of its tokens: a data file, --max-len or the tokenizer changed)",
              "precision": "--precision (the optimizer state is kept in its dtype)",
              "reference": "reference model",
+             "reference_weights": "reference model weights (a hash of its files: retrained in place?)",
              "schedule": "optimizer settings",
              "loss": "loss settings"}
     for key, what in whats.items():

@@ -301,6 +301,7 @@ def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data
                         (["--tasks", "gsm8k", "--max-new-tokens", "gsm8k=0"], "must be at least 1"),
                         (["--tasks", "gsm8k", "--shots", "gsm8k=-1"], "N must be a whole number"),
                         (["--tasks", ","], "--tasks names no task"),
+                        (["--tasks", "mmlu", "--model", tiny + "/"], "is given twice"),
                         (["--tasks", "gsm8k", "--shots", "gsm8k=²"], "N must be a whole number"),
                         (["--tasks", "mmlu", "--perplexity", tmp_path / "a" / "c.jsonl", tmp_path / "b" / "c.jsonl"],
                          "two files share a name (c.jsonl);"),

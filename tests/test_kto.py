@@ -289,6 +289,23 @@ def test_bf16_autocast_runs_with_its_bf16_reference_live_and_precomputed(tiny, t
     assert len(m_live) == 4 and [m["loss"] for m in m_pre] == pytest.approx([m["loss"] for m in m_live], rel=1e-6)
 
 
+def test_resume_refuses_a_reference_retrained_in_place_before_the_reference_pass(tiny, tmp_path):
+    """The checkpoint records a hash of the reference's files: new weights at the same path are
+    refused like another path, and before --precompute-ref spends its pass or writes a cache."""
+    import shutil
+    ref = shutil.copytree(tiny, tmp_path / "ref")
+    args = ["--model", ref, *COMMON, "--save-every", 2, "--out", tmp_path / "run", "--precompute-ref"]
+    r = run_main(TRAIN_KTO, *args, "--max-steps", 2)
+    assert r.returncode == 0, r.stderr
+    caches = os.listdir(tmp_path / "run" / "ref_logps")
+    from nanopost.testing import make_tiny_checkpoint
+    make_tiny_checkpoint(str(tmp_path / "other"), seed=9)
+    shutil.copy(tmp_path / "other" / "model.safetensors", ref / "model.safetensors")  # retrained in place
+    r = run_main(TRAIN_KTO, *args, "--max-steps", 4, "--resume")
+    assert r.returncode != 0 and "reference model weights" in r.stderr, r.stderr
+    assert os.listdir(tmp_path / "run" / "ref_logps") == caches and "computed once" not in r.stdout
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path, fsdp):
     """2 processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same groups, the

@@ -253,6 +253,12 @@ def test_bad_inputs(tmp_path, pair):
     assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
                          r"t = 1.5 .* outside \[0, 1\]")
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", "inf", 1, "--out", out),
+                         r"weight inf of .* is not a finite number")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"merge_method": "linear", "models": [{"model": a}, {"model": b}]}).encode())
+    assert here("--config", tmp_path / "bom.json", "--out", tmp_path / "bom").returncode == 0  # a BOM is read
+    (tmp_path / "bad.json").write_bytes(b"\xff{}")
+    assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out), r"bad.json: not UTF-8 text")
     assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, a, "--t", 0.5, "--out", out),
                          r"slerp merges two models")
     rope = make_tiny_checkpoint(str(tmp_path / "rope"), rope_theta=5e5)  # same shapes, another forward
@@ -279,7 +285,9 @@ def test_bad_inputs(tmp_path, pair):
                      ({"models": [{"name": a}]}, r"models\[0\] is .*expected"),
                      ({"slices": [{"sources": "x"}]}, r"needs `sources:`"),
                      ({"models": [{"model": a}, {"model": b}], "dtype": "int8"}, r"dtype 'int8' is not supported"),
-                     ({"models": [{"model": a}], "base_model": [a]}, r"base_model is \[.*expected one")):
+                     ({"models": [{"model": a}], "base_model": [a]}, r"base_model is \[.*expected one"),
+                     ({"models": [{"model": a, "parameters": {"weight": float("nan")}}, {"model": b}]},
+                      r"weight nan of .* is not a finite number")):
         (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "linear", **cfg}))
         assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out), why)
 
