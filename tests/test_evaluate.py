@@ -183,7 +183,7 @@ def run_eval(*args):
 
 def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_dir):
     out = tmp_path / "eval"
-    args = ["--model", tiny, "--model", tiny, "--tasks", "gsm8k,mmlu,ceval", "--data-dir", data_dir, "--limit", 6,
+    args = ["--model", tiny, "--tasks", "gsm8k,mmlu,ceval", "--data-dir", data_dir, "--limit", 6,
             "--max-new-tokens", 6, "--batch-size", 4, "--dtype", "float32", "--out", out]
     r = run_eval(*args)
     assert r.returncode == 0, r.stderr

@@ -47,11 +47,25 @@ def leaves(*tensors, dtype=None):
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
 
-def check(name, got, ref, dtype, seed):
+def rel_err(got, ref) -> float:
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(name, got, ref, dtype, seed, tol=None):
     assert got.shape == ref.shape, f"{name}: shape {got.shape} vs {ref.shape}"
     assert torch.isfinite(got).all(), f"{name}: {(~torch.isfinite(got)).sum()} elements unwritten or not finite (seed {seed})"
-    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e} ({dtype}, seed {seed})"
+    err, tol = rel_err(got, ref), tol or TOL[dtype]
+    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.1e} ({dtype}, seed {seed})"
+
+
+def check_all(what, got, grads, ref, ref_grads, full, full_grads, dtype, seed):
+    """The kernel against its PyTorch reference (TOL), then against float64: within TOL, or within
+    twice the reference's own distance from float64 where that is larger (at V = 151936 a float32
+    computation of the gradient is ~1e-5 from float64 whoever does it)."""
+    for name, a, r, f in ((what, got, ref, full), ("grad hidden", grads[0], ref_grads[0], full_grads[0]),
+                          ("grad weight", grads[1], ref_grads[1], full_grads[1])):
+        check(f"{name} vs reference", a, r, dtype, seed)
+        check(f"{name} vs float64", a, f, dtype, seed, max(TOL[dtype], 2 * rel_err(r, f)))
 
 
 def ce_float64(h, w, y, ignore_index, z_loss, smoothing):
@@ -73,10 +87,7 @@ def compare_ce(h, w, y, ignore_index, z_loss, smoothing, dtype, rng, poisoned):
     h64, w64 = leaves(h, w, dtype=torch.float64)
     full = ce_float64(h64, w64, y, ignore_index, z_loss, smoothing)
     full_grads = torch.autograd.grad(full * s, (h64, w64))
-    for against, value, gs in (("reference", ref, ref_grads), ("float64", full, full_grads)):
-        check(f"loss vs {against}", got, value, dtype, seed)
-        check(f"grad hidden vs {against}", grads[0], gs[0], dtype, seed)
-        check(f"grad weight vs {against}", grads[1], gs[1], dtype, seed)
+    check_all("loss", got, grads, ref, ref_grads, full, full_grads, dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
@@ -111,10 +122,7 @@ def compare_logprob(h, w, y, dtype, rng, poisoned):
     h64, w64 = leaves(h, w, dtype=torch.float64)
     full = (h64 @ w64.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
     full_grads = torch.autograd.grad(full, (h64, w64), upstream.double())
-    for against, value, gs in (("reference", ref, ref_grads), ("float64", full, full_grads)):
-        check(f"log-probs vs {against}", got, value, dtype, seed)
-        check(f"grad hidden vs {against}", grads[0], gs[0], dtype, seed)
-        check(f"grad weight vs {against}", grads[1], gs[1], dtype, seed)
+    check_all("log-probs", got, grads, ref, ref_grads, full, full_grads, dtype, seed)
 
 
 @pytest.mark.parametrize("dtype,C", [(torch.float32, 64), (torch.bfloat16, 96)], ids=["float32", "bf16"])
