@@ -232,6 +232,8 @@ def check_params(plan, names_in_order, n_layers):
                 raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
             if not math.isfinite(w):  # a NaN or inf weight would write a model of NaNs
                 raise MergeError(f"weight {w} of {m['model']} for tensor {name} is not a finite number")
+        if not math.isfinite(sum(weights)):
+            raise MergeError(f"the weights for tensor {name} sum to {sum(weights)}: not a finite number")
         if method == "linear" and plan["normalize"] and abs(sum(weights)) < 1e-12:
             raise MergeError(f"linear weights sum to 0 for tensor {name}; cannot normalize")
 
@@ -384,7 +386,11 @@ def main(argv=None):
                     out_sq += block.double().pow(2).sum().item()
                     diff_sq += (block.double() - ref.double()).pow(2).sum().item()
                     base_sq += ref.double().pow(2).sum().item()
-                    w.write(block.to(dtype))
+                    block = block.to(dtype)
+                    if not torch.isfinite(block).all():  # an overflow (weights 1e39 in float32), NaN inputs
+                        raise MergeError(f"{name}: the merge has values that are not finite numbers in "
+                                         f"{str(dtype).removeprefix('torch.')}; nothing was written to --out")
+                    w.write(block)
                 summary[name] = {"norm": out_sq ** 0.5, "change_vs_base": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
                 wmap[name] = fname
                 bar.update(1)
@@ -406,6 +412,9 @@ def main(argv=None):
                   "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
         json.dump(record, open(os.path.join(tmp, "merge_config.json"), "w"), indent=2)
         commit_dir(tmp, args.out)
+    except MergeError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"error: {e}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -119,6 +119,10 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The correct option is A because the others contradict the premise. B is wrong.", "A"),
     ("The best option: A, since B and C fail.", "A"),
     ("The correct option is A since the rest fail.", "A"),
+    ("The correct option is A rather than C.", "A"),
+    ("The final letter is A whereas B is a distractor.", "A"),
+    ("The correct option is A based on the data; D is wrong.", "A"),
+    ("The correct option is A in this case.", "A"),
     ("The best option is: A decrease in aggregate demand, so the final letter is C.", "C"),
     ("So the correct option is A sharp rise in unemployment (option D).", "D"),
     ("The best option would be A lot more expensive than C, so C.", "C"),
@@ -563,6 +567,11 @@ def test_humaneval_helpers_in_source_order_and_what_binds():
                 "```python\ndef add(a, b):\n    return plus(a, b)\n```\n"
                 "```python\nfrom functools import lru_cache\nprint(add(1, 2))\n```")
     assert humaneval.score(chat, repeated) == ("pass", True), humaneval.extract_code(repeated, "add")
+    # ... while a helper fixed in a later block is the one carried (a function body looks it up when called)
+    fixed = ("```python\ndef plus(a, b):\n    return a - b\n\ndef run(a, b):\n    return plus(a, b)\n```\n"
+             "Fixed:\n```python\ndef plus(a, b):\n    return a + b\n```\n"
+             "```python\ndef add(a, b):\n    return run(a, b)\n```")
+    assert humaneval.score(chat, fixed) == ("pass", True), humaneval.extract_code(fixed, "add")
     # the sandbox's guard stays above everything but plain __future__ lines, whatever ends a line
     target = f"/tmp/nanopost-future-cr-{os.getpid()}"
     escape = f"from __future__ import (annotations)  # ok\rimport os; open({target!r}, 'w').write('x')\n"

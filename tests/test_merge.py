@@ -255,6 +255,10 @@ def test_bad_inputs(tmp_path, pair):
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", "inf", 1, "--out", out),
                          r"weight inf of .* is not a finite number")
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", 1e308, 1e308, "--out", out),
+                         r"sum to inf: not a finite number")
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", 1e39, 1, "--no-normalize",
+                                        "--out", out), r"not finite numbers in float32; nothing was written")
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"merge_method": "linear", "models": [{"model": a}, {"model": b}]}).encode())
     assert here("--config", tmp_path / "bom.json", "--out", tmp_path / "bom").returncode == 0  # a BOM is read
     (tmp_path / "bad.json").write_bytes(b"\xff{}")

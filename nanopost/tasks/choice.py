@@ -119,7 +119,8 @@ EXTRACTION = [re.compile(p) for p in (
     # but "the correct option is A because ..." is A
     r"(?i:correct|right|best|final|true)[ \t]+(?i:option|letter)(?:[ \t]+here)?"
     r"(?:[ \t]+(?i:is|would be|should be|will be)[ \t]*[:：]?|[ \t]*[:：])[ \t]*"
-    r"(?!A[ \t]+(?!(?:because|since|as|and|for|which|given|so|but)\b)[a-z])" + LETTER + r"(?![ \t]*[?？吗])",
+    r"(?!A[ \t]+(?!(?:because|since|as|and|for|which|given|so|but|rather|while|whereas|in|with|here|due|based"
+    r"|instead|over|not|or|too|is|was|would)\b)[a-z])" + LETTER + r"(?![ \t]*[?？吗])",
     r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t]*[:：]?[ \t]*" + LETTER + r"(?![ \t]*[?？吗])",
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",

@@ -228,9 +228,11 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
                 if node.level == 0 and (node.module or "").split(".")[0] in sys.stdlib_module_names:
                     stars.append(source)  # never `from solution import *`: only the standard library's
             for name in _bound(node) - {"*"}:
-                offered.setdefault(name, []).append((place, source, _used(node), _anywhere(node)))
-    # the main block's names take the last definition of each; a carried definition's names, the
-    # last one written before it (else the last): a repeated import further down stays where it was
+                offered.setdefault(name, []).append((place, source, _used(node), _anywhere(node),
+                                                     isinstance(node, (ast.Import, ast.ImportFrom))))
+    # each name takes its last definition (a function body looks names up when called: a helper fixed
+    # in a later block is the one used), except that an import repeated further down (in a usage
+    # example) is taken where it was first written before the definition that needs it
     needed, carried, todo = set(), {}, [(n, place + 1) for n in sorted(_used(tree) - known)]
     missing, bound = set(), _anywhere(tree)
     while todo:
@@ -241,7 +243,10 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
             missing.add(name)
             continue
         needed.add(name)
-        where, source, uses, binds = ([d for d in offered[name] if d[0] < before] or offered[name])[-1]
+        last = offered[name][-1]
+        if last[4]:  # an import: the last one before the definition needing it, if any
+            last = ([d for d in offered[name] if d[4] and d[0] < before] or [last])[-1]
+        where, source, uses, binds, _ = last
         carried[source] = where
         bound |= binds
         todo += [(n, where) for n in sorted(uses - known - needed)]
