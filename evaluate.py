@@ -149,6 +149,11 @@ def stamp(checkpoint_print: list) -> str:
     return hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two --model values naming one checkpoint: equal, or one local folder spelled two ways."""
+    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
 def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dict, dict]:
     """Evaluating into a folder that has results adds to them: models evaluated one run at a time
     (the base today, the fine-tune tomorrow) end in one table. This run's entries win. An earlier
@@ -157,12 +162,9 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
     same checkpoint (stamps: model -> stamp); for another model that is a local folder, only if its
     stamp is unchanged (a retrained model's old scores are dropped); a hub id's are kept as
     recorded. -> (merged, {model: [kept]}, {model: [dropped]})."""
-    def same(a, b):
-        return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.realpath(a) == os.path.realpath(b))
-
     merged, carried, dropped = {}, {}, {}
     for m, r in earlier.items():
-        now = next((n for n in results if same(m, n)), None)
+        now = next((n for n in results if same_model(m, n)), None)
         if now is not None:
             keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
         else:
@@ -264,8 +266,7 @@ def main(argv=None):
         p.error("--out is required with --model")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; give a folder")
-    same = [m for i, m in enumerate(args.model or []) if any(
-        m == n or (os.path.isdir(m) and os.path.realpath(m) == os.path.realpath(n)) for n in args.model[:i])]
+    same = [m for i, m in enumerate(args.model or []) if any(same_model(m, n) for n in args.model[:i])]
     if same:  # results key models by --model: ./runs/sft and runs/sft would be one row evaluated twice
         p.error(f"--model {same[0]} is given twice (the same checkpoint)")
     if args.model and not names and not args.perplexity:

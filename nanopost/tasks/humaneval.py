@@ -187,6 +187,11 @@ def _anywhere(node) -> set:
     return out
 
 
+def _star(node) -> bool:
+    """`from x import *`"""
+    return isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names)
+
+
 def _used(node) -> set:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
 
@@ -204,7 +209,8 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
     tree = _parse(main)
     if tree is None:
         return "", ""
-    known = set(dir(builtins)) | {n for node in (_parse(prompt) or ast.Module(body=[])).body for n in _bound(node)}
+    prompt_tree = _parse(prompt) or ast.Module(body=[])
+    known = set(dir(builtins)) | {n for node in prompt_tree.body for n in _bound(node)}
     known |= {n for node in tree.body for n in _bound(node)}
     offered, stars = {}, []  # name -> [(place, source, names used, names bound)], in reply order
     place = 0  # reply order: block by block, statement by statement
@@ -224,7 +230,7 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
             first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
             source = "".join(lines[first - 1:node.end_lineno])
             place += 1
-            if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+            if _star(node):
                 if node.level == 0 and (node.module or "").split(".")[0] in sys.stdlib_module_names:
                     stars.append(source)  # never `from solution import *`: only the standard library's
             for name in _bound(node) - {"*"}:
@@ -252,8 +258,7 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
         todo += [(n, where) for n in sorted(uses - known - needed)]
     # a name used but bound nowhere we can see (not even as a local): perhaps a star import's, unless
     # the main block or the prompt has one of its own
-    own_star = any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names)
-                   for t in (tree, _parse(prompt) or ast.Module(body=[])) for n in ast.walk(t))
+    own_star = any(_star(n) for t in (tree, prompt_tree) for n in ast.walk(t))
     before = "\n".join(dict.fromkeys(stars)) if missing - bound and not own_star else ""
     return before, "\n".join(sorted(carried, key=carried.get))
 
