@@ -61,8 +61,11 @@ def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[i
     return engine.next_logprobs(prompts, letter_ids, batch_size)
 
 
+PPL_MAX_LEN = 4096  # tokens of a perplexity example; longer ones are cut
+
+
 @torch.inference_mode()
-def perplexity(model, tok, path, max_len=4096, batch_size=8, skip_bad_lines=False, log=print) -> float:
+def perplexity(model, tok, path, max_len=PPL_MAX_LEN, batch_size=8, skip_bad_lines=False, log=print) -> float:
     """exp(mean NLL) over the trained (assistant) tokens of a chat JSONL file."""
     examples = load_sft([path], tok, max_len, skip_bad_lines=skip_bad_lines, log=log)[0][0]
     nll = n = 0.0
@@ -117,19 +120,6 @@ def summarize(preds):
     return out
 
 
-def fingerprint(ckpt_dir) -> list:
-    """The checkpoint as the cache key sees it: name, size and mtime of every file the loader
-    reads, and a hash of all but the weights (config, index, tokenizer, chat template). Cheap, and
-    a retrained, re-merged or edited model gets a new key."""
-    out = []
-    for name in sorted(os.listdir(ckpt_dir)):
-        if name.endswith((".json", ".safetensors", ".txt", ".jinja")):
-            path = os.path.join(ckpt_dir, name)
-            digest = None if name.endswith(".safetensors") else hashlib.sha256(open(path, "rb").read()).hexdigest()
-            out.append([name, os.stat(path).st_size, os.stat(path).st_mtime_ns, digest])
-    return out
-
-
 def read_earlier(path) -> dict:
     """The results.json an earlier run left in --out (empty without one); one that is not ours stops
     the run before any work, rather than being overwritten."""
@@ -139,14 +129,6 @@ def read_earlier(path) -> dict:
         return tasks.read_results(path)
     except ValueError as e:
         sys.exit(f"error: {e}; move it away or choose another --out")
-
-
-PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol")
-
-
-def stamp(checkpoint_print: list) -> str:
-    """A short hash of a fingerprint(): what results.json records as each result's "checkpoint"."""
-    return hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
 
 
 def same_model(a: str, b: str) -> bool:
@@ -168,7 +150,7 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
         if now is not None:
             keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
         else:
-            current = stamp(fingerprint(m)) if os.path.isdir(m) else None
+            current = tasks.stamp(tasks.fingerprint(m)) if os.path.isdir(m) else None
             keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
         name = now or m
         gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
@@ -301,15 +283,14 @@ def main(argv=None):
             except CheckpointError as e:
                 sys.exit(f"error: {e}")
     read_earlier(os.path.join(args.out, "results.json"))  # one we cannot add to stops us before any work
-    os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)
     dtype = resolve_dtype(args.dtype, args.device)
     dtype_name = str(dtype).removeprefix("torch.")
     results, stamps = {}, {}
     for model_name in args.model:
         try:
             ckpt = resolve(model_name)
-            checkpoint_print = fingerprint(ckpt)
-            stamps[model_name] = stamp(checkpoint_print)  # the folder is read once, for both
+            checkpoint_print = tasks.fingerprint(ckpt)
+            stamps[model_name] = tasks.stamp(checkpoint_print)  # the folder is read once, for both
             model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
@@ -322,10 +303,14 @@ def main(argv=None):
         for f in args.perplexity:  # first: a bad file stops the run before any task's work
             try:
                 ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
-                results[model_name][f"ppl:{os.path.basename(f)}"] = {"perplexity": round(ppl, 4),
-                                                                      "checkpoint": stamps[model_name]}
             except DataError as e:
                 sys.exit(f"error: {e}")
+            with open(f, "rb") as fh:  # the file's content: another chat.jsonl is another column's number
+                data = hashlib.sha256(fh.read()).hexdigest()[:16]
+            results[model_name][f"ppl:{os.path.basename(f)}"] = {
+                "perplexity": round(ppl, 4), "checkpoint": stamps[model_name], "data": data,
+                "settings": {"task": "perplexity", "max_len": PPL_MAX_LEN, "skip_bad_lines": args.skip_bad_lines,
+                             "dtype": dtype_name, "device": args.device}}
         for task in names:
             examples, score, kind = loaded[task]
             examples = subset(examples, args.limit)
@@ -340,6 +325,7 @@ def main(argv=None):
             # the key covers everything a prediction depends on; a changed key starts a new file
             asked = hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
             key = hashlib.sha256(json.dumps([checkpoint_print, asked, settings], sort_keys=True).encode()).hexdigest()
+            os.makedirs(os.path.join(args.out, "cache"), exist_ok=True)  # not before: a bad --perplexity file leaves nothing
             cache_file = os.path.join(args.out, "cache", f"{task}-{key[:16]}.jsonl")
             done = {}
             if os.path.exists(cache_file):
@@ -400,6 +386,7 @@ def main(argv=None):
     if dropped:
         print(f"note: dropped earlier results whose checkpoint changed since (or unrecorded) from {args.out}/results.json: " +
               "; ".join(f"{m} ({', '.join(ts)})" for m, ts in dropped.items()), flush=True)
+    os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "results.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
@@ -409,12 +396,9 @@ def main(argv=None):
     columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
                                  ppl + [c for c in every if c.startswith("ppl:")]))
 
-    def protocol(v):  # what makes two cells of a column comparable
-        return [v.get("settings", {}).get(k) for k in PROTOCOL_KEYS] + [v.get("data")]
-
     def differs(m, c):  # a kept cell made with other settings or questions than this run's cell of its column
         ours = next((r[c] for r in this_run.values() if c in r and "settings" in r[c]), None)
-        return c in carried.get(m, ()) and ours is not None and protocol(results[m][c]) != protocol(ours)
+        return c in carried.get(m, ()) and ours is not None and tasks.protocol(results[m][c]) != tasks.protocol(ours)
 
     mixed = [f"{m} {c}" for m in results for c in columns if differs(m, c)]
     if mixed:

@@ -518,7 +518,7 @@ class Server:
     def __init__(self, workers, host, port, api_key=None, max_tokens_limit=4096, default_max_tokens=512,
                  log_requests=True, results=None):
         self.workers, self.api_key, self.log_requests = workers, api_key, log_requests
-        self.results = results or {}  # served name -> {task: {accuracy, n} or {perplexity}}, for the page
+        self.results = results or {}  # served name -> {task: {accuracy, n, settings[, differs]} or {perplexity, ...}}, for the page
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
@@ -575,22 +575,43 @@ def load_worker(name, path, dtype, device, batch_size, log=print, cuda_graphs=No
 
 
 def load_results(path, models: dict, log=print) -> dict:
-    """evaluate.py's results.json ({evaluated model: {task: {accuracy, n, ..., predictions}}}) ->
-    {served name: {task: {accuracy, n} or {perplexity}}}. evaluate.py keys each model by the --model
-    it was given (runs/sft, a hub id), so an entry belongs to a served model whose name or path is that
-    key. The predictions are dropped: the page shows the numbers."""
-    from nanopost.tasks import read_results
+    """evaluate.py's results.json ({evaluated model: {task: {accuracy, n, settings, ..., predictions}}})
+    -> {served name: {task: {accuracy, n, settings} or {perplexity, settings}}}. evaluate.py keys each
+    model by the --model it was given (runs/sft, a hub id), so an entry belongs to a served model whose
+    name or path is that key. Two rules keep the page honest, as results.md is: a local checkpoint
+    changed since it was evaluated (retrained, re-merged into the same folder) has its old numbers
+    left out, and where the served models' numbers for one task were made with other settings or
+    questions (shots, limit, protocol...) each is marked "differs" (a † on the page). The
+    predictions are dropped: the page shows the numbers."""
+    from nanopost import tasks
     try:
-        results = read_results(path)
+        results = tasks.read_results(path)
     except ValueError as e:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
-    out = {}
+    out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
         key = next((k for k in results if k == name or os.path.realpath(k) == os.path.realpath(spec)), None)
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
             continue
-        out[name] = {task: {k: v[k] for k in ("accuracy", "n", "perplexity") if k in v} for task, v in results[key].items()}
+        current = tasks.stamp(tasks.fingerprint(spec)) if os.path.isdir(spec) else None
+        stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
+        if stale:
+            log(f"note: --results {path}: {name}'s {', '.join(stale)} were measured on an earlier state of {spec} "
+                f"(its files changed since); not shown: evaluate it again")
+        out[name] = {}
+        for task, v in results[key].items():
+            if task not in stale:
+                settings = v.get("settings", {})
+                out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v},
+                                   "settings": {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}}
+                made.setdefault(task, {})[name] = tasks.protocol(v)
+    for task, by in made.items():
+        if len({json.dumps(p) for p in by.values()}) > 1:
+            for name in by:
+                out[name][task]["differs"] = True
+            log(f"note: --results {path}: the {task} numbers of {', '.join(by)} were made with other settings or "
+                f"questions (marked † on the page; compare their settings in the file)")
     return out
 
 

@@ -195,8 +195,9 @@ def test_api_key(browser, ckpts, engines):
 def test_results_in_headers_and_screenshot(browser, ckpts, tmp_path):
     """Three columns; evaluate.py's numbers found by served name (base) and by checkpoint path (sft);
     each model's memory printed as it loads."""
-    with open(FIXTURE) as f:  # evaluate.py keyed sft by its checkpoint path
-        (tmp_path / "results.json").write_text(f.read().replace('"runs/sft"', json.dumps(ckpts["b"])))
+    with open(FIXTURE) as f:  # evaluate.py keyed sft by its checkpoint path; base's gsm8k asked 5 questions
+        text = f.read().replace('"runs/sft"', json.dumps(ckpts["b"])).replace('"limit": 3', '"limit": 5', 1)
+    (tmp_path / "results.json").write_text(text)
     log = []
     models = {"base": ckpts["a"], "sft": ckpts["b"], "kto": ckpts["c"]}
     with start(models, results=str(tmp_path / "results.json"), log=log.append) as s:
@@ -207,7 +208,10 @@ def test_results_in_headers_and_screenshot(browser, ckpts, tmp_path):
         page.goto(s.url + "/")
         page.locator(".column").nth(2).wait_for()
         scores = page.eval_on_selector_all(".scores", "ss => ss.map(s => s.textContent)")
-        assert scores == ["gsm8k 33.33%mmlu 50%ppl:chat.jsonl 18.2031", "gsm8k 66.67%mmlu 100%ppl:chat.jsonl 9.8712", ""]
+        assert scores == ["gsm8k 33.33%†mmlu 50%ppl:chat.jsonl 18.2031", "gsm8k 66.67%†mmlu 100%ppl:chat.jsonl 9.8712", ""]
+        titles = page.eval_on_selector_all(".scores span", "ss => ss.map(s => s.title)")
+        assert "limit 5" in titles[0] and "another column's number" in titles[0] and "limit 3" in titles[3]
+        assert titles[1] == "2 examples\nshots 0, mode logprob, limit 2, protocol 1"  # mmlu: the same settings, no †
         page.fill("#max-tokens", "40")
         send(page, "Natalia sold clips to 48 of her friends in April. How many clips did she sell?")
         page.screenshot(path=str(tmp_path / "compare.png"))
@@ -219,3 +223,33 @@ def test_results_errors(tmp_path):
     (tmp_path / "r.json").write_text('{"base": {"gsm8k": 31.5}}')
     with pytest.raises(ValueError, match="r.json is not an evaluate.py results.json"):
         serve.load_results(str(tmp_path / "r.json"), {"base": "x"})
+
+
+def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path):
+    """The page's numbers follow results.md's rules: a served folder whose files changed since
+    evaluate.py measured it (retrained into the same --out) shows none of its old numbers, and one
+    task's numbers made with other settings or questions (or another perplexity file) are marked."""
+    from nanopost import tasks
+    a, b = (make_tiny_checkpoint(str(tmp_path / n), seed=i) for i, n in enumerate("ab"))
+    now = {n: tasks.stamp(tasks.fingerprint(str(tmp_path / n))) for n in "ab"}
+    cell = lambda acc, stamp, **settings: {"accuracy": acc, "n": 4, "checkpoint": stamp, "data": "q1",  # noqa: E731
+                                            "settings": {"shots": 0, "limit": 4, "protocol": tasks.PROTOCOL, **settings}}
+    results = {a: {"gsm8k": cell(50.0, now["a"]), "mmlu": cell(25.0, now["a"]), "ceval": cell(75.0, now["a"]),
+                   "ppl:chat.jsonl": {"perplexity": 9.5, "checkpoint": now["a"], "data": "f1"}},
+               b: {"gsm8k": cell(75.0, now["b"]), "mmlu": cell(50.0, now["b"], shots=5), "ceval": cell(25.0, "0" * 16),
+                   "ppl:chat.jsonl": {"perplexity": 8.5, "checkpoint": now["b"], "data": "f2"}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    log = []
+    out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
+    assert set(out["base"]) == {"gsm8k", "mmlu", "ceval", "ppl:chat.jsonl"}
+    assert set(out["sft"]) == {"gsm8k", "mmlu", "ppl:chat.jsonl"}  # its ceval: another state of the folder
+    assert any("sft's ceval were measured on an earlier state" in line for line in log)
+    assert [t for t in out["base"] if out["base"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
+    assert [t for t in out["sft"] if out["sft"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
+    assert out["sft"]["mmlu"]["settings"] == {"shots": 5, "limit": 4, "protocol": tasks.PROTOCOL}
+    assert "gsm8k" not in "".join(line for line in log if "other settings" in line)
+    # ceval is only base's now: nothing to differ from. Retraining base too drops its numbers.
+    assert "differs" not in out["base"]["ceval"]
+    (tmp_path / "a" / "config.json").write_text((tmp_path / "a" / "config.json").read_text() + " ")
+    out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
+    assert out["base"] == {}

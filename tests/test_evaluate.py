@@ -633,9 +633,22 @@ def test_bad_perplexity_lines_and_limit_are_refused_clearly(tmp_path, tiny, data
     args = ("--model", tiny, "--tasks", "mmlu", "--limit", "2", "--data-dir", data_dir, "--perplexity", bad)
     r = here(*args, "--out", tmp_path / "e1")
     assert r.returncode != 0 and f"bad.jsonl:{n}" in r.stderr and "--skip-bad-lines" in r.stderr, r.stderr
+    assert not (tmp_path / "e1").exists()  # refused before anything was written
     r = here(*args, "--skip-bad-lines", "--out", tmp_path / "e2")
     assert r.returncode == 0, r.stderr
     assert "ppl:bad.jsonl" in open(tmp_path / "e2" / "results.md").read()
+    # another model on another file of the same name, into the same folder: the kept number is marked
+    other = make_tiny_checkpoint(str(tmp_path / "other"), seed=3)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "bad.jsonl").write_text(good)
+    r = here("--model", other, "--tasks", "mmlu", "--limit", "2", "--data-dir", data_dir,
+             "--perplexity", tmp_path / "o" / "bad.jsonl", "--out", tmp_path / "e2")
+    assert r.returncode == 0, r.stderr
+    table = open(tmp_path / "e2" / "results.md").read()
+    assert table.count("†") == 2 and "*†" in table.split(f"| {tiny} |")[1].split("\n")[0], table  # one cell + the legend
+    saved = json.load(open(tmp_path / "e2" / "results.json"))
+    assert saved[tiny]["ppl:bad.jsonl"]["settings"]["skip_bad_lines"] is True
+    assert saved[tiny]["ppl:bad.jsonl"]["data"] != saved[other]["ppl:bad.jsonl"]["data"]
     r = here("--model", tiny, "--tasks", "gsm8k", "--limit", "-1", "--data-dir", data_dir, "--out", tmp_path / "e3")
     assert r.returncode == 2 and "--limit must be at least 1" in r.stderr
 

@@ -1,6 +1,8 @@
 """Evaluation tasks. Each yields examples (dicts with "id", "messages" and "answer"), scores a
 reply, and says whether it is generated ("generate") or scored by option letters ("choice")."""
+import hashlib
 import json
+import os
 
 from nanopost.tasks import choice, gsm8k, humaneval
 
@@ -45,3 +47,31 @@ def read_results(path: str) -> dict:
                                               for r in results.values())):
         raise ValueError(f"{path} is not an evaluate.py results.json ({{model: {{task: {{accuracy, ...}}}}}})")
     return results
+
+
+# results.json: what evaluate.py writes and the server's compare page reads.
+PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol", "max_len", "skip_bad_lines")
+
+
+def fingerprint(ckpt_dir) -> list:
+    """The checkpoint as evaluate.py's cache key sees it: name, size and mtime of every file the
+    loader reads, and a hash of all but the weights (config, index, tokenizer, chat template). Cheap,
+    and a retrained, re-merged or edited model gets a new key."""
+    out = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith((".json", ".safetensors", ".txt", ".jinja")):
+            path = os.path.join(ckpt_dir, name)
+            digest = None if name.endswith(".safetensors") else hashlib.sha256(open(path, "rb").read()).hexdigest()
+            out.append([name, os.stat(path).st_size, os.stat(path).st_mtime_ns, digest])
+    return out
+
+
+def stamp(checkpoint_print: list) -> str:
+    """A short hash of a fingerprint(): what results.json records as each result's "checkpoint"."""
+    return hashlib.sha256(json.dumps(checkpoint_print).encode()).hexdigest()[:16]
+
+
+def protocol(result: dict) -> list:
+    """What makes two results of one task comparable: the settings that change a score (shots,
+    mode, limit, token budget, scoring protocol) and the questions asked (or the perplexity file)."""
+    return [result.get("settings", {}).get(k) for k in PROTOCOL_KEYS] + [result.get("data")]
