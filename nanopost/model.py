@@ -139,8 +139,8 @@ class KVCache:
     def update(self, layer: int, k_BKTD, v_BKTD):
         end = self._end
         if isinstance(self.pos, torch.Tensor):  # per-row lengths: Qwen2.forward masks each row's keys past its own
-            self.k[layer, self._rows, :, self.pos] = k_BKTD[:, :, 0]
-            self.v[layer, self._rows, :, self.pos] = v_BKTD[:, :, 0]
+            self.k[layer, self._rows, :, self.pos] = k_BKTD[:, :, 0].to(self.k.dtype)
+            self.v[layer, self._rows, :, self.pos] = v_BKTD[:, :, 0].to(self.v.dtype)
         else:
             self.k[layer, :, :, self.pos:end] = k_BKTD
             self.v[layer, :, :, self.pos:end] = v_BKTD
@@ -188,6 +188,8 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
     its scores are one matmul for all rows' queries and the two parts share one softmax
     (cascade attention). mask: a Segments, one SDPA per packed sequence. All else is SDPA (a
     prefix copied in front of every row's keys)."""
+    if k_BKSD.dtype != q_BHTD.dtype:  # a float32 KV cache under a bf16 model (engine.cache_dtype): float32 math
+        return attention(q_BHTD.to(k_BKSD.dtype), k_BKSD, v_BKSD, mask, scale, prefix).to(q_BHTD.dtype)
     B, H, T, D = q_BHTD.shape
     if isinstance(mask, Segments):  # each sequence: the cached slots, then its own keys, causally
         assert prefix is None, "a packed prefill writes a cache of its own, never a shared one"

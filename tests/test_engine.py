@@ -183,6 +183,27 @@ def test_cascade_decoding_equals_one_at_a_time(eng32, monkeypatch, batch_size):
     assert shared and min(shared) >= 60
 
 
+def test_bf16_on_cpu_decodes_from_a_float32_cache_with_the_cascade(tiny, monkeypatch):
+    """A bf16 model on CPU: every cache the engine makes (prefill, decode, the kept prefix) is
+    float32 (engine.cache_dtype; the attention math is tested in test_model.py), and the decode
+    steps take the cascade for the shared few-shot block, as float32 models do."""
+    import nanopost.engine as engine_mod
+    from nanopost.model import KVCache
+    monkeypatch.setattr(engine_mod, "MIN_CASCADE", 4)
+    made, init = [], KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a: (init(self, *a), made.append(self))[0])
+    shared, share = [], KVCache.share
+    monkeypatch.setattr(KVCache, "share", lambda self, row, tokens: (shared.append(len(tokens)), share(self, row, tokens))[1])
+    model, tok = nanopost.load(tiny, dtype=torch.bfloat16)
+    assert engine_mod.cache_dtype(model) == torch.float32
+    eng = Engine(model, tok)
+    prompts = shared_prompts(tok)[:4]
+    out = eng.generate_ids(prompts, Sampling(max_new_tokens=6), batch_size=4)
+    assert all(len(o) for o in out) and made and all(c.k.dtype == c.v.dtype == torch.float32 for c in made)
+    assert shared and max(shared) >= 60 and eng._prefixes[0][1].k.dtype == torch.float32
+    assert eng.generate_ids(prompts, Sampling(max_new_tokens=6), batch_size=4) == out  # the kept prefix reused
+
+
 def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
     model, tok = eng32.model, eng32.tok
     prompts = shared_prompts(tok)

@@ -335,6 +335,28 @@ def test_decode_attention_equals_float64_and_sdpa(H, K):
         assert (got - sdpa).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_bf16_queries_against_a_float32_cache_are_float32_math(T):
+    """The engine keeps a bf16 model's keys/values in a float32 cache on CPU (engine.cache_dtype):
+    attention then runs on exactly those bf16 numbers in float32 — a decode step (one query a row,
+    per-row key masks, a shared prefix: the matmul path) and a query block (SDPA) — and the output
+    is rounded once to bf16: within half a bf16 step of the float64 result."""
+    from nanopost.model import attention
+    B, H, K, P, S, D = 5, 14, 2, 9, 11, 16
+    q, k, v = torch.randn(B, H, T, D).bfloat16(), torch.randn(B, K, S, D).bfloat16(), torch.randn(B, K, S, D).bfloat16()
+    kp, vp = torch.randn(K, P, D).bfloat16(), torch.randn(K, P, D).bfloat16()
+    lengths = torch.tensor([3, 4, 11, 7, 5])
+    mask = (torch.arange(S) < lengths[:, None])[:, None, None, :] & torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    kk, vv = (torch.cat([p.double().expand(B, -1, -1, -1), x.double()], 2).repeat_interleave(H // K, dim=1)
+              for p, x in ((kp, k), (vp, v)))
+    full = torch.cat([torch.ones(B, 1, T, P, dtype=torch.bool), mask.expand(B, 1, T, S)], -1)
+    want = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~full, float("-inf")).softmax(-1) @ vv
+    with torch.inference_mode():
+        got = attention(q, k.float(), v.float(), mask, 0.25, (kp.float(), vp.float()))
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+
+
 @pytest.mark.parametrize("H,K", [(14, 2), (4, 4), (7, 1)])
 def test_cascade_attention_equals_the_prefix_in_every_row(H, K):
     """A prefix every row shares (KVCache.share), attended once for all rows, equals each row
