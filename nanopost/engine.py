@@ -140,11 +140,17 @@ class GreedyScreen:
     copy exact (a larger C rounds it relatively by 2⁻²⁴, as the scaling and the bound's own
     arithmetic do: a margin of 8·2⁻²⁴·‖h‖‖w‖ covers them). Ties and float32 rounding aside, the
     chosen token is the full logits' argmax: the same tokens as float32 decoding
-    (tests/test_engine.py), as any batch composition is."""
+    (tests/test_engine.py), as any batch composition is.
+
+    A bf16 lm_head is screened the same way, its weights and the hidden states being bf16 numbers
+    held exactly in float32: the token is the argmax of the float32 logits of those numbers (the
+    int8 copy is half the bf16 head's bytes). Without the screen a bf16 model's
+    logits are rounded to bf16 (steps of 1/8 at logits of 16-32), where near tokens tie and the
+    first index wins; the screen decides such ties by the float32 logits instead."""
 
     def __init__(self, lm_head: nn.Linear, backend: str):
-        w = lm_head.weight.detach()
-        self.head, self.w = lm_head, w
+        self.head, self.w = lm_head, lm_head.weight.detach()  # float32, or bf16: its values, exactly, in float32
+        w = self.w.float()
         self.s_w = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
         q = torch.round(w / self.s_w[:, None])
         self.int8 = Int8Matmul(q.to(torch.int8), self.s_w, backend)
@@ -164,11 +170,16 @@ class GreedyScreen:
         hr = torch.stack([hs.norm(dim=1), (hs - h_q).norm(dim=1)], 1)
         return self.int8(h_q.to(torch.int8)), hr
 
+    def full(self, h_BC):
+        """The argmax of the lm_head's own logits (in its dtype), as decoding without the screen."""
+        return self.head(h_BC.to(self.w.dtype)).float().argmax(1)
+
     def __call__(self, h_BC):
-        """(B, C) float32 final hidden states -> (B,) argmax token ids of h @ weight.T."""
+        """(B, C) float32 final hidden states (a bf16 model's, exactly) -> (B,) argmax token ids of
+        h @ weight.T in float32."""
         S, hr = self.screened(h_BC)
         if not torch.isfinite(hr).all():  # a NaN or inf hidden state (a diverged model): no bound holds
-            return self.head(h_BC).float().argmax(1)
+            return self.full(h_BC)
         B = h_BC.shape[0]
         if self._buf is None or self._buf[0].shape[0] != B or self._buf[0].is_inference() != torch.is_inference_mode_enabled():
             self._buf = (torch.empty(B, self.w.shape[0]), torch.empty(B, self.w.shape[0], dtype=torch.bool))  # reused: a
@@ -179,9 +190,9 @@ class GreedyScreen:
         torch.ge(torch.addmm(S, hr, self.norms, out=upper), lo, out=cand)  # could be the argmax
         U = cand.view(torch.uint8).amax(0).nonzero().squeeze(1)  # ascending: argmax's first-index rule among ties holds
         self.rescored = len(U)
-        if len(U) > self.w.shape[0] // 8 or len(U) == 0:  # a flat distribution: the full float32 logits
-            return self.head(h_BC).float().argmax(1)
-        exact = (h_BC @ self.w[U].T).masked_fill_(~cand[:, U], float("-inf"))
+        if len(U) > self.w.shape[0] // 8 or len(U) == 0:  # a flat distribution: the full logits
+            return self.full(h_BC)
+        exact = (h_BC @ self.w[U].float().T).masked_fill_(~cand[:, U], float("-inf"))
         return U[exact.argmax(1)]
 
 
@@ -325,9 +336,9 @@ class Engine:
         weights. The copy is refreshed when the weights change in place (e.g. training).
         cuda_graphs (default: on for a model on CUDA, unless NANOPOST_CUDA_GRAPHS=0): decode steps
         replayed from a CUDA graph (DecodeGraph), captured again whenever the batch's cache changes shape.
-        greedy_screen: plain greedy decoding (no repetition penalty) of a float32 model on CPU picks
-        each token through GreedyScreen (an int8 copy of the lm_head with an error bound, exact
-        candidates rescored in float32) instead of computing every logit."""
+        greedy_screen: plain greedy decoding (no repetition penalty) of a float32 or bf16 model on
+        CPU picks each token through GreedyScreen (an int8 copy of the lm_head with an error bound,
+        exact candidates rescored in float32) instead of computing every logit."""
         self.model, self.tok = model, tokenizer
         self.eos = torch.tensor(tokenizer.eos_ids)
         self.pack = can_pack(model) if pack_weights is None else pack_weights and can_pack(model)
@@ -364,11 +375,11 @@ class Engine:
 
     def _screen_for(self, s: Sampling):
         """The GreedyScreen for this call, or None: sampling, a repetition penalty (it needs every
-        logit), weights not float32 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head
+        logit), weights neither float32 nor bf16 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head
         weight changes (training, a merge)."""
         w = self.model.lm_head.weight
-        if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0 or w.dtype != torch.float32
-                or w.device.type != "cpu"):
+        if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0
+                or w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu"):
             return None
         if not unchanged(self._screen[0], [w]):
             self._screen = (None, None)  # the stale copy freed before the new one is made

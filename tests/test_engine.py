@@ -186,7 +186,7 @@ def test_cascade_decoding_equals_one_at_a_time(eng32, monkeypatch, batch_size):
 def test_bf16_on_cpu_decodes_from_a_float32_cache_with_the_cascade(tiny, monkeypatch):
     """A bf16 model on CPU: every cache the engine makes (prefill, decode, the kept prefix) is
     float32 (engine.cache_dtype; the attention math is tested in test_model.py), and the decode
-    steps take the cascade for the shared few-shot block, as float32 models do."""
+    steps take the cascade for the shared few-shot block and the greedy screen, as float32 models do."""
     import nanopost.engine as engine_mod
     from nanopost.model import KVCache
     monkeypatch.setattr(engine_mod, "MIN_CASCADE", 4)
@@ -202,6 +202,8 @@ def test_bf16_on_cpu_decodes_from_a_float32_cache_with_the_cascade(tiny, monkeyp
     assert all(len(o) for o in out) and made and all(c.k.dtype == c.v.dtype == torch.float32 for c in made)
     assert shared and max(shared) >= 60 and eng._prefixes[0][1].k.dtype == torch.float32
     assert eng.generate_ids(prompts, Sampling(max_new_tokens=6), batch_size=4) == out  # the kept prefix reused
+    if engine_mod.int8_matmul(model.config.hidden_size) is not None:  # and greedy tokens came through the screen
+        assert eng._screen[1] is not None and eng._screen[1].w.dtype == torch.bfloat16
 
 
 def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
@@ -488,6 +490,30 @@ def test_greedy_screen_bound_holds_and_it_picks_the_float32_argmax(backend):
     assert want[1] == 0
     screen(h[16:64])
     assert 0 < screen.rescored < V // 8  # the rows with a clear winner rescored few tokens in float32
+
+
+def test_greedy_screen_of_a_bf16_head_picks_the_float32_argmax():
+    """A bf16 lm_head: the screen picks the argmax of the float32 logits of the bf16 weights and
+    hidden states (float64 re-derivation), also where rounding the logits to bf16 ties two tokens
+    and hands the tie to the first, as the bf16 head's own logits do."""
+    from nanopost.engine import GreedyScreen, int8_matmul
+    backend = int8_matmul(64)
+    if backend is None:
+        pytest.skip("no exact int8 matmul on this machine")
+    g = torch.Generator().manual_seed(1)
+    V, C = 3000, 64
+    head = torch.nn.Linear(C, V, bias=False).bfloat16()
+    w = (torch.randn(V, C, generator=g) * 0.1).bfloat16()
+    w[9] = w[4]
+    w[9, 0] += w[9, 0].abs() / 64  # token 9 a little above token 4 for a positive h[:, 0]; the bf16 logits tie
+    head.weight.data = w
+    h = (torch.randn(32, C, generator=g) * 2).bfloat16()
+    h[:8] = (w[4].float() * 60).bfloat16()
+    h[:8, 0] = h[:8, 0].abs() + 1
+    want = (h.double() @ w.double().T).argmax(1)
+    rounded = head(h).float()
+    assert set(want[:8].tolist()) == {9} and (rounded[:8, 4] == rounded[:8, 9]).any()  # the tie bf16 makes
+    assert torch.equal(GreedyScreen(head, backend)(h.float()), want)
 
 
 def test_greedy_decoding_goes_through_the_screen_where_it_applies(eng32, monkeypatch):
