@@ -10,7 +10,7 @@ of a whole task — is computed once; the keys/values of a kept prefix also serv
 prefix of it (attention is causal). Each prompt's remaining tokens (its suffix) are prefilled
 packed into one row with a block-diagonal mask, no padding. While decoding, the prompt tokens that
 every running row starts with are attended once a step for all rows (cascade attention,
-KVCache.share; float32 on CPU), not once per row.
+KVCache.share; on CPU, where a bf16 model's cache is float32 too: cache_dtype), not once per row.
 
 Continuous batching: a cache of `batch_size` slots (rows) × max_len. A row that finishes (eos,
 stop string, max_new_tokens) frees its slot for the next waiting prompt at once: that prompt's
@@ -21,8 +21,9 @@ float rounding: token-identical to one-at-a-time greedy decoding in float32, tes
 
 Greedy or sampled (temperature, top-k, top-p, repetition penalty, seeded); per-row stop on eos
 ids, stop strings and max_new_tokens; streaming and per-row completion callbacks. Plain greedy
-decoding of a float32 model on CPU picks tokens through GreedyScreen (an int8 lm_head with an
-error bound; only tokens that could win are scored in float32), the same tokens as full logits."""
+decoding of a float32 or bf16 model on CPU picks tokens through GreedyScreen (an int8 lm_head with
+an error bound; only tokens that could win are scored in float32): the float32 full logits'
+argmax, for a bf16 model that of its bf16 numbers in float32 (its own bf16 logits tie more)."""
 import bisect
 import os
 import threading
@@ -148,8 +149,12 @@ class GreedyScreen:
     logits are rounded to bf16 (steps of 1/8 at logits of 16-32), where near tokens tie and the
     first index wins; the screen decides such ties by the float32 logits instead."""
 
-    def __init__(self, lm_head: nn.Linear, backend: str):
+    def __init__(self, lm_head: nn.Linear, backend: str | None):
         self.head, self.w = lm_head, lm_head.weight.detach()  # float32, or bf16: its values, exactly, in float32
+        self._buf, self.int8 = None, None
+        self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
+        if backend is None:  # no exact int8 matmul here (a bf16 head): every call is full()
+            return
         w = self.w.float()
         self.s_w = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
         q = torch.round(w / self.s_w[:, None])
@@ -157,8 +162,6 @@ class GreedyScreen:
         rounding = (2 * w.shape[1] + 8) * 2.0 ** -24  # two C-term sums, and the few roundings of S and the bound
         ws = w / self.s_w[:, None]  # norms taken where entries are <= 127: no float32 underflow (1e-25 weights)
         self.norms = torch.stack([(ws - q).norm(dim=1) + rounding * ws.norm(dim=1), q.norm(dim=1)]) * self.s_w  # (2, V)
-        self._buf = None
-        self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
 
     def screened(self, h_BC):
         """-> (S (B, V), hr (B, 2)): the int8 scores divided by each row's activation scale s_h (no
@@ -171,12 +174,22 @@ class GreedyScreen:
         return self.int8(h_q.to(torch.int8)), hr
 
     def full(self, h_BC):
-        """The argmax of the lm_head's own logits (in its dtype), as decoding without the screen."""
-        return self.head(h_BC.to(self.w.dtype)).float().argmax(1)
+        """The argmax of every token's float32 logit: the float32 head itself, or a bf16 head's
+        weights cast to float32 16384 rows at a time (never a float32 copy of the whole head). The
+        same numbers the screen rescores, row by row: no row's token depends on the other rows."""
+        self.rescored = self.w.shape[0]
+        if self.w.dtype == torch.float32:
+            return self.head(h_BC).argmax(1)
+        logits = torch.empty(h_BC.shape[0], self.w.shape[0])
+        for a in range(0, self.w.shape[0], 16384):
+            logits[:, a:a + 16384] = h_BC @ self.w[a:a + 16384].float().T
+        return logits.argmax(1)
 
     def __call__(self, h_BC):
         """(B, C) float32 final hidden states (a bf16 model's, exactly) -> (B,) argmax token ids of
         h @ weight.T in float32."""
+        if self.int8 is None:
+            return self.full(h_BC)
         S, hr = self.screened(h_BC)
         if not torch.isfinite(hr).all():  # a NaN or inf hidden state (a diverged model): no bound holds
             return self.full(h_BC)
@@ -375,16 +388,17 @@ class Engine:
 
     def _screen_for(self, s: Sampling):
         """The GreedyScreen for this call, or None: sampling, a repetition penalty (it needs every
-        logit), weights neither float32 nor bf16 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head
-        weight changes (training, a merge)."""
+        logit), weights neither float32 nor bf16 on CPU, or a float32 head and no exact int8 matmul
+        here. Rebuilt when the lm_head weight changes (training, a merge)."""
         w = self.model.lm_head.weight
         if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0
                 or w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu"):
             return None
         if not unchanged(self._screen[0], [w]):
             self._screen = (None, None)  # the stale copy freed before the new one is made
-            backend = int8_matmul(w.shape[1])
-            self._screen = (weights_state([w]), GreedyScreen(self.model.lm_head, backend) if backend else None)
+            backend = int8_matmul(w.shape[1])  # without one a bf16 head still takes the float32 argmax (full())
+            screen = GreedyScreen(self.model.lm_head, backend) if backend or w.dtype == torch.bfloat16 else None
+            self._screen = (weights_state([w]), screen)
         return self._screen[1]
 
     # ---- shared prefixes ----

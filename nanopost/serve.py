@@ -597,14 +597,16 @@ def load_results(path, models: dict, log=print) -> dict:
         current = tasks.stamp(tasks.fingerprint(spec)) if os.path.isdir(spec) else None
         stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
         if stale:
-            log(f"note: --results {path}: {name}'s {', '.join(stale)} were measured on an earlier state of {spec} "
-                f"(its files changed since); not shown: evaluate it again")
+            log(f"note: --results {path}: {name}'s {', '.join(stale)} were measured on a checkpoint other than "
+                f"{spec} as it is now (retrained or rewritten since); not shown: evaluate it again")
         out[name] = {}
         for task, v in results[key].items():
             if task not in stale:
                 settings = v.get("settings", {})
-                out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v},
-                                   "settings": {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}}
+                shown = {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}
+                if v.get("data"):  # the questions asked (or the perplexity file): a hash, enough to tell two apart
+                    shown["data"] = str(v["data"])[:8]
+                out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
                 made.setdefault(task, {})[name] = tasks.protocol(v)
     for task, by in made.items():
         if len({json.dumps(p) for p in by.values()}) > 1:

@@ -243,10 +243,11 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
     assert set(out["base"]) == {"gsm8k", "mmlu", "ceval", "ppl:chat.jsonl"}
     assert set(out["sft"]) == {"gsm8k", "mmlu", "ppl:chat.jsonl"}  # its ceval: another state of the folder
-    assert any("sft's ceval were measured on an earlier state" in line for line in log)
+    assert any("sft's ceval were measured on a checkpoint other than" in line for line in log)
     assert [t for t in out["base"] if out["base"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
     assert [t for t in out["sft"] if out["sft"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
-    assert out["sft"]["mmlu"]["settings"] == {"shots": 5, "limit": 4, "protocol": tasks.PROTOCOL}
+    assert out["sft"]["mmlu"]["settings"] == {"shots": 5, "limit": 4, "protocol": tasks.PROTOCOL, "data": "q1"}
+    assert out["sft"]["ppl:chat.jsonl"]["settings"] == {"data": "f2"}  # they differ only there: it is shown
     assert "gsm8k" not in "".join(line for line in log if "other settings" in line)
     # ceval is only base's now: nothing to differ from. Retraining base too drops its numbers.
     assert "differs" not in out["base"]["ceval"]

@@ -290,6 +290,8 @@ def test_dtype_auto_is_the_default_and_an_explicit_dtype_wins(tmp_path, tiny, da
         code, err, res = evaluate(*base, *flag, "--out", tmp_path / want)
         assert code == 0, err
         assert res[tiny]["mmlu"]["settings"]["dtype"] == want
+        # bf16 on CPU computes attention and greedy tokens as no earlier version did: its own cache key
+        assert res[tiny]["mmlu"]["settings"].get("cpu_half") == (2 if want == "bfloat16" else None)
 
 
 def test_bad_inputs(tmp_path, tiny):
