@@ -421,7 +421,7 @@ def main(argv=None):
         table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
                   "not evaluated this time); its settings are in results.json\n")
     if mixed:
-        table += "\n† made with other settings (shots, mode, limit, protocol) or other questions than this run's column\n"
+        table += "\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this run's column\n"
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                 f"results.json\n\n{table}")

@@ -588,17 +588,24 @@ def load_results(path, models: dict, log=print) -> dict:
         results = tasks.read_results(path)
     except ValueError as e:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
+    from nanopost.checkpoint import CheckpointError, resolve
     out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
-        key = next((k for k in results if k == name or os.path.realpath(k) == os.path.realpath(spec)), None)
+        # the entry evaluated from this checkpoint (its --model spelled as served, or the same folder), else
+        # one named as it is served; either way its numbers must have been made from these files
+        key = next((k for k in results if k == spec or os.path.realpath(k) == os.path.realpath(spec)),
+                   name if name in results else None)
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
             continue
-        current = tasks.stamp(tasks.fingerprint(spec)) if os.path.isdir(spec) else None
+        try:  # a hub id: the cached snapshot, as evaluate.py stamped it
+            current = tasks.stamp(tasks.fingerprint(resolve(spec)))
+        except (CheckpointError, OSError):
+            current = None
         stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
         if stale:
-            log(f"note: --results {path}: {name}'s {', '.join(stale)} were measured on a checkpoint other than "
-                f"{spec} as it is now (retrained or rewritten since); not shown: evaluate it again")
+            log(f"note: --results {path}: {name}'s {', '.join(stale)} (the entry {key!r}) were measured on a checkpoint "
+                f"other than {spec} as it is now (another one, or this one rewritten since); not shown")
         out[name] = {}
         for task, v in results[key].items():
             if task not in stale:

@@ -211,7 +211,7 @@ def test_results_in_headers_and_screenshot(browser, ckpts, tmp_path):
         assert scores == ["gsm8k 33.33%†mmlu 50%ppl:chat.jsonl 18.2031", "gsm8k 66.67%†mmlu 100%ppl:chat.jsonl 9.8712", ""]
         titles = page.eval_on_selector_all(".scores span", "ss => ss.map(s => s.title)")
         assert "limit 5" in titles[0] and "another column's number" in titles[0] and "limit 3" in titles[3]
-        assert titles[1] == "2 examples\nshots 0, mode logprob, limit 2, protocol 1"  # mmlu: the same settings, no †
+        assert titles[1] == "2 examples\nshots 0, mode logprob, limit 2, protocol 1, dtype float32"  # mmlu: the same, no †
         page.fill("#max-tokens", "40")
         send(page, "Natalia sold clips to 48 of her friends in April. How many clips did she sell?")
         page.screenshot(path=str(tmp_path / "compare.png"))
@@ -225,7 +225,7 @@ def test_results_errors(tmp_path):
         serve.load_results(str(tmp_path / "r.json"), {"base": "x"})
 
 
-def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path):
+def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path, monkeypatch):
     """The page's numbers follow results.md's rules: a served folder whose files changed since
     evaluate.py measured it (retrained into the same --out) shows none of its old numbers, and one
     task's numbers made with other settings or questions (or another perplexity file) are marked."""
@@ -235,17 +235,22 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     cell = lambda acc, stamp, **settings: {"accuracy": acc, "n": 4, "checkpoint": stamp, "data": "q1",  # noqa: E731
                                             "settings": {"shots": 0, "limit": 4, "protocol": tasks.PROTOCOL, **settings}}
     results = {a: {"gsm8k": cell(50.0, now["a"]), "mmlu": cell(25.0, now["a"]), "ceval": cell(75.0, now["a"]),
+                   "cmmlu": cell(50.0, now["a"], dtype="float32"),
                    "ppl:chat.jsonl": {"perplexity": 9.5, "checkpoint": now["a"], "data": "f1"}},
-               b: {"gsm8k": cell(75.0, now["b"]), "mmlu": cell(50.0, now["b"], shots=5), "ceval": cell(25.0, "0" * 16),
-                   "ppl:chat.jsonl": {"perplexity": 8.5, "checkpoint": now["b"], "data": "f2"}}}
+               b: {"gsm8k": cell(75.0, now["b"], limit=100),  # 100 of 4 questions: the same 4 (data), not marked
+                   "mmlu": cell(50.0, now["b"], shots=5), "ceval": cell(25.0, "0" * 16),
+                   "cmmlu": cell(50.0, now["b"], dtype="bfloat16"),
+                   "ppl:chat.jsonl": {"perplexity": 8.5, "checkpoint": now["b"], "data": "f2"}},
+               "sft": {"gsm8k": cell(0.0, now["a"])}}  # named as served, but b's own entry (by path) wins
     (tmp_path / "results.json").write_text(json.dumps(results))
     log = []
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
-    assert set(out["base"]) == {"gsm8k", "mmlu", "ceval", "ppl:chat.jsonl"}
-    assert set(out["sft"]) == {"gsm8k", "mmlu", "ppl:chat.jsonl"}  # its ceval: another state of the folder
-    assert any("sft's ceval were measured on a checkpoint other than" in line for line in log)
-    assert [t for t in out["base"] if out["base"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
-    assert [t for t in out["sft"] if out["sft"][t].get("differs")] == ["mmlu", "ppl:chat.jsonl"]
+    assert set(out["base"]) == {"gsm8k", "mmlu", "ceval", "cmmlu", "ppl:chat.jsonl"}
+    assert set(out["sft"]) == {"gsm8k", "mmlu", "cmmlu", "ppl:chat.jsonl"}  # its ceval: another state of the folder
+    assert out["sft"]["gsm8k"]["accuracy"] == 75.0
+    assert any("sft's ceval (the entry" in line and "other than" in line for line in log)
+    assert [t for t in out["base"] if out["base"][t].get("differs")] == ["mmlu", "cmmlu", "ppl:chat.jsonl"]
+    assert [t for t in out["sft"] if out["sft"][t].get("differs")] == ["mmlu", "cmmlu", "ppl:chat.jsonl"]
     assert out["sft"]["mmlu"]["settings"] == {"shots": 5, "limit": 4, "protocol": tasks.PROTOCOL, "data": "q1"}
     assert out["sft"]["ppl:chat.jsonl"]["settings"] == {"data": "f2"}  # they differ only there: it is shown
     assert "gsm8k" not in "".join(line for line in log if "other settings" in line)
@@ -254,3 +259,12 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     (tmp_path / "a" / "config.json").write_text((tmp_path / "a" / "config.json").read_text() + " ")
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
     assert out["base"] == {}
+    # a hub id served under a name that another checkpoint's entry has: its cached snapshot's stamp decides
+    import nanopost.checkpoint
+    monkeypatch.setattr(nanopost.checkpoint, "resolve", lambda spec: b if spec == "acme/tiny" else spec)
+    out = serve.load_results(str(tmp_path / "results.json"), {"sft": "acme/tiny"}, log.append)
+    assert out["sft"] == {}
+    # a results.json whose cells are not evaluate.py's shape is refused as a whole, before any use
+    (tmp_path / "odd.json").write_text(json.dumps({"x": {"mmlu": {"accuracy": 50, "settings": None}}}))
+    with pytest.raises(ValueError, match="is not an evaluate.py results.json"):
+        serve.load_results(str(tmp_path / "odd.json"), {"x": a})

@@ -43,14 +43,19 @@ def read_results(path: str) -> dict:
         raise ValueError(f"{path}: {e.strerror}") from None
     except ValueError as e:  # not JSON, not UTF-8
         raise ValueError(f"{path}: not JSON ({e})") from None
-    if not (isinstance(results, dict) and all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
+    def cell(v):  # one task's result: what the readers of these files index into must have its shape
+        return (isinstance(v, dict) and isinstance(v.get("settings", {}), dict)
+                and all(isinstance(v.get(k), (str, type(None))) for k in ("data", "checkpoint")))
+    if not (isinstance(results, dict) and all(isinstance(r, dict) and all(cell(v) for v in r.values())
                                               for r in results.values())):
         raise ValueError(f"{path} is not an evaluate.py results.json ({{model: {{task: {{accuracy, ...}}}}}})")
     return results
 
 
 # results.json: what evaluate.py writes and the server's compare page reads.
-PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol", "max_len", "skip_bad_lines")
+PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol", "max_len", "skip_bad_lines",
+                 "dtype", "letter_scoring", "cpu_half")
+QUESTION_KEYS = ("limit", "skip_bad_lines")  # which questions (lines) were asked: the "data" hash says it exactly
 
 
 def fingerprint(ckpt_dir) -> list:
@@ -73,5 +78,8 @@ def stamp(checkpoint_print: list) -> str:
 
 def protocol(result: dict) -> list:
     """What makes two results of one task comparable: the settings that change a score (shots,
-    mode, limit, token budget, scoring protocol) and the questions asked (or the perplexity file)."""
-    return [result.get("settings", {}).get(k) for k in PROTOCOL_KEYS] + [result.get("data")]
+    mode, token budget, dtype, scoring protocol) and the questions asked (or the perplexity file),
+    by their hash where recorded (--limit 100 of 24 questions asks what no limit asks), else by
+    the flags that chose them."""
+    settings, data = result.get("settings", {}), result.get("data")
+    return [settings.get(k) for k in PROTOCOL_KEYS if not (data and k in QUESTION_KEYS)] + [data]
