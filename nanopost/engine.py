@@ -149,12 +149,10 @@ class GreedyScreen:
     logits are rounded to bf16 (steps of 1/8 at logits of 16-32), where near tokens tie and the
     first index wins; the screen decides such ties by the float32 logits instead."""
 
-    def __init__(self, lm_head: nn.Linear, backend: str | None):
+    def __init__(self, lm_head: nn.Linear, backend: str):
         self.head, self.w = lm_head, lm_head.weight.detach()  # float32, or bf16: its values, exactly, in float32
-        self._buf, self.int8 = None, None
+        self._buf = None
         self.rescored = 0  # tokens scored in float32 at the last call (all: the full logits)
-        if backend is None:  # no exact int8 matmul here (a bf16 head): every call is full()
-            return
         w = self.w.float()
         self.s_w = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
         q = torch.round(w / self.s_w[:, None])
@@ -176,7 +174,8 @@ class GreedyScreen:
     def full(self, h_BC):
         """The argmax of every token's float32 logit: the float32 head itself, or a bf16 head's
         weights cast to float32 16384 rows at a time (never a float32 copy of the whole head). The
-        same numbers the screen rescores, row by row: no row's token depends on the other rows."""
+        same numbers the screen rescores (up to float32 rounding order), row by row: no row's token
+        depends on the other rows beyond that rounding. Slow for bf16 (~8x the bf16 head): rare rows only."""
         self.rescored = self.w.shape[0]
         if self.w.dtype == torch.float32:
             return self.head(h_BC).argmax(1)
@@ -188,8 +187,6 @@ class GreedyScreen:
     def __call__(self, h_BC):
         """(B, C) float32 final hidden states (a bf16 model's, exactly) -> (B,) argmax token ids of
         h @ weight.T in float32."""
-        if self.int8 is None:
-            return self.full(h_BC)
         S, hr = self.screened(h_BC)
         if not torch.isfinite(hr).all():  # a NaN or inf hidden state (a diverged model): no bound holds
             return self.full(h_BC)
@@ -388,17 +385,15 @@ class Engine:
 
     def _screen_for(self, s: Sampling):
         """The GreedyScreen for this call, or None: sampling, a repetition penalty (it needs every
-        logit), weights neither float32 nor bf16 on CPU, or a float32 head and no exact int8 matmul
-        here. Rebuilt when the lm_head weight changes (training, a merge)."""
+        logit), weights neither float32 nor bf16 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head weight changes (training, a merge)."""
         w = self.model.lm_head.weight
         if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0
                 or w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu"):
             return None
         if not unchanged(self._screen[0], [w]):
             self._screen = (None, None)  # the stale copy freed before the new one is made
-            backend = int8_matmul(w.shape[1])  # without one a bf16 head still takes the float32 argmax (full())
-            screen = GreedyScreen(self.model.lm_head, backend) if backend or w.dtype == torch.bfloat16 else None
-            self._screen = (weights_state([w]), screen)
+            backend = int8_matmul(w.shape[1])  # none (no VNNI): full logits, for bf16 its own bf16 ones
+            self._screen = (weights_state([w]), GreedyScreen(self.model.lm_head, backend) if backend else None)
         return self._screen[1]
 
     # ---- shared prefixes ----

@@ -588,20 +588,18 @@ def load_results(path, models: dict, log=print) -> dict:
         results = tasks.read_results(path)
     except ValueError as e:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
-    from nanopost.checkpoint import CheckpointError, resolve
     out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
-        # the entry evaluated from this checkpoint (its --model spelled as served, or the same folder), else
-        # one named as it is served; either way its numbers must have been made from these files
-        key = next((k for k in results if k == spec or os.path.realpath(k) == os.path.realpath(spec)),
-                   name if name in results else None)
+        # the entry evaluated from this checkpoint (its --model spelled as served, or the same folder);
+        # a local folder's may also be one named as it is served: its stamp below says if it is this one.
+        # A hub id's only by its id (its cache's file times are download times: no stamp to check)
+        local = os.path.isdir(spec)
+        key = next((k for k in results if k == spec or (local and os.path.realpath(k) == os.path.realpath(spec))),
+                   name if local and name in results else None)
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
             continue
-        try:  # a hub id: the cached snapshot, as evaluate.py stamped it
-            current = tasks.stamp(tasks.fingerprint(resolve(spec)))
-        except (CheckpointError, OSError):
-            current = None
+        current = tasks.stamp(tasks.fingerprint(spec)) if local else None
         stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
         if stale:
             log(f"note: --results {path}: {name}'s {', '.join(stale)} (the entry {key!r}) were measured on a checkpoint "

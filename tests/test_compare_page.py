@@ -225,7 +225,7 @@ def test_results_errors(tmp_path):
         serve.load_results(str(tmp_path / "r.json"), {"base": "x"})
 
 
-def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path, monkeypatch):
+def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path):
     """The page's numbers follow results.md's rules: a served folder whose files changed since
     evaluate.py measured it (retrained into the same --out) shows none of its old numbers, and one
     task's numbers made with other settings or questions (or another perplexity file) are marked."""
@@ -259,11 +259,9 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     (tmp_path / "a" / "config.json").write_text((tmp_path / "a" / "config.json").read_text() + " ")
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
     assert out["base"] == {}
-    # a hub id served under a name that another checkpoint's entry has: its cached snapshot's stamp decides
-    import nanopost.checkpoint
-    monkeypatch.setattr(nanopost.checkpoint, "resolve", lambda spec: b if spec == "acme/tiny" else spec)
+    # a hub id served under a name that another checkpoint's entry has: only its own id's entry counts
     out = serve.load_results(str(tmp_path / "results.json"), {"sft": "acme/tiny"}, log.append)
-    assert out["sft"] == {}
+    assert out == {} and "no entry for sft (acme/tiny)" in log[-1]
     # a results.json whose cells are not evaluate.py's shape is refused as a whole, before any use
     (tmp_path / "odd.json").write_text(json.dumps({"x": {"mmlu": {"accuracy": 50, "settings": None}}}))
     with pytest.raises(ValueError, match="is not an evaluate.py results.json"):

@@ -516,10 +516,9 @@ def test_greedy_screen_of_a_bf16_head_picks_the_float32_argmax():
     screen = GreedyScreen(head, backend)
     assert torch.equal(screen(h.float()), want)
     # a flat row (every logit 0) or a NaN row sends the batch to the full logits: still float32 ones,
-    # so the other rows' tokens do not change; a machine without an exact int8 matmul takes them always
+    # so the other rows' tokens do not change
     for odd in (torch.zeros(1, C), torch.full((1, C), float("nan"))):
         assert torch.equal(screen(torch.cat([h[:8].float(), odd]))[:8], want[:8]) and screen.rescored == V
-    assert torch.equal(GreedyScreen(head, None)(h.float()), want)
 
 
 def test_greedy_decoding_goes_through_the_screen_where_it_applies(eng32, monkeypatch):
