@@ -51,7 +51,7 @@ from nanopost.checkpoint import CheckpointError, resolve
 from nanopost.data import DataError, collate, load_sft
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.engine import Engine, Sampling, cut_at_stop, graphs_switch, resolve_dtype
+from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_switch, resolve_dtype
 from nanopost.tasks.choice import LETTERS
 
 
@@ -322,8 +322,8 @@ def main(argv=None):
                 settings["humaneval_mode"] = args.humaneval_mode
             if mode == "logprob":  # 2: option logits in float32 (Engine.next_logprobs); bf16 ones tied near options
                 settings["letter_scoring"] = 2
-            if dtype in (torch.bfloat16, torch.float16) and args.device == "cpu":  # 2: a float32 KV cache and
-                settings["cpu_half"] = 2  # attention, greedy tokens the float32 argmax (engine.cache_dtype, GreedyScreen)
+            if cache_dtype(model) != dtype:  # 2: a half-precision model on CPU attends from a float32 cache, and its
+                settings["cpu_half"] = 2  # greedy tokens are the float32 argmax (engine.cache_dtype, GreedyScreen)
             # the key covers everything a prediction depends on; a changed key starts a new file
             asked = hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
             key = hashlib.sha256(json.dumps([checkpoint_print, asked, settings], sort_keys=True).encode()).hexdigest()

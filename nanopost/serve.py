@@ -610,7 +610,7 @@ def load_results(path, models: dict, log=print) -> dict:
                 settings = v.get("settings", {})
                 shown = {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}
                 if v.get("data"):  # the questions asked (or the perplexity file): a hash, enough to tell two apart
-                    shown["data"] = str(v["data"])[:8]
+                    shown["data"] = v["data"][:8]
                 out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
                 made.setdefault(task, {})[name] = tasks.protocol(v)
     for task, by in made.items():
