@@ -518,7 +518,8 @@ class Server:
     def __init__(self, workers, host, port, api_key=None, max_tokens_limit=4096, default_max_tokens=512,
                  log_requests=True, results=None):
         self.workers, self.api_key, self.log_requests = workers, api_key, log_requests
-        self.results = results or {}  # served name -> {task: {accuracy, n, settings[, differs]} or {perplexity, ...}}, for the page
+        # served name -> {task: {accuracy, n, settings[, differs]} or {perplexity, ...} or {stale}}, for the page
+        self.results = results or {}
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
@@ -582,7 +583,7 @@ def load_results(path, models: dict, log=print) -> dict:
     changed since it was evaluated (retrained, re-merged into the same folder) has its old numbers
     left out, and where the served models' numbers for one task were made with other settings or
     questions (shots, limit, protocol...) each is marked "differs" (a † on the page). The
-    predictions are dropped: the page shows the numbers."""
+    predictions are dropped: the page shows the numbers; a left-out one is {"stale": true}."""
     from nanopost import tasks
     try:
         results = tasks.read_results(path)
@@ -590,29 +591,34 @@ def load_results(path, models: dict, log=print) -> dict:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
     out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
-        # the entry evaluated from this checkpoint (its --model spelled as served, or the same folder);
-        # a local folder's may also be one named as it is served: its stamp below says if it is this one.
+        # the entry evaluated from this checkpoint: its --model spelled as served, or the same folder,
+        # or (a local folder) one whose numbers carry this folder's stamp as it is now: the same files,
+        # evaluated from another working directory (a relative --model) or before a move. Else a
+        # local folder's may be one named as it is served: its stamps below say if it is this one.
         # A hub id's only by its id (its cache's file times are download times: no stamp to check)
         local = os.path.isdir(spec)
+        current = tasks.stamp(tasks.fingerprint(spec)) if local else None
         key = next((k for k in results if k == spec or (local and os.path.realpath(k) == os.path.realpath(spec))),
-                   name if local and name in results else None)
+                   next((k for k in results if local and any(v.get("checkpoint") == current for v in results[k].values())),
+                        name if local and name in results else None))
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
             continue
-        current = tasks.stamp(tasks.fingerprint(spec)) if local else None
         stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
         if stale:
             log(f"note: --results {path}: {name}'s {', '.join(stale)} (the entry {key!r}) were measured on a checkpoint "
                 f"other than {spec} as it is now (another one, or this one rewritten since); not shown")
         out[name] = {}
         for task, v in results[key].items():
-            if task not in stale:
-                settings = v.get("settings", {})
-                shown = {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}
-                if v.get("data"):  # the questions asked (or the perplexity file): a hash, enough to tell two apart
-                    shown["data"] = v["data"][:8]
-                out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
-                made.setdefault(task, {})[name] = tasks.protocol(v)
+            if task in stale:  # the page says a number was left out, and why, instead of hiding that there was one
+                out[name][task] = {"stale": True}
+                continue
+            settings = v.get("settings", {})
+            shown = {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}
+            if v.get("data"):  # the questions asked (or the perplexity file): a hash, enough to tell two apart
+                shown["data"] = v["data"][:8]
+            out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
+            made.setdefault(task, {})[name] = tasks.protocol(v)
     for task, by in made.items():
         if len({json.dumps(p) for p in by.values()}) > 1:
             for name in by:

@@ -196,20 +196,24 @@ def test_results_in_headers_and_screenshot(browser, ckpts, tmp_path):
     """Three columns; evaluate.py's numbers found by served name (base) and by checkpoint path (sft);
     each model's memory printed as it loads."""
     with open(FIXTURE) as f:  # evaluate.py keyed sft by its checkpoint path; base's gsm8k asked 5 questions
-        text = f.read().replace('"runs/sft"', json.dumps(ckpts["b"])).replace('"limit": 3', '"limit": 5', 1)
-    (tmp_path / "results.json").write_text(text)
+        results = json.loads(f.read().replace('"runs/sft"', json.dumps(ckpts["b"])).replace('"limit": 3', '"limit": 5', 1))
+    # and one number measured on another state of sft's folder: shown as left out, not hidden
+    results[ckpts["b"]]["humaneval"] = {"accuracy": 12.5, "n": 8, "checkpoint": "0" * 16, "settings": {}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
     log = []
     models = {"base": ckpts["a"], "sft": ckpts["b"], "kto": ckpts["c"]}
     with start(models, results=str(tmp_path / "results.json"), log=log.append) as s:
         for name in models:
             assert any(line.startswith(f"{name}: ") and "MiB of float64 weights" in line and "peak" in line for line in log)
-        assert "note: --results" in log[0] and "no entry for kto" in log[0]
+        assert "sft's humaneval" in log[0] and "no entry for kto" in log[1]
         page = browser.new_page(viewport={"width": 1280, "height": 720})
         page.goto(s.url + "/")
         page.locator(".column").nth(2).wait_for()
         scores = page.eval_on_selector_all(".scores", "ss => ss.map(s => s.textContent)")
-        assert scores == ["gsm8k 33.33%†mmlu 50%ppl:chat.jsonl 18.2031", "gsm8k 66.67%†mmlu 100%ppl:chat.jsonl 9.8712", ""]
+        assert scores == ["gsm8k 33.33%†mmlu 50%ppl:chat.jsonl 18.2031",
+                          "gsm8k 66.67%†mmlu 100%ppl:chat.jsonl 9.8712humaneval left out", ""]
         titles = page.eval_on_selector_all(".scores span", "ss => ss.map(s => s.title)")
+        assert page.locator(".scores span.stale").count() == 1 and "retrained or re-merged" in titles[-1]
         assert "limit 5" in titles[0] and "another column's number" in titles[0] and "limit 3" in titles[3]
         assert titles[1] == "2 examples\nshots 0, mode logprob, limit 2, protocol 1, dtype float32"  # mmlu: the same, no †
         page.fill("#max-tokens", "40")
@@ -246,7 +250,8 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     log = []
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
     assert set(out["base"]) == {"gsm8k", "mmlu", "ceval", "cmmlu", "ppl:chat.jsonl"}
-    assert set(out["sft"]) == {"gsm8k", "mmlu", "cmmlu", "ppl:chat.jsonl"}  # its ceval: another state of the folder
+    assert set(out["sft"]) == {"gsm8k", "mmlu", "ceval", "cmmlu", "ppl:chat.jsonl"}
+    assert out["sft"]["ceval"] == {"stale": True}  # another state of the folder: said, with no number
     assert out["sft"]["gsm8k"]["accuracy"] == 75.0
     assert any("sft's ceval (the entry" in line and "other than" in line for line in log)
     assert [t for t in out["base"] if out["base"][t].get("differs")] == ["mmlu", "cmmlu", "ppl:chat.jsonl"]
@@ -258,7 +263,13 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     assert "differs" not in out["base"]["ceval"]
     (tmp_path / "a" / "config.json").write_text((tmp_path / "a" / "config.json").read_text() + " ")
     out = serve.load_results(str(tmp_path / "results.json"), {"base": a, "sft": b}, log.append)
-    assert out["base"] == {}
+    assert out["base"] == {t: {"stale": True} for t in results[a]}
+    assert "differs" not in out["sft"]["mmlu"]  # nothing left to differ from
+    # evaluated as a relative --model from another directory (or before a move): found by its stamp
+    moved = {"runs/b": results[b], "sft": results["sft"]}
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    out = serve.load_results(str(tmp_path / "moved.json"), {"sft": b}, log.append)
+    assert out["sft"]["gsm8k"]["accuracy"] == 75.0 and out["sft"]["ceval"] == {"stale": True}
     # a hub id served under a name that another checkpoint's entry has: only its own id's entry counts
     out = serve.load_results(str(tmp_path / "results.json"), {"sft": "acme/tiny"}, log.append)
     assert out == {} and "no entry for sft (acme/tiny)" in log[-1]
