@@ -16,7 +16,8 @@ Data (JSONL, TRL's formats): {"prompt", "completion", "label": true|false} or {"
 list of messages. Per example, r = log pi(y|x) - log pi_ref(y|x) summed over the completion tokens
 (the assistant content + <|im_end|>, exactly what SFT trains); the loss is nanopost.losses.kto_loss
 averaged over each micro-batch, with z0 from the KL pairs (prompt i, completion i-1) formed inside
-each micro-batch, averaged over the step's micro-batches and ranks (TRL averages over ranks only:
+each micro-batch (the reference scores an example and its KL pair in one forward, computing the
+prompt once: data.collate_kto_pairs), averaged over the step's micro-batches and ranks (TRL averages over ranks only:
 the same with --grad-accum 1; ours makes grad-accum k equal k processes). The lm_head runs in row chunks and never holds the full logits.
 Micro-batches are fixed groups of --batch-size examples (a seeded shuffle); epochs reshuffle the
 groups. The loop, checkpoints, exact --resume, Ctrl-C and metrics.jsonl are train_sft.py's
@@ -34,8 +35,8 @@ from safetensors.torch import load_file
 
 import nanopost
 from nanopost.checkpoint import CheckpointError, resolve, save_tensors
-from nanopost.data import DataError, collate_kto, kto_groups, load_kto
-from nanopost.losses import kl_estimate, kto_loss, sequence_logps
+from nanopost.data import DataError, collate_kto, collate_kto_pairs, kto_groups, load_kto
+from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, data_hash,
                                frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
                                split_validation, start_run, train)
@@ -125,9 +126,15 @@ def main(argv=None):
         return [t.to(device) for t in collate_kto(group, data, tok.pad_id, args.max_len, kl=kl)]
 
     @torch.no_grad()
-    def live_reference(data, group, kl):
+    def live_reference(data, group):
+        """The reference log-probs of a micro-batch's examples and (kto) of its KL pairs, from one
+        forward in which each prompt is computed once for both (data.collate_kto_pairs)."""
         with run.autocast():
-            return sequence_logps(ref_model, *batch(data, group, kl))
+            if not use_kl:
+                return sequence_logps(ref_model, *batch(data, group)), None
+            pairs = [t.to(device) for t in collate_kto_pairs(group, data, tok.pad_id, args.max_len)]
+            both = gathered_logps(ref_model, *pairs, n_rows=2 * len(group))
+            return both[:len(group)], both[len(group):]
 
     # ---- what a resume must agree on, checked before the reference pass below is spent ----
     ref_print = fingerprint(ref_dir)
@@ -147,7 +154,7 @@ def main(argv=None):
     table = {}
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
-            "version": 1, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
+            "version": 2, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
             "device": device.type, "kl": use_kl,  # version: bump when sequence_logps or the KL pairs change
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
@@ -158,12 +165,16 @@ def main(argv=None):
         else:
             try:
                 for name, data, gs in (("train", examples, groups), ("val", val, val_groups)):
-                    for kind in ("ref", "ref_kl") if use_kl else ("ref",):
-                        t = torch.zeros(len(data), device=device)
-                        for gi, g in enumerate(gs):  # each rank its share, then summed: every rank has all
-                            if gi % world == rank:
-                                t[g] = live_reference(data, g, kind == "ref_kl").to(t.dtype)
-                        table[f"{name}.{kind}"] = all_reduce_sum(t)
+                    t = torch.zeros(2, len(data), device=device)  # ref, ref_kl
+                    for gi, g in enumerate(gs):  # each rank its share, then summed: every rank has all
+                        if gi % world == rank:
+                            for k, logps in enumerate(live_reference(data, g)):
+                                if logps is not None:
+                                    t[k, g] = logps.to(t.dtype)
+                    t = all_reduce_sum(t)
+                    table[f"{name}.ref"] = t[0]
+                    if use_kl:
+                        table[f"{name}.ref_kl"] = t[1]
             except KeyboardInterrupt:
                 log("interrupted during the reference pass: nothing of it was written; the same command starts it again")
                 sys.exit(130)
@@ -175,24 +186,25 @@ def main(argv=None):
         del ref_model
         gc.collect()
 
-    def reference(name, data, group, kl=False):
+    def reference(name, data, group):
+        """-> (the examples' reference log-probs, the KL pairs' or None)."""
         if table:
-            return table[f"{name}.{'ref_kl' if kl else 'ref'}"][group]
-        return live_reference(data, group, kl)
+            return table[f"{name}.ref"][group], table[f"{name}.ref_kl"][group] if use_kl else None
+        return live_reference(data, group)
 
     @torch.no_grad()
-    def kl_ratios(name, data, group):
+    def kl_ratios(data, group, ref_kl):
         """The KL pairs' policy - reference log-probs of one micro-batch (no gradient)."""
         with run.autocast():
-            return run.wrapped(*batch(data, group, kl=True)) - reference(name, data, group, kl=True)
+            return run.wrapped(*batch(data, group, kl=True)) - ref_kl
 
-    def micro_batch(name, data, group, z0, sync=True, accum=1):
+    def micro_batch(data, group, ref, z0, sync=True, accum=1):
         """The policy pass -> (loss, rewards, policy logps, desirable); with gradients on, backward
         runs here (scaled for accumulation)."""
         desirable = torch.tensor([data[i].label for i in group], device=device)
         with grad_sync(run.wrapped, sync), run.autocast():
             logps = run.wrapped(*batch(data, group))
-            loss, rewards = kto_loss(logps, reference(name, data, group), desirable, z0, args.beta,
+            loss, rewards = kto_loss(logps, ref, desirable, z0, args.beta,
                                      args.desirable_weight, args.undesirable_weight, args.loss_type)
             if torch.is_grad_enabled():
                 (loss / accum).backward()  # a mean of micro-batch means; DDP/FSDP2 average over ranks
@@ -209,12 +221,14 @@ def main(argv=None):
         mine = epoch_groups[epoch][k * groups_per_step:(k + 1) * groups_per_step][rank::world]
         # z0 of the step: the KL pairs of all its micro-batches on all ranks (one estimate, so that
         # grad-accum k equals k processes; with grad-accum 1 it is TRL's: the ranks' mean)
+        refs = [reference("train", examples, g) for g in mine]  # (examples', KL pairs') of each micro-batch
         z0 = torch.zeros((), device=device)
         if use_kl:
-            z0 = kl_estimate(torch.stack([kl_ratios("train", examples, g).mean() for g in mine]), 0, mean_over_ranks)
+            z0 = kl_estimate(torch.stack([kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]), 0,
+                             mean_over_ranks)
         sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, n_d, n_u, rewards d/u, logps d/u
-        for j, g in enumerate(mine):
-            loss, rewards, logps, d = micro_batch("train", examples, g, z0, sync=j == len(mine) - 1, accum=len(mine))
+        for j, (g, r) in enumerate(zip(mine, refs)):
+            loss, rewards, logps, d = micro_batch(examples, g, r[0], z0, sync=j == len(mine) - 1, accum=len(mine))
             u, n_tokens = ~d, sum(len(examples[i].prompt) + len(examples[i].completion) for i in g)
             sums += torch.stack([t.to(sums) for t in (loss, torch.tensor(n_tokens), d.sum(), u.sum(),
                                                       rewards[d].sum(), rewards[u].sum(), logps[d].sum(), logps[u].sum())])
@@ -232,8 +246,10 @@ def main(argv=None):
             return None
         run.model.eval()
         # every rank the whole (small) validation set, z0 per micro-batch: no collective to pair up
-        losses = [micro_batch("val", val, g, kl_estimate(kl_ratios("val", val, g), 0) if use_kl else 0.0)[0].item()
-                  for g in val_groups]
+        losses = []
+        for g in val_groups:
+            ref, ref_kl = reference("val", val, g)
+            losses.append(micro_batch(val, g, ref, kl_estimate(kl_ratios(val, g, ref_kl), 0) if use_kl else 0.0)[0].item())
         run.model.train()
         return sum(losses) / len(losses)
 

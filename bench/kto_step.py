@@ -10,7 +10,8 @@ A step: the KL pass (policy, no gradient) and the reference passes (completions 
 then the policy forward + backward, the KTO loss, clipping and AdamW.
 - nanopost: hidden states -> chunked lm_head log-probs (nanopost.losses.sequence_logps), never
   B*T*V logits; live reference model (under bf16-autocast its Linears held in bf16, as train_kto.py
-  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves).
+  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves), one
+  forward for the examples and their KL pairs, each prompt computed once (data.collate_kto_pairs).
 - nanopost --precompute-ref: the reference log-probs come from a table (train_kto.py computes it
   once before training; that pass is timed separately and printed as "ref pass").
 - TRL way: transformers' Qwen2ForCausalLM, full logits -> log_softmax -> gather, a live
@@ -39,16 +40,22 @@ def worker(impl, model_dir, B, T, precision, steps, device):
     table = None
     if impl.startswith("nanopost"):
         import nanopost
-        from nanopost.losses import kl_estimate, kto_loss, sequence_logps
+        from nanopost.data import KTOExample, collate_kto_pairs
+        from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
         from nanopost.training import frozen_for_autocast, make_optimizer
         logps = lambda m, i, y: sequence_logps(m, i, y)  # noqa: E731
+        # the reference as train_kto.py runs it: examples and KL pairs in one pass, each prompt once
+        P = 3 * T // 4
+        pairs = [t.to(device) for t in collate_kto_pairs(
+            list(range(B)), [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()], 0, T)]
+        ref_logps = lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)  # noqa: E731
         ref = nanopost.load(model_dir, dtype=dtype, device=device)[0]
         if precision == "bf16-autocast" and not os.environ.get("NANOPOST_BENCH_FP32_REF"):
             frozen_for_autocast(ref)  # as train_kto.py does: its Linears in bf16, the same results
         if impl == "nanopost-precomputed":  # the one-off pass train_kto.py makes before training
             t = time.perf_counter()
             with torch.no_grad(), autocast():
-                table = logps(ref, ids, labels), logps(ref, kl_ids, kl_labels)
+                table = ref_logps(ref)
             ref_pass = time.perf_counter() - t
             ref = None
         model, _ = nanopost.load(model_dir, dtype=dtype, device=device)
@@ -62,6 +69,7 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
         from nanopost.losses import kl_estimate, kto_loss
+        ref_logps = lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels))  # noqa: E731
 
         def logps(m, i, y):  # TRL's way before its fused head: full logits, log_softmax, gather
             logits = m(input_ids=i, use_cache=False).logits[:, :-1].float()
@@ -74,7 +82,7 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         with autocast():
             with torch.no_grad():
                 kl_policy = logps(model, kl_ids, kl_labels)
-                ref_main, ref_kl = table if table else (logps(ref, ids, labels), logps(ref, kl_ids, kl_labels))
+                ref_main, ref_kl = table if table else ref_logps(ref)
             return kto_loss(logps(model, ids, labels), ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
     out = timed_train_steps(loss_fn, model, opt, steps, device)
     out["tokens_per_s"] = B * T / out["step_s"]

@@ -300,3 +300,49 @@ def collate_kto(group, examples, pad_id: int, max_len: int, kl: bool = False):
         p, c = truncate_kto(examples[i].prompt, examples[j].completion, max_len)
         rows.append(Example(p + c, [IGNORE] * len(p) + c))
     return collate([[b] for b in range(len(rows))], rows, pad_id)
+
+
+def collate_kto_pairs(group, examples, pad_id: int, max_len: int):
+    """A group's examples and their KL pairs (collate_kto's two batches) in one batch, for a model
+    that needs no gradient (KTO's reference): row i holds prompt i, completion i, then completion
+    i-1 placed right after the prompt as if completion i were not there -- its positions continue
+    the prompt's and it attends the prompt and itself only -- so each prompt is computed once for
+    both log-probs instead of twice (a prompt of 3/4 of the tokens: 3/8 fewer tokens). A pair whose
+    prompt is truncated otherwise than its example's follows as a sequence of its own.
+    -> input_ids, position_ids (B, L), mask (B, 1, L, L) bool (True = attend), src, targets, rows:
+    target k is predicted at flattened position src[k], its log-prob summed into rows[k] (0..B-1:
+    the examples, B..2B-1: the KL pairs)."""
+    B = len(group)
+    seqs, width = [], 0
+    for b, (i, j) in enumerate(zip(group, group[-1:] + group[:-1])):
+        p, c = truncate_kto(examples[i].prompt, examples[i].completion, max_len)
+        kp, kc = truncate_kto(examples[i].prompt, examples[j].completion, max_len)
+        if not p:  # (the chat template's tokens are always there)
+            raise ValueError(f"KTO example {i} has no prompt tokens")
+        shared = kp == p
+        seqs.append((p, c, kp, kc, shared))
+        width = max(width, len(p) + len(c) + len(kc) + (0 if shared else len(kp)))
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    seg = torch.full((B, width), 3, dtype=torch.long)  # 0 prompt, 1 completion, 2 KL pair, 3 padding
+    src, targets, rows = [], [], []
+    for b, (p, c, kp, kc, shared) in enumerate(seqs):
+        n, m = len(p) + len(c), len(kc) + (0 if shared else len(kp))
+        ids[b, :n + m] = torch.tensor(p + c + (kc if shared else kp + kc))
+        pos[b, :n] = torch.arange(n)
+        pos[b, n:n + m] = torch.arange(m) + (len(p) if shared else 0)
+        seg[b, :len(p)], seg[b, len(p):n], seg[b, n:n + m] = 0, 1, 2
+        pos[b, n + m:] = torch.arange(width - n - m)
+        # completion token k is predicted where the token before it sits: the prompt's last for k = 0
+        last = b * width + len(p) - 1
+        src += [last] + list(range(last + 1, last + len(c)))
+        first = b * width + n + (0 if shared else len(kp))  # the KL completion's first token
+        src += [last if shared else first - 1] + list(range(first, first + len(kc) - 1))
+        targets += c + kc
+        rows += [b] * len(c) + [B + b] * len(kc)
+    t = torch.arange(width)
+    causal = t[None, :, None] >= t[None, None, :]  # (1, query, key)
+    shared_rows = torch.tensor([x[4] for x in seqs])[:, None, None]
+    sq, sk = seg[:, :, None], seg[:, None, :]
+    mask = causal & ((sq == sk) | ((sk == 0) & ((sq == 1) | ((sq == 2) & shared_rows))))
+    return ids, pos, mask[:, None], torch.tensor(src), torch.tensor(targets), torch.tensor(rows)

@@ -50,6 +50,17 @@ def sequence_logps(model, input_ids, labels, position_ids=None, chunk_rows: int 
     return torch.zeros(len(input_ids), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
 
 
+def gathered_logps(model, input_ids, position_ids, mask, src, targets, rows, n_rows: int, chunk_rows: int = 1024):
+    """Summed log-probs of `targets`, target k read at flattened position src[k] and added into
+    row rows[k] -> (n_rows,) float32: several sequences' log-probs from one forward whose rows
+    share tokens (data.collate_kto_pairs: KTO's reference, each prompt once for its example and its
+    KL pair). No gradient is expected (the lm_head's weight is used detached)."""
+    hidden = model(input_ids, position_ids=position_ids, mask=mask, return_hidden=True)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)
+    token_logps = kernels.linear_logprobs(h, model.lm_head.weight.detach(), targets, chunk_rows)
+    return torch.zeros(n_rows, dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
+
+
 def reference_sequence_logps(model, input_ids, labels, position_ids=None):
     """The same the plain way (full logits): for tests."""
     logits = model(input_ids, position_ids=position_ids)[:, :-1]

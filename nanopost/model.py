@@ -371,7 +371,8 @@ class Qwen2(nn.Module):
             # chunked prefill after earlier slots: causal within the chunk, all earlier slots visible
             mask = torch.ones(T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
         x = self.model.embed_tokens(input_ids)
-        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and x.is_cuda and not torch.is_grad_enabled():
+        if (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and x.is_cuda and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda")):  # (under autocast x's dtype is not the queries')
             # SDPA on CUDA turns a boolean mask into an additive one at every call, three kernels a
             # layer (a decode step's ~500 launches are its cost): once here instead
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))

@@ -190,6 +190,32 @@ def test_sequence_logps_equal_full_logits_and_kl_pairs_carry_no_gradient(tiny):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("max_len", [256, 24])
+def test_reference_pass_with_shared_prompts_equals_two_passes(tiny, max_len):
+    """The live reference computes each prompt once for its example and its KL pair
+    (collate_kto_pairs + gathered_logps): the same log-probs as collate_kto's two batches through
+    full logits (float64), also where a pair's prompt is cut otherwise than its example's (max_len
+    24: such a pair is a sequence of its own in the row) and with rows of unequal length."""
+    from nanopost.data import collate_kto_pairs
+    from nanopost.losses import gathered_logps
+    tok = nanopost.Tokenizer(tiny)
+    examples, _ = load_kto([KTO_DATA], tok, max_len)
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    g = [0, 3, 5, 6, 9, 1, 2]
+    pairs = collate_kto_pairs(g, examples, tok.pad_id, max_len)
+    cut = [truncate_kto(examples[i].prompt, examples[i].completion, max_len)[0]
+           != truncate_kto(examples[i].prompt, examples[j].completion, max_len)[0] for i, j in zip(g, g[-1:] + g[:-1])]
+    assert any(cut) == (max_len == 24) and not all(cut)  # both kinds of row where intended
+    with torch.no_grad():
+        both = gathered_logps(model, *pairs, n_rows=2 * len(g), chunk_rows=5)
+        two = torch.cat([reference_sequence_logps(model, *collate_kto(g, examples, tok.pad_id, max_len, kl=kl))
+                         for kl in (False, True)])
+    assert (both - two).abs().max() <= 1e-10 * two.abs().max()
+    ids = pairs[0]
+    shorter = sum(len(examples[i].prompt) + len(examples[i].completion) for i in g) * 2 - ids.ne(tok.pad_id).sum()
+    assert shorter > 0 if max_len == 256 else True  # each shared prompt once: fewer tokens than two batches
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_reference_with_bf16_linears_gives_the_same_logps_under_autocast(tiny, tmp_path, monkeypatch, fused):
     """train_kto.py keeps the reference's Linears in bf16 under bf16-autocast (frozen_for_autocast):
