@@ -16,8 +16,8 @@ Data (JSONL, TRL's formats): {"prompt", "completion", "label": true|false} or {"
 list of messages. Per example, r = log pi(y|x) - log pi_ref(y|x) summed over the completion tokens
 (the assistant content + <|im_end|>, exactly what SFT trains); the loss is nanopost.losses.kto_loss
 averaged over each micro-batch, with z0 from the KL pairs (prompt i, completion i-1) formed inside
-each micro-batch (the reference scores an example and its KL pair in one forward, computing the
-prompt once: data.collate_kto_pairs), averaged over the step's micro-batches and ranks (TRL averages over ranks only:
+each micro-batch (in float32 the reference scores an example and its KL pair in one forward,
+computing the prompt once: data.collate_kto_pairs), averaged over the step's micro-batches and ranks (TRL averages over ranks only:
 the same with --grad-accum 1; ours makes grad-accum k equal k processes). The lm_head runs in row chunks and never holds the full logits.
 Micro-batches are fixed groups of --batch-size examples (a seeded shuffle); epochs reshuffle the
 groups. The loop, checkpoints, exact --resume, Ctrl-C and metrics.jsonl are train_sft.py's
@@ -125,16 +125,23 @@ def main(argv=None):
     def batch(data, group, kl=False):
         return [t.to(device) for t in collate_kto(group, data, tok.pad_id, args.max_len, kl=kl)]
 
+    # In float32 the reference scores the examples and the KL pairs in one forward that computes
+    # each prompt once (data.collate_kto_pairs): the two passes' log-probs to float32 rounding. In
+    # bf16 that forward's rounding is not the policy's passes' (up to 0.4 nats a sequence at 0.5B),
+    # so it runs the policy's two layouts: a policy equal to its reference then scores exactly 0,
+    # as in TRL, and both sides' rounding cancels in r = log pi - log pi_ref.
+    one_pass = use_kl and args.precision == "fp32"
+
     @torch.no_grad()
     def live_reference(data, group):
-        """The reference log-probs of a micro-batch's examples and (kto) of its KL pairs, from one
-        forward in which each prompt is computed once for both (data.collate_kto_pairs)."""
+        """The reference log-probs of a micro-batch's examples and (kto) of its KL pairs."""
         with run.autocast():
-            if not use_kl:
-                return sequence_logps(ref_model, *batch(data, group)), None
-            pairs = [t.to(device) for t in collate_kto_pairs(group, data, tok.pad_id, args.max_len)]
-            both = gathered_logps(ref_model, *pairs, n_rows=2 * len(group))
-            return both[:len(group)], both[len(group):]
+            if one_pass:
+                pairs = [t.to(device) for t in collate_kto_pairs(group, data, tok.pad_id, args.max_len)]
+                both = gathered_logps(ref_model, *pairs, n_rows=2 * len(group))
+                return both[:len(group)], both[len(group):]
+            return (sequence_logps(ref_model, *batch(data, group)),
+                    sequence_logps(ref_model, *batch(data, group, kl=True)) if use_kl else None)
 
     # ---- what a resume must agree on, checked before the reference pass below is spent ----
     ref_print = fingerprint(ref_dir)
@@ -155,7 +162,7 @@ def main(argv=None):
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
             "version": 2, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
-            "device": device.type, "kl": use_kl,  # version: bump when sequence_logps or the KL pairs change
+            "device": device.type, "kl": use_kl,  # version: bump when live_reference's computation changes
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
         path = os.path.join(args.out, "ref_logps", f"{key}.safetensors")

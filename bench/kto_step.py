@@ -10,8 +10,9 @@ A step: the KL pass (policy, no gradient) and the reference passes (completions 
 then the policy forward + backward, the KTO loss, clipping and AdamW.
 - nanopost: hidden states -> chunked lm_head log-probs (nanopost.losses.sequence_logps), never
   B*T*V logits; live reference model (under bf16-autocast its Linears held in bf16, as train_kto.py
-  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves), one
-  forward for the examples and their KL pairs, each prompt computed once (data.collate_kto_pairs).
+  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves); in
+  float32 one forward for the examples and their KL pairs, each prompt computed once
+  (data.collate_kto_pairs), as train_kto.py does.
 - nanopost --precompute-ref: the reference log-probs come from a table (train_kto.py computes it
   once before training; that pass is timed separately and printed as "ref pass").
 - TRL way: transformers' Qwen2ForCausalLM, full logits -> log_softmax -> gather, a live
@@ -44,11 +45,13 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
         from nanopost.training import frozen_for_autocast, make_optimizer
         logps = lambda m, i, y: sequence_logps(m, i, y)  # noqa: E731
-        # the reference as train_kto.py runs it: examples and KL pairs in one pass, each prompt once
+        # the reference as train_kto.py runs it: in float32 examples and KL pairs in one pass, each
+        # prompt once; in bf16 the policy's two layouts (so that its rounding is the policy's)
         P = 3 * T // 4
         pairs = [t.to(device) for t in collate_kto_pairs(
             list(range(B)), [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()], 0, T)]
-        ref_logps = lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)  # noqa: E731
+        ref_logps = (lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)) if precision == "fp32" else \
+            (lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels)))
         ref = nanopost.load(model_dir, dtype=dtype, device=device)[0]
         if precision == "bf16-autocast" and not os.environ.get("NANOPOST_BENCH_FP32_REF"):
             frozen_for_autocast(ref)  # as train_kto.py does: its Linears in bf16, the same results

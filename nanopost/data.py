@@ -317,8 +317,6 @@ def collate_kto_pairs(group, examples, pad_id: int, max_len: int):
     for b, (i, j) in enumerate(zip(group, group[-1:] + group[:-1])):
         p, c = truncate_kto(examples[i].prompt, examples[i].completion, max_len)
         kp, kc = truncate_kto(examples[i].prompt, examples[j].completion, max_len)
-        if not p:  # (the chat template's tokens are always there)
-            raise ValueError(f"KTO example {i} has no prompt tokens")
         shared = kp == p
         seqs.append((p, c, kp, kc, shared))
         width = max(width, len(p) + len(c) + len(kc) + (0 if shared else len(kp)))
@@ -326,6 +324,11 @@ def collate_kto_pairs(group, examples, pad_id: int, max_len: int):
     pos = torch.zeros((B, width), dtype=torch.long)
     seg = torch.full((B, width), 3, dtype=torch.long)  # 0 prompt, 1 completion, 2 KL pair, 3 padding
     src, targets, rows = [], [], []
+
+    def score(at, y, row):  # target y, predicted at flattened position `at`, summed into `row`
+        src.append(at)
+        targets.append(y)
+        rows.append(row)
     for b, (p, c, kp, kc, shared) in enumerate(seqs):
         n, m = len(p) + len(c), len(kc) + (0 if shared else len(kp))
         ids[b, :n + m] = torch.tensor(p + c + (kc if shared else kp + kc))
@@ -333,16 +336,18 @@ def collate_kto_pairs(group, examples, pad_id: int, max_len: int):
         pos[b, n:n + m] = torch.arange(m) + (len(p) if shared else 0)
         seg[b, :len(p)], seg[b, len(p):n], seg[b, n:n + m] = 0, 1, 2
         pos[b, n + m:] = torch.arange(width - n - m)
-        # completion token k is predicted where the token before it sits: the prompt's last for k = 0
-        last = b * width + len(p) - 1
-        src += [last] + list(range(last + 1, last + len(c)))
-        first = b * width + n + (0 if shared else len(kp))  # the KL completion's first token
-        src += [last if shared else first - 1] + list(range(first, first + len(kc) - 1))
-        targets += c + kc
-        rows += [b] * len(c) + [B + b] * len(kc)
+        # completion token k is predicted where the token before it in its sequence sits (the
+        # prompt's last for k = 0); a sequence's first token is predicted by nothing (collate)
+        first = b * width + n + (0 if shared else len(kp))  # where the KL completion starts
+        for k, y in enumerate(c):
+            if len(p) + k:
+                score(b * width + len(p) + k - 1, y, b)
+        for k, y in enumerate(kc):
+            if len(kp) + k:
+                score(b * width + len(p) - 1 if shared and k == 0 else first + k - 1, y, B + b)
     t = torch.arange(width)
     causal = t[None, :, None] >= t[None, None, :]  # (1, query, key)
     shared_rows = torch.tensor([x[4] for x in seqs])[:, None, None]
     sq, sk = seg[:, :, None], seg[:, None, :]
     mask = causal & ((sq == sk) | ((sk == 0) & ((sq == 1) | ((sq == 2) & shared_rows))))
-    return ids, pos, mask[:, None], torch.tensor(src), torch.tensor(targets), torch.tensor(rows)
+    return ids, pos, mask[:, None], *(torch.tensor(x, dtype=torch.long) for x in (src, targets, rows))

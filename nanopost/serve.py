@@ -591,15 +591,18 @@ def load_results(path, models: dict, log=print) -> dict:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
     out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
-        # the entry evaluated from this checkpoint: its --model spelled as served, or the same folder,
-        # or (a local folder) one whose numbers carry this folder's stamp as it is now: the same files,
-        # evaluated from another working directory (a relative --model) or before a move. Else a
-        # local folder's may be one named as it is served: its stamps below say if it is this one.
+        # the entry evaluated from this checkpoint: for a local folder, first the one with the most
+        # numbers carrying the folder's stamp as it is now (these files, evaluated under any path:
+        # a relative --model from another directory, before a move, or after an older entry of the
+        # same folder); else its --model spelled as served, or the same folder; else (a local
+        # folder) one named as it is served. The stamps below say which numbers are this one's.
         # A hub id's only by its id (its cache's file times are download times: no stamp to check)
         local = os.path.isdir(spec)
         current = tasks.stamp(tasks.fingerprint(spec)) if local else None
-        key = next((k for k in results if k == spec or (local and os.path.realpath(k) == os.path.realpath(spec))),
-                   next((k for k in results if local and any(v.get("checkpoint") == current for v in results[k].values())),
+        current_cells = {k: sum(v.get("checkpoint") == current for v in r.values()) for k, r in results.items()} \
+            if local else {}
+        key = next((k for k in sorted(current_cells, key=current_cells.get, reverse=True) if current_cells[k]),
+                   next((k for k in results if k == spec or (local and os.path.realpath(k) == os.path.realpath(spec))),
                         name if local and name in results else None))
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
@@ -607,7 +610,7 @@ def load_results(path, models: dict, log=print) -> dict:
         stale = [t for t, v in results[key].items() if current and v.get("checkpoint") not in (None, current)]
         if stale:
             log(f"note: --results {path}: {name}'s {', '.join(stale)} (the entry {key!r}) were measured on a checkpoint "
-                f"other than {spec} as it is now (another one, or this one rewritten since); not shown")
+                f"other than {spec} as it is now (another one, or this one rewritten since): shown as left out")
         out[name] = {}
         for task, v in results[key].items():
             if task in stale:  # the page says a number was left out, and why, instead of hiding that there was one

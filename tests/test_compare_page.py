@@ -270,6 +270,11 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     (tmp_path / "moved.json").write_text(json.dumps(moved))
     out = serve.load_results(str(tmp_path / "moved.json"), {"sft": b}, log.append)
     assert out["sft"]["gsm8k"]["accuracy"] == 75.0 and out["sft"]["ceval"] == {"stale": True}
+    # an older entry under the served path itself (measured before a retrain, listed first) loses to
+    # the entry whose numbers were measured on these files
+    (tmp_path / "moved.json").write_text(json.dumps({b: {"gsm8k": cell(10.0, "1" * 16)}, "runs/b": results[b]}))
+    out = serve.load_results(str(tmp_path / "moved.json"), {"sft": b}, log.append)
+    assert out["sft"]["gsm8k"]["accuracy"] == 75.0
     # a hub id served under a name that another checkpoint's entry has: only its own id's entry counts
     out = serve.load_results(str(tmp_path / "results.json"), {"sft": "acme/tiny"}, log.append)
     assert out == {} and "no entry for sft (acme/tiny)" in log[-1]

@@ -214,6 +214,15 @@ def test_reference_pass_with_shared_prompts_equals_two_passes(tiny, max_len):
     ids = pairs[0]
     shorter = sum(len(examples[i].prompt) + len(examples[i].completion) for i in g) * 2 - ids.ne(tok.pad_id).sum()
     assert shorter > 0 if max_len == 256 else True  # each shared prompt once: fewer tokens than two batches
+    # edges: a group of one (its KL pair is itself), prompts cut to nothing (max_len 1: nothing is
+    # scored but what collate_kto scores) and an empty completion
+    odd = examples[:3] + [KTOExample(examples[0].prompt, [], False)]
+    for g, n in (([2], 256), ([0, 1, 2, 3], 1), ([3, 0], 2), ([1, 3, 2], 256)):
+        with torch.no_grad():
+            both = gathered_logps(model, *collate_kto_pairs(g, odd, tok.pad_id, n), n_rows=2 * len(g))
+            two = torch.cat([reference_sequence_logps(model, *collate_kto(g, odd, tok.pad_id, n, kl=kl))
+                             for kl in (False, True)])
+        assert (both - two).abs().max() <= 1e-10 * max(1.0, two.abs().max()), (g, n, both, two)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -306,13 +315,16 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
 
 def test_bf16_autocast_runs_with_its_bf16_reference_live_and_precomputed(tiny, tmp_path):
     """--precision bf16-autocast (the reference's Linears held in bf16): the live and the precomputed
-    reference give the same losses."""
+    reference give the same losses; at the first step, where the policy is its reference, both
+    score exactly 0 (the reference rounds as the policy's passes do, as in TRL)."""
     args = ["--model", tiny, *COMMON, "--max-steps", 4, "--precision", "bf16-autocast"]
     for out in ("live", "pre"):
         r = run_main(TRAIN_KTO, *args, "--out", tmp_path / out, *(["--precompute-ref"] if out == "pre" else []))
         assert r.returncode == 0, r.stderr
     m_live, m_pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
     assert len(m_live) == 4 and [m["loss"] for m in m_pre] == pytest.approx([m["loss"] for m in m_live], rel=1e-6)
+    for m in (m_live[0], m_pre[0]):
+        assert m["loss"] == 0.5 and m["kl"] == 0 and m["rewards/chosen"] == m["rewards/rejected"] == 0, m
 
 
 def test_resume_refuses_a_reference_retrained_in_place_before_the_reference_pass(tiny, tmp_path):
