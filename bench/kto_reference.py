@@ -1,11 +1,11 @@
 """KTO's live reference pass: examples and KL pairs in one forward that computes each prompt once
-(data.collate_kto_pairs + losses.gathered_logps, what train_kto.py runs) against two forwards (one
-per batch, as before), inside whole KTO steps that alternate between the two in one process, so
+(data.collate_kto_pairs + losses.gathered_logps, what train_kto.py runs under --precision fp32; in
+bf16 it runs the two, whose rounding is the policy's) against two forwards (one per batch), inside whole KTO steps that alternate between the two in one process, so
 that a machine's drift (which moves separate processes' figures by ±10% on a 2-core CPU) falls on
 both alike. Real checkpoint, B rows of T tokens, the last quarter of each row the completion.
 
-    python bench/kto_reference.py                                   # B=8, T=128, bf16-autocast, 3 steps each
-    python bench/kto_reference.py --batch 4 --seq-len 512 --precision fp32
+    python bench/kto_reference.py --batch 4 --seq-len 512 --steps 2     # float32, as in BENCHMARKS.md
+    python bench/kto_reference.py --precision bf16-autocast             # B=8, T=128: what the one pass would give in bf16
 
 Prints each step's time split into the policy's KL pass, the reference pass(es) and the policy
 forward + backward + AdamW, then the medians and the ratio; the reference log-probs of both forms
@@ -28,7 +28,7 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
     p.add_argument("--batch", type=int, default=8, help="rows per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
-    p.add_argument("--precision", default="bf16-autocast", choices=["fp32", "bf16-autocast"], help="precision policy")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"], help="precision policy")
     p.add_argument("--steps", type=int, default=3, help="timed steps of each form, after one warm-up of each")
     args = p.parse_args()
     B, T, P = args.batch, args.seq_len, 3 * args.seq_len // 4
