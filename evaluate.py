@@ -146,11 +146,12 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
     recorded. -> (merged, {model: [kept]}, {model: [dropped]})."""
     merged, carried, dropped = {}, {}, {}
     for m, r in earlier.items():
-        now = next((n for n in results if same_model(m, n)), None)
+        folder = tasks.entry_folder(m, r)  # (a relative key from another directory: the path it records)
+        now = next((n for n in results if n == m or (folder and os.path.isdir(n) and os.path.realpath(n) == folder)), None)
         if now is not None:
             keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
         else:
-            current = tasks.stamp(tasks.fingerprint(m)) if os.path.isdir(m) else None
+            current = tasks.stamp(tasks.fingerprint(folder)) if folder else None
             keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
         name = now or m
         gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
@@ -291,6 +292,8 @@ def main(argv=None):
             ckpt = resolve(model_name)
             checkpoint_print = tasks.fingerprint(ckpt)
             stamps[model_name] = tasks.stamp(checkpoint_print)  # the folder is read once, for both
+            # a local folder's numbers say where it is: results are keyed by --model as given
+            where = {"path": os.path.abspath(model_name)} if os.path.isdir(model_name) else {}
             model, tok = nanopost.load(ckpt, dtype=dtype, device=args.device)
         except (CheckpointError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
@@ -308,7 +311,7 @@ def main(argv=None):
             with open(f, "rb") as fh:  # the file's content: another chat.jsonl is another column's number
                 data = hashlib.sha256(fh.read()).hexdigest()[:16]
             results[model_name][f"ppl:{os.path.basename(f)}"] = {
-                "perplexity": round(ppl, 4), "checkpoint": stamps[model_name], "data": data,
+                "perplexity": round(ppl, 4), "checkpoint": stamps[model_name], **where, "data": data,
                 "settings": {"task": "perplexity", "max_len": PPL_MAX_LEN, "skip_bad_lines": args.skip_bad_lines,
                              "dtype": dtype_name, "device": args.device}}
         for task in names:
@@ -374,7 +377,7 @@ def main(argv=None):
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
             results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
-                                         "checkpoint": stamps[model_name], "data": asked[:16],
+                                         "checkpoint": stamps[model_name], **where, "data": asked[:16],
                                          "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         del model, engine

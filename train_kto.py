@@ -241,7 +241,7 @@ def main(argv=None):
                                                       rewards[d].sum(), rewards[u].sum(), logps[d].sum(), logps[u].sum())])
         loss, tokens, n_d, n_u, r_d, r_u, l_d, l_u = all_reduce_sum(sums).tolist()
         per = lambda s, n: s / n if n else None  # noqa: E731  (null in metrics.jsonl: no such example this step)
-        m = {"loss": loss / (len(mine) * world), "kl": z0.item(), "rewards/chosen": per(r_d, n_d),
+        m = {"loss": loss / (len(mine) * world), "kl": z0.item() if use_kl else None, "rewards/chosen": per(r_d, n_d),
              "rewards/rejected": per(r_u, n_u), "logps/chosen": per(l_d, n_d), "logps/rejected": per(l_u, n_u),
              "n_desirable": int(n_d), "n_undesirable": int(n_u), "tokens": tokens}
         m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"] if n_d and n_u else None

@@ -47,7 +47,7 @@ def read_jsonl(path: str, errors: list | None = None):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))  # (a column past the line end, not "line 2, column 1")
                     why = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
                 except json.JSONDecodeError as e:
                     why = f"not valid JSON: {e.msg} (column {e.colno})"

@@ -602,7 +602,8 @@ def load_results(path, models: dict, log=print) -> dict:
         current_cells = {k: sum(v.get("checkpoint") == current for v in r.values()) for k, r in results.items()} \
             if local else {}
         key = next((k for k in sorted(current_cells, key=current_cells.get, reverse=True) if current_cells[k]),
-                   next((k for k in results if k == spec or (local and os.path.realpath(k) == os.path.realpath(spec))),
+                   next((k for k in results if k == spec
+                         or (local and tasks.entry_folder(k, results[k]) == os.path.realpath(spec))),
                         name if local and name in results else None))
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")

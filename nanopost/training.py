@@ -614,8 +614,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                            epoch=epoch + (k + 1) / steps_per_epoch)
             if peak:
                 metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, args.max_len) / (peak * world)
-            if args.eval_every and step % args.eval_every == 0:
-                metrics["val_loss"] = val_fn()
+            if (args.eval_every and step % args.eval_every == 0) or step == total:  # the last: in metrics.jsonl too
+                if (val := val_fn()) is not None:
+                    metrics["val_loss"] = val
             if step % args.log_every == 0 or step == total or "val_loss" in metrics:
                 progress.log(step, **metrics)
             saved_now = args.save_every and step % args.save_every == 0 and step < total
@@ -625,8 +626,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
                 log(f"interrupted: saved {path}; continue with --resume", flush=True)
                 sys.exit(130)
-        val = val_fn()  # a Ctrl-C from here on waits for the final model: the run is complete then
-        checkpoint(step, final=True)
+        val = metrics.get("val_loss") if step > start else val_fn()  # (resumed at the end: no step ran)
+        checkpoint(step, final=True)  # a Ctrl-C from here on waits for the final model: the run is complete then
     progress.close()
     log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))
     if world > 1:  # tear the group down together: a rank leaving while rank 0 still writes can abort gloo

@@ -85,3 +85,6 @@ def test_read_jsonl_line_ends_bom_and_bad_bytes(tmp_path):
     errors = []
     assert list(read_jsonl(str(p), errors)) == [(1, {"a": 1}), (3, {"a": 3})]
     assert len(errors) == 1 and errors[0].endswith("d.jsonl:2: not UTF-8 text (byte 0xff at column 8)")
+    p.write_bytes(b'{"a": 1}\r\n{"a": 2\r\n')  # a torn last line: its error at its own end, not "line 2"
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON: Expecting ',' delimiter \(column 8\)"):
+        list(read_jsonl(str(p)))

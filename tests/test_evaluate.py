@@ -347,6 +347,31 @@ def test_bad_values_and_malformed_benchmark_files_are_named(tmp_path, tiny, data
     assert evaluate(*base, "--tasks", "ceval", "--data-dir", data)[0] == 0
 
 
+def test_a_relative_model_is_known_from_another_directory(tmp_path, data_dir, monkeypatch):
+    """results.json keys a model by --model as given; a local folder's numbers also record its
+    absolute path, so from another working directory a relative entry is still that folder's: served,
+    its numbers show, and once it is retrained they are left out (the page) or dropped (evaluate.py)."""
+    from nanopost import serve
+    work, other, b = tmp_path / "work", tmp_path / "other", str(tmp_path / "work" / "runs" / "b")
+    other.mkdir()
+    make_tiny_checkpoint(b, seed=1)
+    c = make_tiny_checkpoint(str(tmp_path / "c"), seed=2)
+    out = tmp_path / "eval"
+    common = ["--data-dir", data_dir, "--limit", 2, "--out", out, "--tasks", "mmlu"]
+    monkeypatch.chdir(work)
+    assert evaluate("--model", "runs/b", *common)[0] == 0
+    res = json.load(open(out / "results.json"))
+    assert res["runs/b"]["mmlu"]["path"] == b
+    monkeypatch.chdir(other)
+    shown = serve.load_results(str(out / "results.json"), {"b": b})
+    assert shown["b"]["mmlu"]["accuracy"] == res["runs/b"]["mmlu"]["accuracy"]
+    make_tiny_checkpoint(b, seed=3)  # retrained in place
+    assert serve.load_results(str(out / "results.json"), {"b": b}) == {"b": {"mmlu": {"stale": True}}}
+    r = run_main(os.path.join(ROOT, "evaluate.py"), "--model", c, *common)
+    res = json.load(open(out / "results.json"))
+    assert r.returncode == 0 and set(res) == {c} and "runs/b (mmlu)" in r.stdout and "dropped" in r.stdout, r.stdout
+
+
 def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir):
     """The base today, the fine-tune tomorrow, into one --out: one table with both. A model evaluated
     again replaces its rows; its earlier task scores stay only while its checkpoint is unchanged."""

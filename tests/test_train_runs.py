@@ -322,3 +322,10 @@ def test_preset_warmup_yields_to_an_explicit_ratio_and_val_loss_is_always_logged
                  "--max-steps", 6, "--val-fraction", 0.25, "--eval-every", 2, "--log-every", 3)
     assert r.returncode == 0, r.stderr
     assert [m["step"] for m in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in m] == [2, 4, 6]
+    # by default (--eval-every 0) once, at the end: in metrics.jsonl as well as in the final line
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "end", "--max-len", 64, "--batch-size", 2,
+                 "--max-steps", 3, "--val-fraction", 0.25)
+    rows = list(map(json.loads, open(tmp_path / "end" / "metrics.jsonl")))
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and [m["step"] for m in rows if "val_loss" in m] == [3]
+    assert rows[-1]["val_loss"] == final["val_loss"] is not None

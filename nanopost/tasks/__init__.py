@@ -45,7 +45,7 @@ def read_results(path: str) -> dict:
         raise ValueError(f"{path}: not JSON ({e})") from None
     def cell(v):  # one task's result: what the readers of these files index into must have its shape
         return (isinstance(v, dict) and isinstance(v.get("settings", {}), dict)
-                and all(isinstance(v.get(k), (str, type(None))) for k in ("data", "checkpoint")))
+                and all(isinstance(v.get(k), (str, type(None))) for k in ("data", "checkpoint", "path")))
     if not (isinstance(results, dict) and all(isinstance(r, dict) and all(cell(v) for v in r.values())
                                               for r in results.values())):
         raise ValueError(f"{path} is not an evaluate.py results.json ({{model: {{task: {{accuracy, ...}}}}}})")
@@ -69,6 +69,17 @@ def fingerprint(ckpt_dir) -> list:
             digest = None if name.endswith(".safetensors") else hashlib.sha256(open(path, "rb").read()).hexdigest()
             out.append([name, os.stat(path).st_size, os.stat(path).st_mtime_ns, digest])
     return out
+
+
+def entry_folder(key: str, entry: dict) -> str | None:
+    """The local folder a results.json entry was evaluated from, resolved: the absolute path its
+    numbers record (evaluate.py writes it for a local --model, which it keys as given: a relative
+    path means another folder from another working directory), else the key itself where it is a
+    folder from here; None for a hub id."""
+    for v in entry.values():
+        if v.get("path") and os.path.isdir(v["path"]):
+            return os.path.realpath(v["path"])
+    return os.path.realpath(key) if os.path.isdir(key) else None
 
 
 def stamp(checkpoint_print: list) -> str:
