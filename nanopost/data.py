@@ -232,6 +232,10 @@ def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"prompt message {i}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}")
     if "chosen" in obj or "rejected" in obj:
+        if "completion" in obj or "label" in obj:  # which one was meant? (the label would be ignored)
+            raise ValueError("has both 'chosen'/'rejected' and 'completion'/'label': one format per line")
+        if missing := [k for k in ("chosen", "rejected") if k not in obj]:
+            raise ValueError(f"paired format without '{missing[0]}' (a pair needs 'chosen' and 'rejected')")
         return [(prompt, _completion_text(obj.get("chosen"), "chosen"), True),
                 (prompt, _completion_text(obj.get("rejected"), "rejected"), False)]
     if "completion" not in obj or not isinstance(obj.get("label"), bool):

@@ -402,7 +402,9 @@ def test_data_formats_tokens_and_truncation(tiny):
 @pytest.mark.parametrize("line,pattern", [
     ('{"prompt": "x", "completion": "y"}', r"bad.jsonl:2: expected 'completion' and a boolean 'label'"),
     ('{"prompt": "x", "completion": "y", "label": "yes"}', r"bad.jsonl:2: expected 'completion' and a boolean"),
-    ('{"prompt": "x", "chosen": "y"}', r"bad.jsonl:2: 'rejected' must be a string"),
+    ('{"prompt": "x", "chosen": "y"}', r"bad.jsonl:2: paired format without 'rejected'"),
+    ('{"prompt": "x", "chosen": "y", "rejected": 3}', r"bad.jsonl:2: 'rejected' must be a string"),
+    ('{"prompt": "x", "chosen": "y", "rejected": "z", "label": false}', r"bad.jsonl:2: has both 'chosen'/'rejected' and"),
     ('{"prompt": [{"role": "robot", "content": "x"}], "completion": "y", "label": true}', r"bad.jsonl:2: prompt message 0"),
     ('{"completion": "y", "label": true}', r"bad.jsonl:2: 'prompt' must be"),
     ('not json', r"bad.jsonl:2: not valid JSON"),
