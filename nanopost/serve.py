@@ -668,11 +668,12 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
 
 
 def model_arg(spec):
-    """NAME=DIR_OR_HUB_ID, or a bare one named after its directory's basename (a hub id: itself)."""
+    """NAME=DIR_OR_HUB_ID (a NAME may hold "/", as hub ids do), or a bare one named after its
+    directory's basename (a hub id: itself); a folder whose own name has "=" is a bare one."""
+    if os.path.isdir(spec):
+        return os.path.basename(os.path.normpath(spec)), spec
     name, eq, path = spec.partition("=")
-    if eq and name and "/" not in name and os.sep not in name and path:
-        return name, path
-    return (os.path.basename(os.path.normpath(spec)) if os.path.isdir(spec) else spec), spec
+    return (name, path) if eq and name and path else (spec, spec)
 
 
 def main(argv=None):

@@ -406,3 +406,15 @@ def test_a_taken_port_is_named_before_any_model_loads(tiny):
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             serve.start({"a": "/no/such/model"}, port=port, log=lambda *a: None)  # refused before loading it
+
+
+def test_model_arg_names(tiny, tmp_path):
+    """--model NAME=PATH (a NAME may hold "/", as a hub id does), a bare folder named after itself
+    (also one whose own name holds "="), a bare hub id as itself."""
+    from nanopost.serve import model_arg
+    odd = tmp_path / "lr=1e-3"
+    odd.mkdir()
+    assert model_arg(f"runs/kto={tiny}") == ("runs/kto", tiny)
+    assert model_arg(str(odd)) == ("lr=1e-3", str(odd))
+    assert model_arg(tiny) == (os.path.basename(os.path.normpath(tiny)), tiny)
+    assert model_arg("Qwen/Qwen2-0.5B-Instruct") == ("Qwen/Qwen2-0.5B-Instruct",) * 2
