@@ -147,13 +147,15 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
     merged, carried, dropped = {}, {}, {}
     for m, r in earlier.items():
         folder = tasks.entry_folder(m, r)  # (a relative key from another directory: the path it records)
-        now = next((n for n in results if n == m or (folder and os.path.isdir(n) and os.path.realpath(n) == folder)), None)
+        same = (lambda n: os.path.isdir(n) and os.path.realpath(n) == folder) if folder else (lambda n: n == m)
+        now = next((n for n in results if same(n)), None)
         if now is not None:
             keep = {t: v for t, v in r.items() if t not in results[now] and v.get("checkpoint") == stamps[now]}
         else:
             current = tasks.stamp(tasks.fingerprint(folder)) if folder else None
             keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
-        name = now or m
+        # another folder under this run's spelling of a model (runs/b from another directory): its own path
+        name = now or (folder if m in results else m)
         gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
         if keep:
             carried.setdefault(name, []).extend(keep)

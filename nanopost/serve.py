@@ -594,16 +594,16 @@ def load_results(path, models: dict, log=print) -> dict:
         # the entry evaluated from this checkpoint: for a local folder, first the one with the most
         # numbers carrying the folder's stamp as it is now (these files, evaluated under any path:
         # a relative --model from another directory, before a move, or after an older entry of the
-        # same folder); else its --model spelled as served, or the same folder; else (a local
-        # folder) one named as it is served. The stamps below say which numbers are this one's.
+        # same folder); else the entry of the same folder (the path its numbers record, else its key
+        # from here); else one named as it is served. The stamps below say which numbers are this one's.
         # A hub id's only by its id (its cache's file times are download times: no stamp to check)
         local = os.path.isdir(spec)
         current = tasks.stamp(tasks.fingerprint(spec)) if local else None
         current_cells = {k: sum(v.get("checkpoint") == current for v in r.values()) for k, r in results.items()} \
             if local else {}
         key = next((k for k in sorted(current_cells, key=current_cells.get, reverse=True) if current_cells[k]),
-                   next((k for k in results if k == spec
-                         or (local and tasks.entry_folder(k, results[k]) == os.path.realpath(spec))),
+                   next((k for k in results if (tasks.entry_folder(k, results[k]) == os.path.realpath(spec)
+                                                 if local else k == spec)),
                         name if local and name in results else None))
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
@@ -668,12 +668,15 @@ def start(models: dict, host="127.0.0.1", port=0, api_key=None, dtype="auto", de
 
 
 def model_arg(spec):
-    """NAME=DIR_OR_HUB_ID (a NAME may hold "/", as hub ids do), or a bare one named after its
-    directory's basename (a hub id: itself); a folder whose own name has "=" is a bare one."""
+    """NAME=DIR_OR_HUB_ID, or a bare one named after its directory's basename (a hub id: itself).
+    A NAME may hold "/" (org/model, runs/kto) where PATH is a folder; else a "/" before the "="
+    says the whole is one path (runs/lr=1e-3), and an existing folder is always a bare one."""
     if os.path.isdir(spec):
         return os.path.basename(os.path.normpath(spec)), spec
     name, eq, path = spec.partition("=")
-    return (name, path) if eq and name and path else (spec, spec)
+    if eq and name and path and (os.path.isdir(path) or ("/" not in name and os.sep not in name)):
+        return name, path
+    return spec, spec
 
 
 def main(argv=None):

@@ -365,11 +365,17 @@ def test_a_relative_model_is_known_from_another_directory(tmp_path, data_dir, mo
     monkeypatch.chdir(other)
     shown = serve.load_results(str(out / "results.json"), {"b": b})
     assert shown["b"]["mmlu"]["accuracy"] == res["runs/b"]["mmlu"]["accuracy"]
+    # another folder spelled the same from here: both kept, the earlier one under its own path
+    make_tiny_checkpoint(str(other / "runs" / "b"), seed=5)
+    code, err, both = evaluate("--model", "runs/b", *common)
+    assert code == 0 and set(both) == {"runs/b", b} and both[b]["mmlu"] == res["runs/b"]["mmlu"], err
+    assert both["runs/b"]["mmlu"]["path"] == str(other / "runs" / "b")
+    assert serve.load_results(str(out / "results.json"), {"b": b})["b"]["mmlu"]["accuracy"] == shown["b"]["mmlu"]["accuracy"]
     make_tiny_checkpoint(b, seed=3)  # retrained in place
     assert serve.load_results(str(out / "results.json"), {"b": b}) == {"b": {"mmlu": {"stale": True}}}
     r = run_main(os.path.join(ROOT, "evaluate.py"), "--model", c, *common)
     res = json.load(open(out / "results.json"))
-    assert r.returncode == 0 and set(res) == {c} and "runs/b (mmlu)" in r.stdout and "dropped" in r.stdout, r.stdout
+    assert r.returncode == 0 and set(res) == {c, "runs/b"} and f"{b} (mmlu)" in r.stdout and "dropped" in r.stdout, r.stdout
 
 
 def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir):

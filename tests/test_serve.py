@@ -418,3 +418,5 @@ def test_model_arg_names(tiny, tmp_path):
     assert model_arg(str(odd)) == ("lr=1e-3", str(odd))
     assert model_arg(tiny) == (os.path.basename(os.path.normpath(tiny)), tiny)
     assert model_arg("Qwen/Qwen2-0.5B-Instruct") == ("Qwen/Qwen2-0.5B-Instruct",) * 2
+    assert model_arg("runs/lr=1e-3") == ("runs/lr=1e-3",) * 2  # a missing folder: its error names it whole
+    assert model_arg("base=Qwen/Qwen2-0.5B-Instruct") == ("base", "Qwen/Qwen2-0.5B-Instruct")
