@@ -282,3 +282,8 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     (tmp_path / "odd.json").write_text(json.dumps({"x": {"mmlu": {"accuracy": 50, "settings": None}}}))
     with pytest.raises(ValueError, match="is not an evaluate.py results.json"):
         serve.load_results(str(tmp_path / "odd.json"), {"x": a})
+    # lm-evaluation-harness's results.json has the same nesting, and no number of ours in its cells
+    (tmp_path / "lm_eval.json").write_text(json.dumps({"results": {"mmlu": {"acc,none": 0.5, "alias": "mmlu"}},
+                                                        "configs": {"mmlu": {"num_fewshot": 5}}}))
+    with pytest.raises(ValueError, match="is not an evaluate.py results.json"):
+        serve.load_results(str(tmp_path / "lm_eval.json"), {"results": a})

@@ -45,6 +45,8 @@ def read_results(path: str) -> dict:
         raise ValueError(f"{path}: not JSON ({e})") from None
     def cell(v):  # one task's result: what the readers of these files index into must have its shape
         return (isinstance(v, dict) and isinstance(v.get("settings", {}), dict)
+                and ("accuracy" in v or "perplexity" in v)  # (lm-evaluation-harness's cells: "acc,none")
+                and all(isinstance(v.get(k), (int, float, type(None))) for k in ("accuracy", "perplexity"))
                 and all(isinstance(v.get(k), (str, type(None))) for k in ("data", "checkpoint", "path")))
     if not (isinstance(results, dict) and all(isinstance(r, dict) and all(cell(v) for v in r.values())
                                               for r in results.values())):
