@@ -154,8 +154,9 @@ def merge_earlier(earlier: dict, results: dict, stamps: dict) -> tuple[dict, dic
         else:
             current = tasks.stamp(tasks.fingerprint(folder)) if folder else None
             keep = {t: v for t, v in r.items() if current is None or v.get("checkpoint") in (None, current)}
-        # another folder under this run's spelling of a model (runs/b from another directory): its own path
-        name = now or (folder if m in results else m)
+        # a folder whose key names another folder, or none, from here (runs/b evaluated in another
+        # directory): keyed by its own absolute path, so that no row of results.md names another folder
+        name = now or (folder if folder and (m in results or not same(m)) else m)
         gone = [t for t in r if t not in keep and (now is None or t not in results[now])]
         if keep:
             carried.setdefault(name, []).extend(keep)

@@ -365,10 +365,13 @@ def test_a_relative_model_is_known_from_another_directory(tmp_path, data_dir, mo
     monkeypatch.chdir(other)
     shown = serve.load_results(str(out / "results.json"), {"b": b})
     assert shown["b"]["mmlu"]["accuracy"] == res["runs/b"]["mmlu"]["accuracy"]
-    # another folder spelled the same from here: both kept, the earlier one under its own path
+    # evaluated into the same --out from here, runs/b (no folder here) is kept under its own path
+    code, err, kept = evaluate("--model", c, *common)
+    assert code == 0 and set(kept) == {c, b} and kept[b]["mmlu"] == res["runs/b"]["mmlu"], err
+    # and so is it beside another folder spelled the same from here
     make_tiny_checkpoint(str(other / "runs" / "b"), seed=5)
     code, err, both = evaluate("--model", "runs/b", *common)
-    assert code == 0 and set(both) == {"runs/b", b} and both[b]["mmlu"] == res["runs/b"]["mmlu"], err
+    assert code == 0 and set(both) == {"runs/b", b, c} and both[b]["mmlu"] == res["runs/b"]["mmlu"], err
     assert both["runs/b"]["mmlu"]["path"] == str(other / "runs" / "b")
     assert serve.load_results(str(out / "results.json"), {"b": b})["b"]["mmlu"]["accuracy"] == shown["b"]["mmlu"]["accuracy"]
     make_tiny_checkpoint(b, seed=3)  # retrained in place
