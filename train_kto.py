@@ -37,7 +37,7 @@ import nanopost
 from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kto, collate_kto_pairs, kto_groups, load_kto
 from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
-from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, data_hash,
+from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
                                frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
                                split_validation, start_run, train)
 
@@ -102,8 +102,10 @@ def main(argv=None):
         log(f"data: {len(examples)} examples ({n_d} desirable, {len(examples) - n_d} undesirable; "
             f"{stats['prompts_cut']} prompts and {stats['completions_cut']} completions cut to {args.max_len} tokens, "
             f"{stats['bad_lines']} bad lines skipped), {len(val)} validation")
-        if note := balance_note(n_d, len(examples) - n_d, args):
-            log(note)
+        for note in (cut_note(stats["completions_cut"], len(examples), args.max_len, "completions"),
+                     balance_note(n_d, len(examples) - n_d, args)):
+            if note:
+                log(note)
         groups, val_groups = kto_groups(len(examples), args.batch_size, args.seed), kto_groups(len(val), args.batch_size, args.seed)
         groups_per_step = args.grad_accum * world
         steps_per_epoch, total = plan_steps(len(groups), groups_per_step, args,

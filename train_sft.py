@@ -32,8 +32,9 @@ from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
-from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, data_hash, grad_sync,
-                               load_policy, parse_training_args, plan_steps, split_validation, start_run, train)
+from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, cut_note, data_hash,
+                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_run,
+                               train)
 
 
 def parse_args(argv=None):
@@ -104,6 +105,8 @@ def main(argv=None):
         split_validation(per_file, args, val_examples)
         log(f"data: {stats['examples']} examples ({stats['truncated']} truncated to {args.max_len} tokens, "
             f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
+        if note := cut_note(stats["truncated"], stats["examples"], args.max_len):
+            log(note)
         train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
         all_rows = make_rows(train_examples, args)
         rows_per_step = args.batch_size * args.grad_accum * world

@@ -493,6 +493,15 @@ def data_hash(sequences) -> str:
     return h.hexdigest()[:16]
 
 
+def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | None:
+    """A warning when most examples lose trained tokens to --max-len (a --max-len of 2 trains on
+    one token each, and says so only in a count)."""
+    if n and n_cut > n / 2:
+        return (f"warning: {n_cut} of {n} {what} were cut to --max-len {max_len} tokens: most lose part of what "
+                f"is trained on; is --max-len meant to be this small?")
+    return None
+
+
 def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: str):
     """-> (steps per epoch, total steps) for `units` rows or micro-batches an epoch; a StateError
     when not even one optimizer step fits."""

@@ -428,6 +428,9 @@ def test_imbalance_warning_suggests_weights(tiny, tmp_path):
     r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--max-steps", 1, "--out", tmp_path / "w",
                  "--desirable-weight", 3)
     assert r.returncode == 0 and "outside [1, 4/3]: use --desirable-weight in [1.00, 1.33]" in r.stdout, r.stdout
+    assert "cut to --max-len" not in r.stdout
+    r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--max-steps", 1, "--out", tmp_path / "c", "--max-len", 2)
+    assert r.returncode == 0 and "warning: 24 of 24 completions were cut to --max-len 2 tokens" in r.stdout, r.stdout
 
 
 def test_precomputed_reference_cache_is_keyed_on_the_reference_and_the_data(tiny, tmp_path):
