@@ -39,19 +39,20 @@ def worker(impl, model_dir, B, T, precision, steps, device):
     kl_ids[:, :3 * T // 4] = ids[:, :3 * T // 4]  # prompt i with completion i-1
     desirable = torch.arange(B, device=device) % 2 == 0
     table = None
+    # the reference's examples and KL pairs: two passes (the TRL way; nanopost in bf16, where its
+    # rounding must be the policy's), `logps` being each side's own (defined below)
+    ref_logps = lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels))  # noqa: E731
     if impl.startswith("nanopost"):
         import nanopost
         from nanopost.data import KTOExample, collate_kto_pairs
         from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
         from nanopost.training import frozen_for_autocast, make_optimizer
         logps = lambda m, i, y: sequence_logps(m, i, y)  # noqa: E731
-        # the reference as train_kto.py runs it: in float32 examples and KL pairs in one pass, each
-        # prompt once; in bf16 the policy's two layouts (so that its rounding is the policy's)
-        P = 3 * T // 4
-        pairs = [t.to(device) for t in collate_kto_pairs(
-            list(range(B)), [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()], 0, T)]
-        ref_logps = (lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)) if precision == "fp32" else \
-            (lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels)))
+        if precision == "fp32":  # as train_kto.py runs it: one pass, each prompt once
+            P = 3 * T // 4
+            pairs = [t.to(device) for t in collate_kto_pairs(
+                list(range(B)), [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()], 0, T)]
+            ref_logps = lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)  # noqa: E731
         ref = nanopost.load(model_dir, dtype=dtype, device=device)[0]
         if precision == "bf16-autocast" and not os.environ.get("NANOPOST_BENCH_FP32_REF"):
             frozen_for_autocast(ref)  # as train_kto.py does: its Linears in bf16, the same results
@@ -72,7 +73,6 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
         from nanopost.losses import kl_estimate, kto_loss
-        ref_logps = lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels))  # noqa: E731
 
         def logps(m, i, y):  # TRL's way before its fused head: full logits, log_softmax, gather
             logits = m(input_ids=i, use_cache=False).logits[:, :-1].float()

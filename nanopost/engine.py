@@ -385,7 +385,8 @@ class Engine:
 
     def _screen_for(self, s: Sampling):
         """The GreedyScreen for this call, or None: sampling, a repetition penalty (it needs every
-        logit), weights neither float32 nor bf16 on CPU, or no exact int8 matmul here. Rebuilt when the lm_head weight changes (training, a merge)."""
+        logit), weights neither float32 nor bf16 on CPU, or no exact int8 matmul here. Rebuilt when
+        the lm_head weight changes (training, a merge)."""
         w = self.model.lm_head.weight
         if (not self.greedy_screen or s.temperature > 0 or s.repetition_penalty != 1.0
                 or w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu"):

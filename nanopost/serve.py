@@ -575,6 +575,27 @@ def load_worker(name, path, dtype, device, batch_size, log=print, cuda_graphs=No
     return worker
 
 
+def results_entry(results: dict, name: str, spec: str) -> tuple[str | None, str | None]:
+    """The results.json entry evaluated from the checkpoint served as `name` from `spec`, and the
+    checkpoint's stamp as it is now (None for a hub id) -> (key or None, stamp). A local folder's:
+    first the entry with the most numbers carrying its current stamp (these files, evaluated under
+    any path: a relative --model from another directory, before a move, or after an older entry of
+    the same folder); else the entry of the same folder (the path its numbers record, else its key
+    from here); else one named as it is served. The stamps say which of its numbers are this one's.
+    A hub id's only the entry under its id (its cache's file times are download times: no stamp)."""
+    from nanopost import tasks  # (the task modules only when the page shows numbers)
+    if not os.path.isdir(spec):
+        return (spec if spec in results else None), None
+    current = tasks.stamp(tasks.fingerprint(spec))
+    count = {k: sum(v.get("checkpoint") == current for v in r.values()) for k, r in results.items()}
+    best = max(count, key=count.get, default=None)  # the first of the most
+    if best is not None and count[best]:
+        return best, current
+    folder = os.path.realpath(spec)
+    return next((k for k in results if tasks.entry_folder(k, results[k]) == folder),
+                name if name in results else None), current
+
+
 def load_results(path, models: dict, log=print) -> dict:
     """evaluate.py's results.json ({evaluated model: {task: {accuracy, n, settings, ..., predictions}}})
     -> {served name: {task: {accuracy, n, settings} or {perplexity, settings}}}. evaluate.py keys each
@@ -591,20 +612,7 @@ def load_results(path, models: dict, log=print) -> dict:
         raise ValueError(f"--results {e} (evaluate.py --out DIR writes DIR/results.json)") from None
     out, made = {}, {}  # made: task -> {served name: tasks.protocol of its number}
     for name, spec in models.items():
-        # the entry evaluated from this checkpoint: for a local folder, first the one with the most
-        # numbers carrying the folder's stamp as it is now (these files, evaluated under any path:
-        # a relative --model from another directory, before a move, or after an older entry of the
-        # same folder); else the entry of the same folder (the path its numbers record, else its key
-        # from here); else one named as it is served. The stamps below say which numbers are this one's.
-        # A hub id's only by its id (its cache's file times are download times: no stamp to check)
-        local = os.path.isdir(spec)
-        current = tasks.stamp(tasks.fingerprint(spec)) if local else None
-        current_cells = {k: sum(v.get("checkpoint") == current for v in r.values()) for k, r in results.items()} \
-            if local else {}
-        key = next((k for k in sorted(current_cells, key=current_cells.get, reverse=True) if current_cells[k]),
-                   next((k for k in results if (tasks.entry_folder(k, results[k]) == os.path.realpath(spec)
-                                                 if local else k == spec)),
-                        name if local and name in results else None))
+        key, current = results_entry(results, name, spec)
         if key is None:
             log(f"note: --results {path} has no entry for {name} ({spec}); it has {', '.join(results) or 'none'}")
             continue
