@@ -384,14 +384,17 @@ class Progress:
     def __init__(self, out_dir, total_steps, start_step, rank):
         """A resumed run keeps the lines up to start_step and drops any the interrupted run wrote later."""
         self.total, self.start, self.rank, self.t0 = total_steps, start_step, rank, time.time()
-        self.file = None
+        self.file, self.last = None, {}  # last: the newest kept line (a run resumed at its end logs no step)
         if rank == 0:
             path = os.path.join(out_dir, "metrics.jsonl")
             kept = []
             if start_step > 0 and os.path.exists(path):
                 kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step]
-            self.file = open(path, "w")
-            self.file.writelines(kept)
+                self.last = json.loads(kept[-1]) if kept else {}
+            with open(path + ".tmp", "w") as f:  # replaced whole: a kill here loses no kept line
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+            self.file = open(path, "a")
 
     def log(self, step, **metrics):
         if self.rank:
@@ -635,7 +638,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 path = os.path.join(args.out, "checkpoints", f"step-{step:07d}") if saved_now else checkpoint(step)
                 log(f"interrupted: saved {path}; continue with --resume", flush=True)
                 sys.exit(130)
-        val = metrics.get("val_loss") if step > start else val_fn()  # (resumed at the end: no step ran)
+        if step == start:  # resumed at the end: no step ran, the last logged one is the run's
+            metrics = {"loss": progress.last.get("loss")}
+        val = metrics.get("val_loss") if step > start else val_fn()
         checkpoint(step, final=True)  # a Ctrl-C from here on waits for the final model: the run is complete then
     progress.close()
     log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))

@@ -329,3 +329,14 @@ def test_preset_warmup_yields_to_an_explicit_ratio_and_val_loss_is_always_logged
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0 and [m["step"] for m in rows if "val_loss" in m] == [3]
     assert rows[-1]["val_loss"] == final["val_loss"] is not None
+
+
+def test_resuming_a_finished_run_reports_its_last_loss_and_keeps_its_metrics(tiny, tmp_path, baseline):
+    import shutil
+    out = shutil.copytree(baseline, tmp_path / "done")
+    before = open(out / "metrics.jsonl").read()
+    r = run_main(TRAIN, *common(tiny, out, "--resume"))
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and final["steps"] == 4, r.stderr
+    assert final["final_loss"] == losses(baseline)[-1] is not None  # it said null: no step ran in this process
+    assert open(out / "metrics.jsonl").read() == before and not os.path.exists(out / "metrics.jsonl.tmp")
