@@ -16,9 +16,12 @@ Data (JSONL, TRL's formats): {"prompt", "completion", "label": true|false} or {"
 list of messages. Per example, r = log pi(y|x) - log pi_ref(y|x) summed over the completion tokens
 (the assistant content + <|im_end|>, exactly what SFT trains); the loss is nanopost.losses.kto_loss
 averaged over each micro-batch, with z0 from the KL pairs (prompt i, completion i-1) formed inside
-each micro-batch (in float32 the reference scores an example and its KL pair in one forward,
-computing the prompt once: data.collate_kto_pairs), averaged over the step's micro-batches and ranks (TRL averages over ranks only:
-the same with --grad-accum 1; ours makes grad-accum k equal k processes). The lm_head runs in row chunks and never holds the full logits.
+each micro-batch, averaged over the step's micro-batches and ranks (TRL averages over ranks only:
+the same with --grad-accum 1; ours makes grad-accum k equal k processes). A KL pair is scored as a
+continuation of its example's forward (its completion attends the prompt's kept keys/values:
+data.collate_kl), so each prompt is computed once per model; with --grad-accum 1 the policy's
+pairs ride on its training forward (z0 is known before the backward). The lm_head runs in row
+chunks and never holds the full logits.
 Micro-batches are fixed groups of --batch-size examples (a seeded shuffle); epochs reshuffle the
 groups. The loop, checkpoints, exact --resume, Ctrl-C and metrics.jsonl are train_sft.py's
 (nanopost/training.py)."""
@@ -35,8 +38,8 @@ from safetensors.torch import load_file
 
 import nanopost
 from nanopost.checkpoint import CheckpointError, resolve, save_tensors
-from nanopost.data import DataError, collate_kto, collate_kto_pairs, kto_groups, load_kto
-from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
+from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_kto
+from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
                                frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
                                split_validation, start_run, train)
@@ -124,26 +127,23 @@ def main(argv=None):
     use_kl = args.loss_type == "kto"
     mean_over_ranks = lambda x: all_reduce_sum(x.clone()) / world  # noqa: E731
 
-    def batch(data, group, kl=False):
-        return [t.to(device) for t in collate_kto(group, data, tok.pad_id, args.max_len, kl=kl)]
+    def batch(data, group):
+        """-> the micro-batch's examples (collate_kto), and (kto) their KL pairs as the examples'
+        continuation (collate_kl), on the device."""
+        kl = collate_kl(group, data, tok.pad_id, args.max_len) if use_kl else None
+        return ([t.to(device) for t in collate_kto(group, data, tok.pad_id, args.max_len)],
+                {"kl": [t.to(device) for t in kl]} if use_kl else {})
 
-    # In float32 the reference scores the examples and the KL pairs in one forward that computes
-    # each prompt once (data.collate_kto_pairs): the two passes' log-probs to float32 rounding. In
-    # bf16 that forward's rounding is not the policy's passes' (up to 0.4 nats a sequence at 0.5B),
-    # so it runs the policy's two layouts: a policy equal to its reference then scores exactly 0,
-    # as in TRL, and both sides' rounding cancels in r = log pi - log pi_ref.
-    one_pass = use_kl and args.precision == "fp32"
-
+    # The policy and the reference score the KL pairs the same way (one forward of the examples,
+    # then the pairs' completions attending the kept prompts), so their rounding is the same: a
+    # policy equal to its reference scores exactly 0 in bf16 too, as in TRL.
     @torch.no_grad()
     def live_reference(data, group):
         """The reference log-probs of a micro-batch's examples and (kto) of its KL pairs."""
+        main, kl = batch(data, group)
         with run.autocast():
-            if one_pass:
-                pairs = [t.to(device) for t in collate_kto_pairs(group, data, tok.pad_id, args.max_len)]
-                both = gathered_logps(ref_model, *pairs, n_rows=2 * len(group))
-                return both[:len(group)], both[len(group):]
-            return (sequence_logps(ref_model, *batch(data, group)),
-                    sequence_logps(ref_model, *batch(data, group, kl=True)) if use_kl else None)
+            out = sequence_logps(ref_model, *main, **kl)
+        return out if use_kl else (out, None)
 
     # ---- what a resume must agree on, checked before the reference pass below is spent ----
     ref_print = fingerprint(ref_dir)
@@ -163,7 +163,7 @@ def main(argv=None):
     table = {}
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
-            "version": 2, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
+            "version": 3, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
             "device": device.type, "kl": use_kl,  # version: bump when live_reference's computation changes
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]
@@ -204,20 +204,27 @@ def main(argv=None):
     @torch.no_grad()
     def kl_ratios(data, group, ref_kl):
         """The KL pairs' policy - reference log-probs of one micro-batch (no gradient)."""
+        main, kl = batch(data, group)
         with run.autocast():
-            return run.wrapped(*batch(data, group, kl=True)) - ref_kl
+            return run.wrapped(*main, **kl)[1] - ref_kl
 
-    def micro_batch(data, group, ref, z0, sync=True, accum=1):
-        """The policy pass -> (loss, rewards, policy logps, desirable); with gradients on, backward
-        runs here (scaled for accumulation)."""
+    def micro_batch(data, group, ref, ref_kl, z0=None, sync=True, accum=1, over_ranks=mean_over_ranks):
+        """The policy pass -> (loss, rewards, policy logps, desirable, z0); with gradients on,
+        backward runs here (scaled for accumulation). z0 None (kto): from the KL pairs scored by
+        this same forward (averaged with over_ranks), before the backward."""
         desirable = torch.tensor([data[i].label for i in group], device=device)
+        main, kl = batch(data, group)
         with grad_sync(run.wrapped, sync), run.autocast():
-            logps = run.wrapped(*batch(data, group))
+            if z0 is None:
+                logps, kl_logps = run.wrapped(*main, **kl)
+                z0 = kl_estimate(kl_logps, ref_kl, over_ranks)
+            else:
+                logps = run.wrapped(*main)
             loss, rewards = kto_loss(logps, ref, desirable, z0, args.beta,
                                      args.desirable_weight, args.undesirable_weight, args.loss_type)
             if torch.is_grad_enabled():
                 (loss / accum).backward()  # a mean of micro-batch means; DDP/FSDP2 average over ranks
-        return loss.detach(), rewards, logps.detach(), desirable
+        return loss.detach(), rewards, logps.detach(), desirable, z0
 
     # ---- one optimizer step: this rank's micro-batches ----
     epoch_groups = {}
@@ -231,13 +238,13 @@ def main(argv=None):
         # z0 of the step: the KL pairs of all its micro-batches on all ranks (one estimate, so that
         # grad-accum k equals k processes; with grad-accum 1 it is TRL's: the ranks' mean)
         refs = [reference("train", examples, g) for g in mine]  # (examples', KL pairs') of each micro-batch
-        z0 = torch.zeros((), device=device)
-        if use_kl:
+        z0 = None if use_kl else torch.zeros((), device=device)  # None: from the policy's forward (one micro-batch)
+        if use_kl and len(mine) > 1:  # every micro-batch's pairs before the first backward
             z0 = kl_estimate(torch.stack([kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]), 0,
                              mean_over_ranks)
         sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, n_d, n_u, rewards d/u, logps d/u
         for j, (g, r) in enumerate(zip(mine, refs)):
-            loss, rewards, logps, d = micro_batch(examples, g, r[0], z0, sync=j == len(mine) - 1, accum=len(mine))
+            loss, rewards, logps, d, z0 = micro_batch(examples, g, *r, z0, sync=j == len(mine) - 1, accum=len(mine))
             u, n_tokens = ~d, sum(len(examples[i].prompt) + len(examples[i].completion) for i in g)
             sums += torch.stack([t.to(sums) for t in (loss, torch.tensor(n_tokens), d.sum(), u.sum(),
                                                       rewards[d].sum(), rewards[u].sum(), logps[d].sum(), logps[u].sum())])
@@ -257,8 +264,8 @@ def main(argv=None):
         # every rank the whole (small) validation set, z0 per micro-batch: no collective to pair up
         losses = []
         for g in val_groups:
-            ref, ref_kl = reference("val", val, g)
-            losses.append(micro_batch(val, g, ref, kl_estimate(kl_ratios(val, g, ref_kl), 0) if use_kl else 0.0)[0].item())
+            z0 = None if use_kl else 0.0
+            losses.append(micro_batch(val, g, *reference("val", val, g), z0, over_ranks=lambda x: x)[0].item())
         run.model.train()
         return sum(losses) / len(losses)
 

@@ -6,17 +6,20 @@ last quarter of each row is the completion).
     python bench/kto_step.py --batch 8 --seq-len 128 --precision bf16-autocast
     python bench/kto_step.py --device cuda --precision bf16-autocast
 
-A step: the KL pass (policy, no gradient) and the reference passes (completions and KL pairs),
-then the policy forward + backward, the KTO loss, clipping and AdamW.
-- nanopost: hidden states -> chunked lm_head log-probs (nanopost.losses.sequence_logps), never
-  B*T*V logits; live reference model (under bf16-autocast its Linears held in bf16, as train_kto.py
-  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves); in
-  float32 one forward for the examples and their KL pairs, each prompt computed once
-  (data.collate_kto_pairs), as train_kto.py does.
+A step: the policy's and the reference's log-probs of the examples and of the KL pairs (prompt i
+with completion i-1; the policy's without gradient), the policy's backward, the KTO loss,
+clipping and AdamW.
+- nanopost, as train_kto.py runs a step of one micro-batch: hidden states -> chunked lm_head
+  log-probs (nanopost.losses.sequence_logps), never B*T*V logits; each model scores the KL pairs
+  as a continuation of its examples' forward (data.collate_kl: the pairs' completions attend the
+  prompts' kept keys/values, each prompt computed once), the policy's riding on its training
+  forward; live reference model (under bf16-autocast its Linears held in bf16, as train_kto.py
+  holds them; NANOPOST_BENCH_FP32_REF=1 keeps them float32, to measure what that saves).
 - nanopost --precompute-ref: the reference log-probs come from a table (train_kto.py computes it
   once before training; that pass is timed separately and printed as "ref pass").
 - TRL way: transformers' Qwen2ForCausalLM, full logits -> log_softmax -> gather, a live
-  transformers reference model; torch AdamW (fused where supported, as ours).
+  transformers reference model, the KL pairs a forward of their own (prompt computed again) on each
+  model; torch AdamW (fused where supported, as ours).
 Each side runs in its own process; the median of --steps timed steps after one warm-up step."""
 import argparse
 import json
@@ -39,27 +42,23 @@ def worker(impl, model_dir, B, T, precision, steps, device):
     kl_ids[:, :3 * T // 4] = ids[:, :3 * T // 4]  # prompt i with completion i-1
     desirable = torch.arange(B, device=device) % 2 == 0
     table = None
-    # the reference's examples and KL pairs: two passes (the TRL way; nanopost in bf16, where its
-    # rounding must be the policy's), `logps` being each side's own (defined below)
-    ref_logps = lambda m: (logps(m, ids, labels), logps(m, kl_ids, kl_labels))  # noqa: E731
     if impl.startswith("nanopost"):
         import nanopost
-        from nanopost.data import KTOExample, collate_kto_pairs
-        from nanopost.losses import gathered_logps, kl_estimate, kto_loss, sequence_logps
+        from nanopost.data import KTOExample, collate_kl, collate_kto
+        from nanopost.losses import kl_estimate, kto_loss, sequence_logps
         from nanopost.training import frozen_for_autocast, make_optimizer
-        logps = lambda m, i, y: sequence_logps(m, i, y)  # noqa: E731
-        if precision == "fp32":  # as train_kto.py runs it: one pass, each prompt once
-            P = 3 * T // 4
-            pairs = [t.to(device) for t in collate_kto_pairs(
-                list(range(B)), [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()], 0, T)]
-            ref_logps = lambda m: gathered_logps(m, *pairs, n_rows=2 * B).split(B)  # noqa: E731
+        P, group = 3 * T // 4, list(range(B))
+        examples = [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()]
+        main = [t.to(device) for t in collate_kto(group, examples, 0, T)]  # = ids, labels (+ positions)
+        kl = [t.to(device) for t in collate_kl(group, examples, 0, T)]
+        both = lambda m: sequence_logps(m, *main, kl=kl)  # noqa: E731  (examples', KL pairs')
         ref = nanopost.load(model_dir, dtype=dtype, device=device)[0]
         if precision == "bf16-autocast" and not os.environ.get("NANOPOST_BENCH_FP32_REF"):
             frozen_for_autocast(ref)  # as train_kto.py does: its Linears in bf16, the same results
         if impl == "nanopost-precomputed":  # the one-off pass train_kto.py makes before training
             t = time.perf_counter()
             with torch.no_grad(), autocast():
-                table = ref_logps(ref)
+                table = both(ref)
             ref_pass = time.perf_counter() - t
             ref = None
         model, _ = nanopost.load(model_dir, dtype=dtype, device=device)
@@ -79,14 +78,19 @@ def worker(impl, model_dir, B, T, precision, steps, device):
             y = y[:, 1:]
             token = logits.log_softmax(-1).gather(2, y.clamp(min=0)[..., None]).squeeze(2)
             return (token * (y != -100)).sum(-1)
+
+        def both(m):  # the examples' log-probs (with gradient where enabled), then the KL pairs' (without)
+            out = logps(m, ids, labels)
+            with torch.no_grad():
+                return out, logps(m, kl_ids, kl_labels)
     model.train()
 
     def loss_fn():
         with autocast():
             with torch.no_grad():
-                kl_policy = logps(model, kl_ids, kl_labels)
-                ref_main, ref_kl = table if table else ref_logps(ref)
-            return kto_loss(logps(model, ids, labels), ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
+                ref_main, ref_kl = table if table else both(ref)
+            policy, kl_policy = both(model)
+            return kto_loss(policy, ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
     out = timed_train_steps(loss_fn, model, opt, steps, device)
     out["tokens_per_s"] = B * T / out["step_s"]
     if table:

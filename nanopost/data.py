@@ -306,52 +306,36 @@ def collate_kto(group, examples, pad_id: int, max_len: int, kl: bool = False):
     return collate([[b] for b in range(len(rows))], rows, pad_id)
 
 
-def collate_kto_pairs(group, examples, pad_id: int, max_len: int):
-    """A group's examples and their KL pairs (collate_kto's two batches) in one batch, for a model
-    that needs no gradient (KTO's reference): row i holds prompt i, completion i, then completion
-    i-1 placed right after the prompt as if completion i were not there -- its positions continue
-    the prompt's and it attends the prompt and itself only -- so each prompt is computed once for
-    both log-probs instead of twice (a prompt of 3/4 of the tokens: 3/8 fewer tokens). A pair whose
-    prompt is truncated otherwise than its example's follows as a sequence of its own.
-    -> input_ids, position_ids (B, L), mask (B, 1, L, L) bool (True = attend), src, targets, rows:
-    target k is predicted at flattened position src[k], its log-prob summed into rows[k] (0..B-1:
-    the examples, B..2B-1: the KL pairs)."""
-    B = len(group)
-    seqs, width = [], 0
-    for b, (i, j) in enumerate(zip(group, group[-1:] + group[:-1])):
+def collate_kl(group, examples, pad_id: int, max_len: int):
+    """A group's KL pairs (collate_kto(kl=True): prompt i with completion i-1) as a continuation of
+    its examples' batch (collate_kto, T wide), for a second forward that attends the prompts'
+    keys/values kept from the first (model.PromptKV): row i holds the last token of prompt i
+    (which predicts the completion's first) and completion i-1, at the positions that continue
+    the prompt, seeing the prompt's other slots and itself: each prompt is computed once for its
+    example and its KL pair. A pair whose prompt is cut otherwise than its example's (a longer
+    completion) holds that whole prompt and sees no kept slot.
+    -> input_ids, position_ids (B, W), mask (B, 1, W, T + W) bool (True = attend), src, targets,
+    rows: target k is predicted by the hidden state at flattened position src[k] of this batch,
+    its log-prob summed into row rows[k]."""
+    B, seqs = len(group), []
+    for i, j in zip(group, group[-1:] + group[:-1]):
         p, c = truncate_kto(examples[i].prompt, examples[i].completion, max_len)
         kp, kc = truncate_kto(examples[i].prompt, examples[j].completion, max_len)
-        shared = kp == p
-        seqs.append((p, c, kp, kc, shared))
-        width = max(width, len(p) + len(c) + len(kc) + (0 if shared else len(kp)))
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    seg = torch.full((B, width), 3, dtype=torch.long)  # 0 prompt, 1 completion, 2 KL pair, 3 padding
+        lead = p[-1:] if kp == p else kp  # kp == p: slots [0, P - 1) are the kept prompt's
+        seqs.append((len(p) + len(c), len(p) - len(lead) if kp == p else 0, lead + kc, len(lead)))
+    T, W = max(s[0] for s in seqs), max(1, max(len(s[2]) for s in seqs))
+    ids = torch.full((B, W), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, W), dtype=torch.long)
+    mask = torch.zeros((B, 1, W, T + W), dtype=torch.bool)
+    causal = torch.ones(W, W, dtype=torch.bool).tril()
     src, targets, rows = [], [], []
-
-    def score(at, y, row):  # target y, predicted at flattened position `at`, summed into `row`
-        src.append(at)
-        targets.append(y)
-        rows.append(row)
-    for b, (p, c, kp, kc, shared) in enumerate(seqs):
-        n, m = len(p) + len(c), len(kc) + (0 if shared else len(kp))
-        ids[b, :n + m] = torch.tensor(p + c + (kc if shared else kp + kc))
-        pos[b, :n] = torch.arange(n)
-        pos[b, n:n + m] = torch.arange(m) + (len(p) if shared else 0)
-        seg[b, :len(p)], seg[b, len(p):n], seg[b, n:n + m] = 0, 1, 2
-        pos[b, n + m:] = torch.arange(width - n - m)
-        # completion token k is predicted where the token before it in its sequence sits (the
-        # prompt's last for k = 0); a sequence's first token is predicted by nothing (collate)
-        first = b * width + n + (0 if shared else len(kp))  # where the KL completion starts
-        for k, y in enumerate(c):
-            if len(p) + k:
-                score(b * width + len(p) + k - 1, y, b)
-        for k, y in enumerate(kc):
-            if len(kp) + k:
-                score(b * width + len(p) - 1 if shared and k == 0 else first + k - 1, y, B + b)
-    t = torch.arange(width)
-    causal = t[None, :, None] >= t[None, None, :]  # (1, query, key)
-    shared_rows = torch.tensor([x[4] for x in seqs])[:, None, None]
-    sq, sk = seg[:, :, None], seg[:, None, :]
-    mask = causal & ((sq == sk) | ((sk == 0) & ((sq == 1) | ((sq == 2) & shared_rows))))
-    return ids, pos, mask[:, None], *(torch.tensor(x, dtype=torch.long) for x in (src, targets, rows))
+    for b, (_, seen, seq, lead) in enumerate(seqs):
+        ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        pos[b] = torch.arange(W) + seen
+        mask[b, 0, :, :seen] = True
+        mask[b, 0, :, T:] = causal
+        for at in range(max(lead, 1) - 1, len(seq) - 1):  # the completion's tokens after the first of the row
+            src.append(b * W + at)
+            targets.append(seq[at + 1])
+            rows.append(b)
+    return ids, pos, mask, *(torch.tensor(x, dtype=torch.long) for x in (src, targets, rows))

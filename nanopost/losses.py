@@ -8,15 +8,17 @@ the divisor so k accumulated micro-batches equal one batch k times larger."""
 import torch
 
 from nanopost import kernels
+from nanopost.model import PromptKV, packed_causal_mask
 from nanopost.tokenizer import IGNORE
 
 
-def trained_positions(model, input_ids, labels, position_ids=None):
+def trained_positions(model, input_ids, labels, position_ids=None, cache=None):
     """The model's final hidden states at the positions whose *target* is trained (labels are
     aligned with input_ids: labels[t] is the label of token t, so position t-1 predicts it) ->
     (hidden (N, C), lm_head weight, targets (N,), flat indices into the B x (T-1) positions).
-    Only these rows go through the lm_head."""
-    hidden = model(input_ids, position_ids=position_ids, return_hidden=True)
+    Only these rows go through the lm_head. cache: a model.PromptKV to keep the keys/values in."""
+    mask = packed_causal_mask(position_ids) if cache is not None and position_ids is not None else None  # (as cache=None)
+    hidden = model(input_ids, position_ids=position_ids, cache=cache, mask=mask, return_hidden=True)
     y = labels[:, 1:].reshape(-1)
     keep = (y != IGNORE).nonzero().squeeze(1)
     w = model.lm_head.weight
@@ -41,24 +43,27 @@ def reference_sft_loss_sum(model, input_ids, labels, position_ids=None):
 
 # ---- sequence log-probs (KTO, preference losses) ----
 
-def sequence_logps(model, input_ids, labels, position_ids=None, chunk_rows: int = 1024):
+def sequence_logps(model, input_ids, labels, position_ids=None, kl=None, chunk_rows: int = 1024):
     """log p(completion | prompt) per row: token log-probs *summed* over the positions whose
-    target is trained (trained_positions) -> (B,) float32."""
-    h, w, y, keep = trained_positions(model, input_ids, labels, position_ids)
-    token_logps = kernels.linear_logprobs(h, w, y, chunk_rows)
-    rows = keep // (input_ids.shape[1] - 1)
-    return torch.zeros(len(input_ids), dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
+    target is trained (trained_positions) -> (B,) float32.
+    kl: the rows' KTO KL pairs as their continuation (data.collate_kl) -> (the rows' log-probs,
+    the pairs' without gradient): a second forward of the pairs' completions only, attending the
+    prompts' keys/values kept from the first (model.PromptKV), so each prompt is computed once."""
+    kept = PromptKV() if kl is not None else None
+    h, w, y, keep = trained_positions(model, input_ids, labels, position_ids, cache=kept)
+    logps = row_sums(kernels.linear_logprobs(h, w, y, chunk_rows), keep // (input_ids.shape[1] - 1), len(input_ids))
+    if kl is None:
+        return logps
+    ids, pos, mask, src, targets, rows = kl
+    with torch.no_grad():
+        hidden = model(ids, position_ids=pos, mask=mask, cache=kept.continued(), return_hidden=True)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)
+        return logps, row_sums(kernels.linear_logprobs(h, w.detach(), targets, chunk_rows), rows, len(input_ids))
 
 
-def gathered_logps(model, input_ids, position_ids, mask, src, targets, rows, n_rows: int, chunk_rows: int = 1024):
-    """Summed log-probs of `targets`, target k read at flattened position src[k] and added into
-    row rows[k] -> (n_rows,) float32: several sequences' log-probs from one forward whose rows
-    share tokens (data.collate_kto_pairs: KTO's reference, each prompt once for its example and its
-    KL pair). No gradient is expected (the lm_head's weight is used detached)."""
-    hidden = model(input_ids, position_ids=position_ids, mask=mask, return_hidden=True)
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)
-    token_logps = kernels.linear_logprobs(h, model.lm_head.weight.detach(), targets, chunk_rows)
-    return torch.zeros(n_rows, dtype=token_logps.dtype, device=h.device).index_add(0, rows, token_logps)
+def row_sums(values, rows, n_rows: int):
+    """values[k] summed into row rows[k] -> (n_rows,)."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
 def reference_sequence_logps(model, input_ids, labels, position_ids=None):

@@ -148,6 +148,36 @@ class KVCache:
         return self.k[layer, :, :, P:end], self.v[layer, :, :, P:end]
 
 
+class PromptKV:
+    """Keys and values kept from one forward for a second forward that continues its rows (KTO's
+    KL pairs: prompt i, computed once for example i, then attended by completion i-1). Passed as
+    the first forward's `cache`, it keeps each layer's keys/values (detached: the second forward
+    needs no gradient; under grad checkpointing the recomputation keeps the same again) and
+    changes nothing; continued() is the second forward's `cache`: its keys/values follow the kept
+    ones, and its mask says which kept slots each row sees."""
+    shared = 0  # (what Qwen2.forward reads of a KVCache)
+
+    def __init__(self, k=None, v=None):
+        self.first = k is None
+        self.k, self.v = (k, v) if k is not None else ({}, {})
+        self.pos = 0 if self.first else next(iter(k.values())).shape[2]
+
+    def begin(self, T: int):
+        pass
+
+    def prefix(self, layer: int):
+        return None
+
+    def update(self, layer: int, k_BKTD, v_BKTD):
+        if self.first:
+            self.k[layer], self.v[layer] = k_BKTD.detach(), v_BKTD.detach()
+            return k_BKTD, v_BKTD
+        return torch.cat([self.k[layer], k_BKTD], 2), torch.cat([self.v[layer], v_BKTD], 2)
+
+    def continued(self) -> "PromptKV":
+        return PromptKV(self.k, self.v)
+
+
 class Segments:
     """A packed prefill's mask (Engine._prefill), without building it: after `start` cached slots
     that every query sees, the forward's T tokens are sequences of lens[0], lens[1], ... tokens, each

@@ -191,35 +191,44 @@ def test_sequence_logps_equal_full_logits_and_kl_pairs_carry_no_gradient(tiny):
 
 
 @pytest.mark.parametrize("max_len", [256, 24])
-def test_reference_pass_with_shared_prompts_equals_two_passes(tiny, max_len):
-    """The live reference computes each prompt once for its example and its KL pair
-    (collate_kto_pairs + gathered_logps): the same log-probs as collate_kto's two batches through
-    full logits (float64), also where a pair's prompt is cut otherwise than its example's (max_len
-    24: such a pair is a sequence of its own in the row) and with rows of unequal length."""
-    from nanopost.data import collate_kto_pairs
-    from nanopost.losses import gathered_logps
+def test_kl_pairs_continuing_the_examples_forward_equal_two_passes(tiny, max_len):
+    """The KL pairs are scored by a second forward that continues the examples' (collate_kl:
+    completion i-1 after prompt i's kept keys/values, each prompt computed once): the same
+    log-probs as collate_kto's two batches through full logits (float64), also where a pair's
+    prompt is cut otherwise than its example's (max_len 24: that row holds its own prompt), with
+    rows of unequal length, with gradients on (the examples' log-probs keep theirs, the pairs'
+    have none) and under grad checkpointing."""
+    from nanopost.data import collate_kl
     tok = nanopost.Tokenizer(tiny)
     examples, _ = load_kto([KTO_DATA], tok, max_len)
     model, _ = nanopost.load(tiny, dtype=torch.float64)
     g = [0, 3, 5, 6, 9, 1, 2]
-    pairs = collate_kto_pairs(g, examples, tok.pad_id, max_len)
+    main, kl = collate_kto(g, examples, tok.pad_id, max_len), collate_kl(g, examples, tok.pad_id, max_len)
     cut = [truncate_kto(examples[i].prompt, examples[i].completion, max_len)[0]
            != truncate_kto(examples[i].prompt, examples[j].completion, max_len)[0] for i, j in zip(g, g[-1:] + g[:-1])]
     assert any(cut) == (max_len == 24) and not all(cut)  # both kinds of row where intended
     with torch.no_grad():
-        both = gathered_logps(model, *pairs, n_rows=2 * len(g), chunk_rows=5)
-        two = torch.cat([reference_sequence_logps(model, *collate_kto(g, examples, tok.pad_id, max_len, kl=kl))
-                         for kl in (False, True)])
-    assert (both - two).abs().max() <= 1e-10 * two.abs().max()
-    ids = pairs[0]
-    shorter = sum(len(examples[i].prompt) + len(examples[i].completion) for i in g) * 2 - ids.ne(tok.pad_id).sum()
-    assert shorter > 0 if max_len == 256 else True  # each shared prompt once: fewer tokens than two batches
+        two = [reference_sequence_logps(model, *collate_kto(g, examples, tok.pad_id, max_len, kl=k)) for k in (False, True)]
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        logps, kl_logps = sequence_logps(model, *main, kl=kl, chunk_rows=5)
+        assert logps.requires_grad and not kl_logps.requires_grad
+        for ours, want in zip((logps.detach(), kl_logps), two):
+            assert (ours - want).abs().max() <= 1e-10 * want.abs().max()
+        logps.sum().backward()  # the kept keys/values are detached: backward is the examples' own
+        grad = model.lm_head.weight.grad.clone()
+        model.zero_grad()
+        sequence_logps(model, *main).sum().backward()
+        assert torch.allclose(grad, model.lm_head.weight.grad, rtol=1e-10, atol=1e-12)
+        model.zero_grad()
+    model.grad_checkpointing = False
+    assert kl[0].numel() < main[0].numel() if max_len == 256 else True  # the pairs' forward: completions only
     # edges: a group of one (its KL pair is itself), prompts cut to nothing (max_len 1: nothing is
     # scored but what collate_kto scores) and an empty completion
     odd = examples[:3] + [KTOExample(examples[0].prompt, [], False)]
     for g, n in (([2], 256), ([0, 1, 2, 3], 1), ([3, 0], 2), ([1, 3, 2], 256)):
         with torch.no_grad():
-            both = gathered_logps(model, *collate_kto_pairs(g, odd, tok.pad_id, n), n_rows=2 * len(g))
+            both = torch.cat(sequence_logps(model, *collate_kto(g, odd, tok.pad_id, n), kl=collate_kl(g, odd, tok.pad_id, n)))
             two = torch.cat([reference_sequence_logps(model, *collate_kto(g, odd, tok.pad_id, n, kl=kl))
                              for kl in (False, True)])
         assert (both - two).abs().max() <= 1e-10 * max(1.0, two.abs().max()), (g, n, both, two)
@@ -316,14 +325,17 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
 def test_bf16_autocast_runs_with_its_bf16_reference_live_and_precomputed(tiny, tmp_path):
     """--precision bf16-autocast (the reference's Linears held in bf16): the live and the precomputed
     reference give the same losses; at the first step, where the policy is its reference, both
-    score exactly 0 (the reference rounds as the policy's passes do, as in TRL)."""
+    score exactly 0 (the reference rounds as the policy's passes do, as in TRL), also where the
+    policy's KL pairs are scored before its training passes (--grad-accum 2)."""
     args = ["--model", tiny, *COMMON, "--max-steps", 4, "--precision", "bf16-autocast"]
     for out in ("live", "pre"):
         r = run_main(TRAIN_KTO, *args, "--out", tmp_path / out, *(["--precompute-ref"] if out == "pre" else []))
         assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN_KTO, *args, "--grad-accum", 2, "--out", tmp_path / "accum")  # z0 before the policy's passes
+    assert r.returncode == 0, r.stderr
     m_live, m_pre = metrics(tmp_path / "live"), metrics(tmp_path / "pre")
     assert len(m_live) == 4 and [m["loss"] for m in m_pre] == pytest.approx([m["loss"] for m in m_live], rel=1e-6)
-    for m in (m_live[0], m_pre[0]):
+    for m in (m_live[0], m_pre[0], metrics(tmp_path / "accum")[0]):
         assert m["loss"] == 0.5 and m["kl"] == 0 and m["rewards/chosen"] == m["rewards/rejected"] == 0, m
 
 
