@@ -87,9 +87,11 @@ def chart(results, columns, path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(columns), 4))
     width = 0.8 / max(len(results), 1)
-    for i, (model, r) in enumerate(results.items()):
+    short = [os.path.basename(m.rstrip("/")) or m for m in results]
+    for i, (model, r) in enumerate(results.items()):  # a folder's name, or its path where two share one (step-200)
+        label = short[i] if short.count(short[i]) == 1 else model
         ax.bar([c + i * width for c in range(len(columns))], [math.nan if (r.get(t) or {}).get("accuracy") is None else r[t]["accuracy"] for t in columns], width,
-               label=os.path.basename(model.rstrip("/")) or model)
+               label=label)
     ax.set_xticks([c + width * (len(results) - 1) / 2 for c in range(len(columns))], columns)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
@@ -351,8 +353,8 @@ def main(argv=None):
                            for e in todo]
                 order = sorted(range(len(todo)), key=lambda i: prompts[i])  # shared few-shot prefixes side by side
 
-                def record(e, o):  # one finished question: into the cache file at once, so a crash loses little
-                    row = {"id": e["id"], "answer": e["answer"], "correct": o["pred"] == e["answer"], **o,
+                def record(e, o, correct):  # one finished question: into the cache file at once, so a crash loses little
+                    row = {"id": e["id"], "answer": e["answer"], "correct": bool(correct), **o,
                            **{k: e[k] for k in ("subject", "category") if k in e}}
                     cache.write(json.dumps(row, ensure_ascii=False) + "\n")
                     cache.flush()
@@ -366,15 +368,17 @@ def main(argv=None):
                             if not all(map(math.isfinite, lp)):  # max() would pick A: a broken model scoring ~25%
                                 sys.exit(f"error: {model_name}: {task} {todo[j]['id']}: option log-probs {lp}; the model "
                                          f"computes NaN/inf (diverged training, a bad merge?): no score reported")
-                            record(todo[j], {"logprobs": lp, "pred": LETTERS[max(range(4), key=lambda k: lp[k])]})
+                            pred = LETTERS[max(range(4), key=lambda k: lp[k])]
+                            record(todo[j], {"logprobs": lp, "pred": pred}, pred == todo[j]["answer"])
                 elif todo:
                     stop, budget = todo[0].get("stop", []), new_tokens[task]
 
                     def finished(j, ids):
                         text = tok.decode(ids)
                         reply = cut_at_stop(text, stop)  # hit_limit: no eos or stop string ended it
-                        record(todo[j], {"reply": reply, "hit_limit": reply == text and len(ids) == budget,
-                                         "pred": score(todo[j], reply)[0]})
+                        pred, correct = score(todo[j], reply)  # the scorer's verdict, never pred == answer:
+                        record(todo[j], {"reply": reply, "hit_limit": reply == text and len(ids) == budget,  # a failed
+                                         "pred": pred}, correct)  # program's status is its own text
 
                     engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop), batch_size=args.batch_size,
                                         on_done=finished)
@@ -404,9 +408,16 @@ def main(argv=None):
     columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
                                  ppl + [c for c in every if c.startswith("ppl:")]))
 
-    def differs(m, c):  # a kept cell made with other settings or questions than this run's cell of its column
+    def differs(m, c):
+        """A kept cell made with other settings or questions than this run's cell of its column; in a
+        column this run has no cell of, every cell when the cells were not all made alike."""
+        if c not in carried.get(m, ()):
+            return False
         ours = next((r[c] for r in this_run.values() if c in r and "settings" in r[c]), None)
-        return c in carried.get(m, ()) and ours is not None and tasks.protocol(results[m][c]) != tasks.protocol(ours)
+        if ours is not None:
+            return tasks.protocol(results[m][c]) != tasks.protocol(ours)
+        made = {json.dumps(tasks.protocol(r[c])) for r in results.values() if c in r and "settings" in r[c]}
+        return len(made) > 1
 
     mixed = [f"{m} {c}" for m in results for c in columns if differs(m, c)]
     if mixed:
@@ -427,7 +438,8 @@ def main(argv=None):
         table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
                   "not evaluated this time); its settings are in results.json\n")
     if mixed:
-        table += "\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this run's column\n"
+        table += ("\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this "
+                  "run's column (in a column this run did not evaluate: its cells were not all made alike)\n")
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                 f"results.json\n\n{table}")

@@ -157,6 +157,9 @@ def open_models(plan, embed_slice: bool):
         base = base or names[0]
     elif method != "linear" and not base:
         raise MergeError(f"{method} needs a base model (--base)")
+    elif method == "linear" and base and base not in names:  # it would join the average at a weight nobody gave
+        raise MergeError(f"linear averages the --models only, and the base {base} is not one of them: list it in "
+                         f"--models with a weight (mergekit, too, needs a weight for every model of a linear merge)")
     if base and base not in names:
         names = [base] + names
         plan["models"] = [{"model": base, "parameters": {}}] + plan["models"]
@@ -189,6 +192,9 @@ def open_models(plan, embed_slice: bool):
             if f not in readers:
                 readers[f] = Reader(f)
         index.append({k: readers[f] for k, f in files.items()})
+    if cfgs[0].tie_word_embeddings:  # lm_head is embed_tokens: a stored copy is merged as that (the loader
+        for idx in index:  # ties it), never on its own (DARE's drop would differ: a model that will not load)
+            idx.pop("lm_head.weight", None)
     base_i = names.index(base)
     ref = index[base_i]
     for d, idx in zip(dirs, index):

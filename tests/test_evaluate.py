@@ -1,6 +1,7 @@
 """Evaluation tasks: prompt rendering, answer extraction, letter scoring, the runner and its cache."""
 import json
 import os
+import time
 import re
 import shutil
 import subprocess
@@ -500,6 +501,23 @@ def test_humaneval_passes_only_when_check_returns():
     assert humaneval.score(raw, "    return a + b\n") == ("pass", True)
     main_block = RIGHT + "\nif __name__ == '__main__':\n    assert add(1, 1) == 3\n    import sys\n    sys.exit(1)\n"
     assert humaneval.score({**ADD, "mode": "chat"}, f"```python\n{main_block}```") == ("pass", True)
+    # a failure whose last error line reads "pass" (evaluate.py once compared that text with the answer)
+    for leave in ('raise SystemExit("pass")', 'import sys, os\nsys.stderr.write("pass\\n")\nos._exit(3)'):
+        pred, ok = humaneval.score(raw, f"    return a - b\n\n{leave}\n")
+        assert not ok and pred != "pass", (leave, pred)
+
+
+def test_a_reply_cannot_replace_the_prompts_helpers_the_tests_use():
+    """The tests of HumanEval/32, 38 and 50 call the prompt's helpers (poly, encode_cyclic, ...) as
+    their oracle: a reply redefining them (an identity encode with an identity decode) fails."""
+    from nanopost.tasks import humaneval
+    ex = {"id": "rot/0", "entry_point": "decode", "answer": "pass", "mode": "chat",
+          "prompt": 'def encode(s):\n    return s[1:] + s[:1]\n\n\ndef decode(s):\n    """encode\'s inverse"""\n',
+          "test": "def check(candidate):\n    assert candidate(encode('abcd')) == 'abcd'\n"}
+    right = "```python\ndef decode(s):\n    return s[-1:] + s[:-1]\n```"
+    assert humaneval.score(ex, right) == ("pass", True)
+    assert humaneval.score(ex, "```python\ndef encode(s):\n    return s\n\ndef decode(s):\n    return s\n```")[1] is False
+    assert humaneval.score({**ex, "mode": "raw"}, "    return s\n\ndef encode(s):\n    return s\n")[1] is False
 
 
 @pytest.mark.parametrize("reply", [
@@ -624,6 +642,13 @@ def test_sandbox_contains_bad_programs(tmp_path):
     assert not ok and not target.exists()
     assert run_program("x = bytearray(50 * 1024**3)") == (False, "MemoryError")
     assert run_program("import subprocess\nsubprocess.run(['true'])")[0] is False
+    # a process in a session of its own would outlive the timeout's killpg; and stderr goes to a file
+    # (bounded, never held by the parent, never kept open by a grandchild)
+    t = time.time()
+    assert run_program("import os\nos.posix_spawn('/bin/sleep', ['sleep', '30'], {}, setsid=True)\n"
+                       "while True:\n    pass\n", timeout=2) == (False, "PermissionError: blocked by the nanopost HumanEval sandbox")
+    assert run_program("import sys\nwhile True:\n    sys.stderr.write('x' * 1000000)\n", timeout=5)[0] is False
+    assert time.time() - t < 10
     assert run_program("import os\nassert 'HF_TOKEN' not in os.environ and len(os.environ) < 10\n"
                        "open('inside.txt', 'w').write('fine')") == (True, "passed")
 
@@ -685,6 +710,13 @@ def test_bad_perplexity_lines_and_limit_are_refused_clearly(tmp_path, tiny, data
     saved = json.load(open(tmp_path / "e2" / "results.json"))
     assert saved[tiny]["ppl:bad.jsonl"]["settings"]["skip_bad_lines"] is True
     assert saved[tiny]["ppl:bad.jsonl"]["data"] != saved[other]["ppl:bad.jsonl"]["data"]
+    # a later run without that column: both its cells are kept, and still not comparable
+    r = here("--model", other, "--tasks", "ceval", "--limit", "2", "--data-dir", data_dir, "--out", tmp_path / "e2")
+    assert r.returncode == 0, r.stderr
+    table = open(tmp_path / "e2" / "results.md").read()
+    cells = {m: table.split(f"| {m} |")[1].split("\n")[0].split("|")[-2].strip() for m in (tiny, other)}
+    assert "| ppl:bad.jsonl |\n" in table and all(c.endswith("*†") for c in cells.values()), table  # its last column
+    assert table.count("†") == 3, table  # those two + the legend
     r = here("--model", tiny, "--tasks", "gsm8k", "--limit", "-1", "--data-dir", data_dir, "--out", tmp_path / "e3")
     assert r.returncode == 2 and "--limit must be at least 1" in r.stderr
 

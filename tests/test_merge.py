@@ -231,6 +231,28 @@ def test_dare_is_seeded(tmp_path, pair):
     assert torch.equal(outs[0][k], outs[1][k]) and not torch.equal(outs[0][k], outs[2][k])
 
 
+def test_tied_checkpoints_with_a_stored_lm_head_copy_merge_to_a_loadable_model(tmp_path, pair):
+    """A tied checkpoint may store lm_head.weight as a copy of the embeddings: it is merged as the
+    embeddings (DARE drew its own mask for it by name, writing a model that would not load), and
+    such a checkpoint merges with one that stores no copy."""
+    import shutil
+    a, b = pair
+    copies = []
+    for src in (a, b):
+        d = shutil.copytree(src, tmp_path / f"copy-{os.path.basename(src)}")
+        sd = load_file(d / "model.safetensors")
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+        save_file(sd, d / "model.safetensors")
+        copies.append(d)
+    for base, models in ((copies[0], [copies[1]]), (a, [copies[1]])):
+        out = tmp_path / f"dare-{len(os.listdir(tmp_path))}"
+        r = merge("--method", "dare_linear", "--base", base, "--models", *models, "--densities", 0.5, "--out", out)
+        assert r.returncode == 0, r.stderr
+        plain = tmp_path / f"plain-{len(os.listdir(tmp_path))}"
+        assert merge("--method", "dare_linear", "--base", a, "--models", b, "--densities", 0.5, "--out", plain).returncode == 0
+        assert all(torch.equal(x, y) for x, y in zip(state(out).values(), state(plain).values()))  # loads; the same model
+
+
 # ---- bad input: a clear error, nothing written ----
 
 def assert_fails_cleanly(tmp_path, r, pattern):
@@ -253,6 +275,9 @@ def test_bad_inputs(tmp_path, pair):
     assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
                          r"t = 1.5 .* outside \[0, 1\]")
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
+    c = make_tiny_checkpoint(str(tmp_path / "c"), seed=3)  # linear: a base outside --models had joined at weight 1
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--base", c, "--models", a, b, "--weights", 0.5, 0.5,
+                                        "--out", out), r"linear averages the --models only.*list it in --models")
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", "inf", 1, "--out", out),
                          r"weight inf of .* is not a finite number")
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--weights", 1e308, 1e308, "--out", out),

@@ -62,7 +62,8 @@ def _guarded_os_open(path, flags, *a, **k):
 os.open = _guarded_os_open
 for _n in ("system", "popen", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "kill",
            "killpg", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "spawnv", "spawnve", "putenv",
-           "chmod", "chown", "lchown", "truncate", "ftruncate", "symlink", "link", "chdir", "setuid", "setgid"):
+           "chmod", "chown", "lchown", "truncate", "ftruncate", "symlink", "link", "chdir", "setuid", "setgid",
+           "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp"):  # (a new session outlives killpg)
     if hasattr(os, _n):
         setattr(os, _n, _deny)
 shutil.rmtree = shutil.move = shutil.chown = _deny
@@ -91,7 +92,9 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     with tempfile.TemporaryDirectory(prefix="nanopost-humaneval-") as scratch, \
-            open(os.path.join(scratch, "stdout"), "wb+") as out:  # a file: bounded by RLIMIT_FSIZE, unlike a pipe
+            open(os.path.join(scratch, "stdout"), "wb+") as out, \
+            open(os.path.join(scratch, "stderr"), "wb+") as err:  # files: bounded by RLIMIT_FSIZE, unlike pipes,
+        # which the parent would have to hold whole, and which a grandchild could keep open past the timeout
         with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8") as f:
             # a `from __future__` import is legal only at the top of the file: above the guard
             future = "".join(line if line.endswith("\n") else line + "\n" for line in FUTURE.findall(code))
@@ -100,18 +103,20 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         run = "import runpy; runpy.run_path('program.py', run_name='sandbox')"  # not __main__, as in human-eval
         p = subprocess.Popen([sys.executable, "-I", "-c", run], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.PIPE, close_fds=True, preexec_fn=limits)
+                             stdout=out, stderr=err, close_fds=True, preexec_fn=limits)
         try:
-            _, err = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
+            p.wait()
             return False, "timeout"
         out.seek(0)
         ended = token.encode() in out.read()
+        err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
+        tail = err.read()
     if ended:
         return True, "passed"
-    lines = err.decode("utf-8", "replace").strip().splitlines()
+    lines = tail.decode("utf-8", "replace").strip().splitlines()
     return False, lines[-1][:300] if lines else f"stopped before the end (exit status {p.returncode})"
 
 
@@ -288,12 +293,27 @@ def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
     return "".join([f"{before}\n\n" if before else "", blocks[main], f"\n\n{after}\n" if after else ""])
 
 
+def prompt_helpers(prompt: str, entry_point: str) -> str:
+    """The prompt's top-level functions and classes other than entry_point (with decorators)."""
+    tree = _parse(prompt)
+    if tree is None:
+        return ""
+    lines = prompt.splitlines(True)
+    return "\n".join("".join(lines[min([n.lineno] + [d.lineno for d in n.decorator_list]) - 1:n.end_lineno])
+                     for n in tree.body if isinstance(n, DEFINES) and n.name != entry_point)
+
+
 def program(ex, reply: str) -> str:
-    """prompt + completion + tests + check(entry_point). A chat reply that restates the whole
-    function simply redefines it after the prompt (the prompt keeps its imports and helpers; a
-    `from __future__` import anywhere moves to the top of the file in run_program)."""
+    """prompt + completion + the prompt's helpers again + tests + check(entry_point). A chat reply
+    that restates the whole function simply redefines it after the prompt (the prompt keeps its
+    imports and helpers; a `from __future__` import anywhere moves to the top of the file in
+    run_program). The prompt's other functions (poly, encode_cyclic, ...) are restated after the
+    completion: some tests use them as their oracle, and a reply that redefined them (an identity
+    encode_cyclic with an identity decode_cyclic) would pass those tests wrongly."""
     completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else reply
-    return f"{ex['prompt']}{completion}\n\n{ex['test']}\n\ncheck({ex['entry_point']})\n"
+    helpers = prompt_helpers(ex["prompt"], ex["entry_point"])
+    return (f"{ex['prompt']}{completion}\n\n" + (f"{helpers}\n\n" if helpers else "")
+            + f"{ex['test']}\n\ncheck({ex['entry_point']})\n")
 
 
 def load(data_dir: str, mode: str = "chat"):
@@ -322,4 +342,6 @@ def score(ex, reply: str):
     except Exception as e:  # a reply no extraction rule foresaw fails its question, never the whole run
         return f"no program from the reply ({type(e).__name__}: {e})"[:300], False
     passed, status = run_program(code)
-    return ("pass" if passed else status), passed
+    if passed:
+        return "pass", True
+    return (status if status != "pass" else "failed (its last error line reads 'pass')"), False
