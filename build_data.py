@@ -75,7 +75,7 @@ from nanopost.checkpoint import CheckpointError, read_config, resolve
 from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, truncate_kto
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
-from nanopost.tasks import gsm8k
+from nanopost.tasks import fingerprint, gsm8k, stamp
 from nanopost.teacher import HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
 from nanopost.tokenizer import IGNORE, ROLES
 from nanopost.training import StateError, check_out_dir
@@ -204,12 +204,16 @@ def normalise(obj: dict):
         response = obj.get("completion")
     elif "instruction" in obj:
         extra = obj.get("input") or ""
+        if not isinstance(obj["instruction"], str) or not isinstance(extra, str):
+            raise ValueError("'instruction' and 'input' must be strings")
         prompt = [{"role": "user", "content": obj["instruction"] + (f"\n\n{extra}" if extra else "")}]
         response = obj.get("output")
     elif "question" in obj and "answer" in obj:
         prompt, response = [{"role": "user", "content": obj["question"]}], obj["answer"]
         if isinstance(response, str) and "####" in response:  # GSM8K: steps without <<calc>> notes, then the answer
             gold = gsm8k.gold(response)
+            if not re.fullmatch(r"-?\d+(\.\d+)?", gold):  # it would mark its own answer (and every other) wrong
+                raise ValueError(f"the answer after '####' is {gold!r}, not a number (GSM8K's form)")
             steps = re.sub(r"<<[^>]*>>", "", response.split("####")[0]).strip()
             response = f"{steps}\nThe answer is {gold}."
     else:
@@ -257,7 +261,9 @@ class StageFile:
                       file=sys.stderr)
                 with open(self.path, "r+b") as f:
                     f.truncate(end)
-            for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+            # lines end at b"\n" only: str.splitlines() also splits at U+2028, U+0085, ..., which
+            # json.dumps(ensure_ascii=False) leaves unescaped inside a row
+            for n, line in enumerate(data[:end].decode("utf-8").split("\n"), 1):
                 if line.strip():
                     try:
                         row = json.loads(line)
@@ -488,12 +494,18 @@ def build(args):
     # then the checkpoints the chosen stages need (a folder with a config.json, or a hub id fetched or
     # found in the cache: a download), found now, not when their stage starts after earlier ones wrote files
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
+    stamps = {}  # what the checkpoints are now (their files' names, sizes, mtimes): a resume must agree
     for flag, path, stages in (("--teacher", args.teacher, teacher_stages), ("--student", args.student, {6, 7})):
         if path and stages & set(args.stages):
             try:
-                read_config(resolve(path))
+                read_config(d := resolve(path))
             except CheckpointError as e:
                 raise CheckpointError(f"{flag} {e}") from e
+            stamps[flag[2:] + "_files"] = stamp(fingerprint(d))
+    backend = None  # a teacher server is asked now which model it serves: a wrong URL or model name stops us here
+    if args.teacher_url and teacher_stages & set(args.stages):
+        backend = HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout, args.retries)
+        stamps["teacher_served"] = backend.model
     rows, bad, seen, exact = [], [], set(), 0
     for path in args.sources:
         for n, obj in read_jsonl(path, bad):
@@ -509,15 +521,20 @@ def build(args):
             seen.add(key)
             rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
     report_bad_lines(bad, args.skip_bad_lines, log)
+    if not rows and not args.synthesize:
+        raise DataError(f"no examples in --sources {' '.join(args.sources)}: nothing to build from")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
-    settings["sources"] = [[os.path.abspath(f), os.path.getsize(f)] for f in args.sources]
+    settings["sources"] = [[os.path.abspath(f), hashlib.file_digest(open(f, "rb"), "sha256").hexdigest()]
+                           for f in args.sources]  # the bytes: an edit of the same size is another source
+    settings = json.loads(json.dumps({**settings, **stamps}))  # (as args.json holds it)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):
         saved = json.load(open(args_path, encoding="utf-8")).get("settings", {})
-        diff = [k for k in RESULT_SETTINGS if k in saved and saved[k] != settings[k]]
+        diff = [k for k in settings if k in saved and saved[k] != settings[k]]  # (a checkpoint: once a stage used it)
         if diff:
             raise StateError(f"{out} was built with other settings ({', '.join(f'{k}: {saved[k]} -> {settings[k]}' for k in diff)}); "
                              f"resuming would mix results: rerun with those, or use --overwrite or another --out")
+        settings = {**saved, **settings}  # what earlier stages used stays recorded
     if args.overwrite and os.path.isdir(out):
         for name in os.listdir(out):
             if re.fullmatch(r"\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl", name):
@@ -542,13 +559,23 @@ def build(args):
         nonlocal teacher
         if teacher is None:
             if args.teacher:
-                backend = LocalBackend(*load(args.teacher), resolve(args.teacher), args.batch_size)
+                chosen = LocalBackend(*load(args.teacher), resolve(args.teacher), args.batch_size)
             else:
-                backend = HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout, args.retries)
-                if backend.unreachable_urls:
-                    log(f"warning: not answering, left out: {', '.join(backend.unreachable_urls)}")
-            teacher = Teacher(backend, args.cache or os.path.join(out, "teacher_cache.sqlite"), PROMPT_VERSION, tqdm)
+                chosen = backend or HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout,
+                                                args.retries)
+                if chosen.unreachable_urls:
+                    log(f"warning: teacher servers left out: {', '.join(chosen.unreachable_urls)}")
+            teacher = Teacher(chosen, args.cache or os.path.join(out, "teacher_cache.sqlite"), PROMPT_VERSION, tqdm)
         return teacher
+
+    def waves(todo, desc):
+        """A teacher stage's items in waves that keep the teacher busy (--batch-size rows in-process,
+        --concurrency requests in flight over HTTP; 4 times that, so a wave's slowest reply is not
+        waited for often), each wave's rows written when it ends; one bar for the whole stage."""
+        with tqdm(total=len(todo), desc=desc, disable=not todo) as bar:
+            for part in chunks(todo, 4 * (args.batch_size if args.teacher else max(args.concurrency, args.batch_size))):
+                yield part
+                bar.update(len(part))
 
     def timed(n, items, t0):
         if items:
@@ -576,7 +603,7 @@ def build(args):
             f1.add(r)
         synth = [i for i in range(args.synthesize) if f"synth-{i}" not in f1.rows]
         pool = [instruction_text(r["prompt"]) for r in rows]
-        for part in chunks(synth, args.batch_size * 4):
+        for part in waves(synth, "1 synthesize"):
             reqs = []
             for i in part:  # greedy decoding answers one prompt one way: the index, a seeded subject and examples make each differ
                 rng = random.Random(args.seed * 1_000_003 + i)
@@ -649,7 +676,7 @@ def build(args):
     if 4 in args.stages:
         t0, todo, left = time.time(), [i for i in ids3 if i not in f4.rows], 0
         system = PROMPTS["label"].format(categories=json.dumps(cats))
-        for part in chunks(todo, args.batch_size * 4):
+        for part in waves(todo, "4 label"):
             reqs = [[{"role": "system", "content": system},
                      {"role": "user", "content": PROMPTS["item"].format(instruction=instruction_text(by_id[i]["prompt"]))}]
                     for i in part]
@@ -717,7 +744,7 @@ def build(args):
     if 6 in args.stages:
         t0, todo, left = time.time(), [i for i in ids5 if i not in f6.rows], 0
         student = Engine(*load(args.student)) if todo else None
-        for part in chunks(todo, args.batch_size * 4):
+        for part in waves(todo, "6 respond"):
             prompts = [by_id[i]["prompt"] for i in part]
             teacher_says, fails = get_teacher().ask_json(prompts, check_answer, get_teacher().sampling(args.max_new_tokens),
                                                          args.retries, PROMPTS["retry_answer"], "6 teacher responses")
@@ -750,7 +777,7 @@ def build(args):
     f7 = StageFile(out, "7_score")
     if 7 in args.stages:
         t0, todo, left = time.time(), [i for i in ids5 if i not in f7.rows], 0
-        for part in chunks(todo, args.batch_size * 4):
+        for part in waves(todo, "7 score"):
             items = [(i, x) for i in part for x in resp[i]["responses"]]
             model, tok = load(args.student)
             ppl = perplexities(model, tok, [(by_id[i]["prompt"], x["text"]) for i, x in items], args.max_len, args.batch_size)

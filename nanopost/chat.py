@@ -47,14 +47,16 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=nanopost.device_arg,
                    help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-
+    try:
+        s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as e:  # (said before the model loads)
+        p.error(f"--{str(e).replace('_', '-')}")
     try:
         model, tok = nanopost.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     engine = Engine(model, tok)
-    s = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)
     while True:

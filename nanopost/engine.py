@@ -56,6 +56,14 @@ class Sampling:
     stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before them)
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
+    def __post_init__(self):  # a value outside these ranges would fail later, or sample something else silently
+        for name, ok, want in (("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                               ("temperature", self.temperature >= 0, ">= 0"), ("top_k", self.top_k >= 0, ">= 0"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("repetition_penalty", self.repetition_penalty > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be {want}")
+
 
 def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
     """Next token per row, in transformers' processor order: penalty, temperature, top-k, top-p."""

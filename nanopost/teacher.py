@@ -107,7 +107,9 @@ class LocalBackend:
         self.engine, self.batch_size = Engine(model, tok), batch_size
         files = sorted((f, os.stat(os.path.join(checkpoint_dir, f)).st_size, os.stat(os.path.join(checkpoint_dir, f)).st_mtime_ns)
                        for f in os.listdir(checkpoint_dir) if f.endswith((".json", ".safetensors", ".jinja")))
-        self.id = f"local:{os.path.abspath(checkpoint_dir)}:{hashlib.sha256(repr(files).encode()).hexdigest()[:16]}"
+        w = next(model.parameters())  # the dtype and device change greedy replies too
+        stamp = hashlib.sha256(repr((files, str(w.dtype), w.device.type)).encode()).hexdigest()[:16]
+        self.id = f"local:{os.path.abspath(checkpoint_dir)}:{stamp}"
 
     def complete(self, requests, sampling: dict, on_reply):
         from nanopost.engine import Sampling
@@ -138,10 +140,22 @@ class HTTPBackend:
                 "no teacher server answered GET /v1/models at " + ", ".join(self.urls) + " (" +
                 "; ".join(f"{u}: {w}" for u, w in why.items()) + "). Start one (e.g. `python -m nanopost.serve "
                 "--model M --port 8000`, or vLLM: `vllm serve Qwen/Qwen2.5-7B-Instruct`) or fix --teacher-url.")
-        self.urls = [u for u in self.urls if u in served]  # the others are left out of this run
-        self.model = model or served[self.urls[0]][0]
+        serves = "; ".join(f"{u} serves {ms or 'no model'}" for u, ms in served.items())
+        if model is None:  # the one model the servers serve (each server's first): the teacher's identity
+            firsts = {ms[0] for ms in served.values() if ms}
+            if len(firsts) != 1:
+                raise TeacherUnreachable(f"the teacher servers serve {'no model' if not firsts else 'different models'} "
+                                         f"({serves}): name the teacher with --teacher-model")
+            model = firsts.pop()
+        for u, ms in served.items():
+            if model not in ms:  # every request sent there would be refused (404): a silent half of the data
+                why[u] = f"does not serve {model!r} (it serves {ms or 'no model'})"
+        self.urls = [u for u in self.urls if u in served and model in served[u]]  # the others are left out
+        if not self.urls:
+            raise TeacherUnreachable(f"no teacher server serves the model {model!r} ({serves}): fix --teacher-model")
+        self.model = model
         self.id = f"http:{self.model}"
-        self.unreachable_urls = sorted(why)
+        self.unreachable_urls = sorted(f"{u} ({why[u]})" for u in why)
 
     def _call(self, url, path, body, timeout):
         headers = {"Content-Type": "application/json"}
@@ -177,11 +191,14 @@ class HTTPBackend:
                 reply = Reply(None, "bad_response", f"{url}: {type(e).__name__}: {e}")
                 continue
             try:
-                text = out["choices"][0]["message"]["content"]
+                message, finish = out["choices"][0]["message"], out["choices"][0].get("finish_reason")
+                text = message.get("content")
+                if text is None:  # a completion without text (a reasoning model that spent max_tokens thinking):
+                    text = ""  # the teacher's answer (empty, cut off or not), not a transport error to ask again
                 if not isinstance(text, str):
-                    raise TypeError("content is not a string")
-                return Reply(text, truncated=out["choices"][0].get("finish_reason") == "length")
-            except (KeyError, IndexError, TypeError) as e:
+                    raise TypeError(f"content is {type(text).__name__}, not a string")
+                return Reply(text, truncated=finish == "length")
+            except (KeyError, IndexError, TypeError, AttributeError) as e:
                 reply = Reply(None, "bad_response", f"{url}: {e}: {json.dumps(out)[:2000]}")
         return reply
 
@@ -209,7 +226,8 @@ class Teacher:
         self.unfinished = collections.Counter()  # transport failure kind -> items ask_json left unfinished
 
     def sampling(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
-        return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        """(Greedy decoding takes no seed: it is left out, so it does not key the cache.)"""
+        return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed if temperature > 0 else 0}
 
     def complete(self, requests: list[list[dict]], sampling: dict, desc: str = "teacher") -> list[Reply]:
         keys = [request_key(m, sampling, self.backend.id, self.prompt_version) for m in requests]
@@ -236,9 +254,9 @@ class Teacher:
         self.backend.complete([requests[i] for i in todo], sampling, on_reply)
         if bar:
             bar.close()
-        if all(out[i].error == "unreachable" for i in todo):  # every server went away: stop, do not drop rows
-            raise TeacherUnreachable(f"the teacher stopped answering ({out[todo[0]].detail}); finished work is "
-                                     f"saved: rerun with --resume when it is back")
+        if all(out[i].error in ("unreachable", "timeout") for i in todo):  # not one reply: stop, do not drop rows
+            raise TeacherUnreachable(f"the teacher stopped answering: none of {len(todo)} requests got a reply "
+                                     f"({out[todo[0]].detail}); finished work is saved: rerun with --resume when it is back")
         return out
 
     def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):

@@ -129,7 +129,7 @@ class Fake:
     def __init__(self):
         fake = self
         self.requests, self.clean = 0, False
-        self.fail_labels, self.delay = None, 0.0  # None | "http_500" | "timeout"; seconds before every reply
+        self.fail_labels, self.delay = None, 0.0  # None | "http_500" | "timeout" | "null"; seconds before every reply
         self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
 
         class H(BaseHTTPRequestHandler):
@@ -155,6 +155,9 @@ class Fake:
                 fake.requests += 1
                 time.sleep(fake.delay)
                 if fake.fail_labels and body["messages"][0]["content"].startswith("You sort"):
+                    if fake.fail_labels == "null":  # a reasoning model that spent max_tokens thinking
+                        return self.send({"choices": [{"index": 0, "finish_reason": "length", "message": {
+                            "role": "assistant", "content": None, "reasoning_content": "Let me think..."}}]})
                     if fake.fail_labels == "http_500":
                         return self.send({"error": "overloaded"}, 500)
                     time.sleep(3)  # past --timeout
@@ -261,7 +264,9 @@ def test_http_transport_failures_are_redone_on_resume(fake, tiny, sources, tmp_p
     fake.clean, fake.fail_labels = True, kind
     try:
         r = run_main(SCRIPT, *args)
-        assert r.returncode != 0 and f"14 items not finished: teacher transport errors ({kind}: 14)" in r.stderr, r.stderr
+        said = "14 items not finished: teacher transport errors (http_500: 14)" if kind == "http_500" else \
+            "the teacher stopped answering: none of 14 requests got a reply"  # (a hanging teacher stops the run)
+        assert r.returncode != 0 and said in r.stderr, r.stderr
         assert "--resume" in r.stderr and read(os.path.join(out, "4_label.jsonl")) == ""
         fake.fail_labels, n = None, fake.requests
         r = run_main(SCRIPT, *args, "--resume")
@@ -472,3 +477,72 @@ def test_engine_reports_replies_cut_off_at_the_limit(tiny):
         assert [t for t, _ in got] == eng.generate(prompts, s)
         assert [cut for _, cut in got] == [len(x) == n for x in ids]
     assert any(cut for _, cut in eng.generate(prompts, Sampling(max_new_tokens=1), return_truncated=True))
+
+
+def test_http_teacher_model_must_be_served_and_a_textless_reply_is_final(fake, tiny, sources, tmp_path):
+    """A --teacher-model no server serves is refused at start, naming what they serve (every request
+    was refused with a 404 and counted as the teacher's failure: a run of original responses only);
+    a completion whose content is null (a reasoning model cut off while thinking) is the teacher's
+    answer, failed and final, not a transport error that every --resume would ask again."""
+    out = tmp_path / "out"
+    r = run_main(SCRIPT, "--teacher-url", fake.url, "--teacher-model", "teachr", "--student", tiny, "--sources", sources,
+                 "--out", out, *FAST)
+    assert r.returncode != 0 and "no teacher server serves the model 'teachr'" in r.stderr and "fake-teacher" in r.stderr
+    assert not out.exists()
+    fake.clean, fake.fail_labels = True, "null"
+    try:
+        r = run_main(SCRIPT, "--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out,
+                     "--stages", "1-4", *FAST)
+    finally:
+        fake.clean, fake.fail_labels = False, None
+    assert r.returncode == 0, r.stderr
+    labels = [json.loads(x) for x in read(out / "4_label.jsonl").splitlines()]
+    assert len(labels) == 14 and all(r["label_source"] == "rule" and r["failures"][0]["kind"] == "truncated" for r in labels)
+
+
+def test_resume_refuses_an_edited_source_or_a_retrained_student(tiny, tmp_path):
+    """A source edited in place (the same size) or a student retrained in place (its files' stamp)
+    would mix two runs' rows; lines that stored U+2028 (which str.splitlines splits at) resume."""
+    import shutil
+    student = shutil.copytree(tiny, tmp_path / "student")
+    src, out = tmp_path / "src.jsonl", tmp_path / "out"
+    rows = [{"instruction": "Summarise:\u2028First line.\u2028Second line.", "output": "Two lines."},
+            {"instruction": "What is 2 + 2?", "output": "4"}, {"instruction": "Name a colour.", "output": "Red."}]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    args = ["--teacher", tiny, "--student", student, "--sources", src, "--out", out, *FAST]
+    r = run_main(SCRIPT, *args, "--stages", "1-6")
+    assert r.returncode == 0, r.stderr
+    assert "\u2028" in read(out / "1_ingest.jsonl")
+    os.utime(student / "model.safetensors", ns=(1, 1))  # "retrained"
+    r = run_main(SCRIPT, *args, "--resume")
+    assert r.returncode != 0 and "student_files" in r.stderr, r.stderr
+    r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")  # stages that need no student: fine
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    src.write_text(read(src).replace("Red.", "Tan."), encoding="utf-8")  # the same size
+    r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")
+    assert r.returncode != 0 and "sources" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("line,why", [('{"instruction": 5, "output": "x"}', "'instruction' and 'input' must be strings"),
+                                      ('{"question": "Q?", "answer": "So.\\n#### yes"}', "not a number")])
+def test_malformed_sources_are_bad_lines_and_an_empty_source_is_refused(tiny, tmp_path, line, why):
+    src, out = tmp_path / "src.jsonl", tmp_path / "out"
+    src.write_text('{"prompt": "What is 2 + 2?"}\n' + line + "\n")
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST)
+    assert r.returncode != 0 and f"{src}:2: " in r.stderr and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    src.write_text("")
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST)
+    assert r.returncode != 0 and "no examples in --sources" in r.stderr and not out.exists(), r.stderr
+
+
+def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny):
+    """A greedy request's key does not change with --seed (its reply cannot), and an in-process
+    teacher's key does change with its dtype (its replies do)."""
+    import torch
+
+    import nanopost
+    from nanopost.teacher import LocalBackend, Teacher
+    greedy = Teacher.sampling(None, 16, seed=7)
+    assert greedy == Teacher.sampling(None, 16, seed=0) and Teacher.sampling(None, 16, 0.7, seed=7)["seed"] == 7
+    ids = {LocalBackend(*nanopost.load(tiny, dtype=d), tiny).id for d in (torch.float32, torch.bfloat16)}
+    assert len(ids) == 2

@@ -28,5 +28,9 @@ def test_help_and_bad_model(tmp_path):
     assert "--temperature" in run("-m", "nanopost.chat", "--help").stdout
     r = run("-m", "nanopost.chat", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode != 0 and "missing: no such directory" in r.stderr
+    for flag, value, why in (("--max-new-tokens", 0, "at least 1"), ("--top-p", 1.5, "in (0, 1]"),
+                             ("--temperature", -1, ">= 0"), ("--repetition-penalty", 0, "> 0")):
+        r = run("-m", "nanopost.chat", "--model", str(tmp_path / "missing"), "--prompt", "x", flag, str(value))
+        assert r.returncode == 2 and f"error: {flag} = " in r.stderr and why in r.stderr, r.stderr  # before loading
     r = run("-m", "nanopost.testing", str(tmp_path / "t"))
     assert r.returncode == 0 and nanopost.load(str(tmp_path / "t"))[0].config.hidden_size == 64
