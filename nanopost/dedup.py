@@ -15,10 +15,15 @@ n^2 / 2 / 2^(64 / (threshold + 1)) comparisons instead of n^2 / 2; a larger thre
 narrower bands and fuller buckets."""
 import hashlib
 import re
+import unicodedata
 
 import numpy as np
 
-WORD = re.compile(r"\w+")
+# a word: a run of word characters, except that Chinese and Japanese characters, written without
+# spaces between words, are one token each (else a whole clause is one token, and two clauses that
+# differ in one character share no feature)
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
@@ -31,12 +36,14 @@ def _mix(x):
 
 
 def tokens(text: str, unit: str = "word") -> list[str]:
-    """Lowercase words (punctuation and spacing ignored), or the characters of the
-    whitespace-collapsed lowercase text."""
+    """Lowercase words (punctuation and spacing ignored; a Chinese or Japanese character is a word),
+    or the characters of the whitespace-collapsed lowercase text; NFKC-normalised first (a composed
+    and a decomposed "é", full- and half-width forms, are the same)."""
+    text = unicodedata.normalize("NFKC", text).lower()
     if unit == "word":
-        return WORD.findall(text.lower())
+        return WORD.findall(text)
     if unit == "char":
-        return list(" ".join(text.lower().split()))
+        return list(" ".join(text.split()))
     raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
 
 
@@ -56,7 +63,7 @@ def simhash(texts, shingle: int = 3, unit: str = "word") -> np.ndarray:
                 token_hash[t] = int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
         h = np.fromiter((token_hash[t] for t in toks), dtype=np.uint64, count=len(toks))
         n = max(len(h) - shingle + 1, 1)
-        feat = h[:n].copy()
+        feat = _mix(h[:n].copy())  # mixed before the next token joins: "a b" and "b a" differ
         for j in range(1, min(shingle, len(h))):
             feat = _mix(feat ^ h[j:j + n])
         bits = np.unpackbits(feat.view(np.uint8)).reshape(n, 64)  # (features, 64)

@@ -20,6 +20,22 @@ def test_identical_and_formatting_only_collide():
     assert fps[4] == 0  # empty text: no features
 
 
+def test_unicode_forms_cjk_characters_and_word_order():
+    """NFC and NFD (and full-width) forms are one text; a Chinese sentence is words of one character
+    (it was one token a clause: one character changed left no feature in common); shingles hash
+    their words in order ("dog bites man" and "man bites dog" shared every 2-word feature)."""
+    import unicodedata
+    a = "Café in Zürich, ｃｏｆｆｅｅ at 9"
+    fps = dedup.simhash([a, unicodedata.normalize("NFD", a), a.replace("ｃｏｆｆｅｅ", "coffee")])
+    assert fps[0] == fps[1] == fps[2]
+    assert dedup.tokens("写一首诗 about autumn") == ["写", "一", "首", "诗", "about", "autumn"]
+    zh = "小明有三个苹果，又买了两个苹果，然后他把一半的苹果分给了他的好朋友小红，请问小明现在还有几个苹果？"
+    fps = dedup.simhash([zh, zh.replace("三", "四"), "今天天气很好，我们一起去公园散步，然后在湖边的咖啡馆喝了一杯茶。"])
+    assert dedup.hamming(fps[0], fps[1]) <= 12 < 24 <= dedup.hamming(fps[0], fps[2])  # (one token a clause: ~30)
+    fps = dedup.simhash(["dog bites man", "man bites dog"], shingle=2)
+    assert dedup.hamming(*fps) > 8
+
+
 def test_near_identical_within_threshold_unrelated_far():
     rng = random.Random(0)
     texts = [random_text(rng, 150) for _ in range(200)]
