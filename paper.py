@@ -103,6 +103,24 @@ def contents(path) -> str:
     return h.hexdigest()[:16] if files else "missing"
 
 
+def checkpoint_stamp(path) -> str:
+    """What a model a stage starts from is, cheaply: a local folder's file names, sizes and mtimes
+    (its small files' bytes too); a hub id as itself. Hashing gigabytes of weights at every run
+    (a 7B teacher) would cost more than it tells: new weights are written with a new mtime."""
+    if not os.path.isdir(path):
+        return path
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            st = os.stat(f)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            if st.st_size <= 1 << 20:
+                with open(f, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 class Stages:
     """Runs each stage once. stages/NAME.json marks a finished stage: its command, the ids of the
     finished stages it read (so a redone upstream stage makes it stale), its costs, and an id of its
@@ -147,13 +165,17 @@ class Stages:
         rec = self.done(name)
         return None if rec is None else rec.get("id", rec.get("finished"))
 
-    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None, reads=()):
+    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None, reads=(),
+            models=()):
         """Run cmd unless it finished already. out_dir: where it writes (a non-empty one means an
         interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
         reads: files or folders of the user's it reads (seeds, benchmark data): a change to what
-        they hold makes it stale. output: the file a finished stage must have left (else it runs again)."""
+        they hold makes it stale; models: the user's checkpoints it starts from (checkpoint_stamp),
+        likewise. An interrupted attempt whose inputs changed since starts afresh (fresh_flag).
+        output: the file a finished stage must have left (else it runs again)."""
         key = self.comparable(cmd)
-        inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads}}
+        inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads},
+                  **{self.comparable([m])[0]: checkpoint_stamp(m) for m in models}}
         old, redo = self.done(name), None
         if old is not None:
             if self.comparable(old["cmd"]) != key:
@@ -172,6 +194,10 @@ class Stages:
             os.remove(os.path.join(self.dir, f"{name}.json"))
         running = self._read(name, ".running.json")
         started = out_dir is not None and os.path.isdir(out_dir) and bool(os.listdir(out_dir))
+        then = (running or {}).get("inputs", {})
+        if started and not redo and (stale := [n for n in inputs if n in then and then[n] != inputs[n]]):
+            redo = f"{', '.join(stale)} changed since its interrupted attempt"  # continuing would mix the two
+            log(f"{name}: {redo}: starting it afresh")
         changed = running is not None and self.comparable(running["cmd"]) != key
         if changed and started and not redo:  # partial work made with other flags: never mixed
             raise SystemExit(f"stage {name}: an interrupted attempt was started with another command\n"
@@ -186,6 +212,7 @@ class Stages:
         continuing = started and not redo and resume_flag != fresh_flag  # (a merge starts over: --overwrite)
         log(f"{name}: {'continuing: ' if continuing else ''}{shlex.join(full)}")
         running["attempts"] += 1
+        running["inputs"] = inputs
         self._write(name, running, ".running.json")
         t0 = time.time()
         code, peak_gb, stopped = run_child(full)
@@ -302,6 +329,7 @@ def main():
         base = d("tiny")
         st.run("tiny", [PY, "-m", "nanopost.testing", base], output=os.path.join(base, "config.json"))
     base_stage = ("tiny",) if tiny else ()
+    base_model = () if tiny else (base,)  # the user's: a stage that starts from it is stale once it changes
 
     # 1. teacher-guided data: sft.jsonl (the best response per instruction), kto.jsonl (best/worst)
     if args.teacher_url:
@@ -311,7 +339,8 @@ def main():
     synth = ["--synthesize", str(args.synthesize)] if args.synthesize else []
     st.run("data", [PY, script("build_data.py"), *who, "--student", base, "--sources", *args.seeds, *synth,
                     "--out", d("data"), *dev, *extra["data"]], d("data"), fresh_flag="--overwrite", needs=base_stage,
-           output=os.path.join(d("data"), "kto.jsonl"), reads=args.seeds)
+           output=os.path.join(d("data"), "kto.jsonl"), reads=args.seeds,
+           models=(*base_model, *([args.teacher] if args.teacher else [])))
     for f in ("sft.jsonl", "kto.jsonl"):
         path = os.path.join(d("data"), f)
         with open(path, encoding="utf-8") as fh:
@@ -328,11 +357,13 @@ def main():
     for name, seed in (("sft", 0), ("sft-b", 1)):
         st.run(name, [*launch, script("train_sft.py"), "--model", base, "--data", os.path.join(d("data"), "sft.jsonl"),
                       "--out", d(name), "--seed", str(seed), *preset, *dev, *extra["sft"]], d(name),
-               fresh_flag="--overwrite", needs=(*base_stage, "data"), output=os.path.join(d(name), "config.json"))
+               fresh_flag="--overwrite", needs=(*base_stage, "data"), output=os.path.join(d(name), "config.json"),
+               models=base_model)
     for name, start, needs in (("kto", base, base_stage), ("sft-kto", d("sft"), ("sft",))):
         st.run(name, [*launch, script("train_kto.py"), "--model", start, "--data", os.path.join(d("data"), "kto.jsonl"),
                       "--out", d(name), *dev, *extra["kto"]], d(name), fresh_flag="--overwrite",
-               needs=(*needs, "data"), output=os.path.join(d(name), "config.json"))
+               needs=(*needs, "data"), output=os.path.join(d(name), "config.json"),
+               models=base_model if start == base else ())
 
     # 3. weight fusion (merge.py writes its output atomically; --overwrite lets a rerun replace an older one)
     fusions = {"linear-0.5": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.5", "0.5"],
@@ -357,7 +388,7 @@ def main():
                     *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
                     *extra["eval"]], d("eval"), resume_flag=None,
            needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=os.path.join(d("eval"), "results.json"),
-           reads=[data_dir])
+           reads=[data_dir], models=base_model)
 
     # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
     ids = {n: st.id(n) for n in ("tiny", "data", "sft", "sft-b", "kto", "sft-kto", *fusions, "eval")}

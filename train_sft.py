@@ -22,6 +22,7 @@ keyed by name, so a run may resume with a different number of processes or with/
 while batch-size x grad-accum x processes stays the same. A non-empty --out needs --resume or
 --overwrite."""
 import argparse
+import os
 import random
 import sys
 
@@ -143,7 +144,9 @@ def main(argv=None):
 
     try:
         meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
-                "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels))}
+                "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
+                "model": os.path.abspath(nanopost.checkpoint.resolve(args.model)), "max_len": args.max_len,
+                "packing": not args.no_packing}
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)

@@ -66,6 +66,9 @@ def to_messages(obj: dict) -> list[dict]:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list")
     elif "prompt" in obj and "completion" in obj:
+        if "label" in obj:  # a KTO line: SFT would train on an undesirable completion as on any other
+            raise ValueError("a KTO line (it has a 'label'): train_kto.py reads these; SFT would learn its "
+                             "undesirable completions too")
         msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
     else:
         raise ValueError(f"expected 'messages' or 'prompt'+'completion', got keys {sorted(obj)}")
@@ -125,10 +128,10 @@ def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_ba
             except ValueError as e:
                 bad.append(f"{path}:{n}: {e}")
                 continue
-            truncated += cut
             if all(y == IGNORE for y in ex.labels[1:]):
                 bad.append(f"{path}:{n}: no trained token left after truncation to --max-len {max_len}")
                 continue
+            truncated += cut  # (of the examples kept)
             examples.append(ex)
         if not examples and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")

@@ -2,6 +2,7 @@
 no-decay groups, warmup + cosine schedule, checkpoint + exact resume, the progress line and
 metrics.jsonl."""
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -275,6 +276,8 @@ def _checkpoints(root) -> list[str]:
     for d in os.listdir(root):
         if d.startswith(".old-"):
             recover(os.path.join(root, d[len(".old-"):]))
+        elif d.startswith(".tmp-"):  # a save a kill cut short: a whole model and optimizer state
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     return [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step-") and any(
         os.path.exists(os.path.join(root, d, f)) for f in ("trainer_state.json", "trainer_state.pt"))]
 
@@ -285,7 +288,10 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     and warmup, weight decay, clipping) and for KTO micro-batch size, reference and
     loss settings as the checkpoint was written with; anything else is a StateError (a changed lr
     would otherwise train on silently, and args.json would record the new one)."""
-    whats = {"rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
+    whats = {"model": "--model (the run started from another model)",  # causes first, then what they change
+             "max_len": "--max-len (it cuts and packs the rows)",
+             "packing": "packing (--no-packing)",
+             "rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
              "seed": "--seed (it orders the data and splits validation)",
@@ -296,11 +302,11 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "schedule": "optimizer settings",
              "loss": "loss settings"}
     for key, what in whats.items():
-        if key in saved and key in meta and saved[key] != meta[key]:
-            then, now = saved[key], meta[key]
-            if isinstance(now, dict):  # only what differs
-                diff = [k for k in now if then.get(k) != now[k]]
-                then, now = {k: then.get(k) for k in diff}, {k: now[k] for k in diff}
+        then, now = saved.get(key), meta.get(key)
+        if isinstance(now, dict) and isinstance(then, dict):  # the settings both record; only what differs
+            diff = [k for k in now if k in then and then[k] != now[k]]
+            then, now = {k: then[k] for k in diff}, {k: now[k] for k in diff}
+        if key in saved and key in meta and then != now:
             hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
                     f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
                 if key == "rows_per_step" else "resume with what the run started with, or start a new run"
@@ -308,7 +314,7 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
                              f"not continue that run: {hint}")
 
 
-RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json"}  # what a run writes before its final model
+RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json", "ref_logps"}  # what a run writes before its final model
 
 
 def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = None) -> None:
@@ -330,6 +336,9 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """Create out_dir; with --overwrite (and no --resume) the old run's checkpoints, metrics and
     final model go first (that model would otherwise pass for ours). Call it on rank 0 once
     check_out_dir and every other check have passed: it is the first write."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    for d in glob.glob(os.path.join(glob.escape(parent), glob.escape(f".tmp-{name}-") + "*")):
+        shutil.rmtree(d, ignore_errors=True)  # a final save a kill cut short (checkpoint.save writes beside out_dir)
     if os.path.isdir(out_dir) and overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
         remove_model_files(out_dir)
@@ -461,9 +470,15 @@ def parse_training_args(p, argv, presets: dict):
     if getattr(args, "preset", None):
         p.set_defaults(**presets[args.preset])
     args = p.parse_args(argv)
-    for flag in ("batch_size", "grad_accum", "keep_last", "max_len"):
+    for flag in ("batch_size", "grad_accum", "keep_last", "max_len", "log_every"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:  # (0 trained a whole epoch, -3 saved the model untrained)
+        p.error("--max-steps must be at least 1 (leave it out to train --epochs)")
+    if not args.epochs > 0:
+        p.error("--epochs must be more than 0")
+    if any(not w > 0 for w in getattr(args, "data_weights", None) or []):
+        p.error("--data-weights must all be more than 0")
     if args.warmup_ratio > 0 and args.warmup_steps is not None:
         if args.warmup_steps != p.get_default("warmup_steps"):
             p.error("give --warmup-steps or --warmup-ratio, not both")
@@ -572,8 +587,10 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
     start = 0
     meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
-                                "warmup_steps": warmup, "weight_decay": args.weight_decay,
-                                "max_grad_norm": args.max_grad_norm}, total_steps=total)
+                                "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
+                                # as given: a ratio's steps follow a new run length, like the schedule's
+                                **({"warmup_steps": warmup} if args.warmup_steps is not None
+                                   else {"warmup_ratio": args.warmup_ratio})}, total_steps=total)
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
         then = run.saved["meta"].get("total_steps", total)

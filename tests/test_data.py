@@ -88,3 +88,22 @@ def test_read_jsonl_line_ends_bom_and_bad_bytes(tmp_path):
     p.write_bytes(b'{"a": 1}\r\n{"a": 2\r\n')  # a torn last line: its error at its own end, not "line 2"
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON: Expecting ',' delimiter \(column 8\)"):
         list(read_jsonl(str(p)))
+
+
+def test_sft_refuses_kto_lines_and_counts_only_kept_examples_as_truncated(tiny, tmp_path):
+    """A KTO line (prompt, completion, label) read as SFT trained on its undesirable completions;
+    and examples dropped for having no trained token left were counted as truncated too ("15 of 7
+    examples were cut")."""
+    import pytest
+
+    import nanopost
+    from nanopost.data import DataError, load_sft
+    tok = nanopost.Tokenizer(tiny)
+    f = tmp_path / "kto.jsonl"
+    f.write_text('{"prompt": "Sky?", "completion": "Blue.", "label": true}\n{"prompt": "Sky?", "completion": "Mars.", "label": false}\n')
+    with pytest.raises(DataError, match=r"kto.jsonl:1: a KTO line .*train_kto.py"):
+        load_sft([str(f)], tok, 512)
+    f.write_text('{"messages": [{"role": "user", "content": "' + "word " * 60 + '"}, {"role": "assistant", "content": "ok"}]}\n'
+                 '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "' + "yes " * 60 + '"}]}\n')
+    per_file, stats = load_sft([str(f)], tok, 40, skip_bad_lines=True, log=lambda *a: None)
+    assert stats["bad_lines"] == 1 and stats["examples"] == 1 and stats["truncated"] == 1  # was 2

@@ -455,3 +455,19 @@ def test_precomputed_reference_cache_is_keyed_on_the_reference_and_the_data(tiny
     assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--ref", other).returncode == 0
     assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--max-len", 48).returncode == 0
     assert len(os.listdir(out / "ref_logps")) == 3  # another reference or other tokens: computed anew
+
+
+def test_a_precompute_ref_run_killed_before_its_first_checkpoint_resumes(tiny, tmp_path):
+    """A kill before the first checkpoint leaves ref_logps/ beside args.json and metrics.jsonl:
+    --resume refused that folder as "not a run to continue"; it starts from step 0, reusing the cache."""
+    import shutil
+    out = tmp_path / "k"
+    args = ["--model", tiny, *COMMON, "--max-steps", 2, "--precompute-ref", "--out", out]
+    r = run_main(TRAIN_KTO, *args)
+    assert r.returncode == 0, r.stderr
+    for name in os.listdir(out):  # what the kill would have left
+        if name not in ("ref_logps", "args.json", "metrics.jsonl"):
+            shutil.rmtree(out / name) if (out / name).is_dir() else os.remove(out / name)
+    r = run_main(TRAIN_KTO, *args, "--resume")
+    assert r.returncode == 0 and "starting from step 0" in r.stdout, r.stderr
+    assert "reference log-probs: " in r.stdout and "computed once" not in r.stdout

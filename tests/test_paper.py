@@ -144,3 +144,36 @@ def test_a_stage_reruns_when_the_files_it_reads_change(tmp_path, capsys):
     assert "eval: done already" in runs()
     seeds.write_text('{"instruction": "b"}\n')
     assert f"{seeds} changed since it ran" in runs()
+
+
+def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_afresh(tmp_path, capsys):
+    """A local --model folder replaced with other weights made every stage "done already" (their
+    commands name the same path); an interrupted stage whose inputs changed since was continued
+    with --resume, which the script then refused at every attempt: it starts afresh instead."""
+    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
+    paper_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_py)
+    base, out = tmp_path / "base", tmp_path / "run" / "sft"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"1" * 10)
+    st = paper_py.Stages(str(tmp_path / "run"), str(tmp_path / "run"))
+    # the command records the flags it was given, and writes into its out folder
+    cmd = [sys.executable, "-c", f"import sys, os; os.makedirs({str(out)!r}, exist_ok=True); "
+                                 f"open(os.path.join({str(out)!r}, 'flags'), 'a').write(' '.join(sys.argv[1:]) + ';')"]
+    runs = lambda c=cmd: st.run("sft", c, str(out), fresh_flag="--overwrite", models=[str(base)]) or capsys.readouterr().out  # noqa: E731
+    assert "finished in" in runs() and "done already" in runs()
+    (base / "model.safetensors").write_bytes(b"2" * 10)  # other weights, same size
+    os.utime(base / "model.safetensors", ns=(1, 1))
+    said = runs()
+    assert f"{base} changed since it ran: running it again" in said and "finished in" in said
+    # interrupted (exit 130) after it started writing; then the base changes again
+    interrupted = [sys.executable, "-c", f"import os; os.makedirs({str(out)!r}, exist_ok=True); raise SystemExit(130)"]
+    os.remove(tmp_path / "run" / "stages" / "sft.json")
+    import pytest
+    with pytest.raises(SystemExit):
+        st.run("sft", interrupted, str(out), fresh_flag="--overwrite", models=[str(base)])
+    os.utime(base / "model.safetensors", ns=(2, 2))
+    said = runs()  # (another command than the interrupted one's: fine, since it starts afresh)
+    assert "changed since its interrupted attempt: starting it afresh" in said
+    assert open(out / "flags").read().endswith("--overwrite;")  # not --resume

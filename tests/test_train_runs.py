@@ -340,3 +340,34 @@ def test_resuming_a_finished_run_reports_its_last_loss_and_keeps_its_metrics(tin
     assert r.returncode == 0 and final["steps"] == 4, r.stderr
     assert final["final_loss"] == losses(baseline)[-1] is not None  # it said null: no step ran in this process
     assert open(out / "metrics.jsonl").read() == before and not os.path.exists(out / "metrics.jsonl.tmp")
+
+
+def test_resume_refuses_another_max_len_packing_or_model_and_allows_a_longer_warmup_ratio_run(tiny, tmp_path, baseline):
+    """--max-len and packing change the rows without always changing the data hash, and another
+    --model was ignored (args.json then named it): refused. A --warmup-ratio run resumed for more
+    steps follows the new length (it was refused, naming a --warmup-steps never given)."""
+    import shutil
+    other = shutil.copytree(tiny, tmp_path / "other")
+    for extra, what in ((["--max-len", 80], "written with --max-len"), (["--no-packing"], "written with packing"),
+                        (["--model", other], "written with --model")):
+        r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))  # (the last --model given wins)
+        assert r.returncode != 0 and what in r.stderr, (extra, r.stderr)
+    out = tmp_path / "ratio"
+    r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25))
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25, "--resume", "--max-steps", 6))
+    assert r.returncode == 0 and "the lr schedule follows the new length" in r.stdout, r.stderr
+
+
+def test_killed_saves_leave_no_temporary_copies_and_flags_out_of_range_are_refused(tiny, tmp_path, baseline):
+    import shutil
+    out = shutil.copytree(baseline, tmp_path / "run")
+    (out / "checkpoints" / ".tmp-step-0000005-abc").mkdir()  # a save a kill cut short: a model + optimizer state
+    (tmp_path / ".tmp-run-xyz").mkdir()  # the final save's, beside --out
+    r = run_main(TRAIN, *common(tiny, out, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert not (out / "checkpoints" / ".tmp-step-0000005-abc").exists() and not (tmp_path / ".tmp-run-xyz").exists()
+    for argv, message in ((["--max-steps", 0], "--max-steps must be at least 1"), (["--log-every", 0], "--log-every must be"),
+                          (["--data-weights", -1], "--data-weights must all be more than 0")):
+        r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
