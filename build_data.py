@@ -504,8 +504,13 @@ def build(args):
             stamps[flag[2:] + "_files"] = stamp(fingerprint(d))
     backend = None  # a teacher server is asked now which model it serves: a wrong URL or model name stops us here
     if args.teacher_url and teacher_stages & set(args.stages):
-        backend = HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout, args.retries)
-        stamps["teacher_served"] = backend.model
+        try:
+            backend = HTTPBackend(args.teacher_url, args.teacher_model, args.concurrency, args.timeout, args.retries)
+            stamps["teacher_served"] = backend.model
+        except TeacherUnreachable as e:
+            if not args.resume:
+                raise
+            log(f"warning: {e}\n(a stage that still has items for the teacher will stop there)")
     rows, bad, seen, exact = [], [], set(), 0
     for path in args.sources:
         for n, obj in read_jsonl(path, bad):
@@ -530,6 +535,9 @@ def build(args):
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):
         saved = json.load(open(args_path, encoding="utf-8")).get("settings", {})
+        if all(isinstance(x, list) and len(x) == 2 and isinstance(x[1], int) for x in saved.get("sources") or [None]) \
+                and saved["sources"] == [[p, os.path.getsize(p)] for p, _ in settings["sources"]]:
+            saved["sources"] = settings["sources"]  # a build from before sources were hashed: recorded by size
         diff = [k for k in settings if k in saved and saved[k] != settings[k]]  # (a checkpoint: once a stage used it)
         if diff:
             raise StateError(f"{out} was built with other settings ({', '.join(f'{k}: {saved[k]} -> {settings[k]}' for k in diff)}); "

@@ -149,7 +149,7 @@ def main(argv=None):
     ref_print = fingerprint(ref_dir)
     meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
             "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision, "max_len": args.max_len,
-            "model": os.path.abspath(resolve(args.model)),
+            "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
             "reference": os.path.abspath(ref_dir), "reference_weights": ref_print,
             "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
                      "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},

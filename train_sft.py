@@ -145,7 +145,8 @@ def main(argv=None):
     try:
         meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
                 "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
-                "model": os.path.abspath(nanopost.checkpoint.resolve(args.model)), "max_len": args.max_len,
+                "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,  # (a hub id as
+                "max_len": args.max_len,  # itself: its snapshot path changes with any upstream commit)
                 "packing": not args.no_packing}
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),

@@ -2,12 +2,12 @@
 no-decay groups, warmup + cosine schedule, checkpoint + exact resume, the progress line and
 metrics.jsonl."""
 import contextlib
-import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -337,8 +337,9 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     final model go first (that model would otherwise pass for ours). Call it on rank 0 once
     check_out_dir and every other check have passed: it is the first write."""
     parent, name = os.path.split(os.path.abspath(out_dir))
-    for d in glob.glob(os.path.join(glob.escape(parent), glob.escape(f".tmp-{name}-") + "*")):
-        shutil.rmtree(d, ignore_errors=True)  # a final save a kill cut short (checkpoint.save writes beside out_dir)
+    for d in os.listdir(parent) if os.path.isdir(parent) else []:  # a final save a kill cut short: checkpoint.save
+        if re.fullmatch(re.escape(f".tmp-{name}-") + r"[a-z0-9_]{8}", d):  # writes beside out_dir (mkdtemp's 8
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)  # characters: never another run's, sft-b's)
     if os.path.isdir(out_dir) and overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
         remove_model_files(out_dir)
@@ -588,9 +589,11 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     start = 0
     meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
                                 "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-                                # as given: a ratio's steps follow a new run length, like the schedule's
-                                **({"warmup_steps": warmup} if args.warmup_steps is not None
-                                   else {"warmup_ratio": args.warmup_ratio})}, total_steps=total)
+                                # as given: a ratio's steps follow a new run length, like the schedule's (the
+                                # ratio, None with --warmup-steps, is always there: a switch of forms differs)
+                                **({"warmup_steps": warmup} if args.warmup_steps is not None else {}),
+                                "warmup_ratio": args.warmup_ratio if args.warmup_steps is None else None},
+                total_steps=total)
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
         then = run.saved["meta"].get("total_steps", total)

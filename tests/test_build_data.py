@@ -513,6 +513,11 @@ def test_resume_refuses_an_edited_source_or_a_retrained_student(tiny, tmp_path):
     r = run_main(SCRIPT, *args, "--stages", "1-6")
     assert r.returncode == 0, r.stderr
     assert "\u2028" in read(out / "1_ingest.jsonl")
+    saved = json.loads(read(out / "args.json"))  # a build from before sources were hashed recorded their sizes
+    saved["settings"]["sources"] = [[str(src), os.path.getsize(src)]]
+    (out / "args.json").write_text(json.dumps(saved))
+    r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")
+    assert r.returncode == 0, r.stderr
     os.utime(student / "model.safetensors", ns=(1, 1))  # "retrained"
     r = run_main(SCRIPT, *args, "--resume")
     assert r.returncode != 0 and "student_files" in r.stderr, r.stderr
@@ -546,3 +551,12 @@ def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny):
     assert greedy == Teacher.sampling(None, 16, seed=0) and Teacher.sampling(None, 16, 0.7, seed=7)["seed"] == 7
     ids = {LocalBackend(*nanopost.load(tiny, dtype=d), tiny).id for d in (torch.float32, torch.bfloat16)}
     assert len(ids) == 2
+
+
+def test_a_finished_http_build_resumes_with_its_teacher_gone(clean_http_run, tiny, sources, tmp_path):
+    """Asking the servers at start must not stop a resume that has nothing left for the teacher."""
+    import shutil
+    out = shutil.copytree(clean_http_run, tmp_path / "out")
+    r = run_main(SCRIPT, "--teacher-url", "http://127.0.0.1:9", "--student", tiny, "--sources", sources, "--out", out,
+                 *FAST, "--resume")
+    assert r.returncode == 0 and "warning: no teacher server answered" in r.stdout, r.stderr

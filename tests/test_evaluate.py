@@ -518,6 +518,13 @@ def test_a_reply_cannot_replace_the_prompts_helpers_the_tests_use():
     assert humaneval.score(ex, right) == ("pass", True)
     assert humaneval.score(ex, "```python\ndef encode(s):\n    return s\n\ndef decode(s):\n    return s\n```")[1] is False
     assert humaneval.score({**ex, "mode": "raw"}, "    return s\n\ndef encode(s):\n    return s\n")[1] is False
+    # a helper the tests do not call stays the reply's own (HumanEval/10: a reply's is_palindrome(s, i))
+    pal = {"id": "pal/0", "entry_point": "make", "answer": "pass", "mode": "chat",
+           "prompt": 'def is_pal(s):\n    return s == s[::-1]\n\n\ndef make(s):\n    """shortest palindrome starting with s"""\n',
+           "test": "def check(candidate):\n    assert candidate('ab') == 'aba'\n    assert candidate('') == ''\n"}
+    own = ("```python\ndef is_pal(s, i):\n    return s[i:] == s[i:][::-1]\n\ndef make(s):\n    i = 0\n"
+           "    while i < len(s) and not is_pal(s, i):\n        i += 1\n    return s + s[:i][::-1]\n```")
+    assert humaneval.score(pal, own) == ("pass", True)
 
 
 @pytest.mark.parametrize("reply", [

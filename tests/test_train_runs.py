@@ -355,6 +355,8 @@ def test_resume_refuses_another_max_len_packing_or_model_and_allows_a_longer_war
     out = tmp_path / "ratio"
     r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25))
     assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN, *common(tiny, out, "--warmup-steps", 1, "--resume", "--max-steps", 6))  # another form
+    assert r.returncode != 0 and "'warmup_ratio': 0.25}, this run has {'warmup_ratio': None}" in r.stderr, r.stderr
     r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25, "--resume", "--max-steps", 6))
     assert r.returncode == 0 and "the lr schedule follows the new length" in r.stdout, r.stderr
 
@@ -363,10 +365,12 @@ def test_killed_saves_leave_no_temporary_copies_and_flags_out_of_range_are_refus
     import shutil
     out = shutil.copytree(baseline, tmp_path / "run")
     (out / "checkpoints" / ".tmp-step-0000005-abc").mkdir()  # a save a kill cut short: a model + optimizer state
-    (tmp_path / ".tmp-run-xyz").mkdir()  # the final save's, beside --out
+    (tmp_path / ".tmp-run-abc_1234").mkdir()  # the final save's, beside --out (mkdtemp: 8 characters)
+    (tmp_path / ".tmp-run-b-abc_1234").mkdir()  # run-b's, maybe being written now: not ours
     r = run_main(TRAIN, *common(tiny, out, "--resume"))
     assert r.returncode == 0, r.stderr
-    assert not (out / "checkpoints" / ".tmp-step-0000005-abc").exists() and not (tmp_path / ".tmp-run-xyz").exists()
+    assert not (out / "checkpoints" / ".tmp-step-0000005-abc").exists() and not (tmp_path / ".tmp-run-abc_1234").exists()
+    assert (tmp_path / ".tmp-run-b-abc_1234").exists()
     for argv, message in ((["--max-steps", 0], "--max-steps must be at least 1"), (["--log-every", 0], "--log-every must be"),
                           (["--data-weights", -1], "--data-weights must all be more than 0")):
         r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)

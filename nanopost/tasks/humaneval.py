@@ -293,25 +293,27 @@ def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
     return "".join([f"{before}\n\n" if before else "", blocks[main], f"\n\n{after}\n" if after else ""])
 
 
-def prompt_helpers(prompt: str, entry_point: str) -> str:
-    """The prompt's top-level functions and classes other than entry_point (with decorators)."""
-    tree = _parse(prompt)
-    if tree is None:
+def prompt_helpers(prompt: str, entry_point: str, test: str) -> str:
+    """The prompt's top-level functions and classes (with decorators) that the test code itself
+    calls, other than entry_point: the tests' oracle. A helper only the solution uses stays the
+    reply's own (a reply may redefine is_palindrome for its make_palindrome)."""
+    tree, test_tree = _parse(prompt), _parse(test)
+    if tree is None or test_tree is None:
         return ""
-    lines = prompt.splitlines(True)
+    oracle, lines = _used(test_tree), prompt.splitlines(True)
     return "\n".join("".join(lines[min([n.lineno] + [d.lineno for d in n.decorator_list]) - 1:n.end_lineno])
-                     for n in tree.body if isinstance(n, DEFINES) and n.name != entry_point)
+                     for n in tree.body if isinstance(n, DEFINES) and n.name != entry_point and n.name in oracle)
 
 
 def program(ex, reply: str) -> str:
     """prompt + completion + the prompt's helpers again + tests + check(entry_point). A chat reply
     that restates the whole function simply redefines it after the prompt (the prompt keeps its
     imports and helpers; a `from __future__` import anywhere moves to the top of the file in
-    run_program). The prompt's other functions (poly, encode_cyclic, ...) are restated after the
-    completion: some tests use them as their oracle, and a reply that redefined them (an identity
-    encode_cyclic with an identity decode_cyclic) would pass those tests wrongly."""
+    run_program). The prompt's functions that the tests call (poly, encode_cyclic, ...) are
+    restated after the completion: they are the tests' oracle, and a reply that redefined them (an
+    identity encode_cyclic with an identity decode_cyclic) would pass those tests wrongly."""
     completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else reply
-    helpers = prompt_helpers(ex["prompt"], ex["entry_point"])
+    helpers = prompt_helpers(ex["prompt"], ex["entry_point"], ex["test"])
     return (f"{ex['prompt']}{completion}\n\n" + (f"{helpers}\n\n" if helpers else "")
             + f"{ex['test']}\n\ncheck({ex['entry_point']})\n")
 
