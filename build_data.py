@@ -529,8 +529,10 @@ def build(args):
     if not rows and not args.synthesize:
         raise DataError(f"no examples in --sources {' '.join(args.sources)}: nothing to build from")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
-    settings["sources"] = [[os.path.abspath(f), hashlib.file_digest(open(f, "rb"), "sha256").hexdigest()]
-                           for f in args.sources]  # the bytes: an edit of the same size is another source
+    settings["sources"] = []
+    for f in args.sources:  # the bytes: an edit of the same size is another source
+        with open(f, "rb") as fh:
+            settings["sources"].append([os.path.abspath(f), hashlib.file_digest(fh, "sha256").hexdigest()])
     settings = json.loads(json.dumps({**settings, **stamps}))  # (as args.json holds it)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):

@@ -104,21 +104,14 @@ def contents(path) -> str:
 
 
 def checkpoint_stamp(path) -> str:
-    """What a model a stage starts from is, cheaply: a local folder's file names, sizes and mtimes
-    (its small files' bytes too); a hub id as itself. Hashing gigabytes of weights at every run
-    (a 7B teacher) would cost more than it tells: new weights are written with a new mtime."""
+    """What a model a stage starts from is, cheaply: a local folder as evaluate.py's cache sees it
+    (tasks.fingerprint: its files' names, sizes and mtimes, the non-weight files' bytes); a hub id
+    as itself. Hashing gigabytes of weights at every run (a 7B teacher) would cost more than it
+    tells: new weights are written with a new mtime."""
     if not os.path.isdir(path):
         return path
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            st = os.stat(f)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-            if st.st_size <= 1 << 20:
-                with open(f, "rb") as fh:
-                    h.update(fh.read())
-    return h.hexdigest()[:16]
+    from nanopost.tasks import fingerprint, stamp
+    return stamp(fingerprint(path))
 
 
 class Stages:

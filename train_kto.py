@@ -42,7 +42,7 @@ from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_k
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
                                frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
-                               split_validation, start_run, train)
+                               split_validation, start_meta, start_run, train)
 
 
 def parse_args(argv=None):
@@ -148,8 +148,7 @@ def main(argv=None):
     # ---- what a resume must agree on, checked before the reference pass below is spent ----
     ref_print = fingerprint(ref_dir)
     meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
-            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision, "max_len": args.max_len,
-            "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision, **start_meta(args),
             "reference": os.path.abspath(ref_dir), "reference_weights": ref_print,
             "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
                      "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},

@@ -22,7 +22,6 @@ keyed by name, so a run may resume with a different number of processes or with/
 while batch-size x grad-accum x processes stays the same. A non-empty --out needs --resume or
 --overwrite."""
 import argparse
-import os
 import random
 import sys
 
@@ -34,8 +33,8 @@ from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, cut_note, data_hash,
-                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_run,
-                               train)
+                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_meta,
+                               start_run, train)
 
 
 def parse_args(argv=None):
@@ -145,9 +144,7 @@ def main(argv=None):
     try:
         meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
                 "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
-                "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,  # (a hub id as
-                "max_len": args.max_len,  # itself: its snapshot path changes with any upstream commit)
-                "packing": not args.no_packing}
+                "packing": not args.no_packing, **start_meta(args)}
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)

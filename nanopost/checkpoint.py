@@ -4,6 +4,7 @@ generation_config.json. A hub id is resolved with huggingface_hub.snapshot_downl
 honours HF_HOME and HF_HUB_OFFLINE); a local directory is read as it is."""
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -181,6 +182,16 @@ def _atomic_dir(out_dir):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+
+
+def remove_unfinished(out_dir):
+    """Remove what saves of out_dir that a kill cut short left beside it (_atomic_dir's folders:
+    a whole model, with its optimizer state for a checkpoint); only out_dir's, matched by mkdtemp's
+    8-character suffix, never another's (runs/sft-b's when out_dir is runs/sft)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    for d in os.listdir(parent) if os.path.isdir(parent) else []:
+        if re.fullmatch(re.escape(f".tmp-{name}-") + r"[a-z0-9_]{8}", d):
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
 def _aside(out_dir):

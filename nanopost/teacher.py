@@ -15,8 +15,9 @@ code change never sends it again; a change to a prompt, the sampling or the teac
 key. Only replies are cached, never transport failures: a timed-out request is sent again next run.
 Replies are cached as each arrives, so Ctrl-C keeps every reply received before it (HTTPBackend then
 cancels the queued requests and does not wait for those in flight).
-The teacher id is the checkpoint (resolved path + size and mtime of its files) for LocalBackend and
-the served model name for HTTPBackend, not the URL, so adding servers keeps every cached reply.
+The teacher id is the checkpoint (resolved path, tasks.fingerprint of its files, dtype, device) for
+LocalBackend and the served model name for HTTPBackend, not the URL, so adding servers keeps every
+cached reply.
 
 Teacher.ask_json sends prompts whose reply must pass a check (strict JSON with allowed values):
 a failing reply is retried `retries` times, each retry showing the teacher its reply and what was
@@ -105,11 +106,9 @@ class LocalBackend:
     def __init__(self, model, tok, checkpoint_dir: str, batch_size: int = 16):
         from nanopost.engine import Engine
         self.engine, self.batch_size = Engine(model, tok), batch_size
-        files = sorted((f, os.stat(os.path.join(checkpoint_dir, f)).st_size, os.stat(os.path.join(checkpoint_dir, f)).st_mtime_ns)
-                       for f in os.listdir(checkpoint_dir) if f.endswith((".json", ".safetensors", ".jinja")))
+        from nanopost.tasks import fingerprint, stamp
         w = next(model.parameters())  # the dtype and device change greedy replies too
-        stamp = hashlib.sha256(repr((files, str(w.dtype), w.device.type)).encode()).hexdigest()[:16]
-        self.id = f"local:{os.path.abspath(checkpoint_dir)}:{stamp}"
+        self.id = f"local:{os.path.abspath(checkpoint_dir)}:{stamp(fingerprint(checkpoint_dir))}:{w.dtype}:{w.device.type}"
 
     def complete(self, requests, sampling: dict, on_reply):
         from nanopost.engine import Sampling

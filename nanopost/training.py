@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import nanopost
-from nanopost.checkpoint import load, recover, remove_model_files, save, save_tensors
+from nanopost.checkpoint import load, recover, remove_model_files, remove_unfinished, save, save_tensors
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -336,10 +335,7 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """Create out_dir; with --overwrite (and no --resume) the old run's checkpoints, metrics and
     final model go first (that model would otherwise pass for ours). Call it on rank 0 once
     check_out_dir and every other check have passed: it is the first write."""
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    for d in os.listdir(parent) if os.path.isdir(parent) else []:  # a final save a kill cut short: checkpoint.save
-        if re.fullmatch(re.escape(f".tmp-{name}-") + r"[a-z0-9_]{8}", d):  # writes beside out_dir (mkdtemp's 8
-            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)  # characters: never another run's, sft-b's)
+    remove_unfinished(out_dir)  # a final save a kill cut short (checkpoint.save writes beside out_dir)
     if os.path.isdir(out_dir) and overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
         remove_model_files(out_dir)
@@ -512,6 +508,13 @@ def data_hash(sequences) -> str:
     return h.hexdigest()[:16]
 
 
+def start_meta(args) -> dict:
+    """What a resume must find as the run started, in both scripts: --model (a folder by its
+    absolute path, a hub id as itself: its snapshot path changes with any upstream commit) and
+    --max-len."""
+    return {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len}
+
+
 def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | None:
     """A warning when most examples lose trained tokens to --max-len (a --max-len of 2 trains on
     one token each, and says so only in a count)."""
@@ -659,8 +662,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 log(f"interrupted: saved {path}; continue with --resume", flush=True)
                 sys.exit(130)
         if step == start:  # resumed at the end: no step ran, the last logged one is the run's
-            metrics = {"loss": progress.last.get("loss")}
-        val = metrics.get("val_loss") if step > start else val_fn()
+            metrics = {"loss": progress.last.get("loss"), "val_loss": val_fn()}
+        val = metrics.get("val_loss")
         checkpoint(step, final=True)  # a Ctrl-C from here on waits for the final model: the run is complete then
     progress.close()
     log(json.dumps({"out": args.out, "steps": step, "final_loss": metrics.get("loss"), "val_loss": val}))

@@ -16,7 +16,7 @@ NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval"
 # changes, so that evaluate.py never reuses cached predictions made under another one.
 PROTOCOL = 8  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
-# 8: HumanEval: the prompt's helpers restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
+# 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):
