@@ -513,7 +513,9 @@ def build(args):
             log(f"warning: {e}\n(a stage that still has items for the teacher will stop there)")
     rows, bad, seen, exact = [], [], set(), 0
     for path in args.sources:
+        before, lines = len(rows), 0
         for n, obj in read_jsonl(path, bad):
+            lines += 1
             try:
                 prompt, response, gold = normalise(obj)
             except ValueError as e:
@@ -525,6 +527,10 @@ def build(args):
                 continue
             seen.add(key)
             rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
+        if not lines and not any(b.startswith(f"{path}:") for b in bad):  # (one of several passed silently)
+            raise DataError(f"--sources {path}: an empty file (no JSON line): a wrong file, or one not yet written?")
+        if len(rows) == before:
+            log(f"warning: --sources {path} adds no example (its lines are malformed or repeat earlier ones)")
     report_bad_lines(bad, args.skip_bad_lines, log)
     if not rows and not args.synthesize:
         raise DataError(f"no examples in --sources {' '.join(args.sources)}: nothing to build from")

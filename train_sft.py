@@ -144,7 +144,7 @@ def main(argv=None):
     try:
         meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
                 "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
-                "packing": not args.no_packing, **start_meta(args)}
+                **start_meta(args)}
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)

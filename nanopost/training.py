@@ -302,14 +302,19 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "loss": "loss settings"}
     for key, what in whats.items():
         then, now = saved.get(key), meta.get(key)
-        if isinstance(now, dict) and isinstance(then, dict):  # the settings both record; only what differs
-            diff = [k for k in now if k in then and then[k] != now[k]]
-            then, now = {k: then[k] for k in diff}, {k: now[k] for k in diff}
+        what += " ="
+        if isinstance(now, dict) and isinstance(then, dict):  # the settings both record; only what differs,
+            diff = [k for k in now if k in then and then[k] != now[k]]  # by the flags that set them
+            flags = lambda d, keys: ", ".join(f"--{k.replace('_', '-')} {'(not given)' if d[k] is None else d[k]}"
+                                              for k in keys)
+            then, now = flags(then, diff), flags(now, diff + [k for k in now if k not in then and now[k] is not None
+                                                               and diff])  # (and what it gives instead)
+            what = whats[key] + ":"
         if key in saved and key in meta and then != now:
             hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
                     f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
                 if key == "rows_per_step" else "resume with what the run started with, or start a new run"
-            raise StateError(f"{ckpt}: written with {what} = {then}, this run has {now}; resuming would "
+            raise StateError(f"{ckpt}: written with {what} {then}, this run has {now}; resuming would "
                              f"not continue that run: {hint}")
 
 
@@ -476,6 +481,23 @@ def parse_training_args(p, argv, presets: dict):
         p.error("--epochs must be more than 0")
     if any(not w > 0 for w in getattr(args, "data_weights", None) or []):
         p.error("--data-weights must all be more than 0")
+    if not (args.lr > 0 and math.isfinite(args.lr)):  # (nan or 0 reached torch's optimizer as a traceback)
+        p.error(f"--lr must be a positive number, not {args.lr}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error("--warmup-steps must be 0 or more")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error("--warmup-ratio must be in [0, 1)")
+    if not 0 <= args.min_lr_ratio <= 1:
+        p.error("--min-lr-ratio must be in [0, 1]")
+    if not args.weight_decay >= 0:
+        p.error("--weight-decay must be 0 or more")
+    if not args.max_grad_norm >= 0:
+        p.error("--max-grad-norm must be 0 (no clipping) or more")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    for flag in ("save_every", "eval_every"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.warmup_ratio > 0 and args.warmup_steps is not None:
         if args.warmup_steps != p.get_default("warmup_steps"):
             p.error("give --warmup-steps or --warmup-ratio, not both")
@@ -492,6 +514,9 @@ def start_run(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     check_out_dir(args.out, args.resume, args.overwrite, args.model)
+    if args.resume and (ckpt := latest_checkpoint(args.out)) and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
+        with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+            check_resume(start_meta(args), json.load(f)["meta"], ckpt)  # before the data: it depends on them
     out = args.out  # --resume continues a training run's folder (or starts one), never another's files
     if args.resume and not args.overwrite and os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")) \
             and not set(os.listdir(out)) <= RUN_FILES:
@@ -510,9 +535,10 @@ def data_hash(sequences) -> str:
 
 def start_meta(args) -> dict:
     """What a resume must find as the run started, in both scripts: --model (a folder by its
-    absolute path, a hub id as itself: its snapshot path changes with any upstream commit) and
-    --max-len."""
-    return {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len}
+    absolute path, a hub id as itself: its snapshot path changes with any upstream commit),
+    --max-len and (SFT) packing. start_run checks them before the data is read."""
+    return {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len,
+            **({"packing": not args.no_packing} if hasattr(args, "no_packing") else {})}
 
 
 def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | None:
@@ -594,8 +620,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                                 "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
                                 # as given: a ratio's steps follow a new run length, like the schedule's (the
                                 # ratio, None with --warmup-steps, is always there: a switch of forms differs)
-                                **({"warmup_steps": warmup} if args.warmup_steps is not None else {}),
-                                "warmup_ratio": args.warmup_ratio if args.warmup_steps is None else None},
+                                # (--warmup-steps 0 is the default ratio 0: no warmup either way)
+                                **({"warmup_steps": warmup} if args.warmup_steps else {}),
+                                "warmup_ratio": None if args.warmup_steps else args.warmup_ratio},
                 total_steps=total)
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
@@ -639,8 +666,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 g["lr"] = lr
             t0 = time.time()
             metrics = step_fn(step, epoch, k)
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.module.parameters(), args.max_grad_norm)) \
-                if args.max_grad_norm > 0 else torch.zeros(())  # a DTensor under FSDP2
+            # the norm before clipping (a DTensor under FSDP2); --max-grad-norm 0 measures it and clips nothing
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.module.parameters(),
+                                                                  args.max_grad_norm or math.inf))
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -535,9 +535,18 @@ def test_malformed_sources_are_bad_lines_and_an_empty_source_is_refused(tiny, tm
     src.write_text('{"prompt": "What is 2 + 2?"}\n' + line + "\n")
     r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST)
     assert r.returncode != 0 and f"{src}:2: " in r.stderr and why in r.stderr and "Traceback" not in r.stderr, r.stderr
-    src.write_text("")
+    src.write_text("\n")
     r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST)
-    assert r.returncode != 0 and "no examples in --sources" in r.stderr and not out.exists(), r.stderr
+    assert r.returncode != 0 and f"--sources {src}: an empty file" in r.stderr and not out.exists(), r.stderr
+    # one empty file among good ones passed silently; one that only repeats another is a warning
+    good, again = tmp_path / "good.jsonl", tmp_path / "again.jsonl"
+    good.write_text('{"prompt": "What is 2 + 2?"}\n')
+    again.write_text('{"prompt": "What is 2 + 2?"}\n')
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", good, src, "--out", out, *FAST)
+    assert r.returncode != 0 and f"--sources {src}: an empty file" in r.stderr and not out.exists(), r.stderr
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", good, again, "--out", out, *FAST,
+                 "--stages", "1")
+    assert r.returncode == 0 and f"warning: --sources {again} adds no example" in r.stdout + r.stderr, r.stderr
 
 
 def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny):

@@ -270,9 +270,9 @@ def test_resume_refuses_another_seed_precision_or_data(tiny, tmp_path, baseline)
 def test_resume_refuses_other_optimizer_settings_and_names_them(tiny, tmp_path, baseline):
     """A resume with another lr, schedule length or weight decay would train on silently (and
     args.json would then record settings the model was not trained with)."""
-    for extra, what in ((["--lr", 0.5], "'lr': 0.001}, this run has {'lr': 0.5}"),
+    for extra, what in ((["--lr", 0.5], "optimizer settings: --lr 0.001, this run has --lr 0.5"),
                         (["--max-steps", 2], "already at step 4, this run asks for 2 steps"),
-                        (["--weight-decay", 0.3], "'weight_decay'")):
+                        (["--weight-decay", 0.3], "--weight-decay 0.0, this run has --weight-decay 0.3")):
         r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))
         assert r.returncode != 0 and what in r.stderr, r.stderr
     assert len(losses(baseline)) == 4  # untouched
@@ -300,6 +300,14 @@ def test_out_is_never_the_model_nor_a_foreign_folder_on_resume(tiny, tmp_path):
     (["--grad-accum", 0], "--grad-accum must be at least 1"),
     (["--keep-last", 0], "--keep-last must be at least 1"),
     (["--warmup-steps", 3, "--warmup-ratio", 0.1], "not both"),
+    (["--lr", 0], "--lr must be a positive number"),  # (0 and nan ended in a torch traceback)
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--warmup-steps", -2], "--warmup-steps must be 0 or more"),  # (negative ones bent the schedule)
+    (["--warmup-ratio", 1.5], "--warmup-ratio must be in [0, 1)"),
+    (["--max-grad-norm", -1], "--max-grad-norm must be 0"),
+    (["--min-lr-ratio", 2], "--min-lr-ratio must be in [0, 1]"),
+    (["--val-fraction", 1], "--val-fraction must be in [0, 1)"),
+    (["--save-every", -1], "--save-every must be 0 or more"),
 ])
 def test_flags_that_cannot_work_are_refused(tiny, tmp_path, argv, message):
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)
@@ -356,7 +364,7 @@ def test_resume_refuses_another_max_len_packing_or_model_and_allows_a_longer_war
     r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25))
     assert r.returncode == 0, r.stderr
     r = run_main(TRAIN, *common(tiny, out, "--warmup-steps", 1, "--resume", "--max-steps", 6))  # another form
-    assert r.returncode != 0 and "'warmup_ratio': 0.25}, this run has {'warmup_ratio': None}" in r.stderr, r.stderr
+    assert r.returncode != 0 and "--warmup-ratio 0.25, this run has --warmup-ratio (not given), --warmup-steps 1" in r.stderr, r.stderr
     r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25, "--resume", "--max-steps", 6))
     assert r.returncode == 0 and "the lr schedule follows the new length" in r.stdout, r.stderr
 
@@ -375,3 +383,26 @@ def test_killed_saves_leave_no_temporary_copies_and_flags_out_of_range_are_refus
                           (["--data-weights", -1], "--data-weights must all be more than 0")):
         r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_resume_checks_max_len_before_the_data_and_no_warmup_is_one_setting(tiny, tmp_path, baseline):
+    """A resume with a --max-len too small for the data stopped on the data check ("no trained
+    token left") instead of naming the change; --warmup-steps 0 on a run started with the default
+    ratio 0 (no warmup either way) was refused, naming a warmup_ratio never typed."""
+    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--max-len", 3))
+    assert r.returncode != 0 and "written with --max-len (it cuts and packs the rows) = 64, this run has 3" in r.stderr, \
+        r.stderr
+    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--warmup-steps", 0))
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4, r.stderr
+
+
+def test_max_grad_norm_0_clips_nothing_and_logs_the_real_norm(tiny, tmp_path):
+    """--max-grad-norm 0 (no clipping) logged grad_norm 0."""
+    norms = {}
+    for clip in (0, 1e9):
+        out = tmp_path / f"clip{clip}"
+        r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 2,
+                     "--max-steps", 2, "--max-grad-norm", clip)
+        assert r.returncode == 0, r.stderr
+        norms[clip] = [json.loads(line)["grad_norm"] for line in open(out / "metrics.jsonl")]
+    assert norms[0] == norms[1e9] and all(n > 0 for n in norms[0]), norms
