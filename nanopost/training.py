@@ -300,16 +300,16 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "reference_weights": "reference model weights (a hash of its files: retrained in place?)",
              "schedule": "optimizer settings",
              "loss": "loss settings"}
+    def flags(settings, keys):  # {"warmup_ratio": None} -> "--warmup-ratio (not given)"
+        return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if settings[k] is None else settings[k]}" for k in keys)
+
     for key, what in whats.items():
         then, now = saved.get(key), meta.get(key)
         what += " ="
         if isinstance(now, dict) and isinstance(then, dict):  # the settings both record; only what differs,
-            diff = [k for k in now if k in then and then[k] != now[k]]  # by the flags that set them
-            flags = lambda d, keys: ", ".join(f"--{k.replace('_', '-')} {'(not given)' if d[k] is None else d[k]}"
-                                              for k in keys)
-            then, now = flags(then, diff), flags(now, diff + [k for k in now if k not in then and now[k] is not None
-                                                               and diff])  # (and what it gives instead)
-            what = whats[key] + ":"
+            diff = [k for k in now if k in then and then[k] != now[k]]  # named by their flags, and what this
+            given = [k for k in now if k not in then and now[k] is not None] if diff else []  # run gives instead
+            then, now, what = flags(then, diff), flags(now, diff + given), whats[key] + ":"
         if key in saved and key in meta and then != now:
             hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
                     f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
@@ -619,12 +619,16 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
                                 "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
                                 # as given: a ratio's steps follow a new run length, like the schedule's (the
-                                # ratio, None with --warmup-steps, is always there: a switch of forms differs)
-                                # (--warmup-steps 0 is the default ratio 0: no warmup either way)
+                                # ratio, None with --warmup-steps, is always there: a switch of forms differs;
+                                # --warmup-steps 0 is the default ratio 0, no warmup either way)
                                 **({"warmup_steps": warmup} if args.warmup_steps else {}),
                                 "warmup_ratio": None if args.warmup_steps else args.warmup_ratio},
                 total_steps=total)
     if run.saved is not None:
+        schedule = run.saved["meta"].get("schedule", {})
+        if schedule.get("warmup_steps") == 0:  # as recorded before --warmup-steps 0 became the ratio 0
+            schedule.pop("warmup_steps")
+            schedule["warmup_ratio"] = 0.0
         check_resume(meta, run.saved["meta"], run.ckpt)
         then = run.saved["meta"].get("total_steps", total)
         if total < run.saved["step"]:

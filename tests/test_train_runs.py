@@ -394,6 +394,18 @@ def test_resume_checks_max_len_before_the_data_and_no_warmup_is_one_setting(tiny
         r.stderr
     r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--warmup-steps", 0))
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4, r.stderr
+    import shutil  # a checkpoint that recorded --warmup-steps 0 as such (before it was the ratio 0) resumes too
+    out = shutil.copytree(baseline, tmp_path / "old")
+    for state in (out / "checkpoints").glob("step-*/trainer_state.json"):
+        info = json.loads(state.read_text())
+        info["meta"]["schedule"].update(warmup_steps=0, warmup_ratio=None)
+        state.write_text(json.dumps(info))
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    r = run_main(TRAIN, *common(tiny, out, "--resume", "--warmup-steps", 0))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    r = run_main(TRAIN, *common(tiny, out, "--resume", "--warmup-steps", 2))
+    assert r.returncode != 0 and "--warmup-ratio 0.0, this run has --warmup-ratio (not given), --warmup-steps 2" \
+        in r.stderr, r.stderr
 
 
 def test_max_grad_norm_0_clips_nothing_and_logs_the_real_norm(tiny, tmp_path):
