@@ -437,6 +437,11 @@ def parse_args(argv=None):
         p.error("--categories: give at least one category")
     if args.synthesize < 0 or args.retries < 0 or args.min_label_count < 0 or args.max_per_category < 0:
         p.error("--synthesize, --retries, --min-label-count and --max-per-category must be >= 0")
+    for flag in ("max_new_tokens", "json_max_tokens", "batch_size", "concurrency", "max_len"):
+        if getattr(args, flag) < 1:  # (0 ended the run in a traceback once the first stage asked the teacher)
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.timeout > 0:
+        p.error("--timeout must be more than 0 seconds")
     if not 0 <= args.dedup_threshold < 64 or args.dedup_shingle < 1:
         p.error("--dedup-threshold must be in 0..63 bits and --dedup-shingle >= 1")
     try:

@@ -29,6 +29,7 @@ import argparse
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -60,8 +61,8 @@ def parse_args(argv=None):
                         "weights and settings), then train without the reference model in memory")
     p.set_defaults(lr=1e-6)  # TRL's KTOConfig default
     args = parse_training_args(p, argv, {})
-    if min(args.beta, args.desirable_weight, args.undesirable_weight) <= 0:
-        p.error("--beta, --desirable-weight and --undesirable-weight must be positive")
+    if not all(0 < x < math.inf for x in (args.beta, args.desirable_weight, args.undesirable_weight)):  # (nan too)
+        p.error("--beta, --desirable-weight and --undesirable-weight must be positive numbers")
     return args
 
 

@@ -325,6 +325,13 @@ def test_bad_sources_and_flags_refused_before_any_write(tiny, tmp_path):
     for stages in ("3-2", "0", "9", "1,"):
         r = run_main(SCRIPT, *args[:-1], stages)
         assert r.returncode == 2 and "--stages" in r.stderr, stages
+    # token budgets of 0 ended in a traceback at the first stage that generated; 0 requests in flight
+    for flag, value, why in (("--max-new-tokens", 0, "at least 1"), ("--json-max-tokens", 0, "at least 1"),
+                             ("--concurrency", 0, "at least 1"), ("--batch-size", -1, "at least 1"),
+                             ("--timeout", 0, "more than 0")):
+        r = run_main(SCRIPT, *args, "--out", tmp_path / "o2", flag, value)
+        assert r.returncode == 2 and f"{flag} must be {why}" in r.stderr, (flag, r.stderr)
+        assert not (tmp_path / "o2").exists()
 
 
 

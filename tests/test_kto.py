@@ -471,3 +471,15 @@ def test_a_precompute_ref_run_killed_before_its_first_checkpoint_resumes(tiny, t
     r = run_main(TRAIN_KTO, *args, "--resume")
     assert r.returncode == 0 and "starting from step 0" in r.stdout, r.stderr
     assert "reference log-probs: " in r.stdout and "computed once" not in r.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--beta", 0], "--beta, --desirable-weight and --undesirable-weight must be positive numbers"),
+    (["--beta", "nan"], "must be positive numbers"),  # (trained to a NaN loss and saved NaN weights)
+    (["--desirable-weight", "inf"], "must be positive numbers"),
+    (["--lr", "nan"], "--lr must be a positive number"),  # the flags both scripts share, checked here too
+])
+def test_kto_flags_that_cannot_work_are_refused(tiny, tmp_path, argv, message):
+    r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--out", tmp_path / "x", *argv)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

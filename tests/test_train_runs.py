@@ -418,3 +418,13 @@ def test_max_grad_norm_0_clips_nothing_and_logs_the_real_norm(tiny, tmp_path):
         assert r.returncode == 0, r.stderr
         norms[clip] = [json.loads(line)["grad_norm"] for line in open(out / "metrics.jsonl")]
     assert norms[0] == norms[1e9] and all(n > 0 for n in norms[0]), norms
+
+
+def test_a_diverged_run_stops_at_the_first_nan_and_writes_no_final_model(tiny, tmp_path):
+    """A NaN loss (here: --lr 1e30 blows the weights up after one step) trained on to the end and
+    saved a final model of NaN weights."""
+    out = tmp_path / "nan"
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", out, "--max-len", 64, "--batch-size", 2,
+                 "--max-steps", 4, "--lr", 1e30, "--save-every", 1)
+    assert r.returncode != 0 and "step 2: loss nan" in r.stderr and "training diverged" in r.stderr, r.stderr
+    assert not (out / "config.json").exists() and os.listdir(out / "checkpoints") == ["step-0000001"]
