@@ -300,6 +300,7 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "reference_weights": "reference model weights (a hash of its files: retrained in place?)",
              "schedule": "optimizer settings",
              "loss": "loss settings"}
+
     def flags(settings, keys):  # {"warmup_ratio": None} -> "--warmup-ratio (not given)"
         return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if settings[k] is None else settings[k]}" for k in keys)
 
