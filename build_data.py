@@ -518,7 +518,7 @@ def build(args):
             log(f"warning: {e}\n(a stage that still has items for the teacher will stop there)")
     rows, bad, seen, exact = [], [], set(), 0
     for path in args.sources:
-        before, lines = len(rows), 0
+        before, bad_before, lines = len(rows), len(bad), 0
         for n, obj in read_jsonl(path, bad):
             lines += 1
             try:
@@ -532,7 +532,7 @@ def build(args):
                 continue
             seen.add(key)
             rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
-        if not lines and not any(b.startswith(f"{path}:") for b in bad):  # (one of several passed silently)
+        if not lines and len(bad) == bad_before:  # no line at all (one of several passed silently)
             raise DataError(f"--sources {path}: an empty file (no JSON line): a wrong file, or one not yet written?")
         if len(rows) == before:
             log(f"warning: --sources {path} adds no example (its lines are malformed or repeat earlier ones)")

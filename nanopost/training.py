@@ -672,18 +672,18 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
             t0 = time.time()
             metrics = step_fn(step, epoch, k)
             # the norm before clipping (a DTensor under FSDP2); --max-grad-norm 0 measures it and clips nothing
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.module.parameters(),
-                                                                  args.max_grad_norm or math.inf))
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):  # the same on every rank
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(run.module.parameters(),
+                                                                        args.max_grad_norm or math.inf)))
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # the same on every rank
                 progress.close()  # (a diverged run trained on: NaN weights were saved as its final model)
-                raise StateError(f"step {step + 1}: loss {metrics['loss']}, gradient norm {float(grad_norm)}: training "
+                raise StateError(f"step {step + 1}: loss {metrics['loss']}, gradient norm {grad_norm}: training "
                                  f"diverged (too high a --lr?) and stops before the optimizer applies it; no final "
                                  f"model is written, and {args.out}/checkpoints holds only earlier steps")
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = metrics.pop("tokens") / (time.time() - t0)
-            metrics.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_s,
+            metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                            epoch=epoch + (k + 1) / steps_per_epoch)
             if peak:
                 metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, args.max_len) / (peak * world)
