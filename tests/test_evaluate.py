@@ -76,6 +76,7 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("He spends 2-3=-1 hours") == "-1"
     assert gsm8k.extract("Each costs .5 dollars, so the answer is .5") == "0.5"
     assert gsm8k.extract("Agent 007 needs 007 minutes") == "7" and gsm8k.gold("#### 0") == gsm8k.extract("-0.0")
+    assert gsm8k.extract("The answer is .0") == "0" == gsm8k.extract("-.00") and gsm8k.extract("So .50") == "0.5"
     ex = {"answer": "72"}
     assert gsm8k.score(ex, "48 + 24 = 72. The answer is 72.") == ("72", True)
 
@@ -129,6 +130,18 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The best option would be A lot more expensive than C, so C.", "C"),
     ("A and B are both wrong. The best option here is (D).", "D"),
     ("Option A is wrong: B contradicts it. The right option: C", "C"),
+    # an option discussed, ruled out or hedged on is not the answer
+    ("Answer choice A is incorrect because it ignores friction. Answer choice C is correct.", "C"),
+    ("Choice A is wrong. Choice C is right.", "C"),
+    ("The answer isn't A; it is C.", "C"),
+    ("A or B", None),
+    ("It is either A or B", None),
+    ("The answer is A or B.", None),
+    ("A or B? Neither: D.", "D"),
+    ("Both A and B are wrong, C.", "C"),
+    ("Options A and C are wrong; D.", "D"),
+    ("A is not right here. (B)", "B"),
+    ("My answer choice: B", "B"),
     # Chinese
     ("答案是：B", "B"),
     ("根据题意，A项说法错误。答案是：B", "B"),
@@ -149,6 +162,8 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("Checking the best option A: not it. Option B is correct.", "B"),
     ("分析每个选项，找出正确选项：\nA. 错误\nB. 错误\nC. 正确\n故选C", "C"),
     ("正确选项是A吗？不是，故选B", "B"),
+    ("答案是A或B", None),
+    ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
@@ -505,6 +520,22 @@ def test_humaneval_passes_only_when_check_returns():
     for leave in ('raise SystemExit("pass")', 'import sys, os\nsys.stderr.write("pass\\n")\nos._exit(3)'):
         pred, ok = humaneval.score(raw, f"    return a - b\n\n{leave}\n")
         assert not ok and pred != "pass", (leave, pred)
+
+
+def test_a_reply_cannot_finish_into_the_tests():
+    """The tests follow the solution in one file: a reply that ends in a dangling decorator would
+    decorate the tests' `def check` into a function that checks nothing (blank lines may stand
+    between a decorator and its def). A solution that does not compile on its own fails."""
+    from nanopost.tasks import humaneval
+    dangling = "@lambda f: lambda candidate: None"
+    pred, ok = humaneval.score({**ADD, "mode": "raw"}, f"    return None\n{dangling}\n")
+    assert not ok and "does not compile on its own" in pred
+    pred, ok = humaneval.score({**ADD, "mode": "chat"}, f"```python\n{WRONG}\n{dangling}\n```")
+    assert not ok and "does not compile on its own" in pred
+    # a right solution with Windows line ends or a `from __future__` import still passes
+    assert humaneval.score({**ADD, "mode": "raw"}, "    return a + b\r\n") == ("pass", True)
+    future = f"```python\nfrom __future__ import annotations\n{RIGHT}```"
+    assert humaneval.score({**ADD, "mode": "chat"}, future) == ("pass", True)
 
 
 def test_a_reply_cannot_replace_the_prompts_helpers_the_tests_use():

@@ -18,12 +18,12 @@ def gold(answer: str) -> str:
 
 
 def normalize(num: str) -> str:
-    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'; '007' -> '7'; '-0' -> '0'."""
+    """'$1,234.50' -> '1234.5'; '-3' stays; '7.0' -> '7'; '.5' -> '0.5'; '007' -> '7'; '-0', '.0' -> '0'."""
     s = num.replace(",", "").replace("$", "").replace("\u2212", "-").strip().rstrip(".")
+    s = re.sub(r"^(-?)\.", r"\g<1>0.", s)  # before the zeros go: ".0" is 0, not ""
     if "." in s:
         s = s.rstrip("0").rstrip(".")
     s = re.sub(r"^(-?)0+(?=\d)", r"\g<1>", s)  # leading zeros: 007 is 7
-    s = re.sub(r"^(-?)\.", r"\g<1>0.", s)
     return "0" if s == "-0" else s
 
 

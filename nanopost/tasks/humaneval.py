@@ -305,14 +305,26 @@ def prompt_helpers(prompt: str, entry_point: str, test: str) -> str:
                      for n in tree.body if isinstance(n, DEFINES) and n.name != entry_point and n.name in oracle)
 
 
+class Unfinished(ValueError):
+    """The solution (prompt + completion) is not a complete program of its own."""
+
+
 def program(ex, reply: str) -> str:
     """prompt + completion + the prompt's helpers again + tests + check(entry_point). A chat reply
     that restates the whole function simply redefines it after the prompt (the prompt keeps its
     imports and helpers; a `from __future__` import anywhere moves to the top of the file in
     run_program). The prompt's functions that the tests call (poly, encode_cyclic, ...) are
     restated after the completion: they are the tests' oracle, and a reply that redefined them (an
-    identity encode_cyclic with an identity decode_cyclic) would pass those tests wrongly."""
+    identity encode_cyclic with an identity decode_cyclic) would pass those tests wrongly.
+    prompt + completion must compile on their own (else Unfinished): the text after them would
+    otherwise finish what they left open, e.g. a trailing `@lambda f: lambda c: None` decorating
+    the tests' `def check` into a function that checks nothing, or an open string swallowing them."""
     completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else reply
+    try:
+        solution = (ex["prompt"] + completion).replace("\r\n", "\n").replace("\r", "\n")  # as run_program reads it
+        compile(FUTURE.sub("", solution), "<solution>", "exec")
+    except Exception as e:  # SyntaxError, null bytes, nesting too deep
+        raise Unfinished(f"the solution does not compile on its own ({type(e).__name__}: {e})"[:300]) from None
     helpers = prompt_helpers(ex["prompt"], ex["entry_point"], ex["test"])
     return (f"{ex['prompt']}{completion}\n\n" + (f"{helpers}\n\n" if helpers else "")
             + f"{ex['test']}\n\ncheck({ex['entry_point']})\n")
@@ -341,6 +353,8 @@ def load(data_dir: str, mode: str = "chat"):
 def score(ex, reply: str):
     try:
         code = program(ex, reply)
+    except Unfinished as e:
+        return str(e), False
     except Exception as e:  # a reply no extraction rule foresaw fails its question, never the whole run
         return f"no program from the reply ({type(e).__name__}: {e})"[:300], False
     passed, status = run_program(code)
