@@ -66,14 +66,16 @@ class Sampling:
 
 
 def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
-    """Next token per row, in transformers' processor order: penalty, temperature, top-k, top-p."""
+    """Next token per row, in transformers' processor order: penalty, temperature, top-k, top-p.
+    A temperature below 1e-5 is greedy (as in vLLM): dividing by it overflows float32."""
     logits_BV = logits_BV.float()
-    if s.repetition_penalty != 1.0:
+    if s.repetition_penalty != 1.0:  # an extreme penalty (1e-300) would make logits inf: kept finite
         penalised = torch.where(logits_BV < 0, logits_BV * s.repetition_penalty, logits_BV / s.repetition_penalty)
-        logits_BV = torch.where(seen_BV, penalised, logits_BV)
-    if s.temperature <= 0:
+        big = torch.finfo(torch.float32).max
+        logits_BV = torch.where(seen_BV, penalised.clamp(-big, big), logits_BV)
+    if s.temperature < 1e-5:
         return logits_BV.argmax(-1)
-    logits_BV = logits_BV / s.temperature
+    logits_BV = (logits_BV - logits_BV.amax(-1, keepdim=True)) / s.temperature  # <= 0: no overflow to +inf
     if s.top_k > 0:
         kth = logits_BV.topk(min(s.top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
@@ -493,13 +495,14 @@ class Engine:
         every option, comes from the full logits in the model's dtype."""
         out = [None] * len(prompts)
         with torch.inference_mode(), self.fast_linears():
-            w = self.model.lm_head.weight[token_ids].float()  # (n_options, C)
+            dt = torch.promote_types(self.model.lm_head.weight.dtype, torch.float32)  # float64 stays float64
+            w = self.model.lm_head.weight[token_ids].to(dt)  # (n_options, C)
             order, shared = self._plan(prompts)
             for start in range(0, len(order), batch_size):
                 for prefix, m, rows in self._groups(prompts, order[start:start + batch_size], shared):
                     _, hidden = self._prefill(prefix, m, [prompts[i][m:] for i in rows])
-                    norm = self.model.lm_head(hidden).float().logsumexp(-1, keepdim=True)
-                    for i, lp in zip(rows, (hidden.float() @ w.T - norm).tolist()):
+                    norm = self.model.lm_head(hidden).to(dt).logsumexp(-1, keepdim=True)
+                    for i, lp in zip(rows, (hidden.to(dt) @ w.T - norm).tolist()):
                         out[i] = lp
         return out
 
@@ -562,7 +565,9 @@ class Engine:
         seen = torch.zeros(n, V, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
         gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
-        stop_tail = max((len(self.tok.encode(x)) for x in s.stop), default=0) + 8
+        # the tokens whose text can hold a stop string: each gives at least one byte, however the
+        # model spells it ("\n" * 30 is 15 tokens to encode, but may come one newline a token)
+        stop_tail = max((len(x.encode("utf-8")) for x in s.stop), default=0) + 8
         # cascade attention where a decode step's attention is matmul-softmax-matmul (model.attention);
         # never in a captured step, whose shapes are fixed
         cascade = dev.type == "cpu" and dtype == torch.float32 and not graphs

@@ -16,7 +16,8 @@ numbers from evaluate.py's results.json given as --results; {} without it), and 
 The request's "model" field picks a checkpoint.
 Sampling fields: temperature (default 0: greedy), top_p (default 1), max_tokens or
 max_completion_tokens (default --default-max-tokens, 512), stop, seed, and the extensions top_k and
-repetition_penalty. n > 1, logprobs, tools and the OpenAI penalties are refused with a 400.
+repetition_penalty. n > 1, logprobs, logit_bias, tools and the OpenAI penalties are refused with a
+400 (set to what changes nothing, e.g. logit_bias {} or top_logprobs 0, they are accepted).
 
 How it works: each model has one worker thread, the only one that runs it. HTTP handler threads
 validate a request, render its prompt and queue it; the worker takes every request waiting, runs
@@ -65,9 +66,10 @@ MAX_BODY_BYTES = 1 << 20  # a larger body gets 413 (a 0.5B model's 32k-token con
 MAX_MESSAGES = 1024
 MAX_CONTENT_CHARS = 200_000  # per message
 MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per stop string
-# fields we cannot honour: a request that sets one to anything but its default is refused, not ignored
-UNSUPPORTED = {"n": 1, "logprobs": False, "top_logprobs": None, "logit_bias": None, "tools": None,
-               "functions": None, "presence_penalty": 0, "frequency_penalty": 0}
+# fields we cannot honour: a request that sets one to anything but a value that changes nothing (its
+# default, an empty logit_bias, top_logprobs 0) is refused, not ignored
+UNSUPPORTED = {"n": (1,), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": (),
+               "functions": (), "presence_penalty": (0,), "frequency_penalty": (0,)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "compare.html")
 
@@ -326,8 +328,8 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
     messages = [{"role": m["role"], "content": _content(m, i)} for i, m in enumerate(messages)]
-    for key, default in UNSUPPORTED.items():
-        if body.get(key) not in (None, default):
+    for key, no_op in UNSUPPORTED.items():
+        if body.get(key) is not None and body[key] not in no_op:
             raise ApiError(400, f"{key}={body[key]!r} is not supported by nanopost.serve", param=key)
     temperature = _number(body, "temperature", 0.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
     top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")

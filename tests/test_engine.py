@@ -206,6 +206,45 @@ def test_bf16_on_cpu_decodes_from_a_float32_cache_with_the_cascade(tiny, monkeyp
         assert eng._screen[1] is not None and eng._screen[1].w.dtype == torch.bfloat16
 
 
+def test_a_stop_string_the_model_spells_in_many_tokens_ends_its_row(eng64):
+    """A stop string may come in more tokens than its own encoding (")" * 40 one bracket a token,
+    which encodes to 20): the row still ends at the token that completes it, not at the limit."""
+    tok, g = eng64.tok, torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, eng64.model.config.vocab_size - 10, (6,), generator=g).tolist() for _ in range(20)]
+    full = eng64.generate_ids(prompts, Sampling(max_new_tokens=60, ignore_eos=True))
+    tested = 0
+    for p, f in zip(prompts, full):
+        for i in range(50):  # the longest clean stretch ending at the last token spelled in more tokens than
+            stop = tok.decode(f[i:])  # its encoding + 8 (the old bound on the tokens a stop string spans)
+            if "\ufffd" not in stop and len(f) - i > len(tok.encode(stop)) + 8:
+                break
+        else:
+            continue
+        end = next(k for k in range(1, 61) if stop in tok.decode(f[:k]))
+        got = eng64.generate_ids([p], Sampling(max_new_tokens=80, ignore_eos=True, stop=[stop]))[0]
+        assert got == f[:end]
+        tested += 1
+    assert tested  # the tiny model spells some stretch so
+
+
+def test_extreme_sampling_values_sample_not_crash():
+    """temperature 1e-40 overflowed logits / T to inf and an extreme repetition penalty made
+    logits inf: softmax gave NaN and torch.multinomial raised (an HTTP 500 from the server)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 5
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen[:, :10] = True
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, seen, Sampling(temperature=1e-40), gen), logits.argmax(-1))
+    for penalty in (1e-300, 1e300):
+        nxt = sample_next(logits, seen, Sampling(temperature=1.0, repetition_penalty=penalty), gen)
+        pen = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        if penalty < 1:  # every seen token with a positive logit becomes the (tied) most likely
+            assert all(seen[b, t] and logits[b, t] > 0 for b, t in enumerate(nxt.tolist()))
+        else:
+            assert not seen[torch.arange(3), nxt].any() and torch.isfinite(pen.amax(-1)).all()
+
+
 def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
     model, tok = eng32.model, eng32.tok
     prompts = shared_prompts(tok)
@@ -249,6 +288,16 @@ def test_next_logprobs_with_a_shared_prefix_equal_a_full_forward(eng32):
         for p, lp in zip(prompts, got):
             ref = model(torch.tensor([p]))[0, -1].float().log_softmax(-1)[ids]
             assert (torch.tensor(lp) - ref).abs().max() <= 1e-5
+
+
+def test_next_logprobs_of_a_float64_model_are_float64(eng64):
+    """Scored at float64 (they were cast down to float32: 1e-7 off a float64 forward)."""
+    model, tok = eng64.model, eng64.tok
+    prompts, ids = shared_prompts(tok), [tok.encode(L)[0] for L in "ABCD"]
+    got = Engine(model, tok).next_logprobs(prompts, ids, batch_size=4)
+    with torch.no_grad():
+        ref = torch.stack([model(torch.tensor([p]))[0, -1].log_softmax(-1)[ids] for p in prompts])
+    assert (torch.tensor(got, dtype=torch.float64) - ref).abs().max() <= 1e-12
 
 
 def test_bf16_letter_scores_are_not_rounded_to_bf16_steps(tiny, monkeypatch):

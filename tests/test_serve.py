@@ -128,6 +128,8 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
     ({"n": 2}, 400, "n"),
+    ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"logprobs": True, "top_logprobs": 2}, 400, "logprobs"),
     ({"model": "nope"}, 404, "model"),
     ({"model": ""}, 400, "model"),
     ({"messages": []}, 400, "messages"),
@@ -143,6 +145,16 @@ def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     assert e.value.status_code == status and e.value.body["param"] == param, e.value.body
     if status == 404:
         assert "a, b" in e.value.body["message"]  # lists the served names
+
+
+def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
+    """Clients that always send logit_bias {} or top_logprobs 0 (no bias, no log-probs) get answers;
+    extreme but valid sampling values decode (temperature 1e-40 greedily) instead of a 500."""
+    c, want = client(server), greedy(engines["a"], "hi", 4)
+    for kw in ({"logit_bias": {}}, {"top_logprobs": 0}, {"logprobs": False, "n": 1, "presence_penalty": 0},
+               {"temperature": 1e-40, "top_p": 0.5}):
+        assert chat(c, "hi", max_tokens=4, **kw)[0] == want, kw
+    assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None
 
 
 def test_oversize_and_malformed_bodies(server):
