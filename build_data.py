@@ -440,8 +440,12 @@ def parse_args(argv=None):
     for flag in ("max_new_tokens", "json_max_tokens", "batch_size", "concurrency", "max_len"):
         if getattr(args, flag) < 1:  # (0 ended the run in a traceback once the first stage asked the teacher)
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if not args.timeout > 0:
-        p.error("--timeout must be more than 0 seconds")
+    if not 0 < args.timeout <= 86400:  # (inf passed, and failed in socket.settimeout at the first teacher stage)
+        p.error("--timeout must be more than 0 and at most 86400 seconds")
+    if args.synthesize > 10_000_000:  # (1e9 ran out of memory)
+        p.error("--synthesize must be at most 10000000")
+    if args.kto_min_gap < 1:  # (0 or less made tied judge scores a "clear" KTO pair)
+        p.error("--kto-min-gap must be at least 1")
     if not 0 <= args.dedup_threshold < 64 or args.dedup_shingle < 1:
         p.error("--dedup-threshold must be in 0..63 bits and --dedup-shingle >= 1")
     try:
@@ -495,7 +499,8 @@ def build(args):
     check_out_dir(out, args.resume, args.overwrite)
     for f in args.sources:
         if not os.path.isfile(f):
-            raise DataError(f"--sources {f}: no such file")
+            raise DataError(f"--sources {f}: " + ("a directory, not a JSONL file" if os.path.isdir(f) else
+                                                  "not a regular file" if os.path.exists(f) else "no such file"))
     # then the checkpoints the chosen stages need (a folder with a config.json, or a hub id fetched or
     # found in the cache: a download), found now, not when their stage starts after earlier ones wrote files
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())

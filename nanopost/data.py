@@ -277,6 +277,9 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
                 continue
             for p_ids, c_ids, label in items:
                 p_cut, c_cut = truncate_kto(p_ids, c_ids, max_len)
+                if not p_cut or not c_cut:  # (--max-len 1: no completion token is predicted from a prompt one)
+                    bad.append(f"{path}:{n}: no completion token left after truncation to --max-len {max_len}")
+                    continue
                 stats["prompts_cut"] += len(p_cut) < len(p_ids)
                 stats["completions_cut"] += len(c_cut) < len(c_ids)
                 examples.append(KTOExample(p_cut, c_cut, label))

@@ -288,13 +288,14 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     loss settings as the checkpoint was written with; anything else is a StateError (a changed lr
     would otherwise train on silently, and args.json would record the new one)."""
     whats = {"model": "--model (the run started from another model)",  # causes first, then what they change
-             "max_len": "--max-len (it cuts and packs the rows)",
-             "packing": "packing (--no-packing)",
+             "max_len": "--max-len (it cuts the examples, and SFT packs rows to it)",
+             "packing": "packing",
              "rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
              "seed": "--seed (it orders the data and splits validation)",
-             "data": "training data (a hash of its tokens: a data file, --max-len or the tokenizer changed)",
+             "data": "training data (a hash of its tokens and of which are trained: a data file, --max-len, "
+                     "--train-on-prompt or the tokenizer changed)",
              "precision": "--precision (the optimizer state is kept in its dtype)",
              "reference": "reference model",
              "reference_weights": "reference model weights (a hash of its files: retrained in place?)",
@@ -304,19 +305,30 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     def flags(settings, keys):  # {"warmup_ratio": None} -> "--warmup-ratio (not given)"
         return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if settings[k] is None else settings[k]}" for k in keys)
 
+    def same_model(then, now):  # a folder by where it really is (a symlink to it, or a path written before)
+        return then == now or os.path.isdir(then) and os.path.isdir(now) and os.path.samefile(then, now)
+
+    found = []
     for key, what in whats.items():
-        then, now = saved.get(key), meta.get(key)
+        if key not in saved or key not in meta:
+            continue
+        then, now = saved[key], meta[key]
+        if key == "model" and isinstance(then, str) and isinstance(now, str) and same_model(then, now):
+            continue
         what += " ="
+        if key == "packing":
+            then, now = (("packed rows" if v else "--no-packing") for v in (then, now))
         if isinstance(now, dict) and isinstance(then, dict):  # the settings both record; only what differs,
             diff = [k for k in now if k in then and then[k] != now[k]]  # named by their flags, and what this
             given = [k for k in now if k not in then and now[k] is not None] if diff else []  # run gives instead
             then, now, what = flags(then, diff), flags(now, diff + given), whats[key] + ":"
-        if key in saved and key in meta and then != now:
-            hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
-                    f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
-                if key == "rows_per_step" else "resume with what the run started with, or start a new run"
-            raise StateError(f"{ckpt}: written with {what} {then}, this run has {now}; resuming would "
-                             f"not continue that run: {hint}")
+        if then != now:
+            found.append((key, f"written with {what} {then}, this run has {now}"))
+    if found:  # every difference at once (fixing one to meet the next is a slow way to learn them)
+        hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
+                f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
+            if "rows_per_step" in dict(found) else "resume with what the run started with, or start a new run"
+        raise StateError(f"{ckpt}: {'; '.join(m for _, m in found)}; resuming would not continue that run: {hint}")
 
 
 RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json", "ref_logps"}  # what a run writes before its final model
@@ -478,10 +490,10 @@ def parse_training_args(p, argv, presets: dict):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:  # (0 trained a whole epoch, -3 saved the model untrained)
         p.error("--max-steps must be at least 1 (leave it out to train --epochs)")
-    if not args.epochs > 0:
-        p.error("--epochs must be more than 0")
-    if any(not w > 0 for w in getattr(args, "data_weights", None) or []):
-        p.error("--data-weights must all be more than 0")
+    if not 0 < args.epochs < math.inf:
+        p.error("--epochs must be a number more than 0")
+    if any(not 0 < w <= 10_000 for w in getattr(args, "data_weights", None) or []):  # (inf, 1e20: a traceback)
+        p.error("--data-weights must all be more than 0 and at most 10000 (times a file's examples appear)")
     if not (args.lr > 0 and math.isfinite(args.lr)):  # (nan or 0 reached torch's optimizer as a traceback)
         p.error(f"--lr must be a positive number, not {args.lr}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
@@ -490,8 +502,8 @@ def parse_training_args(p, argv, presets: dict):
         p.error("--warmup-ratio must be in [0, 1)")
     if not 0 <= args.min_lr_ratio <= 1:
         p.error("--min-lr-ratio must be in [0, 1]")
-    if not args.weight_decay >= 0:
-        p.error("--weight-decay must be 0 or more")
+    if not 0 <= args.weight_decay < math.inf:
+        p.error("--weight-decay must be a number, 0 or more")
     if not args.max_grad_norm >= 0:
         p.error("--max-grad-norm must be 0 (no clipping) or more")
     if not 0 <= args.val_fraction < 1:
@@ -500,7 +512,8 @@ def parse_training_args(p, argv, presets: dict):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.warmup_ratio > 0 and args.warmup_steps is not None:
-        if args.warmup_steps != p.get_default("warmup_steps"):
+        p.set_defaults(warmup_steps=p)  # parsed again: was --warmup-steps given (even equal to the preset's)?
+        if p.parse_args(argv).warmup_steps is not p:
             p.error("give --warmup-steps or --warmup-ratio, not both")
         args.warmup_steps = None  # the preset's warmup steps yield to an explicit ratio
     if args.precision is None:
@@ -536,9 +549,9 @@ def data_hash(sequences) -> str:
 
 def start_meta(args) -> dict:
     """What a resume must find as the run started, in both scripts: --model (a folder by its
-    absolute path, a hub id as itself: its snapshot path changes with any upstream commit),
+    real path, a hub id as itself: its snapshot path changes with any upstream commit),
     --max-len and (SFT) packing. start_run checks them before the data is read."""
-    return {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len,
+    return {"model": os.path.realpath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len,
             **({"packing": not args.no_packing} if hasattr(args, "no_packing") else {})}
 
 
@@ -676,9 +689,12 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                                                                         args.max_grad_norm or math.inf)))
             if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # the same on every rank
                 progress.close()  # (a diverged run trained on: NaN weights were saved as its final model)
+                kept = latest_checkpoint(args.out)
                 raise StateError(f"step {step + 1}: loss {metrics['loss']}, gradient norm {grad_norm}: training "
-                                 f"diverged (too high a --lr?) and stops before the optimizer applies it; no final "
-                                 f"model is written, and {args.out}/checkpoints holds only earlier steps")
+                                 f"diverged (too high a --lr, or an extreme loss setting?) and stops before the optimizer "
+                                 f"applies it; no final model is written" + (
+                                     f"; {kept} is the last checkpoint (train on from it with --model {kept})" if kept
+                                     else " and no checkpoint was saved"))
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1

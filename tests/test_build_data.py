@@ -328,10 +328,14 @@ def test_bad_sources_and_flags_refused_before_any_write(tiny, tmp_path):
     # token budgets of 0 ended in a traceback at the first stage that generated; 0 requests in flight
     for flag, value, why in (("--max-new-tokens", 0, "at least 1"), ("--json-max-tokens", 0, "at least 1"),
                              ("--concurrency", 0, "at least 1"), ("--batch-size", -1, "at least 1"),
-                             ("--timeout", 0, "more than 0")):
+                             ("--timeout", 0, "more than 0"), ("--timeout", "inf", "more than 0 and at most"),
+                             ("--synthesize", 10**9, "at most"), ("--kto-min-gap", 0, "at least 1")):
         r = run_main(SCRIPT, *args, "--out", tmp_path / "o2", flag, value)
         assert r.returncode == 2 and f"{flag} must be {why}" in r.stderr, (flag, r.stderr)
         assert not (tmp_path / "o2").exists()
+    for source, why in ((tmp_path, "a directory, not a JSONL file"), ("/dev/null", "not a regular file")):
+        r = run_main(SCRIPT, *args[:5], source, *args[6:], "--out", tmp_path / "o3")
+        assert r.returncode != 0 and f"--sources {source}: {why}" in r.stderr, r.stderr
 
 
 

@@ -434,6 +434,10 @@ def test_bad_lines_stop_before_anything_is_written(tiny, tmp_path, line, pattern
     with pytest.raises(DataError, match="empty file"):
         (tmp_path / "empty.jsonl").write_text("\n")
         load_kto([str(tmp_path / "empty.jsonl")], nanopost.Tokenizer(tiny), 64)
+    # --max-len 1 leaves no completion token predicted from a prompt one: refused, not trained at log-prob 0
+    with pytest.raises(DataError, match="no completion token left after truncation to --max-len 1"):
+        load_kto([KTO_DATA], nanopost.Tokenizer(tiny), 1)
+    assert len(load_kto([KTO_DATA], nanopost.Tokenizer(tiny), 2)[0]) == 24
 
 
 def test_imbalance_warning_suggests_weights(tiny, tmp_path):

@@ -322,6 +322,10 @@ def test_preset_warmup_yields_to_an_explicit_ratio_and_val_loss_is_always_logged
     spec.loader.exec_module(module)
     a = module.parse_args(["--model", "m", "--data", "d", "--out", "o", "--preset", "paper", "--warmup-ratio", "0.5"])
     assert a.warmup_steps is None and a.warmup_ratio == 0.5
+    for steps in ("10", "11"):  # given with the ratio, even equal to the preset's 10: refused, not dropped
+        with pytest.raises(SystemExit):
+            module.parse_args(["--model", "m", "--data", "d", "--out", "o", "--preset", "paper", "--warmup-ratio", "0.1",
+                               "--warmup-steps", steps])
     (tmp_path / "f").write_text("")
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "f")
     assert r.returncode != 0 and "is a file, not a directory" in r.stderr
@@ -356,10 +360,16 @@ def test_resume_refuses_another_max_len_packing_or_model_and_allows_a_longer_war
     steps follows the new length (it was refused, naming a --warmup-steps never given)."""
     import shutil
     other = shutil.copytree(tiny, tmp_path / "other")
-    for extra, what in ((["--max-len", 80], "written with --max-len"), (["--no-packing"], "written with packing"),
+    for extra, what in ((["--max-len", 80], "written with --max-len"),
+                        (["--no-packing"], "written with packing = packed rows, this run has --no-packing"),
                         (["--model", other], "written with --model")):
         r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))  # (the last --model given wins)
         assert r.returncode != 0 and what in r.stderr, (extra, r.stderr)
+    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--model", other, "--no-packing"))
+    assert r.returncode != 0 and "written with --model" in r.stderr and "--no-packing" in r.stderr, r.stderr  # both named
+    os.symlink(tiny, tmp_path / "link")  # the same model folder by another path resumes
+    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--model", tmp_path / "link"))
+    assert r.returncode == 0, r.stderr
     out = tmp_path / "ratio"
     r = run_main(TRAIN, *common(tiny, out, "--warmup-ratio", 0.25))
     assert r.returncode == 0, r.stderr
@@ -380,7 +390,9 @@ def test_killed_saves_leave_no_temporary_copies_and_flags_out_of_range_are_refus
     assert not (out / "checkpoints" / ".tmp-step-0000005-abc").exists() and not (tmp_path / ".tmp-run-abc_1234").exists()
     assert (tmp_path / ".tmp-run-b-abc_1234").exists()
     for argv, message in ((["--max-steps", 0], "--max-steps must be at least 1"), (["--log-every", 0], "--log-every must be"),
-                          (["--data-weights", -1], "--data-weights must all be more than 0")):
+                          (["--data-weights", -1], "--data-weights must all be more than 0"),
+                          (["--data-weights", "inf"], "at most 10000"), (["--epochs", "inf"], "--epochs must be"),
+                          (["--weight-decay", "inf"], "--weight-decay must be")):
         r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "x", *argv)
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
@@ -390,7 +402,7 @@ def test_resume_checks_max_len_before_the_data_and_no_warmup_is_one_setting(tiny
     token left") instead of naming the change; --warmup-steps 0 on a run started with the default
     ratio 0 (no warmup either way) was refused, naming a warmup_ratio never typed."""
     r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--max-len", 3))
-    assert r.returncode != 0 and "written with --max-len (it cuts and packs the rows) = 64, this run has 3" in r.stderr, \
+    assert r.returncode != 0 and "written with --max-len (it cuts the examples, and SFT packs rows to it) = 64, this run has 3" in r.stderr, \
         r.stderr
     r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--warmup-steps", 0))
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4, r.stderr
