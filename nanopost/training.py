@@ -629,6 +629,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     None), checkpoints and Ctrl-C; at the end the validation loss and the final model in --out.
     meta: what a resume must agree on (rows per step, steps per epoch, ...)."""
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
+    if warmup >= total:  # every step below the lr asked for
+        log(f"warning: --warmup-steps {warmup} >= the run's {total} steps: the lr never reaches --lr {args.lr}")
     start = 0
     meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
                                 "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,

@@ -440,3 +440,11 @@ def test_a_diverged_run_stops_at_the_first_nan_and_writes_no_final_model(tiny, t
                  "--max-steps", 4, "--lr", 1e30, "--save-every", 1)
     assert r.returncode != 0 and "step 2: loss nan" in r.stderr and "training diverged" in r.stderr, r.stderr
     assert not (out / "config.json").exists() and os.listdir(out / "checkpoints") == ["step-0000001"]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(tiny, tmp_path):
+    """--warmup-steps 100000 with --max-steps 3 trained the whole run at a near-zero lr, silently."""
+    r = run_main(TRAIN, *common(tiny, tmp_path / "w", "--warmup-steps", 4, "--save-every", 0))
+    assert r.returncode == 0 and "warning: --warmup-steps 4 >= the run's 4 steps" in r.stdout, r.stdout
+    r = run_main(TRAIN, *common(tiny, tmp_path / "v", "--warmup-steps", 3, "--save-every", 0))
+    assert r.returncode == 0 and "warning: --warmup-steps" not in r.stdout, r.stdout
