@@ -305,6 +305,11 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
     def flags(settings, keys):  # {"warmup_ratio": None} -> "--warmup-ratio (not given)"
         return ", ".join(f"--{k.replace('_', '-')} {'(not given)' if settings[k] is None else settings[k]}" for k in keys)
 
+    schedule = saved.get("schedule")
+    if isinstance(schedule, dict) and schedule.get("warmup_steps") == 0:  # as recorded before --warmup-steps 0
+        saved = dict(saved, schedule={**{k: v for k, v in schedule.items() if k != "warmup_steps"},  # became the
+                                      "warmup_ratio": 0.0})  # default ratio 0 (no warmup either way)
+
     def same_model(then, now):  # a folder by where it really is (a symlink to it, or a path written before)
         return then == now or os.path.isdir(then) and os.path.isdir(now) and os.path.samefile(then, now)
 
@@ -530,7 +535,7 @@ def start_run(args):
     check_out_dir(args.out, args.resume, args.overwrite, args.model)
     if args.resume and (ckpt := latest_checkpoint(args.out)) and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
         with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
-            check_resume(start_meta(args), json.load(f)["meta"], ckpt)  # before the data: it depends on them
+            check_resume(start_meta(args, world), json.load(f)["meta"], ckpt)  # before the data: it depends on them
     out = args.out  # --resume continues a training run's folder (or starts one), never another's files
     if args.resume and not args.overwrite and os.path.isdir(out) and not os.path.isdir(os.path.join(out, "checkpoints")) \
             and not set(os.listdir(out)) <= RUN_FILES:
@@ -547,12 +552,27 @@ def data_hash(sequences) -> str:
     return h.hexdigest()[:16]
 
 
-def start_meta(args) -> dict:
+def schedule_meta(args) -> dict:
+    """The optimizer settings a resume must find unchanged."""
+    return {"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
+            "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
+            # as given: a ratio's steps follow a new run length, like the schedule's (the ratio, None with
+            # --warmup-steps, is always there: a switch of forms differs; --warmup-steps 0 is the default
+            # ratio 0, no warmup either way)
+            **({"warmup_steps": args.warmup_steps} if args.warmup_steps else {}),
+            "warmup_ratio": None if args.warmup_steps else args.warmup_ratio}
+
+
+def start_meta(args, world: int | None = None) -> dict:
     """What a resume must find as the run started, in both scripts: --model (a folder by its
     real path, a hub id as itself: its snapshot path changes with any upstream commit),
-    --max-len and (SFT) packing. start_run checks them before the data is read."""
+    --max-len and (SFT) packing; with world, also what the flags alone decide (rows per step,
+    seed, precision, optimizer settings). start_run checks them before the data is read, so that
+    one message names every such difference."""
     return {"model": os.path.realpath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len,
-            **({"packing": not args.no_packing} if hasattr(args, "no_packing") else {})}
+            **({"packing": not args.no_packing} if hasattr(args, "no_packing") else {}),
+            **({"rows_per_step": args.batch_size * args.grad_accum * world, "seed": args.seed,
+                "precision": args.precision, "schedule": schedule_meta(args)} if world else {})}
 
 
 def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | None:
@@ -632,19 +652,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     if warmup >= total:  # every step below the lr asked for
         log(f"warning: --warmup-steps {warmup} >= the run's {total} steps: the lr never reaches --lr {args.lr}")
     start = 0
-    meta = dict(meta, schedule={"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr_ratio": args.min_lr_ratio,
-                                "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-                                # as given: a ratio's steps follow a new run length, like the schedule's (the
-                                # ratio, None with --warmup-steps, is always there: a switch of forms differs;
-                                # --warmup-steps 0 is the default ratio 0, no warmup either way)
-                                **({"warmup_steps": warmup} if args.warmup_steps else {}),
-                                "warmup_ratio": None if args.warmup_steps else args.warmup_ratio},
-                total_steps=total)
+    meta = dict(meta, schedule=schedule_meta(args), total_steps=total)
     if run.saved is not None:
-        schedule = run.saved["meta"].get("schedule", {})
-        if schedule.get("warmup_steps") == 0:  # as recorded before --warmup-steps 0 became the ratio 0
-            schedule.pop("warmup_steps")
-            schedule["warmup_ratio"] = 0.0
         check_resume(meta, run.saved["meta"], run.ckpt)
         then = run.saved["meta"].get("total_steps", total)
         if total < run.saved["step"]:

@@ -142,6 +142,11 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("Options A and C are wrong; D.", "D"),
     ("A is not right here. (B)", "B"),
     ("My answer choice: B", "B"),
+    ("Considering A. Answer B", "B"),
+    # ... but one letter said to be false may answer "Which statement is false?"
+    ("C is false.", "C"),
+    ("B is incorrect, which is what the question asks for.", "B"),
+    ("D is not true of mitochondria.", "D"),
     # Chinese
     ("答案是：B", "B"),
     ("根据题意，A项说法错误。答案是：B", "B"),
@@ -163,6 +168,7 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("分析每个选项，找出正确选项：\nA. 错误\nB. 错误\nC. 正确\n故选C", "C"),
     ("正确选项是A吗？不是，故选B", "B"),
     ("答案是A或B", None),
+    ("答案是A或者B", None),
     ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):

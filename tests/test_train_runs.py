@@ -365,8 +365,9 @@ def test_resume_refuses_another_max_len_packing_or_model_and_allows_a_longer_war
                         (["--model", other], "written with --model")):
         r = run_main(TRAIN, *common(tiny, baseline, "--resume", *extra))  # (the last --model given wins)
         assert r.returncode != 0 and what in r.stderr, (extra, r.stderr)
-    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--model", other, "--no-packing"))
-    assert r.returncode != 0 and "written with --model" in r.stderr and "--no-packing" in r.stderr, r.stderr  # both named
+    r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--model", other, "--no-packing", "--lr", 0.5, "--seed", 7))
+    assert r.returncode != 0 and all(x in r.stderr for x in ("written with --model", "--no-packing", "--lr 0.5",
+                                                               "--seed (it orders")), r.stderr  # all named at once
     os.symlink(tiny, tmp_path / "link")  # the same model folder by another path resumes
     r = run_main(TRAIN, *common(tiny, baseline, "--resume", "--model", tmp_path / "link"))
     assert r.returncode == 0, r.stderr

@@ -106,18 +106,20 @@ def load(task: str, data_dir: str, shots: int = 0):
 # lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
 # decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
 LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
-HEDGE = r"(?!\s*(?:or|或)\s*[(\[（*]*[A-D](?![A-Za-z]))"  # not "A or B", "A或B": no answer given
-# not a letter said to be wrong, alone or in a list: "A is wrong", "A and B are incorrect", "A、B都错误"
+HEDGE = r"(?!\s*(?:or|或者|或)\s*[(\[（*]*[A-D](?![A-Za-z]))"  # not "A or B", "A或B": no answer given
+# not letters ruled out together: "A and B are wrong", "A、B都错误" (a plural: one letter "is false" may be
+# the answer to "Which statement is false?")
 RULED_OUT = (r"(?!(?:\s*(?:,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
-             r"\s*(?:(?:is|are)(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)?(?:错误|不对|不正确)))")
+             r"\s*(?:are(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)(?:错误|不对|不正确)))")
 EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
     r"\\boxed\{([A-D])\}",
     # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A
     r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER + HEDGE,
-    # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B:
-    # a verb or a colon before the letter ("Answer choice A is wrong" names an option under discussion)
-    r"(?i:answer|choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：])\s*(?i:option\s*)?" + LETTER + HEDGE,
+    # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B;
+    # "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
+    r"(?:(?i:answer)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?"
+    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))\s*(?i:option\s*)?" + LETTER + HEDGE,
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
     # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
     # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
@@ -134,7 +136,7 @@ EXTRACTION = [re.compile(p) for p in (
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
     # article; not a letter ruled out ("the answer is not A, it is B", "isn't A", "A and B are wrong")
     # nor one of a hedge ("A or B", "A或B": no letter at all, unless another stands alone)
-    r"(?<![A-Za-z])(?<!not )(?<!n't )(?<!n’t )(?<!不是)(?<![A-D] or )(?<![A-D]或)(?!A\s+[a-z])" + LETTER
+    r"(?<![A-Za-z])(?<!not )(?<!n't )(?<!n’t )(?<!不是)(?<![A-D] or )(?<![A-D]或)(?<![A-D]或者)(?!A\s+[a-z])" + LETTER
     + HEDGE + RULED_OUT,
 )]
 
