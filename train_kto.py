@@ -148,8 +148,7 @@ def main(argv=None):
 
     # ---- what a resume must agree on, checked before the reference pass below is spent ----
     ref_print = fingerprint(ref_dir)
-    meta = {"rows_per_step": args.batch_size * groups_per_step, "steps_per_epoch": steps_per_epoch,
-            "batch_size": args.batch_size, "seed": args.seed, "precision": args.precision, **start_meta(args),
+    meta = {"steps_per_epoch": steps_per_epoch, "batch_size": args.batch_size, **start_meta(args, world),
             "reference": os.path.abspath(ref_dir), "reference_weights": ref_print,
             "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
                      "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},

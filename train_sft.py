@@ -142,9 +142,8 @@ def main(argv=None):
                 "tokens": all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()}
 
     try:
-        meta = {"rows_per_step": rows_per_step, "steps_per_epoch": steps_per_epoch, "seed": args.seed,
-                "precision": args.precision, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
-                **start_meta(args)}
+        meta = {"steps_per_epoch": steps_per_epoch, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
+                **start_meta(args, world)}
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)

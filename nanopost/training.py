@@ -563,16 +563,16 @@ def schedule_meta(args) -> dict:
             "warmup_ratio": None if args.warmup_steps else args.warmup_ratio}
 
 
-def start_meta(args, world: int | None = None) -> dict:
-    """What a resume must find as the run started, in both scripts: --model (a folder by its
-    real path, a hub id as itself: its snapshot path changes with any upstream commit),
-    --max-len and (SFT) packing; with world, also what the flags alone decide (rows per step,
-    seed, precision, optimizer settings). start_run checks them before the data is read, so that
-    one message names every such difference."""
+def start_meta(args, world: int) -> dict:
+    """What a resume must find that the flags alone decide, in both scripts: --model (a folder by
+    its real path, a hub id as itself: its snapshot path changes with any upstream commit),
+    --max-len, (SFT) packing, rows per step, seed, precision and the optimizer settings. start_run
+    checks them before the data is read, so that one message names every such difference; each
+    script adds what the data decide (steps per epoch, the data hash, ...) for train()'s check."""
     return {"model": os.path.realpath(args.model) if os.path.isdir(args.model) else args.model, "max_len": args.max_len,
             **({"packing": not args.no_packing} if hasattr(args, "no_packing") else {}),
-            **({"rows_per_step": args.batch_size * args.grad_accum * world, "seed": args.seed,
-                "precision": args.precision, "schedule": schedule_meta(args)} if world else {})}
+            "rows_per_step": args.batch_size * args.grad_accum * world, "seed": args.seed, "precision": args.precision,
+            "schedule": schedule_meta(args)}
 
 
 def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | None:
@@ -652,7 +652,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     if warmup >= total:  # every step below the lr asked for
         log(f"warning: --warmup-steps {warmup} >= the run's {total} steps: the lr never reaches --lr {args.lr}")
     start = 0
-    meta = dict(meta, schedule=schedule_meta(args), total_steps=total)
+    meta = dict(meta, total_steps=total)
     if run.saved is not None:
         check_resume(meta, run.saved["meta"], run.ckpt)
         then = run.saved["meta"].get("total_steps", total)
