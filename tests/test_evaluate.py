@@ -697,6 +697,32 @@ def test_sandbox_contains_bad_programs(tmp_path):
                        "open('inside.txt', 'w').write('fine')") == (True, "passed")
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.exists("/proc/self/schedstat"),
+                    reason="needs Linux's CPU affinity and scheduler statistics")
+def test_sandbox_time_limit_ignores_a_busy_machine():
+    """A program that needs 1 s of CPU passes a 2.5 s limit while three busy loops share its one CPU
+    (about 4 s of wall-clock time): time spent waiting for the CPU is not the program's. A program
+    that sleeps past the limit still times out."""
+    from nanopost.tasks.humaneval import run_program
+    assert run_program("import time\ntime.sleep(30)\n", timeout=1) == (False, "timeout")
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})  # children inherit it
+    # each in a session of its own, as the program is: the kernel shares a CPU fairly between sessions
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(3)]
+    try:
+        t = time.time()
+        result = run_program("import time\nwhile time.process_time() < 1.0:\n    pass\n", timeout=2.5)
+        wall = time.time() - t
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+        os.sched_setaffinity(0, before)
+    assert wall > 2.5, f"the CPU was not shared ({wall:.1f} s): the test proves nothing"
+    assert result == (True, "passed"), (result, wall)
+
+
 def test_runner_humaneval_raw_mode(tmp_path, tiny, shared):
     r = run_eval("--model", tiny, "--tasks", "humaneval", "--humaneval-mode", "raw", "--data-dir", shared,
                  "--limit", 3, "--max-new-tokens", 8, "--out", tmp_path / "he")

@@ -14,11 +14,12 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
 # The scoring protocol: bump it whenever a prompt, a stop string, an extraction or a scorer
 # changes, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 9  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+PROTOCOL = 10  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
 #    wrong", "isn't A", "A or B", "A and B are wrong" no longer pick A/B
+# 10: HumanEval's time limit leaves out time spent waiting for a CPU (a busy machine timed out solutions)
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

@@ -12,7 +12,8 @@ cut at the next top-level statement).
 The sandbox (run_program), and what it does NOT protect against. Model-written code never runs in
 the evaluating process. It runs in a child process in a new session, in a fresh scratch directory
 that is deleted afterwards, with a scrubbed environment (no inherited secrets), no stdin, no
-inherited file descriptors, a wall-clock limit (the whole process group is killed), CPU-time,
+inherited file descriptors, a time limit (wall-clock time less the time spent waiting for a CPU
+other work held, so a busy machine fails no solution; the whole process group is killed), CPU-time,
 address-space (memory), file-size, open-file and core-dump limits, and a Python-level guard that
 refuses writes outside the scratch directory and disables process, signal and file-removal calls.
 It is NOT a security boundary: the guard is Python code that determined code can undo (ctypes,
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from nanopost.data import DataError, read_jsonl
 
@@ -73,6 +75,34 @@ del _n
 '''
 
 
+def _waited_for_cpu(pid: int) -> float:
+    """Seconds process `pid` has spent ready to run but waiting for a CPU that other work held
+    (Linux's /proc/PID/schedstat, second field); 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> bool:
+    """Wait for `p` to end -> False if it ran out of time first. The limit counts the time the
+    program ran or slept, not the time it waited for a CPU: a solution that needs 3 s must not fail
+    (and be cached as failed) because the machine was busy with other work. A backstop of 10x the
+    limit in plain wall-clock time holds where the kernel does not report the wait."""
+    start = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - start
+        left = min(timeout - (elapsed - _waited_for_cpu(p.pid)), 10 * timeout - elapsed)
+        if left <= 0:
+            return False
+        try:
+            p.wait(timeout=left)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tuple[bool, str]:
     """Run `code` in the sandbox described above -> (passed, status): passed only if the code ran
     to its end (the token printed after it arrived); status is "passed", "timeout", or the last
@@ -104,9 +134,7 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
         run = "import runpy; runpy.run_path('program.py', run_name='sandbox')"  # not __main__, as in human-eval
         p = subprocess.Popen([sys.executable, "-I", "-c", run], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
                              stdout=out, stderr=err, close_fds=True, preexec_fn=limits)
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if not _wait(p, timeout):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             return False, "timeout"
@@ -116,6 +144,8 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
         tail = err.read()
     if ended:
         return True, "passed"
+    if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL):  # past the CPU-time limit (several threads)
+        return False, "timeout"
     lines = tail.decode("utf-8", "replace").strip().splitlines()
     return False, lines[-1][:300] if lines else f"stopped before the end (exit status {p.returncode})"
 
