@@ -138,6 +138,11 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("It is either A or B", None),
     ("The answer is A or B.", None),
     ("A or B? Neither: D.", "D"),
+    ("(A) or (B)", None),
+    ("The answer is **A** or **B**.", None),
+    ("A or B is correct.", None),
+    ("It is [C] or [D]; I cannot tell. Answer: (A) or (B)", None),
+    ("(A) or (B)? Neither. The answer is (C).", "C"),
     ("Both A and B are wrong, C.", "C"),
     ("Options A and C are wrong; D.", "D"),
     ("A is not right here. (B)", "B"),
@@ -169,6 +174,7 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("正确选项是A吗？不是，故选B", "B"),
     ("答案是A或B", None),
     ("答案是A或者B", None),
+    ("答案是（A）或（B）", None),
     ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):

@@ -19,7 +19,8 @@ PROTOCOL = 10  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
 #    wrong", "isn't A", "A or B", "A and B are wrong" no longer pick A/B
-# 10: HumanEval's time limit leaves out time spent waiting for a CPU (a busy machine timed out solutions)
+# 10: HumanEval's time limit leaves out time spent waiting for a CPU (a busy machine timed out solutions);
+#     letters: a hedge in brackets "(A) or (B)", "A or B is correct" picks no letter
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

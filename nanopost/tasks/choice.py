@@ -106,7 +106,9 @@ def load(task: str, data_dir: str, shots: int = 0):
 # lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
 # decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
 LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
-HEDGE = r"(?!\s*(?:or|或者|或)\s*[(\[（*]*[A-D](?![A-Za-z]))"  # not "A or B", "A或B": no answer given
+# not "A or B", "(A) or (B)", "A或B": no answer given (HEDGE: the letter before the "or"; AFTER_OR: the one after it)
+HEDGE = r"(?![)\]）*]*\s*(?:or|或者|或)\s*[(\[（*]*[A-D](?![A-Za-z]))"
+AFTER_OR = re.compile(r"[A-D][)\]）*]*\s*(?:or|或者|或)\s*[(\[（*]*\Z")
 # not letters ruled out together: "A and B are wrong", "A、B都错误" (a plural: one letter "is false" may be
 # the answer to "Which statement is false?")
 RULED_OUT = (r"(?!(?:\s*(?:,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
@@ -136,7 +138,7 @@ EXTRACTION = [re.compile(p) for p in (
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
     # article; not a letter ruled out ("the answer is not A, it is B", "isn't A", "A and B are wrong")
     # nor one of a hedge ("A or B", "A或B": no letter at all, unless another stands alone)
-    r"(?<![A-Za-z])(?<!not )(?<!n't )(?<!n’t )(?<!不是)(?<![A-D] or )(?<![A-D]或)(?<![A-D]或者)(?!A\s+[a-z])" + LETTER
+    r"(?<![A-Za-z])(?<!not )(?<!n't )(?<!n’t )(?<!不是)(?!A\s+[a-z])" + LETTER
     + HEDGE + RULED_OUT,
 )]
 
@@ -144,9 +146,9 @@ EXTRACTION = [re.compile(p) for p in (
 def extract(reply: str) -> str | None:
     """The option letter of a generated reply (see EXTRACTION), or None."""
     for pattern in EXTRACTION:
-        m = pattern.search(reply)
-        if m:
-            return m.group(1)
+        for m in pattern.finditer(reply):
+            if not AFTER_OR.search(reply, max(0, m.start(1) - 12), m.start(1)):
+                return m.group(1)
     return None
 
 
