@@ -72,7 +72,7 @@ from tqdm import tqdm
 import nanopost
 from nanopost import dedup
 from nanopost.checkpoint import CheckpointError, read_config, resolve
-from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, truncate_kto
+from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, to_kto, truncate_kto
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
@@ -133,13 +133,26 @@ def _row_written(stage: str):
 
 # ---- checking the teacher's replies: (value, None) or (None, failure kind) ----
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):  # {"score": 3, "score": 9}: which one did the teacher mean?
+        raise DuplicateKey()
+    return dict(pairs)
+
+
 def parse_json(text: str):
     t = text.strip()
     if not t:
         return None, "empty"
     fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", t, re.S)  # a ```json block alone is still strict
     try:
-        obj = json.loads(fenced.group(1) if fenced else t)
+        obj = json.loads(fenced.group(1) if fenced else t, object_pairs_hook=_no_duplicate_keys)
+    except DuplicateKey:
+        return None, "duplicate_key"
     except json.JSONDecodeError:
         return None, "not_json"
     return (obj, None) if isinstance(obj, dict) else (None, "not_json")
@@ -199,6 +212,11 @@ def normalise(obj: dict):
             raise ValueError("'messages' must be a non-empty list")
         response = msgs[-1].get("content") if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" else None
         prompt = msgs[:-1] if response is not None else msgs
+    elif "prompt" in obj and any(k in obj for k in ("label", "chosen", "rejected")):
+        # a KTO line (TRL's formats): its desirable completion is the original response; an undesirable
+        # one is known to be bad, never a candidate for sft.jsonl
+        pairs = to_kto(obj)
+        prompt, response = pairs[0][0], next((text for _, text, good in pairs if good), None)
     elif "prompt" in obj:
         prompt = [{"role": "user", "content": obj["prompt"]}] if isinstance(obj["prompt"], str) else obj["prompt"]
         response = obj.get("completion")
@@ -263,13 +281,16 @@ class StageFile:
                     f.truncate(end)
             # lines end at b"\n" only: str.splitlines() also splits at U+2028, U+0085, ..., which
             # json.dumps(ensure_ascii=False) leaves unescaped inside a row
-            for n, line in enumerate(data[:end].decode("utf-8").split("\n"), 1):
+            for n, line in enumerate(data[:end].split(b"\n"), 1):
                 if line.strip():
                     try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{self.path}:{n}: not valid JSON ({e.msg}); delete that line to redo "
-                                        f"its item, or start afresh with --overwrite") from e
+                        row = json.loads(line.decode("utf-8"))
+                        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                            raise ValueError("not a row of this stage (a JSON object with a \"key\")")
+                    except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+                        why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+                        raise DataError(f"{self.path}:{n}: {why}; delete that line to redo its item, or start "
+                                        f"afresh with --overwrite") from e
                     self.rows[row["key"]] = row
         self.f = open(self.path, "a", encoding="utf-8")
 
@@ -549,6 +570,7 @@ def build(args):
     for f in args.sources:  # the bytes: an edit of the same size is another source
         with open(f, "rb") as fh:
             settings["sources"].append([os.path.abspath(f), hashlib.file_digest(fh, "sha256").hexdigest()])
+    settings["prompt_version"] = PROMPT_VERSION  # rows asked with other prompts must not mix with these
     settings = json.loads(json.dumps({**settings, **stamps}))  # (as args.json holds it)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):

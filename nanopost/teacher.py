@@ -17,19 +17,22 @@ Replies are cached as each arrives, so Ctrl-C keeps every reply received before 
 cancels the queued requests and does not wait for those in flight).
 The teacher id is the checkpoint (resolved path, tasks.fingerprint of its files, dtype, device) for
 LocalBackend and the served model name for HTTPBackend, not the URL, so adding servers keeps every
-cached reply.
+cached reply (and so other weights served under the same name reuse them: serve new weights under
+a new name).
 
 Teacher.ask_json sends prompts whose reply must pass a check (strict JSON with allowed values):
 a failing reply is retried `retries` times, each retry showing the teacher its reply and what was
 wrong; what still fails is returned with every attempt's raw reply and failure kind, for the caller
 to count and keep for inspection. Garbage never raises. A transport failure (timeout, no
-connection, HTTP 5xx/408/429, a reply that is not a completion) is not the teacher's answer: that
+connection, HTTP 5xx, any 4xx but 400/413/422, a reply that is not a completion) is not the teacher's answer: that
 item is returned unfinished (failures None), for the caller to leave unwritten so that --resume
 asks again; Teacher.unfinished counts them by kind."""
 import collections
 import hashlib
+import http.client
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -53,10 +56,16 @@ class Reply:
 
     @property
     def transient(self) -> bool:
-        """No answer because of the transport, not the request: asking again later may work. A 4xx
-        other than 408/429 refuses the request itself, so it is a final failure like garbage."""
-        e = self.error
-        return e is not None and not (e.startswith("http_4") and e not in ("http_408", "http_429"))
+        """No answer because of the transport or the server's setup, not the request: asking again
+        later may work. Only a status that refuses the request itself is a final failure like garbage."""
+        return self.error is not None and self.error not in REFUSED
+
+
+# The statuses that refuse the request itself (malformed, too long for the model, unprocessable): sending it
+# again gets the same answer. Any other 4xx says the server is not set up for us yet (401/403 a key, 404 a
+# model not loaded, 405 a POST turned into a GET by a redirect, 408/429 later): the item stays unfinished.
+REFUSED = ("http_400", "http_413", "http_422")
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escape decodes to one; no UTF-8 text can hold it
 
 
 def request_key(messages, sampling: dict, teacher_id: str, prompt_version: str) -> str:
@@ -162,8 +171,14 @@ class HTTPBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url + path, data=data, headers=headers, method="GET" if body is None else "POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read().decode("utf-8"))
+        deadline = time.monotonic() + timeout  # for the whole reply: the socket's timeout bounds each read
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # only, and a server may trickle bytes
+            body = []
+            while chunk := r.read1(1 << 16):
+                body.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the reply was still arriving after {timeout}s")
+            return json.loads(b"".join(body).decode("utf-8"))
 
     def _one(self, i, messages, sampling) -> Reply:
         body = {"model": self.model, "messages": messages, **sampling}
@@ -175,9 +190,12 @@ class HTTPBackend:
             try:
                 out = self._call(url, "/v1/chat/completions", body, self.timeout)
             except urllib.error.HTTPError as e:
-                reply = Reply(None, f"http_{e.code}", e.read()[:2000].decode("utf-8", "replace"))
-                if 400 <= e.code < 500 and e.code not in (408, 429):
+                reply = Reply(None, f"http_{e.code}", f"{url}: " + e.read()[:2000].decode("utf-8", "replace"))
+                if not reply.transient:
                     return reply  # the request itself is refused: sending it again will not help
+                wait_s = e.headers.get("Retry-After", "") if e.headers else ""
+                if wait_s.strip().isdigit() and attempt < self.retries:  # a rate limit that says how long: wait
+                    time.sleep(min(int(wait_s), 60))  # that (up to a minute) before the next try
                 continue
             except (TimeoutError, socket.timeout) as e:
                 reply = Reply(None, "timeout", f"{url}: no reply within {self.timeout}s ({e})")
@@ -186,7 +204,8 @@ class HTTPBackend:
                 kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "unreachable"
                 reply = Reply(None, kind, f"{url}: {e.reason}")
                 continue
-            except (ConnectionError, ValueError, OSError) as e:  # reset connections, a body that is not JSON
+            except (ConnectionError, ValueError, OSError, http.client.HTTPException) as e:
+                # reset connections, a body that is not JSON or is cut short, a reply that is not HTTP
                 reply = Reply(None, "bad_response", f"{url}: {type(e).__name__}: {e}")
                 continue
             try:
@@ -196,7 +215,7 @@ class HTTPBackend:
                     text = ""  # the teacher's answer (empty, cut off or not), not a transport error to ask again
                 if not isinstance(text, str):
                     raise TypeError(f"content is {type(text).__name__}, not a string")
-                return Reply(text, truncated=finish == "length")
+                return Reply(SURROGATE.sub("\ufffd", text), truncated=finish == "length")
             except (KeyError, IndexError, TypeError, AttributeError) as e:
                 reply = Reply(None, "bad_response", f"{url}: {e}: {json.dumps(out)[:2000]}")
         return reply
@@ -253,9 +272,13 @@ class Teacher:
         self.backend.complete([requests[i] for i in todo], sampling, on_reply)
         if bar:
             bar.close()
-        if all(out[i].error in ("unreachable", "timeout") for i in todo):  # not one reply: stop, do not drop rows
+        # not one reply, and not for a reason of the requests' own (a 5xx, garbage): the servers are down or
+        # not set up for us (a key, a model): stop, do not drop rows
+        if all(out[i].error in ("unreachable", "timeout") or out[i].transient and out[i].error.startswith("http_4")
+               for i in todo):
             raise TeacherUnreachable(f"the teacher stopped answering: none of {len(todo)} requests got a reply "
-                                     f"({out[todo[0]].detail}); finished work is saved: rerun with --resume when it is back")
+                                     f"({out[todo[0]].error}: {out[todo[0]].detail[:500]}); finished work is saved: "
+                                     f"rerun with --resume when it is back")
         return out
 
     def ask_json(self, requests, check, sampling: dict, retries: int, retry_prompt: str, desc: str = "teacher"):

@@ -87,6 +87,17 @@ def test_resume_sends_nothing_and_refuses_changed_settings(baseline, tiny, sourc
     r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST,
                  "--resume", "--dedup-threshold", "2")
     assert r.returncode != 0 and "dedup_threshold" in r.stderr
+    # rows asked with other teacher prompts (an older build_data.py) do not mix with this version's
+    args_path = os.path.join(out, "args.json")
+    saved = read(args_path)
+    args = json.loads(saved)
+    args["settings"]["prompt_version"] = "0"
+    try:
+        open(args_path, "w").write(json.dumps(args))
+        r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST, "--resume")
+        assert r.returncode != 0 and "prompt_version: 0 -> " in r.stderr, r.stderr
+    finally:
+        open(args_path, "w").write(saved)
 
 
 FILES = {"ingest": "1_ingest", "classify": "2_classify", "dedup": "3_dedup", "label": "4_label",
@@ -129,7 +140,9 @@ class Fake:
     def __init__(self):
         fake = self
         self.requests, self.clean = 0, False
-        self.fail_labels, self.delay = None, 0.0  # None | "http_500" | "timeout" | "null"; seconds before every reply
+        # label requests fail: None | "http_500" | "http_401" | "timeout" | "null" | "surrogate" | "cut_body" |
+        # "not_http" | "trickle"; seconds before every reply
+        self.fail_labels, self.delay = None, 0.0
         self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
 
         class H(BaseHTTPRequestHandler):
@@ -158,8 +171,26 @@ class Fake:
                     if fake.fail_labels == "null":  # a reasoning model that spent max_tokens thinking
                         return self.send({"choices": [{"index": 0, "finish_reason": "length", "message": {
                             "role": "assistant", "content": None, "reasoning_content": "Let me think..."}}]})
-                    if fake.fail_labels == "http_500":
-                        return self.send({"error": "overloaded"}, 500)
+                    if fake.fail_labels in ("http_500", "http_401"):
+                        return self.send({"error": "overloaded or a wrong key"}, int(fake.fail_labels[5:]))
+                    if fake.fail_labels == "surrogate":  # JSON's escape of half a UTF-16 pair: no UTF-8 text holds it
+                        return self.send({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+                            "role": "assistant", "content": '{"primary": "math", "secondary": "x"} \ud800'}}]})
+                    if fake.fail_labels in ("cut_body", "not_http", "trickle"):
+                        try:
+                            if fake.fail_labels == "not_http":
+                                return self.wfile.write(b"garbage\r\n\r\n")
+                            self.send_response(200)
+                            self.send_header("Content-Length", "100")
+                            self.end_headers()
+                            if fake.fail_labels == "cut_body":  # half the body, then the connection closes
+                                return self.wfile.write(b'{"choices": [' + b" " * 37)
+                            for _ in range(100):  # a byte every 0.05 s: each read is quick, the reply is not
+                                self.wfile.write(b" ")
+                                self.wfile.flush()
+                                time.sleep(0.05)
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
                     time.sleep(3)  # past --timeout
                 text = fake.reply(body["messages"], fake.clean)
                 if text is None:
@@ -252,10 +283,11 @@ def clean_http_run(fake, tiny, sources, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["http_500", "timeout"])
+@pytest.mark.parametrize("kind", ["http_500", "timeout", "http_401"])
 def test_http_transport_failures_are_redone_on_resume(fake, tiny, sources, tmp_path, clean_http_run, kind):
-    """A 500 or a timeout is not the teacher's answer: the items stay unwritten, the run exits non-zero
-    naming them, and --resume (the server back) asks again: the rows equal an uninterrupted run's."""
+    """A 500, a timeout or a 401 (a key the server no longer takes) is not the teacher's answer: the
+    items stay unwritten, the run exits non-zero naming them, and --resume (the server back) asks
+    again: the rows equal an uninterrupted run's."""
     out = str(tmp_path / "out")
     # the timeout case needs a short --timeout (the server sleeps 3 s); the 500 case a generous one, or
     # a slow reply on a loaded machine would be counted as a timeout instead
@@ -266,6 +298,8 @@ def test_http_transport_failures_are_redone_on_resume(fake, tiny, sources, tmp_p
         r = run_main(SCRIPT, *args)
         said = "14 items not finished: teacher transport errors (http_500: 14)" if kind == "http_500" else \
             "the teacher stopped answering: none of 14 requests got a reply"  # (a hanging teacher stops the run)
+        if kind == "http_401":
+            said += " (http_401: "
         assert r.returncode != 0 and said in r.stderr, r.stderr
         assert "--resume" in r.stderr and read(os.path.join(out, "4_label.jsonl")) == ""
         fake.fail_labels, n = None, fake.requests
@@ -580,3 +614,50 @@ def test_a_finished_http_build_resumes_with_its_teacher_gone(clean_http_run, tin
     r = run_main(SCRIPT, "--teacher-url", "http://127.0.0.1:9", "--student", tiny, "--sources", sources, "--out", out,
                  *FAST, "--resume")
     assert r.returncode == 0 and "warning: no teacher server answered" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["surrogate", "cut_body", "not_http", "trickle"])
+def test_http_garbage_on_the_wire_is_a_failure_never_a_crash(fake, kind):
+    """A reply the teacher spells with half a UTF-16 pair is its (repaired) answer; a body cut short, a
+    reply that is not HTTP, or a body trickled out past --timeout is a transport failure (the item left
+    for --resume), never a traceback; --timeout bounds the whole reply, not each read."""
+    from nanopost.teacher import HTTPBackend
+    backend = HTTPBackend([fake.url], timeout=1, retries=0)
+    fake.fail_labels = kind
+    try:
+        t0 = time.time()
+        reply = backend._one(0, [{"role": "system", "content": "You sort"}, {"role": "user", "content": "x"}], {})
+    finally:
+        fake.fail_labels = None
+    if kind == "surrogate":
+        assert reply.error is None and reply.text == '{"primary": "math", "secondary": "x"} \ufffd'
+        reply.text.encode("utf-8")  # it can be cached and written
+    else:
+        assert reply.text is None and reply.transient, reply
+        assert reply.error == ("timeout" if kind == "trickle" else "bad_response"), reply
+        assert time.time() - t0 < 4
+
+
+def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
+    """A KTO line as a source: only its desirable completion is an original response (a completion
+    labelled false is known to be bad). A damaged stage file names its file and line. A judge reply
+    that gives one key twice is no score."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    user = [{"role": "user", "content": "Capital of France?"}]
+    assert m.normalise({"prompt": "Capital of France?", "completion": "Berlin.", "label": False}) == (user, None, None)
+    assert m.normalise({"prompt": "Capital of France?", "completion": "Paris.", "label": True}) == (user, "Paris.", None)
+    assert m.normalise({"prompt": user, "chosen": [{"role": "assistant", "content": "Paris."}],
+                        "rejected": "Berlin."}) == (user, "Paris.", None)
+    for bad in ({"prompt": "q", "completion": "a", "label": "yes"}, {"prompt": "q", "chosen": "a"}):
+        with pytest.raises(ValueError):
+            m.normalise(bad)
+    assert m.check_judge('{"score": 3, "score": 9}') == (None, "duplicate_key")
+    assert m.check_judge('{"score": 9, "rationale": "ok"}') == ((9, "ok"), None)
+    for line, why in ((b'{"id": "x"}', "not a row of this stage"), (b"[1]", "not a row of this stage"),
+                      (b'{"key": "a"', "Expecting"), (b'{"key": "\xff"}', "can't decode")):
+        (tmp_path / "2_classify.jsonl").write_bytes(b'{"key": "k1"}\n' + line + b"\n")
+        with pytest.raises(m.DataError, match=re.escape(str(tmp_path / "2_classify.jsonl")) + ":2: .*" + why):
+            m.StageFile(str(tmp_path), "2_classify")
