@@ -23,14 +23,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
-import tempfile
 
 import torch
 from tqdm import tqdm
 
 import nanopost
-from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, commit_dir, read_config, resolve,
+from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, commit_dir, read_config,
+                                 remove_unfinished, resolve,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
                               slerp_rows, task_merge)
@@ -157,12 +158,16 @@ def open_models(plan, embed_slice: bool):
         base = base or names[0]
     elif method != "linear" and not base:
         raise MergeError(f"{method} needs a base model (--base)")
-    elif method == "linear" and base and base not in names:  # it would join the average at a weight nobody gave
+    # the base as --models spells it (m1/ and ./m1 are m1): spelled otherwise it would join as one more model
+    base = next((n for n in names if base and same_model(n, base)), base)
+    if method == "linear" and base and base not in names:  # it would join the average at a weight nobody gave
         raise MergeError(f"linear averages the --models only, and the base {base} is not one of them: list it in "
                          f"--models with a weight (mergekit, too, needs a weight for every model of a linear merge)")
     if base and base not in names:
         names = [base] + names
         plan["models"] = [{"model": base, "parameters": {}}] + plan["models"]
+    if method not in ("linear", "slerp") and len(names) < 2:
+        raise MergeError(f"{method} merges task vectors against the base: give at least one model besides {base}")
     if method == "slerp":  # base first: it is theta_0 (t=0)
         if len(names) != 2:
             raise MergeError(f"slerp merges two models (the base and one other), got {len(names)}: {names}")
@@ -213,6 +218,11 @@ def open_models(plan, embed_slice: bool):
     return names, dirs, index, base_i, n_layers
 
 
+def same_model(a: str, b: str) -> bool:
+    """The same --models entry: equal as given, or the same local folder however it is spelled."""
+    return a == b or os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
 def resolved_params(plan, name, n_layers):
     """Per-model weight/density and the global t, normalize for one tensor."""
     g = plan.get("parameters") or {}
@@ -225,7 +235,7 @@ def resolved_params(plan, name, n_layers):
     return weights, densities, t
 
 
-def check_params(plan, names_in_order, n_layers):
+def check_params(plan, names_in_order, n_layers, numel=None):
     method = plan["merge_method"]
     if method == "slerp" and "t" not in (plan.get("parameters") or {}):
         raise MergeError("slerp needs t (--t)")
@@ -236,6 +246,9 @@ def check_params(plan, names_in_order, n_layers):
         for m, d, w in zip(plan["models"], densities, weights):
             if not 0 < d <= 1:
                 raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
+            if method == "ties" and numel and d < 1 and int(d * numel[name]) < 1:
+                raise MergeError(f"density {d} of {m['model']} keeps no element of tensor {name} ({numel[name]} "
+                                 f"elements): TIES keeps int(density x elements); use at least {1 / numel[name]:.3g}")
             if not math.isfinite(w):  # a NaN or inf weight would write a model of NaNs
                 raise MergeError(f"weight {w} of {m['model']} for tensor {name} is not a finite number")
         if not math.isfinite(sum(weights)):
@@ -345,6 +358,13 @@ def main(argv=None):
             raise MergeError(f"--out {args.out} is a symbolic link: give the folder itself")
         if os.path.isfile(args.out):
             raise MergeError(f"--out {args.out} is a file, not a directory")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise MergeError(f"--out {args.out}: {parent} is a file, not a directory")
+        if os.path.realpath(os.getcwd()) + os.sep == os.path.join(os.path.realpath(args.out), "") or \
+                os.path.realpath(os.getcwd()).startswith(os.path.join(os.path.realpath(args.out), "")):
+            raise MergeError(f"--out {args.out} is the working directory or holds it: the merge replaces that folder "
+                             "whole; name a folder of its own")
         used = os.path.isdir(args.out) and os.listdir(args.out)
         if used and not args.overwrite:  # before reading any model: a used --out is never replaced by default
             raise MergeError(f"--out {args.out} already holds {', '.join(sorted(os.listdir(args.out))[:4])}: choose "
@@ -356,7 +376,8 @@ def main(argv=None):
                 raise MergeError(f"--out {args.out} is or holds {d}, one of the models being merged: writing there "
                                  "would replace it")
         tensor_names = list(index[base_i].keys())
-        check_params(plan, tensor_names, n_layers)
+        check_params(plan, tensor_names, n_layers,
+                     {k: torch.Size(index[base_i][k].shape(k)).numel() for k in tensor_names})
     except (MergeError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
@@ -375,9 +396,12 @@ def main(argv=None):
         size += nbytes
     shards.append(cur)
 
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the folder being written goes; so does Ctrl-C
+    # where a shell started us in the background with SIGINT ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    remove_unfinished(args.out)  # what a kill (SIGKILL, power) left of an earlier merge to the same --out
+    tmp = atomic_dir(args.out)
     summary = {}
     try:
         wmap = {}

@@ -44,6 +44,21 @@ class Reader:
         except (OSError, ValueError, struct.error) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         header.pop("__metadata__", None)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+        for name, m in header.items():  # every entry checked once, so reads can trust it
+            ok = isinstance(m, dict) and isinstance(m.get("shape"), list) and isinstance(m.get("data_offsets"), list) \
+                and len(m["data_offsets"]) == 2 and all(type(x) is int and x >= 0 for x in m["shape"] + m["data_offsets"])
+            if not ok:
+                raise CheckpointError(f"{path}: tensor {name}: a malformed safetensors header entry {m!r}")
+            if m.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {m.get('dtype')!r}, which nanopost does not read "
+                                      f"(it reads {', '.join(DTYPES)})")
+            begin, end = m["data_offsets"]
+            size = torch.Size(m["shape"]).numel() * torch.empty((), dtype=DTYPES[m["dtype"]]).element_size()
+            if end - begin != size:
+                raise CheckpointError(f"{path}: tensor {name}: its data offsets span {end - begin} bytes, its shape "
+                                      f"{m['shape']} and dtype {m['dtype']} take {size}")
         self.base = 8 + n
         self.meta = header
 
@@ -119,9 +134,21 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
     """tensor name -> safetensors file that holds it (single file or sharded index)."""
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            wmap = json.load(f)["weight_map"]
-        return {k: os.path.join(ckpt_dir, v) for k, v in wmap.items()}
+        try:
+            wmap = read_json(index).get("weight_map")
+        except ValueError as e:  # not valid JSON, or not an object
+            raise CheckpointError(str(e)) from e
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{index}: no \"weight_map\" of tensor name -> file")
+        files = {k: os.path.join(ckpt_dir, v) for k, v in wmap.items()}
+        for f in set(files.values()):  # each shard must hold what the index says it does
+            if not os.path.isfile(f):
+                raise CheckpointError(f"{index} lists {os.path.basename(f)}, which is missing")
+            absent = sorted(k for k, v in files.items() if v == f and k not in Reader(f).keys())
+            if absent:
+                raise CheckpointError(f"{index} puts {absent[:4]}{'...' if len(absent) > 4 else ''} in "
+                                      f"{os.path.basename(f)}, which does not hold them")
+        return files
     single = os.path.join(ckpt_dir, "model.safetensors")
     if not os.path.exists(single):
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json "
@@ -178,14 +205,20 @@ def load(path_or_hub_id: str, dtype=torch.float32, device="cpu"):
     return load_model(d, dtype, device), tokenizer
 
 
-def _atomic_dir(out_dir):
+def atomic_dir(out_dir):
+    """A new folder beside out_dir to write into before commit_dir moves it into place; with the
+    permissions any other new folder gets (mkdtemp's 0700 would hide a model from the rest of a team)."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
 
 
 def remove_unfinished(out_dir):
-    """Remove what saves of out_dir that a kill cut short left beside it (_atomic_dir's folders:
+    """Remove what saves of out_dir that a kill cut short left beside it (atomic_dir's folders:
     a whole model, with its optimizer state for a checkpoint); only out_dir's, matched by mkdtemp's
     8-character suffix, never another's (runs/sft-b's when out_dir is runs/sft)."""
     parent, name = os.path.split(os.path.abspath(out_dir))
@@ -262,7 +295,7 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
     state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP2
     shards); the model then only supplies the config. keep_other_files: write into an existing
     out_dir file by file (commit_files), keeping what else it holds, instead of replacing it."""
-    tmp = _atomic_dir(out_dir)
+    tmp = atomic_dir(out_dir)
     try:
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                  for k, v in (model.state_dict() if state_dict is None else state_dict).items()}

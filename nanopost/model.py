@@ -27,6 +27,16 @@ class Qwen2Config:
     head_dim: int | None = None  # Qwen2 always uses hidden // heads; kept for forks that set it
 
     def __post_init__(self):
+        for f in fields(self):  # a value of the wrong kind fails here, naming its key, not in a forward
+            v = getattr(self, f.name)
+            if f.name in ("rms_norm_eps", "rope_theta"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                    raise ValueError(f"{f.name} is {v!r}: expected a positive number")
+            elif f.name == "tie_word_embeddings":
+                if not isinstance(v, bool):
+                    raise ValueError(f"{f.name} is {v!r}: expected true or false")
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{f.name} is {v!r}: expected a positive integer")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -39,6 +49,8 @@ class Qwen2Config:
         rope_parameters (5.x)."""
         d = dict(d)
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters / rope_scaling is {rope!r}: expected an object")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"unsupported rope scaling {rope!r}: nanopost implements plain RoPE")
         if "rope_theta" not in d and "rope_theta" in rope:

@@ -33,8 +33,11 @@ def default_system_prompt(chat_template: str | None) -> str | None:
     """The system turn a ChatML template prepends when the conversation has none, or None."""
     if not chat_template:
         return None
-    m = re.search(r"<\|im_start\|>system\\n([^'\"+]*?)<\|im_end\|>", chat_template)
-    return m.group(1) if m else None
+    # inside one quoted Jinja string: any character but a quote or a backslash, or an escape such as \n or \'
+    m = re.search(r"<\|im_start\|>system\\n((?:[^'\"\\]|\\.)*?)<\|im_end\|>", chat_template, re.DOTALL)
+    if not m:
+        return None
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)), m.group(1))
 
 
 class Tokenizer:
@@ -88,14 +91,16 @@ class Tokenizer:
         """Chat messages [{"role", "content"}] -> (ids, mask), mask True on the tokens SFT trains
         on: each assistant turn's content and its closing <|im_end|> (not the newline after)."""
         messages = list(messages)
-        if (not messages or messages[0]["role"] != "system") and self.default_system is not None:
+        added = (not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "system") \
+            and self.default_system is not None
+        if added:
             messages.insert(0, {"role": "system", "content": self.default_system})
         ids, mask = [], []
         nl = self.encode("\n")
         for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES or not isinstance(content, str):
-                raise ValueError(f"message {i}: role must be one of {ROLES} and content a string, got {m!r}")
+            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+            if role not in ROLES or not isinstance(content, str):  # (numbered as the caller's list)
+                raise ValueError(f"message {i - added}: role must be one of {ROLES} and content a string, got {m!r}")
             # header and content are encoded as one string, as the template renders them: content
             # that starts with whitespace can merge with the header's newline into one token
             head = role + "\n"

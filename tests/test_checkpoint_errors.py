@@ -152,6 +152,59 @@ def test_a_broken_config_is_named(ckpt, text, why):
         nanopost.load(ckpt)
 
 
+@pytest.mark.parametrize("key,value,why", [
+    ("num_key_value_heads", 0, "num_key_value_heads is 0: expected a positive integer"),
+    ("num_attention_heads", 0, "num_attention_heads is 0"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers is 2.0: expected a positive integer"),
+    ("hidden_size", True, "hidden_size is True"),
+    ("rope_parameters", "x", "rope_parameters / rope_scaling is 'x': expected an object"),
+    ("rope_theta", "1e4", "rope_theta is '1e4': expected a positive number"),
+    ("rms_norm_eps", -1, "rms_norm_eps is -1"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings is 'yes': expected true or false"),
+])
+def test_a_config_value_of_the_wrong_kind_is_named(ckpt, key, value, why):
+    f = os.path.join(ckpt, "config.json")
+    json.dump({**json.load(open(f)), key: value}, open(f, "w"))
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {why}")):
+        nanopost.load(ckpt)
+
+
+def test_a_bad_shard_index_or_header_names_the_file(ckpt):
+    sd = load_file(os.path.join(ckpt, "model.safetensors"))
+    os.remove(os.path.join(ckpt, "model.safetensors"))
+    names = sorted(sd)
+    save_file({k: sd[k] for k in names[:5]}, os.path.join(ckpt, "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[5:]}, os.path.join(ckpt, "model-00002-of-00002.safetensors"))
+    index = os.path.join(ckpt, "model.safetensors.index.json")
+    wmap = {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(names)}
+    json.dump({"weight_map": wmap}, open(index, "w"))
+    nanopost.load(ckpt)  # (the sharded layout itself loads)
+    for bad, why in (({"weight_map": {**wmap, names[-1]: "model-00001-of-00002.safetensors"}}, "which does not hold them"),
+                     ({"metadata": {}}, 'no "weight_map"'),
+                     ({"weight_map": {**wmap, names[0]: "model-00003-of-00002.safetensors"}}, "which is missing")):
+        json.dump(bad, open(index, "w"))
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json.*" + why):
+            nanopost.load(ckpt)
+    open(index, "w").write('{"weight_map": ')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        nanopost.load(ckpt)
+    json.dump({"weight_map": wmap}, open(index, "w"))
+    shard = os.path.join(ckpt, "model-00001-of-00002.safetensors")
+    data = open(shard, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    for edit, why in ((lambda h: h.update({names[0]: {**h[names[0]], "dtype": "F8_E4M3"}}), "dtype 'F8_E4M3'"),
+                      (lambda h: h.update({names[0]: {**h[names[0]], "shape": [1]}}), "data offsets span"),
+                      (lambda h: h.update({names[0]: "x"}), "malformed safetensors header entry")):
+        h = json.loads(json.dumps(header))
+        edit(h)
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        open(shard, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + n:])
+        with pytest.raises(CheckpointError, match=re.escape(shard) + f": tensor {re.escape(names[0])}.*{why}"):
+            nanopost.load(ckpt)
+
+
 def test_saved_weights_are_readable_like_any_file_and_foreign_activations_refused(tmp_path, tiny):
     """safetensors 0.8 writes 0600 files: a model shared on a team machine was readable by its owner only."""
     import stat
@@ -162,6 +215,7 @@ def test_saved_weights_are_readable_like_any_file_and_foreign_activations_refuse
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "saved" / "model.safetensors").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "saved").st_mode) == 0o755  # (mkdtemp makes 0700 folders)
     cfg = json.load(open(tmp_path / "saved" / "config.json"))
     json.dump({**cfg, "hidden_act": "gelu"}, open(tmp_path / "saved" / "config.json", "w"))
     with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):

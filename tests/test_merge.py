@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -319,6 +320,65 @@ def test_bad_inputs(tmp_path, pair):
                       r"weight nan of .* is not a finite number")):
         (tmp_path / "bad.json").write_text(json.dumps({"merge_method": "linear", **cfg}))
         assert_fails_cleanly(tmp_path, here("--config", tmp_path / "bad.json", "--out", out), why)
+
+
+def test_base_spelled_otherwise_only_base_and_out_edges(tmp_path, pair):
+    """--base names a --models folder however it is spelled (m1/ and ./m1 joined as one more model,
+    or were refused); a task merge of the base alone, a TIES density that keeps nothing of a tensor,
+    an --out under a file or the working directory are clean errors before any work; the merged
+    folder is readable like any other (umask 022: 0755)."""
+    import stat
+    a, b = pair
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        r = here("--method", "task_arithmetic", "--base", a, "--models", a + "/", b, "--weights", 1, 1, "--out",
+                 tmp_path / "ta")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "ta").st_mode) == 0o755
+    assert json.load(open(tmp_path / "ta" / "merge_config.json"))["resolved_paths"].__len__() == 2
+    r = here("--method", "task_arithmetic", "--base", a, "--models", b, "--out", tmp_path / "ta2")
+    assert r.returncode == 0, r.stderr
+    for k, v in state(tmp_path / "ta2").items():  # the same merge as spelled plainly
+        assert torch.equal(v, state(tmp_path / "ta")[k]), k
+    r = here("--method", "slerp", "--models", a + "/", b, "--base", a, "--t", 0.5, "--out", tmp_path / "sl")
+    assert r.returncode == 0, r.stderr
+    assert_fails_cleanly(tmp_path, here("--method", "ties", "--base", a, "--models", a, "--out", out),
+                         r"at least one model besides")
+    assert_fails_cleanly(tmp_path, here("--method", "ties", "--base", a, "--models", b, "--densities", 0.01,
+                                        "--out", out), r"density 0.01 of .* keeps no element of tensor")
+    (tmp_path / "afile").write_text("x")
+    assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--out", tmp_path / "afile" / "x"),
+                         r"is a file, not a directory")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--out", "."),
+                             r"is the working directory")
+    finally:
+        os.chdir(cwd)
+
+
+def test_sigterm_removes_the_folder_being_written_and_a_killed_merges_leftovers_go(tmp_path, pair):
+    a, b = pair
+    stale = tmp_path / ".tmp-out-abcd1234"  # what a SIGKILLed merge to --out left
+    stale.mkdir()
+    big = make_tiny_checkpoint(str(tmp_path / "big"), hidden_size=512, intermediate_size=2048, num_hidden_layers=8)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "merge.py"), "--method", "slerp", "--models", big, big,
+                          "--t", "0.5", "--compute-dtype", "float64", "--max-shard-gb", "0.01", "--out", tmp_path / "out"],
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-out-") and n != stale.name] and time.time() - t0 < 60:
+        time.sleep(0.02)
+    p.terminate()
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 128 + 15 and "Traceback" not in err, err
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]  # the stale one went at the start
+    r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", a, b, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.real

@@ -65,6 +65,29 @@ def test_qwen25_template_default_system(tmp_path, tiny):
     assert tok.default_system.startswith("You are Qwen")
 
 
+@pytest.mark.parametrize("prompt", ["You\\'re a helpful assistant.", "You are a C++ expert.", "Line one.\\nLine two.",
+                                    'Say \\"hi\\".'])
+def test_default_system_prompts_with_quotes_plus_signs_and_escapes(tmp_path, tiny, prompt):
+    """The template's default system prompt is a quoted Jinja string: an escaped quote, a plus sign or
+    a \\n escape inside it is rendered as transformers renders it (they dropped the turn, or kept \\n)."""
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = QWEN2_TEMPLATE.replace("You are a helpful assistant.", prompt)
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    tok = check_equal(str(d))
+    assert tok.default_system == prompt.replace("\\n", "\n").replace("\\", "")
+
+
+def test_a_bad_message_is_numbered_as_the_caller_wrote_it(tiny):
+    tok = Tokenizer(tiny)
+    assert tok.default_system is not None  # (a system turn is added in front: not counted)
+    with pytest.raises(ValueError, match="^message 0: "):
+        tok.render([{"role": "user", "content": None}])
+    with pytest.raises(ValueError, match="^message 1: "):
+        tok.render([{"role": "user", "content": "hi"}, "not a message"])
+
+
 def test_mask_marks_assistant_content_and_im_end_only(tiny):
     tok = Tokenizer(tiny)
     chat = CHATS[2]
