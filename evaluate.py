@@ -289,6 +289,13 @@ def main(argv=None):
             except CheckpointError as e:
                 sys.exit(f"error: {e}")
     read_earlier(os.path.join(args.out, "results.json"))  # one we cannot add to stops us before any work
+    ours = [n for n in ("results.md", "results.png") if os.path.exists(os.path.join(args.out, n))]
+    if ours and not os.path.exists(os.path.join(args.out, "results.json")):  # someone else's files: kept
+        sys.exit(f"error: --out {args.out} holds {', '.join(ours)} but no results.json: not an evaluate.py folder "
+                 f"(they would be replaced); choose another --out")
+    if os.path.exists(os.path.join(args.out, "cache")) and not os.path.isdir(os.path.join(args.out, "cache")):
+        sys.exit(f"error: --out {args.out} holds a file named cache, where evaluate.py keeps its predictions; "
+                 f"choose another --out")
     dtype = resolve_dtype(args.dtype, args.device)
     dtype_name = str(dtype).removeprefix("torch.")
     results, stamps = {}, {}
@@ -339,12 +346,18 @@ def main(argv=None):
             cache_file = os.path.join(args.out, "cache", f"{task}-{key[:16]}.jsonl")
             done = {}
             if os.path.exists(cache_file):
-                for line in open(cache_file, encoding="utf-8"):
+                with open(cache_file, "rb") as f:
+                    data = f.read()
+                end = data.rfind(b"\n") + 1
+                if end < len(data):  # a last line cut by a crash: it goes (that question is redone), so the
+                    with open(cache_file, "r+b") as f:  # next row starts a line of its own
+                        f.truncate(end)
+                for line in data[:end].decode("utf-8", "replace").split("\n"):
                     try:
                         r = json.loads(line)
                         done[r["id"]] = r
-                    except json.JSONDecodeError:
-                        pass  # a line cut by a crash: that question is simply redone
+                    except (json.JSONDecodeError, TypeError, KeyError):
+                        pass  # an empty or damaged line: that question is simply redone
             todo = [e for e in examples if e["id"] not in done]
             t0 = time.time()
             with open(cache_file, "a", encoding="utf-8") as cache, \
@@ -453,7 +466,8 @@ def main(argv=None):
 if __name__ == "__main__":
     # Ctrl-C stops us even when started with SIGINT ignored (a shell's background job, nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # (paper.py passes its SIGTERM on): the same unwinding,
+    try:  # so a HumanEval program running in its own session is killed, not left behind
         main()
     except KeyboardInterrupt:
         print("\ninterrupted: every prediction made so far is cached in OUT/cache; the same command resumes",

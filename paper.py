@@ -243,6 +243,17 @@ def glue_args_flags(argv):
     return out
 
 
+def check_benchmarks(p, tasks, data_dir, choice_shots):
+    """Every benchmark reads with these settings (a file, --choice-shots against its dev split), before
+    hours of training rather than at the last stage."""
+    from nanopost import tasks as benchmarks
+    for t in tasks:
+        try:
+            benchmarks.load(t, data_dir, shots=choice_shots if t in ("mmlu", "cmmlu", "ceval") else None)
+        except (ValueError, OSError) as e:  # (a DataError is a ValueError)
+            p.error(f"--data-dir {data_dir}: {e}")
+
+
 def main():
     # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
     # background job, nohup): Python would then never raise KeyboardInterrupt. The training scripts
@@ -275,7 +286,7 @@ def main():
         p.add_argument(f"--{s}-args", default="", help=f"extra flags for that stage's script, quoted, added after "
                        f"the defaults (a flag given again wins); tiny defaults: {TINY[s] or 'none'}")
     args = p.parse_args(glue_args_flags(sys.argv[1:]))
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # gsm8k,gsm8k: once
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         p.error(f"--tasks: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
@@ -300,6 +311,8 @@ def main():
     data_dir = args.data_dir or ("data/benchmarks" if args.download else os.path.join(ROOT, "data", "mini"))
     if not args.download and not os.path.isdir(data_dir):
         p.error(f"--data-dir {data_dir}: no such folder (add --download to fetch the benchmarks there)")
+    if not args.download:
+        check_benchmarks(p, tasks, data_dir, args.choice_shots)
     tiny = args.model is None
     out_spelled = args.out or ("runs/paper-tiny" if tiny else "runs/paper")
     out = os.path.abspath(out_spelled)
@@ -315,6 +328,7 @@ def main():
     d = lambda name: os.path.join(out, name)  # noqa: E731
     if args.download:  # first: a network problem should show before hours of training
         st.run("download", [PY, script("evaluate.py"), "--download", "--tasks", ",".join(tasks), "--data-dir", data_dir])
+        check_benchmarks(p, tasks, data_dir, args.choice_shots)
 
     # 0. the base model (the tiny default makes one; it is also its own teacher)
     base = args.model

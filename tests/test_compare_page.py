@@ -143,6 +143,23 @@ def test_stop_halts_every_stream(browser, server, engines, monkeypatch):
     page.close()
 
 
+def test_a_stream_cut_before_its_end_is_an_error_not_a_reply(browser, server):
+    """A server that dies mid-reply closes the stream without its "data: [DONE]": the columns say so,
+    and the cut text is not carried into the next turn's history."""
+    page = open_page(browser, server.url)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "half a rep"}, "finish_reason": None}]}
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=f"data: {json.dumps(chunk)}\n\n"))
+    send(page, "Hello")
+    assert page.eval_on_selector_all(".assistant", "ts => ts.map(t => t.dataset.state)") == ["error", "error"]
+    assert "cut off" in page.locator(".column").first.locator(".meta").inner_text()
+    page.unroute("**/v1/chat/completions")
+    with page.expect_request("**/v1/chat/completions") as request:
+        send(page, "Again")
+    assert [m["content"] for m in request.value.post_data_json["messages"]] == ["Again"]
+    page.close()
+
+
 def serve_headers(url):
     with urllib.request.urlopen(url + "/") as r:
         return {k.lower(): v for k, v in r.headers.items()}

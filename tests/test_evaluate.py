@@ -4,6 +4,7 @@ import os
 import time
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -143,6 +144,19 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A or B is correct.", None),
     ("It is [C] or [D]; I cannot tell. Answer: (A) or (B)", None),
     ("(A) or (B)? Neither. The answer is (C).", "C"),
+    ("The answer is not (A), it is (B)", "B"),
+    ("The answer is not **A**, it is **B**", "B"),
+    ("The answer isn't (A); it is (C).", "C"),
+    ("Not A. It is B.", "B"),
+    ("A, B or C", None),
+    ("The answer is A, B, C or D.", None),
+    ("(A), (B) or (C)", None),
+    ("A/B", None),
+    ("A/B? No: the answer is C.", "C"),
+    # a base model carrying on the few-shot prompt: the answer to the question asked, not its own question's
+    ("B\n\nWhich of the following is a prime number?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),
+    ("Let's check each:\nA. 4 is even\nB. 6 is even\nC. 7 is prime\nD. 9 is 3x3\nAnswer: C", "C"),
+    ("Reasoning first.\n\nA. 4 no\nB. 6 no\nC. 7 yes\nD. 9 no\nAnswer: C", "C"),
     ("Both A and B are wrong, C.", "C"),
     ("Options A and C are wrong; D.", "D"),
     ("A is not right here. (B)", "B"),
@@ -175,6 +189,8 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("答案是A或B", None),
     ("答案是A或者B", None),
     ("答案是（A）或（B）", None),
+    ("答案不是（A），是（B）", "B"),
+    ("A、B或C", None),
     ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):
@@ -245,6 +261,15 @@ def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_d
     for task in ("gsm8k", "mmlu", "ceval"):
         assert [p["pred"] for p in again[tiny][task]["predictions"]] == [p["pred"] for p in res[tiny][task]["predictions"]]
     assert [len(open(c).readlines()) for c in caches][1:] == sizes[1:]
+    rows = [json.loads(line) for line in open(caches[0])]  # the cut line went: the redone row has a line of its own
+    assert len(rows) == len({r["id"] for r in rows}) == sizes[0]
+    # a folder with someone else's results.md (and no results.json) or a file named cache is refused, untouched
+    for name, why in (("results.md", "not an evaluate.py folder"), ("cache", "a file named cache")):
+        other = tmp_path / f"other-{name}"
+        other.mkdir()
+        (other / name).write_text("mine")
+        code, err, _ = evaluate("--model", tiny, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2, "--out", other)
+        assert code != 0 and why in err and (other / name).read_text() == "mine", err
 
 
 def evaluate(*args):
@@ -727,6 +752,65 @@ def test_sandbox_time_limit_ignores_a_busy_machine():
         os.sched_setaffinity(0, before)
     assert wall > 2.5, f"the CPU was not shared ({wall:.1f} s): the test proves nothing"
     assert result == (True, "passed"), (result, wall)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds the program's process in /proc")
+def test_ctrl_c_while_a_program_runs_leaves_no_process_behind():
+    """The program runs in a session of its own (Ctrl-C never reaches it): interrupting the caller
+    must kill it, or a sleeping program outlives evaluate.py."""
+    code = ("from nanopost.tasks.humaneval import run_program\n"
+            "run_program('import time\\ntime.sleep(120)\\n', timeout=100)")
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT})
+
+    def children():
+        kids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:  # (the 4th field, after the name in brackets)
+                kids.append(int(pid))
+        return kids
+
+    t0 = time.time()
+    while not (kids := children()) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    assert kids, "the program never started"
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=30)
+    time.sleep(0.5)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}")], "the program outlived its caller"
+
+
+def test_empty_duplicate_and_unreadable_benchmark_files_are_errors(tmp_path, data_dir):
+    """An empty benchmark is an error, not "None% of 0"; a HumanEval task_id given twice (results are
+    keyed by it) and a CSV whose stray quote runs a field to the end of the file name file:line."""
+    from nanopost.data import DataError
+    d = shutil.copytree(data_dir, tmp_path / "data")
+    (d / "gsm8k" / "test.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"gsm8k/test.jsonl: no problems in it"):
+        tasks.load("gsm8k", str(d))
+    for f in (d / "mmlu" / "test").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"mmlu/test: no .csv file of questions"):
+        tasks.load("mmlu", str(d))
+    he = d / "humaneval" / "HumanEval.jsonl"
+    row = json.loads(he.read_text().splitlines()[0])
+    he.write_text(json.dumps(row) + "\n" + json.dumps({**row, "entry_point": "other"}) + "\n")
+    with pytest.raises(DataError, match=r"HumanEval.jsonl:2: task_id .* again \(first on line 1\)"):
+        tasks.load("humaneval", str(d))
+    he.write_text("")
+    with pytest.raises(DataError, match=r"HumanEval.jsonl: no problems in it"):
+        tasks.load("humaneval", str(d))
+    big = d / "ceval" / "val" / "algebra_val.csv"
+    lines = big.read_text(encoding="utf-8").splitlines(True)
+    body = [f"{i},question {i} {'x' * 60},a,b,c,d,A\n" for i in range(3000)]
+    body[5] = '"' + body[5]  # the field never closes: csv reads on past its 131072-character limit
+    big.write_text(lines[0] + "".join(body), encoding="utf-8")
+    with pytest.raises(DataError, match=r"algebra_val.csv:\d+: not CSV that reads .*a stray quote"):
+        tasks.load("ceval", str(d))
 
 
 def test_runner_humaneval_raw_mode(tmp_path, tiny, shared):

@@ -100,7 +100,8 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
                       (["--data-dir", tmp_path / "nowhere"], "no such folder"),
                       (["--model", tmp_path / "nope"], "not a checkpoint directory"),
                       (["--teacher", tmp_path], "not a checkpoint directory"),
-                      (["--device", "tpu"], "expected cpu, cuda"), (["--choice-shots", "-1"], "--choice-shots must be")):
+                      (["--device", "tpu"], "expected cpu, cuda"), (["--choice-shots", "-1"], "--choice-shots must be"),
+                      (["--tasks", "mmlu", "--choice-shots", "6"], "--shots 6, but its dev split has 5 questions")):
         r = paper("--out", tmp_path / "run", *args)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
         assert not (tmp_path / "run").exists()

@@ -23,7 +23,11 @@ def read_csv(task, path):
     file is a DataError naming file:line."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a column name
-            return _read_rows(task, path, csv.reader(f))
+            reader = csv.reader(f)
+            try:
+                return _read_rows(task, path, reader)
+            except csv.Error as e:  # a stray quote runs a field to the end of the file
+                raise DataError(f"{path}:{reader.line_num}: not CSV that reads ({e}); a stray quote?") from None
     except UnicodeDecodeError:  # its position is within a chunk of the file: find the line anew
         raw = open(path, "rb").read()
         try:
@@ -85,7 +89,10 @@ def load(task: str, data_dir: str, shots: int = 0):
         raise DataError(f"{path}: expected {{subject: {{\"name\": str, \"category\": str}}}}")
     dev = subject_files(task, data_dir, "dev") if shots else {}
     examples = []
-    for subject, path in subject_files(task, data_dir, SPLITS[task]).items():
+    subjects = subject_files(task, data_dir, SPLITS[task])
+    if not subjects:  # a score of nothing would read as a result
+        raise DataError(f"{os.path.join(data_dir, task, SPLITS[task])}: no .csv file of questions in it")
+    for subject, path in subjects.items():
         info = mapping.get(subject, {"name": subject.replace("_", " "), "category": "Other"})
         prefix = HEAD[task].format(name=info["name"])
         if shots:
@@ -106,9 +113,17 @@ def load(task: str, data_dir: str, shots: int = 0):
 # lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
 # decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
 LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
-# not "A or B", "(A) or (B)", "A或B": no answer given (HEDGE: the letter before the "or"; AFTER_OR: the one after it)
-HEDGE = r"(?![)\]）*]*\s*(?:or|或者|或)\s*[(\[（*]*[A-D](?![A-Za-z]))"
-AFTER_OR = re.compile(r"[A-D][)\]）*]*\s*(?:or|或者|或)\s*[(\[（*]*\Z")
+# Letters no pattern may take, whatever it matched around them:
+# - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B or C", "A/B", "A或B"): no answer given
+TOKEN = r"[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*"
+HEDGE = re.compile(rf"(?<![A-Za-z]){TOKEN}(?:\s*[,，、]\s*{TOKEN})*\s*(?:\bor\b|或者|或|/)\s*{TOKEN}"
+                   rf"(?:\s*(?:[,，、/]|\bor\b|或者|或)\s*{TOKEN})*")
+# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）"
+NEGATED = re.compile(r"(?:\bnot|n't|n’t|不是)\s*[(\[（*]*\Z", re.IGNORECASE)
+# A reply that answers and then writes a question of its own in the exemplars' form (its options and an
+# "Answer:" line: a base model carrying on a few-shot prompt) is read up to that question.
+MADE_UP = re.compile(r"\n[ \t]*\n(?=(?:[^\n]*\n)+?[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*"
+                     r"\n\s*(?:Answer|答案)\s*[:：])")
 # not letters ruled out together: "A and B are wrong", "A、B都错误" (a plural: one letter "is false" may be
 # the answer to "Which statement is false?")
 RULED_OUT = (r"(?!(?:\s*(?:,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
@@ -117,11 +132,11 @@ EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
     r"\\boxed\{([A-D])\}",
     # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A
-    r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER + HEDGE,
+    r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B;
     # "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
     r"(?:(?i:answer)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?"
-    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))\s*(?i:option\s*)?" + LETTER + HEDGE,
+    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))\s*(?i:option\s*)?" + LETTER,
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
     # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
     # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
@@ -136,18 +151,26 @@ EXTRACTION = [re.compile(p) for p in (
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?\s*[:：]?\s*" + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
-    # article; not a letter ruled out ("the answer is not A, it is B", "isn't A", "A and B are wrong")
-    # nor one of a hedge ("A or B", "A或B": no letter at all, unless another stands alone)
-    r"(?<![A-Za-z])(?<!not )(?<!n't )(?<!n’t )(?<!不是)(?!A\s+[a-z])" + LETTER
-    + HEDGE + RULED_OUT,
+    # article; not letters ruled out together ("A and B are wrong"; one said not to be it, or one of a
+    # hedge, no pattern takes: see extract)
+    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + RULED_OUT,
 )]
 
 
 def extract(reply: str) -> str | None:
     """The option letter of a generated reply (see EXTRACTION), or None."""
+    for cut in MADE_UP.finditer(reply):  # a question of its own after an answer: that answer
+        if (letter := _extract(reply[:cut.start()])) is not None:
+            return letter
+    return _extract(reply)
+
+
+def _extract(reply: str) -> str | None:
+    hedged = [m.span() for m in HEDGE.finditer(reply)]
     for pattern in EXTRACTION:
         for m in pattern.finditer(reply):
-            if not AFTER_OR.search(reply, max(0, m.start(1) - 12), m.start(1)):
+            at = m.start(1)
+            if not any(a <= at < b for a, b in hedged) and not NEGATED.search(reply, max(0, at - 12), at):
                 return m.group(1)
     return None
 

@@ -65,7 +65,10 @@ def load(data_dir: str, shots: int = 4):
         raise DataError(f"gsm8k: --shots {shots}, but {os.path.join(root, 'train.jsonl')} has {len(train)} problems")
     shots_text = "\n\n".join(exemplar(r) for r in train[:shots])
     examples = []
-    for i, row in enumerate(read("test.jsonl")):
+    test = read("test.jsonl")
+    if not test:  # a score of nothing would read as a result
+        raise DataError(f"{os.path.join(root, 'test.jsonl')}: no problems in it")
+    for i, row in enumerate(test):
         q = f"Question: {row['question']}\nLet's think step by step"
         examples.append({"id": i, "question": row["question"], "answer": gold(row["answer"]), "stop": STOP,
                          "messages": [{"role": "user", "content": (shots_text + "\n\n" + q) if shots else q}]})

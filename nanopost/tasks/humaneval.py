@@ -19,7 +19,8 @@ refuses writes outside the scratch directory and disables process, signal and fi
 It is NOT a security boundary: the guard is Python code that determined code can undo (ctypes,
 re-importing internals); the process runs as the same user, can read any file that user can read,
 and can use the network; there is no seccomp, namespace, container or chroot; code that reads its
-own program file can print the pass token without passing, and a function returning an object
+own program file, or finds the token in its own running code (frames, constants), can print the pass
+token without passing, and a function returning an object
 whose __eq__ always answers True, or code that replaces a builtin or library function the tests
 call (`builtins.abs = ...`), passes the tests' comparisons (as in OpenAI's human-eval). Run
 untrusted models' code inside a container or VM if that matters."""
@@ -134,9 +135,15 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
         run = "import runpy; runpy.run_path('program.py', run_name='sandbox')"  # not __main__, as in human-eval
         p = subprocess.Popen([sys.executable, "-I", "-c", run], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
                              stdout=out, stderr=err, close_fds=True, preexec_fn=limits)
-        if not _wait(p, timeout):
-            os.killpg(p.pid, signal.SIGKILL)
+        try:
+            in_time = _wait(p, timeout)
+        finally:  # at the end, a timeout, or Ctrl-C while waiting: nothing of the program outlives this call
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.wait()
+        if not in_time:
             return False, "timeout"
         out.seek(0)
         ended = token.encode() in out.read()
@@ -364,11 +371,14 @@ def load(data_dir: str, mode: str = "chat"):
     path = os.path.join(data_dir, "humaneval", "HumanEval.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    examples = []
+    examples, seen = [], {}
     for n, r in read_jsonl(path):
         bad = [k for k in ("task_id", "prompt", "test", "entry_point") if not isinstance(r.get(k), str)]
         if bad:
             raise DataError(f"{path}:{n}: no string {', '.join(bad)} (a HumanEval row has task_id, prompt, test, entry_point)")
+        if r["task_id"] in seen:  # results are keyed by it: one problem would be reported with the other's answer
+            raise DataError(f"{path}:{n}: task_id {r['task_id']!r} again (first on line {seen[r['task_id']]})")
+        seen[r["task_id"]] = n
         ex = {"id": r["task_id"], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
               "canonical_solution": r.get("canonical_solution", ""), "answer": "pass", "mode": mode}
         if mode == "chat":
@@ -377,6 +387,8 @@ def load(data_dir: str, mode: str = "chat"):
         else:
             ex["raw"], ex["stop"] = r["prompt"], RAW_STOP
         examples.append(ex)
+    if not examples:  # a score of nothing would read as a result
+        raise DataError(f"{path}: no problems in it")
     return examples
 
 
