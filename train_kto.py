@@ -63,6 +63,9 @@ def parse_args(argv=None):
     args = parse_training_args(p, argv, {})
     if not all(0 < x < math.inf for x in (args.beta, args.desirable_weight, args.undesirable_weight)):  # (nan too)
         p.error("--beta, --desirable-weight and --undesirable-weight must be positive numbers")
+    if args.loss_type == "kto" and args.batch_size < 2:  # its one KL pair would be the example itself
+        p.error("--batch-size 1: KTO pairs each prompt with another example's completion of the same micro-batch "
+                "for its KL estimate, so it needs --batch-size 2 or more (the loss type apo_zero_unpaired has no KL term)")
     return args
 
 
@@ -100,13 +103,14 @@ def main(argv=None):
         # ---- data (all checks before anything is written) ----
         tok = nanopost.Tokenizer(resolve(args.model))
         examples, stats = load_kto(args.data, tok, args.max_len, args.skip_bad_lines, log)
+        read = len(examples)  # (the cut counts are of these, before --val-fraction moves some to validation)
         val = load_kto([args.val], tok, args.max_len, args.skip_bad_lines, log)[0] if args.val else []
         split_validation([examples], args, val)
         n_d = sum(e.label for e in examples)
-        log(f"data: {len(examples)} examples ({n_d} desirable, {len(examples) - n_d} undesirable; "
-            f"{stats['prompts_cut']} prompts and {stats['completions_cut']} completions cut to {args.max_len} tokens, "
-            f"{stats['bad_lines']} bad lines skipped), {len(val)} validation")
-        for note in (cut_note(stats["completions_cut"], len(examples), args.max_len, "completions"),
+        log(f"data: {len(examples)} examples ({n_d} desirable, {len(examples) - n_d} undesirable), {len(val)} validation; "
+            f"of the {read} read, {stats['prompts_cut']} prompts and {stats['completions_cut']} completions cut to "
+            f"{args.max_len} tokens; {stats['bad_lines']} bad lines skipped")
+        for note in (cut_note(stats["completions_cut"], read, args.max_len, "completions"),
                      balance_note(n_d, len(examples) - n_d, args)):
             if note:
                 log(note)

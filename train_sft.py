@@ -143,7 +143,8 @@ def main(argv=None):
 
     try:
         meta = {"steps_per_epoch": steps_per_epoch, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),
-                **start_meta(args, world)}
+                **start_meta(args, world),
+                **({"batch_size": args.batch_size} if args.no_packing else {})}  # it groups the rows (rows_for_epoch)
         train(args, run, tok, total, steps_per_epoch, meta,
               step_fn, lambda: eval_loss(run.wrapped, val_examples, args, device, tok.pad_id, run.autocast),
               rank, world, device, log)

@@ -49,8 +49,14 @@ def read_jsonl(path: str, errors: list | None = None):
                 try:
                     obj = json.loads(line.rstrip("\r\n"))  # (a column past the line end, not "line 2, column 1")
                     why = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+                    if why is None and "\\u" in line:  # "\ud800" decodes to half a UTF-16 pair, which no tokenizer
+                        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # (nor UTF-8 file) takes
                 except json.JSONDecodeError as e:
                     why = f"not valid JSON: {e.msg} (column {e.colno})"
+                except UnicodeEncodeError as e:
+                    why = f"text holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), which is not valid Unicode"
+                except (RecursionError, ValueError) as e:  # nested 100000 deep; an integer of 5000 digits
+                    why = f"not valid JSON ({type(e).__name__}: {str(e)[:100]})"
             if why is None:
                 yield n, obj
             elif errors is None:

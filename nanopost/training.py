@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -292,7 +293,8 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "packing": "packing",
              "rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
              "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
-             "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each)",
+             "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each; SFT without packing "
+                           "batches rows of similar length by it)",
              "seed": "--seed (it orders the data and splits validation)",
              "data": "training data (a hash of its tokens and of which are trained: a data file, --max-len, "
                      "--train-on-prompt or the tokenizer changed)",
@@ -318,7 +320,7 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
         if key not in saved or key not in meta:
             continue
         then, now = saved[key], meta[key]
-        if key == "model" and isinstance(then, str) and isinstance(now, str) and same_model(then, now):
+        if key in ("model", "reference") and isinstance(then, str) and isinstance(now, str) and same_model(then, now):
             continue
         what += " ="
         if key == "packing":
@@ -339,16 +341,33 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
 RUN_FILES = {"checkpoints", "metrics.jsonl", "args.json", "ref_logps"}  # what a run writes before its final model
 
 
-def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = None) -> None:
+def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = None, ref: str | None = None) -> None:
     """A new run never mixes with an old one: without --resume or --overwrite a non-empty out_dir
     is refused (its checkpoints would be pruned by name against ours, and --resume would later
-    load them); and out_dir is never the --model folder (the final model, or --overwrite, would
-    replace it)."""
+    load them); out_dir is never the --model or --ref folder (the final model, or --overwrite, would
+    replace it), nor, with --overwrite, a folder holding one (OUT/checkpoints/step-N); and it can be
+    written (found now, not after the data and the models are loaded)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise StateError(f"--out {out_dir} is a file, not a directory")
-    if model is not None and os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(out_dir):
-        raise StateError(f"--out {out_dir} is the --model folder: the run would replace the model it starts "
-                         f"from; choose another --out")
+    out_real = os.path.realpath(out_dir)
+    for flag, m in (("--model", model), ("--ref", ref)):
+        if m is None or not os.path.isdir(m):
+            continue
+        if os.path.realpath(m) == out_real:
+            raise StateError(f"--out {out_dir} is the {flag} folder: the run would replace the model it starts "
+                             f"from; choose another --out")
+        if overwrite and os.path.realpath(m).startswith(out_real + os.sep):
+            raise StateError(f"{flag} {m} lies inside --out {out_dir}, which --overwrite empties first: choose "
+                             f"another --out (or copy the model elsewhere)")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the nearest folder that exists: can we create ours in it?
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise StateError(f"--out {out_dir}: {parent} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
+    except OSError as e:
+        raise StateError(f"--out {out_dir}: cannot write in {parent} ({e.strerror})") from None
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
@@ -418,8 +437,19 @@ class Progress:
             path = os.path.join(out_dir, "metrics.jsonl")
             kept = []
             if start_step > 0 and os.path.exists(path):
-                kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step]
-                self.last = json.loads(kept[-1]) if kept else {}
+                damaged = 0
+                for line in open(path, encoding="utf-8", errors="replace"):
+                    try:
+                        row = json.loads(line)
+                        step = row["step"]
+                    except (ValueError, TypeError, KeyError):  # a line a full disk or a power cut left half written
+                        damaged += bool(line.strip())
+                        continue
+                    if isinstance(step, int) and step <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                        self.last = row
+                if damaged:
+                    print(f"warning: {path}: dropped {damaged} damaged line(s)", file=sys.stderr)
             with open(path + ".tmp", "w") as f:  # replaced whole: a kill here loses no kept line
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -532,7 +562,7 @@ def start_run(args):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    check_out_dir(args.out, args.resume, args.overwrite, args.model)
+    check_out_dir(args.out, args.resume, args.overwrite, args.model, getattr(args, "ref", None))
     if args.resume and (ckpt := latest_checkpoint(args.out)) and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
         with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
             check_resume(start_meta(args, world), json.load(f)["meta"], ckpt)  # before the data: it depends on them
@@ -591,7 +621,9 @@ def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: 
     if steps_per_epoch == 0:
         raise StateError(f"fewer {what} ({units}) than one optimizer step needs ({units_per_step} = {per_step_what}); "
                          f"lower --batch-size or --grad-accum" + ("; packing put the data in few rows: a smaller --max-len "
-                                                                 "or --no-packing makes more" if what == "rows" else ""))
+                                                                 "or --no-packing makes more" if what == "rows" else "")
+                         + ("; --data-weights below 1 keep only that share of a file's examples"
+                            if any(w < 1 for w in getattr(args, "data_weights", None) or []) else ""))
     return steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
 
 
@@ -704,7 +736,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
                 raise StateError(f"step {step + 1}: loss {metrics['loss']}, gradient norm {grad_norm}: training "
                                  f"diverged (too high a --lr, or an extreme loss setting?) and stops before the optimizer "
                                  f"applies it; no final model is written" + (
-                                     f"; {kept} is the last checkpoint (train on from it with --model {kept})" if kept
+                                     f"; {kept} is the last checkpoint (train on from it with --model {kept} and another --out)" if kept
                                      else " and no checkpoint was saved"))
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)

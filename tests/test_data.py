@@ -85,6 +85,13 @@ def test_read_jsonl_line_ends_bom_and_bad_bytes(tmp_path):
     errors = []
     assert list(read_jsonl(str(p), errors)) == [(1, {"a": 1}), (3, {"a": 3})]
     assert len(errors) == 1 and errors[0].endswith("d.jsonl:2: not UTF-8 text (byte 0xff at column 8)")
+    # half a UTF-16 pair (no tokenizer takes it), JSON nested too deep for Python, an integer too long:
+    # each its own line's error, never a traceback
+    p.write_bytes(b'{"a": 1}\n{"a": "x\\ud800y"}\n{"b": ' + b"[" * 100000 + b'\n{"c": ' + b"9" * 5000 + b'}\n')
+    errors = []
+    assert list(read_jsonl(str(p), errors)) == [(1, {"a": 1})]
+    assert [e.split("d.jsonl:")[1][:2] for e in errors] == ["2:", "3:", "4:"], errors
+    assert "lone UTF-16 surrogate" in errors[0] and all("not valid JSON" in e for e in errors[1:]), errors
     p.write_bytes(b'{"a": 1}\r\n{"a": 2\r\n')  # a torn last line: its error at its own end, not "line 2"
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON: Expecting ',' delimiter \(column 8\)"):
         list(read_jsonl(str(p)))

@@ -3,6 +3,7 @@ log-probs against full logits and float64, memory, the reference precomputed vs 
 DDP/FSDP2, resume, the two-stage SFT -> KTO run and bad input."""
 import json
 import os
+import re
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -429,7 +430,7 @@ def test_bad_lines_stop_before_anything_is_written(tiny, tmp_path, line, pattern
     assert r.returncode != 0 and re.search(pattern, r.stderr), r.stderr
     assert not (tmp_path / "out").exists()
     r = run_main(TRAIN_KTO, "--model", tiny, "--data", bad, "--out", tmp_path / "out2", "--max-steps", 1,
-                 "--batch-size", 1, "--skip-bad-lines")
+                 "--batch-size", 1, "--loss-type", "apo_zero_unpaired", "--skip-bad-lines")  # (kto needs 2 a batch)
     assert r.returncode == 0 and "skipped 1 bad line" in r.stdout, r.stderr
     with pytest.raises(DataError, match="empty file"):
         (tmp_path / "empty.jsonl").write_text("\n")
@@ -482,8 +483,32 @@ def test_a_precompute_ref_run_killed_before_its_first_checkpoint_resumes(tiny, t
     (["--beta", "nan"], "must be positive numbers"),  # (trained to a NaN loss and saved NaN weights)
     (["--desirable-weight", "inf"], "must be positive numbers"),
     (["--lr", "nan"], "--lr must be a positive number"),  # the flags both scripts share, checked here too
+    (["--batch-size", 1], "--batch-size 1: KTO pairs each prompt"),  # (its KL term was the implied reward itself)
 ])
 def test_kto_flags_that_cannot_work_are_refused(tiny, tmp_path, argv, message):
     r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--out", tmp_path / "x", *argv)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_out_is_never_the_ref_a_symlinked_ref_resumes_and_cut_counts_are_of_what_was_read(tiny, tmp_path):
+    import shutil
+    ref = shutil.copytree(tiny, tmp_path / "ref")
+    before = open(ref / "model.safetensors", "rb").read()
+    for extra in ((), ("--overwrite",)):
+        r = run_main(TRAIN_KTO, "--model", tiny, "--ref", ref, *COMMON, "--max-steps", 1, "--out", ref, *extra)
+        assert r.returncode != 0 and "is the --ref folder" in r.stderr, r.stderr
+    assert open(ref / "model.safetensors", "rb").read() == before
+    link = tmp_path / "link"
+    os.symlink(ref, link)  # the same reference, spelled another way, resumes (as --model does)
+    args = ["--model", tiny, *COMMON, "--save-every", 1, "--out", tmp_path / "run"]
+    r = run_main(TRAIN_KTO, *args, "--ref", link, "--max-steps", 1)
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN_KTO, *args, "--ref", ref, "--max-steps", 2, "--resume")
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", KTO_DATA, "--max-len", 3, "--batch-size", 2, "--max-steps", 1,
+                 "--val-fraction", 0.5, "--out", tmp_path / "cut")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"of the (\d+) read, \d+ prompts and (\d+) completions cut", r.stdout)
+    assert m and int(m.group(2)) <= int(m.group(1)), r.stdout
+    assert re.search(rf"warning: {m.group(2)} of {m.group(1)} completions", r.stdout), r.stdout

@@ -449,3 +449,38 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(tiny, tmp_path):
     assert r.returncode == 0 and "warning: --warmup-steps 4 >= the run's 4 steps" in r.stdout, r.stdout
     r = run_main(TRAIN, *common(tiny, tmp_path / "v", "--warmup-steps", 3, "--save-every", 0))
     assert r.returncode == 0 and "warning: --warmup-steps" not in r.stdout, r.stdout
+
+
+def test_unwritable_out_inputs_inside_an_overwritten_out_and_damaged_metrics(tiny, tmp_path, baseline):
+    """An --out that cannot be made is refused before the data and model are read; --model inside
+    the --out that --overwrite empties (as a diverged run's checkpoint) is refused, the checkpoint
+    kept; a damaged metrics.jsonl line is dropped with a warning, not a traceback on every resume."""
+    import shutil
+    (tmp_path / "afile").write_text("x")
+    r = run_main(TRAIN, *common(tiny, tmp_path / "afile" / "sub"))
+    assert r.returncode != 0 and "is a file, not a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if os.path.isdir("/proc/self"):  # a folder nobody may create anything in, root included
+        r = run_main(TRAIN, *common(tiny, "/proc/self/nanopost-out"))
+        assert r.returncode != 0 and "cannot write in" in r.stderr, r.stderr
+    out = shutil.copytree(baseline, tmp_path / "run")
+    step = latest_checkpoint(str(out))
+    r = run_main(TRAIN, *common(step, out, "--overwrite"))
+    assert r.returncode != 0 and "lies inside --out" in r.stderr and os.path.isdir(step), r.stderr
+    before = open(out / "metrics.jsonl").read()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(before.splitlines()[-1][:30])
+    r = run_main(TRAIN, *common(tiny, out, "--resume"))
+    assert r.returncode == 0 and "dropped 1 damaged line" in r.stderr, r.stderr
+    assert open(out / "metrics.jsonl").read() == before
+
+
+def test_no_packing_resume_refuses_another_micro_batch_split(tiny, tmp_path):
+    """Without packing, rows are batched by --batch-size before the shuffle: resuming with another
+    split of the same rows per step would train on other rows."""
+    args = ["--model", tiny, "--data", DATA, "--max-len", 64, "--no-packing", "--save-every", 1, "--out", tmp_path / "np"]
+    r = run_main(TRAIN, *args, "--batch-size", 2, "--max-steps", 2)
+    assert r.returncode == 0, r.stderr
+    r = run_main(TRAIN, *args, "--batch-size", 1, "--grad-accum", 2, "--max-steps", 4, "--resume")
+    assert r.returncode != 0 and "examples per micro-batch" in r.stderr, r.stderr
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--data-weights", 0.01, "--max-len", 64, "--out", tmp_path / "w")
+    assert r.returncode != 0 and "--data-weights below 1" in r.stderr, r.stderr
