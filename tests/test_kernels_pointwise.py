@@ -52,9 +52,9 @@ def check(name, got, ref, dtype, seed):
                                                  ((3, 13, 896), torch.bfloat16, torch.bfloat16)])
 def test_rms_norm(shape, dtype, w_dtype, randn, poisoned):
     C = shape[-1]
-    # a non-contiguous x (every row padded by 3), as the wrapper must accept one
+    # a non-contiguous x (every row padded by 3) and weight (every other element), as the wrapper must accept
     x = randn(*shape[:-1], C + 3, dtype=dtype)[..., :C].requires_grad_()
-    w = (1 + 0.5 * randn(C)).to(w_dtype).requires_grad_()
+    w = (1 + 0.5 * randn(2 * C)).to(w_dtype)[::2].requires_grad_()
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     y, yr = rmsnorm.rms_norm_triton(x, w, 1e-6), rmsnorm.rms_norm_reference(xr, wr, 1e-6)
     check("rms_norm y", y, yr, dtype, randn.seed)

@@ -25,7 +25,7 @@ def rms_norm_reference(x, weight, eps: float, out_dtype=None):
 
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, C, eps, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (row * C passes 2**31 at 2.4M rows of 896)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
@@ -44,7 +44,7 @@ def _bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, C, 
     mask = cols < C
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    row_start = pid * rows_per_program
+    row_start = pid.to(tl.int64) * rows_per_program
     for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
         x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
@@ -61,7 +61,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
         C = x.shape[-1]
-        x2 = x.contiguous().view(-1, C)
+        x2, weight = x.contiguous().view(-1, C), weight.contiguous()  # the kernels read both as unit-stride
         y = _empty(x2.shape, dtype=out_dtype or torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = _empty(x2.shape[0], dtype=torch.float32, device=x.device)
         _fwd_kernel[(x2.shape[0],)](x2, weight, y, rstd, C, eps, BLOCK_C=triton.next_power_of_2(C))
