@@ -43,9 +43,9 @@ class Reader:
             header = json.loads(self.f.read(n))
         except (OSError, ValueError, struct.error) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        header.pop("__metadata__", None)
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+        header.pop("__metadata__", None)
         for name, m in header.items():  # every entry checked once, so reads can trust it
             ok = isinstance(m, dict) and isinstance(m.get("shape"), list) and isinstance(m.get("data_offsets"), list) \
                 and len(m["data_offsets"]) == 2 and all(type(x) is int and x >= 0 for x in m["shape"] + m["data_offsets"])

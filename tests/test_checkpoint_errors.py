@@ -203,6 +203,9 @@ def test_a_bad_shard_index_or_header_names_the_file(ckpt):
         open(shard, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + n:])
         with pytest.raises(CheckpointError, match=re.escape(shard) + f": tensor {re.escape(names[0])}.*{why}"):
             nanopost.load(ckpt)
+    open(shard, "wb").write((8).to_bytes(8, "little") + b"[1, 2]  " + data[8 + n:])
+    with pytest.raises(CheckpointError, match=re.escape(shard) + ": .*its header is not a JSON object"):
+        nanopost.load(ckpt)
 
 
 def test_saved_weights_are_readable_like_any_file_and_foreign_activations_refused(tmp_path, tiny):

@@ -157,6 +157,17 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("B\n\nWhich of the following is a prime number?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),
     ("Let's check each:\nA. 4 is even\nB. 6 is even\nC. 7 is prime\nD. 9 is 3x3\nAnswer: C", "C"),
     ("Reasoning first.\n\nA. 4 no\nB. 6 no\nC. 7 yes\nD. 9 no\nAnswer: C", "C"),
+    ("The answer is B.\n\nWhich is prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),
+    # ... but options restated after a blank line are the reply's own, whatever letter stands before them
+    ("Vitamin D is fat-soluble.\n\nLet's review the options:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D\n"
+     "D. Vitamin B12\nAnswer: C", "C"),
+    ("Plan B is the fallback.\n\nOptions restated:\nA. x\nB. y\nC. z\nD. w\nAnswer: A", "A"),
+    ("Options A and C can be eliminated right away.\n\nRemaining:\nA. x\nB. y\nC. z\nD. w\nAnswer: D", "D"),
+    ("Options A, B, and C are incorrect. Therefore D.", "D"),
+    ("The answer can't be B, so it must be A.", "A"),
+    ("The answer cannot be B, so it is A.", "A"),
+    ("I would not choose A. B seems right.", "B"),
+    ("The answer is A, B, or C.", None),
     ("Both A and B are wrong, C.", "C"),
     ("Options A and C are wrong; D.", "D"),
     ("A is not right here. (B)", "B"),
@@ -191,6 +202,8 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("答案是（A）或（B）", None),
     ("答案不是（A），是（B）", "B"),
     ("A、B或C", None),
+    ("**解析**：A项，错误。B项，正确。\n\n**答案**：B", "B"),
+    ("A项错误。**答案：** C", "C"),
     ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):

@@ -21,7 +21,7 @@ PROTOCOL = 10  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #    wrong", "isn't A", "A or B", "A and B are wrong" no longer pick A/B
 # 10: HumanEval's time limit leaves out time spent waiting for a CPU (a busy machine timed out solutions);
 #     letters: a hedge in brackets "(A) or (B)", of three "A, B or C", "A/B", or "A or B is correct" picks no letter;
-#     "not (A)", "Not A" are not A; a question the reply makes up after its answer is not read
+#     "not (A)", "Not A", "can't be A" are not A; "**答案**：B" is B; a question the reply makes up after its answer is not read
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

@@ -2,6 +2,7 @@
 hidden). Zero- or k-shot (dev exemplars of the same subject) in one user turn. Scored by the
 next-token log-probs of the option letters right after the assistant header (default), or by
 generating a reply and extracting the letter (mode "generate", as the paper's scripts did)."""
+import bisect
 import csv
 import json
 import os
@@ -116,27 +117,30 @@ LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
 # Letters no pattern may take, whatever it matched around them:
 # - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B or C", "A/B", "A或B"): no answer given
 TOKEN = r"[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*"
-HEDGE = re.compile(rf"(?<![A-Za-z]){TOKEN}(?:\s*[,，、]\s*{TOKEN})*\s*(?:\bor\b|或者|或|/)\s*{TOKEN}"
-                   rf"(?:\s*(?:[,，、/]|\bor\b|或者|或)\s*{TOKEN})*")
-# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）"
-NEGATED = re.compile(r"(?:\bnot|n't|n’t|不是)\s*[(\[（*]*\Z", re.IGNORECASE)
-# A reply that answers and then writes a question of its own in the exemplars' form (its options and an
-# "Answer:" line: a base model carrying on a few-shot prompt) is read up to that question.
-MADE_UP = re.compile(r"\n[ \t]*\n(?=(?:[^\n]*\n)+?[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*"
-                     r"\n\s*(?:Answer|答案)\s*[:：])")
-# not letters ruled out together: "A and B are wrong", "A、B都错误" (a plural: one letter "is false" may be
-# the answer to "Which statement is false?")
-RULED_OUT = (r"(?!(?:\s*(?:,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
+HEDGE = re.compile(rf"(?<![A-Za-z]){TOKEN}(?:\s*[,，、]\s*{TOKEN})*\s*,?\s*(?:\bor\b|或者|或|/)\s*{TOKEN}"
+                   rf"(?:\s*(?:[,，、/]|,?\s*\bor\b|或者|或)\s*{TOKEN})*")
+MAY_HEDGE = re.compile(r"\bor\b|或|/")  # (HEDGE can take long on degenerate text: only where it may match)
+# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
+NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?\s*[(\[（*]*\Z", re.IGNORECASE)
+# A reply that answers (a letter first, or a pattern above the last resort) and then writes a question of its
+# own in the exemplars' form (options A-D, then an "Answer:" line: a base model carrying on a few-shot prompt)
+# is read up to the blank line before that question. Options restated inside a reply do not cut it.
+OPTIONS_THEN_ANSWER = re.compile(r"^[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*\n\s*"
+                                 r"\**(?:Answer|答案)\**\s*[:：]", re.MULTILINE)
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
+# not letters ruled out together: "A and B are wrong", "A, B, and C are incorrect", "A、B都错误" (a plural:
+# one letter "is false" may be the answer to "Which statement is false?")
+RULED_OUT = (r"(?!(?:\s*(?:,\s*and|,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
              r"\s*(?:are(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)(?:错误|不对|不正确)))")
 EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
     r"\\boxed\{([A-D])\}",
     # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A
-    r"答案(?:应该|应)?(?:是|为|选)?\s*[:：]?\s*(?:选项)?\s*" + LETTER,
+    r"答案\**(?:应该|应)?(?:是|为|选)?\s*[:：]?[\s*]*(?:选项)?\s*" + LETTER,  # (also **答案**：B, 答案：** C)
     # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B;
     # "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
-    r"(?:(?i:answer)(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?"
-    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))\s*(?i:option\s*)?" + LETTER,
+    r"(?:(?i:answer)\**(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?"
+    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))[\s*]*(?i:option\s*)?" + LETTER,
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
     # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
     # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
@@ -159,15 +163,23 @@ EXTRACTION = [re.compile(p) for p in (
 
 def extract(reply: str) -> str | None:
     """The option letter of a generated reply (see EXTRACTION), or None."""
-    for cut in MADE_UP.finditer(reply):  # a question of its own after an answer: that answer
-        if (letter := _extract(reply[:cut.start()])) is not None:
-            return letter
+    blanks = [m.start() for m in BLANK_LINE.finditer(reply)]
+    for block in OPTIONS_THEN_ANSWER.finditer(reply):  # a question of its own after an answer: that answer
+        cut = bisect.bisect_left(blanks, block.start()) - 1
+        if cut >= 0:
+            head = reply[:blanks[cut]]
+            lead = LEADING.match(head)
+            if (letter := _extract(head, EXTRACTION[:-1]) or (lead and lead.group(1))) is not None:
+                return letter
     return _extract(reply)
 
 
-def _extract(reply: str) -> str | None:
-    hedged = [m.span() for m in HEDGE.finditer(reply)]
-    for pattern in EXTRACTION:
+LEADING = re.compile(r"\s*(?!A\s+[a-z])" + LETTER)  # a reply that starts with its letter ("B", "(C) 1776")
+
+
+def _extract(reply: str, patterns=EXTRACTION) -> str | None:
+    hedged = [m.span() for m in HEDGE.finditer(reply)] if MAY_HEDGE.search(reply) else []
+    for pattern in patterns:
         for m in pattern.finditer(reply):
             at = m.start(1)
             if not any(a <= at < b for a, b in hedged) and not NEGATED.search(reply, max(0, at - 12), at):
