@@ -359,15 +359,21 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
         if overwrite and os.path.realpath(m).startswith(out_real + os.sep):
             raise StateError(f"{flag} {m} lies inside --out {out_dir}, which --overwrite empties first: choose "
                              f"another --out (or copy the model elsewhere)")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):  # the nearest folder that exists: can we create ours in it?
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise StateError(f"--out {out_dir}: {parent} is a file, not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
-    except OSError as e:
-        raise StateError(f"--out {out_dir}: cannot write in {parent} ({e.strerror})") from None
+    if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise StateError(f"--out {out_dir}: not writable")
+    else:
+        parent = os.path.abspath(out_dir)
+        while not os.path.lexists(parent):  # the nearest folder that exists: can we create ours in it?
+            parent = os.path.dirname(parent)
+        if os.path.islink(parent) and not os.path.exists(parent):
+            raise StateError(f"--out {out_dir}: {parent} is a symbolic link to a folder that does not exist")
+        if not os.path.isdir(parent):
+            raise StateError(f"--out {out_dir}: {parent} is a file, not a directory")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
+        except OSError as e:
+            raise StateError(f"--out {out_dir}: cannot write in {parent} ({e.strerror})") from None
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")

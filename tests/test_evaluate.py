@@ -168,6 +168,16 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The answer cannot be B, so it is A.", "A"),
     ("I would not choose A. B seems right.", "B"),
     ("The answer is A, B, or C.", None),
+    ("A OR B", None),
+    ("The answer is A/B testing.", "A"),  # a term, not a hedge
+    ("The answer is A/D conversion.", "A"),
+    ("(A) and (B) are wrong, so (C).", "C"),
+    # restated options after a reply that says more than its letter: its own "Answer:" line decides
+    ("B is the right answer at first glance, but let's check.\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C", "C"),
+    ("D-day was in 1944.\n\nA. 1942\nB. 1943\nC. 1944\nD. 1945\nAnswer: C", "C"),
+    ("(B) cells divide by mitosis.\n\nA. x\nB. y\nC. z\nD. w\nAnswer: D", "D"),
+    (" B. 6\n\nWhich is prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),
+    ("Answer: B\n\nWhich is prime?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),
     ("Both A and B are wrong, C.", "C"),
     ("Options A and C are wrong; D.", "D"),
     ("A is not right here. (B)", "B"),
@@ -204,12 +214,26 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A、B或C", None),
     ("**解析**：A项，错误。B项，正确。\n\n**答案**：B", "B"),
     ("A项错误。**答案：** C", "C"),
+    ("正确答案是A/B测试。", "A"),
     ("A、B都错误，C", "C"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
     extraction conventions): the article "A", an earlier option under discussion, lower-case "a"."""
     assert choice.extract(reply) == letter
+
+
+def test_choice_extraction_of_degenerate_replies_finishes():
+    """A model stuck repeating '*', spaces or "A, " fills a reply with thousands of them: neighbouring
+    quantifiers over the same characters took 13 s on "Answer" + 1994 '*' (26 s on 答案 + spaces).
+    Generous bound: this guards against polynomial backtracking, it is not a speed goal."""
+    replies = ["Answer" + "*" * 1994, "答案" + "*" * 1998, "答案" + " " * 1998, "answer" + " " * 1994, "A" + " " * 1996,
+               "A" + "*" * 1998 + "B", ("A, " * 666)[:1997] + " or", ("A，" * 1000)[:1999] + "或", "A" + " " * 1996 + " or",
+               "\n" * 2000, "A or " * 400, "correct option" + " " * 1990, "正确选项是" + " " * 1995, "B" + " " * 1999 + "x"]
+    t = time.time()
+    for r in replies:
+        choice.extract(r)
+    assert time.time() - t < 5
 
 
 @pytest.mark.parametrize("task", ["mmlu", "cmmlu", "ceval"])

@@ -459,6 +459,10 @@ def test_unwritable_out_inputs_inside_an_overwritten_out_and_damaged_metrics(tin
     (tmp_path / "afile").write_text("x")
     r = run_main(TRAIN, *common(tiny, tmp_path / "afile" / "sub"))
     assert r.returncode != 0 and "is a file, not a directory" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    for out in (tmp_path / "dangling", tmp_path / "dangling" / "run"):
+        r = run_main(TRAIN, *common(tiny, out))
+        assert r.returncode != 0 and "a symbolic link to a folder that does not exist" in r.stderr, r.stderr
     if os.path.isdir("/proc/self"):  # a folder nobody may create anything in, root included
         r = run_main(TRAIN, *common(tiny, "/proc/self/nanopost-out"))
         assert r.returncode != 0 and "cannot write in" in r.stderr, r.stderr

@@ -113,76 +113,94 @@ def load(task: str, data_dir: str, shots: int = 0):
 # Letter extraction for --mode generate, after OpenCompass' first_option_postprocess and
 # lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
 # decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
-LETTER = r"[(\[（*]*([A-D])(?![A-Za-z])"  # B, (B), [B], （B）, **B**
-# Letters no pattern may take, whatever it matched around them:
-# - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B or C", "A/B", "A或B"): no answer given
-TOKEN = r"[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*"
-HEDGE = re.compile(rf"(?<![A-Za-z]){TOKEN}(?:\s*[,，、]\s*{TOKEN})*\s*,?\s*(?:\bor\b|或者|或|/)\s*{TOKEN}"
-                   rf"(?:\s*(?:[,，、/]|,?\s*\bor\b|或者|或)\s*{TOKEN})*")
-MAY_HEDGE = re.compile(r"\bor\b|或|/")  # (HEDGE can take long on degenerate text: only where it may match)
-# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
-NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?\s*[(\[（*]*\Z", re.IGNORECASE)
-# A reply that answers (a letter first, or a pattern above the last resort) and then writes a question of its
-# own in the exemplars' form (options A-D, then an "Answer:" line: a base model carrying on a few-shot prompt)
-# is read up to the blank line before that question. Options restated inside a reply do not cut it.
-OPTIONS_THEN_ANSWER = re.compile(r"^[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*\n\s*"
-                                 r"\**(?:Answer|答案)\**\s*[:：]", re.MULTILINE)
-BLANK_LINE = re.compile(r"\n[ \t]*\n")
+# No two neighbouring quantifiers may match the same characters (a run of '*' or spaces would then
+# take polynomial time: seconds on a degenerate 2000-character reply), hence the one-class runs.
+LETTER = r"([A-D])(?![A-Za-z])"
+LEAD = r"[\s:：*(\[（]*"  # what may stand between a keyword and its letter: space, a colon, bold, a bracket
 # not letters ruled out together: "A and B are wrong", "A, B, and C are incorrect", "A、B都错误" (a plural:
 # one letter "is false" may be the answer to "Which statement is false?")
-RULED_OUT = (r"(?!(?:\s*(?:,\s*and|,|and|、|和)\s*[(\[（*]*[A-D][)\]）*]*)*"
+RULED_OUT = (r"(?![)\]）*]*(?:\s*(?:,\s*and|,|and|、|和)\s*[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*)*"
              r"\s*(?:are(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)(?:错误|不对|不正确)))")
+VERB = r"(?:is|would be|should be|will be)\b"
 EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
     r"\\boxed\{([A-D])\}",
-    # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A
-    r"答案\**(?:应该|应)?(?:是|为|选)?\s*[:：]?[\s*]*(?:选项)?\s*" + LETTER,  # (also **答案**：B, 答案：** C)
-    # The answer is (B), Answer: C, the correct answer is: D, A good choice is C, my answer would be option B;
-    # "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
-    r"(?:(?i:answer)\**(?:\s+(?i:is|would be|should be|will be))?\s*[:：]?"
-    r"|(?i:choice)(?:\s+(?i:is|would be|should be|will be)\s*[:：]?|\s*[:：]))[\s*]*(?i:option\s*)?" + LETTER,
+    # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A, **答案**：B
+    r"答案(?:\**(?:应该|应)?(?:是|为|选))?" + LEAD + r"(?:选项" + LEAD + ")?" + LETTER,
+    # The answer is (B), Answer: C, **Answer:** D, the correct answer is: D, A good choice is C, my answer would be
+    # option B; "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
+    r"(?:(?i:answer)(?:[\s*]+(?i:" + VERB + r"))?|(?i:choice)(?:[\s*]+(?i:" + VERB + r")|(?=[\s*]*[:：])))"
+    + LEAD + r"(?:(?i:option)" + LEAD + ")?" + LETTER,
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
     # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
     # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
     # but "the correct option is A because ..." is A
     r"(?i:correct|right|best|final|true)[ \t]+(?i:option|letter)(?:[ \t]+here)?"
-    r"(?:[ \t]+(?i:is|would be|should be|will be)[ \t]*[:：]?|[ \t]*[:：])[ \t]*"
+    r"(?:[ \t]+(?i:" + VERB + r")|(?=[ \t]*[:：]))[ \t:：*(\[（]*"
     r"(?!A[ \t]+(?!(?:because|since|as|and|for|which|given|so|but|rather|while|whereas|in|with|here|due|based"
-    r"|instead|over|not|or|too|is|was|would)\b)[a-z])" + LETTER + r"(?![ \t]*[?？吗])",
-    r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t]*[:：]?[ \t]*" + LETTER + r"(?![ \t]*[?？吗])",
+    r"|instead|over|not|or|too|is|was|would)\b)[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
+    r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t:：*(\[（]*" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
-    r"(?<![A-Za-z])([A-D])\s*(?:是|为|is)?\s*(?:the\s+)?(?:正确|correct|right|answer)",
+    r"(?<![A-Za-z])([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
-    r"选(?:择)?了?\s*[:：]?\s*" + LETTER,
+    r"选(?:择)?了?" + LEAD + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
     # article; not letters ruled out together ("A and B are wrong"; one said not to be it, or one of a
     # hedge, no pattern takes: see extract)
     r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + RULED_OUT,
 )]
+# Letters no pattern may take, whatever it matched around them:
+# - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B, or C", "A/B", "A或B"): no answer
+#   given. Letters are joined when only one of these stands between them (brackets, bold and spaces aside);
+#   "A/B testing" and "A/D conversion" are terms, not hedges.
+BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
+LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
+TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
+# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
+NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z", re.IGNORECASE)
+# A reply that is only its answer ("B", "B. 7", "Answer: B", "答案：B") and then writes a question of its
+# own in the exemplars' form (a blank line, then options A-D and an "Answer:" line: a base model carrying
+# on a few-shot prompt) is read up to that question. A reply that says more before restated options is
+# read whole: its own "Answer:" line then decides.
+OPTIONS_THEN_ANSWER = re.compile(r"^[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*\n\s*"
+                                 r"\**(?:Answer|答案)\**[ \t]*[:：]", re.MULTILINE)
+BARE_ANSWER = re.compile(r"\s*(?:(?i:the answer is|answer)[ \t]*[:：]?|答案[ \t]*[:：是为]?)?[ \t(\[（*]*([A-D])(?![A-Za-z])"
+                         r"[)\]）*]*(?:[.:：][^\n]*)?\s*")
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def hedges(reply: str) -> list[tuple[int, int]]:
+    """The spans of letter groups joined by a hedge (see OR_JOINS), in one linear pass."""
+    out, letters = [], list(BARE_LETTER.finditer(reply))
+    group, hedged = [], False
+    for i, m in enumerate(letters):
+        if group:
+            join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
+            term = join == "/" and TERM.match(reply, m.end())
+            if (join in LIST_JOINS or join in OR_JOINS) and not term:
+                group.append(m)
+                hedged |= join in OR_JOINS
+                continue
+            if hedged:
+                out.append((group[0].start(), group[-1].end()))
+        group, hedged = [m], False
+    if hedged:
+        out.append((group[0].start(), group[-1].end()))
+    return out
 
 
 def extract(reply: str) -> str | None:
     """The option letter of a generated reply (see EXTRACTION), or None."""
     blanks = [m.start() for m in BLANK_LINE.finditer(reply)]
-    for block in OPTIONS_THEN_ANSWER.finditer(reply):  # a question of its own after an answer: that answer
+    for block in OPTIONS_THEN_ANSWER.finditer(reply):  # a question of its own after a bare answer: that answer
         cut = bisect.bisect_left(blanks, block.start()) - 1
-        if cut >= 0:
-            head = reply[:blanks[cut]]
-            lead = LEADING.match(head)
-            if (letter := _extract(head, EXTRACTION[:-1]) or (lead and lead.group(1))) is not None:
-                return letter
-    return _extract(reply)
-
-
-LEADING = re.compile(r"\s*(?!A\s+[a-z])" + LETTER)  # a reply that starts with its letter ("B", "(C) 1776")
-
-
-def _extract(reply: str, patterns=EXTRACTION) -> str | None:
-    hedged = [m.span() for m in HEDGE.finditer(reply)] if MAY_HEDGE.search(reply) else []
-    for pattern in patterns:
+        if cut >= 0 and (bare := BARE_ANSWER.fullmatch(reply, 0, blanks[cut])):
+            return bare.group(1)
+    hedged = hedges(reply)
+    for pattern in EXTRACTION:
         for m in pattern.finditer(reply):
             at = m.start(1)
-            if not any(a <= at < b for a, b in hedged) and not NEGATED.search(reply, max(0, at - 12), at):
+            if not any(a <= at < b for a, b in hedged) and not NEGATED.search(reply, max(0, at - 16), at):
                 return m.group(1)
     return None
 
