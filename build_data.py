@@ -941,7 +941,7 @@ def report(args, rep, out, timings, teacher):
         t[r["stage"]][0] += r["seconds"]
         t[r["stage"]][1] += r["items"]
     lines += ["", "## Time (all runs into this folder)", "", "| stage | seconds | items | items/s |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v[0]:.1f} | {v[1]} | {v[1] / v[0]:.1f} |" if v[0] >= 0.05 else f"| {k} | {v[0]:.1f} | {v[1]} | - |"
+    lines += [f"| {k} | {v[0]:.1f} | {v[1]} | {v[1] / v[0]:.3g} |" if v[0] >= 0.05 else f"| {k} | {v[0]:.1f} | {v[1]} | - |"
               for k, v in t.items()]
     if "before" in rep and chart(os.path.join(out, "report.png"), rep["before"], rep.get("after", {}), judge):
         lines += ["", "![categories and judge scores](report.png)"]

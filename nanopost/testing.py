@@ -91,11 +91,27 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}, f)
     from nanopost.tokenizer import Tokenizer as ChatTokenizer
-    save(model, ChatTokenizer(staging), out_dir)
+    save(model, ChatTokenizer(staging), out_dir, extra_files={MARKER: json.dumps({"seed": seed}) + "\n"})
     for name in os.listdir(staging):
         os.remove(os.path.join(staging, name))
     os.rmdir(staging)
     return out_dir
+
+
+MARKER = "nanopost_testing.json"  # says "a random checkpoint this module wrote": the CLI replaces only such a folder
+TINY_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+
+
+def ours(folder: str) -> bool:
+    """A folder the CLI may replace: one it wrote (the marker), or a tiny checkpoint written before the marker."""
+    names = set(os.listdir(folder))
+    if MARKER in names:
+        return True
+    try:
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+    except (OSError, ValueError):
+        return False
+    return names == TINY_FILES and cfg.get("hidden_size") == 64 and cfg.get("num_hidden_layers") == 2
 
 
 # Qwen2-0.5B's shapes (random weights, the small tokenizer): GPU benchmarks where the hub is out of reach
@@ -111,4 +127,9 @@ if __name__ == "__main__":
     p.add_argument("--shape", choices=["tiny", "0.5b"], default="tiny",
                    help="0.5b: Qwen2-0.5B's shapes with random weights (benchmarks; about 2 GB)")
     a = p.parse_args()
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"{a.out} is a file, not a folder")
+    if os.path.isdir(a.out) and os.listdir(a.out) and not ours(a.out):  # a trained run, a real model, a typo
+        p.error(f"{a.out} holds {', '.join(sorted(os.listdir(a.out))[:4])}: not a checkpoint this command wrote, and "
+                "it would be replaced whole; choose another folder")
     print(make_tiny_checkpoint(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))

@@ -1,4 +1,5 @@
 """The command-line entry points run as a user runs them."""
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,19 @@ def test_help_and_bad_model(tmp_path):
         assert r.returncode == 2 and f"error: {flag} = " in r.stderr and why in r.stderr, r.stderr  # before loading
     r = run("-m", "nanopost.testing", str(tmp_path / "t"))
     assert r.returncode == 0 and nanopost.load(str(tmp_path / "t"))[0].config.hidden_size == 64
+
+
+def test_the_tiny_checkpoint_command_replaces_only_its_own_folders(tmp_path):
+    """The README runs `python -m nanopost.testing runs/tiny` more than once; a typo (runs/sft, runs)
+    must not replace a trained run or a folder of runs with a random checkpoint."""
+    tiny = str(tmp_path / "runs" / "tiny")
+    for _ in range(2):  # again into its own folder: replaced, as before
+        r = run("-m", "nanopost.testing", tiny)
+        assert r.returncode == 0 and nanopost.load(tiny), r.stderr
+    sft = tmp_path / "runs" / "sft"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text("{}\n")
+    for target in (sft, tmp_path / "runs"):
+        r = run("-m", "nanopost.testing", str(target))
+        assert r.returncode == 2 and "not a checkpoint this command wrote" in r.stderr, r.stderr
+    assert (sft / "metrics.jsonl").read_text() == "{}\n" and sorted(os.listdir(tmp_path / "runs")) == ["sft", "tiny"]
