@@ -229,7 +229,8 @@ def test_choice_extraction_of_degenerate_replies_finishes():
     Generous bound: this guards against polynomial backtracking, it is not a speed goal."""
     replies = ["Answer" + "*" * 1994, "答案" + "*" * 1998, "答案" + " " * 1998, "answer" + " " * 1994, "A" + " " * 1996,
                "A" + "*" * 1998 + "B", ("A, " * 666)[:1997] + " or", ("A，" * 1000)[:1999] + "或", "A" + " " * 1996 + " or",
-               "\n" * 2000, "A or " * 400, "correct option" + " " * 1990, "正确选项是" + " " * 1995, "B" + " " * 1999 + "x"]
+               "\n" * 2000, "A or " * 400, "correct option" + " " * 1990, "正确选项是" + " " * 1995, "B" + " " * 1999 + "x",
+               " " * 2000 + "\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B", "B." + "x " * 1000 + "\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C"]
     t = time.time()
     for r in replies:
         choice.extract(r)

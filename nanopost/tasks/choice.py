@@ -164,8 +164,8 @@ NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pic
 # read whole: its own "Answer:" line then decides.
 OPTIONS_THEN_ANSWER = re.compile(r"^[ \t]*A\.[^\n]*\n[ \t]*B\.[^\n]*\n[ \t]*C\.[^\n]*\n[ \t]*D\.[^\n]*\n\s*"
                                  r"\**(?:Answer|答案)\**[ \t]*[:：]", re.MULTILINE)
-BARE_ANSWER = re.compile(r"\s*(?:(?i:the answer is|answer)[ \t]*[:：]?|答案[ \t]*[:：是为]?)?[ \t(\[（*]*([A-D])(?![A-Za-z])"
-                         r"[)\]）*]*(?:[.:：][^\n]*)?\s*")
+BARE_ANSWER = re.compile(r"\s*(?:(?i:the answer is|answer)[ \t]*[:：]?[ \t]*|答案[ \t]*[:：是为]?[ \t]*)?[(\[（*]*"
+                         r"([A-D])(?![A-Za-z])[)\]）*]*(?:[.:：][^\n]{0,200})?\s*")
 BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
@@ -173,7 +173,7 @@ def hedges(reply: str) -> list[tuple[int, int]]:
     """The spans of letter groups joined by a hedge (see OR_JOINS), in one linear pass."""
     out, letters = [], list(BARE_LETTER.finditer(reply))
     group, hedged = [], False
-    for i, m in enumerate(letters):
+    for m in letters:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
             term = join == "/" and TERM.match(reply, m.end())
