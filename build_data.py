@@ -72,7 +72,8 @@ from tqdm import tqdm
 import nanopost
 from nanopost import dedup
 from nanopost.checkpoint import CheckpointError, read_config, resolve
-from nanopost.data import DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, to_kto, truncate_kto
+from nanopost.data import (DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, to_kto, truncate_kto,
+                           whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
@@ -245,10 +246,6 @@ def normalise(obj: dict):
         raise ValueError("the prompt must end with a non-empty user turn")
     if response is not None and not isinstance(response, str):
         raise ValueError("the response must be a string")
-    try:  # JSON's "\ud800" decodes to a lone surrogate, which no UTF-8 file (or the example id) can hold
-        json.dumps([prompt, response], ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"text holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), which is not valid Unicode") from e
     prompt = [{"role": m["role"], "content": m["content"].strip()} for m in prompt]
     return prompt, (response.strip() or None) if response is not None else None, gold
 
@@ -271,17 +268,13 @@ class StageFile:
     def __init__(self, out, name):
         self.stage, self.path, self.rows = name.split("_", 1)[1], os.path.join(out, name + ".jsonl"), {}
         if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
+            data, cut = whole_lines(self.path)
+            if cut:
                 print(f"{self.path}: cut off an incomplete last line (an interrupted write); redoing that item",
                       file=sys.stderr)
-                with open(self.path, "r+b") as f:
-                    f.truncate(end)
             # lines end at b"\n" only: str.splitlines() also splits at U+2028, U+0085, ..., which
             # json.dumps(ensure_ascii=False) leaves unescaped inside a row
-            for n, line in enumerate(data[:end].split(b"\n"), 1):
+            for n, line in enumerate(data.split(b"\n"), 1):
                 if line.strip():
                     try:
                         row = json.loads(line.decode("utf-8"))

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import nanopost
 from nanopost import tasks
 from nanopost.checkpoint import CheckpointError, resolve
-from nanopost.data import DataError, collate, load_sft
+from nanopost.data import DataError, collate, load_sft, whole_lines
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_switch, resolve_dtype
@@ -346,13 +346,8 @@ def main(argv=None):
             cache_file = os.path.join(args.out, "cache", f"{task}-{key[:16]}.jsonl")
             done = {}
             if os.path.exists(cache_file):
-                with open(cache_file, "rb") as f:
-                    data = f.read()
-                end = data.rfind(b"\n") + 1
-                if end < len(data):  # a last line cut by a crash: it goes (that question is redone), so the
-                    with open(cache_file, "r+b") as f:  # next row starts a line of its own
-                        f.truncate(end)
-                for line in data[:end].decode("utf-8", "replace").split("\n"):
+                # a last line cut by a crash goes (that question is redone), so the next row starts a line of its own
+                for line in whole_lines(cache_file)[0].decode("utf-8", "replace").split("\n"):
                     try:
                         r = json.loads(line)
                         done[r["id"]] = r

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, commit_dir, read_config,
-                                 remove_unfinished, resolve,
+                                 remove_unfinished, resolve, same_folder, within,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
                               slerp_rows, task_merge)
@@ -159,7 +159,7 @@ def open_models(plan, embed_slice: bool):
     elif method != "linear" and not base:
         raise MergeError(f"{method} needs a base model (--base)")
     # the base as --models spells it (m1/ and ./m1 are m1): spelled otherwise it would join as one more model
-    base = next((n for n in names if base and same_model(n, base)), base)
+    base = next((n for n in names if base and same_folder(n, base)), base)
     if method == "linear" and base and base not in names:  # it would join the average at a weight nobody gave
         raise MergeError(f"linear averages the --models only, and the base {base} is not one of them: list it in "
                          f"--models with a weight (mergekit, too, needs a weight for every model of a linear merge)")
@@ -216,11 +216,6 @@ def open_models(plan, embed_slice: bool):
                 if s[0] < s_ref[0]:
                     raise MergeError(f"{d}: tensor {k} has {s[0]} rows, fewer than the base's {s_ref[0]}")
     return names, dirs, index, base_i, n_layers
-
-
-def same_model(a: str, b: str) -> bool:
-    """The same --models entry: equal as given, or the same local folder however it is spelled."""
-    return a == b or os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def resolved_params(plan, name, n_layers):
@@ -361,8 +356,7 @@ def main(argv=None):
         parent = os.path.dirname(os.path.abspath(args.out))
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise MergeError(f"--out {args.out}: {parent} is a file, not a directory")
-        if os.path.realpath(os.getcwd()) + os.sep == os.path.join(os.path.realpath(args.out), "") or \
-                os.path.realpath(os.getcwd()).startswith(os.path.join(os.path.realpath(args.out), "")):
+        if within(os.getcwd(), args.out):
             raise MergeError(f"--out {args.out} is the working directory or holds it: the merge replaces that folder "
                              "whole; name a folder of its own")
         used = os.path.isdir(args.out) and os.listdir(args.out)
@@ -370,9 +364,8 @@ def main(argv=None):
             raise MergeError(f"--out {args.out} already holds {', '.join(sorted(os.listdir(args.out))[:4])}: choose "
                              "another folder, or pass --overwrite to replace it")
         names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
-        out_real = os.path.realpath(args.out)
         for d in dirs:  # --out replaces its folder whole: never one holding a model being merged
-            if os.path.realpath(d) == out_real or os.path.realpath(d).startswith(out_real + os.sep):
+            if within(d, args.out):
                 raise MergeError(f"--out {args.out} is or holds {d}, one of the models being merged: writing there "
                                  "would replace it")
         tensor_names = list(index[base_i].keys())

@@ -249,7 +249,7 @@ def check_benchmarks(p, tasks, data_dir, choice_shots):
     from nanopost import tasks as benchmarks
     for t in tasks:
         try:
-            benchmarks.load(t, data_dir, shots=choice_shots if t in ("mmlu", "cmmlu", "ceval") else None)
+            benchmarks.load(t, data_dir, shots=choice_shots if t in benchmarks.CHOICE else None)
         except (ValueError, OSError) as e:  # (a DataError is a ValueError)
             p.error(f"--data-dir {data_dir}: {e}")
 

@@ -55,7 +55,7 @@ class Reader:
                 raise CheckpointError(f"{path}: tensor {name} has dtype {m.get('dtype')!r}, which nanopost does not read "
                                       f"(it reads {', '.join(DTYPES)})")
             begin, end = m["data_offsets"]
-            size = torch.Size(m["shape"]).numel() * torch.empty((), dtype=DTYPES[m["dtype"]]).element_size()
+            size = torch.Size(m["shape"]).numel() * DTYPES[m["dtype"]].itemsize
             if end - begin != size:
                 raise CheckpointError(f"{path}: tensor {name}: its data offsets span {end - begin} bytes, its shape "
                                       f"{m['shape']} and dtype {m['dtype']} take {size}")
@@ -211,10 +211,27 @@ def atomic_dir(out_dir):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    return tmp
+    return mask
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Two paths naming one folder: equal as given, or the same local folder however it is spelled
+    (a trailing slash, ./, a symlink to it)."""
+    return a == b or os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def within(path: str, folder: str) -> bool:
+    """path is folder itself or lies inside it (by real paths)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def remove_unfinished(out_dir):
@@ -248,9 +265,7 @@ def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None
     """safetensors' save_file, with the permissions of any other file we write (safetensors 0.8
     creates 0600 files: a shared model folder became unreadable to the rest of a team)."""
     save_file(tensors, path, metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~umask())
 
 
 def commit_dir(tmp, out_dir):

@@ -24,6 +24,19 @@ class DataError(ValueError):
 BAD_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
+def whole_lines(path: str) -> tuple[bytes, bool]:
+    """An append-only file's complete lines -> (their bytes, whether a last line was cut short). A
+    last line a kill cut short is also removed from the file, so that the next row appended starts
+    a line of its own."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data[:end], end < len(data)
+
+
 def read_jsonl(path: str, errors: list | None = None):
     """Yields (line_number, object). A line that is not a JSON object raises DataError(file:line),
     or, given an `errors` list, is appended to it as "file:line: why" and skipped."""

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import nanopost
-from nanopost.checkpoint import load, recover, remove_model_files, remove_unfinished, save, save_tensors
+from nanopost.checkpoint import (load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
+                                 within)
 
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
                     max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
@@ -312,15 +313,13 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
         saved = dict(saved, schedule={**{k: v for k, v in schedule.items() if k != "warmup_steps"},  # became the
                                       "warmup_ratio": 0.0})  # default ratio 0 (no warmup either way)
 
-    def same_model(then, now):  # a folder by where it really is (a symlink to it, or a path written before)
-        return then == now or os.path.isdir(then) and os.path.isdir(now) and os.path.samefile(then, now)
-
     found = []
     for key, what in whats.items():
         if key not in saved or key not in meta:
             continue
         then, now = saved[key], meta[key]
-        if key in ("model", "reference") and isinstance(then, str) and isinstance(now, str) and same_model(then, now):
+        # a folder by where it really is (a symlink to it, or a path written before)
+        if key in ("model", "reference") and isinstance(then, str) and isinstance(now, str) and same_folder(then, now):
             continue
         what += " ="
         if key == "packing":
@@ -349,14 +348,13 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
     written (found now, not after the data and the models are loaded)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise StateError(f"--out {out_dir} is a file, not a directory")
-    out_real = os.path.realpath(out_dir)
     for flag, m in (("--model", model), ("--ref", ref)):
         if m is None or not os.path.isdir(m):
             continue
-        if os.path.realpath(m) == out_real:
+        if os.path.realpath(m) == os.path.realpath(out_dir):
             raise StateError(f"--out {out_dir} is the {flag} folder: the run would replace the model it starts "
                              f"from; choose another --out")
-        if overwrite and os.path.realpath(m).startswith(out_real + os.sep):
+        if overwrite and within(m, out_dir):
             raise StateError(f"{flag} {m} lies inside --out {out_dir}, which --overwrite empties first: choose "
                              f"another --out (or copy the model elsewhere)")
     if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
