@@ -172,6 +172,22 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The answer is A/B testing.", "A"),  # a term, not a hedge
     ("The answer is A/D conversion.", "A"),
     ("(A) and (B) are wrong, so (C).", "C"),
+    ("B, or possibly C", None),
+    ("B (maybe C)", None),
+    ("A and perhaps D", None),
+    ("B, but C is wrong.", "B"),
+    # options restated in the reply are not its answer (the last resort took their first label)
+    ("Let me restate: A. 1, B. 2, C. 3, D. 4. So B.", "B"),
+    ("The options are:\nA. 1\nB. 2\nC. 3\nD. 4\nThe correct one is B.", "B"),
+    ("The options are:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D\nD. Vitamin B12\nThe one to pick: C", "C"),
+    ("Options: (A) cat (B) dog (C) cow (D) pig. I pick (B).", "B"),
+    ("A. 1\nB. 2\nC. 3\nD. 4\n\nB", "B"),
+    ("A) 5 B) 6 C) 7 D) 8 -> D", "D"),
+    ("A. 1\nB. 2\nC. 3\nD. 4", None),
+    ("A. 4 is even. B. 6 is even. C. 7 is prime. D. 9 is odd.", None),
+    ("B. 6", "B"),
+    ("A. 1\nB. 2\nC. 3\nD. 4\nSo D.", "D"),
+    ("Restated: A. 1, B. 2, C. 3, D. 4. It is C.", "C"),
     # restated options after a reply that says more than its letter: its own "Answer:" line decides
     ("B is the right answer at first glance, but let's check.\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C", "C"),
     ("D-day was in 1944.\n\nA. 1942\nB. 1943\nC. 1944\nD. 1945\nAnswer: C", "C"),

@@ -14,7 +14,7 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
 # The scoring protocol: bump it whenever a prompt, a stop string, an extraction or a scorer
 # changes, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 10  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+PROTOCOL = 11  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
@@ -22,6 +22,7 @@ PROTOCOL = 10  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 # 10: HumanEval's time limit leaves out time spent waiting for a CPU (a busy machine timed out solutions);
 #     letters: a hedge in brackets "(A) or (B)", of three "A, B or C", "A/B", or "A or B is correct" picks no letter;
 #     "not (A)", "Not A", "can't be A" are not A; "**答案**：B" is B; a question the reply makes up after its answer is not read
+# 11: letters: options restated in a reply ("A. 1, B. 2, C. 3, D. 4. So B.") are not its answer; "B, or possibly C" is a hedge
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

@@ -155,6 +155,7 @@ EXTRACTION = [re.compile(p) for p in (
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
 LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
+MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B (maybe C)"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z", re.IGNORECASE)
@@ -177,15 +178,38 @@ def hedges(reply: str) -> list[tuple[int, int]]:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
             term = join == "/" and TERM.match(reply, m.end())
-            if (join in LIST_JOINS or join in OR_JOINS) and not term:
+            join, maybe = MAYBE.subn("", join)
+            if (join in LIST_JOINS or join in OR_JOINS or (maybe and not join)) and not term:
                 group.append(m)
-                hedged |= join in OR_JOINS
+                hedged |= join in OR_JOINS or maybe > 0
                 continue
             if hedged:
                 out.append((group[0].start(), group[-1].end()))
         group, hedged = [m], False
     if hedged:
         out.append((group[0].start(), group[-1].end()))
+    return out
+
+
+# Letters the last resort may not take: options restated (labels A, B, C, D in this order, "A. 1, B. 2, C. 3,
+# D. 4" or one a line), their labels and the option texts between them; a list's last line is its last option.
+LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
+
+
+def restated(reply: str) -> list[tuple[int, int]]:
+    """The spans of restated option lists (see LABEL), in one linear pass."""
+    out, run = [], []
+    for m in LABEL.finditer(reply):
+        if m.group(1) != LETTERS[len(run)]:
+            run = [m] if m.group(1) == "A" else []
+            continue
+        run.append(m)
+        if len(run) == len(LETTERS):
+            end, line = m.end(), reply.rfind("\n", 0, m.start()) + 1
+            if line and not reply[line:m.start()].strip():  # one a line: to the end of the last option's line
+                end = reply.find("\n", end) if "\n" in reply[end:] else len(reply)
+            out.append((run[0].start(), end))
+            run = []
     return out
 
 
@@ -196,12 +220,15 @@ def extract(reply: str) -> str | None:
         cut = bisect.bisect_left(blanks, block.start()) - 1
         if cut >= 0 and (bare := BARE_ANSWER.fullmatch(reply, 0, blanks[cut])):
             return bare.group(1)
-    hedged = hedges(reply)
+    hedged, options = hedges(reply), restated(reply)
     for pattern in EXTRACTION:
         for m in pattern.finditer(reply):
             at = m.start(1)
-            if not any(a <= at < b for a, b in hedged) and not NEGATED.search(reply, max(0, at - 16), at):
-                return m.group(1)
+            if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at):
+                continue
+            if pattern is EXTRACTION[-1] and any(a <= at < b for a, b in options):
+                continue
+            return m.group(1)
     return None
 
 
