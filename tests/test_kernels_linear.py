@@ -216,16 +216,63 @@ def test_label_smoothing_with_shifted_logits(rng, poisoned):
     compare_ce(h, w, y, -100, 0.0, 0.2, torch.float32, rng, poisoned)
 
 
-@pytest.mark.parametrize("fn", ["ce", "logprob"])
+PATHS = {"ce": (linear_ce.linear_cross_entropy_triton, linear_ce.linear_cross_entropy_reference),
+         "logprob": (linear_logprob.linear_logprob_triton, linear_logprob.linear_logprob_reference)}
+
+
+@pytest.mark.parametrize("fn", [f for pair in PATHS.values() for f in pair], ids=lambda f: f.__name__)
 def test_labels_out_of_range_are_refused(fn):
+    """Both paths: torch's indexing counted -1 from the end (the reference trained class V-1)."""
     h, w = torch.randn(3, 8, device=DEVICE), torch.randn(50, 8, device=DEVICE)
     for bad in ([0, 50, 1], [0, -1, 1]):  # -1: a common "ignore" that is not this call's ignore_index
         y = torch.tensor(bad, device=DEVICE)
         with pytest.raises(IndexError, match=r"\[0, 50\)"):
-            if fn == "ce":
-                linear_ce.linear_cross_entropy_triton(h, w, y, -100)
-            else:
-                linear_logprob.linear_logprob_triton(h, w, y)
+            fn(h, w, y)
+
+
+@pytest.mark.parametrize("fn", [f for pair in PATHS.values() for f in pair], ids=lambda f: f.__name__)
+def test_shapes_and_chunk_rows_are_checked(fn):
+    """A kernel reads one label per row: 4 labels for 6 rows read past the labels (a segfault in the
+    interpreter), 8 dropped two; chunk_rows -1 ran no chunk (a loss of 0, gradients never written)."""
+    h, w = torch.randn(6, 8, device=DEVICE, requires_grad=True), torch.randn(40, 8, device=DEVICE)
+    for n in (4, 8):
+        with pytest.raises(ValueError, match=r"do not fit \(N, C\), \(V, C\), \(N,\)"):
+            fn(h, w, torch.zeros(n, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="do not fit"):
+        fn(h, torch.randn(40, 7, device=DEVICE), torch.zeros(6, dtype=torch.long, device=DEVICE))
+    for chunk in (0, -1):
+        with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+            fn(h, w, torch.zeros(6, dtype=torch.long, device=DEVICE), chunk_rows=chunk)
+
+
+@pytest.mark.parametrize("fn", [f for pair in PATHS.values() for f in pair], ids=lambda f: f.__name__)
+def test_second_order_gradients_are_an_error(fn):
+    """The backward is kernels or gradients made in the forward: a graph for a second backward
+    (create_graph=True) would silently lack its second-order terms (its gradient had no graph), so it
+    is refused."""
+    h, w = torch.randn(3, 8, device=DEVICE, requires_grad=True), torch.randn(40, 8, device=DEVICE)
+    loss = fn(h, w, torch.tensor([1, 2, 3], device=DEVICE)).sum()
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+@pytest.mark.parametrize("fn", PATHS["ce"], ids=lambda f: f.__name__)
+def test_an_ignored_row_that_is_not_finite_stays_out(fn):
+    """As F.cross_entropy: an ignored row's inf hidden state changes neither the loss nor the other
+    rows' gradients (the reference multiplied by the mask: NaN * 0 = NaN)."""
+    h, w = torch.randn(4, 8, device=DEVICE), torch.randn(37, 8, device=DEVICE)
+    h[2] = float("inf")
+    h.requires_grad_()
+    y = torch.tensor([1, 2, -100, 3], device=DEVICE)
+    loss = fn(h, w, y)
+    loss.backward()
+    keep = torch.tensor([0, 1, 3], device=DEVICE)
+    hr = h.detach()[keep].double().requires_grad_()
+    ref = F.cross_entropy(hr @ w.double().T, y[keep], reduction="sum")
+    ref.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    assert torch.equal(h.grad[2], torch.zeros(8, device=DEVICE))
+    assert rel_err(h.grad[keep], hr.grad) <= 1e-5
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])

@@ -204,3 +204,29 @@ def test_rope_leaves_q_and_k_alone(randn):
     check("rope q, shared angles", outs[0][0], outs[1][0], torch.float32, randn.seed)
     check("rope k, shared angles", outs[0][1], outs[1][1], torch.float32, randn.seed)
     check("rope grad through a saved q", leaf.grad, ref_leaf.grad, torch.float32, randn.seed)
+
+
+def test_rms_norm_weight_shape_is_checked(randn):
+    """The kernels read C weights whatever the tensor holds: 16 used its first 8, 4 read past its end."""
+    x = randn(3, 8)
+    for w in (randn(16), randn(4), randn(1, 8)):
+        with pytest.raises(ValueError, match=r"expected \(8,\)"):
+            rmsnorm.rms_norm_triton(x, w, 1e-6)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "swiglu", "swiglu_halves"])
+def test_second_order_gradients_are_an_error(op, randn):
+    """Each backward is a kernel: a graph for a second backward (create_graph=True) would lack the
+    second-order terms (the references keep them), so it is refused rather than silently wrong."""
+    x = randn(3, 2, 5, 8).requires_grad_()
+    if op == "rms_norm":
+        out = rmsnorm.rms_norm_triton(x, randn(8), 1e-6)
+    elif op == "rope":
+        cos, sin = rope_cos_sin(torch.arange(5, device=DEVICE)[None], 8, 1e4, torch.float32)
+        out = rope.rope_triton(x, randn(3, 1, 5, 8), cos, sin)[0]
+    elif op == "swiglu":
+        out = swiglu.swiglu_triton(x, randn(3, 2, 5, 8))
+    else:
+        out = swiglu.swiglu_halves_triton(x)
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        torch.autograd.grad((out * randn(*out.shape)).sum(), x, create_graph=True)

@@ -17,7 +17,7 @@ Triton step is one kernel reading each row twice and writing it once, where eage
 several float32 copies of the chunk."""
 import torch
 
-from nanopost.kernels._triton import tl, triton
+from nanopost.kernels._triton import first_order, tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 BLOCK_V = 8192  # logits per iteration of a row's loop
@@ -48,6 +48,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_total):
         # out of place: gradcheck and retain_graph run backward more than once through one forward
         grad_h, grad_w = ctx.saved_tensors
@@ -80,6 +81,7 @@ def add_matmul_(acc, a, b):
 
 
 def _apply(step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows):
+    check_inputs(hidden_NC, weight_VC, labels_N, chunk_rows, ignore_index)
     if not torch.is_grad_enabled():  # needs_input_grad would still say True for a parameter under
         hidden_NC, weight_VC = hidden_NC.detach(), weight_VC.detach()  # no_grad: no gradient work then
     return FusedLinearCrossEntropy.apply(hidden_NC, weight_VC, labels_N, ignore_index, float(z_loss),
@@ -99,7 +101,7 @@ def _reference_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad)
         loss = (1 - label_smoothing) * loss + label_smoothing * (lse - x.mean(-1))
     if z_loss:
         loss = loss + z_loss * lse ** 2
-    loss = loss * valid
+    loss = torch.where(valid, loss, 0.0)  # not loss * valid: an ignored row's inf or NaN stays out
     if not want_grad:
         return loss, None
     g = x.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
@@ -108,7 +110,8 @@ def _reference_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad)
     g[rows, y] -= 1 - label_smoothing
     if label_smoothing:
         g.sub_(label_smoothing / x.shape[1])
-    return loss, g.mul_(valid.to(acc)[:, None]).to(logits.dtype)
+    g[~valid] = 0
+    return loss, g.to(logits.dtype)
 
 
 def linear_cross_entropy_reference(hidden_NC, weight_VC, labels_N, ignore_index: int = -100, z_loss: float = 0.0,
@@ -161,7 +164,7 @@ def _cross_entropy_kernel(logits_ptr, stride, labels_ptr, loss_ptr, V, ignore_in
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * scale - uniform - tl.where(cols == y, target, 0.0)
+            g = tl.where(valid, tl.exp(x - lse) * scale - uniform - tl.where(cols == y, target, 0.0), 0.0)
             tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -174,9 +177,23 @@ def _triton_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad):
     return loss, logits if want_grad else None
 
 
+def check_inputs(hidden_NC, weight_VC, labels_N, chunk_rows, ignore_index: int | None = None):
+    """Shapes, chunk_rows and label values, for both paths: a kernel reads a label per row of logits
+    and would read past the labels, or ignore extra ones; range(0, N, chunk_rows) with chunk_rows < 1
+    runs no chunk (a loss of 0 and gradients never written)."""
+    if hidden_NC.dim() != 2 or weight_VC.dim() != 2 or hidden_NC.shape[1] != weight_VC.shape[1] \
+            or labels_N.shape != hidden_NC.shape[:1]:
+        raise ValueError(f"hidden {tuple(hidden_NC.shape)}, weight {tuple(weight_VC.shape)}, labels "
+                         f"{tuple(labels_N.shape)} do not fit (N, C), (V, C), (N,)")
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, not {chunk_rows!r}")
+    check_labels(labels_N, weight_VC.shape[0], ignore_index)
+
+
 def check_labels(labels_N, V: int, ignore_index: int | None = None):
-    """Torch's indexing refuses a label outside [0, V); a kernel would read out of bounds instead
-    (garbage on a GPU, or a loss for -1 meant as "ignore"). One device sync per call."""
+    """Torch's indexing refuses a label outside [0, V) -- except a negative one, which it counts from
+    the end (-1 meant as "ignore" would train class V-1); a kernel would read out of bounds instead.
+    One device sync per call."""
     valid = labels_N if ignore_index is None else labels_N[labels_N != ignore_index]
     if bool(((valid < 0) | (valid >= V)).any()):
         raise IndexError(f"labels must lie in [0, {V})" + ("" if ignore_index is None else f" or equal "
@@ -190,5 +207,4 @@ def linear_cross_entropy_triton(hidden_NC, weight_VC, labels_N, ignore_index: in
     if hidden_NC.dtype == torch.float64:
         raise ValueError("linear_cross_entropy_triton: float64 hidden states; the kernel computes in float32 "
                          "(use linear_cross_entropy_reference, or NANOPOST_KERNELS=torch)")
-    check_labels(labels_N, weight_VC.shape[0], ignore_index)
     return _apply(_triton_step, hidden_NC, weight_VC, labels_N, ignore_index, z_loss, label_smoothing, chunk_rows)

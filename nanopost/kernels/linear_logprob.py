@@ -10,13 +10,13 @@ As in linear_ce.py, the matmuls are torch's in both paths and only the per-chunk
 the Triton steps keep the logits in hidden's dtype (see there) and do their math in float32."""
 import torch
 
-from nanopost.kernels._triton import tl, triton
+from nanopost.kernels._triton import first_order, tl, triton
 from nanopost.kernels.linear_ce import (
     BLOCK_V,
     _logsumexp,
     _mm_operands,
     add_matmul_,
-    check_labels,
+    check_inputs,
 )
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
@@ -44,6 +44,7 @@ class FusedLinearLogProb(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_N):
         hidden_NC, weight_VC, labels_N, lse = ctx.saved_tensors
         acc, w, n = lse.dtype, weight_VC.to(ctx.mm_dtype), ctx.chunk_rows
@@ -78,6 +79,7 @@ def _reference_backward(logits, y, grad, lse):
 
 def linear_logprob_reference(hidden_NC, weight_VC, labels_N, chunk_rows: int = 1024):
     """-> (N,) log-probs of the labels (all in [0, V)), float32, or float64 for float64 inputs."""
+    check_inputs(hidden_NC, weight_VC, labels_N, chunk_rows)
     return FusedLinearLogProb.apply(hidden_NC, weight_VC, labels_N, chunk_rows, (_reference_forward, _reference_backward))
 
 
@@ -132,5 +134,5 @@ def linear_logprob_triton(hidden_NC, weight_VC, labels_N, chunk_rows: int = 1024
     if hidden_NC.dtype == torch.float64:
         raise ValueError("linear_logprob_triton: float64 hidden states; the kernels compute in float32 "
                          "(use linear_logprob_reference, or NANOPOST_KERNELS=torch)")
-    check_labels(labels_N, weight_VC.shape[0])
+    check_inputs(hidden_NC, weight_VC, labels_N, chunk_rows)
     return FusedLinearLogProb.apply(hidden_NC, weight_VC, labels_N, chunk_rows, (_triton_forward, _triton_backward))

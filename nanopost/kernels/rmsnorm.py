@@ -11,7 +11,7 @@ autocast's own cast, without a float32 copy written and read back; its gradient 
 dtype and is read as float32."""
 import torch
 
-from nanopost.kernels._triton import tl, triton
+from nanopost.kernels._triton import first_order, tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 
@@ -69,6 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @first_order
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, C = x2.shape
@@ -85,4 +86,6 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm_triton(x, weight, eps: float, out_dtype=None):
+    if weight.shape != x.shape[-1:]:  # the kernels read C weights whatever the tensor holds
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} for x {tuple(x.shape)}: expected ({x.shape[-1]},)")
     return _RMSNorm.apply(x, weight, eps, out_dtype)

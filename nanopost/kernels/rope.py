@@ -11,7 +11,7 @@ Out of place on purpose: rotating a view in place makes autograd wrap the projec
 CopySlices, which clones the whole gradient in backward (it measured 4x slower on an H200)."""
 import torch
 
-from nanopost.kernels._triton import tl, triton
+from nanopost.kernels._triton import first_order, tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 
@@ -81,6 +81,7 @@ class _RoPE(torch.autograd.Function):
         return _rotate(q, k, cos, sin, 1.0)
 
     @staticmethod
+    @first_order
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         # the inverse of a rotation is its transpose: sin negated (cos, sin have duplicated halves)
@@ -91,7 +92,9 @@ class _RoPE(torch.autograd.Function):
 def rope_triton(q_BHTD, k_BKTD, cos_BTD, sin_BTD):
     """-> rotated (q, k), new tensors; q and k are left as they were. cos and sin must have
     duplicated halves (cos[..., :D/2] == cos[..., D/2:], as model.rope_cos_sin builds them): the
-    backward's inverse rotation (sin negated) is exact only then."""
+    backward's inverse rotation (sin negated) is exact only then. The results keep q's and k's dtypes
+    (the reference promotes with cos's: float32 for bf16 q under autocast, which attention then casts
+    back to bf16, so the values attention sees are the same)."""
     B, _, T, D = q_BHTD.shape
     if D % 2 or k_BKTD.shape[0] != B or k_BKTD.shape[2:] != (T, D) or cos_BTD.shape[-2:] != (T, D) \
             or cos_BTD.shape != sin_BTD.shape:

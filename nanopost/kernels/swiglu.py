@@ -7,7 +7,7 @@ d gate = dy * up * s * (1 + g * (1 - s)) and d up = dy * g * s. Float32 inside (
 silu does for bf16), stored in the input dtype."""
 import torch
 
-from nanopost.kernels._triton import tl, triton
+from nanopost.kernels._triton import first_order, tl, triton
 
 _empty = torch.empty  # tests swap in a NaN-filled allocator, so an element never written fails
 BLOCK = 1024
@@ -75,6 +75,7 @@ class _SwiGLU(torch.autograd.Function):
         return _forward(g2, u2).view(gate.shape)
 
     @staticmethod
+    @first_order
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
         dgu = _backward(dy, g2, u2)
@@ -94,6 +95,7 @@ class _SwiGLUHalves(torch.autograd.Function):
         return _forward(gu2[:, :F], gu2[:, F:]).view(*gu.shape[:-1], F)
 
     @staticmethod
+    @first_order
     def backward(ctx, dy):
         gu2, = ctx.saved_tensors
         F = gu2.shape[1] // 2
