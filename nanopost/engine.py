@@ -353,7 +353,9 @@ class Engine:
         """pack_weights (CPU float32, or bfloat16 with native bf16; default on there): run every Linear
         through a copy of its weight reordered once into oneDNN's blocked layout. Small-batch matmuls run 1.5-3x faster
         than torch's default path on CPU (see BENCHMARKS.md), at the cost of a second copy of the
-        weights. The copy is refreshed when the weights change in place (e.g. training).
+        weights. The copy (and the kept prefix, and the greedy screen) is refreshed when the weights
+        change in place (an optimizer step, `with torch.no_grad(): p.copy_(...)`): a tensor's version
+        counts those. A write through `p.data` does not move it: make a new Engine after one.
         cuda_graphs (default: on for a model on CUDA, unless NANOPOST_CUDA_GRAPHS=0): decode steps
         replayed from a CUDA graph (DecodeGraph), captured again whenever the batch's cache changes shape.
         greedy_screen: plain greedy decoding (no repetition penalty) of a float32 or bf16 model on
@@ -493,6 +495,8 @@ class Engine:
         lm_head's output is rounded to steps of 1/8 at typical logit sizes, which ties or flips
         close options (a tie goes to the first letter, A). The log-softmax normaliser, shared by
         every option, comes from the full logits in the model's dtype."""
+        if empty := [i for i, p in enumerate(prompts) if not p]:
+            raise ValueError(f"next_logprobs: prompt {empty[0]} is empty: no position to score the next token at")
         out = [None] * len(prompts)
         with torch.inference_mode(), self.fast_linears():
             dt = torch.promote_types(self.model.lm_head.weight.dtype, torch.float32)  # float64 stays float64

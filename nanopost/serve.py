@@ -16,8 +16,10 @@ numbers from evaluate.py's results.json given as --results; {} without it), and 
 The request's "model" field picks a checkpoint.
 Sampling fields: temperature (default 0: greedy), top_p (default 1), max_tokens or
 max_completion_tokens (default --default-max-tokens, 512), stop, seed, and the extensions top_k and
-repetition_penalty. n > 1, logprobs, logit_bias, tools and the OpenAI penalties are refused with a
-400 (set to what changes nothing, e.g. logit_bias {} or top_logprobs 0, they are accepted).
+repetition_penalty. n > 1, logprobs, logit_bias, tools, tool_choice, response_format (JSON mode)
+and the OpenAI penalties are refused with a 400 (set to what changes nothing, e.g. logit_bias {},
+top_logprobs 0 or response_format {"type": "text"}, they are accepted). A client that disconnects
+frees its row at once (streamed: at the next write; not streamed: the server looks every 0.5 s).
 
 How it works: each model has one worker thread, the only one that runs it. HTTP handler threads
 validate a request, render its prompt and queue it; the worker takes every request waiting, runs
@@ -46,6 +48,7 @@ import os
 import queue
 import re
 import resource
+import select
 import signal
 import socket
 import sys
@@ -69,7 +72,8 @@ MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per s
 # fields we cannot honour: a request that sets one to anything but a value that changes nothing (its
 # default, an empty logit_bias, top_logprobs 0) is refused, not ignored
 UNSUPPORTED = {"n": (1,), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": (),
-               "functions": (), "presence_penalty": (0,), "frequency_penalty": (0,)}
+               "functions": (), "presence_penalty": (0,), "frequency_penalty": (0,),
+               "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "compare.html")
 
@@ -299,15 +303,22 @@ def _content(m, i):
         content = "\n".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, not text a tokenizer takes
+    if not _is_text(content):
         raise ApiError(400, f"messages[{i}].content is not valid Unicode text (a lone surrogate)",
-                       param=f"messages[{i}].content") from None
+                       param=f"messages[{i}].content")
     if len(content) > MAX_CONTENT_CHARS:
         raise ApiError(400, f"messages[{i}].content is {len(content)} characters; the limit is {MAX_CONTENT_CHARS}",
                        param=f"messages[{i}].content")
     return content
+
+
+def _is_text(s: str) -> bool:
+    """False for a string holding a lone surrogate ("\ud800"): valid JSON, not text a tokenizer takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
@@ -345,6 +356,8 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
             or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop)):
         raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
+    if not all(_is_text(x) for x in stop):
+        raise ApiError(400, "stop is not valid Unicode text (a lone surrogate)", param="stop")
     stream, options = body.get("stream") or False, body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
@@ -453,6 +466,8 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError as e:
                 raise ApiError(400, f"the body is not valid JSON: {e}")
+            except RecursionError:  # within MAX_BODY_BYTES, "[" * 100000 nests past Python's recursion limit
+                raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
             r = parse_chat(body, app.workers, app.max_tokens_limit, app.default_max_tokens)
             app.workers[r.model].submit(r)
         except ApiError as e:
@@ -468,7 +483,14 @@ class Handler(BaseHTTPRequestHandler):
     def reply(self, r, rid, created):
         if r.stream:
             return self.stream(r, rid, created)
-        event = r.events.get()  # a row that is not streamed gets no "text" events
+        while True:  # a row that is not streamed gets no "text" events, and nothing is written until its end
+            try:
+                event = r.events.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self.client_gone():  # else its row would run on to max_tokens for nobody
+                    r.cancelled = True
+                    return
         if event[0] == "error":
             return self.send_json(event[1].status, event[1].body)
         _, reason, reply, n = event
@@ -478,13 +500,22 @@ class Handler(BaseHTTPRequestHandler):
                              "usage": {"prompt_tokens": len(r.ids), "completion_tokens": n,
                                        "total_tokens": len(r.ids) + n}})
 
+    def client_gone(self) -> bool:
+        """Whether the client closed its end: its socket reads as at end (a peek, nothing consumed)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def stream(self, r, rid, created):
         def sse(obj):
             self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
         def chunk(delta, reason=None):
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": r.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
+                    **({"usage": None} if r.include_usage else {})}  # as OpenAI: null on all but the last
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")

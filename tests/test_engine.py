@@ -300,6 +300,13 @@ def test_next_logprobs_of_a_float64_model_are_float64(eng64):
     assert (torch.tensor(got, dtype=torch.float64) - ref).abs().max() <= 1e-12
 
 
+def test_next_logprobs_refuses_an_empty_prompt(eng64):
+    """No position to score from: packed with others, an empty prompt got another row's log-probs."""
+    for prompts in ([[]], [[], [5, 6]], [[5, 6], []]):
+        with pytest.raises(ValueError, match="is empty"):
+            eng64.next_logprobs(prompts, [10, 20])
+
+
 def test_bf16_letter_scores_are_not_rounded_to_bf16_steps(tiny, monkeypatch):
     """In bf16 the lm_head's outputs are rounded to 1/16-1/8 at logits of ~10-30, tying near options
     (ties went to A). The option log-probs must equal a float64 re-derivation from the engine's own

@@ -137,6 +137,9 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "messages"),  # > the 2048-token context
     ({"stop": ["", "x"]}, 400, "stop"),
+    # fields nanopost cannot honour are refused, not ignored (a client asking for JSON got free text)
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -152,6 +155,7 @@ def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
     extreme but valid sampling values decode (temperature 1e-40 greedily) instead of a 500."""
     c, want = client(server), greedy(engines["a"], "hi", 4)
     for kw in ({"logit_bias": {}}, {"top_logprobs": 0}, {"logprobs": False, "n": 1, "presence_penalty": 0},
+               {"response_format": {"type": "text"}, "tool_choice": "none"},
                {"temperature": 1e-40, "top_p": 0.5}):
         assert chat(c, "hi", max_tokens=4, **kw)[0] == want, kw
     assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None
@@ -168,6 +172,10 @@ def test_oversize_and_malformed_bodies(server):
     # a lone surrogate is valid JSON but not text: a 400, not a dropped connection
     status, body = post(server, b'{"model": "a", "messages": [{"role": "user", "content": "hi \\ud800 x"}]}')
     assert status == 400 and body["error"]["param"] == "messages[0].content", body
+    status, body = post(server, b'{"model": "a", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}')
+    assert status == 400 and body["error"]["param"] == "stop", body  # a 500 from the engine's encode
+    status, body = post(server, b"[" * 100_000 + b"]" * 100_000)  # nests past Python's recursion limit
+    assert status == 400 and "nested too deeply" in body["error"]["message"]  # was no reply at all
     assert server.httpd.request_queue_size >= 64  # socketserver's default backlog of 5 resets bursts
     assert chat(client(server), "hi", max_tokens=2)[0] is not None  # the server still answers
 
@@ -274,6 +282,54 @@ def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
     assert leaver_row.cancelled
     assert len(steps) < 1000  # its batch ended once it was gone, not after its 1000 tokens
     assert chat(client(server), "Hello there", max_tokens=20)[0] == greedy(engines["a"], "Hello there", 20)
+
+
+def test_a_client_leaving_before_its_whole_reply_frees_its_row(server, engines):
+    """Not streamed, nothing is written until the reply's end, so no failed write tells the server
+    the client left: it watches the socket, and the row ends instead of running to max_tokens."""
+    batches, steps, restore = spy_on(server, "a", n=4)
+    results = {}
+
+    def leaver():
+        body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "Hello there"}],
+                           "max_tokens": 1000}).encode()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            t0 = time.time()
+            while len(steps) < 3 and time.time() - t0 < 20:  # its batch is decoding
+                time.sleep(0.005)
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def stayer(i):
+        results[i] = chat(client(server), PROMPTS[i], max_tokens=24)[0]
+    try:
+        run_threads([leaver] + [lambda i=i: stayer(i) for i in (1, 2, 3)])
+    finally:
+        restore()
+    assert [results[i] for i in (1, 2, 3)] == [greedy(engines["a"], PROMPTS[i], 24) for i in (1, 2, 3)]
+    assert [len(b) for b in batches] == [4]
+    leaver_row, t0 = next(r for r in batches[0] if r.max_tokens == 1000), time.time()
+    while not leaver_row.finished and time.time() - t0 < 30:  # the server looks every 0.5 s
+        time.sleep(0.01)
+    assert leaver_row.cancelled
+    assert len(steps) < 1000  # the batch ended once it was gone, not after its 1000 tokens
+
+
+def test_streamed_usage_is_null_until_the_last_chunk(server):
+    """OpenAI's spec with stream_options.include_usage: every chunk carries "usage", null but on the
+    last (a choices-less chunk with the counts)."""
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
+         "stream_options": {"include_usage": True}}))
+    lines = [x for x in conn.getresponse().read().decode().split("\n\n") if x]
+    conn.close()
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and len(chunks) >= 3
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
 
 
 def test_requests_arriving_mid_run_join_it_and_are_answered_first(server, engines, monkeypatch):
