@@ -25,6 +25,7 @@ class Qwen2Config:
     tie_word_embeddings: bool = False  # a config.json without it is untied, as transformers reads it
     max_position_embeddings: int = 32768
     head_dim: int | None = None  # Qwen2 always uses hidden // heads; kept for forks that set it
+    attention_dropout: float = 0.0  # on the attention probabilities in training mode, as transformers' SDPA path
 
     def __post_init__(self):
         for f in fields(self):  # a value of the wrong kind fails here, naming its key, not in a forward
@@ -32,6 +33,9 @@ class Qwen2Config:
             if f.name in ("rms_norm_eps", "rope_theta"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                     raise ValueError(f"{f.name} is {v!r}: expected a positive number")
+            elif f.name == "attention_dropout":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                    raise ValueError(f"{f.name} is {v!r}: expected a number in [0, 1)")
             elif f.name == "tie_word_embeddings":
                 if not isinstance(v, bool):
                     raise ValueError(f"{f.name} is {v!r}: expected true or false")
@@ -45,16 +49,20 @@ class Qwen2Config:
 
     @classmethod
     def from_hf(cls, d: dict) -> "Qwen2Config":
-        """Read a transformers config.json dict: rope_theta at top level (4.x) or inside
-        rope_parameters (5.x)."""
+        """Read a transformers config.json dict as transformers 5 does: rope_theta inside
+        rope_parameters (5.x), else at top level (4.x), else 10000 (its default); a scaled RoPE in
+        either rope_parameters or rope_scaling (which transformers prefers) is refused."""
         d = dict(d)
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ValueError(f"rope_parameters / rope_scaling is {rope!r}: expected an object")
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"unsupported rope scaling {rope!r}: nanopost implements plain RoPE")
-        if "rope_theta" not in d and "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = d.get(key)
+            if rope is None:
+                continue
+            if not isinstance(rope, dict):
+                raise ValueError(f"{key} is {rope!r}: expected an object")
+            if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+                raise ValueError(f"unsupported rope scaling {key}={rope!r}: nanopost implements plain RoPE")
+        theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta"))
+        d["rope_theta"] = 10000.0 if theta is None else theta
         if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: Qwen2's MLP is SwiGLU (silu)")
         if d.get("use_sliding_window"):
@@ -66,9 +74,10 @@ class Qwen2Config:
 
     def to_hf(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.pop("head_dim")
+        if d["head_dim"] == self.hidden_size // self.num_attention_heads:  # else the weights need it said
+            d.pop("head_dim")
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-                "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True, **d}
+                "use_sliding_window": False, "use_cache": True, **d}
 
 
 class RMSNorm(nn.Module):
@@ -219,7 +228,7 @@ def mask_rows(mask, keep, T: int, S: int, device):
     return mask if mask.shape[-2] == 1 else mask[..., keep, :]  # a key mask (.., 1, S) serves every row
 
 
-def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
+def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None, dropout: float = 0.0):
     """softmax(q kᵀ · scale, masked) v. GQA: query head h reads kv head h // (H/K), without copying
     K/V. mask: boolean, broadcastable to (B, H, T, S), True = attend; None = causal (T > 1).
     prefix: (K, P, D) keys and values every row attends before its own (KVCache.share), unmasked.
@@ -229,9 +238,10 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
     16-row GSM8K step 181 -> 170 ms, BENCHMARKS.md), equal up to float rounding; with a prefix,
     its scores are one matmul for all rows' queries and the two parts share one softmax
     (cascade attention). mask: a Segments, one SDPA per packed sequence. All else is SDPA (a
-    prefix copied in front of every row's keys)."""
+    prefix copied in front of every row's keys). dropout: SDPA's, on the attention probabilities
+    (config.attention_dropout in training mode; 0 in every released Qwen2)."""
     if k_BKSD.dtype != q_BHTD.dtype:  # a float32 KV cache under a bf16 model (engine.cache_dtype): float32 math
-        return attention(q_BHTD.to(k_BKSD.dtype), k_BKSD, v_BKSD, mask, scale, prefix).to(q_BHTD.dtype)
+        return attention(q_BHTD.to(k_BKSD.dtype), k_BKSD, v_BKSD, mask, scale, prefix, dropout).to(q_BHTD.dtype)
     B, H, T, D = q_BHTD.shape
     if isinstance(mask, Segments):  # each sequence: the cached slots, then its own keys, causally
         assert prefix is None, "a packed prefill writes a cache of its own, never a shared one"
@@ -239,13 +249,14 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
         for n in mask.lens:
             k, v = (torch.cat([x[:, :, :m], x[:, :, m + a:m + a + n]], 2) for x in (k_BKSD, v_BKSD))
             causal = torch.ones(n, m + n, dtype=torch.bool, device=q_BHTD.device).tril(m) if m else None
-            out.append(attention(q_BHTD[:, :, a:a + n], k, v, causal, scale))
+            out.append(attention(q_BHTD[:, :, a:a + n], k, v, causal, scale, dropout=dropout))
             a += n
         return torch.cat(out, 2)
     K = k_BKSD.shape[1]
     row_mask = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
                                 and mask.shape[0] in (1, B))
-    if T == 1 and row_mask and q_BHTD.dtype == torch.float32 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled():
+    if T == 1 and row_mask and q_BHTD.dtype == torch.float32 and q_BHTD.device.type == "cpu" and not torch.is_grad_enabled() \
+            and not dropout:
         q_BKGD = q_BHTD.view(B, K, H // K, D)
         s_BKGS = q_BKGD @ k_BKSD.transpose(-1, -2) * scale
         if mask is not None:  # (B|1, 1, 1, S): the same keys for every head of a row
@@ -271,7 +282,7 @@ def attention(q_BHTD, k_BKSD, v_BKSD, mask, scale: float, prefix=None):
         mask = mask if mask.dtype == torch.bool else mask == 0  # additive (0 / -inf) -> boolean
         mask = torch.cat([mask.new_ones(mask.shape[:-1] + (P,)), mask], -1)
     return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask, is_causal=mask is None and T > 1,
-                                          scale=scale, enable_gqa=K != H)
+                                          scale=scale, enable_gqa=K != H, dropout_p=dropout)
 
 
 def fuse_projections(x) -> bool:
@@ -303,6 +314,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv * self.hd, bias=True)
         self.v_proj = nn.Linear(C, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.hd, C, bias=False)
+        self.dropout = cfg.attention_dropout
 
     def forward(self, x, cos, sin, mask, cache, keep=None):
         B, T, _ = x.shape
@@ -320,7 +332,8 @@ class Attention(nn.Module):
         if keep is not None:  # only these positions' outputs are needed (every position's k, v are)
             q, mask = q[:, :, keep], mask_rows(mask, keep, T, k.shape[2], x.device)
             T = len(keep)
-        y = attention(q, k, v, mask, 1.0 / math.sqrt(self.hd), cache.prefix(self.layer) if cache is not None else None)
+        y = attention(q, k, v, mask, 1.0 / math.sqrt(self.hd), cache.prefix(self.layer) if cache is not None else None,
+                      dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 

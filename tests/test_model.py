@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanopost
+from nanopost.checkpoint import CheckpointError
 from nanopost.testing import make_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -250,6 +251,73 @@ def test_config_without_tie_key_is_untied_as_in_transformers(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_head_dim_of_its_own_is_saved(tmp_path):
+    """head_dim other than hidden // heads: saved in config.json (it was dropped, so neither nanopost
+    nor transformers could load the saved weights), and both read the same model from it."""
+    d = make_tiny_checkpoint(str(tmp_path / "m"), head_dim=24)
+    assert json.load(open(os.path.join(d, "config.json")))["head_dim"] == 24
+    model, _ = nanopost.load(d)
+    again, _ = nanopost.load(nanopost.save(model, _, str(tmp_path / "again")))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+        assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4
+    plain = make_tiny_checkpoint(str(tmp_path / "plain"))
+    assert "head_dim" not in json.load(open(os.path.join(plain, "config.json")))  # the usual one: not said
+
+
+@pytest.mark.parametrize("edit,theta", [
+    (lambda c: c.pop("rope_theta"), 10000.0),  # none at all: transformers' default, not nanopost's 1e6
+    (lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), 500.0),  # over the top level
+], ids=["absent", "rope-parameters-first"])
+def test_rope_theta_is_read_as_transformers_reads_it(tmp_path, edit, theta):
+    d = make_tiny_checkpoint(str(tmp_path / "m"), rope_theta=1e6)
+    f = os.path.join(d, "config.json")
+    cfg = json.load(open(f))
+    edit(cfg)
+    json.dump(cfg, open(f, "w"))
+    model, _ = nanopost.load(d)
+    ref = hf_model(d)
+    assert model.config.rope_theta == theta == ref.config.rope_parameters["rope_theta"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scaling", [{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048},
+                                     {"rope_type": "linear", "factor": 2.0}])
+def test_rope_scaling_beside_default_rope_parameters_is_refused(tmp_path, scaling):
+    """transformers prefers rope_scaling to rope_parameters: a YaRN block added to a 5.x config scales
+    RoPE there; nanopost read only rope_parameters ("default") and loaded it with other logits."""
+    d = make_tiny_checkpoint(str(tmp_path / "m"))
+    f = os.path.join(d, "config.json")
+    cfg = json.load(open(f))
+    cfg.update(rope_parameters={"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}, rope_scaling=scaling)
+    json.dump(cfg, open(f, "w"))
+    with pytest.raises(CheckpointError, match="unsupported rope scaling rope_scaling="):
+        nanopost.load(d)
+
+
+def test_attention_dropout_as_transformers(tmp_path):
+    """attention_dropout drops attention probabilities in training mode, as transformers' SDPA path
+    does (the same draws from the same seed), and is saved (it was ignored and written as 0.0)."""
+    d = make_tiny_checkpoint(str(tmp_path / "m"), attention_dropout=0.3)
+    model, tok = nanopost.load(d)
+    ref = hf_model(d)
+    assert json.load(open(os.path.join(nanopost.save(model, tok, str(tmp_path / "again")), "config.json"))
+                     )["attention_dropout"] == 0.3
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-4  # eval: no dropout
+        model.train(), ref.train()
+        torch.manual_seed(5)
+        ours = model(ids)
+        torch.manual_seed(5)
+        theirs = ref(ids).logits
+    assert (ours - model.eval()(ids)).abs().max() > 1e-2  # it drops something
+    assert (ours - theirs).abs().max() <= 1e-4
 
 
 class Crash(BaseException):
