@@ -103,9 +103,10 @@ def main(argv=None):
             val_examples = [e for f in load_sft([args.val], tok, args.max_len, args.train_on_prompt,
                                                  args.skip_bad_lines, log)[0] for e in f]
         split_validation(per_file, args, val_examples)
-        log(f"data: {stats['examples']} examples ({stats['truncated']} truncated to {args.max_len} tokens, "
-            f"{stats['bad_lines']} bad lines skipped), {len(val_examples)} validation")
-        if note := cut_note(stats["truncated"], stats["examples"], args.max_len):
+        log(f"data: {sum(map(len, per_file))} examples, {len(val_examples)} validation; of the {stats['examples']} "
+            f"read, {stats['truncated']} truncated to {args.max_len} tokens ({stats['cut_trained']} of them losing "
+            f"trained tokens); {stats['bad_lines']} bad lines skipped")
+        if note := cut_note(stats["cut_trained"], stats["examples"], args.max_len):
             log(note)
         train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
         all_rows = make_rows(train_examples, args)

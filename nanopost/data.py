@@ -97,9 +97,17 @@ def to_messages(obj: dict) -> list[dict]:
                              f"(expected one of {', '.join(ROLES)})")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: content must be a string")
+        check_no_tool_calls(m, f"message {i}")
     if not any(m["role"] == "assistant" for m in msgs):
         raise ValueError("no assistant turn: nothing to train on")
     return msgs
+
+
+def check_no_tool_calls(m: dict, where: str):
+    """Tool calls are not rendered (only role and content are): a turn holding one would train as
+    its content alone, an empty reply for a pure call."""
+    if calls := [k for k in ("tool_calls", "function_call") if m.get(k)]:
+        raise ValueError(f"{where}: has '{calls[0]}'; nanopost renders role and content only (no tool calls)")
 
 
 @dataclass
@@ -108,11 +116,13 @@ class Example:
     labels: list[int]
 
 
-def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[Example, bool]:
-    """-> (example, truncated). Longer than max_len: drop whole turns from the right while an
-    assistant turn remains; if the first exchange alone is too long, cut tokens at max_len."""
+def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[Example, bool, bool]:
+    """-> (example, truncated, trained tokens lost). Longer than max_len: drop whole turns from the
+    right while an assistant turn remains; if the first exchange alone is too long, cut tokens at
+    max_len. (A cut of only a last user turn, or of the newline after the last <|im_end|>, loses no
+    trained token.)"""
     ids, mask = tok.render(msgs)
-    truncated = len(ids) > max_len
+    truncated, trained = len(ids) > max_len, len(ids) if train_on_prompt else sum(mask)
     if truncated:  # the longest prefix that ends with an assistant turn and fits, else a hard cut
         ends = [i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"]
         for end in reversed(ends):
@@ -122,7 +132,7 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
         else:
             ids, mask = ids[:max_len], mask[:max_len]
     labels = list(ids) if train_on_prompt else [i if m else IGNORE for i, m in zip(ids, mask)]
-    return Example(ids, labels), truncated
+    return Example(ids, labels), truncated, (len(ids) if train_on_prompt else sum(mask)) < trained
 
 
 def report_bad_lines(bad: list[str], skip_bad_lines: bool, log) -> None:
@@ -138,19 +148,19 @@ def report_bad_lines(bad: list[str], skip_bad_lines: bool, log) -> None:
 def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_bad_lines=False, log=print):
     """Read and tokenise every file -> (list of examples per file, stats). Every bad line is
     reported with file:line; unless skip_bad_lines, any bad line stops here (before training)."""
-    per_file, bad, truncated = [], [], 0
+    per_file, bad, truncated, cut_trained = [], [], 0, 0
     for path in paths:
         examples, n_bad = [], len(bad)
         for n, obj in read_jsonl(path, bad):
             try:
-                ex, cut = encode(tok, to_messages(obj), max_len, train_on_prompt)
+                ex, cut, lost = encode(tok, to_messages(obj), max_len, train_on_prompt)
             except ValueError as e:
                 bad.append(f"{path}:{n}: {e}")
                 continue
             if all(y == IGNORE for y in ex.labels[1:]):
                 bad.append(f"{path}:{n}: no trained token left after truncation to --max-len {max_len}")
                 continue
-            truncated += cut  # (of the examples kept)
+            truncated, cut_trained = truncated + cut, cut_trained + lost  # (of the examples kept)
             examples.append(ex)
         if not examples and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
@@ -158,7 +168,8 @@ def load_sft(paths, tok: Tokenizer, max_len: int, train_on_prompt=False, skip_ba
     report_bad_lines(bad, skip_bad_lines, log)
     if not any(per_file):
         raise DataError("no usable examples in " + ", ".join(paths))
-    return per_file, {"bad_lines": len(bad), "truncated": truncated, "examples": sum(map(len, per_file))}
+    return per_file, {"bad_lines": len(bad), "truncated": truncated, "cut_trained": cut_trained,
+                      "examples": sum(map(len, per_file))}
 
 
 def mix(per_file, weights, seed: int):
@@ -239,6 +250,7 @@ def _completion_text(value, key) -> str:
         return value
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
             and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        check_no_tool_calls(value[0], f"'{key}'")
         return value[0]["content"]
     raise ValueError(f"'{key}' must be a string or a list of one assistant message")
 
@@ -253,6 +265,7 @@ def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"prompt message {i}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+        check_no_tool_calls(m, f"prompt message {i}")
     if "chosen" in obj or "rejected" in obj:
         if "completion" in obj or "label" in obj:  # which one was meant? (the label would be ignored)
             raise ValueError("has both 'chosen'/'rejected' and 'completion'/'label': one format per line")
@@ -266,12 +279,18 @@ def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
 
 
 def encode_kto(tok: Tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
-    """-> (prompt ids, completion ids): the completion is what the SFT mask trains of the reply."""
+    """-> (prompt ids, completion ids): the completion is what the SFT mask trains of the reply. A
+    completion that starts with a newline merges it with the header's ("assistant\n" + "\n..." is
+    one "\n\n" token, which SFT trains): the prompt then ends before that token, as TRL's common
+    prefix of the two tokenizations does."""
     p_ids, _ = tok.render(prompt, add_generation_prompt=True)
     ids, mask = tok.render(prompt + [{"role": "assistant", "content": completion}])
-    if ids[:len(p_ids)] != p_ids:
-        raise ValueError("the rendered prompt is not a prefix of prompt + completion")
-    return p_ids, [t for t, m in zip(ids[len(p_ids):], mask[len(p_ids):]) if m]
+    start = len(p_ids)
+    if ids[:start] != p_ids:
+        start -= 1  # the header's last token, merged into the completion's first
+        if ids[:start] != p_ids[:start] or not mask[start]:
+            raise ValueError("the rendered prompt is not a prefix of prompt + completion")
+    return ids[:start], [t for t, m in zip(ids[start:], mask[start:]) if m]
 
 
 def truncate_kto(prompt: list[int], completion: list[int], max_len: int) -> tuple[list[int], list[int]]:

@@ -9,6 +9,7 @@ import os
 import re
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import normalizers
 
 IGNORE = -100  # label of a position the loss does not train on, everywhere in nanopost
 ROLES = ("system", "user", "assistant")
@@ -33,11 +34,12 @@ def default_system_prompt(chat_template: str | None) -> str | None:
     """The system turn a ChatML template prepends when the conversation has none, or None."""
     if not chat_template:
         return None
-    # inside one quoted Jinja string: any character but a quote or a backslash, or an escape such as \n or \'
-    m = re.search(r"<\|im_start\|>system\\n((?:[^'\"\\]|\\.)*?)<\|im_end\|>", chat_template, re.DOTALL)
+    # inside one quoted Jinja string: any character but its closing quote or a backslash, or an escape
+    # such as \n or \' ("You're ..." in a double-quoted string)
+    m = re.search(r"(['\"])<\|im_start\|>system\\n((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>", chat_template, re.DOTALL)
     if not m:
         return None
-    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)), m.group(1))
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)), m.group(2))
 
 
 class Tokenizer:
@@ -51,8 +53,12 @@ class Tokenizer:
         self.path = path
         self.tok = HFTokenizer.from_file(file)
         tcfg = read_json(os.path.join(path, "tokenizer_config.json"))
-        template = tcfg.get("chat_template")
-        if template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+        if self.tok.normalizer is None and str(tcfg.get("tokenizer_class", "")).startswith("Qwen2Tokenizer"):
+            # transformers' Qwen2Tokenizer always normalises to NFC (the released tokenizer.json says
+            # so too): a file re-saved without it would split "é" written as e + U+0301 otherwise
+            self.tok.normalizer = normalizers.NFC()
+        template = tcfg.get("chat_template")  # a chat_template.jinja beside it wins, as in transformers
+        if os.path.exists(os.path.join(path, "chat_template.jinja")):
             template = open(os.path.join(path, "chat_template.jinja"), encoding="utf-8").read()
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import nanopost
-from nanopost.data import DataError, KTOExample, collate_kto, kto_groups, load_kto, truncate_kto
+from nanopost.data import (DataError, KTOExample, collate_kto, encode_kto, kto_groups, load_kto, to_kto, to_messages,
+                           truncate_kto)
 from nanopost.kernels.linear_logprob import linear_logprob_reference
 from nanopost.losses import kl_estimate, kto_loss, reference_sequence_logps, sequence_logps
 from nanopost.testing import run_main
@@ -410,6 +411,34 @@ def test_data_formats_tokens_and_truncation(tiny):
     ids, labels, _ = collate_kto([0, 1, 2], g, 0, 64, kl=True)
     assert ids[0, :3].tolist() == [1, 2, 10] and ids[1, :2].tolist() == [4, 3] and ids[2, :5].tolist() == [7, 8, 9, 5, 6]
     assert labels[2, :5].tolist() == [IGNORE] * 3 + [5, 6]
+
+
+def test_a_completion_that_starts_with_a_newline_is_what_sft_trains(tiny):
+    """"assistant\n" + "\n```..." encodes the two newlines as one token, which SFT trains: the prompt
+    ends before it, as TRL's common prefix does (the line was refused: not a prefix)."""
+    tok = nanopost.Tokenizer(tiny)
+    msgs = [{"role": "user", "content": "Code?"}]
+    gen, _ = tok.render(msgs, add_generation_prompt=True)
+    for comp in ("\n```x```", "\n\nTwo", "Plain", " space"):
+        p, c = encode_kto(tok, msgs, comp)
+        ids, mask = tok.render(msgs + [{"role": "assistant", "content": comp}])
+        assert c == [t for t, m in zip(ids, mask) if m]  # exactly the tokens SFT trains
+        assert p + c == ids[:len(p) + len(c)] and p == gen[:len(p)]
+        assert len(p) == len(gen) - comp.startswith("\n")  # (the tiny tokenizer merges "\n\n" as Qwen2's does)
+
+
+def test_tool_calls_are_refused_not_dropped(tiny):
+    """Only role and content are rendered: an assistant turn that is a tool call trained as an empty reply."""
+    call = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with pytest.raises(ValueError, match="message 1: has 'tool_calls'"):
+        to_messages({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": call}]})
+    with pytest.raises(ValueError, match="'completion': has 'tool_calls'"):
+        to_kto({"prompt": "x", "completion": [{"role": "assistant", "content": "", "tool_calls": call}], "label": True})
+    with pytest.raises(ValueError, match="prompt message 0: has 'function_call'"):
+        to_kto({"prompt": [{"role": "user", "content": "x", "function_call": {"name": "f"}}], "completion": "y",
+                "label": True})
+    assert to_messages({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y",
+                                                                          "tool_calls": []}]})  # none: fine
 
 
 @pytest.mark.parametrize("line,pattern", [

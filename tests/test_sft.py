@@ -95,11 +95,17 @@ def test_truncation_keeps_whole_turns(tiny):
     tok = nanopost.Tokenizer(tiny)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "tell me a long story " * 30}, {"role": "assistant", "content": "no " * 40}]
-    short, _ = encode(tok, msgs[:2], 10_000)
-    ex, cut = encode(tok, msgs, len(short.ids) + 5)
-    assert cut and ex.ids == short.ids
-    ex, cut = encode(tok, msgs[:2], 6)
-    assert cut and len(ex.ids) == 6
+    short, _, _ = encode(tok, msgs[:2], 10_000)
+    ex, cut, lost = encode(tok, msgs, len(short.ids) + 5)
+    assert cut and lost and ex.ids == short.ids
+    ex, cut, lost = encode(tok, msgs[:2], 6)
+    assert cut and lost and len(ex.ids) == 6
+    # a cut that takes only what is not trained (a last user turn, the newline after <|im_end|>) loses
+    # nothing trained: no warning that most examples lose trained tokens
+    ex, cut, lost = encode(tok, msgs[:3], len(short.ids) + 5)
+    assert cut and not lost and ex.ids == short.ids
+    ex, cut, lost = encode(tok, msgs[:2], len(short.ids) - 1)
+    assert cut and not lost and ex.labels == short.labels[:-1]
 
 
 def test_packing_best_fit_decreasing():

@@ -79,6 +79,42 @@ def test_default_system_prompts_with_quotes_plus_signs_and_escapes(tmp_path, tin
     assert tok.default_system == prompt.replace("\\n", "\n").replace("\\", "")
 
 
+def test_a_double_quoted_default_system_prompt_may_hold_a_single_quote(tmp_path, tiny):
+    """'You're ...' in a "..." Jinja string: no system turn was found, so none was rendered."""
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = QWEN2_TEMPLATE.replace("'<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n'",
+                                                  '"<|im_start|>system\\nYou\'re Qwen. You\'re helpful.<|im_end|>\\n"')
+    assert cfg["chat_template"] != QWEN2_TEMPLATE
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    assert check_equal(str(d)).default_system == "You're Qwen. You're helpful."
+
+
+def test_a_chat_template_file_wins_over_the_config_key(tmp_path, tiny):
+    """As transformers: chat_template.jinja beside a tokenizer_config.json that also has a template."""
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    (d / "chat_template.jinja").write_text(qwen25_template())
+    assert json.load(open(d / "tokenizer_config.json"))["chat_template"] == QWEN2_TEMPLATE
+    assert check_equal(str(d)).default_system.startswith("You are Qwen")
+
+
+def test_a_qwen2_tokenizer_file_without_its_normalizer_still_normalises_to_nfc(tmp_path, tiny):
+    """transformers' Qwen2Tokenizer always applies NFC; a tokenizer.json re-saved without it (as the
+    GGUF-built real checkpoint's is) made "é" written as e + U+0301 other tokens than transformers'."""
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    t = json.load(open(d / "tokenizer.json"))
+    assert t["normalizer"] is not None
+    t["normalizer"] = None
+    json.dump(t, open(d / "tokenizer.json", "w"))
+    text = "Cafe\u0301 re\u0301sume\u0301"
+    tok = check_equal(str(d))
+    assert tok.encode(text) == Tokenizer(tiny).encode(text) == tok.encode("Café résumé")
+    assert tok.encode(text) == transformers.AutoTokenizer.from_pretrained(d).encode(text, add_special_tokens=False)
+
+
 def test_a_bad_message_is_numbered_as_the_caller_wrote_it(tiny):
     tok = Tokenizer(tiny)
     assert tok.default_system is not None  # (a system turn is added in front: not counted)

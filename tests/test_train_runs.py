@@ -243,6 +243,8 @@ def test_ctrl_c_during_the_final_validation_still_saves_the_model(tiny, tmp_path
                  "--max-steps", 2, "--val-fraction", 0.25)
     assert r.returncode == 0 and '"steps": 2' in r.stdout, r.stdout + r.stderr
     assert os.path.exists(out / "config.json") and latest_checkpoint(str(out)).endswith("step-0000002")
+    n = sum(1 for line in open(DATA) if line.strip())  # the log counts the examples trained, not those read
+    assert f"data: {n - n // 4} examples, {n // 4} validation; of the {n} read" in r.stdout, r.stdout
 
 
 def test_overwrite_removes_the_old_final_model(tmp_path, baseline):

@@ -23,6 +23,7 @@ PROTOCOL = 11  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     letters: a hedge in brackets "(A) or (B)", of three "A, B or C", "A/B", or "A or B is correct" picks no letter;
 #     "not (A)", "Not A", "can't be A" are not A; "**答案**：B" is B; a question the reply makes up after its answer is not read
 # 11: letters: options restated in a reply ("A. 1, B. 2, C. 3, D. 4. So B.") are not its answer; "B, or possibly C" is a hedge
+#     prompts: a Qwen2 tokenizer.json saved without its NFC normalizer is read with it (as transformers reads it)
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):
