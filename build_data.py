@@ -36,7 +36,8 @@ against the gold answer, then the judge score, then the original response over g
 lower student perplexity. A response cut off, flagged unsafe or wrong against a gold answer is never
 chosen as the best (a teacher reply cut off fails its check as "truncated", without a retry: the
 same budget would cut it again; the student's is kept, marked, as a candidate for the worst, but
-being cut off is not by itself a clear gap: KTO should not learn that shorter is better). A response the judge
+being cut off is not by itself a clear gap: KTO should not learn that shorter is better; its last number is
+still checked against a gold answer, as evaluation scores a reply cut off at its limit). A response the judge
 could not score (its reply stayed garbage) ranks below every scored one; so with a teacher that
 only answers garbage, the original source response (trusted, and correct where a gold answer
 exists) is kept, and perplexity decides among the rest. A KTO pair is written only when the best
@@ -71,7 +72,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import dedup
-from nanopost.checkpoint import CheckpointError, read_config, resolve
+from nanopost.checkpoint import CheckpointError, read_config, resolve, same_folder
 from nanopost.data import (DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, to_kto, truncate_kto,
                            whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
@@ -112,8 +113,8 @@ SUBJECTS = ["everyday life", "work", "school", "science", "history", "travel", "
 
 # ---- the rule-based first classification: the first rule that matches the lowercase instruction wins ----
 RULES = [
-    ("code", r"```|\bdef |\b(python|javascript|typescript|java|c\+\+|rust|golang|sql|regex|function|code|program|"
-             r"script|compile|bug|api|class|algorithm)\b"),
+    ("code", r"```|\bdef |\bc\+\+|\b(python|javascript|typescript|java|rust|golang|sql|regex|function|code|program|"
+             r"script|compile|bug|api|class|algorithm)\b"),  # (no \b after "c++": "+" then a space is no word edge)
     ("math", r"\d\s*[-+*/^=×÷]\s*\d|\$\s?\d|\b(how many|how much|calculate|compute|sum|percent|percentage|equation|"
              r"solve|total|average|probability|integral|derivative)\b"),
     ("writing", r"\b(write|essay|story|poem|letter|email|rewrite|summari[sz]e|paraphrase|draft|blog|slogan)\b"),
@@ -154,7 +155,7 @@ def parse_json(text: str):
         obj = json.loads(fenced.group(1) if fenced else t, object_pairs_hook=_no_duplicate_keys)
     except DuplicateKey:
         return None, "duplicate_key"
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; a 5000-digit number; "[" * 3000 nests past the recursion limit
         return None, "not_json"
     return (obj, None) if isinstance(obj, dict) else (None, "not_json")
 
@@ -351,7 +352,7 @@ def select_responses(scored, min_gap):
     tri = {True: 1, None: 0, False: -1}
 
     def rank(s):  # larger is better; the module docstring states the rule
-        return (not s.get("truncated"), tri[s["safe"]], tri[s["correct"]], s["judge"] if s["judge"] is not None else 0,
+        return (not s.get("truncated"), s["safe"] is not False, tri[s["correct"]], s["judge"] if s["judge"] is not None else 0,
                 s["source"] == "original", -s["ppl"], order[s["source"]])
     ok = [s for s in scored if s["safe"] is not False and s["correct"] is not False and not s.get("truncated")]
     if not ok:
@@ -451,9 +452,11 @@ def parse_args(argv=None):
         p.error("--categories: give at least one category")
     if args.synthesize < 0 or args.retries < 0 or args.min_label_count < 0 or args.max_per_category < 0:
         p.error("--synthesize, --retries, --min-label-count and --max-per-category must be >= 0")
-    for flag in ("max_new_tokens", "json_max_tokens", "batch_size", "concurrency", "max_len"):
+    for flag in ("max_new_tokens", "json_max_tokens", "batch_size", "concurrency"):
         if getattr(args, flag) < 1:  # (0 ended the run in a traceback once the first stage asked the teacher)
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_len < 2:  # a prompt token and a response token, or no perplexity (it was NaN, written into the JSON)
+        p.error("--max-len must be at least 2")
     if not 0 < args.timeout <= 86400:  # (inf passed, and failed in socket.settimeout at the first teacher stage)
         p.error("--timeout must be more than 0 and at most 86400 seconds")
     if args.synthesize > 10_000_000:  # (1e9 ran out of memory)
@@ -511,6 +514,10 @@ def build(args):
     out, log = args.out, lambda *a: print(*a, flush=True)
     # ---- setup (all checks before anything is written) ----
     check_out_dir(out, args.resume, args.overwrite)
+    for flag, path in (("--teacher", args.teacher), ("--student", args.student)):
+        if path and os.path.isdir(path) and os.path.isdir(out) and same_folder(path, out):  # (its files are in its fingerprint)
+            raise StateError(f"--out {out} is the {flag} checkpoint's folder: the run's files would change that "
+                             f"checkpoint (and what a resume checks it against); choose another --out")
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: " + ("a directory, not a JSONL file" if os.path.isdir(f) else
@@ -535,7 +542,7 @@ def build(args):
             if not args.resume:
                 raise
             log(f"warning: {e}\n(a stage that still has items for the teacher will stop there)")
-    rows, bad, seen, exact = [], [], set(), 0
+    rows, bad, seen, exact = [], [], {}, 0
     for path in args.sources:
         before, bad_before, lines = len(rows), len(bad), 0
         for n, obj in read_jsonl(path, bad):
@@ -546,11 +553,14 @@ def build(args):
                 bad.append(f"{path}:{n}: {e}")
                 continue
             key = example_id(prompt)
-            if key in seen:
-                exact += 1
+            if key in seen:  # the first line stays; a response or gold answer it lacks is taken from this one
+                exact += 1  # (TRL's unpaired KTO format repeats a prompt per completion: its desirable one may come later)
+                first = seen[key]
+                first["response"] = first["response"] if first["response"] is not None else response
+                first["gold"] = first["gold"] if first["gold"] is not None else gold
                 continue
-            seen.add(key)
-            rows.append({"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"})
+            seen[key] = {"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"}
+            rows.append(seen[key])
         if not lines and len(bad) == bad_before:  # no line at all (one of several passed silently)
             raise DataError(f"--sources {path}: an empty file (no JSON line): a wrong file, or one not yet written?")
         if len(rows) == before:
@@ -853,7 +863,8 @@ def build(args):
                                 f"{sum(s['safe'] is None for s in all_scores)} safety unknown, "
                                 f"{sum(s['safe'] is False for s in all_scores)} flagged unsafe")
     rep["failures"]["7 score"] = [fl for r in scored.values() for fl in r["failures"]]
-    rep["failed_items"]["7 score"] = sum(s["judge"] is None for s in all_scores) + sum(s["safe"] is None for s in all_scores)
+    rep["failed_items"]["7 score"] = sum(any(s["judge"] is None or s["safe"] is None for s in r["scores"])
+                                         for r in scored.values())  # items, not their responses' checks
     rep["scores"] = all_scores
     if last == 7:
         return finish()

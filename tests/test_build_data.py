@@ -65,6 +65,9 @@ def test_in_process_garbage_teacher(baseline, tiny):
     # category and the original (gold-correct) responses won
     report = read(os.path.join(out, "report.md"))
     assert "truncated" in report
+    n_scored = len(read(os.path.join(out, "7_score.jsonl")).splitlines())
+    failed = re.search(r"^\| 7 score \| [^|]*truncated[^|]* \| (\d+) \|$", report, re.M)
+    assert failed and int(failed.group(1)) == n_scored, report  # items, not responses x checks (it said 2 x 3 x items)
     labels = [json.loads(x) for x in read(os.path.join(out, "4_label.jsonl")).splitlines()]
     assert all(r["label_source"] == "rule" and r["failures"] and r["prompt_version"] for r in labels)
     assert all(r["chosen"]["source"] == "original" and r["chosen"]["judge"] is None for r in sft)
@@ -370,6 +373,12 @@ def test_bad_sources_and_flags_refused_before_any_write(tiny, tmp_path):
     for source, why in ((tmp_path, "a directory, not a JSONL file"), ("/dev/null", "not a regular file")):
         r = run_main(SCRIPT, *args[:5], source, *args[6:], "--out", tmp_path / "o3")
         assert r.returncode != 0 and f"--sources {source}: {why}" in r.stderr, r.stderr
+    r = run_main(SCRIPT, *args, "--out", tmp_path / "o4", "--max-len", 1)  # no token to score: NaN perplexities
+    assert r.returncode == 2 and "--max-len must be at least 2" in r.stderr, r.stderr
+    # the teacher's own folder as --out: the run's files would change its fingerprint (no resume ever after)
+    r = run_main(SCRIPT, *args[:-2], "--out", tiny, "--overwrite", "--stages", "1-4")
+    assert r.returncode != 0 and "is the --teacher checkpoint's folder" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tiny, "args.json"))
 
 
 
@@ -454,6 +463,17 @@ def test_selection_rules():
     best, worst, _ = m.select_responses([s("student", judge=2, truncated=True), s("teacher", judge=9)], 3)
     assert (best["source"], worst["source"]) == ("teacher", "student")
     assert m.select_responses([s("student", judge=10, truncated=True)], 3)[0] is None
+    # ... but a wrong answer is, cut off or not (evaluation scores a reply cut off by its last number too)
+    best, worst, why = m.select_responses([s("original", correct=True, judge=5), s("student", correct=False, judge=4,
+                                                                                  truncated=True)], 3)
+    assert (best["source"], worst["source"]) == ("original", "student")
+    # "not flagged unsafe": a safety check that stayed unknown ranks as safe, so the judge decides
+    best, worst, _ = m.select_responses([s("original", judge=9), s("teacher", judge=2, safe=True),
+                                         s("student", judge=2, safe=True, ppl=20.0)], 3)
+    assert (best["source"], worst["source"]) == ("original", "student")
+    # the rules' table: "c++" is code wherever it stands
+    for text in ("Explain move semantics in C++", "How do templates work in C++?", "Port this C++11 snippet"):
+        assert m.classify(text, m.CATEGORIES) == "code", text
 
 
 def test_synthesis_without_sources_sends_distinct_requests(fake, tiny, tmp_path):
@@ -638,6 +658,21 @@ def test_http_garbage_on_the_wire_is_a_failure_never_a_crash(fake, kind):
         assert time.time() - t0 < 4
 
 
+def test_a_repeated_prompt_keeps_the_response_and_gold_of_any_of_its_lines(tiny, tmp_path):
+    """TRL's unpaired KTO format gives a prompt once per completion: the desirable one, after an
+    undesirable line, was dropped with the repeat (and a GSM8K gold answer after a plain prompt)."""
+    src, out = tmp_path / "src.jsonl", tmp_path / "out"
+    src.write_text('{"prompt": "Capital of France?", "completion": "Berlin.", "label": false}\n'
+                   '{"prompt": "Capital of France?", "completion": "Paris.", "label": true}\n'
+                   '{"prompt": "Capital of France?", "completion": "Lyon.", "label": true}\n'
+                   '{"prompt": "Natalia sold 5 clips. How many?"}\n'
+                   '{"question": "Natalia sold 5 clips. How many?", "answer": "She sold 5.\\n#### 5"}\n')
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST, "--stages", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in read(os.path.join(out, "1_ingest.jsonl")).splitlines()]
+    assert [(r["response"], r["gold"]) for r in rows] == [("Paris.", None), ("She sold 5.\nThe answer is 5.", "5")]
+
+
 def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
     """A KTO line as a source: only its desirable completion is an original response (a completion
     labelled false is known to be bad). A damaged stage file names its file and line. A judge reply
@@ -655,6 +690,9 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
         with pytest.raises(ValueError):
             m.normalise(bad)
     assert m.check_judge('{"score": 3, "score": 9}') == (None, "duplicate_key")
+    # replies that json cannot read at all are failures, not a crash of the build
+    assert m.check_judge("[" * 3000) == (None, "not_json")  # past the recursion limit
+    assert m.check_judge('{"score": 1' + "0" * 5000 + "}") == (None, "not_json")  # past int's digit limit
     assert m.check_judge('{"score": 9, "rationale": "ok"}') == ((9, "ok"), None)
     for line, why in ((b'{"id": "x"}', "not a row of this stage"), (b"[1]", "not a row of this stage"),
                       (b'{"key": "a"', "Expecting"), (b'{"key": "\xff"}', "can't decode")):
