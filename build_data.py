@@ -73,8 +73,8 @@ from tqdm import tqdm
 import nanopost
 from nanopost import dedup
 from nanopost.checkpoint import CheckpointError, read_config, resolve, same_folder
-from nanopost.data import (DataError, Example, collate, encode_kto, read_jsonl, report_bad_lines, to_kto, truncate_kto,
-                           whole_lines)
+from nanopost.data import (DataError, Example, check_no_tool_calls, collate, encode_kto, read_jsonl, report_bad_lines,
+                           to_kto, truncate_kto, whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
@@ -243,6 +243,9 @@ def normalise(obj: dict):
     for i, m in enumerate(prompt):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+        check_no_tool_calls(m, f"message {i}")  # kept as its content alone, it would train as an empty reply
+    if "messages" in obj and response is not None:
+        check_no_tool_calls(obj["messages"][-1], f"message {len(obj['messages']) - 1}")
     if prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
         raise ValueError("the prompt must end with a non-empty user turn")
     if response is not None and not isinstance(response, str):
@@ -553,11 +556,13 @@ def build(args):
                 bad.append(f"{path}:{n}: {e}")
                 continue
             key = example_id(prompt)
-            if key in seen:  # the first line stays; a response or gold answer it lacks is taken from this one
+            if key in seen:  # the first line stays; a response or a gold answer it lacks is taken from this one
                 exact += 1  # (TRL's unpaired KTO format repeats a prompt per completion: its desirable one may come later)
                 first = seen[key]
-                first["response"] = first["response"] if first["response"] is not None else response
-                first["gold"] = first["gold"] if first["gold"] is not None else gold
+                if first["gold"] is None and gold is not None:  # a gold answer comes with its own worked solution
+                    first["gold"], first["response"] = gold, response if response is not None else first["response"]
+                elif first["response"] is None:
+                    first["response"] = response
                 continue
             seen[key] = {"key": key, "id": key, "prompt": prompt, "response": response, "gold": gold, "origin": f"{path}:{n}"}
             rows.append(seen[key])

@@ -495,7 +495,7 @@ class Engine:
         lm_head's output is rounded to steps of 1/8 at typical logit sizes, which ties or flips
         close options (a tie goes to the first letter, A). The log-softmax normaliser, shared by
         every option, comes from the full logits in the model's dtype."""
-        if empty := [i for i, p in enumerate(prompts) if not p]:
+        if empty := [i for i, p in enumerate(prompts) if len(p) == 0]:
             raise ValueError(f"next_logprobs: prompt {empty[0]} is empty: no position to score the next token at")
         out = [None] * len(prompts)
         with torch.inference_mode(), self.fast_linears():

@@ -49,9 +49,9 @@ class Qwen2Config:
 
     @classmethod
     def from_hf(cls, d: dict) -> "Qwen2Config":
-        """Read a transformers config.json dict as transformers 5 does: rope_theta inside
-        rope_parameters (5.x), else at top level (4.x), else 10000 (its default); a scaled RoPE in
-        either rope_parameters or rope_scaling (which transformers prefers) is refused."""
+        """Read a transformers config.json dict as transformers 5 does: the RoPE block is rope_scaling
+        if set, else rope_parameters (5.x); rope_theta inside it, else at top level (4.x), else 10000
+        (its default). A scaled RoPE in either block is refused."""
         d = dict(d)
         for key in ("rope_parameters", "rope_scaling"):
             rope = d.get(key)
@@ -61,7 +61,7 @@ class Qwen2Config:
                 raise ValueError(f"{key} is {rope!r}: expected an object")
             if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
                 raise ValueError(f"unsupported rope scaling {key}={rope!r}: nanopost implements plain RoPE")
-        theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta"))
+        theta = (d.get("rope_scaling") or d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta"))
         d["rope_theta"] = 10000.0 if theta is None else theta
         if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: Qwen2's MLP is SwiGLU (silu)")

@@ -501,12 +501,21 @@ class Handler(BaseHTTPRequestHandler):
                                        "total_tokens": len(r.ids) + n}})
 
     def client_gone(self) -> bool:
-        """Whether the client closed its end: its socket reads as at end (a peek, nothing consumed)."""
+        """Whether the client closed its end: its socket reads as at end (a peek, nothing consumed).
+        As nginx's check of a client, a connection half-closed by a client still reading counts as
+        gone: the two look the same until a reply is written."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            if hasattr(select, "poll"):  # no limit on the descriptor's number (select's is 1024)
+                poll = select.poll()
+                poll.register(self.connection, select.POLLIN)
+                readable = bool(poll.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
             return True
+        except ValueError:  # cannot tell: keep the row
+            return False
 
     def stream(self, r, rid, created):
         def sse(obj):

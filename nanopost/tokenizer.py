@@ -30,16 +30,20 @@ def read_json(path) -> dict:
     return d
 
 
+JINJA_BLOCK = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+JINJA_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.DOTALL)  # with its escapes (\n, \')
+
+
 def default_system_prompt(chat_template: str | None) -> str | None:
-    """The system turn a ChatML template prepends when the conversation has none, or None."""
-    if not chat_template:
-        return None
-    # inside one quoted Jinja string: any character but its closing quote or a backslash, or an escape
-    # such as \n or \' ("You're ..." in a double-quoted string)
-    m = re.search(r"(['\"])<\|im_start\|>system\\n((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>", chat_template, re.DOTALL)
-    if not m:
-        return None
-    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)), m.group(2))
+    """The system turn a ChatML template prepends when the conversation has none, or None: the first
+    string literal of a Jinja block that holds a whole '<|im_start|>system\n...<|im_end|>'."""
+    for block in JINJA_BLOCK.finditer(chat_template or ""):
+        for s in JINJA_STRING.finditer(block.group()):
+            text = s.group(1) if s.group(1) is not None else s.group(2)
+            if m := re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", text, re.DOTALL):
+                return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t", "r": "\r"}.get(e.group(1), e.group(1)),
+                              m.group(1))
+    return None
 
 
 class Tokenizer:
@@ -53,9 +57,11 @@ class Tokenizer:
         self.path = path
         self.tok = HFTokenizer.from_file(file)
         tcfg = read_json(os.path.join(path, "tokenizer_config.json"))
-        if self.tok.normalizer is None and str(tcfg.get("tokenizer_class", "")).startswith("Qwen2Tokenizer"):
-            # transformers' Qwen2Tokenizer always normalises to NFC (the released tokenizer.json says
-            # so too): a file re-saved without it would split "é" written as e + U+0301 otherwise
+        # transformers' AutoTokenizer picks Qwen2Tokenizer for a qwen2 model whatever tokenizer_class says
+        if read_json(os.path.join(path, "config.json")).get("model_type") == "qwen2" \
+                or str(tcfg.get("tokenizer_class")).startswith("Qwen2Tokenizer"):
+            # transformers' Qwen2Tokenizer normalises to NFC whatever tokenizer.json says (the released
+            # files say NFC too): one re-saved without it would split "é" written as e + U+0301 otherwise
             self.tok.normalizer = normalizers.NFC()
         template = tcfg.get("chat_template")  # a chat_template.jinja beside it wins, as in transformers
         if os.path.exists(os.path.join(path, "chat_template.jinja")):

@@ -666,11 +666,17 @@ def test_a_repeated_prompt_keeps_the_response_and_gold_of_any_of_its_lines(tiny,
                    '{"prompt": "Capital of France?", "completion": "Paris.", "label": true}\n'
                    '{"prompt": "Capital of France?", "completion": "Lyon.", "label": true}\n'
                    '{"prompt": "Natalia sold 5 clips. How many?"}\n'
-                   '{"question": "Natalia sold 5 clips. How many?", "answer": "She sold 5.\\n#### 5"}\n')
+                   '{"question": "Natalia sold 5 clips. How many?", "answer": "She sold 5.\\n#### 5"}\n'
+                   '{"prompt": "Capital of Spain?", "completion": "Madrid.", "label": true}\n'
+                   '{"prompt": "Capital of Spain?", "completion": "Seville.", "label": false}\n'
+                   '{"instruction": "Ann has 5 cats; 1 leaves. How many?", "output": "Ann has 6 cats."}\n'
+                   '{"question": "Ann has 5 cats; 1 leaves. How many?", "answer": "5 - 1 = 4.\\n#### 4"}\n')
     r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", out, *FAST, "--stages", "1")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in read(os.path.join(out, "1_ingest.jsonl")).splitlines()]
-    assert [(r["response"], r["gold"]) for r in rows] == [("Paris.", None), ("She sold 5.\nThe answer is 5.", "5")]
+    # a gold answer comes with its own worked solution, never beside another line's response
+    assert [(r["response"], r["gold"]) for r in rows] == [("Paris.", None), ("She sold 5.\nThe answer is 5.", "5"),
+                                                          ("Madrid.", None), ("5 - 1 = 4.\nThe answer is 4.", "4")]
 
 
 def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
@@ -689,6 +695,12 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
     for bad in ({"prompt": "q", "completion": "a", "label": "yes"}, {"prompt": "q", "chosen": "a"}):
         with pytest.raises(ValueError):
             m.normalise(bad)
+    call = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]  # only role and content are kept:
+    for msgs in ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": call}],  # an
+                 [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": call},  # empty
+                  {"role": "user", "content": "r"}]):  # reply trained
+        with pytest.raises(ValueError, match="has 'tool_calls'"):
+            m.normalise({"messages": msgs})
     assert m.check_judge('{"score": 3, "score": 9}') == (None, "duplicate_key")
     # replies that json cannot read at all are failures, not a crash of the build
     assert m.check_judge("[" * 3000) == (None, "not_json")  # past the recursion limit

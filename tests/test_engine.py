@@ -302,9 +302,10 @@ def test_next_logprobs_of_a_float64_model_are_float64(eng64):
 
 def test_next_logprobs_refuses_an_empty_prompt(eng64):
     """No position to score from: packed with others, an empty prompt got another row's log-probs."""
-    for prompts in ([[]], [[], [5, 6]], [[5, 6], []]):
+    for prompts in ([[]], [[], [5, 6]], [[5, 6], []], [torch.tensor([], dtype=torch.long)]):
         with pytest.raises(ValueError, match="is empty"):
             eng64.next_logprobs(prompts, [10, 20])
+    assert eng64.next_logprobs([torch.tensor([0])], [10]) == eng64.next_logprobs([[0]], [10])  # token 0 is a token
 
 
 def test_bf16_letter_scores_are_not_rounded_to_bf16_steps(tiny, monkeypatch):

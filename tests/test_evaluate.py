@@ -173,9 +173,16 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The answer is A/D conversion.", "A"),
     ("(A) and (B) are wrong, so (C).", "C"),
     ("B, or possibly C", None),
-    ("B (maybe C)", None),
-    ("A and perhaps D", None),
+    ("B or maybe C", None),
     ("B, but C is wrong.", "B"),
+    # ... but a maybe beside an answer is no hedge
+    ("Answer: B\nPerhaps D looks plausible, but it ignores friction.", "B"),
+    ("The answer is B\nMaybe A if we ignore air resistance, but the question does not.", "B"),
+    ("答案：B\n可能C看起来也对，但它忽略了摩擦。", "B"),
+    ("Not A, probably B.", "B"),
+    ("Definitely not C, probably D.", "D"),
+    ("不是A，可能B。", "B"),
+    ("A and B are wrong, not D, maybe C.", "C"),
     # options restated in the reply are not its answer (the last resort took their first label)
     ("Let me restate: A. 1, B. 2, C. 3, D. 4. So B.", "B"),
     ("The options are:\nA. 1\nB. 2\nC. 3\nD. 4\nThe correct one is B.", "B"),
@@ -183,9 +190,17 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("Options: (A) cat (B) dog (C) cow (D) pig. I pick (B).", "B"),
     ("A. 1\nB. 2\nC. 3\nD. 4\n\nB", "B"),
     ("A) 5 B) 6 C) 7 D) 8 -> D", "D"),
-    ("A. 1\nB. 2\nC. 3\nD. 4", None),
-    ("A. 4 is even. B. 6 is even. C. 7 is prime. D. 9 is odd.", None),
     ("B. 6", "B"),
+    # ... yet a reply with no other letter answers with its first ("A. Paris", then B, C, D explained)
+    ("A. Paris\n\nB. London is the capital of the UK.\nC. Berlin is the capital of Germany.\nD. Madrid is the "
+     "capital of Spain.", "A"),
+    ("A. Paris\nParis is the capital of France. B. London, C. Berlin and D. Madrid are capitals of other countries.", "A"),
+    ("(A) Paris\nThe other options: (B) London, (C) Berlin, (D) Madrid are capitals of other countries.", "A"),
+    ("A: mitochondria. B: ribosome makes proteins, C: Golgi packages, D: ER transports.", "A"),
+    ("A. 线粒体\n\n解析：B. 核糖体负责合成蛋白质；C. 高尔基体负责加工；D. 内质网负责运输。", "A"),
+    ("A．北京\nB．上海是经济中心，C．广州，D．深圳均不是首都。", "A"),
+    ("I choose A. B. is too small, C. is too large, D. is negative.", "A"),
+    ("分析各选项：\nA. 正确，符合题意。\nB. 错误。\nC. 错误。\nD. 错误。", "A"),
     ("A. 1\nB. 2\nC. 3\nD. 4\nSo D.", "D"),
     ("Restated: A. 1, B. 2, C. 3, D. 4. It is C.", "C"),
     # restated options after a reply that says more than its letter: its own "Answer:" line decides

@@ -271,7 +271,10 @@ def test_a_head_dim_of_its_own_is_saved(tmp_path):
 @pytest.mark.parametrize("edit,theta", [
     (lambda c: c.pop("rope_theta"), 10000.0),  # none at all: transformers' default, not nanopost's 1e6
     (lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), 500.0),  # over the top level
-], ids=["absent", "rope-parameters-first"])
+    (lambda c: c.update(rope_scaling={"rope_type": "default", "rope_theta": 5e5}), 5e5),  # rope_scaling first
+    (lambda c: c.update(rope_scaling={"rope_type": "default"},  # its block has none: the top level's
+                        rope_parameters={"rope_type": "default", "rope_theta": 5e5}), 1e6),
+], ids=["absent", "rope-parameters-first", "rope-scaling-first", "top-level-after-the-block"])
 def test_rope_theta_is_read_as_transformers_reads_it(tmp_path, edit, theta):
     d = make_tiny_checkpoint(str(tmp_path / "m"), rope_theta=1e6)
     f = os.path.join(d, "config.json")

@@ -317,6 +317,31 @@ def test_a_client_leaving_before_its_whole_reply_frees_its_row(server, engines):
     assert len(steps) < 1000  # the batch ended once it was gone, not after its 1000 tokens
 
 
+def test_client_gone_reads_the_socket_without_consuming_it():
+    """What a non-streamed request's handler checks every 0.5 s: a peer that closed (or half-closed,
+    as nginx counts it) is gone; one that is quiet, or already sent its next request, is not; and a
+    descriptor past select()'s 1024 works (select raised there, taken for gone: no reply was sent)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        if hard != resource.RLIM_INFINITY and hard < 1500:
+            pytest.skip("cannot open descriptor 1500 here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1500 if hard == resource.RLIM_INFINITY else min(hard, 4096), hard))
+    gone = lambda sock: serve.Handler.client_gone(types.SimpleNamespace(connection=sock))  # noqa: E731
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1499))
+    try:
+        assert not gone(a) and not gone(high)  # quiet
+        b.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        assert not gone(a) and not gone(high) and a.recv(4, socket.MSG_PEEK) == b"GET "  # a next request: kept
+        a.recv(100)
+        b.shutdown(socket.SHUT_WR)
+        assert gone(a) and gone(high)
+    finally:
+        for x in (a, b, high):
+            x.close()
+
+
 def test_streamed_usage_is_null_until_the_last_chunk(server):
     """OpenAI's spec with stream_options.include_usage: every chunk carries "usage", null but on the
     last (a choices-less chunk with the counts)."""

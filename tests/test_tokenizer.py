@@ -91,6 +91,16 @@ def test_a_double_quoted_default_system_prompt_may_hold_a_single_quote(tmp_path,
     assert check_equal(str(d)).default_system == "You're Qwen. You're helpful."
 
 
+@pytest.mark.parametrize("before", ["\\n", "<|endoftext|>"])
+def test_a_default_system_prompt_after_other_text_in_its_string(tmp_path, tiny, before):
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = QWEN2_TEMPLATE.replace("'<|im_start|>system", f"'{before}<|im_start|>system")
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    assert Tokenizer(str(d)).default_system == "You are a helpful assistant."
+
+
 def test_a_chat_template_file_wins_over_the_config_key(tmp_path, tiny):
     """As transformers: chat_template.jinja beside a tokenizer_config.json that also has a template."""
     d = tmp_path / "t"
@@ -109,10 +119,13 @@ def test_a_qwen2_tokenizer_file_without_its_normalizer_still_normalises_to_nfc(t
     assert t["normalizer"] is not None
     t["normalizer"] = None
     json.dump(t, open(d / "tokenizer.json", "w"))
-    text = "Cafe\u0301 re\u0301sume\u0301"
-    tok = check_equal(str(d))
-    assert tok.encode(text) == Tokenizer(tiny).encode(text) == tok.encode("Café résumé")
-    assert tok.encode(text) == transformers.AutoTokenizer.from_pretrained(d).encode(text, add_special_tokens=False)
+    text = "Cafe\u0301 re\u0301sume\u0301 \u212b"
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    for cls in ("Qwen2Tokenizer", "PreTrainedTokenizerFast", None):  # transformers picks Qwen2Tokenizer by model_type
+        json.dump({**cfg, "tokenizer_class": cls}, open(d / "tokenizer_config.json", "w"))
+        tok = check_equal(str(d))
+        assert tok.encode(text) == Tokenizer(tiny).encode(text) == tok.encode("Café résumé \u00c5")
+        assert tok.encode(text) == transformers.AutoTokenizer.from_pretrained(d).encode(text, add_special_tokens=False)
 
 
 def test_a_bad_message_is_numbered_as_the_caller_wrote_it(tiny):

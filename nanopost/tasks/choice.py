@@ -155,7 +155,7 @@ EXTRACTION = [re.compile(p) for p in (
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
 LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
-MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B (maybe C)"
+MAYBE = re.compile(r"possibly|perhaps|maybe|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z", re.IGNORECASE)
@@ -178,10 +178,10 @@ def hedges(reply: str) -> list[tuple[int, int]]:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
             term = join == "/" and TERM.match(reply, m.end())
-            join, maybe = MAYBE.subn("", join)
-            if (join in LIST_JOINS or join in OR_JOINS or (maybe and not join)) and not term:
+            join = MAYBE.sub("", join) if MAYBE.sub("", join) in OR_JOINS else join
+            if (join in LIST_JOINS or join in OR_JOINS) and not term:
                 group.append(m)
-                hedged |= join in OR_JOINS or maybe > 0
+                hedged |= join in OR_JOINS
                 continue
             if hedged:
                 out.append((group[0].start(), group[-1].end()))
@@ -191,8 +191,9 @@ def hedges(reply: str) -> list[tuple[int, int]]:
     return out
 
 
-# Letters the last resort may not take: options restated (labels A, B, C, D in this order, "A. 1, B. 2, C. 3,
-# D. 4" or one a line), their labels and the option texts between them; a list's last line is its last option.
+# Letters the last resort takes only when it finds no other: options restated (labels A, B, C, D in this
+# order, "A. 1, B. 2, C. 3, D. 4" or one a line), their labels and the option texts between them; a list's
+# last line is its last option. ("A. Paris" then B, C and D explained is an answer, and has no other letter.)
 LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
 
 
@@ -222,13 +223,16 @@ def extract(reply: str) -> str | None:
             return bare.group(1)
     hedged, options = hedges(reply), restated(reply)
     for pattern in EXTRACTION:
+        first = None
         for m in pattern.finditer(reply):
             at = m.start(1)
             if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at):
                 continue
-            if pattern is EXTRACTION[-1] and any(a <= at < b for a, b in options):
-                continue
-            return m.group(1)
+            if pattern is not EXTRACTION[-1] or not any(a <= at < b for a, b in options):
+                return m.group(1)
+            first = first or m.group(1)
+        if first:  # only letters of restated lists: the first ("A. Paris" answering, then B, C, D discussed)
+            return first
     return None
 
 
