@@ -59,7 +59,7 @@ def score(found, planted):
         per[kind][0] += pair in hit
         per[kind][1] += 1
     return (len(hit) / len(planted), len(hit) / max(len(found), 1),
-            " ".join(f"{e} {a / max(b, 1):.2f}" for e, (a, b) in per.items()))
+            " ".join(f"{e} {a / b:.2f}" if b else f"{e} -" for e, (a, b) in per.items()))  # -: none planted
 
 
 def main():
@@ -71,6 +71,8 @@ def main():
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.n < 20:  # a tenth of them planted copies: at least two
+        p.error("--n must be at least 20")
     texts, planted = make_texts(args.n, args.seed)
     print(f"{len(texts)} texts, {len(planted)} planted near-duplicate pairs, shingle {args.shingle} words")
     print("| method | setting | fingerprint s | search s | total s | recall | precision | recall per edit |")

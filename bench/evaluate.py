@@ -108,6 +108,10 @@ def main():
         p.error("--gsm8k and --mmlu take a number of questions >= 0 (0: none)")
     if args.gsm8k == 0 and args.mmlu == 0:
         p.error("nothing to measure: --gsm8k 0 and --mmlu 0")
+    for task, n in (("gsm8k", args.gsm8k), ("mmlu", args.mmlu)):
+        if n and not os.path.isdir(os.path.join(args.data_dir, task)):
+            p.error(f"--data-dir {args.data_dir} has no {task}/ (evaluate.py --download fetches the benchmarks into "
+                    f"./data/benchmarks; or set NANOPOST_DATA)")
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

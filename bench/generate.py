@@ -23,7 +23,7 @@ import resource
 import statistics
 import time
 
-from sides import DEFAULT_MODEL, run_side  # bench/sides.py
+from sides import DEFAULT_MODEL, check_args, run_side  # bench/sides.py
 
 
 QUESTIONS = ["Write a Python function that returns the n-th Fibonacci number.",
@@ -190,6 +190,9 @@ def main():
                    help="--chat: the sides to run beside nanopost in-process (none: nanopost alone; nanopost-http needs --http-clients > 0)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    check_args(p, args, ("repeats", "new_tokens", "loop_sample"))
+    if min(args.batch_sizes) < 1 or not 0 <= args.chat <= len(INSTRUCTIONS):
+        p.error(f"--batch-sizes must be at least 1 and --chat in 0..{len(INSTRUCTIONS)} (the instructions there are)")
     unknown = set(args.sides) - set(SIDES)
     if unknown:
         p.error(f"--sides: unknown {', '.join(sorted(unknown))} (choose from {', '.join(SIDES)})")

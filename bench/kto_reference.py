@@ -21,7 +21,7 @@ import nanopost
 from nanopost.data import KTOExample, collate_kl, collate_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import frozen_for_autocast, make_optimizer
-from sides import DEFAULT_MODEL  # bench/sides.py
+from sides import DEFAULT_MODEL, check_args  # bench/sides.py
 
 
 def main():
@@ -33,6 +33,7 @@ def main():
     p.add_argument("--precomputed", action="store_true", help="reference log-probs from a table (--precompute-ref)")
     p.add_argument("--steps", type=int, default=3, help="timed steps of each form, after one warm-up of each")
     args = p.parse_args()
+    check_args(p, args, ("steps", "batch", "seq_len"))
     B, T, P = args.batch, args.seq_len, 3 * args.seq_len // 4
     autocast = args.precision == "bf16-autocast"
     print(f"model {args.model}; torch {torch.__version__}; CPU capability {torch.backends.cpu.get_cpu_capability()}; "

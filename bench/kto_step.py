@@ -26,7 +26,7 @@ import json
 import os
 import time
 
-from sides import DEFAULT_MODEL, run_side, timed_train_steps  # bench/sides.py
+from sides import DEFAULT_MODEL, check_args, run_side, timed_train_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, B, T, precision, steps, device):
@@ -108,6 +108,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
     args = p.parse_args()
+    check_args(p, args, ("steps", "batch", "seq_len"))
     common = ["--model", args.model, "--batch", args.batch, "--seq-len", args.seq_len, "--precision", args.precision,
               "--steps", args.steps, "--device", args.device]
     if args.worker:

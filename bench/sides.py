@@ -11,6 +11,18 @@ import time
 DEFAULT_MODEL = os.environ.get("NANOPOST_REAL_MODEL", os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct"))
 
 
+def check_args(p, args, positive=("steps", "batch")):
+    """p.error before any side starts: a count below 1 among `positive` (a traceback in a worker, or
+    a median of nothing, otherwise), or a CUDA device this torch does not see."""
+    for name in positive:
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "device", "cpu").startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this torch sees no CUDA device")
+
+
 def run_side(script: str, argv: list[str], what: str) -> dict:
     """python SCRIPT ARGV (the script's hidden --worker mode) -> the JSON of its last stdout line;
     exits naming `what` with the tail of stderr if it failed."""

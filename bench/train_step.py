@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 
-from sides import DEFAULT_MODEL, run_side, timed_train_steps  # bench/sides.py
+from sides import DEFAULT_MODEL, check_args, run_side, timed_train_steps  # bench/sides.py
 
 
 def worker(impl, model_dir, T, precision, steps, device, batch):
@@ -65,7 +65,7 @@ def worker(impl, model_dir, T, precision, steps, device, batch):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024], help="tokens per step (B=1)")
+    p.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024], help="tokens per row")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast", "bf16"], help="precision policy")
     p.add_argument("--steps", type=int, default=2, help="timed steps (median) after one warm-up step")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -75,6 +75,9 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    check_args(p, args)
+    if min(args.seq_lens) < 2:
+        p.error("--seq-lens must be at least 2 (a token and the one it predicts)")
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.model, int(args.worker[1]), args.precision, args.steps, args.device,
                                 args.batch)))
