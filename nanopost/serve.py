@@ -73,7 +73,8 @@ MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per s
 # default, an empty logit_bias, top_logprobs 0) is refused, not ignored
 UNSUPPORTED = {"n": (1,), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": (),
                "functions": (), "presence_penalty": (0,), "frequency_penalty": (0,),
-               "response_format": ({"type": "text"},), "tool_choice": ("none",), "function_call": ("none",)}
+               "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),  # (no tools: auto is none)
+               "function_call": ("none", "auto")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "compare.html")
 

@@ -155,7 +155,7 @@ def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
     extreme but valid sampling values decode (temperature 1e-40 greedily) instead of a 500."""
     c, want = client(server), greedy(engines["a"], "hi", 4)
     for kw in ({"logit_bias": {}}, {"top_logprobs": 0}, {"logprobs": False, "n": 1, "presence_penalty": 0},
-               {"response_format": {"type": "text"}, "tool_choice": "none"},
+               {"response_format": {"type": "text"}, "tool_choice": "none"}, {"tool_choice": "auto"},
                {"temperature": 1e-40, "top_p": 0.5}):
         assert chat(c, "hi", max_tokens=4, **kw)[0] == want, kw
     assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None

@@ -178,7 +178,8 @@ def hedges(reply: str) -> list[tuple[int, int]]:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
             term = join == "/" and TERM.match(reply, m.end())
-            join = MAYBE.sub("", join) if MAYBE.sub("", join) in OR_JOINS else join
+            if MAYBE.sub("", join) in OR_JOINS:  # "or possibly" is still "or" (a maybe alone hedges nothing)
+                join = MAYBE.sub("", join)
             if (join in LIST_JOINS or join in OR_JOINS) and not term:
                 group.append(m)
                 hedged |= join in OR_JOINS
@@ -208,7 +209,8 @@ def restated(reply: str) -> list[tuple[int, int]]:
         if len(run) == len(LETTERS):
             end, line = m.end(), reply.rfind("\n", 0, m.start()) + 1
             if line and not reply[line:m.start()].strip():  # one a line: to the end of the last option's line
-                end = reply.find("\n", end) if "\n" in reply[end:] else len(reply)
+                nl = reply.find("\n", end)
+                end = nl if nl >= 0 else len(reply)
             out.append((run[0].start(), end))
             run = []
     return out
