@@ -335,6 +335,8 @@ def main(argv=None):
                    help="dtype of the arithmetic")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output shard, GB")
     args = p.parse_args(argv)
+    if not 0 < args.max_shard_gb < float("inf"):  # (0 or -1 wrote a shard per tensor, nan one shard)
+        p.error("--max-shard-gb must be a positive number")
 
     try:
         if args.config:

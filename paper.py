@@ -122,7 +122,7 @@ class Stages:
 
     def __init__(self, out, out_spelled):
         self.out, self.dir = out, os.path.join(out, "stages")
-        self.spellings = sorted({out, out_spelled.rstrip(os.sep)}, key=len, reverse=True)
+        self.spellings = sorted({out, os.path.normpath(out_spelled)}, key=len, reverse=True)
         os.makedirs(self.dir, exist_ok=True)
         self.ran = []
 
@@ -130,12 +130,11 @@ class Stages:
         """cmd as a marker records it: the interpreter, this repository's folder and --out written
         as python, nothing and $OUT, so another virtualenv, a moved checkout or --out spelled another
         way still recognise their finished stages."""
-        def norm(c):
-            c = c.replace(ROOT + os.sep, "")
+        def norm(c):  # --out first (the commands name it absolute), then this repository
             for o in self.spellings:
                 if c == o or c.startswith(o + os.sep):
                     return "$OUT" + c[len(o):]
-            return c
+            return c.replace(ROOT + os.sep, "")
         return ["python" if c in (PY, "python") else norm(c) for c in cmd]
 
     def _read(self, name, suffix=".json"):
@@ -308,7 +307,12 @@ def main():
     for f in args.seeds:
         if not os.path.isfile(f):
             p.error(f"--seeds: {f}: no such file")
-    data_dir = args.data_dir or ("data/benchmarks" if args.download else os.path.join(ROOT, "data", "mini"))
+    # local paths as absolute ones: the stages' commands (and their markers) then name a folder the same
+    # however it was spelled (runs/tiny/, ./runs/tiny, tiny from runs/)
+    args.seeds = [os.path.abspath(f) for f in args.seeds]
+    args.model, args.teacher = (os.path.abspath(os.path.expanduser(m)) if m and os.path.exists(os.path.expanduser(m))
+                                else m for m in (args.model, args.teacher))
+    data_dir = os.path.abspath(args.data_dir or ("data/benchmarks" if args.download else os.path.join(ROOT, "data", "mini")))
     if not args.download and not os.path.isdir(data_dir):
         p.error(f"--data-dir {data_dir}: no such folder (add --download to fetch the benchmarks there)")
     if not args.download:

@@ -65,7 +65,8 @@ def main(argv=None):
         else:
             try:
                 user = input("\n> ")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):
+                print()
                 break
             if user.strip() == "/quit":
                 break
@@ -75,7 +76,14 @@ def main(argv=None):
         messages.append({"role": "user", "content": user})
         streamer = Streamer(tok)
         ids = tok.render(messages, add_generation_prompt=True)[0]
-        new = engine.generate_ids([ids], s, on_token=streamer)[0]
+        try:
+            new = engine.generate_ids([ids], s, on_token=streamer)[0]
+        except KeyboardInterrupt:  # a runaway reply: stopped; the conversation goes on without that turn
+            messages.pop()
+            print("\n[interrupted]", flush=True)
+            if args.prompt is not None:
+                sys.exit(130)
+            continue
         reply = tok.decode(new)
         sys.stdout.write(reply[streamer.printed:] + "\n")
         messages.append({"role": "assistant", "content": reply})

@@ -88,7 +88,11 @@ def to_messages(obj: dict) -> list[dict]:
         if "label" in obj:  # a KTO line: SFT would train on an undesirable completion as on any other
             raise ValueError("a KTO line (it has a 'label'): train_kto.py reads these; SFT would learn its "
                              "undesirable completions too")
-        msgs = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+        prompt = obj["prompt"]  # a string (one user turn) or messages, as TRL's conversational format
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("'prompt' must be a string or a non-empty list of messages")
+        msgs = prompt + [{"role": "assistant", "content": _completion_text(obj["completion"], "completion")}]
     else:
         raise ValueError(f"expected 'messages' or 'prompt'+'completion', got keys {sorted(obj)}")
     for i, m in enumerate(msgs):

@@ -24,8 +24,9 @@ import nanopost
 from nanopost.checkpoint import (load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
                                  within)
 
+# (LLaMA-Factory packs only for pre-training: its SFT batch of 4 x 250 counts examples, hence no packing)
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
-                    max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
+                    max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast", no_packing=True)
 
 
 # ---- distributed ----
@@ -354,9 +355,9 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
         if os.path.realpath(m) == os.path.realpath(out_dir):
             raise StateError(f"--out {out_dir} is the {flag} folder: the run would replace the model it starts "
                              f"from; choose another --out")
-        if overwrite and within(m, out_dir):
-            raise StateError(f"{flag} {m} lies inside --out {out_dir}, which --overwrite empties first: choose "
-                             f"another --out (or copy the model elsewhere)")
+        if overwrite and within(m, os.path.join(out_dir, "checkpoints")):  # what --overwrite deletes (prepare_out_dir)
+            raise StateError(f"{flag} {m} lies inside --out {out_dir}/checkpoints, which --overwrite deletes first: "
+                             f"choose another --out (or copy the model elsewhere)")
     if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
         if not os.access(out_dir, os.W_OK | os.X_OK):
             raise StateError(f"--out {out_dir}: not writable")

@@ -25,6 +25,43 @@ def test_chat_interactive_reset_and_quit(tiny):
     assert r.stdout.count("> ") == 4
 
 
+def test_chat_ctrl_c_stops_a_reply_and_the_conversation_goes_on(tiny, monkeypatch, capsys):
+    """Ctrl-C during a runaway reply stops it (a traceback ended the session): the turn is dropped,
+    the next prompt is answered; at the prompt it ends the session; with --prompt it exits 130."""
+    import io
+
+    import pytest
+
+    from nanopost import chat
+    real, seen = Engine.generate_ids, []
+
+    def first_interrupted(self, prompts, *a, **kw):
+        seen.append(self.tok.decode(prompts[0], skip_special_tokens=False))
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        return real(self, prompts, *a, **kw)
+    monkeypatch.setattr(Engine, "generate_ids", first_interrupted)
+    monkeypatch.setattr("sys.stdin", io.StringIO("runaway question\nsecond question\n/quit\n"))
+
+    def main(*argv):  # a Ctrl-C that escapes would stop the whole test session: a failure instead
+        try:
+            chat.main(list(argv))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped nanopost.chat")
+    main("--model", tiny, "--max-new-tokens", "4")
+    assert "[interrupted]" in capsys.readouterr().out
+    assert len(seen) == 2 and "second question" in seen[1] and "runaway question" not in seen[1]
+    seen.clear()
+    with pytest.raises(SystemExit) as e:
+        main("--model", tiny, "--prompt", "x")
+    assert e.value.code == 130
+
+    def ctrl_c(prompt=""):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.input", ctrl_c)
+    main("--model", tiny)  # returns: the session ends
+
+
 def test_help_and_bad_model(tmp_path):
     assert "--temperature" in run("-m", "nanopost.chat", "--help").stdout
     r = run("-m", "nanopost.chat", "--model", str(tmp_path / "missing"), "--prompt", "x")

@@ -276,6 +276,9 @@ def test_bad_inputs(tmp_path, pair):
     assert_fails_cleanly(tmp_path, here("--method", "slerp", "--models", a, b, "--t", 1.5, "--out", out),
                          r"t = 1.5 .* outside \[0, 1\]")
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--models", a, b, "--out", out), r"needs a base model")
+    for gb in (0, -1, "nan"):  # (a shard per tensor, or one shard)
+        r = here("--method", "linear", "--models", a, b, "--out", out, "--max-shard-gb", gb)
+        assert r.returncode == 2 and "--max-shard-gb must be a positive number" in r.stderr and not out.exists()
     c = make_tiny_checkpoint(str(tmp_path / "c"), seed=3)  # linear: a base outside --models had joined at weight 1
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--base", c, "--models", a, b, "--weights", 0.5, 0.5,
                                         "--out", out), r"linear averages the --models only.*list it in --models")

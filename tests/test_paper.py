@@ -93,6 +93,27 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     assert ids["sft"] == json.loads((out / "stages" / "sft.json").read_text())["id"]
 
 
+def test_a_run_inside_the_repository_is_recognised_however_out_and_model_are_spelled(tmp_path, monkeypatch):
+    """With --out under the repository (runs/paper-tiny, the default), its absolute spelling, ./runs/...
+    or a run from runs/ recorded the tiny stage as runs/paper-tiny/tiny, not $OUT/tiny: refused as
+    "finished earlier with another command". A --model spelled runs/tiny/ or tiny (from runs/) likewise."""
+    spec = importlib.util.spec_from_file_location("paper_stages", os.path.join(ROOT, "paper.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    monkeypatch.setattr(m, "ROOT", str(tmp_path))
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    out = str(tmp_path / "runs" / "paper-tiny")
+    cmd = lambda model: [m.PY, "train_sft.py", "--model", model, "--out", os.path.join(out, "sft")]  # noqa: E731
+    want = ["python", "train_sft.py", "--model", "runs/tiny", "--out", "$OUT/sft"]
+    for spelled, cwd in (("runs/paper-tiny", tmp_path), (out, tmp_path), ("./runs/paper-tiny/", tmp_path),
+                         ("paper-tiny", tmp_path / "runs")):
+        monkeypatch.chdir(cwd)
+        st = m.Stages(out, spelled)
+        for model in ("runs/tiny", "runs/tiny/", "./runs/tiny") if cwd == tmp_path else ("tiny", "tiny/"):
+            assert st.comparable(cmd(os.path.abspath(model))) == want, (spelled, model)
+    assert st.comparable(want) == want  # a marker's command reads the same again
+
+
 def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
     for args, why in ((["--tasks", "gsm8k,bogus"], "--tasks: unknown bogus"), (["--limit", "-1"], "--limit must be"),
                       (["--gpus", "0"], "--gpus must be"), (["--seeds", tmp_path / "none.jsonl"], "no such file"),

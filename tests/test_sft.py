@@ -91,6 +91,21 @@ def test_packed_row_equals_separate_runs(tiny, examples, rows):
     assert torch.allclose(sft_loss_sum(model, ids, labels, pos), reference_sft_loss_sum(model, ids, labels, pos))
 
 
+def test_trl_conversational_prompt_completion_reads_as_messages(tiny):
+    """{"prompt": [messages], "completion": [one assistant message]} (TRL's conversational form, which
+    train_kto.py reads) is the same conversation as its messages form (it was "content must be a string")."""
+    from nanopost.data import to_messages
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}]
+    got = to_messages({"prompt": msgs, "completion": [{"role": "assistant", "content": "5"}]})
+    assert got == msgs + [{"role": "assistant", "content": "5"}]
+    assert to_messages({"prompt": "2+3?", "completion": "5"}) == [{"role": "user", "content": "2+3?"},
+                                                                  {"role": "assistant", "content": "5"}]
+    for bad, why in (({"prompt": [], "completion": "5"}, "'prompt' must be"),
+                     ({"prompt": "x", "completion": [{"role": "user", "content": "5"}]}, "'completion' must be")):
+        with pytest.raises(ValueError, match=why):
+            to_messages(bad)
+
+
 def test_truncation_keeps_whole_turns(tiny):
     tok = nanopost.Tokenizer(tiny)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},

@@ -169,6 +169,9 @@ def test_preset_paper_never_overrides_explicit_flags():
     assert (a.lr, a.batch_size, a.precision, a.grad_accum, a.max_len) == (1e-4, 8, "fp32", 250, 1024)
     a = module.parse_args(base)
     assert (a.lr, a.batch_size, a.precision, a.epochs) == (5e-8, 4, "bf16-autocast", 3)
+    # LLaMA-Factory's SFT batch counts examples (it packs only for pre-training): no packing, unless asked
+    assert a.no_packing and not module.parse_args(base + ["--packing"]).no_packing
+    assert not module.parse_args(base[:-2]).no_packing
 
 
 def test_save_final_removes_an_earlier_saves_shards(tiny, tmp_path):
@@ -472,6 +475,10 @@ def test_unwritable_out_inputs_inside_an_overwritten_out_and_damaged_metrics(tin
     step = latest_checkpoint(str(out))
     r = run_main(TRAIN, *common(step, out, "--overwrite"))
     assert r.returncode != 0 and "lies inside --out" in r.stderr and os.path.isdir(step), r.stderr
+    out2 = shutil.copytree(baseline, tmp_path / "run2")
+    mine = shutil.copytree(tiny, out2 / "mine")  # a folder --overwrite leaves alone: a model there is fine
+    r = run_main(TRAIN, *common(str(mine), out2, "--overwrite"))
+    assert r.returncode == 0 and os.path.isfile(mine / "config.json"), r.stderr
     before = open(out / "metrics.jsonl").read()
     with open(out / "metrics.jsonl", "a") as f:
         f.write(before.splitlines()[-1][:30])
