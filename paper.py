@@ -126,11 +126,15 @@ class Stages:
         os.makedirs(self.dir, exist_ok=True)
         self.ran = []
 
-    def comparable(self, cmd):
+    def comparable(self, cmd, stored=False):
         """cmd as a marker records it: the interpreter, this repository's folder and --out written
         as python, nothing and $OUT, so another virtualenv, a moved checkout or --out spelled another
-        way still recognise their finished stages."""
+        way still recognise their finished stages. stored: a marker's command, whose relative paths
+        are from this repository's folder (older versions recorded ./runs/x, or runs/x/tiny for an
+        --out written absolute)."""
         def norm(c):  # --out first (the commands name it absolute), then this repository
+            if stored and not c.startswith(("$OUT", "-", os.sep)) and (os.sep in c or c.startswith(".")):
+                c = os.path.normpath(os.path.join(ROOT, c))
             for o in self.spellings:
                 if c == o or c.startswith(o + os.sep):
                     return "$OUT" + c[len(o):]
@@ -170,7 +174,7 @@ class Stages:
                   **{self.comparable([m])[0]: checkpoint_stamp(m) for m in models}}
         old, redo = self.done(name), None
         if old is not None:
-            if self.comparable(old["cmd"]) != key:
+            if self.comparable(old["cmd"], stored=True) != key:
                 raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
                                  f"  now:  {shlex.join(key)}\ndelete {out_dir or os.path.join(self.out, name)} and "
                                  f"{self.dir}/{name}.json to redo it with the new settings, or choose another --out")
@@ -190,7 +194,7 @@ class Stages:
         if started and not redo and (stale := [n for n in inputs if n in then and then[n] != inputs[n]]):
             redo = f"{', '.join(stale)} changed since its interrupted attempt"  # continuing would mix the two
             log(f"{name}: {redo}: starting it afresh")
-        changed = running is not None and self.comparable(running["cmd"]) != key
+        changed = running is not None and self.comparable(running["cmd"], stored=True) != key
         if changed and started and not redo:  # partial work made with other flags: never mixed
             raise SystemExit(f"stage {name}: an interrupted attempt was started with another command\n"
                              f"  then: {shlex.join(running['cmd'])}\n  now:  {shlex.join(key)}\nrun paper.py with the "

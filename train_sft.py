@@ -5,7 +5,7 @@
         --lr 3e-3 --max-steps 20
     # one GPU, the real model
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --device cuda
-    # the paper's LLaMA-Factory run (full FT, cutoff 1024, bs 4 x accum 250 examples, no packing, lr 5e-8, 3 epochs, bf16)
+    # the paper's LLaMA-Factory run (full FT, cutoff 1024, bs 4 x accum 250, lr 5e-8, 3 epochs, bf16)
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --preset paper
     # several processes (DDP; gloo on CPU, nccl on GPUs); --fsdp shards weights, grads and AdamW
     torchrun --nproc_per_node 2 train_sft.py --model runs/tiny --data a.jsonl --out runs/ddp --max-steps 10
@@ -45,8 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--data-weights", nargs="+", type=float, default=None,
                    help="per file: how many times its examples appear per epoch (1 = once, 0.5 = a seeded half)")
     p.add_argument("--no-packing", action="store_true", help="padded batches sorted by length instead of packed rows")
-    p.add_argument("--packing", dest="no_packing", action="store_false",
-                   help="packed rows (the default; undoes --no-packing, e.g. --preset paper's)")
     p.add_argument("--train-on-prompt", action="store_true", help="train on every token, not only assistant turns")
     args = parse_training_args(p, argv, {"paper": PAPER_PRESET})
     if args.data_weights is not None and len(args.data_weights) != len(args.data):

@@ -30,8 +30,9 @@ def read_json(path) -> dict:
     return d
 
 
-JINJA_BLOCK = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
 JINJA_STRING = re.compile(r"'((?:[^'\\]|\\.)*)'|\"((?:[^\"\\]|\\.)*)\"", re.DOTALL)  # with its escapes (\n, \')
+_STR = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""  # (a "}}" inside a string does not end its block)
+JINJA_BLOCK = re.compile(rf"\{{\{{(?:{_STR}|[^'\"])*?\}}\}}|\{{%(?:{_STR}|[^'\"])*?%\}}", re.DOTALL)
 
 
 def default_system_prompt(chat_template: str | None) -> str | None:

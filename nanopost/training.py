@@ -24,9 +24,10 @@ import nanopost
 from nanopost.checkpoint import (load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
                                  within)
 
-# (LLaMA-Factory packs only for pre-training: its SFT batch of 4 x 250 counts examples, hence no packing)
+# (packed rows: LLaMA-Factory packs only for pre-training, so its SFT batch of 4 x 250 counts examples;
+# --no-packing gives that exactly, at the cost of the padding)
 PAPER_PRESET = dict(max_len=1024, batch_size=4, grad_accum=250, lr=5e-8, epochs=3, warmup_steps=10,
-                    max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast", no_packing=True)
+                    max_grad_norm=1.0, lr_schedule="cosine", precision="bf16-autocast")
 
 
 # ---- distributed ----

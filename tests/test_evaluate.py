@@ -174,6 +174,7 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("(A) and (B) are wrong, so (C).", "C"),
     ("B, or possibly C", None),
     ("B or maybe C", None),
+    ("The answer is B, or probably C.", None),
     ("B, but C is wrong.", "B"),
     # ... but a maybe beside an answer is no hedge
     ("Answer: B\nPerhaps D looks plausible, but it ignores friction.", "B"),
@@ -191,15 +192,15 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A. 1\nB. 2\nC. 3\nD. 4\n\nB", "B"),
     ("A) 5 B) 6 C) 7 D) 8 -> D", "D"),
     ("B. 6", "B"),
-    # ... yet a reply with no other letter answers with its first ("A. Paris", then B, C, D explained)
+    # a reply that only echoes the options answers nothing (A was taken) -- nor, as it looks the same, one
+    # that answers "A. Paris" and then explains B, C and D in turn
+    ("A. 12\nB. 15\nC. 18\nD. 21", None),
+    ("Options: A. mitosis, B. meiosis, C. fission, D. budding. Hard to say.", None),
+    ("A) red\nB) blue\nC) green\nD) yellow", None),
     ("A. Paris\n\nB. London is the capital of the UK.\nC. Berlin is the capital of Germany.\nD. Madrid is the "
-     "capital of Spain.", "A"),
-    ("A. Paris\nParis is the capital of France. B. London, C. Berlin and D. Madrid are capitals of other countries.", "A"),
-    ("(A) Paris\nThe other options: (B) London, (C) Berlin, (D) Madrid are capitals of other countries.", "A"),
-    ("A: mitochondria. B: ribosome makes proteins, C: Golgi packages, D: ER transports.", "A"),
-    ("A. 线粒体\n\n解析：B. 核糖体负责合成蛋白质；C. 高尔基体负责加工；D. 内质网负责运输。", "A"),
-    ("A．北京\nB．上海是经济中心，C．广州，D．深圳均不是首都。", "A"),
-    ("I choose A. B. is too small, C. is too large, D. is negative.", "A"),
+     "capital of Spain.", None),
+    # an option judged right in an analysis of each
+    ("A．北京\nB．上海是经济中心，C．广州，D．深圳均不是首都。答案：A", "A"),
     ("分析各选项：\nA. 正确，符合题意。\nB. 错误。\nC. 错误。\nD. 错误。", "A"),
     ("A. 1\nB. 2\nC. 3\nD. 4\nSo D.", "D"),
     ("Restated: A. 1, B. 2, C. 3, D. 4. It is C.", "C"),

@@ -111,7 +111,10 @@ def test_a_run_inside_the_repository_is_recognised_however_out_and_model_are_spe
         st = m.Stages(out, spelled)
         for model in ("runs/tiny", "runs/tiny/", "./runs/tiny") if cwd == tmp_path else ("tiny", "tiny/"):
             assert st.comparable(cmd(os.path.abspath(model))) == want, (spelled, model)
-    assert st.comparable(want) == want  # a marker's command reads the same again
+    assert st.comparable(want, stored=True) == want  # a marker's command reads the same again
+    # ... and one an older version wrote: --out written absolute recorded under the repository, ./ kept
+    old = ["python", "train_sft.py", "--model", "./runs/tiny/", "--out", "runs/paper-tiny/sft"]
+    assert st.comparable(old, stored=True) == want
 
 
 def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):

@@ -66,7 +66,7 @@ def test_qwen25_template_default_system(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("prompt", ["You\\'re a helpful assistant.", "You are a C++ expert.", "Line one.\\nLine two.",
-                                    'Say \\"hi\\".'])
+                                    'Say \\"hi\\".', 'Answer as JSON, e.g. {"a": {"b": 1}}.'])
 def test_default_system_prompts_with_quotes_plus_signs_and_escapes(tmp_path, tiny, prompt):
     """The template's default system prompt is a quoted Jinja string: an escaped quote, a plus sign or
     a \\n escape inside it is rendered as transformers renders it (they dropped the turn, or kept \\n)."""

@@ -169,9 +169,7 @@ def test_preset_paper_never_overrides_explicit_flags():
     assert (a.lr, a.batch_size, a.precision, a.grad_accum, a.max_len) == (1e-4, 8, "fp32", 250, 1024)
     a = module.parse_args(base)
     assert (a.lr, a.batch_size, a.precision, a.epochs) == (5e-8, 4, "bf16-autocast", 3)
-    # LLaMA-Factory's SFT batch counts examples (it packs only for pre-training): no packing, unless asked
-    assert a.no_packing and not module.parse_args(base + ["--packing"]).no_packing
-    assert not module.parse_args(base[:-2]).no_packing
+    assert not a.no_packing and module.parse_args(base + ["--no-packing"]).no_packing
 
 
 def test_save_final_removes_an_earlier_saves_shards(tiny, tmp_path):

@@ -142,6 +142,8 @@ EXTRACTION = [re.compile(p) for p in (
     r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t:：*(\[（]*" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
+    # an analysis of each option: "A. 正确，符合题意。B. 错误。..." (an option judged right by its label)
+    r"(?<![A-Za-z])([A-D])[.．、:：]\s*正确",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?" + LEAD + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
@@ -155,7 +157,7 @@ EXTRACTION = [re.compile(p) for p in (
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
 LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
-MAYBE = re.compile(r"possibly|perhaps|maybe|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
+MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z", re.IGNORECASE)
@@ -192,9 +194,10 @@ def hedges(reply: str) -> list[tuple[int, int]]:
     return out
 
 
-# Letters the last resort takes only when it finds no other: options restated (labels A, B, C, D in this
-# order, "A. 1, B. 2, C. 3, D. 4" or one a line), their labels and the option texts between them; a list's
-# last line is its last option. ("A. Paris" then B, C and D explained is an answer, and has no other letter.)
+# Letters the last resort never takes: options restated (labels A, B, C, D in this order, "A. 1, B. 2, C. 3,
+# D. 4" or one a line), their labels and the option texts between them; a list's last line is its last
+# option. A reply that only echoes the options answers nothing (their first label, A, was taken); one that
+# answers "A. Paris" and then explains B, C and D in turn looks the same, and reads as no answer too.
 LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
 
 
@@ -225,16 +228,13 @@ def extract(reply: str) -> str | None:
             return bare.group(1)
     hedged, options = hedges(reply), restated(reply)
     for pattern in EXTRACTION:
-        first = None
         for m in pattern.finditer(reply):
             at = m.start(1)
             if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at):
                 continue
-            if pattern is not EXTRACTION[-1] or not any(a <= at < b for a, b in options):
-                return m.group(1)
-            first = first or m.group(1)
-        if first:  # only letters of restated lists: the first ("A. Paris" answering, then B, C, D discussed)
-            return first
+            if pattern is EXTRACTION[-1] and any(a <= at < b for a, b in options):
+                continue
+            return m.group(1)
     return None
 
 
