@@ -110,7 +110,7 @@ def _reference_step(logits, y, ignore_index, z_loss, label_smoothing, want_grad)
     g[rows, y] -= 1 - label_smoothing
     if label_smoothing:
         g.sub_(label_smoothing / x.shape[1])
-    g[~valid] = 0
+    g.masked_fill_(~valid[:, None], 0)  # (not g * valid: NaN * 0 is NaN)
     return loss, g.to(logits.dtype)
 
 
