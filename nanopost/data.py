@@ -126,7 +126,8 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
     max_len. (A cut of only a last user turn, or of the newline after the last <|im_end|>, loses no
     trained token.)"""
     ids, mask = tok.render(msgs)
-    truncated, trained = len(ids) > max_len, len(ids) if train_on_prompt else sum(mask)
+    count = len if train_on_prompt else sum  # a mask's trained tokens
+    truncated, trained = len(ids) > max_len, count(mask)
     if truncated:  # the longest prefix that ends with an assistant turn and fits, else a hard cut
         ends = [i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"]
         for end in reversed(ends):
@@ -136,7 +137,7 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
         else:
             ids, mask = ids[:max_len], mask[:max_len]
     labels = list(ids) if train_on_prompt else [i if m else IGNORE for i, m in zip(ids, mask)]
-    return Example(ids, labels), truncated, (len(ids) if train_on_prompt else sum(mask)) < trained
+    return Example(ids, labels), truncated, count(mask) < trained
 
 
 def report_bad_lines(bad: list[str], skip_bad_lines: bool, log) -> None:
