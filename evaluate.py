@@ -52,7 +52,7 @@ from nanopost.data import DataError, collate, load_sft, whole_lines
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_switch, resolve_dtype
-from nanopost.tasks.choice import LETTERS
+from nanopost.tasks.choice import LETTERS, OVER_SUBJECTS
 
 
 def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int], batch_size: int = 8) -> list[list[float]]:
@@ -109,16 +109,30 @@ def subset(examples, limit):
     return [examples[i] for i in keep]
 
 
-def summarize(preds):
-    acc = lambda rows: round(100 * sum(r["correct"] for r in rows) / len(rows), 2) if rows else None  # noqa: E731
+def summarize(preds, over_subjects=False):
+    """Accuracy in % overall, by category and by subject. MMLU's (and every other task's) is the share of
+    questions answered right, as Hendrycks' code pools them; with over_subjects (CMMLU, C-Eval) the
+    overall and category figures are the mean of their subjects' accuracies, as CMMLU's and C-Eval's
+    own scripts report them (a subject of 50 questions counts as much as one of 500)."""
+    def groups(rows, key):
+        out = {}
+        for r in rows:
+            if key in r:
+                out.setdefault(r[key], []).append(r)
+        return out
+
+    def acc(rows):
+        if not rows:
+            return None
+        if over_subjects:
+            subjects = groups(rows, "subject").values()
+            return round(sum(100 * sum(r["correct"] for r in s) / len(s) for s in subjects) / len(subjects), 2)
+        return round(100 * sum(r["correct"] for r in rows) / len(rows), 2)
+
     out = {"accuracy": acc(preds), "n": len(preds)}
     for key in ("category", "subject"):
-        groups = {}
-        for r in preds:
-            if key in r:
-                groups.setdefault(r[key], []).append(r)
-        if groups:
-            out[f"by_{key}"] = {k: acc(v) for k, v in sorted(groups.items())}
+        if found := groups(preds, key):
+            out[f"by_{key}"] = {k: acc(v) for k, v in sorted(found.items())}
     return out
 
 
@@ -254,6 +268,9 @@ def main(argv=None):
         p.error("--out is required with --model")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; give a folder")
+    if args.out and os.path.isfile(os.path.join(args.out, "config.json")):  # results.json there joins the stamp
+        p.error(f"--out {args.out} is a checkpoint folder (it holds config.json): a results.json written there "
+                f"would change its files' stamp, so every number of it would read as stale; choose another --out")
     same = [m for i, m in enumerate(args.model or []) if any(same_model(m, n) for n in args.model[:i])]
     if same:  # results key models by --model: ./runs/sft and runs/sft would be one row evaluated twice
         p.error(f"--model {same[0]} is given twice (the same checkpoint)")
@@ -391,7 +408,7 @@ def main(argv=None):
                     engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop), batch_size=args.batch_size,
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
-            results[model_name][task] = {**summarize(preds), "settings": settings, "seconds": round(time.time() - t0, 1),
+            results[model_name][task] = {**summarize(preds, task in OVER_SUBJECTS), "settings": settings, "seconds": round(time.time() - t0, 1),
                                          "checkpoint": stamps[model_name], **where, "data": asked[:16],
                                          "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)

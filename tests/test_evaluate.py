@@ -278,7 +278,38 @@ def test_choice_prompts_in_each_layout(data_dir, task):
     text = ex["messages"][0]["content"]
     assert "问题 1, with a comma\nA. 甲1\nB. 乙\nC. 丙\nD. 丁\n" in text  # quoted commas and Chinese text survive
     assert text.count(choice.ANSWER[task]) == 3 and text.endswith(choice.ANSWER[task])
+    # each benchmark's own layout (Hendrycks' MMLU code, CMMLU's mp_utils.format_example, C-Eval's evaluators)
+    question, shot = {"mmlu": ("", "\nAnswer: B\n\n"), "cmmlu": ("题目：", "\n答案是：B\n\n"),
+                      "ceval": ("", "\n答案：B\n\n")}[task]
+    assert f"{question}问题 1, with a comma\nA. 甲1\nB. 乙\nC. 丙\nD. 丁{shot}{question}问题 1, with" in text
+    assert text.endswith(f"{question}问题 1, with a comma\nA. 甲1\nB. 乙\nC. 丙\nD. 丁\n{choice.ANSWER[task]}")
     assert ("代数" in text) and text.startswith(choice.HEAD[task].format(name="代数"))
+
+
+def test_cmmlu_and_ceval_average_over_subjects_mmlu_over_questions():
+    """CMMLU's get_results and C-Eval's leaderboard average the subjects' accuracies (overall and per
+    category); Hendrycks' MMLU code pools every question. 3 of 4 right in one subject, 0 of 1 in another."""
+    from evaluate import summarize
+    preds = [{"subject": "a", "category": "STEM", "correct": c} for c in (True, True, True, False)]
+    preds += [{"subject": "b", "category": "STEM", "correct": False}, {"subject": "c", "category": "Other", "correct": True}]
+    pooled, means = summarize(preds), summarize(preds, over_subjects=True)
+    assert pooled["accuracy"] == 66.67 and pooled["by_category"] == {"Other": 100.0, "STEM": 60.0}
+    assert means["accuracy"] == round((75 + 0 + 100) / 3, 2) and means["by_category"] == {"Other": 100.0, "STEM": 37.5}
+    assert means["by_subject"] == pooled["by_subject"] == {"a": 75.0, "b": 0.0, "c": 100.0} and means["n"] == 6
+    assert choice.OVER_SUBJECTS == {"cmmlu", "ceval"}
+
+
+def test_out_inside_a_checkpoint_folder_is_refused(tmp_path, tiny, data_dir):
+    """results.json beside config.json would join the files the checkpoint's stamp hashes: every
+    later run found the model 'changed since', dropped its numbers and recomputed its cache."""
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny, model)
+    before = sorted(os.listdir(model))
+    r = run_eval("--model", model, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2, "--out", model)
+    assert r.returncode == 2 and "is a checkpoint folder" in r.stderr and sorted(os.listdir(model)) == before
+    r = run_eval("--model", model, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2, "--dtype", "float32",
+                 "--out", os.path.join(model, "eval"))  # a folder inside it is not stamped: fine
+    assert r.returncode == 0 and os.path.exists(os.path.join(model, "eval", "results.json")), r.stderr
 
 
 def test_letter_scoring_equals_full_forward(tiny):
@@ -309,7 +340,11 @@ def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_d
     for task in ("gsm8k", "mmlu", "ceval"):
         t = res[tiny][task]
         assert t["n"] == 6 and len(t["predictions"]) == 6
-        assert t["accuracy"] == pytest.approx(100 * sum(p["correct"] for p in t["predictions"]) / 6, abs=0.01)
+        if task == "ceval":  # the mean of its subjects' accuracies, as C-Eval's scripts report it
+            by = t["by_subject"]
+            assert t["accuracy"] == pytest.approx(sum(by.values()) / len(by), abs=0.01)
+        else:  # the share of all questions (MMLU: Hendrycks' pooled accuracy)
+            assert t["accuracy"] == pytest.approx(100 * sum(p["correct"] for p in t["predictions"]) / 6, abs=0.01)
     assert set(res[tiny]["mmlu"]["by_category"]) == {"STEM", "Humanities"}
     md = open(out / "results.md").read()
     assert "| model | gsm8k | mmlu | ceval |" in md

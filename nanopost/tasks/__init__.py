@@ -12,9 +12,9 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 # Default new-token budget of a generated reply. HumanEval's 768: a canonical solution in a
 # ```python fence takes up to 560 Qwen2 tokens (29 of 164 exceed 256), and a chat reply adds prose.
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
-# The scoring protocol: bump it whenever a prompt, a stop string, an extraction or a scorer
-# changes, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 11  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+# The scoring protocol: bump it whenever a prompt, a stop string, an extraction, a scorer or the
+# model's outputs for a checkpoint (how its files are read) change, so that evaluate.py never reuses cached predictions made under another one.
+PROTOCOL = 12  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
@@ -24,6 +24,8 @@ PROTOCOL = 11  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     "not (A)", "Not A", "can't be A" are not A; "**答案**：B" is B; a question the reply makes up after its answer is not read
 # 11: letters: options restated in a reply ("A. 1, B. 2, C. 3, D. 4. So B.") are not its answer; "B, or possibly C" is a hedge
 #     prompts: a Qwen2 tokenizer.json saved without its NFC normalizer is read with it (as transformers reads it)
+# 12: CMMLU and C-Eval questions in their own layouts ("题目：", "答案是：B" / "答案：B", no space); their
+#     accuracies are means over subjects, as their official scripts report them
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

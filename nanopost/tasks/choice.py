@@ -16,7 +16,12 @@ SPLITS = {"mmlu": "test", "cmmlu": "test", "ceval": "val"}
 HEAD = {"mmlu": "The following are multiple choice questions (with answers) about {name}.\n\n",
         "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n",
         "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"}
-ANSWER = {"mmlu": "Answer:", "cmmlu": "答案：", "ceval": "答案："}
+# each benchmark's own question layout (Hendrycks' MMLU code, CMMLU's src/mp_utils.py, C-Eval's evaluators):
+# MMLU's exemplar answers follow a space ("Answer: B"), CMMLU's and C-Eval's follow the colon ("答案是：B")
+QUESTION = {"mmlu": "", "cmmlu": "题目：", "ceval": ""}
+ANSWER = {"mmlu": "Answer:", "cmmlu": "答案是：", "ceval": "答案："}
+SPACE = {"mmlu": " ", "cmmlu": "", "ceval": ""}
+OVER_SUBJECTS = {"cmmlu", "ceval"}  # accuracy = the mean of the subjects' (their scripts); MMLU's pools all questions
 
 
 def read_csv(task, path):
@@ -72,8 +77,8 @@ def subject_files(task, data_dir, split):
 
 
 def format_question(task, question, options, answer=None):
-    text = question + "\n" + "".join(f"{L}. {o}\n" for L, o in zip(LETTERS, options)) + ANSWER[task]
-    return text + (f" {answer}\n\n" if answer else "")
+    text = QUESTION[task] + question + "\n" + "".join(f"{L}. {o}\n" for L, o in zip(LETTERS, options)) + ANSWER[task]
+    return text + (f"{SPACE[task]}{answer}\n\n" if answer else "")
 
 
 def load(task: str, data_dir: str, shots: int = 0):
