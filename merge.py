@@ -117,8 +117,18 @@ def read_config_file(path: str) -> dict:
         sources = slices[0].get("sources") if isinstance(slices[0], dict) else None
         if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources):
             raise MergeError(f"{path}: the slice needs `sources:`, a list of {{model: ..., layer_range: [0, N]}}")
+        unknown = set(slices[0]) - {"sources", "parameters", "base_model"}
+        if unknown:
+            raise MergeError(f"{path}: the slice has unsupported keys {sorted(unknown)}")
         cfg["models"] = [{"model": x.get("model"), "parameters": x.get("parameters", {}), "layer_range": x.get("layer_range")}
                          for x in sources]
+        # mergekit reads a parameter from the source model, then the slice, then the top level; a
+        # slice's base_model wins over the top level's
+        cfg["slice_parameters"] = slices[0].get("parameters") or {}
+        if not isinstance(cfg["slice_parameters"], dict):
+            raise MergeError(f"{path}: the slice's parameters must be a mapping")
+        if slices[0].get("base_model") is not None:
+            cfg["base_model"] = slices[0]["base_model"]
     if cfg.get("dtype") is not None:
         dtype = DTYPES.get(str(cfg["dtype"]).removeprefix("torch."))
         if dtype is None:
@@ -141,9 +151,10 @@ def read_config_file(path: str) -> dict:
         bad = set(m.get("parameters") or {}) - {"weight", "density"}
         if bad:
             raise MergeError(f"{path}: model {m.get('model')}: unsupported parameters {sorted(bad)}")
-    bad = set(cfg.get("parameters") or {}) - {"t", "normalize", "weight", "density", "int8_mask", "rescale"}
-    if bad:
-        raise MergeError(f"{path}: unsupported parameters {sorted(bad)}")
+    for where, params in (("", cfg.get("parameters")), ("the slice's ", cfg.get("slice_parameters"))):
+        bad = set(params or {}) - {"t", "normalize", "weight", "density", "int8_mask", "rescale"}
+        if bad:
+            raise MergeError(f"{path}: {where}unsupported parameters {sorted(bad)}")
     return cfg
 
 
@@ -218,21 +229,39 @@ def open_models(plan, embed_slice: bool):
     return names, dirs, index, base_i, n_layers
 
 
+def setting(levels, key, name, n_layers, default=None):
+    """A parameter for one tensor as mergekit's ConfigReader finds it: the first level (a model's
+    parameters, the slice's, the top level's) that sets it and whose entries match the tensor. Never
+    set: the default. Set, but matching nowhere: the default for density, an error for weight and t
+    (mergekit requires those)."""
+    given = [level[key] for level in levels if key in level]
+    for spec in given:
+        try:
+            value = resolve_param(spec, name, n_layers, key)
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        if value is not None:
+            return value
+    if given and key != "density":
+        raise MergeError(f"{key}: no filter matches tensor {name} and no fallback entry (one without 'filter', "
+                         f"or with filter '*') at any level")
+    return default
+
+
 def resolved_params(plan, name, n_layers):
-    """Per-model weight/density and the global t, normalize for one tensor."""
-    g = plan.get("parameters") or {}
+    """Per-model weight/density and the global t for one tensor."""
+    g, sl = plan.get("parameters") or {}, plan.get("slice_parameters") or {}
     weights, densities = [], []
     for m in plan["models"]:
-        p = m.get("parameters") or {}
-        weights.append(resolve_param(p.get("weight", g.get("weight", 1.0)), name, n_layers, "weight"))
-        densities.append(resolve_param(p.get("density", g.get("density", 1.0)), name, n_layers, "density"))
-    t = resolve_param(g["t"], name, n_layers, "t") if "t" in g else None
-    return weights, densities, t
+        levels = [m.get("parameters") or {}, sl, g]
+        weights.append(setting(levels, "weight", name, n_layers, 1.0))
+        densities.append(setting(levels, "density", name, n_layers, 1.0))
+    return weights, densities, setting([sl, g], "t", name, n_layers)
 
 
 def check_params(plan, names_in_order, n_layers, numel=None):
     method = plan["merge_method"]
-    if method == "slerp" and "t" not in (plan.get("parameters") or {}):
+    if method == "slerp" and "t" not in {**(plan.get("parameters") or {}), **(plan.get("slice_parameters") or {})}:
         raise MergeError("slerp needs t (--t)")
     for name in names_in_order:
         weights, densities, t = resolved_params(plan, name, n_layers)
@@ -350,6 +379,9 @@ def main(argv=None):
         method = plan["merge_method"]
         g = plan.setdefault("parameters", {}) or {}
         plan["parameters"] = g
+        for k in ("normalize", "rescale", "int8_mask"):  # a slice's setting wins, as mergekit reads them
+            if k in (plan.get("slice_parameters") or {}):
+                g[k] = plan["slice_parameters"][k]
         plan["normalize"] = g.get("normalize", NORMALIZE_DEFAULT[method]) if args.normalize is None else args.normalize
         if os.path.islink(args.out):  # replacing it would replace the link, not the folder it points to
             raise MergeError(f"--out {args.out} is a symbolic link: give the folder itself")

@@ -124,34 +124,38 @@ LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def depth_position(name: str, n_layers: int) -> float:
-    """Where a tensor sits in the stack, in [0, 1]: layer i -> i / (N - 1); the embedding -> 0;
-    the final norm and lm_head -> 1."""
+    """Where a tensor sits in the stack, in [0, 1]: layer i -> i / (N - 1) (a lone layer -> 1, as
+    mergekit's planner); the embedding -> 0; the final norm and lm_head -> 1."""
     m = LAYER.search(name)
     if m:
-        return int(m.group(1)) / max(n_layers - 1, 1)
+        return int(m.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
     return 0.0 if "embed_tokens" in name else 1.0
 
 
-def resolve_param(spec, name: str, n_layers: int, what="t") -> float:
-    """spec: a number; a list (a gradient over depth: layer i gets the value interpolated at
-    i/(N-1)); or a list of {"filter": substring, "value": ...} where the first match wins and an
-    entry without a filter is the fallback."""
+def resolve_param(spec, name: str, n_layers: int, what="t") -> float | None:
+    """mergekit's evaluate_setting. spec: a number; a list of numbers (a gradient over depth: layer i
+    gets the value interpolated at i/(N-1)); or a list of {"filter": substring, "value": ...} where
+    the first entry whose filter is in the tensor's name, is "*" or is absent wins. None when no entry
+    matches: the caller then reads the next level (a model's, the slice's, the global parameters)."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, list)):
+        raise ValueError(f"{what}: cannot read {spec!r:.80} (a number, a list of numbers, or a list of "
+                         f"{{filter, value}} entries; mergekit, too, refuses a single {{filter, value}} not in a list)")
     if isinstance(spec, (int, float)):
         return float(spec)
-    if isinstance(spec, dict) and "value" in spec:
-        return resolve_param(spec["value"], name, n_layers, what)
-    if isinstance(spec, list) and spec and isinstance(spec[0], dict):
+    if spec and all(isinstance(e, dict) for e in spec):
         for entry in spec:
-            if entry.get("filter") is None or entry["filter"] in name:
+            if "value" not in entry or set(entry) - {"filter", "value"}:
+                raise ValueError(f"{what}: {entry!r:.80} is not a {{filter, value}} entry")
+            if entry.get("filter") in (None, "*") or entry["filter"] in name:
                 return resolve_param(entry["value"], name, n_layers, what)
-        raise ValueError(f"{what}: no filter matches tensor {name} and no fallback entry (one without 'filter')")
-    if isinstance(spec, list) and spec and all(isinstance(v, (int, float)) for v in spec):
+        return None
+    if spec and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
         if len(spec) == 1:
             return float(spec[0])
         x = depth_position(name, n_layers) * (len(spec) - 1)
         i = min(int(math.floor(x)), len(spec) - 2)
         return float(spec[i] + (x - i) * (spec[i + 1] - spec[i]))
-    raise ValueError(f"{what}: cannot read {spec!r} (a number, a list of numbers, or filter entries)")
+    raise ValueError(f"{what}: cannot read {spec!r:.80} (a number, a list of numbers, or a list of {{filter, value}} entries)")
 
 
 # ---- safetensors streaming I/O ----

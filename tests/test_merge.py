@@ -93,8 +93,32 @@ def test_gradient_and_filters():
     assert resolve_param(spec, "model.norm.weight", N) == 0.5
     assert resolve_param([0.0, 1.0], "model.embed_tokens.weight", N) == 0.0
     assert resolve_param([0.0, 1.0], "lm_head.weight", N) == 1.0
-    with pytest.raises(ValueError, match="no filter matches"):
-        resolve_param([{"filter": "mlp", "value": 1}], "model.norm.weight", N)
+    # mergekit's evaluate_setting: no entry matching is None (the next level decides), "*" matches every
+    # tensor, a single {filter, value} outside a list is refused, a lone layer sits at 1 (its planner's t)
+    assert resolve_param([{"filter": "mlp", "value": 1}], "model.norm.weight", N) is None
+    assert resolve_param([{"filter": "mlp", "value": 0.2}, {"filter": "*", "value": 0.7}], "model.norm.weight", N) == 0.7
+    with pytest.raises(ValueError, match="single"):
+        resolve_param({"filter": "self_attn", "value": 0.9}, "model.norm.weight", N)
+    assert resolve_param([0.2, 0.8], "model.layers.0.mlp.up_proj.weight", 1) == 0.8
+
+
+def test_parameter_levels_as_mergekit_reads_them():
+    """A source model's setting, then the slice's, then the top level's: the first whose entries match
+    the tensor (mergekit's ConfigReader.parameter); t is never read from a model."""
+    from merge import MergeError, resolved_params
+    plan = {"models": [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}]}},
+                       {"model": "b", "parameters": {}}],
+            "slice_parameters": {"t": [{"filter": "self_attn", "value": 0.9}], "weight": [{"filter": "norm", "value": 3.0}]},
+            "parameters": {"t": 0.1, "weight": 0.5}}
+    mlp, attn, norm = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"
+    assert resolved_params(plan, mlp, 2) == ([0.2, 0.5], [1.0, 1.0], 0.1)
+    assert resolved_params(plan, attn, 2) == ([0.5, 0.5], [1.0, 1.0], 0.9)
+    assert resolved_params(plan, norm, 2) == ([3.0, 3.0], [1.0, 1.0], 0.1)
+    del plan["parameters"]["weight"], plan["slice_parameters"]["weight"]
+    with pytest.raises(MergeError, match="weight: no filter matches tensor model.norm.weight"):
+        resolved_params(plan, norm, 2)  # set for model a, matching nowhere: mergekit requires a weight
+    plan["models"][0]["parameters"] = {"density": [{"filter": "mlp", "value": 0.3}]}
+    assert resolved_params(plan, norm, 2) == ([1.0, 1.0], [1.0, 1.0], 0.1)  # density falls back to its default
 
 
 def ties_ref(base, xs, w, dens):
@@ -188,6 +212,25 @@ def test_slerp_gradient_filters_and_sharding(tmp_path, pair):
               "model.norm.weight": 0.5, "model.layers.0.input_layernorm.weight": 0.5}
     for k, t in checks.items():
         assert torch.allclose(got[k].double(), slerp_ref(t, sa[k], sb[k]), atol=1e-5), k
+
+
+def test_config_slice_parameters_and_wildcard_filter(tmp_path, pair):
+    """mergekit's slices: the slice's t wins over the top level's (it was dropped), "*" matches every
+    tensor (it was refused), and a slice key we do not read is refused rather than ignored."""
+    a, b = pair
+    cfg = {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}],
+                       "parameters": {"t": [{"filter": "mlp", "value": 0.2}, {"filter": "*", "value": 0.9}]}}],
+           "merge_method": "slerp", "base_model": a, "parameters": {"t": 0.1}}
+    (tmp_path / "slice.json").write_text(json.dumps(cfg))
+    r = merge("--config", tmp_path / "slice.json", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    sa, sb, got = state(a), state(b), state(tmp_path / "out")
+    for k in got:
+        assert torch.allclose(got[k].double(), slerp_ref(0.2 if "mlp" in k else 0.9, sa[k], sb[k]), atol=1e-5), k
+    cfg["slices"][0]["residual_weight"] = 0.5
+    (tmp_path / "slice.json").write_text(json.dumps(cfg))
+    r = merge("--config", tmp_path / "slice.json", "--out", tmp_path / "out2")
+    assert r.returncode != 0 and "unsupported keys ['residual_weight']" in r.stderr
 
 
 def test_task_methods_and_config_file(tmp_path, pair):
