@@ -465,7 +465,9 @@ def main(argv=None):
             if os.path.exists(os.path.join(dirs[base_i], f)):
                 shutil.copyfile(os.path.join(dirs[base_i], f), os.path.join(tmp, f))
         record = {"merge_method": method, "models": plan["models"], "base_model": names[base_i],
-                  "resolved_paths": dirs, "parameters": plan["parameters"], "normalize": plan["normalize"],
+                  "resolved_paths": dirs, "parameters": plan["parameters"],
+                  **({"slice_parameters": plan["slice_parameters"]} if plan.get("slice_parameters") else {}),
+                  "normalize": plan["normalize"],
                   "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
         json.dump(record, open(os.path.join(tmp, "merge_config.json"), "w"), indent=2)
         commit_dir(tmp, args.out)

@@ -224,6 +224,7 @@ def test_config_slice_parameters_and_wildcard_filter(tmp_path, pair):
     (tmp_path / "slice.json").write_text(json.dumps(cfg))
     r = merge("--config", tmp_path / "slice.json", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "out" / "merge_config.json"))["slice_parameters"] == cfg["slices"][0]["parameters"]
     sa, sb, got = state(a), state(b), state(tmp_path / "out")
     for k in got:
         assert torch.allclose(got[k].double(), slerp_ref(0.2 if "mlp" in k else 0.9, sa[k], sb[k]), atol=1e-5), k
