@@ -118,6 +118,58 @@ def test_failures_leave_nothing_behind(tmp_path, mirror):
     assert os.listdir(data) == []
 
 
+def test_cut_connections_damaged_archives_and_a_partial_folder(tmp_path, mirror):
+    """A server that closes before the length it announced (read() just ends), or inside a chunk
+    (IncompleteRead), damaged deflate data (zlib.error), and a task folder that is there but partial:
+    each a DownloadError, and nothing landed or removed."""
+    body = open(os.path.join(mirror, "test.jsonl"), "rb").read()
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            if "chunked" in self.path:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % (len(body) * 4) + body)  # a chunk announced longer than sent
+            else:
+                self.send_header("Content-Length", str(len(body) * 4))
+                self.end_headers()
+                self.wfile.write(body)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data = tmp_path / "bench"
+    try:
+        for kind, why in (("length", f"after {len(body)} of {len(body) * 4} bytes"), ("chunked", "IncompleteRead")):
+            with pytest.raises(DownloadError, match=f"could not fetch .*{why}"):
+                download("gsm8k", str(data), mirror=f"http://127.0.0.1:{server.server_address[1]}/{kind}",
+                         log=lambda *a: None)
+    finally:
+        server.shutdown()
+    assert os.listdir(data) == []
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = bytearray(gzip.compress(open(os.path.join(mirror, "test.jsonl"), "rb").read() * 50))
+    raw[40:60] = bytes(b ^ 0xFF for b in raw[40:60])
+    (bad / "HumanEval.jsonl.gz").write_bytes(bytes(raw))
+    with pytest.raises(DownloadError, match="humaneval: could not unpack"):
+        download("humaneval", str(data), mirror=str(bad), log=lambda *a: None)
+    assert os.listdir(data) == []
+    (data / "gsm8k").mkdir()  # train.jsonl missing, and a file of the user's beside test.jsonl
+    (data / "gsm8k" / "test.jsonl").write_text("mine")
+    (data / "gsm8k" / "notes.txt").write_text("mine")
+    with pytest.raises(DownloadError, match="exists but does not hold the whole benchmark"):
+        download("gsm8k", str(data), mirror=mirror, log=lambda *a: None)
+    assert sorted(os.listdir(data / "gsm8k")) == ["notes.txt", "test.jsonl"]
+
+
 def test_cli(tmp_path, mirror):
     run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)

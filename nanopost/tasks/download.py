@@ -12,11 +12,14 @@ with nanopost in nanopost/tasks/mappings/.
 
 Each benchmark is fetched and unpacked into a staging folder inside the data dir, checked by
 loading it with its task loader, and only then moved into place, so an interrupted or failed
-download never leaves a half-written benchmark behind. Benchmarks already present are skipped.
+download (a connection cut short, a damaged archive) never leaves a half-written benchmark behind.
+Benchmarks already present are skipped; a task folder that is there but incomplete is refused, never
+replaced (it may hold the user's own files).
 
 Machines without internet: fetch the original files elsewhere (the URLs are in SOURCES) and pass
 `mirror=` (evaluate.py --mirror) as a local folder or http(s) URL that holds them by file name."""
 import gzip
+import http.client
 import json
 import os
 import re
@@ -25,6 +28,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 from tqdm import tqdm
 
@@ -83,7 +87,9 @@ def fetch(url: str, dest: str, mirror: str | None = None, timeout: float = 60.0)
             while chunk := r.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:
+            if bar.total is not None and bar.n != bar.total:  # the server closed early: read() just ends
+                raise OSError(f"the connection ended after {bar.n} of {bar.total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # IncompleteRead: a cut chunk
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"could not fetch {url}: {reason}. If this machine is offline, fetch {name} elsewhere "
                             f"and pass --mirror DIR holding it, or copy the benchmark folder into the data dir "
@@ -114,7 +120,7 @@ def unpack(task: str, files: list[str], out: str) -> None:
             else:
                 raise DownloadError(f"{archive}: neither a zip nor a tar archive")
             shutil.copyfile(os.path.join(MAPPINGS, f"{task}.json"), os.path.join(out, "mapping.json"))
-    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile) as e:
         raise DownloadError(f"{task}: could not unpack {', '.join(map(os.path.basename, files))}: {e}") from None
 
 
@@ -143,6 +149,9 @@ def download(task: str, data_dir: str, mirror: str | None = None, force: bool = 
     final = os.path.join(data_dir, task)
     if present(task, data_dir) and not force:
         return f"{task}: already in {final} (skipped)"
+    if os.path.exists(final) and not force:  # never replaced without being asked: it may hold files of the user's
+        raise DownloadError(f"{final} exists but does not hold the whole benchmark; nothing in it was changed: move it "
+                            f"away (or complete it by hand: the layout is in nanopost/tasks/download.py) and run again")
     os.makedirs(data_dir, exist_ok=True)
     stage = os.path.join(data_dir, f".download-{task}")
     shutil.rmtree(stage, ignore_errors=True)
