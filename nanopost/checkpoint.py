@@ -205,12 +205,15 @@ def load(path_or_hub_id: str, dtype=torch.float32, device="cpu"):
     return load_model(d, dtype, device), tokenizer
 
 
-def atomic_dir(out_dir):
+def atomic_dir(out_dir, inside=False):
     """A new folder beside out_dir to write into before commit_dir moves it into place; with the
-    permissions any other new folder gets (mkdtemp's 0700 would hide a model from the rest of a team)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    permissions any other new folder gets (mkdtemp's 0700 would hide a model from the rest of a team).
+    inside: within out_dir instead, for commit_files, whose moves must stay on out_dir's filesystem
+    (out_dir may be a mount point or a link to another disk, where a move from beside it fails)."""
+    parent = out_dir if inside else os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+    prefix = ".tmp-save-" if inside else ".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-"
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
 
@@ -242,6 +245,9 @@ def remove_unfinished(out_dir):
     for d in os.listdir(parent) if os.path.isdir(parent) else []:
         if re.fullmatch(re.escape(f".tmp-{name}-") + r"[a-z0-9_]{8}", d):
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+    for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # atomic_dir(inside=True)'s
+        if re.fullmatch(r"\.tmp-save-[a-z0-9_]{8}", d):
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
 
 
 def _aside(out_dir):
@@ -283,10 +289,12 @@ def commit_dir(tmp, out_dir):
 
 def remove_model_files(out_dir):
     """Remove a saved model from out_dir, keeping its other files: config.json first (so it stops
-    looking like a checkpoint), then the weight files (model*.safetensors and their index)."""
+    looking like a checkpoint), then the weight files (model*.safetensors and their index) and the
+    tokenizer's (an old chat_template.jinja that the new model's tokenizer lacks would be read with it)."""
     for n in ["config.json"] + sorted(os.listdir(out_dir)):
-        if (n == "config.json" or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
-                and os.path.exists(os.path.join(out_dir, n)):
+        if (n in ("config.json", "generation_config.json") + TOKENIZER_FILES
+                or n.startswith("model") and n.endswith((".safetensors", ".safetensors.index.json"))) \
+                and os.path.isfile(os.path.join(out_dir, n)):
             os.remove(os.path.join(out_dir, n))
 
 
@@ -310,7 +318,8 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
     state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP2
     shards); the model then only supplies the config. keep_other_files: write into an existing
     out_dir file by file (commit_files), keeping what else it holds, instead of replacing it."""
-    tmp = atomic_dir(out_dir)
+    in_place = keep_other_files and os.path.isdir(out_dir)
+    tmp = atomic_dir(out_dir, inside=in_place)
     try:
         state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
                  for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
@@ -352,7 +361,7 @@ def save(model: Qwen2, tokenizer: Tokenizer | None, out_dir: str, max_shard_byte
             else:
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(content)
-        if keep_other_files and os.path.isdir(out_dir):
+        if in_place:
             commit_files(tmp, out_dir)
         else:
             commit_dir(tmp, out_dir)

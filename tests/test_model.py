@@ -1,6 +1,7 @@
 """The model against transformers' Qwen2ForCausalLM on tiny random checkpoints."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -374,6 +375,34 @@ def test_save_into_a_run_dir_keeps_its_files_and_drops_stale_shards(tmp_path, ti
     assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]
     assert (out / "metrics.jsonl").read_text() == "{}\n"
     assert torch.equal(nanopost.load(str(out))[0].model.norm.weight, model.model.norm.weight)
+
+
+def test_save_into_a_run_dir_drops_the_old_tokenizer_and_stays_on_its_filesystem(tmp_path, tiny, monkeypatch):
+    """A tokenizer file the new model lacks (chat_template.jinja, which wins over tokenizer_config's
+    template) goes with the old model; and the files are staged inside the run dir, so a run dir that
+    is a mount point or a link to another disk takes them (a move from beside it failed with EXDEV
+    after every step had run: the final model could never be written)."""
+    import errno
+    from nanopost import checkpoint
+    model, tok = nanopost.load(tiny)
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    (other / "chat_template.jinja").write_text("{{ 'You are B.' }}")
+    out = tmp_path / "run"
+    nanopost.save(model, nanopost.load(str(other))[1], str(out))
+    (out / "metrics.jsonl").write_text("{}\n")
+    real = os.replace
+
+    def one_filesystem(src, dst):  # out is another filesystem: only moves within it work
+        if os.path.commonpath([os.path.abspath(src), str(out)]) != str(out):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", one_filesystem)
+    nanopost.save(model, tok, str(out), keep_other_files=True)
+    monkeypatch.undo()
+    assert not (out / "chat_template.jinja").exists() and (out / "metrics.jsonl").exists()
+    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == sorted(os.listdir(out))  # nothing staged left
+    assert nanopost.load(str(out))[1].render([{"role": "user", "content": "x"}]) == tok.render([{"role": "user", "content": "x"}])
 
 
 @pytest.mark.parametrize("H,K", [(14, 2), (4, 4), (7, 1)])
