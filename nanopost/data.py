@@ -92,6 +92,8 @@ def to_messages(obj: dict) -> list[dict]:
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("'prompt' must be a string or a non-empty list of messages")
+        # only the completion trains (TRL's completion_only_loss): a prompt's assistant turns are context
+        prompt = [{**m, "train": False} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
         msgs = prompt + [{"role": "assistant", "content": _completion_text(obj["completion"], "completion")}]
     else:
         raise ValueError(f"expected 'messages' or 'prompt'+'completion', got keys {sorted(obj)}")
@@ -102,9 +104,16 @@ def to_messages(obj: dict) -> list[dict]:
         if not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: content must be a string")
         check_no_tool_calls(m, f"message {i}")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError("no assistant turn: nothing to train on")
+        if not isinstance(m.get("train", True), bool):
+            raise ValueError(f"message {i}: train must be true or false")
+    if not any(trained_turn(m) for m in msgs):
+        raise ValueError("no assistant turn to train on")
     return msgs
+
+
+def trained_turn(m: dict) -> bool:
+    """An assistant turn SFT learns (one marked "train": false is context only, as Tokenizer.render)."""
+    return m["role"] == "assistant" and m.get("train", True) is not False
 
 
 def check_no_tool_calls(m: dict, where: str):
@@ -129,7 +138,7 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
     count = len if train_on_prompt else sum  # a mask's trained tokens
     truncated, trained = len(ids) > max_len, count(mask)
     if truncated:  # the longest prefix that ends with an assistant turn and fits, else a hard cut
-        ends = [i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        ends = [i + 1 for i, m in enumerate(msgs) if trained_turn(m)]
         for end in reversed(ends):
             ids, mask = tok.render(msgs[:end])
             if len(ids) <= max_len:

@@ -102,7 +102,8 @@ class Tokenizer:
 
     def render(self, messages, add_generation_prompt=False) -> tuple[list[int], list[bool]]:
         """Chat messages [{"role", "content"}] -> (ids, mask), mask True on the tokens SFT trains
-        on: each assistant turn's content and its closing <|im_end|> (not the newline after)."""
+        on: each assistant turn's content and its closing <|im_end|> (not the newline after); an
+        assistant turn marked "train": False is context only (a prompt's turns, data.to_messages)."""
         messages = list(messages)
         added = (not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "system") \
             and self.default_system is not None
@@ -118,9 +119,10 @@ class Tokenizer:
             # that starts with whitespace can merge with the header's newline into one token
             head = role + "\n"
             enc = self.tok.encode(head + content, add_special_tokens=False)
-            train = [role == "assistant" and end > len(head) for _, end in enc.offsets]
+            trained = role == "assistant" and m.get("train", True) is not False
+            train = [trained and end > len(head) for _, end in enc.offsets]
             ids += [self.im_start] + enc.ids + [self.im_end] + nl
-            mask += [False] + train + [role == "assistant"] + [False] * len(nl)
+            mask += [False] + train + [trained] + [False] * len(nl)
         if add_generation_prompt:
             head = [self.im_start] + self.encode("assistant\n")
             ids += head

@@ -106,6 +106,26 @@ def test_trl_conversational_prompt_completion_reads_as_messages(tiny):
             to_messages(bad)
 
 
+def test_prompt_completion_trains_only_the_completion(tiny):
+    """TRL's completion_only_loss: an assistant turn inside a conversational prompt (a few-shot
+    exchange) is context, not trained (it was: 'FEWSHOT<|im_end|>A2<|im_end|>' trained)."""
+    from nanopost.data import encode, to_messages
+    tok = nanopost.Tokenizer(tiny)
+    prompt = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "FEWSHOT"}, {"role": "user", "content": "Q2"}]
+    ex, _, _ = encode(tok, to_messages({"prompt": prompt, "completion": [{"role": "assistant", "content": "A2"}]}), 512)
+    assert tok.decode([i for i in ex.labels if i >= 0], skip_special_tokens=False) == "A2<|im_end|>"
+    assert prompt[1] == {"role": "assistant", "content": "FEWSHOT"}  # the caller's messages are left as they were
+    msgs = to_messages({"messages": prompt + [{"role": "assistant", "content": "A2"}]})  # messages: every reply trains
+    assert tok.decode([i for i in encode(tok, msgs, 512)[0].labels if i >= 0], skip_special_tokens=False) \
+        == "FEWSHOT<|im_end|>A2<|im_end|>"
+    # cut short, the prefix kept ends with a trained turn, never with the prompt's context turn alone
+    n = len(tok.render(to_messages({"prompt": prompt, "completion": "A2"}))[0])
+    ex, cut, lost = encode(tok, to_messages({"prompt": prompt, "completion": "A2"}), n - 3)
+    assert cut and lost and len(ex.ids) == n - 3
+    with pytest.raises(ValueError, match="train must be true or false"):
+        to_messages({"messages": [{"role": "assistant", "content": "x", "train": "no"}]})
+
+
 def test_truncation_keeps_whole_turns(tiny):
     tok = nanopost.Tokenizer(tiny)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
