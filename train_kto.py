@@ -42,7 +42,7 @@ from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
-                               frozen_for_autocast, grad_sync, load_policy, parse_training_args, plan_steps,
+                               frozen_for_autocast, grad_sync, load_policy, micro_batches_each, parse_training_args, plan_steps,
                                split_validation, start_meta, start_run, train)
 
 
@@ -116,8 +116,7 @@ def main(argv=None):
                 log(note)
         groups, val_groups = kto_groups(len(examples), args.batch_size, args.seed), kto_groups(len(val), args.batch_size, args.seed)
         groups_per_step = args.grad_accum * world
-        steps_per_epoch, total = plan_steps(len(groups), groups_per_step, args,
-                                            f"micro-batches of --batch-size {args.batch_size}", "grad-accum x processes")
+        steps_per_epoch, total = plan_steps(len(groups), groups_per_step, args)
 
         # ---- the policy (from the latest checkpoint with --resume), optimizer; the reference ----
         run = load_policy(args, sequence_logps, world, device, log)
@@ -214,8 +213,9 @@ def main(argv=None):
 
     def micro_batch(data, group, ref, ref_kl, z0=None, sync=True, accum=1, over_ranks=mean_over_ranks):
         """The policy pass -> (loss, rewards, policy logps, desirable, z0); with gradients on,
-        backward runs here (scaled for accumulation). z0 None (kto): from the KL pairs scored by
-        this same forward (averaged with over_ranks), before the backward."""
+        backward runs here (scaled for accumulation: accum None, a stand-in that counts for nothing).
+        z0 None (kto): from the KL pairs scored by this same forward (averaged with over_ranks),
+        before the backward."""
         desirable = torch.tensor([data[i].label for i in group], device=device)
         main, kl = batch(data, group)
         with grad_sync(run.wrapped, sync), run.autocast():
@@ -226,8 +226,8 @@ def main(argv=None):
                 logps = run.wrapped(*main)
             loss, rewards = kto_loss(logps, ref, desirable, z0, args.beta,
                                      args.desirable_weight, args.undesirable_weight, args.loss_type)
-            if torch.is_grad_enabled():
-                (loss / accum).backward()  # a mean of micro-batch means; DDP/FSDP2 average over ranks
+            if torch.is_grad_enabled():  # a mean of micro-batch means; DDP/FSDP2 average over ranks
+                (loss / accum if accum else loss * 0).backward()
         return loss.detach(), rewards, logps.detach(), desirable, z0
 
     # ---- one optimizer step: this rank's micro-batches ----
@@ -238,23 +238,32 @@ def main(argv=None):
             epoch_groups.clear()
             epoch_groups[epoch] = groups[:]
             random.Random(args.seed * 1000 + epoch).shuffle(epoch_groups[epoch])
-        mine = epoch_groups[epoch][k * groups_per_step:(k + 1) * groups_per_step][rank::world]
+        step_groups = epoch_groups[epoch][k * groups_per_step:(k + 1) * groups_per_step]  # an epoch's last may be fewer
+        mine = step_groups[rank::world]
+        n_real, each = len(mine), micro_batches_each(len(step_groups), world)
+        mine += step_groups[:1] * (each - n_real)  # stand-ins (as many micro-batches on every process), weighted 0
         # z0 of the step: the KL pairs of all its micro-batches on all ranks (one estimate, so that
         # grad-accum k equals k processes; with grad-accum 1 it is TRL's: the ranks' mean)
         refs = [reference("train", examples, g) for g in mine]  # (examples', KL pairs') of each micro-batch
         z0 = None if use_kl else torch.zeros((), device=device)  # None: from the policy's forward (one micro-batch)
-        if use_kl and len(mine) > 1:  # every micro-batch's pairs before the first backward
+        if use_kl and len(step_groups) < groups_per_step:  # a smaller last step: the mean of the real micro-batches'
+            ratios = [kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]  # (every process, as many)
+            z0 = (all_reduce_sum(sum(ratios[:n_real], torch.zeros((), device=device))) / len(step_groups)).clamp(min=0)
+        elif use_kl and len(mine) > 1:  # every micro-batch's pairs before the first backward
             z0 = kl_estimate(torch.stack([kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]), 0,
                              mean_over_ranks)
         sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, n_d, n_u, rewards d/u, logps d/u
         for j, (g, r) in enumerate(zip(mine, refs)):
-            loss, rewards, logps, d, z0 = micro_batch(examples, g, *r, z0, sync=j == len(mine) - 1, accum=len(mine))
-            u, n_tokens = ~d, sum(len(examples[i].prompt) + len(examples[i].completion) for i in g)
-            sums += torch.stack([t.to(sums) for t in (loss, torch.tensor(n_tokens), d.sum(), u.sum(),
-                                                      rewards[d].sum(), rewards[u].sum(), logps[d].sum(), logps[u].sum())])
+            real = j < n_real
+            loss, rewards, logps, d, z0 = micro_batch(examples, g, *r, z0, sync=j == len(mine) - 1,
+                                                      accum=len(step_groups) / world if real else None)
+            if real:
+                u, n_tokens = ~d, sum(len(examples[i].prompt) + len(examples[i].completion) for i in g)
+                sums += torch.stack([t.to(sums) for t in (loss, torch.tensor(n_tokens), d.sum(), u.sum(), rewards[d].sum(),
+                                                          rewards[u].sum(), logps[d].sum(), logps[u].sum())])
         loss, tokens, n_d, n_u, r_d, r_u, l_d, l_u = all_reduce_sum(sums).tolist()
         per = lambda s, n: s / n if n else None  # noqa: E731  (null in metrics.jsonl: no such example this step)
-        m = {"loss": loss / (len(mine) * world), "kl": z0.item() if use_kl else None, "rewards/chosen": per(r_d, n_d),
+        m = {"loss": loss / len(step_groups), "kl": z0.item() if use_kl else None, "rewards/chosen": per(r_d, n_d),
              "rewards/rejected": per(r_u, n_u), "logps/chosen": per(l_d, n_d), "logps/rejected": per(l_u, n_u),
              "n_desirable": int(n_d), "n_undesirable": int(n_u), "tokens": tokens}
         m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"] if n_d and n_u else None
@@ -266,12 +275,12 @@ def main(argv=None):
             return None
         run.model.eval()
         # every rank the whole (small) validation set, z0 per micro-batch: no collective to pair up
-        losses = []
+        total = 0.0
         for g in val_groups:
             z0 = None if use_kl else 0.0
-            losses.append(micro_batch(val, g, *reference("val", val, g), z0, over_ranks=lambda x: x)[0].item())
+            total += micro_batch(val, g, *reference("val", val, g), z0, over_ranks=lambda x: x)[0].item() * len(g)
         run.model.train()
-        return sum(losses) / len(losses)
+        return total / len(val)  # per example, as transformers' evaluation loop weights each batch by its size
 
     try:
         train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_loss, rank, world, device, log)

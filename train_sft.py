@@ -33,8 +33,8 @@ from nanopost.data import DataError, collate, load_sft, mix, pack
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
 from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, cut_note, data_hash,
-                               grad_sync, load_policy, parse_training_args, plan_steps, split_validation, start_meta,
-                               start_run, train)
+                               grad_sync, load_policy, micro_batches_each, parse_training_args, plan_steps,
+                               split_validation, start_meta, start_run, train)
 
 
 def parse_args(argv=None):
@@ -60,8 +60,8 @@ def make_rows(examples, args):
     return pack(examples, args.max_len)
 
 
-def rows_for_epoch(rows, args, epoch, rows_per_step):
-    """Deterministic: the rows of an epoch, shuffled by (seed, epoch), cut to whole optimizer steps."""
+def rows_for_epoch(rows, args, epoch):
+    """Deterministic: the rows of an epoch, shuffled by (seed, epoch)."""
     rng = random.Random(args.seed * 1000 + epoch)
     if args.no_packing:
         groups = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
@@ -70,7 +70,7 @@ def rows_for_epoch(rows, args, epoch, rows_per_step):
     else:
         rows = rows[:]
         rng.shuffle(rows)
-    return rows[:len(rows) // rows_per_step * rows_per_step]
+    return rows
 
 
 @torch.no_grad()
@@ -111,8 +111,7 @@ def main(argv=None):
         train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
         all_rows = make_rows(train_examples, args)
         rows_per_step = args.batch_size * args.grad_accum * world
-        steps_per_epoch, total = plan_steps(len(all_rows), rows_per_step, args, "rows",
-                                            "batch-size x grad-accum x processes")
+        steps_per_epoch, total = plan_steps(len(all_rows), rows_per_step, args)
 
         # ---- model (from the latest checkpoint with --resume), optimizer ----
         run = load_policy(args, sft_loss_sum, world, device, log)
@@ -125,11 +124,15 @@ def main(argv=None):
     def step_fn(step, epoch, k):
         if epoch not in epoch_rows:  # same rows every epoch, reshuffled by (seed, epoch)
             epoch_rows.clear()
-            epoch_rows[epoch] = rows_for_epoch(all_rows, args, epoch, rows_per_step)
-        step_rows = epoch_rows[epoch][k * rows_per_step:(k + 1) * rows_per_step]
+            epoch_rows[epoch] = rows_for_epoch(all_rows, args, epoch)
+        step_rows = epoch_rows[epoch][k * rows_per_step:(k + 1) * rows_per_step]  # an epoch's last may be fewer
         mine = step_rows[rank::world]  # this process's share, in micro-batches
         micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
         n_trained = all_reduce_sum(torch.tensor(float(sum((m[1][:, 1:] != IGNORE).sum() for m in micro)), device=device))
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()
+        while len(micro) < micro_batches_each(len(step_rows), world, args.batch_size):  # a stand-in: no label, no loss
+            ids, labels, pos = collate(step_rows[:1], train_examples, tok.pad_id)
+            micro.append((ids, torch.full_like(labels, IGNORE), pos))
         loss_sum = 0.0
         for j, (ids, labels, pos) in enumerate(micro):
             ids, labels, pos = ids.to(device), labels.to(device), pos.to(device)
@@ -140,7 +143,7 @@ def main(argv=None):
             loss_sum += s.item()
         return {"loss": all_reduce_sum(torch.tensor(loss_sum, device=device)).item() / n_trained.item(),
                 "trained_tokens": int(n_trained.item()),
-                "tokens": all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()}
+                "tokens": n_tokens}
 
     try:
         meta = {"steps_per_epoch": steps_per_epoch, "data": data_hash(s for e in train_examples for s in (e.ids, e.labels)),

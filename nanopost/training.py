@@ -620,17 +620,24 @@ def cut_note(n_cut: int, n: int, max_len: int, what: str = "examples") -> str | 
     return None
 
 
-def plan_steps(units: int, units_per_step: int, args, what: str, per_step_what: str):
-    """-> (steps per epoch, total steps) for `units` rows or micro-batches an epoch; a StateError
-    when not even one optimizer step fits."""
-    steps_per_epoch = units // units_per_step
+def plan_steps(units: int, units_per_step: int, args):
+    """-> (steps per epoch, total steps) for `units` rows or micro-batches an epoch. As transformers'
+    Trainer, nothing is dropped: an epoch's last step may be smaller (its loss is still the mean over
+    what it holds; micro_batches_each() keeps the processes in step)."""
+    steps_per_epoch = math.ceil(units / units_per_step)
     if steps_per_epoch == 0:
-        raise StateError(f"fewer {what} ({units}) than one optimizer step needs ({units_per_step} = {per_step_what}); "
-                         f"lower --batch-size or --grad-accum" + ("; packing put the data in few rows: a smaller --max-len "
-                                                                 "or --no-packing makes more" if what == "rows" else "")
-                         + ("; --data-weights below 1 keep only that share of a file's examples"
-                            if any(w < 1 for w in getattr(args, "data_weights", None) or []) else ""))
+        raise StateError("no training data left to make a step of" + ("; --data-weights below 1 keep only that "
+                         "share of a file's examples" if any(w < 1 for w in getattr(args, "data_weights", None) or []) else ""))
     return steps_per_epoch, args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+
+
+def micro_batches_each(step_units: int, world: int, per_micro: int = 1) -> int:
+    """How many micro-batches every process runs in a step of step_units rows (per_micro a
+    micro-batch) or KTO micro-batches (per_micro 1), shared out as units[rank::world]: the most any
+    process gets. Under DDP and FSDP2 each forward or backward is a collective, so in an epoch's
+    smaller last step a process with fewer runs stand-ins that count for nothing (a process with
+    fewer micro-batches would wait for the others forever)."""
+    return math.ceil(math.ceil(step_units / world) / per_micro)
 
 
 def split_validation(per_file, args, val_examples):

@@ -381,6 +381,24 @@ def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path
     assert metrics(tmp_path / "two")[-1]["loss"] == pytest.approx(m1[-1]["loss"], rel=1e-5)
 
 
+def test_an_epochs_smaller_last_step_under_fsdp_matches_one_process(tiny, tmp_path):
+    """24 examples in micro-batches of 5 are 5 groups: at 2 a step, the epoch's last step holds one
+    (it was dropped). Under 2 FSDP2 processes the second runs a stand-in weighted 0 (without it, it
+    would wait in a collective forever), and the step equals one process's: its loss, z0 (the mean
+    of the real micro-batches' KL pairs only) and weights."""
+    from test_sft import assert_same_training, torchrun
+    common = ["--model", tiny, *COMMON, "--batch-size", 5, "--epochs", 1, "--save-every", 1, "--keep-last", 10]
+    one = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "one")
+    assert one.returncode == 0 and "training 3 steps (3/epoch)" in one.stdout, one.stderr
+    two = torchrun(*common, "--fsdp", "--out", tmp_path / "two", script="train_kto.py")
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sum(m["n_desirable"] + m["n_undesirable"] for m in m1) == 24 and len(m1) == 3  # every example, once
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "n_desirable"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-6), key
+    assert_same_training(tmp_path / "one", tmp_path / "two", tiny)
+
+
 def test_sft_then_kto_two_stages_as_in_the_readme(tiny, tmp_path):
     r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", SFT_DATA, "--out", tmp_path / "sft",
                  "--max-len", 64, "--batch-size", 8, "--lr", 3e-3, "--max-steps", 10)
