@@ -399,6 +399,20 @@ def test_an_epochs_smaller_last_step_under_fsdp_matches_one_process(tiny, tmp_pa
     assert_same_training(tmp_path / "one", tmp_path / "two", tiny)
 
 
+def test_validation_loss_is_per_example(tiny, tmp_path):
+    """6 validation examples at --batch-size 4 are groups of 4 and 2. With the policy still its
+    reference (lr 1e-12) every reward and z0 is 0, so a desirable example's loss is 2 x 0.5
+    (--desirable-weight 2) and an undesirable one's 0.5: per example (5 x 1 + 0.5) / 6, however the
+    groups fall (a mean of the two group means gave 0.875 or 0.9375)."""
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i != 3}) + "\n"
+                           for i in range(6)))
+    r = run_main(TRAIN_KTO, "--model", tiny, *COMMON, "--lr", 1e-12, "--max-steps", 1, "--desirable-weight", 2,
+                 "--val", val, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert metrics(tmp_path / "run")[-1]["val_loss"] == pytest.approx(5.5 / 6, abs=1e-5)
+
+
 def test_sft_then_kto_two_stages_as_in_the_readme(tiny, tmp_path):
     r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", SFT_DATA, "--out", tmp_path / "sft",
                  "--max-len", 64, "--batch-size", 8, "--lr", 3e-3, "--max-steps", 10)
