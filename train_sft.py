@@ -109,6 +109,8 @@ def main(argv=None):
         if note := cut_note(stats["cut_trained"], stats["examples"], args.max_len):
             log(note)
         train_examples = mix(per_file, args.data_weights or [1.0] * len(per_file), args.seed)
+        if args.data_weights:
+            log(f"--data-weights {' '.join(map(str, args.data_weights))}: {len(train_examples)} examples an epoch")
         all_rows = make_rows(train_examples, args)
         rows_per_step = args.batch_size * args.grad_accum * world
         steps_per_epoch, total = plan_steps(len(all_rows), rows_per_step, args)

@@ -484,7 +484,8 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--model", required=True, help="checkpoint directory or hub id to start from")
     p.add_argument("--data", nargs="+", required=True, help=data_help)
     p.add_argument("--val", default=None, help="validation JSONL (default: --val-fraction of the training data)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction when --val is not given")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction of each file when --val is not given (rounded up; KTO keeps "
+                        "a prompt's completions on one side)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
@@ -495,7 +496,7 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of all steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of all steps (rounded up)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on norms/biases)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
@@ -549,6 +550,10 @@ def parse_training_args(p, argv, presets: dict):
         p.error("--max-grad-norm must be 0 (no clipping) or more")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
+    if not 0 <= args.seed < 2**63:  # (torch.manual_seed raised an overflow traceback)
+        p.error(f"--seed must be in [0, 2**63), not {args.seed}")
+    if args.resume and args.overwrite:  # (the two are alternatives: --overwrite was silently ignored)
+        p.error("give --resume (continue the run in --out) or --overwrite (start afresh there), not both")
     for flag in ("save_every", "eval_every"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be 0 or more")
@@ -640,15 +645,22 @@ def micro_batches_each(step_units: int, world: int, per_micro: int = 1) -> int:
     return math.ceil(math.ceil(step_units / world) / per_micro)
 
 
-def split_validation(per_file, args, val_examples):
-    """--val-fraction: a seeded share of every training file moves to validation (in place)."""
+def split_validation(per_file, args, val_examples, key=None):
+    """--val-fraction: a seeded share of every training file moves to validation (in place), rounded
+    up as datasets' train_test_split does (0.05 of 16 is 1, never 0), one example always left to
+    train. key: examples with the same key move together (KTO: one prompt's completions, a pair's
+    two halves, so validation never scores a prompt that trains)."""
     if not args.val and args.val_fraction > 0:
         rng = random.Random(args.seed)
         for examples in per_file:
-            rng.shuffle(examples)
-            k = int(len(examples) * args.val_fraction)
-            val_examples += examples[:k]
-            del examples[:k]
+            groups = {}
+            for e in examples:
+                groups.setdefault(key(e) if key else id(e), []).append(e)
+            groups = list(groups.values())
+            rng.shuffle(groups)
+            k = min(math.ceil(len(groups) * args.val_fraction), len(groups) - 1)
+            val_examples += [e for g in groups[:k] for e in g]
+            examples[:] = [e for g in groups[k:] for e in g]
     return val_examples
 
 
@@ -693,7 +705,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     "tokens" summed over ranks), clipping, AdamW, the log line, validation (val_fn -> loss or
     None), checkpoints and Ctrl-C; at the end the validation loss and the final model in --out.
     meta: what a resume must agree on (rows per step, steps per epoch, ...)."""
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total)
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total)
     if warmup >= total:  # every step below the lr asked for
         log(f"warning: --warmup-steps {warmup} >= the run's {total} steps: the lr never reaches --lr {args.lr}")
     start = 0

@@ -321,7 +321,7 @@ def test_precomputed_reference_gives_the_live_losses_and_learning_happens(tiny, 
     chosen = [m["rewards/chosen"] for m in m_live if m["rewards/chosen"] is not None]
     assert sum(margins[-8:]) / 8 > sum(margins[:8]) / 8 + 0.3
     assert sum(chosen[-8:]) / 8 > sum(chosen[:8]) / 8
-    assert all(m["n_desirable"] + m["n_undesirable"] == 4 for m in m_live)
+    assert all(1 <= m["n_desirable"] + m["n_undesirable"] <= 4 for m in m_live)  # (--batch-size 4; the last group may be short)
 
 
 def test_bf16_autocast_runs_with_its_bf16_reference_live_and_precomputed(tiny, tmp_path):

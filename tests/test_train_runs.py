@@ -495,3 +495,37 @@ def test_no_packing_resume_refuses_another_micro_batch_split(tiny, tmp_path):
     assert r.returncode != 0 and "examples per micro-batch" in r.stderr, r.stderr
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--data-weights", 0.01, "--max-len", 64, "--out", tmp_path / "w")
     assert r.returncode != 0 and "--data-weights below 1" in r.stderr, r.stderr
+
+
+def test_validation_split_rounds_up_and_keeps_a_prompts_completions_together(tiny):
+    """--val-fraction 0.05 of 16 holds out 1 (datasets' train_test_split rounds up; int() held out
+    none, silently); KTO's two halves of a pair (one prompt) land on the same side; one example
+    always stays to train."""
+    from types import SimpleNamespace
+    from nanopost.data import load_kto
+    args = SimpleNamespace(val=None, val_fraction=0.05, seed=0)
+    files = [list(range(16))]
+    assert len(nanopost.training.split_validation(files, args, [])) == 1 and len(files[0]) == 15
+    files = [[0]]
+    assert nanopost.training.split_validation(files, SimpleNamespace(val=None, val_fraction=0.9, seed=0), []) == [] \
+        and files == [[0]]
+    examples, _ = load_kto([os.path.join(ROOT, "tests", "data", "kto.jsonl")], nanopost.Tokenizer(tiny), 256)
+    for seed in range(5):
+        train = examples[:]
+        val = nanopost.training.split_validation([train], SimpleNamespace(val=None, val_fraction=0.3, seed=seed), [],
+                                                 key=lambda e: tuple(e.prompt))
+        assert val and not {tuple(e.prompt) for e in val} & {tuple(e.prompt) for e in train}
+        assert len(val) + len(train) == len(examples)
+
+
+def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
+    """A seed past 64 bits (a traceback), --resume with --overwrite (--overwrite was ignored), and
+    --warmup-ratio rounded up as transformers does (0.15 of 10 steps is 2, int() gave 1)."""
+    for flags, why in ((["--seed", 2**70], "--seed must be in"), (["--resume", "--overwrite"], "not both")):
+        r = run_main(TRAIN, *common(tiny, tmp_path / "x"), *flags)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "w", "--max-len", 64, "--max-steps", 10,
+                 "--warmup-ratio", 0.15, "--lr-schedule", "constant", "--lr", 1e-3)
+    assert r.returncode == 0, r.stderr
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert lrs == pytest.approx([5e-4] + [1e-3] * 9)  # nanopost's warmup: step s (from 0) at (s + 1) / warmup
