@@ -295,7 +295,8 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
              "max_len": "--max-len (it cuts the examples, and SFT packs rows to it)",
              "packing": "packing",
              "rows_per_step": "rows per optimizer step (batch-size x grad-accum x processes)",
-             "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed?)",
+             "steps_per_epoch": "optimizer steps per epoch (the data, --max-len or packing changed? or the run began "
+                                "under a nanopost that left an epoch's last, smaller step out)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each; SFT without packing "
                            "batches rows of similar length by it)",
              "seed": "--seed (it orders the data and splits validation)",
