@@ -6,6 +6,7 @@ Accepted lines (one JSON object per line):
     {"prompt": str, "completion": str}                                           (one exchange)
 Labels follow the one mask convention: IGNORE (-100) marks a token the loss does not train on."""
 import bisect
+import hashlib
 import heapq
 import json
 import random
@@ -257,6 +258,7 @@ class KTOExample:
     prompt: list[int]
     completion: list[int]
     label: bool  # True: desirable
+    source: str = ""  # a hash of the whole prompt before truncation: one prompt's completions share it
 
 
 def _completion_text(value, key) -> str:
@@ -334,7 +336,7 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
                     continue
                 stats["prompts_cut"] += len(p_cut) < len(p_ids)
                 stats["completions_cut"] += len(c_cut) < len(c_ids)
-                examples.append(KTOExample(p_cut, c_cut, label))
+                examples.append(KTOExample(p_cut, c_cut, label, hashlib.sha1(str(p_ids).encode()).hexdigest()))
         if len(examples) == n_before and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
     report_bad_lines(bad, skip_bad_lines, log)

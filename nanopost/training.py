@@ -551,8 +551,8 @@ def parse_training_args(p, argv, presets: dict):
         p.error("--max-grad-norm must be 0 (no clipping) or more")
     if not 0 <= args.val_fraction < 1:
         p.error("--val-fraction must be in [0, 1)")
-    if not 0 <= args.seed < 2**63:  # (torch.manual_seed raised an overflow traceback)
-        p.error(f"--seed must be in [0, 2**63), not {args.seed}")
+    if not -2**63 <= args.seed < 2**64:  # what torch.manual_seed takes (past it: an overflow traceback)
+        p.error(f"--seed must be in [-2**63, 2**64), not {args.seed}")
     if args.resume and args.overwrite:  # (the two are alternatives: --overwrite was silently ignored)
         p.error("give --resume (continue the run in --out) or --overwrite (start afresh there), not both")
     for flag in ("save_every", "eval_every"):

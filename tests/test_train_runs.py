@@ -509,19 +509,22 @@ def test_validation_split_rounds_up_and_keeps_a_prompts_completions_together(tin
     files = [[0]]
     assert nanopost.training.split_validation(files, SimpleNamespace(val=None, val_fraction=0.9, seed=0), []) == [] \
         and files == [[0]]
-    examples, _ = load_kto([os.path.join(ROOT, "tests", "data", "kto.jsonl")], nanopost.Tokenizer(tiny), 256)
-    for seed in range(5):
-        train = examples[:]
-        val = nanopost.training.split_validation([train], SimpleNamespace(val=None, val_fraction=0.3, seed=seed), [],
-                                                 key=lambda e: tuple(e.prompt))
-        assert val and not {tuple(e.prompt) for e in val} & {tuple(e.prompt) for e in train}
-        assert len(val) + len(train) == len(examples)
+    for max_len in (256, 24):  # 24: the prompts are cut from the left, a pair's two halves to other tails
+        examples, stats = load_kto([os.path.join(ROOT, "tests", "data", "kto.jsonl")], nanopost.Tokenizer(tiny), max_len)
+        assert stats["prompts_cut"] if max_len == 24 else not stats["prompts_cut"]
+        for seed in range(5):
+            train = examples[:]
+            val = nanopost.training.split_validation([train], SimpleNamespace(val=None, val_fraction=0.3, seed=seed),
+                                                     [], key=lambda e: e.source)
+            assert val and not {e.source for e in val} & {e.source for e in train}
+            assert len(val) + len(train) == len(examples) and len({e.source for e in examples}) < len(examples)
 
 
 def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
     """A seed past 64 bits (a traceback), --resume with --overwrite (--overwrite was ignored), and
     --warmup-ratio rounded up as transformers does (0.15 of 10 steps is 2, int() gave 1)."""
-    for flags, why in ((["--seed", 2**70], "--seed must be in"), (["--resume", "--overwrite"], "not both")):
+    for flags, why in ((["--seed", 2**64], "--seed must be in"), (["--seed", -2**63 - 1], "--seed must be in"),
+                       (["--resume", "--overwrite"], "not both")):
         r = run_main(TRAIN, *common(tiny, tmp_path / "x"), *flags)
         assert r.returncode == 2 and why in r.stderr, r.stderr
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "w", "--max-len", 64, "--max-steps", 10,

@@ -84,11 +84,13 @@ def fetch(url: str, dest: str, mirror: str | None = None, timeout: float = 60.0)
                 open(dest, "wb") as f, \
                 tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
                      desc=name, leave=False) as bar:
+            got, size = 0, int(r.headers.get("Content-Length") or -1)
             while chunk := r.read(1 << 20):
                 f.write(chunk)
+                got += len(chunk)
                 bar.update(len(chunk))
-            if bar.total is not None and bar.n != bar.total:  # the server closed early: read() just ends
-                raise OSError(f"the connection ended after {bar.n} of {bar.total} bytes")
+            if size >= 0 and got != size:  # the server closed early: read() just ends
+                raise OSError(f"the connection ended after {got} of {size} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # IncompleteRead: a cut chunk
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"could not fetch {url}: {reason}. If this machine is offline, fetch {name} elsewhere "
