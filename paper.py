@@ -498,7 +498,9 @@ def write_report(args, tasks, tiny, out, variants, st, ids):
             return f"{s.get('shots', 4)}-shot CoT, generate, last number"
         if t == "humaneval":
             return "pass@1, greedy, run in a sandbox"
-        return f"{s.get('shots', 0)}-shot, {'option-letter log-probs' if s.get('mode', 'logprob') == 'logprob' else 'generate + extract'}"
+        from nanopost.tasks.choice import OVER_SUBJECTS
+        how = 'option-letter log-probs' if s.get('mode', 'logprob') == 'logprob' else 'generate + extract'
+        return f"{s.get('shots', 0)}-shot, {how}" + (", mean over subjects" if t in OVER_SUBJECTS else "")
 
     lines = ["# The paper's experiment: " + ("the tiny offline run" if tiny else f"`{args.model}`"), "",
              f"`{report['command']}`", ""]

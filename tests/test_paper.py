@@ -59,6 +59,8 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     assert report["training"]["kto"]["loss"]["first"] is not None
     md = (out / "report.md").read_text()
     assert "as published" in md and "| slerp (" in md and "| protocol |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| protocol |")).split("|")[2:-1]
+    assert ["mean over subjects" in c for c in row] == [t in ("cmmlu", "ceval") for t in TASKS], row
 
     # a finished run does nothing the second time: no stage runs, the report is not rewritten
     markers = {f: (out / "stages" / f).stat().st_mtime_ns for f in os.listdir(out / "stages")}
