@@ -42,8 +42,8 @@ from nanopost.checkpoint import CheckpointError, resolve, save_tensors
 from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
-                               frozen_for_autocast, grad_sync, load_policy, micro_batches_each, parse_training_args, plan_steps,
-                               split_validation, start_meta, start_run, train)
+                               frozen_for_autocast, grad_sync, load_policy, micro_batches_each, parse_training_args,
+                               plan_steps, split_validation, start_meta, start_run, train)
 
 
 def parse_args(argv=None):

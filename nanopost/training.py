@@ -485,8 +485,9 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--model", required=True, help="checkpoint directory or hub id to start from")
     p.add_argument("--data", nargs="+", required=True, help=data_help)
     p.add_argument("--val", default=None, help="validation JSONL (default: --val-fraction of the training data)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction of each file when --val is not given (rounded up; KTO keeps "
-                        "a prompt's completions on one side)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="held-out fraction of each file when --val is not given (rounded up; KTO keeps a prompt's "
+                        "completions on one side)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
