@@ -110,10 +110,10 @@ def subset(examples, limit):
 
 
 def summarize(preds, over_subjects=False):
-    """Accuracy in % overall, by category and by subject. MMLU's (and every other task's) is the share of
-    questions answered right, as Hendrycks' code pools them; with over_subjects (CMMLU, C-Eval) the
-    overall and category figures are the mean of their subjects' accuracies, as CMMLU's and C-Eval's
-    own scripts report them (a subject of 50 questions counts as much as one of 500)."""
+    """Accuracy in % overall, by category and by subject. MMLU's (and every other task's) is the
+    share of questions answered right, as Hendrycks' code pools them; with over_subjects (CMMLU,
+    C-Eval) the overall and category figures are the mean of their subjects' accuracies, as CMMLU's
+    and C-Eval's own scripts report them (a subject of 50 questions counts as one of 500 does)."""
     def groups(rows, key):
         out = {}
         for r in rows:
@@ -408,9 +408,9 @@ def main(argv=None):
                     engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop), batch_size=args.batch_size,
                                         on_done=finished)
             preds = [done[e["id"]] for e in examples]
-            results[model_name][task] = {**summarize(preds, task in OVER_SUBJECTS), "settings": settings, "seconds": round(time.time() - t0, 1),
-                                         "checkpoint": stamps[model_name], **where, "data": asked[:16],
-                                         "predictions": preds}
+            results[model_name][task] = {**summarize(preds, task in OVER_SUBJECTS), "settings": settings,
+                                         "seconds": round(time.time() - t0, 1), "checkpoint": stamps[model_name],
+                                         **where, "data": asked[:16], "predictions": preds}
             print(f"{model_name} {task}: {results[model_name][task]['accuracy']}% of {len(preds)}", flush=True)
         del model, engine
 
