@@ -10,7 +10,9 @@ chat template, greedy decoding) and write one table comparing them.
 GSM8K: 4-shot chain of thought in one user turn, generation stopped at a next "Question:", the
 last number of the reply against '#### N'. MMLU (test), CMMLU (test), C-Eval (val): zero-shot by
 default, scored by the next-token log-probs of the option letters after the assistant header
-(--mode generate: generate a reply and extract the letter). HumanEval: greedy completion, pass@1,
+(--mode generate: generate a reply and extract the letter), each question in its benchmark's own
+layout; MMLU's accuracy pools its questions, CMMLU's and C-Eval's (overall and per category) is
+the mean of their subjects' accuracies, as their own scripts report them. HumanEval: greedy completion, pass@1,
 each program run in a sandboxed subprocess (see nanopost/tasks/humaneval.py for what that sandbox
 does not protect against). --shots and --max-new-tokens take TASK=N pairs (--shots mmlu=5,gsm8k=0);
 a bare N is refused when it would apply to several of --tasks. Each task has its own default
@@ -24,7 +26,8 @@ small files: config, index, tokenizer), a hash of the examples as loaded from --
 answers, tests), every setting, and the scoring-protocol version (nanopost.tasks.PROTOCOL), so a
 retrained model, changed benchmark files or a changed scorer never reuse old rows. An --out that
 has results from earlier runs keeps them beside this run's (kept cells are marked * in
-results.md, and † where their settings or questions differ from this run's in that column).
+results.md, and † where their settings or questions differ from this run's in that column); a
+checkpoint folder (one holding config.json) is refused as --out.
 --perplexity F.jsonl adds each model's perplexity on the assistant tokens of a chat JSONL file
 (for checking training runs); with matplotlib installed, OUT/results.png is a bar chart.
 

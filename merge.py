@@ -234,12 +234,13 @@ def setting(levels, key, name, n_layers, default=None):
     parameters, the slice's, the top level's) that sets it and whose entries match the tensor. Never
     set: the default. Set, but matching nowhere: the default for density, an error for weight and t
     (mergekit requires those)."""
-    given = [level[key] for level in levels if key in level]
-    for spec in given:
+    given = [(where, level[key]) for where, level in zip(("a model's", "the slice's", "the top level's")[-len(levels):],
+                                                          levels) if key in level]
+    for where, spec in given:
         try:
             value = resolve_param(spec, name, n_layers, key)
         except ValueError as e:
-            raise MergeError(str(e)) from None
+            raise MergeError(f"{e}, in {where} parameters") from None
         if value is not None:
             return value
     if given and key != "density":

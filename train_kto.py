@@ -105,7 +105,7 @@ def main(argv=None):
         examples, stats = load_kto(args.data, tok, args.max_len, args.skip_bad_lines, log)
         read = len(examples)  # (the cut counts are of these, before --val-fraction moves some to validation)
         val = load_kto([args.val], tok, args.max_len, args.skip_bad_lines, log)[0] if args.val else []
-        split_validation([examples], args, val, key=lambda e: e.source)  # a prompt's completions together
+        split_validation([examples], args, val, key=lambda e: e.source, log=log)  # a prompt's completions together
         n_d = sum(e.label for e in examples)
         log(f"data: {len(examples)} examples ({n_d} desirable, {len(examples) - n_d} undesirable), {len(val)} validation; "
             f"of the {read} read, {stats['prompts_cut']} prompts and {stats['completions_cut']} completions cut to "

@@ -102,7 +102,7 @@ def main(argv=None):
         if args.val:
             val_examples = [e for f in load_sft([args.val], tok, args.max_len, args.train_on_prompt,
                                                  args.skip_bad_lines, log)[0] for e in f]
-        split_validation(per_file, args, val_examples)
+        split_validation(per_file, args, val_examples, log=log)
         log(f"data: {sum(map(len, per_file))} examples, {len(val_examples)} validation; of the {stats['examples']} "
             f"read, {stats['truncated']} truncated to {args.max_len} tokens ({stats['cut_trained']} of them losing "
             f"trained tokens); {stats['bad_lines']} bad lines skipped")

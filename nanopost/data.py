@@ -139,7 +139,7 @@ def encode(tok: Tokenizer, msgs, max_len: int, train_on_prompt=False) -> tuple[E
     count = len if train_on_prompt else sum  # a mask's trained tokens
     truncated, trained = len(ids) > max_len, count(mask)
     if truncated:  # the longest prefix that ends with an assistant turn and fits, else a hard cut
-        ends = [i + 1 for i, m in enumerate(msgs) if trained_turn(m)]
+        ends = [i + 1 for i, m in enumerate(msgs) if (m["role"] == "assistant" if train_on_prompt else trained_turn(m))]
         for end in reversed(ends):
             ids, mask = tok.render(msgs[:end])
             if len(ids) <= max_len:
@@ -258,7 +258,7 @@ class KTOExample:
     prompt: list[int]
     completion: list[int]
     label: bool  # True: desirable
-    source: str = ""  # a hash of the whole prompt before truncation: one prompt's completions share it
+    source: str = ""  # a hash of the prompt's messages: one prompt's completions share it (cut or not)
 
 
 def _completion_text(value, key) -> str:
@@ -325,18 +325,18 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
         n_before, n_bad = len(examples), len(bad)
         for n, obj in read_jsonl(path, bad):
             try:
-                items = [encode_kto(tok, p, c) + (label,) for p, c, label in to_kto(obj)]
+                items = [encode_kto(tok, p, c) + (label, json.dumps(p, sort_keys=True)) for p, c, label in to_kto(obj)]
             except ValueError as e:
                 bad.append(f"{path}:{n}: {e}")
                 continue
-            for p_ids, c_ids, label in items:
+            for p_ids, c_ids, label, prompt in items:
                 p_cut, c_cut = truncate_kto(p_ids, c_ids, max_len)
                 if not p_cut or not c_cut:  # (--max-len 1: no completion token is predicted from a prompt one)
                     bad.append(f"{path}:{n}: no completion token left after truncation to --max-len {max_len}")
                     continue
                 stats["prompts_cut"] += len(p_cut) < len(p_ids)
                 stats["completions_cut"] += len(c_cut) < len(c_ids)
-                examples.append(KTOExample(p_cut, c_cut, label, hashlib.sha1(str(p_ids).encode()).hexdigest()))
+                examples.append(KTOExample(p_cut, c_cut, label, hashlib.sha1(prompt.encode()).hexdigest()))
         if len(examples) == n_before and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
     report_bad_lines(bad, skip_bad_lines, log)

@@ -138,8 +138,9 @@ def resolve_param(spec, name: str, n_layers: int, what="t") -> float | None:
     the first entry whose filter is in the tensor's name, is "*" or is absent wins. None when no entry
     matches: the caller then reads the next level (a model's, the slice's, the global parameters)."""
     if isinstance(spec, bool) or not isinstance(spec, (int, float, list)):
-        raise ValueError(f"{what}: cannot read {spec!r:.80} (a number, a list of numbers, or a list of "
-                         f"{{filter, value}} entries; mergekit, too, refuses a single {{filter, value}} not in a list)")
+        raise ValueError(f"{what}: cannot read {spec!r:.80} (a number, a list of numbers, or a list of {{filter, value}} "
+                         f"entries" + ("; mergekit, too, refuses a single {filter, value} not in a list)"
+                                       if isinstance(spec, dict) else ")"))
     if isinstance(spec, (int, float)):
         return float(spec)
     if spec and all(isinstance(e, dict) for e in spec):

@@ -647,11 +647,12 @@ def micro_batches_each(step_units: int, world: int, per_micro: int = 1) -> int:
     return math.ceil(math.ceil(step_units / world) / per_micro)
 
 
-def split_validation(per_file, args, val_examples, key=None):
+def split_validation(per_file, args, val_examples, key=None, log=print):
     """--val-fraction: a seeded share of every training file moves to validation (in place), rounded
     up as datasets' train_test_split does (0.05 of 16 is 1, never 0), one example always left to
     train. key: examples with the same key move together (KTO: one prompt's completions, a pair's
-    two halves, so validation never scores a prompt that trains)."""
+    two halves, so validation never scores a prompt that trains): whole groups move until the share
+    is reached, so it can come out larger, or, with a single prompt, empty (said so)."""
     if not args.val and args.val_fraction > 0:
         rng = random.Random(args.seed)
         for examples in per_file:
@@ -660,9 +661,14 @@ def split_validation(per_file, args, val_examples, key=None):
                 groups.setdefault(key(e) if key else id(e), []).append(e)
             groups = list(groups.values())
             rng.shuffle(groups)
-            k = min(math.ceil(len(groups) * args.val_fraction), len(groups) - 1)
+            want, k, held = math.ceil(len(examples) * args.val_fraction), 0, 0
+            while held < want and k < len(groups) - 1:
+                held, k = held + len(groups[k]), k + 1
             val_examples += [e for g in groups[:k] for e in g]
             examples[:] = [e for g in groups[k:] for e in g]
+            if held != want:
+                log(f"note: --val-fraction {args.val_fraction} of {held + len(examples)} examples holds out {held}, "
+                    f"not {want}: " + ("one prompt's completions stay together" if key else "one must stay to train"))
     return val_examples
 
 
@@ -708,8 +714,8 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     None), checkpoints and Ctrl-C; at the end the validation loss and the final model in --out.
     meta: what a resume must agree on (rows per step, steps per epoch, ...)."""
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(args.warmup_ratio * total)
-    if warmup >= total:  # every step below the lr asked for
-        log(f"warning: --warmup-steps {warmup} >= the run's {total} steps: the lr never reaches --lr {args.lr}")
+    if warmup > total:  # every step below the lr asked for (step s runs at (s + 1) / warmup of it)
+        log(f"warning: a warmup of {warmup} steps is longer than the run's {total}: the lr never reaches --lr {args.lr}")
     start = 0
     meta = dict(meta, total_steps=total)
     if run.saved is not None:

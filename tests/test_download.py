@@ -168,6 +168,13 @@ def test_cut_connections_damaged_archives_and_a_partial_folder(tmp_path, mirror)
     with pytest.raises(DownloadError, match="humaneval: could not unpack"):
         download("humaneval", str(data), mirror=str(bad), log=lambda *a: None)
     assert os.listdir(data) == []
+    raw = open(os.path.join(mirror, "data.tar"), "rb").read()
+    with tarfile.open(os.path.join(mirror, "data.tar")) as t:  # every CSV whole, cut inside a later header
+        later = next(m.offset for m in t.getmembers() if m.name.endswith("README.txt"))
+    (bad / "data.tar").write_bytes(raw[:later + 100])
+    with pytest.raises(DownloadError, match="cut short"):  # (tarfile read it as the archive's end)
+        download("mmlu", str(data), mirror=str(bad), log=lambda *a: None)
+    assert os.listdir(data) == []
     (data / "gsm8k").mkdir()  # train.jsonl missing, and a file of the user's beside test.jsonl
     (data / "gsm8k" / "test.jsonl").write_text("mine")
     (data / "gsm8k" / "notes.txt").write_text("mine")

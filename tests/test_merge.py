@@ -232,6 +232,11 @@ def test_config_slice_parameters_and_wildcard_filter(tmp_path, pair):
     (tmp_path / "slice.json").write_text(json.dumps(cfg))
     r = merge("--config", tmp_path / "slice.json", "--out", tmp_path / "out2")
     assert r.returncode != 0 and "unsupported keys ['residual_weight']" in r.stderr
+    del cfg["slices"][0]["residual_weight"]
+    cfg["slices"][0]["parameters"]["t"] = "abc"
+    (tmp_path / "slice.json").write_text(json.dumps(cfg))
+    r = merge("--config", tmp_path / "slice.json", "--out", tmp_path / "out3")
+    assert r.returncode != 0 and "t: cannot read 'abc'" in r.stderr and "in the slice's parameters" in r.stderr, r.stderr
 
 
 def test_task_methods_and_config_file(tmp_path, pair):

@@ -122,6 +122,11 @@ def test_prompt_completion_trains_only_the_completion(tiny):
     n = len(tok.render(to_messages({"prompt": prompt, "completion": "A2"}))[0])
     ex, cut, lost = encode(tok, to_messages({"prompt": prompt, "completion": "A2"}), n - 3)
     assert cut and lost and len(ex.ids) == n - 3
+    # --train-on-prompt trains every turn: a cut keeps whole turns up to the prompt's assistant turn
+    msgs = to_messages({"prompt": prompt, "completion": "A2 " * 20})
+    keep = len(tok.render(msgs[:2])[0])
+    ex, cut, _ = encode(tok, msgs, keep + 6, train_on_prompt=True)
+    assert cut and ex.ids == tok.render(msgs[:2])[0]
     with pytest.raises(ValueError, match="train must be true or false"):
         to_messages({"messages": [{"role": "assistant", "content": "x", "train": "no"}]})
 

@@ -448,10 +448,10 @@ def test_a_diverged_run_stops_at_the_first_nan_and_writes_no_final_model(tiny, t
 
 def test_a_warmup_as_long_as_the_run_is_warned_of(tiny, tmp_path):
     """--warmup-steps 100000 with --max-steps 3 trained the whole run at a near-zero lr, silently."""
-    r = run_main(TRAIN, *common(tiny, tmp_path / "w", "--warmup-steps", 4, "--save-every", 0))
-    assert r.returncode == 0 and "warning: --warmup-steps 4 >= the run's 4 steps" in r.stdout, r.stdout
-    r = run_main(TRAIN, *common(tiny, tmp_path / "v", "--warmup-steps", 3, "--save-every", 0))
-    assert r.returncode == 0 and "warning: --warmup-steps" not in r.stdout, r.stdout
+    r = run_main(TRAIN, *common(tiny, tmp_path / "w", "--warmup-steps", 5, "--save-every", 0))
+    assert r.returncode == 0 and "warning: a warmup of 5 steps is longer than the run's 4" in r.stdout, r.stdout
+    r = run_main(TRAIN, *common(tiny, tmp_path / "v", "--warmup-steps", 4, "--save-every", 0))  # its last step at --lr
+    assert r.returncode == 0 and "warning: a warmup" not in r.stdout, r.stdout
 
 
 def test_unwritable_out_inputs_inside_an_overwritten_out_and_damaged_metrics(tiny, tmp_path, baseline):
@@ -520,6 +520,29 @@ def test_validation_split_rounds_up_and_keeps_a_prompts_completions_together(tin
             assert len(val) + len(train) == len(examples) and len({e.source for e in examples}) < len(examples)
 
 
+def test_validation_split_of_kto_pairs_whose_completion_starts_with_a_newline(tiny, tmp_path):
+    """Such a completion's prompt ends before the "\n\n" token (TRL's common prefix), so its ids
+    differ from the other half's: the pair is grouped by its prompt's messages (it was split). A
+    share is counted in examples; one prompt alone cannot be split, and the run says so."""
+    from types import SimpleNamespace
+    from nanopost.data import load_kto
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"\nAnswer {i}.", "rejected": f"No {i}."})
+                            + "\n" for i in range(10)))
+    examples, _ = load_kto([str(path)], nanopost.Tokenizer(tiny), 256)
+    assert len({tuple(e.prompt) for e in examples}) == 20 and len({e.source for e in examples}) == 10
+    for seed in range(5):
+        train, notes = examples[:], []
+        val = nanopost.training.split_validation([train], SimpleNamespace(val=None, val_fraction=0.3, seed=seed), [],
+                                                 key=lambda e: e.source, log=notes.append)
+        assert len(val) == 6 and sum(e.label for e in val) == 3 and not notes
+    one = [e for e in examples if e.source == examples[0].source]
+    notes = []
+    nanopost.training.split_validation([one], SimpleNamespace(val=None, val_fraction=0.3, seed=0), [],
+                                       key=lambda e: e.source, log=notes.append)
+    assert len(one) == 2 and len(notes) == 1 and "holds out 0, not 1" in notes[0]
+
+
 def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
     """A seed past 64 bits (a traceback), --resume with --overwrite (--overwrite was ignored), and
     --warmup-ratio rounded up as transformers does (0.15 of 10 steps is 2, int() gave 1)."""
@@ -532,3 +555,6 @@ def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "w" / "metrics.jsonl")]
     assert lrs == pytest.approx([5e-4] + [1e-3] * 9)  # nanopost's warmup: step s (from 0) at (s + 1) / warmup
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "w2", "--max-len", 64, "--max-steps", 10,
+                 "--warmup-ratio", 0.95, "--lr-schedule", "constant", "--lr", 1e-3)  # 10 steps of warmup reach --lr
+    assert r.returncode == 0 and "never reaches" not in r.stdout + r.stderr, r.stderr

@@ -119,6 +119,13 @@ def unpack(task: str, files: list[str], out: str) -> None:
                 with tarfile.open(archive) as t:
                     members = [(m.name, lambda m=m: t.extractfile(m).read()) for m in t.getmembers() if m.isfile()]
                     _write_members(task, members, out)
+                    with open(archive, "rb") as f:  # tarfile reads a header cut short as the archive's end:
+                        f.seek(t.offset)  # a whole one ends in zero blocks (two or more) after its last member
+                        rest = f.read()
+                    if len(rest) < 1024 or rest.strip(b"\0"):
+                        last = t.getmembers()[-1].name if t.getmembers() else "-"
+                        raise DownloadError(f"{os.path.basename(archive)}: the tar archive is cut short (no "
+                                            f"end-of-archive blocks after its last member, {last})")
             else:
                 raise DownloadError(f"{archive}: neither a zip nor a tar archive")
             shutil.copyfile(os.path.join(MAPPINGS, f"{task}.json"), os.path.join(out, "mapping.json"))
@@ -158,16 +165,21 @@ def download(task: str, data_dir: str, mirror: str | None = None, force: bool = 
     stage = os.path.join(data_dir, f".download-{task}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(os.path.join(stage, "raw"))
+    names = [url.rsplit("/", 1)[-1] for url in SOURCES[task]]
+    where = ", ".join(os.path.join(mirror, n) if mirror else u for n, u in zip(names, SOURCES[task]))
     try:
         files = []
         for url in SOURCES[task]:
             log(f"{task}: fetching {url if not mirror else os.path.basename(url) + ' from ' + mirror}")
             files.append(fetch(url, os.path.join(stage, "raw", url.rsplit("/", 1)[-1]), mirror))
-        unpack(task, files, os.path.join(stage, task))
-        try:  # the check that counts: the task's own loader reads it
-            examples = tasks.load(task, stage)[0]
-        except (OSError, ValueError, KeyError, IndexError, json.JSONDecodeError) as e:
-            raise DownloadError(f"{task}: the fetched files do not have the expected layout ({type(e).__name__}: {e})") from None
+        try:
+            unpack(task, files, os.path.join(stage, task))
+            examples = tasks.load(task, stage)[0]  # the check that counts: the task's own loader reads it
+        except (OSError, ValueError, KeyError, IndexError, json.JSONDecodeError, DownloadError) as e:
+            why = str(e).replace(os.path.join(stage, task) + os.sep, "").replace(os.path.join(stage, "raw") + os.sep, "")
+            why = why.removeprefix(f"{task}: ")  # (said once, below)
+            kind = "" if isinstance(e, DownloadError) else f"the files do not have the expected layout ({type(e).__name__}): "
+            raise DownloadError(f"{task}: {kind}{why} (fetched from {where}; nothing was written to {final})") from None
         if not examples:
             raise DownloadError(f"{task}: the fetched files hold no questions")
         subjects = len({e["subject"] for e in examples if "subject" in e}) or None
