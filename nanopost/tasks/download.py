@@ -119,9 +119,8 @@ def unpack(task: str, files: list[str], out: str) -> None:
                 with tarfile.open(archive) as t:
                     members = [(m.name, lambda m=m: t.extractfile(m).read()) for m in t.getmembers() if m.isfile()]
                     _write_members(task, members, out)
-                    with open(archive, "rb") as f:  # tarfile reads a header cut short as the archive's end:
-                        f.seek(t.offset)  # a whole one ends in zero blocks (two or more) after its last member
-                        rest = f.read()
+                    t.fileobj.seek(t.offset)  # tarfile reads a header cut short as the archive's end: a whole
+                    rest = t.fileobj.read()  # one ends in zero blocks after its last member (also when compressed)
                     if len(rest) < 1024 or rest.strip(b"\0"):
                         last = t.getmembers()[-1].name if t.getmembers() else "-"
                         raise DownloadError(f"{os.path.basename(archive)}: the tar archive is cut short (no "
