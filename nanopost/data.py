@@ -258,7 +258,7 @@ class KTOExample:
     prompt: list[int]
     completion: list[int]
     label: bool  # True: desirable
-    source: str = ""  # a hash of the prompt's messages: one prompt's completions share it (cut or not)
+    source: str = ""  # a hash of the whole rendered prompt: one prompt's completions share it (cut or not)
 
 
 def _completion_text(value, key) -> str:
@@ -325,7 +325,8 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
         n_before, n_bad = len(examples), len(bad)
         for n, obj in read_jsonl(path, bad):
             try:
-                items = [encode_kto(tok, p, c) + (label, json.dumps(p, sort_keys=True)) for p, c, label in to_kto(obj)]
+                items = [encode_kto(tok, p, c) + (label, tok.render(p, add_generation_prompt=True)[0])
+                         for p, c, label in to_kto(obj)]
             except ValueError as e:
                 bad.append(f"{path}:{n}: {e}")
                 continue
@@ -336,7 +337,7 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
                     continue
                 stats["prompts_cut"] += len(p_cut) < len(p_ids)
                 stats["completions_cut"] += len(c_cut) < len(c_ids)
-                examples.append(KTOExample(p_cut, c_cut, label, hashlib.sha1(prompt.encode()).hexdigest()))
+                examples.append(KTOExample(p_cut, c_cut, label, hashlib.sha1(str(prompt).encode()).hexdigest()))
         if len(examples) == n_before and len(bad) == n_bad:
             raise DataError(f"{path}: empty file (no examples)")
     report_bad_lines(bad, skip_bad_lines, log)

@@ -666,9 +666,10 @@ def split_validation(per_file, args, val_examples, key=None, log=print):
                 held, k = held + len(groups[k]), k + 1
             val_examples += [e for g in groups[:k] for e in g]
             examples[:] = [e for g in groups[k:] for e in g]
-            if held != want:
+            if held != want:  # short: the last group stays to train; over: whole groups moved
                 log(f"note: --val-fraction {args.val_fraction} of {held + len(examples)} examples holds out {held}, "
-                    f"not {want}: " + ("one prompt's completions stay together" if key else "one must stay to train"))
+                    f"not {want}: " + ("what is left must stay to train" if held < want else
+                                       "one prompt's completions stay together"))
     return val_examples
 
 

@@ -171,6 +171,11 @@ def test_cut_connections_damaged_archives_and_a_partial_folder(tmp_path, mirror)
     raw = open(os.path.join(mirror, "data.tar"), "rb").read()
     with tarfile.open(os.path.join(mirror, "data.tar")) as t:  # every CSV whole, cut inside a later header
         later = next(m.offset for m in t.getmembers() if m.name.endswith("README.txt"))
+    gz = tmp_path / "gz"  # whole, but gzipped: its zero blocks are in the decompressed stream
+    gz.mkdir()
+    (gz / "data.tar").write_bytes(gzip.compress(raw))
+    download("mmlu", str(tmp_path / "gz-bench"), mirror=str(gz), log=lambda *a: None)
+    assert len(tasks.load("mmlu", str(tmp_path / "gz-bench"))[0]) == 12
     (bad / "data.tar").write_bytes(raw[:later + 100])
     with pytest.raises(DownloadError, match="cut short"):  # (tarfile read it as the archive's end)
         download("mmlu", str(data), mirror=str(bad), log=lambda *a: None)

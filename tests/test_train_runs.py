@@ -531,6 +531,12 @@ def test_validation_split_of_kto_pairs_whose_completion_starts_with_a_newline(ti
                             + "\n" for i in range(10)))
     examples, _ = load_kto([str(path)], nanopost.Tokenizer(tiny), 256)
     assert len({tuple(e.prompt) for e in examples}) == 20 and len({e.source for e in examples}) == 10
+    same = tmp_path / "same.jsonl"  # one prompt written two ways that render alike: one group
+    system = nanopost.Tokenizer(tiny).default_system
+    same.write_text(json.dumps({"prompt": "Hi?", "completion": "a", "label": True}) + "\n" + json.dumps(
+        {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": "Hi?", "name": "x"}],
+         "completion": "b", "label": False}) + "\n")
+    assert len({e.source for e in load_kto([str(same)], nanopost.Tokenizer(tiny), 256)[0]}) == 1
     for seed in range(5):
         train, notes = examples[:], []
         val = nanopost.training.split_validation([train], SimpleNamespace(val=None, val_fraction=0.3, seed=seed), [],
@@ -540,7 +546,7 @@ def test_validation_split_of_kto_pairs_whose_completion_starts_with_a_newline(ti
     notes = []
     nanopost.training.split_validation([one], SimpleNamespace(val=None, val_fraction=0.3, seed=0), [],
                                        key=lambda e: e.source, log=notes.append)
-    assert len(one) == 2 and len(notes) == 1 and "holds out 0, not 1" in notes[0]
+    assert len(one) == 2 and len(notes) == 1 and "holds out 0, not 1: what is left must stay to train" in notes[0]
 
 
 def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
