@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanopost.tokenizer import IGNORE, ROLES, Tokenizer
+from nanopost.tokenizer import IGNORE, ROLES, Tokenizer, trained_turn
 
 
 class DataError(ValueError):
@@ -110,11 +110,6 @@ def to_messages(obj: dict) -> list[dict]:
     if not any(trained_turn(m) for m in msgs):
         raise ValueError("no assistant turn to train on")
     return msgs
-
-
-def trained_turn(m: dict) -> bool:
-    """An assistant turn SFT learns (one marked "train": false is context only, as Tokenizer.render)."""
-    return m["role"] == "assistant" and m.get("train", True) is not False
 
 
 def check_no_tool_calls(m: dict, where: str):

@@ -47,6 +47,11 @@ def default_system_prompt(chat_template: str | None) -> str | None:
     return None
 
 
+def trained_turn(m: dict) -> bool:
+    """An assistant turn SFT learns: one marked "train": false is context only (a prompt's turns)."""
+    return m["role"] == "assistant" and m.get("train", True) is not False
+
+
 class Tokenizer:
     def __init__(self, path: str):
         """path: a checkpoint directory holding tokenizer.json (+ tokenizer_config.json,
@@ -119,7 +124,7 @@ class Tokenizer:
             # that starts with whitespace can merge with the header's newline into one token
             head = role + "\n"
             enc = self.tok.encode(head + content, add_special_tokens=False)
-            trained = role == "assistant" and m.get("train", True) is not False
+            trained = trained_turn(m)
             train = [trained and end > len(head) for _, end in enc.offsets]
             ids += [self.im_start] + enc.ids + [self.im_end] + nl
             mask += [False] + train + [trained] + [False] * len(nl)
