@@ -246,12 +246,13 @@ def main(argv=None):
         # grad-accum k equals k processes; with grad-accum 1 it is TRL's: the ranks' mean)
         refs = [reference("train", examples, g) for g in mine]  # (examples', KL pairs') of each micro-batch
         z0 = None if use_kl else torch.zeros((), device=device)  # None: from the policy's forward (one micro-batch)
-        if use_kl and len(step_groups) < groups_per_step:  # a smaller last step: the mean of the real micro-batches'
+        smaller = len(step_groups) < groups_per_step  # an epoch's last step, with stand-ins
+        if use_kl and (len(mine) > 1 or smaller):  # every micro-batch's pairs before the first backward
             ratios = [kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]  # (every process, as many)
-            z0 = (all_reduce_sum(sum(ratios[:n_real], torch.zeros((), device=device))) / len(step_groups)).clamp(min=0)
-        elif use_kl and len(mine) > 1:  # every micro-batch's pairs before the first backward
-            z0 = kl_estimate(torch.stack([kl_ratios(examples, g, r[1]).mean() for g, r in zip(mine, refs)]), 0,
-                             mean_over_ranks)
+            if smaller:  # the mean of the real micro-batches' only
+                z0 = (all_reduce_sum(sum(ratios[:n_real], torch.zeros((), device=device))) / len(step_groups)).clamp(min=0)
+            else:
+                z0 = kl_estimate(torch.stack(ratios), 0, mean_over_ranks)
         sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, n_d, n_u, rewards d/u, logps d/u
         for j, (g, r) in enumerate(zip(mine, refs)):
             real = j < n_real
