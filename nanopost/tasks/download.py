@@ -81,14 +81,13 @@ def fetch(url: str, dest: str, mirror: str | None = None, timeout: float = 60.0)
         url = mirror.rstrip("/") + "/" + name
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "nanopost"}), timeout=timeout) as r, \
-                open(dest, "wb") as f, \
-                tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=name, leave=False) as bar:
+                open(dest, "wb") as f:
             got, size = 0, int(r.headers.get("Content-Length") or -1)
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                got += len(chunk)
-                bar.update(len(chunk))
+            with tqdm(total=size if size > 0 else None, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
             if size >= 0 and got != size:  # the server closed early: read() just ends
                 raise OSError(f"the connection ended after {got} of {size} bytes")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # IncompleteRead: a cut chunk
