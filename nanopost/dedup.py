@@ -52,6 +52,8 @@ def simhash(texts, shingle: int = 3, unit: str = "word") -> np.ndarray:
     Python's hash()); a shingle's hash mixes its tokens' hashes in order. A text shorter than one
     shingle is one feature; a text without tokens (empty, or no word characters in "word" unit) gets
     fingerprint 0, like every other such text: pass duplicate_of(..., ignore=) to keep them apart."""
+    if isinstance(shingle, bool) or not isinstance(shingle, int) or shingle < 1:
+        raise ValueError(f"simhash: shingle must be a whole number of tokens >= 1, got {shingle!r}")
     token_hash = {}  # token -> 64-bit hash, computed once per distinct token
     out = np.zeros(len(texts), dtype=np.uint64)
     for i, text in enumerate(texts):

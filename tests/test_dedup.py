@@ -34,6 +34,9 @@ def test_unicode_forms_cjk_characters_and_word_order():
     assert dedup.hamming(fps[0], fps[1]) <= 12 < 24 <= dedup.hamming(fps[0], fps[2])  # (one token a clause: ~30)
     fps = dedup.simhash(["dog bites man", "man bites dog"], shingle=2)
     assert dedup.hamming(*fps) > 8
+    for bad in (0, -1, 1.5, True):  # a shingle of no tokens was a reshape error from numpy
+        with pytest.raises(ValueError, match="shingle"):
+            dedup.simhash(["dog bites man"], shingle=bad)
 
 
 def test_near_identical_within_threshold_unrelated_far():
