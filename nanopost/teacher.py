@@ -247,7 +247,12 @@ class Teacher:
         """(Greedy decoding takes no seed: it is left out, so it does not key the cache.)"""
         return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed if temperature > 0 else 0}
 
-    def complete(self, requests: list[list[dict]], sampling: dict, desc: str = "teacher") -> list[Reply]:
+    def complete(self, requests: list[list[dict]], sampling: dict, desc: str = "teacher",
+                 stop_if_down: bool = True) -> list[Reply]:
+        """-> a Reply per request, cached ones without asking. Raises TeacherUnreachable when not one
+        request sent got a reply, for a reason not of the requests' own (stop_if_down=False: a retry of a
+        few items that another call's replies already showed the teacher answers; its failures are the
+        items' own, returned unfinished)."""
         keys = [request_key(m, sampling, self.backend.id, self.prompt_version) for m in requests]
         out = [None] * len(requests)
         for i, k in enumerate(keys):
@@ -274,8 +279,8 @@ class Teacher:
             bar.close()
         # not one reply, and not for a reason of the requests' own (a 5xx, garbage): the servers are down or
         # not set up for us (a key, a model): stop, do not drop rows
-        if all(out[i].error in ("unreachable", "timeout") or out[i].transient and out[i].error.startswith("http_4")
-               for i in todo):
+        if stop_if_down and all(out[i].error in ("unreachable", "timeout") or
+                                out[i].transient and out[i].error.startswith("http_4") for i in todo):
             raise TeacherUnreachable(f"the teacher stopped answering: none of {len(todo)} requests got a reply "
                                      f"({out[todo[0]].error}: {out[todo[0]].detail[:500]}); finished work is saved: "
                                      f"rerun with --resume when it is back")
@@ -293,7 +298,10 @@ class Teacher:
         for attempt in range(retries + 1):
             if not pending:
                 break
-            replies = self.complete([convo[i] for i in pending], sampling, f"{desc} (try {attempt + 1})")
+            # a retry's requests are the few whose first reply failed its check: that none of them gets an
+            # answer does not mean the teacher is down (the first try's replies said it is up)
+            replies = self.complete([convo[i] for i in pending], sampling, f"{desc} (try {attempt + 1})",
+                                    stop_if_down=attempt == 0)
             still = []
             for i, r in zip(pending, replies):
                 if r.transient:

@@ -711,3 +711,43 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
         (tmp_path / "2_classify.jsonl").write_bytes(b'{"key": "k1"}\n' + line + b"\n")
         with pytest.raises(m.DataError, match=re.escape(str(tmp_path / "2_classify.jsonl")) + ":2: .*" + why):
             m.StageFile(str(tmp_path), "2_classify")
+
+
+def build_data_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def test_a_retry_that_gets_no_reply_leaves_its_items_unfinished_not_the_wave(tmp_path):
+    """ask_json asks again only the items whose reply failed its check; when that retry timed out, the
+    whole wave was taken for "the teacher stopped answering": none of its rows was written, and the
+    same happened at every --resume. The retried items are unfinished; the rest are answered. Not one
+    reply to a wave's first try still stops the run."""
+    from nanopost.teacher import Reply, Teacher, TeacherUnreachable
+
+    class Stub:
+        id = "stub"
+
+        def __init__(self, down=False):
+            self.down, self.calls = down, []
+
+        def complete(self, requests, sampling, on_reply):
+            self.calls.append(len(requests))
+            for j, msgs in enumerate(requests):
+                if self.down or len(msgs) > 1:  # down, or a retry (the reply and what was wrong appended)
+                    on_reply(j, Reply(None, "timeout", "no reply"))
+                else:
+                    on_reply(j, Reply('{"ok": 1}' if "good" in msgs[0]["content"] else "garbage"))
+
+    check = lambda t: (json.loads(t), None) if t.startswith("{") else (None, "not_json")  # noqa: E731
+    reqs = [[{"role": "user", "content": c}] for c in ("good 1", "bad", "good 2", "bad too")]
+    t = Teacher(Stub(), str(tmp_path / "a.sqlite"), "v")
+    values, failures = t.ask_json(reqs, check, t.sampling(8), retries=2, retry_prompt="{why}")
+    assert values == [{"ok": 1}, None, {"ok": 1}, None] and failures == [[], None, [], None]
+    assert t.unfinished == {"timeout": 2} and t.backend.calls == [4, 2]
+    t = Teacher(Stub(down=True), str(tmp_path / "b.sqlite"), "v")
+    with pytest.raises(TeacherUnreachable, match="none of 4 requests got a reply"):
+        t.ask_json(reqs, check, t.sampling(8), retries=2, retry_prompt="{why}")
