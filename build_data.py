@@ -332,20 +332,25 @@ def chunks(items, n):
 
 
 @torch.inference_mode()
-def perplexities(model, tok, items, max_len, batch_size) -> list[float]:
-    """Student perplexity of each (prompt, response): exp(mean NLL) over the response tokens that
-    SFT would train (content + <|im_end|>), rounded to 4 digits so a resumed run, batched
-    differently, writes the same numbers."""
-    exs = []
-    for prompt, text in items:
-        p, c = truncate_kto(*encode_kto(tok, prompt, text), max_len)
-        exs.append(Example(p + c, [IGNORE] * len(p) + c))
+def perplexities(model, tok, groups, max_len) -> list[list[float]]:
+    """groups: [(prompt, [response, ...])], one per instruction -> the student perplexity of each
+    response: exp(mean NLL) over the tokens SFT would train (content + <|im_end|>), 4 digits. One
+    instruction's responses are one batch, whatever --batch-size or where a resumed run picks up: a
+    row's float rounding depends on its batch (its padding, the matmuls' shapes), and a number that
+    rounds differently once in a few hundred would make a resumed run's rows differ."""
     out, dev = [], model.lm_head.weight.device
-    for idx in chunks(list(range(len(exs))), batch_size):
-        ids, labels, pos = collate([[j] for j in idx], exs, tok.pad_id)
+    for prompt, texts in groups:
+        if not texts:
+            out.append([])
+            continue
+        exs = []
+        for text in texts:
+            p, c = truncate_kto(*encode_kto(tok, prompt, text), max_len)
+            exs.append(Example(p + c, [IGNORE] * len(p) + c))
+        ids, labels, pos = collate([[j] for j in range(len(exs))], exs, tok.pad_id)
         logp = sequence_logps(model, ids.to(dev), labels.to(dev), pos.to(dev)).float().cpu()
         n_tok = (labels[:, 1:] != IGNORE).sum(1)
-        out += [float(f"{x:.4g}") for x in torch.exp(-logp / n_tok).tolist()]
+        out.append([float(f"{x:.4g}") for x in torch.exp(-logp / n_tok).tolist()])
     return out
 
 
@@ -836,7 +841,8 @@ def build(args):
         for part in waves(todo, "7 score"):
             items = [(i, x) for i in part for x in resp[i]["responses"]]
             model, tok = load(args.student)
-            ppl = perplexities(model, tok, [(by_id[i]["prompt"], x["text"]) for i, x in items], args.max_len, args.batch_size)
+            ppl = [p for ps in perplexities(model, tok, [(by_id[i]["prompt"], [x["text"] for x in resp[i]["responses"]])
+                                                         for i in part], args.max_len) for p in ps]  # (items' order)
             graded = [PROMPTS["graded"].format(instruction=instruction_text(by_id[i]["prompt"]), response=x["text"])
                       for i, x in items]
             judged, jfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["judge"]}, {"role": "user", "content": g}]

@@ -2,6 +2,7 @@
 teacher fails every check), over HTTP against a scripted fake server and nanopost.serve, the
 request cache, garbage and unreachable teachers, and SIGKILL in the middle of every stage."""
 import json
+import math
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from nanopost.data import load_kto, load_sft
 from nanopost.testing import run_main
@@ -719,6 +721,33 @@ def build_data_module():
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
     return m
+
+
+def test_perplexity_of_a_response_does_not_depend_on_the_rest_of_the_wave(tiny):
+    """A row's float rounding depends on its batch (padding, matmul shapes): batched by --batch-size,
+    one response in a few hundred rounded to another 4th digit when a resumed run (or another
+    --batch-size) batched it with other rows, and the resumed kto.jsonl differed. Each instruction's
+    responses are now one batch; the numbers are the float64 perplexities to 4 digits."""
+    import random
+
+    import nanopost
+    m = build_data_module()
+    model, tok = nanopost.load(tiny, dtype=torch.float32)
+    rng = random.Random(0)
+    words = "the cat sat on a mat with two dogs and 37 apples how many sum is".split()
+    groups = [([{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(3, 30)))}],
+               [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 3))]) for _ in range(40)]
+    whole = m.perplexities(model, tok, groups, 256)
+    assert [len(x) for x in whole] == [len(t) for _, t in groups]
+    assert [x for g in groups for x in m.perplexities(model, tok, [g], 256)] == whole  # alone = with the others
+    assert m.perplexities(model, tok, groups[::-1], 256) == whole[::-1]
+    model64 = model.double()
+    for (prompt, texts), got in zip(groups[:5], whole[:5]):
+        for text, ppl in zip(texts, got):
+            p, c = m.truncate_kto(*m.encode_kto(tok, prompt, text), 256)
+            ids = torch.tensor([p + c])
+            logp = torch.log_softmax(model64(ids)[0, len(p) - 1:-1], -1).gather(1, torch.tensor(c)[:, None]).mean()
+            assert abs(ppl - math.exp(-logp.item())) <= 1e-3 * ppl
 
 
 def test_a_retry_that_gets_no_reply_leaves_its_items_unfinished_not_the_wave(tmp_path):
