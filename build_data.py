@@ -78,7 +78,7 @@ from nanopost.data import (DataError, Example, check_no_tool_calls, collate, enc
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
-from nanopost.teacher import HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
+from nanopost.teacher import Cache, CacheError, HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
 from nanopost.tokenizer import IGNORE, ROLES
 from nanopost.training import StateError, check_out_dir
 
@@ -494,6 +494,8 @@ def parse_stages(spec: str) -> list[int]:
     return sorted(out)
 
 
+OWN_FILES = r"\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl"  # what a run writes in --out
+
 # what a resumed run must agree on: everything that changes a stage's rows (not speed or URLs)
 RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_model", "student", "dtype", "max_new_tokens",
                    "json_max_tokens", "retries", "max_len", "seed", "dedup_threshold", "dedup_shingle",
@@ -508,7 +510,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         build(args)
-    except (DataError, StateError, CheckpointError, TeacherUnreachable) as e:
+    except (DataError, StateError, CheckpointError, TeacherUnreachable, CacheError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         # finished rows are flushed and every reply received is cached; requests still in flight are
@@ -526,13 +528,28 @@ def build(args):
         if path and os.path.isdir(path) and os.path.isdir(out) and same_folder(path, out):  # (its files are in its fingerprint)
             raise StateError(f"--out {out} is the {flag} checkpoint's folder: the run's files would change that "
                              f"checkpoint (and what a resume checks it against); choose another --out")
+    cache_path = args.cache or os.path.join(out, "teacher_cache.sqlite")
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: " + ("a directory, not a JSONL file" if os.path.isdir(f) else
                                                   "not a regular file" if os.path.exists(f) else "no such file"))
+        own = [g for g in ([os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(OWN_FILES, n)]
+                           if os.path.isdir(out) else []) + [cache_path] if os.path.exists(g) and os.path.samefile(f, g)]
+        if own or (same_folder(os.path.dirname(os.path.abspath(f)), out) and re.fullmatch(OWN_FILES, os.path.basename(f))):
+            raise StateError(f"--sources {f} is one of the files this run writes in --out {out} (or --cache): it would be "
+                             f"replaced or deleted; move it, or choose another --out")
+    teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
+    if teacher_stages & set(args.stages) and os.path.exists(cache_path):  # opened now, not after stages 1-3 wrote files
+        if os.path.isdir(cache_path):
+            raise StateError(f"--cache {cache_path}: a directory, not the teacher's request cache (an SQLite file)")
+        Cache(cache_path).close()
+    up = os.path.dirname(os.path.abspath(cache_path))
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise StateError(f"--cache {cache_path}: {up} is a file, not a folder")
     # then the checkpoints the chosen stages need (a folder with a config.json, or a hub id fetched or
     # found in the cache: a download), found now, not when their stage starts after earlier ones wrote files
-    teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
     stamps = {}  # what the checkpoints are now (their files' names, sizes, mtimes): a resume must agree
     for flag, path, stages in (("--teacher", args.teacher, teacher_stages), ("--student", args.student, {6, 7})):
         if path and stages & set(args.stages):
@@ -598,7 +615,7 @@ def build(args):
         settings = {**saved, **settings}  # what earlier stages used stays recorded
     if args.overwrite and os.path.isdir(out):
         for name in os.listdir(out):
-            if re.fullmatch(r"\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl", name):
+            if re.fullmatch(OWN_FILES, name):
                 os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     write_atomic(args_path, json.dumps({"settings": settings, "args": vars(args)}, indent=2))
@@ -626,7 +643,15 @@ def build(args):
                                                 args.retries)
                 if chosen.unreachable_urls:
                     log(f"warning: teacher servers left out: {', '.join(chosen.unreachable_urls)}")
-            teacher = Teacher(chosen, args.cache or os.path.join(out, "teacher_cache.sqlite"), PROMPT_VERSION, tqdm)
+            if backend is None and not args.teacher:  # no server answered at setup (a resume): check it now
+                served = settings.get("teacher_served")
+                if served is not None and served != chosen.model:
+                    raise StateError(f"{out} was built with another teacher (teacher_served: {served} -> {chosen.model}); "
+                                     f"resuming would mix results: serve {served}, or use --overwrite or another --out")
+                if served is None:  # what a later resume must agree on
+                    settings["teacher_served"] = chosen.model
+                    write_atomic(args_path, json.dumps({"settings": settings, "args": vars(args)}, indent=2))
+            teacher = Teacher(chosen, cache_path, PROMPT_VERSION, tqdm)
         return teacher
 
     def waves(todo, desc):

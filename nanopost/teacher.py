@@ -47,6 +47,10 @@ class TeacherUnreachable(RuntimeError):
     pass
 
 
+class CacheError(RuntimeError):
+    pass
+
+
 @dataclass
 class Reply:
     text: str | None  # None: no reply (see error)
@@ -78,15 +82,18 @@ class Cache:
     kill at any moment (each put is its own transaction)."""
 
     def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
-                        "request TEXT NOT NULL, created REAL NOT NULL, truncated INTEGER)")
-        if "truncated" not in [c[1] for c in self.db.execute("PRAGMA table_info(replies)")]:
-            # a cache from before replies recorded whether they were cut off: its rows say NULL (unknown)
-            # and are asked again rather than trusted as whole answers
-            self.db.execute("ALTER TABLE replies ADD COLUMN truncated INTEGER")
-        self.db.commit()
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.db = sqlite3.connect(path, check_same_thread=False)
+            self.db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
+                            "request TEXT NOT NULL, created REAL NOT NULL, truncated INTEGER)")
+            if "truncated" not in [c[1] for c in self.db.execute("PRAGMA table_info(replies)")]:
+                # a cache from before replies recorded whether they were cut off: its rows say NULL (unknown)
+                # and are asked again rather than trusted as whole answers
+                self.db.execute("ALTER TABLE replies ADD COLUMN truncated INTEGER")
+            self.db.commit()
+        except (sqlite3.Error, OSError) as e:  # a folder, a text file, a path under a file
+            raise CacheError(f"{path}: cannot be opened as the teacher's request cache, an SQLite file ({e})") from None
         self.lock = threading.Lock()
 
     def get(self, key: str) -> tuple[str, bool] | None:

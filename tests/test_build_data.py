@@ -149,6 +149,7 @@ class Fake:
         # "not_http" | "trickle"; seconds before every reply
         self.fail_labels, self.delay = None, 0.0
         self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
+        self.model, self.failing_gets = "fake-teacher", 0  # the model served; GET /v1/models answered 503 this often
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -166,7 +167,10 @@ class Fake:
                     pass  # the client gave up (a timeout under test)
 
             def do_GET(self):
-                self.send({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
+                if fake.failing_gets:  # a server still starting up
+                    fake.failing_gets -= 1
+                    return self.send({"error": "loading"}, 503)
+                self.send({"object": "list", "data": [{"id": fake.model, "object": "model"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -780,3 +784,56 @@ def test_a_retry_that_gets_no_reply_leaves_its_items_unfinished_not_the_wave(tmp
     t = Teacher(Stub(down=True), str(tmp_path / "b.sqlite"), "v")
     with pytest.raises(TeacherUnreachable, match="none of 4 requests got a reply"):
         t.ask_json(reqs, check, t.sampling(8), retries=2, retry_prompt="{why}")
+
+
+def test_resume_checks_the_served_teacher_even_when_the_first_probe_failed(fake, tiny, sources, tmp_path):
+    """A resume whose first GET /v1/models failed (a server still loading) only warned, and the model
+    served once the stage started was never checked: the rows of two teachers mixed (and args.json
+    still named the first). It is checked when the stage connects."""
+    out = tmp_path / "out"
+    args = ["--teacher-url", fake.url, "--student", tiny, "--sources", sources, "--out", out, *FAST]
+    fake.clean = True
+    try:
+        r = run_main(SCRIPT, *args, "--stages", "1-4")
+        assert r.returncode == 0, r.stderr
+        labels = read(out / "4_label.jsonl")
+        fake.model, fake.failing_gets = "other-teacher", 1
+        r = run_main(SCRIPT, *args, "--resume")
+        assert r.returncode != 0 and "teacher_served: fake-teacher -> other-teacher" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and read(out / "4_label.jsonl") == labels
+        assert not (out / "6_respond.jsonl").exists() or read(out / "6_respond.jsonl") == ""
+        fake.model, fake.failing_gets = "fake-teacher", 1  # the same teacher, loading at first: it goes on
+        r = run_main(SCRIPT, *args, "--resume")
+        assert r.returncode == 0 and "warning: no teacher server answered" in r.stdout, r.stderr
+    finally:
+        fake.clean, fake.model, fake.failing_gets = False, "fake-teacher", 0
+
+
+def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_path):
+    """--overwrite deleted a --sources file that had an output's name in --out (sft.jsonl of an earlier
+    build, say) after reading it, and --resume replaced it with its own sft.jsonl; a --cache that is a
+    folder or not SQLite ended in a traceback after stages 1-3 had written their files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    src = out / "sft.jsonl"
+    src.write_text('{"prompt": "What is 2 + 2?", "completion": "4"}\n')
+    args = ["--teacher", tiny, "--student", tiny, "--out", out, *FAST]
+    for flag in ("--overwrite", "--resume"):
+        r = run_main(SCRIPT, *args, "--sources", src, "--stages", "1-3", flag)
+        assert r.returncode != 0 and f"--sources {src} is one of the files this run writes" in r.stderr, r.stderr
+        assert read(src) == '{"prompt": "What is 2 + 2?", "completion": "4"}\n' and os.listdir(out) == ["sft.jsonl"]
+    link = tmp_path / "link.jsonl"  # the same file by another name
+    link.symlink_to(src)
+    r = run_main(SCRIPT, *args, "--sources", link, "--stages", "1-3", "--overwrite")
+    assert r.returncode != 0 and "is one of the files this run writes" in r.stderr, r.stderr
+    ok = tmp_path / "src.jsonl"
+    ok.write_text(read(src))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    for cache, why in ((tmp_path, "a directory, not the teacher's request cache"),
+                       (notes, "cannot be opened as the teacher's request cache"),
+                       (notes / "cache.sqlite", "is a file, not a folder")):
+        r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", tmp_path / "o2", *FAST, "--cache", cache)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "o2").exists()
+    assert read(notes) == "not a database\n" * 100
