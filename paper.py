@@ -26,19 +26,24 @@ the finished stages it read, its wall time and peak memory), and a rerun skips i
 one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resume (training from
 its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
 A stage whose inputs were redone since (say OUT/sft was deleted and trained again), or whose files
-changed (the --seeds, the benchmark data), runs again, and so does one whose output has gone; the
-report is rewritten whenever a stage ran. A finished or interrupted stage asked for with other
+changed (the --seeds, the benchmark data, evaluate's PROTOCOL), runs again, afresh (its old files go
+first; build_data's teacher cache and evaluate.py's prediction cache kept), and so does one whose output has gone; the report is
+rewritten whenever a stage ran. One paper.py at a time holds OUT (stages/.lock, held by its stages
+too), and a stage never outlives it (a signal to paper.py is passed on; killed, its stage gets SIGINT). A finished or interrupted stage asked for with other
 flags is refused rather than silently reused or mixed: delete OUT/NAME and OUT/stages/NAME*.json
 to redo it, or choose another --out. --sft-args, --kto-args, --data-args and --eval-args add flags
 to one script's command ("--lr 1e-5 --max-steps 10"; a flag given again wins over the default).
 """
 import argparse
+import fcntl
+import glob
 import hashlib
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,12 +66,25 @@ def log(msg):
     print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_child(cmd):
+def child_setup():
+    """(In the child, before exec.) Its own process group (signals reach it through us, once), and on
+    Linux a SIGINT when paper.py dies, even by SIGKILL, so the stage saves and stops instead of
+    running on alone beside a rerun."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+
+
+def run_child(cmd, keep_fds=()):
     """cmd as a child process -> (exit code, peak RSS GB of its largest process, interrupted).
-    A Ctrl-C reaches the child too (same process group); a SIGTERM sent to paper.py alone is passed
-    on. Either way we wait while the child saves and stops, so no script is left running alone."""
+    The child has its own process group: a Ctrl-C (or kill -INT, or SIGTERM) reaches paper.py, which
+    passes it on once, and we wait while the child saves and stops, so no script is left running
+    alone; if paper.py is killed outright, the child gets a SIGINT (child_setup). keep_fds: file
+    descriptors the child holds too (the run folder's lock, held until the last of us ends)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    p = subprocess.Popen(cmd, env=env)  # in the caller's folder: their relative paths mean what they meant
+    # in the caller's folder: their relative paths mean what they meant
+    p = subprocess.Popen(cmd, env=env, preexec_fn=child_setup, pass_fds=keep_fds)
     stopped = []
 
     def forward(signum, frame):
@@ -80,6 +98,7 @@ def run_child(cmd):
                 break
             except KeyboardInterrupt:
                 stopped.append(signal.SIGINT)
+                p.send_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -133,13 +152,19 @@ class Stages:
         are from this repository's folder (older versions recorded ./runs/x, or runs/x/tiny for an
         --out written absolute)."""
         def norm(c):  # --out first (the commands name it absolute), then this repository
-            if stored and not c.startswith(("$OUT", "-", os.sep)) and (os.sep in c or c.startswith(".")):
+            if stored and not c.startswith(("$OUT", "-", os.sep)) and (os.sep in c or c.startswith(".")) \
+                    and "://" not in c:  # (a URL is not a path)
                 c = os.path.normpath(os.path.join(ROOT, c))
             for o in self.spellings:
                 if c == o or c.startswith(o + os.sep):
                     return "$OUT" + c[len(o):]
             return c.replace(ROOT + os.sep, "")
         return ["python" if c in (PY, "python") else norm(c) for c in cmd]
+
+    def same(self, stored_cmd, key) -> bool:
+        """A marker's command and this run's (comparable) one are the same command: both read as a
+        marker's, so a path the user wrote relative (./val.jsonl) compares equal to itself."""
+        return self.comparable(stored_cmd, stored=True) == self.comparable(key, stored=True)
 
     def _read(self, name, suffix=".json"):
         path = os.path.join(self.dir, name + suffix)
@@ -161,28 +186,33 @@ class Stages:
         rec = self.done(name)
         return None if rec is None else rec.get("id", rec.get("finished"))
 
-    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=None, reads=(),
-            models=()):
+    def run(self, name, cmd, out_dir=None, resume_flag="--resume", fresh_flag=None, needs=(), output=(), reads=(),
+            models=(), versions=None, check=None, keep=()):
         """Run cmd unless it finished already. out_dir: where it writes (a non-empty one means an
         interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
         reads: files or folders of the user's it reads (seeds, benchmark data): a change to what
         they hold makes it stale; models: the user's checkpoints it starts from (checkpoint_stamp),
-        likewise. An interrupted attempt whose inputs changed since starts afresh (fresh_flag).
-        output: the file a finished stage must have left (else it runs again)."""
+        likewise; versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
+        A stage that runs again starts afresh: the old attempt's files in out_dir go first (but those
+        named in keep: build_data's teacher cache), then the script runs (with fresh_flag if kept
+        files remain). output: the files a finished stage must have left; check(): why its output
+        cannot be used (or None): either way it runs again."""
         key = self.comparable(cmd)
         inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads},
-                  **{self.comparable([m])[0]: checkpoint_stamp(m) for m in models}}
+                  **{self.comparable([m])[0]: checkpoint_stamp(m) for m in models}, **(versions or {})}
         old, redo = self.done(name), None
         if old is not None:
-            if self.comparable(old["cmd"], stored=True) != key:
+            if not self.same(old["cmd"], key):
                 raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
                                  f"  now:  {shlex.join(key)}\ndelete {out_dir or os.path.join(self.out, name)} and "
                                  f"{self.dir}/{name}.json to redo it with the new settings, or choose another --out")
             then = old.get("inputs", {})  # (markers of older versions lack the files' hashes: not compared)
             if stale := [n for n in inputs if n in then and then[n] != inputs[n]]:
                 redo = f"{', '.join(stale)} changed since it ran"
-            elif output and not os.path.exists(output):
-                redo = f"its output {output} is gone"
+            elif gone := [f for f in output if not os.path.exists(f)]:
+                redo = f"its output {', '.join(gone)} is gone"
+            elif check and (why := check()):
+                redo = why
             else:
                 log(f"{name}: done already ({old['wall_s']:.0f} s), skipped")
                 return
@@ -194,7 +224,7 @@ class Stages:
         if started and not redo and (stale := [n for n in inputs if n in then and then[n] != inputs[n]]):
             redo = f"{', '.join(stale)} changed since its interrupted attempt"  # continuing would mix the two
             log(f"{name}: {redo}: starting it afresh")
-        changed = running is not None and self.comparable(running["cmd"], stored=True) != key
+        changed = running is not None and not self.same(running["cmd"], key)
         if changed and started and not redo:  # partial work made with other flags: never mixed
             raise SystemExit(f"stage {name}: an interrupted attempt was started with another command\n"
                              f"  then: {shlex.join(running['cmd'])}\n  now:  {shlex.join(key)}\nrun paper.py with the "
@@ -202,6 +232,15 @@ class Stages:
                              f" and {self.dir}/{name}.running.json to start it afresh")
         if redo or running is None or changed:  # (changed and nothing written: it failed before any work)
             running = {"cmd": key, "wall_s": 0.0, "peak_rss_gb": 0.0, "attempts": 0}
+        if out_dir is not None and (started and redo and fresh_flag or running.get("clearing")):
+            # afresh: the old files go before the script starts (its own --overwrite deletes them only once
+            # it has loaded everything: interrupted before that, a rerun would have continued the old run),
+            # marked first, so an interruption while they go is finished by the next run
+            running.update(clearing=True, inputs=inputs)
+            self._write(name, running, ".running.json")
+            self.clear(out_dir, keep)
+            running["clearing"] = False
+            started = bool(os.listdir(out_dir))
         flags = ([fresh_flag] if redo and started and fresh_flag else
                  [resume_flag] if started and resume_flag and not redo else [])
         full = cmd + flags
@@ -211,11 +250,11 @@ class Stages:
         running["inputs"] = inputs
         self._write(name, running, ".running.json")
         t0 = time.time()
-        code, peak_gb, stopped = run_child(full)
+        code, peak_gb, stopped = run_child(full, keep_fds=(self.fd,) if getattr(self, "fd", None) else ())
         running["wall_s"] = round(running["wall_s"] + time.time() - t0, 1)
         running["peak_rss_gb"] = round(max(running["peak_rss_gb"], peak_gb), 2)
         self._write(name, running, ".running.json")
-        if stopped or code in (130, -2, -15):
+        if code != 0 and (stopped or code in (130, -2, -15)):
             log(f"{name}: interrupted after {time.time() - t0:.0f} s; run the same command again to continue")
             raise SystemExit(130)
         if code != 0:
@@ -228,6 +267,34 @@ class Stages:
         os.remove(os.path.join(self.dir, f"{name}.running.json"))
         self.ran.append(name)
         log(f"{name}: finished in {running['wall_s']:.0f} s, peak RSS {running['peak_rss_gb']:.2f} GB")
+        if stopped:  # it finished before the signal stopped it: recorded as done, then we stop
+            log("interrupted; run the same command again to continue")
+            raise SystemExit(130)
+
+    def clear(self, out_dir, keep=()):
+        """Remove out_dir's files but those named in keep: the folder is renamed aside first (one
+        step), so no half-deleted folder is ever read as an attempt to continue; run again after an
+        interruption, it finishes the job (the kept files of an earlier pass included)."""
+        if os.path.isdir(out_dir):
+            os.rename(out_dir, f"{out_dir}.old-{uuid.uuid4().hex[:8]}")
+        os.makedirs(out_dir, exist_ok=True)
+        for aside in sorted(glob.glob(glob.escape(out_dir) + ".old-*")):
+            for n in keep:
+                if os.path.exists(os.path.join(aside, n)) and not os.path.exists(os.path.join(out_dir, n)):
+                    os.rename(os.path.join(aside, n), os.path.join(out_dir, n))
+            shutil.rmtree(aside)
+
+    def lock(self):
+        """Hold the run folder (stages/.lock) for as long as this process, or a stage it started,
+        lives: a second paper.py on it stops at once. -> the descriptor, for the stages to hold."""
+        fd = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{self.out} is in use by another paper.py run (or a stage it started, still "
+                             f"stopping): wait for it to end, or choose another --out") from None
+        self.fd = fd
+        return fd
 
 
 ARGS_FLAGS = ("--data-args", "--sft-args", "--kto-args", "--eval-args")
@@ -328,11 +395,15 @@ def main():
         p.error(f"--out {out_spelled} is a file")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "stages")):
         p.error(f"--out {out_spelled} holds other files and is not a paper.py run (no stages/ in it): choose another --out")
+    from nanopost.checkpoint import within
+    if within(out, data_dir):  # the eval stage hashes --data-dir: the run's own files would change it at every run
+        p.error(f"--out {out_spelled} lies inside --data-dir {data_dir}: choose an --out outside it")
     os.makedirs(out, exist_ok=True)
     extra = {s: (shlex.split(TINY[s]) if tiny else []) + shlex.split(getattr(args, f"{s}_args")) for s in TINY}
     limit = args.limit if args.limit is not None else (8 if tiny else 0)
     dev = ["--device", args.device] if args.device else []
     st = Stages(out, out_spelled)
+    st.lock()
     d = lambda name: os.path.join(out, name)  # noqa: E731
     if args.download:  # first: a network problem should show before hours of training
         st.run("download", [PY, script("evaluate.py"), "--download", "--tasks", ",".join(tasks), "--data-dir", data_dir])
@@ -342,7 +413,7 @@ def main():
     base = args.model
     if tiny:
         base = d("tiny")
-        st.run("tiny", [PY, "-m", "nanopost.testing", base], output=os.path.join(base, "config.json"))
+        st.run("tiny", [PY, "-m", "nanopost.testing", base], output=[os.path.join(base, "config.json")])
     base_stage = ("tiny",) if tiny else ()
     base_model = () if tiny else (base,)  # the user's: a stage that starts from it is stale once it changes
 
@@ -354,8 +425,8 @@ def main():
     synth = ["--synthesize", str(args.synthesize)] if args.synthesize else []
     st.run("data", [PY, script("build_data.py"), *who, "--student", base, "--sources", *args.seeds, *synth,
                     "--out", d("data"), *dev, *extra["data"]], d("data"), fresh_flag="--overwrite", needs=base_stage,
-           output=os.path.join(d("data"), "kto.jsonl"), reads=args.seeds,
-           models=(*base_model, *([args.teacher] if args.teacher else [])))
+           output=[os.path.join(d("data"), f) for f in ("sft.jsonl", "kto.jsonl")], reads=args.seeds,
+           models=(*base_model, *([args.teacher] if args.teacher else [])), keep=["teacher_cache.sqlite"])
     for f in ("sft.jsonl", "kto.jsonl"):
         path = os.path.join(d("data"), f)
         with open(path, encoding="utf-8") as fh:
@@ -372,12 +443,12 @@ def main():
     for name, seed in (("sft", 0), ("sft-b", 1)):
         st.run(name, [*launch, script("train_sft.py"), "--model", base, "--data", os.path.join(d("data"), "sft.jsonl"),
                       "--out", d(name), "--seed", str(seed), *preset, *dev, *extra["sft"]], d(name),
-               fresh_flag="--overwrite", needs=(*base_stage, "data"), output=os.path.join(d(name), "config.json"),
+               fresh_flag="--overwrite", needs=(*base_stage, "data"), output=[os.path.join(d(name), "config.json")],
                models=base_model)
     for name, start, needs in (("kto", base, base_stage), ("sft-kto", d("sft"), ("sft",))):
         st.run(name, [*launch, script("train_kto.py"), "--model", start, "--data", os.path.join(d("data"), "kto.jsonl"),
                       "--out", d(name), *dev, *extra["kto"]], d(name), fresh_flag="--overwrite",
-               needs=(*needs, "data"), output=os.path.join(d(name), "config.json"),
+               needs=(*needs, "data"), output=[os.path.join(d(name), "config.json")],
                models=base_model if start == base else ())
 
     # 3. weight fusion (merge.py writes its output atomically; --overwrite lets a rerun replace an older one)
@@ -388,7 +459,7 @@ def main():
                "slerp": (["--method", "slerp", "--models", d("sft"), d("sft-kto"), "--t", "0.5"], ("sft", "sft-kto"))}
     for name, (flags, needs) in fusions.items():
         st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], d(name), resume_flag="--overwrite",
-               fresh_flag="--overwrite", needs=needs, output=os.path.join(d(name), "config.json"))
+               fresh_flag="--overwrite", needs=needs, output=[os.path.join(d(name), "config.json")])
 
     # 4. every model on the same questions (evaluate.py resumes from its own cache, keyed on each
     #    checkpoint's files, so a retrained model is never scored from old predictions)
@@ -398,12 +469,22 @@ def main():
     shots = ["--shots", ",".join(f"{t}={args.choice_shots}" for t in choice)] if choice else []
     budget = [f"{t}=48" for t in tasks if t in ("gsm8k", "humaneval")] if tiny else []  # the tiny model never stops
     models = [a for m in variants.values() for a in ("--model", m)]
+
+    def unscored():  # results.json is keyed by each model's path: a moved run folder's names none of ours
+        try:
+            with open(os.path.join(d("eval"), "results.json"), encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"its results.json cannot be read ({e})"
+        missing = [n for n, m in variants.items() if not isinstance(results.get(m), dict)]
+        return f"its results.json holds no scores for {', '.join(missing)} (a moved run folder?)" if missing else None
+    from nanopost.tasks import PROTOCOL
     st.run("eval", [PY, script("evaluate.py"), *models, "--tasks", ",".join(tasks), "--data-dir", data_dir,
                     *(["--limit", str(limit)] if limit else []), *shots,
                     *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
                     *extra["eval"]], d("eval"), resume_flag=None,
-           needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=os.path.join(d("eval"), "results.json"),
-           reads=[data_dir], models=base_model)
+           needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=[os.path.join(d("eval"), "results.json")],
+           reads=[data_dir], models=base_model, versions={"evaluate.py PROTOCOL": PROTOCOL}, check=unscored)
 
     # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
     ids = {n: st.id(n) for n in ("tiny", "data", "sft", "sft-b", "kto", "sft-kto", *fusions, "eval")}
@@ -494,6 +575,8 @@ def write_report(args, tasks, tiny, out, variants, st, ids):
 
     def protocol(t):
         s = settings[t]
+        if not s:  # no results for the base: say nothing rather than a default that may not be what ran
+            return "-"
         if t == "gsm8k":
             return f"{s.get('shots', 4)}-shot CoT, generate, last number"
         if t == "humaneval":
@@ -518,7 +601,7 @@ def write_report(args, tasks, tiny, out, variants, st, ids):
              "| Qwen2-0.5B-Instruct, **as published** (not measured here) | " +
              " | ".join("-" if PUBLISHED.get(t) is None else f"{PUBLISHED[t]:.1f}" for t in tasks) + " |"]
     lines += [f"| {name} (`{variants[name]}`) | " + " | ".join(cell(name, t) for t in tasks) + " |" for name in variants]
-    lines += ["| questions per benchmark | " + " | ".join(str(n[t]) for t in tasks) + " |",
+    lines += ["| questions per benchmark | " + " | ".join("-" if n[t] is None else str(n[t]) for t in tasks) + " |",
               "| protocol | " + " | ".join(protocol(t) for t in tasks) + " |", "",
               "⚠ = at or below chance (25% for the four-option benchmarks): the score says nothing about the model. "
               + "".join(f"With {k} questions one question moves a score by {100 / k:.1f} points; " for k in
@@ -572,7 +655,9 @@ def draw_charts(out, table, tasks, curves):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 3.5))
     width = 0.8 / len(table)
     for i, (name, row) in enumerate(table.items()):
-        ax.bar([c + i * width for c in range(len(tasks))], [row[t] or 0 for t in tasks], width, label=name)
+        # a missing score is no bar (NaN), never a bar at 0
+        ax.bar([c + i * width for c in range(len(tasks))], [float("nan") if row[t] is None else row[t] for t in tasks],
+               width, label=name)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

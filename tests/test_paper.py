@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["base", "sft", "sft-b", "kto", "sft-kto", "linear-0.5", "linear-0.05", "slerp"]
@@ -31,7 +32,7 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     # a stage that fails (a flag train_kto.py does not have) stops the run; what finished stays
     r = paper(*small, "--kto-args", "--max-steps 2 --lr 1e-4 --batch-size 4 --no-such-flag")
     assert r.returncode != 0 and "stage kto failed" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
-    assert sorted(f for f in os.listdir(out / "stages") if not f.endswith(".running.json")) == \
+    assert sorted(f for f in os.listdir(out / "stages") if f.endswith(".json") and not f.endswith(".running.json")) == \
         ["data.json", "sft-b.json", "sft.json", "tiny.json"]
     kto = ["--kto-args", "--max-steps 2 --lr 1e-4 --batch-size 4"]
     r = paper(*small, *kto)
@@ -94,6 +95,15 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     ids = json.loads((out / "report.json").read_text())["stage_ids"]
     assert ids["sft"] == json.loads((out / "stages" / "sft.json").read_text())["id"]
 
+    # the run folder moved: its stages are found done, but results.json names the models by their old
+    # paths: the report lost every score (and claimed a 0-shot protocol) until eval runs again
+    moved = tmp_path / "moved"
+    os.rename(out, moved)
+    r = paper(*[moved if a == out else a for a in small], *kto)
+    assert r.returncode == 0 and "eval: its results.json holds no scores for base, sft" in r.stdout, r.stdout + r.stderr
+    report = json.loads((moved / "report.json").read_text())
+    assert all(isinstance(report["accuracy"][n][t], float) for n in VARIANTS for t in TASKS), report["accuracy"]
+
 
 def test_a_run_inside_the_repository_is_recognised_however_out_and_model_are_spelled(tmp_path, monkeypatch):
     """With --out under the repository (runs/paper-tiny, the default), its absolute spelling, ./runs/...
@@ -131,6 +141,9 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
         r = paper("--out", tmp_path / "run", *args)
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
         assert not (tmp_path / "run").exists()
+    bench = shutil.copytree(os.path.join(ROOT, "data", "mini"), tmp_path / "bench")  # hashed by eval: never stable
+    r = paper("--out", bench / "run", "--data-dir", bench, "--tasks", "mmlu")
+    assert r.returncode == 2 and "lies inside --data-dir" in r.stderr and not (bench / "run").exists(), r.stderr
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = paper("--out", tmp_path / "mine")
@@ -203,4 +216,148 @@ def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_
     os.utime(base / "model.safetensors", ns=(2, 2))
     said = runs()  # (another command than the interrupted one's: fine, since it starts afresh)
     assert "changed since its interrupted attempt: starting it afresh" in said
-    assert open(out / "flags").read().endswith("--overwrite;")  # not --resume
+    assert open(out / "flags").read() == ";"  # the old attempt's files went first; not --resume
+
+
+def load_paper(name="paper_t"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "paper.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def test_the_same_command_with_a_url_or_a_dot_path_is_recognised(tmp_path, capsys):
+    """A marker's command is read with its paths made relative to the repository; a URL
+    (http://h:8000/v1 became http:/h:8000/v1) or ./val.jsonl (became val.jsonl) then differed from
+    the same command given again: "finished earlier with another command", for ever."""
+    st = load_paper().Stages(str(tmp_path / "run"), str(tmp_path / "run"))
+    cmd = [sys.executable, "-c", "pass", "--teacher-url", "http://gpu1:8000/v1", "--val", "./val.jsonl", "--x", "../a/b"]
+    st.run("data", cmd)
+    st.run("data", cmd)
+    assert "data: done already" in capsys.readouterr().out
+    import pytest
+    with pytest.raises(SystemExit, match="finished earlier with another command"):
+        st.run("data", [*cmd[:4], "http://gpu2:8000/v1", *cmd[5:]])
+
+
+def test_a_redo_interrupted_before_its_script_cleared_the_old_run_starts_afresh_again(tmp_path, capsys, monkeypatch):
+    """A finished stage to redo (its inputs changed) left its old files until the script's own
+    --overwrite removed them, after loading everything; interrupted before that, the next run found
+    them, with .running.json holding the new inputs, and continued the OLD run with --resume (an
+    old model accepted as the new one). The old files now go first, and an interruption while they
+    go is finished by the next run; kept files (build_data's teacher cache) stay."""
+    import pytest
+    m = load_paper()
+    run, base = tmp_path / "run", tmp_path / "base"
+    out, stop = run / "data", tmp_path / "stop-now"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    st = m.Stages(str(run), str(run))
+    # the script: stops at once (exit 130) while stop-now exists; else records its flags and writes its output
+    cmd = [sys.executable, "-c", f"import sys, os; os.path.exists({str(stop)!r}) and sys.exit(130); "
+                                 f"os.makedirs({str(out)!r}, exist_ok=True); "
+                                 f"open(os.path.join({str(out)!r}, 'flags'), 'a').write(' '.join(sys.argv[1:]) + ';'); "
+                                 f"open(os.path.join({str(out)!r}, 'out'), 'w').write(open({str(base / 'config.json')!r}).read()); "
+                                 f"open(os.path.join({str(out)!r}, 'cache'), 'a').write('x')"]
+    go = lambda: st.run("data", cmd, str(out), fresh_flag="--overwrite", models=[str(base)],  # noqa: E731
+                        output=[str(out / "out")], keep=["cache"]) or capsys.readouterr().out
+    assert "finished in" in go()
+    (base / "config.json").write_text('{"new": 1}')
+    os.utime(base / "config.json", ns=(1, 1))
+    stop.write_text("")
+    with pytest.raises(SystemExit):
+        go()
+    assert sorted(os.listdir(out)) == ["cache"]  # the old run's files are gone, its cache kept
+    # interrupted again, this time while the old files go: the next run finishes the job
+    (out / "stale").write_text("old")
+    real = m.shutil.rmtree
+    monkeypatch.setattr(m.shutil, "rmtree", lambda p: (_ for _ in ()).throw(KeyboardInterrupt()))
+    st2 = m.Stages(str(run), str(run))
+    running = json.loads((run / "stages" / "data.running.json").read_text())
+    running["clearing"] = True  # as a run cut inside clear() leaves it
+    (run / "stages" / "data.running.json").write_text(json.dumps(running))
+    with pytest.raises(KeyboardInterrupt):
+        st2.run("data", cmd, str(out), fresh_flag="--overwrite", models=[str(base)], output=[str(out / "out")],
+                keep=["cache"])
+    monkeypatch.setattr(m.shutil, "rmtree", real)
+    assert [p for p in os.listdir(run) if p.startswith("data.old-")]  # renamed aside, not yet removed
+    stop.unlink()
+    assert "finished in" in go()  # (with --resume: what it continues holds only the kept cache)
+    assert sorted(os.listdir(out)) == ["cache", "flags", "out"]
+    assert (out / "out").read_text() == '{"new": 1}' and (out / "cache").read_text() == "xx"
+    assert not [p for p in os.listdir(run) if p.startswith("data.old-")]
+
+
+SIGNALS = r"""
+import os, sys, time
+sys.path.insert(0, {root!r})
+spec = __import__("importlib.util").util.spec_from_file_location("paper_s", os.path.join({root!r}, "paper.py"))
+m = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_module(m)
+st = m.Stages({run!r}, {run!r}); st.lock()
+child = "import signal, sys, time, os\n" \
+        "def stop(*a): open({got!r}, 'w').write('SIGINT'); sys.exit({code})\n" \
+        "signal.signal(signal.SIGINT, stop)\nopen({pid!r}, 'w').write(str(os.getpid()))\n" \
+        "[time.sleep(0.05) for _ in range(400)]"
+st.run("sft", [sys.executable, "-c", child], {out!r})
+"""
+
+
+def start_signals_script(tmp_path, code):
+    run = tmp_path / "run"
+    script = tmp_path / "s.py"
+    script.write_text(SIGNALS.format(root=ROOT, run=str(run), got=str(tmp_path / "got"), pid=str(tmp_path / "pid"),
+                                     out=str(run / "sft"), code=code))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(400):
+        if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text():
+            break
+        time.sleep(0.05)
+    return p, run, int((tmp_path / "pid").read_text())
+
+
+def test_kill_int_to_paper_alone_stops_the_stage_and_a_finished_one_is_kept(tmp_path):
+    """kill -INT sent to paper.py alone (not its process group) was caught and noted, but never passed
+    on: the stage ran to its end, then was thrown away as "interrupted". It is passed on; a stage that
+    still exits 0 is recorded as finished."""
+    import signal
+    for code, finished in ((130, False), (0, True)):
+        for f in ("got", "pid"):
+            (tmp_path / f).unlink(missing_ok=True)
+        p, run, child = start_signals_script(tmp_path, code)
+        t0 = time.time()
+        os.kill(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=15)
+        assert time.time() - t0 < 10 and p.returncode == 130, err  # not the child's 20 s
+        assert (tmp_path / "got").read_text() == "SIGINT"
+        assert (run / "stages" / "sft.json").exists() == finished, err
+
+
+def test_a_second_paper_on_one_out_is_refused_and_a_killed_paper_stops_its_stage(tmp_path):
+    """Nothing held the run folder: two paper.py on one --out ran the same stages into the same
+    folders, and after kill -9 of paper.py its stage ran on alone beside the rerun."""
+    import signal
+
+    import pytest
+    m = load_paper()
+    p, run, child = start_signals_script(tmp_path, 130)
+    try:
+        with pytest.raises(SystemExit, match="in use by another paper.py run"):
+            m.Stages(str(run), str(run)).lock()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        for _ in range(200):  # the child got SIGINT when its parent died, and stops
+            if (tmp_path / "got").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "got").read_text() == "SIGINT"
+        for _ in range(200):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the stage is still running")
+        m.Stages(str(run), str(run)).lock()  # free once the last of them ended
+    finally:
+        p.kill()
