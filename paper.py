@@ -27,9 +27,10 @@ one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resum
 its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
 A stage whose inputs were redone since (say OUT/sft was deleted and trained again), or whose files
 changed (the --seeds, the benchmark data, evaluate's PROTOCOL), runs again, afresh (its old files go
-first; build_data's teacher cache and evaluate.py's prediction cache kept), and so does one whose output has gone; the report is
-rewritten whenever a stage ran. One paper.py at a time holds OUT (stages/.lock, held by its stages
-too), and a stage never outlives it (a signal to paper.py is passed on; killed, its stage gets SIGINT). A finished or interrupted stage asked for with other
+first; build_data's teacher cache and evaluate.py's prediction cache kept), and so does one whose
+output has gone; the report is rewritten whenever a stage ran. One paper.py at a time holds OUT
+(stages/.lock, held by its stages too), and a stage never outlives it (a signal to paper.py is
+passed on; killed, its stage gets SIGINT). A finished or interrupted stage asked for with other
 flags is refused rather than silently reused or mixed: delete OUT/NAME and OUT/stages/NAME*.json
 to redo it, or choose another --out. --sft-args, --kto-args, --data-args and --eval-args add flags
 to one script's command ("--lr 1e-5 --max-steps 10"; a flag given again wins over the default).
