@@ -73,6 +73,7 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("It takes between 5-6 hours, so 6") == "6"  # a dash, not a minus
     assert gsm8k.extract("The temperature drops to \u22123 degrees.") == "-3"  # the Unicode minus
     assert gsm8k.extract("Count them: 1,2,3") == "3"  # a list, not the number 123
+    assert gsm8k.extract("The answer is 18. (\U0001d7cf)") == "18" and gsm8k.extract("１８") is None  # ASCII digits
     assert gsm8k.extract("He earns 12,345 dollars and 1,000,000 later") == "1000000"
     assert gsm8k.extract("He spends 2-3=-1 hours") == "-1"
     assert gsm8k.extract("Each costs .5 dollars, so the answer is .5") == "0.5"
@@ -248,6 +249,22 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A项错误。**答案：** C", "C"),
     ("正确答案是A/B测试。", "A"),
     ("A、B都错误，C", "C"),
+    # a question is not an answer, nor the first of options listed under "the answer:", nor a wrong answer,
+    # nor letters ruled out by neither/nor, nor several letters named correct together
+    ("Is the answer A? No. The correct option is B.", "B"),
+    ("Is the answer A? No. B is correct.", "B"),
+    ("Is the answer B? No, it's D.", "D"),
+    ("To find the answer:\nA. 1 is wrong\nB. 2 is right\nSo the correct option is B.", "B"),
+    ("The correct answer is neither A nor B; it is D.", "D"),
+    ("Neither A nor B is right; D is correct.", "D"),
+    ("The wrong answer is B; D is correct.", "D"),
+    ("A common wrong answer is C, but the correct option is B.", "B"),
+    ("Both A and C are correct.", None),
+    ("C and D are both correct.", None),
+    ("Answer: A, B, C, D", None),
+    ("The answer is B, C is wrong.", "B"),
+    ("**Answer:**\nB. Paris", "B"),
+    ("Answer:\nC", "C"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
@@ -831,6 +848,25 @@ def test_sandbox_contains_bad_programs(tmp_path):
     assert time.time() - t < 10
     assert run_program("import os\nassert 'HF_TOKEN' not in os.environ and len(os.environ) < 10\n"
                        "open('inside.txt', 'w').write('fine')") == (True, "passed")
+    # writes outside through other public calls (a file outside was emptied and chmod-ed to 0), and a pidfd
+    # signal to the evaluating process (it was killed: rc 137, its scratch folder left behind)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    for program in (f"import io\nio.FileIO({str(tmp_path / 'f.txt')!r}, 'w').write(b'x')",
+                    f"import os\nd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+                    f"os.close(os.open('victim.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d))",
+                    f"import os\nos.makedirs({str(tmp_path / 'a' / 'b')!r})",
+                    f"import os\nos.fchmod(os.open({str(victim)!r}, os.O_RDONLY), 0)",
+                    f"import sqlite3\nsqlite3.connect({str(tmp_path / 'db.sqlite')!r}).execute('create table t(x)')",
+                    f"import sqlite3\nsqlite3.connect('file:{tmp_path}/u.sqlite', uri=True).execute('create table t(x)')",
+                    f"import pathlib\npathlib.Path({str(tmp_path / 't.txt')!r}).touch()",
+                    "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)"):
+        ok, status = run_program(program)
+        assert not ok and status.startswith("PermissionError"), (program, status)
+    assert sorted(os.listdir(tmp_path)) == ["victim.txt"] and victim.read_text() == "keep"
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert run_program("import io, os, sqlite3, pathlib\nsqlite3.connect(':memory:'); sqlite3.connect('in.db')\n"
+                       "os.mkdir('d'); io.FileIO('d/x', 'w').write(b'1'); pathlib.Path('z').touch()") == (True, "passed")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.exists("/proc/self/schedstat"),

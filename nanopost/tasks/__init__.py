@@ -14,7 +14,7 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
 # The scoring protocol: bump it whenever a prompt, a stop string, an extraction, a scorer or the
 # model's outputs for a checkpoint (how its files are read) change, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 12  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+PROTOCOL = 13  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
@@ -26,6 +26,10 @@ PROTOCOL = 12  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     prompts: a Qwen2 tokenizer.json saved without its NFC normalizer is read with it (as transformers reads it)
 # 12: CMMLU and C-Eval questions in their own layouts ("题目：", "答案是：B" / "答案：B", no space); their
 #     accuracies are means over subjects, as their official scripts report them
+# 13: letters: "Is the answer A?", the first of options listed under "the answer:", "the wrong answer is B",
+#     "neither A nor B", several letters named together ("Both A and C are correct") pick no letter; GSM8K: ASCII
+#     digits only; HumanEval: writes outside the scratch folder through io.FileIO, dir_fd, os.mkdir, sqlite3 and
+#     permission calls, and pidfd signals, are refused
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

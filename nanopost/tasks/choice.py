@@ -133,9 +133,11 @@ EXTRACTION = [re.compile(p) for p in (
     # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A, **答案**：B
     r"答案(?:\**(?:应该|应)?(?:是|为|选))?" + LEAD + r"(?:选项" + LEAD + ")?" + LETTER,
     # The answer is (B), Answer: C, **Answer:** D, the correct answer is: D, A good choice is C, my answer would be
-    # option B; "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option)
+    # option B; "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option);
+    # not "the wrong answer is B", "Is the answer A?", nor the first of options listed below "To find the answer:"
+    r"(?<![Ww]rong )(?<![Ii]ncorrect )(?<![Ff]alse )(?<![Bb]ad )"
     r"(?:(?i:answer)(?:[\s*]+(?i:" + VERB + r"))?|(?i:choice)(?:[\s*]+(?i:" + VERB + r")|(?=[\s*]*[:：])))"
-    + LEAD + r"(?:(?i:option)" + LEAD + ")?" + LETTER,
+    + LEAD + r"(?:(?i:option)" + LEAD + ")?" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     # the correct option is C, the best option: (D), 正确选项为B, 正确的选项是C: a verb or a colon on the
     # same line, then the letter; not "to find the correct option:\nA. ...", "Is the correct option A?",
     # "正确选项是A吗", nor an option's text quoted after it ("the best option is: A decrease in ..."),
@@ -152,20 +154,24 @@ EXTRACTION = [re.compile(p) for p in (
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?" + LEAD + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
-    # article; not letters ruled out together ("A and B are wrong"; one said not to be it, or one of a
+    # article, not asked about ("Is it B?"); not letters ruled out together ("A and B are wrong"; one said not to be it, or one of a
     # hedge, no pattern takes: see extract)
-    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + RULED_OUT,
+    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])" + RULED_OUT,  # not "Is it B?"
 )]
 # Letters no pattern may take, whatever it matched around them:
 # - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B, or C", "A/B", "A或B"): no answer
 #   given. Letters are joined when only one of these stands between them (brackets, bold and spaces aside);
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
+# - several letters named together ("Both A and C are correct", "Answer: A, B, C, D"): no one answer; but in
+#   "B, C is wrong" the last letter is a subject of its own (a singular verb follows it).
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
 LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
+SINGULAR = re.compile(r"[)\]）*]*\s*(?:is|was|has|does|seems|looks)\b", re.IGNORECASE)
 MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
-NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z", re.IGNORECASE)
+NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|\bneither|\bnor|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z",
+                     re.IGNORECASE)
 # A reply that is only its answer ("B", "B. 7", "Answer: B", "答案：B") and then writes a question of its
 # own in the exemplars' form (a blank line, then options A-D and an "Answer:" line: a base model carrying
 # on a few-shot prompt) is read up to that question. A reply that says more before restated options is
@@ -178,9 +184,18 @@ BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
 def hedges(reply: str) -> list[tuple[int, int]]:
-    """The spans of letter groups joined by a hedge (see OR_JOINS), in one linear pass."""
+    """The spans of letter groups that give no one answer: joined by a hedge (see OR_JOINS), or named
+    together (see LIST_JOINS, SINGULAR), in one linear pass."""
     out, letters = [], list(BARE_LETTER.finditer(reply))
     group, hedged = [], False
+
+    def close():
+        if hedged:
+            out.append((group[0].start(), group[-1].end()))
+        elif len(group) > 1:  # named together, unless the last is the subject of a singular verb
+            last = group[-1] if not SINGULAR.match(reply, group[-1].end()) else group[-2]
+            if last is not group[0]:
+                out.append((group[0].start(), last.end()))
     for m in letters:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
@@ -191,11 +206,10 @@ def hedges(reply: str) -> list[tuple[int, int]]:
                 group.append(m)
                 hedged |= join in OR_JOINS
                 continue
-            if hedged:
-                out.append((group[0].start(), group[-1].end()))
+            close()
         group, hedged = [m], False
-    if hedged:
-        out.append((group[0].start(), group[-1].end()))
+    if group:
+        close()
     return out
 
 
@@ -224,6 +238,15 @@ def restated(reply: str) -> list[tuple[int, int]]:
     return out
 
 
+def starts_list(reply: str, at: int) -> bool:
+    """The letter at `at` labels the first of options listed one a line (the next line starts with the next
+    letter's label): "To find the answer:\nA. 1 is wrong\nB. 2 ..." names no answer."""
+    if reply[at] == "D":
+        return False
+    nxt = LETTERS[LETTERS.index(reply[at]) + 1]
+    return re.compile(r"[A-D][.．:：)][^\n]*\n[ \t]*[(\[（]?" + nxt + r"[.．:：)\]）]").match(reply, at) is not None
+
+
 def extract(reply: str) -> str | None:
     """The option letter of a generated reply (see EXTRACTION), or None."""
     blanks = [m.start() for m in BLANK_LINE.finditer(reply)]
@@ -238,6 +261,8 @@ def extract(reply: str) -> str | None:
             if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at):
                 continue
             if pattern is EXTRACTION[-1] and any(a <= at < b for a, b in options):
+                continue
+            if "\n" in reply[m.start():at] and starts_list(reply, at):
                 continue
             return m.group(1)
     return None

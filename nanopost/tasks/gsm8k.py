@@ -9,7 +9,9 @@ from nanopost.data import DataError, read_jsonl
 
 # A minus sign (or U+2212) only where it cannot be a dash between numbers ("between 5-6" is 6,
 # not -6); commas only as thousands separators ("1,234" but "1,2,3" is three numbers); ".5" is a number.
-NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+# ASCII digits only, as lm-evaluation-harness' [0-9]: a "１８" or "𝟏" could never equal the gold, yet as the
+# last number it would override the answer before it.
+NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)", re.ASCII)
 STOP = ["Question:"]
 
 

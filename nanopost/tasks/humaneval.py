@@ -15,9 +15,11 @@ that is deleted afterwards, with a scrubbed environment (no inherited secrets), 
 inherited file descriptors, a time limit (wall-clock time less the time spent waiting for a CPU
 other work held, so a busy machine fails no solution; the whole process group is killed), CPU-time,
 address-space (memory), file-size, open-file and core-dump limits, and a Python-level guard that
-refuses writes outside the scratch directory and disables process, signal and file-removal calls.
+refuses writes outside the scratch directory through Python's file calls (open, io.FileIO, os.open,
+os.mkdir, sqlite3; a path relative to another folder's descriptor, dir_fd, is refused) and disables
+process, signal (pidfd ones included), file-removal and permission calls.
 It is NOT a security boundary: the guard is Python code that determined code can undo (ctypes,
-re-importing internals); the process runs as the same user, can read any file that user can read,
+re-importing internals, other C code that opens files itself); the process runs as the same user, can read any file that user can read,
 and can use the network; there is no seccomp, namespace, container or chroot; code that reads its
 own program file, or finds the token in its own running code (frames, constants), can print the pass
 token without passing, and a function returning an object
@@ -56,22 +58,45 @@ def _guarded_open(file, mode="r", *a, **k):
         raise PermissionError(f"write outside the scratch directory: {file!r}")
     return _open(file, mode, *a, **k)
 builtins.open = io.open = _guarded_open
-_os_open = os.open
+class _GuardedFileIO(io.FileIO):
+    def __init__(self, file, mode="r", *a, **k):
+        if any(c in mode for c in "wax+") and not _inside(file):
+            raise PermissionError(f"write outside the scratch directory: {file!r}")
+        super().__init__(file, mode, *a, **k)
+io.FileIO = _GuardedFileIO
+def _outside(path, dir_fd):  # a path relative to another folder's descriptor: never checked, so refused
+    return not _inside(path) or (dir_fd is not None and not os.path.isabs(os.fsdecode(path)))
+_os_open, _mkdir = os.open, os.mkdir
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def _guarded_os_open(path, flags, *a, **k):
-    if flags & _WRITE and not _inside(path):
+def _guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
+    if flags & _WRITE and _outside(path, dir_fd):
         raise PermissionError(f"write outside the scratch directory: {path!r}")
-    return _os_open(path, flags, *a, **k)
-os.open = _guarded_os_open
+    return _os_open(path, flags, mode, dir_fd=dir_fd)
+def _guarded_mkdir(path, mode=0o777, *, dir_fd=None):
+    if _outside(path, dir_fd):
+        raise PermissionError(f"write outside the scratch directory: {path!r}")
+    return _mkdir(path, mode, dir_fd=dir_fd)
+os.open, os.mkdir = _guarded_os_open, _guarded_mkdir
+try:
+    import sqlite3  # its C code opens the file itself
+    _connect = sqlite3.connect
+    def _guarded_connect(database, *a, **k):
+        if a[5:6] or k.get("uri") or database != ":memory:" and not _inside(database):
+            raise PermissionError(f"a database outside the scratch directory: {database!r}")
+        return _connect(database, *a, **k)
+    sqlite3.connect = _guarded_connect
+except ImportError:
+    pass
 for _n in ("system", "popen", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "kill",
            "killpg", "fork", "forkpty", "execv", "execve", "execvp", "execvpe", "spawnv", "spawnve", "putenv",
            "chmod", "chown", "lchown", "truncate", "ftruncate", "symlink", "link", "chdir", "setuid", "setgid",
-           "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp"):  # (a new session outlives killpg)
+           "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp",  # (a new session outlives killpg)
+           "fchmod", "fchown", "lchmod", "chflags", "lchflags", "utime", "mkfifo", "mknod", "pidfd_open"):
     if hasattr(os, _n):
         setattr(os, _n, _deny)
 shutil.rmtree = shutil.move = shutil.chown = _deny
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _deny
-signal.signal = _deny
+signal.signal = signal.pidfd_send_signal = _deny
 del _n
 '''
 
