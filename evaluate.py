@@ -377,9 +377,8 @@ def main(argv=None):
             t0 = time.time()
             with open(cache_file, "a", encoding="utf-8") as cache, \
                     tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{task} {model_name}") as bar:
-                prompts = [tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
-                           for e in todo]
-                order = sorted(range(len(todo)), key=lambda i: prompts[i])  # shared few-shot prefixes side by side
+                def encode(e):
+                    return tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
 
                 def record(e, o, correct):  # one finished question: into the cache file at once, so a crash loses little
                     row = {"id": e["id"], "answer": e["answer"], "correct": bool(correct), **o,
@@ -389,16 +388,26 @@ def main(argv=None):
                     done[e["id"]] = row
                     bar.update(1)
 
-                if mode == "logprob":
+                if mode == "logprob" and todo:
+                    # batches of the whole task, shared few-shot prefixes side by side, the same whatever a resumed
+                    # run has left to do: a row's float rounding follows its batch (packed prefills), so a batch
+                    # with one question left is computed whole, and a resumed run writes an uninterrupted run's numbers
+                    prompts = [encode(e) for e in examples]
+                    order = sorted(range(len(examples)), key=lambda i: prompts[i])
                     for i in range(0, len(order), args.batch_size):
                         batch = order[i:i + args.batch_size]
+                        if all(examples[j]["id"] in done for j in batch):
+                            continue
                         for j, lp in zip(batch, letter_logprobs(engine, [prompts[j] for j in batch], letter_ids, args.batch_size)):
+                            if examples[j]["id"] in done:
+                                continue
                             if not all(map(math.isfinite, lp)):  # max() would pick A: a broken model scoring ~25%
-                                sys.exit(f"error: {model_name}: {task} {todo[j]['id']}: option log-probs {lp}; the model "
-                                         f"computes NaN/inf (diverged training, a bad merge?): no score reported")
+                                sys.exit(f"error: {model_name}: {task} {examples[j]['id']}: option log-probs {lp}; the "
+                                         f"model computes NaN/inf (diverged training, a bad merge?): no score reported")
                             pred = LETTERS[max(range(4), key=lambda k: lp[k])]
-                            record(todo[j], {"logprobs": lp, "pred": pred}, pred == todo[j]["answer"])
+                            record(examples[j], {"logprobs": lp, "pred": pred}, pred == examples[j]["answer"])
                 elif todo:
+                    prompts = [encode(e) for e in todo]
                     stop, budget = todo[0].get("stop", []), new_tokens[task]
 
                     def finished(j, ids):

@@ -382,6 +382,9 @@ def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_d
     again = json.load(open(out / "results.json"))
     for task in ("gsm8k", "mmlu", "ceval"):
         assert [p["pred"] for p in again[tiny][task]["predictions"]] == [p["pred"] for p in res[tiny][task]["predictions"]]
+    # the resumed letter scores are the uninterrupted run's to the last bit: batches are the whole task's, the
+    # same whatever was left to do (a batch of only the questions left rounded otherwise: log-probs differed)
+    assert again[tiny]["ceval"]["predictions"] == res[tiny]["ceval"]["predictions"]
     assert [len(open(c).readlines()) for c in caches][1:] == sizes[1:]
     rows = [json.loads(line) for line in open(caches[0])]  # the cut line went: the redone row has a line of its own
     assert len(rows) == len({r["id"] for r in rows}) == sizes[0]
