@@ -601,6 +601,7 @@ def build(args):
         with open(f, "rb") as fh:
             settings["sources"].append([os.path.abspath(f), hashlib.file_digest(fh, "sha256").hexdigest()])
     settings["prompt_version"] = PROMPT_VERSION  # rows asked with other prompts must not mix with these
+    settings["device_type"] = torch.device(args.device).type  # a GPU's greedy replies and perplexities round otherwise
     settings = json.loads(json.dumps({**settings, **stamps}))  # (as args.json holds it)
     args_path = os.path.join(out, "args.json")
     if args.resume and os.path.exists(args_path):

@@ -594,6 +594,11 @@ def test_resume_refuses_an_edited_source_or_a_retrained_student(tiny, tmp_path):
     assert r.returncode != 0 and "student_files" in r.stderr, r.stderr
     r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")  # stages that need no student: fine
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    saved = json.loads(read(out / "args.json"))  # rows made on a GPU: its replies and perplexities round otherwise
+    (out / "args.json").write_text(json.dumps({**saved, "settings": {**saved["settings"], "device_type": "cuda"}}))
+    r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")
+    assert r.returncode != 0 and "device_type: cuda -> cpu" in r.stderr, r.stderr
+    (out / "args.json").write_text(json.dumps(saved))
     src.write_text(read(src).replace("Red.", "Tan."), encoding="utf-8")  # the same size
     r = run_main(SCRIPT, *args, "--resume", "--stages", "1-5")
     assert r.returncode != 0 and "sources" in r.stderr, r.stderr
