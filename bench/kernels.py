@@ -26,7 +26,7 @@ from nanopost.kernels import linear_ce, linear_logprob, rmsnorm, rope, swiglu
 H, D, N_HEAD, N_KV, INTER, VOCAB = 896, 64, 14, 2, 4864, 151936
 
 
-def liger(name):
+def liger(name, accum_dtype=torch.float32):
     """A Liger-Kernel autograd function, or None when it is not installed."""
     try:
         if name == "rms_norm":
@@ -42,9 +42,10 @@ def liger(name):
             from liger_kernel.ops.fused_linear_cross_entropy import (
                 LigerFusedLinearCrossEntropyFunction,
             )
-            # accum_dtype float32: the weight gradient accumulated in float32, as ours is
+            # accum_dtype float32: the weight gradient accumulated in float32, as ours is; None: Liger's default
+            # (accumulated in the weight's dtype: faster, less exact)
             return lambda h, w, y: LigerFusedLinearCrossEntropyFunction.apply(
-                h, w, y, None, None, -100, 0.0, 0.0, "sum", None, False, torch.float32)[0]
+                h, w, y, None, None, -100, 0.0, 0.0, "sum", None, False, accum_dtype)[0]
     except ImportError:
         return None
 
@@ -119,7 +120,8 @@ def cases(op, rows, dtype, dev, compile_ok):
         impls = [("eager (full logits)", full_logits),
                  ("ours, torch chunks", lambda h, w, y: linear_ce.linear_cross_entropy_reference(h, w, y)),
                  ("ours (triton)", lambda h, w, y: linear_ce.linear_cross_entropy_triton(h, w, y)),
-                 ("liger", liger("linear_ce"))]
+                 ("liger (float32 weight-grad accumulation, as ours)", liger("linear_ce")),
+                 ("liger (its default: accumulated in bf16)", liger("linear_ce", None))]
         if compile_ok:
             impls.insert(1, ("torch.compile", torch.compile(full_logits)))
         one = torch.ones((), device=dev)

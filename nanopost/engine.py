@@ -376,6 +376,10 @@ class Engine:
         self._prefixes = []  # [(tokens, KVCache of one row)], least recently used first
         self._prefix_state = None  # weights_state of the parameters the kept prefixes were computed with
 
+    def forget_prefixes(self):
+        """Drop the prompt prefixes kept across calls (a benchmark times each call as if it were the first)."""
+        self._prefixes = []
+
     @contextmanager
     def fast_linears(self):
         if not (self.pack and can_pack(self.model)):  # (the model may have moved since: model.to())
