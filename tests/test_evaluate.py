@@ -265,6 +265,24 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("The answer is B, C is wrong.", "B"),
     ("**Answer:**\nB. Paris", "B"),
     ("Answer:\nC", "C"),
+    ("The wrong answer is B.", None),
+    ("The wrong choice is A.", None),
+    ("答案是A吗？", None),
+    ("Answer: C and D", None),
+    ("答案是B、C", None),
+    ("C、D都正确", None),
+    # ... but an answer followed by the letters it rules out is that answer
+    ("The answer is B, and C and D are incorrect.", "B"),
+    ("The correct answer is B, and C, D are incorrect.", "B"),
+    ("The right answer is A, and B and C are close but wrong.", "A"),
+    ("The answer is B, C and D seem wrong.", "B"),
+    ("Clearly the answer is D, A being irrelevant.", "D"),
+    ("答案是B，A和C都错误。", "B"),
+    ("选B，A、C、D都不对。", "B"),
+    ("答案为D，A、B、C三项均错误。", "D"),
+    ("正确答案是A，B、C、D均不符合。", "A"),
+    ("该题选C，A和B都不符合题意。", "C"),
+    ("Options A and B\nThe answer is C", "C"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
@@ -862,13 +880,16 @@ def test_sandbox_contains_bad_programs(tmp_path):
                     f"import os\nos.fchmod(os.open({str(victim)!r}, os.O_RDONLY), 0)",
                     f"import sqlite3\nsqlite3.connect({str(tmp_path / 'db.sqlite')!r}).execute('create table t(x)')",
                     f"import sqlite3\nsqlite3.connect('file:{tmp_path}/u.sqlite', uri=True).execute('create table t(x)')",
+                    f"import sqlite3\nsqlite3.connect(':memory:').execute(\"ATTACH '{tmp_path}/a.db' AS o\")",
+                    f"import sqlite3\nsqlite3.Connection({str(tmp_path / 'c.db')!r})",
+                    "import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_CPU, (1, 1))",
                     f"import pathlib\npathlib.Path({str(tmp_path / 't.txt')!r}).touch()",
                     "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)"):
         ok, status = run_program(program)
         assert not ok and status.startswith("PermissionError"), (program, status)
     assert sorted(os.listdir(tmp_path)) == ["victim.txt"] and victim.read_text() == "keep"
     assert victim.stat().st_mode & 0o777 == 0o644
-    assert run_program("import io, os, sqlite3, pathlib\nsqlite3.connect(':memory:'); sqlite3.connect('in.db')\n"
+    assert run_program("import io, os, pathlib\n"
                        "os.mkdir('d'); io.FileIO('d/x', 'w').write(b'1'); pathlib.Path('z').touch()") == (True, "passed")
 
 

@@ -27,9 +27,11 @@ PROTOCOL = 13  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 # 12: CMMLU and C-Eval questions in their own layouts ("题目：", "答案是：B" / "答案：B", no space); their
 #     accuracies are means over subjects, as their official scripts report them
 # 13: letters: "Is the answer A?", the first of options listed under "the answer:", "the wrong answer is B",
-#     "neither A nor B", several letters named together ("Both A and C are correct") pick no letter; GSM8K: ASCII
-#     digits only; HumanEval: writes outside the scratch folder through io.FileIO, dir_fd, os.mkdir, sqlite3 and
-#     permission calls, and pidfd signals, are refused
+#     "neither A nor B", several letters named together as the answer ("Both A and C are correct", "Answer: C, D")
+#     pick no letter; GSM8K: ASCII digits only; HumanEval: writes outside the scratch folder through io.FileIO,
+#     dir_fd, os.mkdir and permission calls, sqlite3, and calls on other processes (pidfd signals, prlimit) are
+#     refused; letter scoring: batches within one subject, its kept prefixes dropped between subjects (so a
+#     resumed run computes exactly what an uninterrupted one does)
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

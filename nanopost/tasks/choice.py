@@ -131,7 +131,7 @@ EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
     r"\\boxed\{([A-D])\}",
     # 答案是B, 答案：C, 正确答案为（D）, 答案应该是A, 答案是选项A, **答案**：B
-    r"答案(?:\**(?:应该|应)?(?:是|为|选))?" + LEAD + r"(?:选项" + LEAD + ")?" + LETTER,
+    r"答案(?:\**(?:应该|应)?(?:是|为|选))?" + LEAD + r"(?:选项" + LEAD + ")?" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     # The answer is (B), Answer: C, **Answer:** D, the correct answer is: D, A good choice is C, my answer would be
     # option B; "choice" needs a verb or a colon before the letter ("Answer choice A is wrong" discusses an option);
     # not "the wrong answer is B", "Is the answer A?", nor the first of options listed below "To find the answer:"
@@ -162,14 +162,20 @@ EXTRACTION = [re.compile(p) for p in (
 # - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B, or C", "A/B", "A或B"): no answer
 #   given. Letters are joined when only one of these stands between them (brackets, bold and spaces aside);
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
-# - several letters named together ("Both A and C are correct", "Answer: A, B, C, D"): no one answer; but in
-#   "B, C is wrong" the last letter is a subject of its own (a singular verb follows it).
+# - several letters named together as the answer: said to be correct together ("Both A and C are correct",
+#   "C、D都正确"), or given after an answer keyword and ending the line ("Answer: A, B, C, D", "答案是B、C"). Any
+#   other list is an answer and the letters it rules out ("The answer is B, and C and D are incorrect").
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
 LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
-SINGULAR = re.compile(r"[)\]）*]*\s*(?:is|was|has|does|seems|looks)\b", re.IGNORECASE)
+ALL_CORRECT = re.compile(r"[)\]）*]*\s*(?:(?:are|were)\s+(?:both\s+|all\s+)?(?:correct|right|true|the\s+answers?)\b"
+                         r"|(?:都|均)(?:是)?(?:正确|对))", re.IGNORECASE)
+LINE_END = re.compile(r"[)\]）*]*[ \t]*[.。!！]?[ \t]*(?:\n|\Z)")
+KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?)|答案|选项|选)[^\nA-D]{0,16}\Z")
 MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
-# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A"
+# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A", "neither A
+#   nor B", or the wrong one: "the wrong answer is B", "The incorrect choice: A"
+WRONG = re.compile(r"(?i:wrong|incorrect|false|bad)[ \t]+(?i:answer|choice|option)[ \t]*(?i:is|would be|:)?[\s(\[（*]*\Z")
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|\bneither|\bnor|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z",
                      re.IGNORECASE)
 # A reply that is only its answer ("B", "B. 7", "Answer: B", "答案：B") and then writes a question of its
@@ -185,17 +191,16 @@ BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 def hedges(reply: str) -> list[tuple[int, int]]:
     """The spans of letter groups that give no one answer: joined by a hedge (see OR_JOINS), or named
-    together (see LIST_JOINS, SINGULAR), in one linear pass."""
+    together as the answer (see ALL_CORRECT, LINE_END, KEYWORD_BEFORE), in one linear pass."""
     out, letters = [], list(BARE_LETTER.finditer(reply))
     group, hedged = [], False
 
     def close():
-        if hedged:
-            out.append((group[0].start(), group[-1].end()))
-        elif len(group) > 1:  # named together, unless the last is the subject of a singular verb
-            last = group[-1] if not SINGULAR.match(reply, group[-1].end()) else group[-2]
-            if last is not group[0]:
-                out.append((group[0].start(), last.end()))
+        start, end = group[0].start(), group[-1].end()
+        together = len(group) > 1 and (ALL_CORRECT.match(reply, end) or LINE_END.match(reply, end) and
+                                       KEYWORD_BEFORE.search(reply, max(0, start - 40), start))
+        if hedged or together:
+            out.append((start, end))
     for m in letters:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
@@ -258,7 +263,8 @@ def extract(reply: str) -> str | None:
     for pattern in EXTRACTION:
         for m in pattern.finditer(reply):
             at = m.start(1)
-            if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at):
+            if any(a <= at < b for a, b in hedged) or NEGATED.search(reply, max(0, at - 16), at) \
+                    or WRONG.search(reply, max(0, at - 32), at):
                 continue
             if pattern is EXTRACTION[-1] and any(a <= at < b for a, b in options):
                 continue
