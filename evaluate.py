@@ -64,6 +64,22 @@ def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[i
     return engine.next_logprobs(prompts, letter_ids, batch_size)
 
 
+SEGMENT_BATCHES = 16  # letter-scoring batches computed as one unit (see segments)
+
+
+def segments(examples, prompts, batch_size) -> list[list[int]]:
+    """The units letter scoring computes, as lists of example indices: each subject's questions in
+    prompt order (shared few-shot blocks side by side), cut every SEGMENT_BATCHES batches. A segment
+    starts with no kept prefix (Engine.forget_prefixes) and a row's float rounding follows its batch
+    and the prefixes computed before it, so a segment's numbers depend on its own questions only: a
+    resumed run computes a partly done segment whole and writes exactly an uninterrupted run's."""
+    by_subject = {}
+    for i in sorted(range(len(examples)), key=lambda i: prompts[i]):
+        by_subject.setdefault(examples[i].get("subject"), []).append(i)
+    size = SEGMENT_BATCHES * batch_size
+    return [idx[k:k + size] for idx in by_subject.values() for k in range(0, len(idx), size)]
+
+
 PPL_MAX_LEN = 4096  # tokens of a perplexity example; longer ones are cut
 
 
@@ -389,23 +405,23 @@ def main(argv=None):
                     bar.update(1)
 
                 if mode == "logprob" and todo:
-                    # batches of the whole task, shared few-shot prefixes side by side, the same whatever a resumed
-                    # run has left to do: a row's float rounding follows its batch (packed prefills), so a batch
-                    # with one question left is computed whole, and a resumed run writes an uninterrupted run's numbers
                     prompts = [encode(e) for e in examples]
-                    order = sorted(range(len(examples)), key=lambda i: prompts[i])
-                    for i in range(0, len(order), args.batch_size):
-                        batch = order[i:i + args.batch_size]
-                        if all(examples[j]["id"] in done for j in batch):
+                    for seg in segments(examples, prompts, args.batch_size):
+                        if all(examples[j]["id"] in done for j in seg):
                             continue
-                        for j, lp in zip(batch, letter_logprobs(engine, [prompts[j] for j in batch], letter_ids, args.batch_size)):
-                            if examples[j]["id"] in done:
-                                continue
-                            if not all(map(math.isfinite, lp)):  # max() would pick A: a broken model scoring ~25%
-                                sys.exit(f"error: {model_name}: {task} {examples[j]['id']}: option log-probs {lp}; the "
-                                         f"model computes NaN/inf (diverged training, a bad merge?): no score reported")
-                            pred = LETTERS[max(range(4), key=lambda k: lp[k])]
-                            record(examples[j], {"logprobs": lp, "pred": pred}, pred == examples[j]["answer"])
+                        engine.forget_prefixes()
+                        for i in range(0, len(seg), args.batch_size):
+                            batch = seg[i:i + args.batch_size]
+                            for j, lp in zip(batch, letter_logprobs(engine, [prompts[j] for j in batch], letter_ids,
+                                                                    args.batch_size)):
+                                if examples[j]["id"] in done:  # (computed again: its segment's others need it)
+                                    continue
+                                if not all(map(math.isfinite, lp)):  # max() would pick A: a broken model scoring ~25%
+                                    sys.exit(f"error: {model_name}: {task} {examples[j]['id']}: option log-probs {lp}; "
+                                             f"the model computes NaN/inf (diverged training, a bad merge?): no score "
+                                             f"reported")
+                                pred = LETTERS[max(range(4), key=lambda k: lp[k])]
+                                record(examples[j], {"logprobs": lp, "pred": pred}, pred == examples[j]["answer"])
                 elif todo:
                     prompts = [encode(e) for e in todo]
                     stop, budget = todo[0].get("stop", []), new_tokens[task]

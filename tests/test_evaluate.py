@@ -415,6 +415,27 @@ def test_runner_writes_results_and_resumes_from_its_cache(tmp_path, tiny, data_d
         assert code != 0 and why in err and (other / name).read_text() == "mine", err
 
 
+def test_a_resumed_letter_scoring_run_equals_an_uninterrupted_one(tmp_path, tiny, data_dir):
+    """A row's float rounding follows its batch and the few-shot prefixes the engine kept from earlier
+    batches: a resume that batched only what was left (or kept other prefixes) wrote other float32
+    log-probs. Letter scoring computes segments of one subject from no kept prefix (evaluate.segments)."""
+    for shots, bs, keep in ((2, 3, 5), (2, 3, 7), (0, 4, 3)):
+        full, res = tmp_path / f"full{shots}{bs}{keep}", tmp_path / f"res{shots}{bs}{keep}"
+        args = ["--model", tiny, "--tasks", "mmlu,cmmlu", "--data-dir", data_dir, "--shots", f"mmlu={shots},cmmlu={shots}",
+                "--batch-size", bs, "--dtype", "float32"]
+        assert evaluate(*args, "--out", full)[0] == 0
+        shutil.copytree(full, res)
+        for f in (res / "cache").iterdir():
+            f.write_text("".join(f.read_text().splitlines(True)[:keep]))
+        for f in res.glob("results.*"):
+            f.unlink()
+        code, err, got = evaluate(*args, "--out", res)
+        assert code == 0, err
+        want = json.load(open(full / "results.json"))
+        for task in ("mmlu", "cmmlu"):
+            assert got[tiny][task]["predictions"] == want[tiny][task]["predictions"], (shots, bs, keep, task)
+
+
 def evaluate(*args):
     """evaluate.py run in this process -> (returncode, stderr, results.json of --out or None)."""
     r = run_main(os.path.join(ROOT, "evaluate.py"), *args)
