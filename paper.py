@@ -82,7 +82,8 @@ def run_child(cmd, keep_fds=()):
     The child has its own process group: a Ctrl-C (or kill -INT, or SIGTERM) reaches paper.py, which
     passes it on once, and we wait while the child saves and stops, so no script is left running
     alone; if paper.py is killed outright, the child gets a SIGINT (child_setup). keep_fds: file
-    descriptors the child holds too (the run folder's lock, held until the last of us ends)."""
+    descriptors the child holds too (the run folder's lock, held until the last of us ends). Ctrl-Z
+    (SIGTSTP) stops the child with us, and it goes on when we do."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     # in the caller's folder: their relative paths mean what they meant
     p = subprocess.Popen(cmd, env=env, preexec_fn=child_setup, pass_fds=keep_fds)
@@ -91,7 +92,15 @@ def run_child(cmd, keep_fds=()):
     def forward(signum, frame):
         stopped.append(signum)
         p.send_signal(signum)
+
+    def suspend(signum, frame):  # Ctrl-Z reaches only us (the terminal's process group): the stage stops with us
+        p.send_signal(signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until a SIGCONT (fg, bg)
+        signal.signal(signal.SIGTSTP, suspend)
+        p.send_signal(signal.SIGCONT)
     old = signal.signal(signal.SIGTERM, forward)
+    old_tstp = signal.signal(signal.SIGTSTP, suspend)
     try:
         while True:
             try:
@@ -102,6 +111,7 @@ def run_child(cmd, keep_fds=()):
                 p.send_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTSTP, old_tstp)
     p.returncode = os.waitstatus_to_exitcode(status)
     return p.returncode, usage.ru_maxrss / 1024**2, bool(stopped)
 
@@ -275,14 +285,16 @@ class Stages:
     def clear(self, out_dir, keep=()):
         """Remove out_dir's files but those named in keep: the folder is renamed aside first (one
         step), so no half-deleted folder is ever read as an attempt to continue; run again after an
-        interruption, it finishes the job (the kept files of an earlier pass included)."""
-        if os.path.isdir(out_dir):
-            os.rename(out_dir, f"{out_dir}.old-{uuid.uuid4().hex[:8]}")
-        os.makedirs(out_dir, exist_ok=True)
-        for aside in sorted(glob.glob(glob.escape(out_dir) + ".old-*")):
+        interruption, it finishes the job (the kept files of an earlier pass included). A link to a
+        folder elsewhere (another disk) stays: the folder it points to is cleared."""
+        real = os.path.realpath(out_dir)
+        if os.path.isdir(real):
+            os.rename(real, f"{real}.old-{uuid.uuid4().hex[:8]}")
+        os.makedirs(real, exist_ok=True)
+        for aside in sorted(glob.glob(glob.escape(real) + ".old-*")):
             for n in keep:
-                if os.path.exists(os.path.join(aside, n)) and not os.path.exists(os.path.join(out_dir, n)):
-                    os.rename(os.path.join(aside, n), os.path.join(out_dir, n))
+                if os.path.exists(os.path.join(aside, n)) and not os.path.exists(os.path.join(real, n)):
+                    os.rename(os.path.join(aside, n), os.path.join(real, n))
             shutil.rmtree(aside)
 
     def lock(self):

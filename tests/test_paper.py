@@ -361,3 +361,47 @@ def test_a_second_paper_on_one_out_is_refused_and_a_killed_paper_stops_its_stage
         m.Stages(str(run), str(run)).lock()  # free once the last of them ended
     finally:
         p.kill()
+
+
+def test_a_stage_folder_linked_elsewhere_is_cleared_where_it_points(tmp_path, capsys):
+    """Redoing a stage whose folder is a symbolic link (to another disk) renamed the link aside and
+    could not delete it: every rerun failed the same way. The folder it points to is cleared; the
+    link stays."""
+    m = load_paper()
+    run, elsewhere = tmp_path / "run", tmp_path / "disk2" / "sft"
+    elsewhere.mkdir(parents=True)
+    run.mkdir()
+    (run / "sft").symlink_to(elsewhere)
+    (elsewhere / "old.txt").write_text("old")
+    (elsewhere / "cache").write_text("kept")
+    m.Stages(str(run), str(run)).clear(str(run / "sft"), keep=["cache"])
+    assert (run / "sft").is_symlink() and sorted(os.listdir(run / "sft")) == ["cache"]
+    assert sorted(os.listdir(tmp_path / "disk2")) == ["sft"]
+
+
+def test_ctrl_z_stops_the_stage_with_paper_and_it_goes_on_after(tmp_path):
+    """The stage runs in a process group of its own (signals reach it through paper.py, once), so a
+    terminal's Ctrl-Z (SIGTSTP to paper.py's group) stopped paper.py but not the stage."""
+    import signal
+
+    def state(pid):
+        for _ in range(100):
+            with open(f"/proc/{pid}/stat") as f:
+                s = f.read().rsplit(")", 1)[1].split()[0]
+            if s in want:
+                return s
+            time.sleep(0.05)
+        return s
+    p, run, child = start_signals_script(tmp_path, 130)
+    try:
+        os.kill(p.pid, signal.SIGTSTP)
+        want = "T"
+        assert state(p.pid) == "T" and state(child) == "T"
+        os.kill(p.pid, signal.SIGCONT)
+        want = "RS"
+        assert state(child) in "RS" and state(p.pid) in "RS"
+        os.kill(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=15)
+        assert p.returncode == 130 and (tmp_path / "got").read_text() == "SIGINT", err
+    finally:
+        p.kill()
