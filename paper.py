@@ -154,7 +154,7 @@ class Stages:
         self.out, self.dir = out, os.path.join(out, "stages")
         self.spellings = sorted({out, os.path.normpath(out_spelled)}, key=len, reverse=True)
         os.makedirs(self.dir, exist_ok=True)
-        self.ran = []
+        self.ran, self.fd = [], None  # fd: the run folder's lock (lock())
 
     def comparable(self, cmd, stored=False):
         """cmd as a marker records it: the interpreter, this repository's folder and --out written
@@ -261,7 +261,7 @@ class Stages:
         running["inputs"] = inputs
         self._write(name, running, ".running.json")
         t0 = time.time()
-        code, peak_gb, stopped = run_child(full, keep_fds=(self.fd,) if getattr(self, "fd", None) else ())
+        code, peak_gb, stopped = run_child(full, keep_fds=() if self.fd is None else (self.fd,))
         running["wall_s"] = round(running["wall_s"] + time.time() - t0, 1)
         running["peak_rss_gb"] = round(max(running["peak_rss_gb"], peak_gb), 2)
         self._write(name, running, ".running.json")
