@@ -68,16 +68,14 @@ SEGMENT_BATCHES = 16  # letter-scoring batches computed as one unit (see segment
 
 
 def segments(examples, prompts, batch_size) -> list[list[int]]:
-    """The units letter scoring computes, as lists of example indices: each subject's questions in
-    prompt order (shared few-shot blocks side by side), cut every SEGMENT_BATCHES batches. A segment
-    starts with no kept prefix (Engine.forget_prefixes) and a row's float rounding follows its batch
-    and the prefixes computed before it, so a segment's numbers depend on its own questions only: a
-    resumed run computes a partly done segment whole and writes exactly an uninterrupted run's."""
-    by_subject = {}
-    for i in sorted(range(len(examples)), key=lambda i: prompts[i]):
-        by_subject.setdefault(examples[i].get("subject"), []).append(i)
+    """The units letter scoring computes, as lists of example indices: the task's questions in prompt
+    order (shared few-shot blocks side by side), cut every SEGMENT_BATCHES batches. A segment starts
+    with no kept prefix (Engine.forget_prefixes), and a row's float rounding follows its batch and the
+    prefixes computed before it, so a segment's numbers depend on its own questions only: a resumed
+    run computes a partly done segment whole and writes exactly an uninterrupted run's."""
+    order = sorted(range(len(examples)), key=lambda i: prompts[i])
     size = SEGMENT_BATCHES * batch_size
-    return [idx[k:k + size] for idx in by_subject.values() for k in range(0, len(idx), size)]
+    return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 PPL_MAX_LEN = 4096  # tokens of a perplexity example; longer ones are cut

@@ -30,8 +30,8 @@ PROTOCOL = 13  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     "neither A nor B", several letters named together as the answer ("Both A and C are correct", "Answer: C, D")
 #     pick no letter; GSM8K: ASCII digits only; HumanEval: writes outside the scratch folder through io.FileIO,
 #     dir_fd, os.mkdir and permission calls, sqlite3, and calls on other processes (pidfd signals, prlimit) are
-#     refused; letter scoring: batches within one subject, its kept prefixes dropped between subjects (so a
-#     resumed run computes exactly what an uninterrupted one does)
+#     refused; letter scoring: segments of 16 batches, each from no kept prefix (so a resumed run computes
+#     exactly what an uninterrupted one does)
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):
