@@ -904,6 +904,13 @@ def test_sandbox_contains_bad_programs(tmp_path):
                     f"import sqlite3\nsqlite3.connect(':memory:').execute(\"ATTACH '{tmp_path}/a.db' AS o\")",
                     f"import sqlite3\nsqlite3.Connection({str(tmp_path / 'c.db')!r})",
                     "import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_CPU, (1, 1))",
+                    # public modules that reach the same calls another way: posix (os's functions), bz2 (its
+                    # own reference to open), a Unix socket's file, multiprocessing's fresh interpreter
+                    f"import posix\nposix.close(posix.open({str(tmp_path / 'p.txt')!r}, posix.O_WRONLY | posix.O_CREAT))",
+                    "import os, posix\nposix.kill(os.getppid(), 0)",
+                    f"import bz2\nbz2.open({str(tmp_path / 'x.bz2')!r}, 'wb').write(b'x')",
+                    f"import socket\nsocket.socket(socket.AF_UNIX).bind({str(tmp_path / 's.sock')!r})",
+                    "import multiprocessing as mp\nmp.get_context('spawn').Process(target=print).start()",
                     f"import pathlib\npathlib.Path({str(tmp_path / 't.txt')!r}).touch()",
                     "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)"):
         ok, status = run_program(program)

@@ -16,9 +16,10 @@ inherited file descriptors, a time limit (wall-clock time less the time spent wa
 other work held, so a busy machine fails no solution; the whole process group is killed), CPU-time,
 address-space (memory), file-size, open-file and core-dump limits, and a Python-level guard that
 refuses writes outside the scratch directory through Python's file calls (open, io.FileIO, os.open,
-os.mkdir; a path relative to another folder's descriptor, dir_fd, is refused) and disables sqlite3,
-process calls and those that act on other processes (signals, pidfd ones included, resource limits,
-scheduling), file-removal and permission calls.
+os.mkdir, a Unix socket's file, and modules that use them, bz2 and tarfile included; a path relative
+to another folder's descriptor, dir_fd, is refused) and disables sqlite3, new processes (subprocess,
+multiprocessing), calls that act on other processes (signals, pidfd ones included, resource limits,
+scheduling), file-removal and permission calls, on os and on posix (the same functions).
 It is NOT a security boundary: the guard is Python code that determined code can undo (ctypes,
 re-importing internals, other C code that opens files itself); the process runs as the same user, can read any file that user can read,
 and can use the network; there is no seccomp, namespace, container or chroot; code that reads its
@@ -44,7 +45,7 @@ from nanopost.data import DataError, read_jsonl
 RAW_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 
 GUARD = r'''
-import builtins, io, os, shutil, subprocess, signal, sys
+import builtins, io, os, posix, sys, _io
 _root = os.path.realpath(os.getcwd())
 def _inside(p):
     try:
@@ -58,13 +59,15 @@ def _guarded_open(file, mode="r", *a, **k):
     if any(c in mode for c in "wax+") and not _inside(file):
         raise PermissionError(f"write outside the scratch directory: {file!r}")
     return _open(file, mode, *a, **k)
-builtins.open = io.open = _guarded_open
+builtins.open = io.open = _io.open = _guarded_open
 class _GuardedFileIO(io.FileIO):
     def __init__(self, file, mode="r", *a, **k):
         if any(c in mode for c in "wax+") and not _inside(file):
             raise PermissionError(f"write outside the scratch directory: {file!r}")
         super().__init__(file, mode, *a, **k)
-io.FileIO = _GuardedFileIO
+io.FileIO = _io.FileIO = _GuardedFileIO
+# imported after open is guarded: bz2, tarfile, zipfile (through shutil) keep a reference to it
+import shutil, subprocess, signal, socket, _posixsubprocess
 def _outside(path, dir_fd):  # a path relative to another folder's descriptor: never checked, so refused
     return not _inside(path) or (dir_fd is not None and not os.path.isabs(os.fsdecode(path)))
 _os_open, _mkdir = os.open, os.mkdir
@@ -77,7 +80,15 @@ def _guarded_mkdir(path, mode=0o777, *, dir_fd=None):
     if _outside(path, dir_fd):
         raise PermissionError(f"write outside the scratch directory: {path!r}")
     return _mkdir(path, mode, dir_fd=dir_fd)
-os.open, os.mkdir = _guarded_os_open, _guarded_mkdir
+os.open, os.mkdir = posix.open, posix.mkdir = _guarded_os_open, _guarded_mkdir
+_bind = socket.socket.bind
+def _guarded_bind(self, address):  # a Unix socket's path is a file
+    if self.family == getattr(socket, "AF_UNIX", None) and isinstance(address, (str, bytes, os.PathLike)) \
+            and os.fsencode(address)[:1] != b"\0" and not _inside(address):
+        raise PermissionError(f"a socket file outside the scratch directory: {address!r}")
+    return _bind(self, address)
+socket.socket.bind = _guarded_bind
+_posixsubprocess.fork_exec = _deny  # every new process (subprocess, multiprocessing's spawn and forkserver)
 try:  # its C code opens files itself (ATTACH, VACUUM INTO: from any connection): no solution needs it
     import sqlite3, sqlite3.dbapi2
     sqlite3.connect = sqlite3.Connection = sqlite3.dbapi2.connect = sqlite3.dbapi2.Connection = _deny
@@ -91,12 +102,13 @@ for _n in ("system", "popen", "remove", "unlink", "rmdir", "removedirs", "rename
            "posix_spawn", "posix_spawnp", "setsid", "setpgid", "setpgrp",  # (a new session outlives killpg)
            "fchmod", "fchown", "lchmod", "chflags", "lchflags", "utime", "mkfifo", "mknod", "pidfd_open",
            "setpriority", "sched_setscheduler", "sched_setparam", "sched_setaffinity", "unshare", "setns"):
-    if hasattr(os, _n):
-        setattr(os, _n, _deny)
+    for _m in (os, posix):  # (os's functions are posix's)
+        if hasattr(_m, _n):
+            setattr(_m, _n, _deny)
 shutil.rmtree = shutil.move = shutil.chown = _deny
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _deny
 signal.signal = signal.pidfd_send_signal = _deny
-del _n
+del _n, _m
 '''
 
 
