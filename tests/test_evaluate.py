@@ -283,6 +283,23 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("正确答案是A，B、C、D均不符合。", "A"),
     ("该题选C，A和B都不符合题意。", "C"),
     ("Options A and B\nThe answer is C", "C"),
+    ("A and C both are correct.", None),
+    ("Both A and C are valid answers.", None),
+    ("The answers are A and C because both hold.", None),
+    ("The answer is A and C, since both apply.", None),
+    ("Answer: A and C (both apply)", None),
+    ("A、B正确。", None),
+    ("B、D正确，A、C错误。", None),
+    ("A和C都正确。", None),
+    ("答案是B和C。", None),
+    ("正确的选项是A和C。", None),
+    ("I choose B, A and C are wrong.", "B"),
+    ("I choose D, A和B都不对.", "D"),
+    ("The answer is C, A or B are wrong.", "C"),
+    ("答案是C，A或B都不对。", "C"),
+    ("A or B are wrong, so C.", "C"),
+    ("A、C错误，选B", "B"),
+    ("A错误。", "A"),  # one letter said wrong may answer "Which is false?"
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's

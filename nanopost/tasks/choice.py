@@ -124,8 +124,9 @@ LETTER = r"([A-D])(?![A-Za-z])"
 LEAD = r"[\s:：*(\[（]*"  # what may stand between a keyword and its letter: space, a colon, bold, a bracket
 # not letters ruled out together: "A and B are wrong", "A, B, and C are incorrect", "A、B都错误" (a plural:
 # one letter "is false" may be the answer to "Which statement is false?")
-RULED_OUT = (r"(?![)\]）*]*(?:\s*(?:,\s*and|,|and|、|和)\s*[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*)*"
-             r"\s*(?:are(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)(?:错误|不对|不正确)))")
+WRONG_TOGETHER = r"\s*(?:are(?:\s+(?:both|all))?\s+(?:wrong|incorrect|false|not)\b|(?:都|均)(?:错误|不对|不正确))"
+JOINED = r"(?:\s*(?:,\s*and|,\s*or|,|and|or|、|和|或)\s*[(\[（*]*[A-D](?![A-Za-z])[)\]）*]*)"
+RULED_OUT = r"(?![)\]）*]*(?:" + JOINED + "*" + WRONG_TOGETHER + "|" + JOINED + r"+\s*(?:错误|不对|不正确)))"
 VERB = r"(?:is|would be|should be|will be)\b"
 EXTRACTION = [re.compile(p) for p in (
     # $\boxed{B}$
@@ -147,6 +148,8 @@ EXTRACTION = [re.compile(p) for p in (
     r"(?!A[ \t]+(?!(?:because|since|as|and|for|which|given|so|but|rather|while|whereas|in|with|here|due|based"
     r"|instead|over|not|or|too|is|was|would)\b)[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t:：*(\[（]*" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
+    # I choose B, I'd pick C, I would go with D
+    r"(?i:\bI(?:'d|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with))" + LEAD + r"(?:(?i:option)" + LEAD + ")?" + LETTER,
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
     # an analysis of each option: "A. 正确，符合题意。B. 错误。..." (an option judged right by its label)
@@ -163,14 +166,19 @@ EXTRACTION = [re.compile(p) for p in (
 #   given. Letters are joined when only one of these stands between them (brackets, bold and spaces aside);
 #   "A/B testing" and "A/D conversion" are terms, not hedges.
 # - several letters named together as the answer: said to be correct together ("Both A and C are correct",
-#   "C、D都正确"), or given after an answer keyword and ending the line ("Answer: A, B, C, D", "答案是B、C"). Any
-#   other list is an answer and the letters it rules out ("The answer is B, and C and D are incorrect").
+#   "A and C both apply", "C、D都正确"), named as the answers ("The answers are A and C"), or given after an
+#   answer keyword and ending the line ("Answer: A, B, C, D", "答案是B和C"). Any other list is an answer and
+#   the letters it rules out ("The answer is B, and C and D are incorrect"); letters joined by "or" but ruled
+#   out together ("C, A or B are wrong") are no hedge.
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
-LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
-ALL_CORRECT = re.compile(r"[)\]）*]*\s*(?:(?:are|were)\s+(?:both\s+|all\s+)?(?:correct|right|true|the\s+answers?)\b"
-                         r"|(?:都|均)(?:是)?(?:正确|对))", re.IGNORECASE)
+LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and", "和", "与", "以及"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
+POSITIVE = r"(?:correct|right|true|valid|(?:the\s+)?(?:correct\s+)?answers?|apply|applies|hold|holds)\b"
+ALL_CORRECT = re.compile(r"[)\]）*]*\s*(?:(?:(?:both|all)\s+)?(?:(?:are|were)\s+(?:both\s+|all\s+)?)?" + POSITIVE +
+                         r"|[^.。;；\n]{0,24}?\b(?:both|all)\s+" + POSITIVE + r"|(?:都|均)?(?:是)?(?:正确|对(?![比应于照])))", re.IGNORECASE)
+ANSWERS_BEFORE = re.compile(r"(?i:answers)\s*(?:are|would be|:)?[\s*:：(\[（]*\Z")
+RULED_OUT_AFTER = re.compile(r"[)\]）*]*(?:" + WRONG_TOGETHER + r"|\s*(?:错误|不对|不正确))", re.IGNORECASE)
 LINE_END = re.compile(r"[)\]）*]*[ \t]*[.。!！]?[ \t]*(?:\n|\Z)")
-KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?)|答案|选项|选)[^\nA-D]{0,16}\Z")
+KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?|choose|pick|select|go\s+with)|答案|选项|选)[^\nA-D]{0,16}\Z")
 MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A", "neither A
@@ -197,10 +205,15 @@ def hedges(reply: str) -> list[tuple[int, int]]:
 
     def close():
         start, end = group[0].start(), group[-1].end()
-        together = len(group) > 1 and (ALL_CORRECT.match(reply, end) or LINE_END.match(reply, end) and
-                                       KEYWORD_BEFORE.search(reply, max(0, start - 40), start))
-        if hedged or together:
+        if len(group) < 2:
+            return
+        if hedged and not RULED_OUT_AFTER.match(reply, end):  # "C, A or B are wrong": ruled out, no hedge
             out.append((start, end))
+        elif (ALL_CORRECT.match(reply, end) or ANSWERS_BEFORE.search(reply, max(0, start - 24), start)
+              or LINE_END.match(reply, end) and KEYWORD_BEFORE.search(reply, max(0, start - 40), start)):
+            out.append((start, end))
+        elif RULED_OUT_AFTER.match(reply, end) and not KEYWORD_BEFORE.search(reply, max(0, start - 40), start):
+            out.append((start, end))  # "A、C错误": a list ruled out (after an answer keyword, its first is the answer)
     for m in letters:
         if group:
             join = re.sub(r"[\s()\[\]（）*]", "", reply[group[-1].end():m.start()]).lower()
