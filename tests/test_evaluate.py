@@ -300,6 +300,9 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("A or B are wrong, so C.", "C"),
     ("A、C错误，选B", "B"),
     ("A错误。", "A"),  # one letter said wrong may answer "Which is false?"
+    ("错误答案是B", None),
+    ("错误的选项是C，正确的选项是A", "A"),
+    ("不正确的选项是A", None),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's

@@ -182,8 +182,9 @@ KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?|choose|pick|sele
 MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
 # - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A", "neither A
-#   nor B", or the wrong one: "the wrong answer is B", "The incorrect choice: A"
-WRONG = re.compile(r"(?i:wrong|incorrect|false|bad)[ \t]+(?i:answer|choice|option)[ \t]*(?i:is|would be|:)?[\s(\[（*]*\Z")
+#   nor B", or the wrong one: "the wrong answer is B", "The incorrect choice: A", "错误的答案是B"
+WRONG = re.compile(r"(?:(?i:wrong|incorrect|false|bad)[ \t]+(?i:answer|choice|option)[ \t]*(?i:is|would be|:)?"
+                   r"|(?:错误|不正确|不对)的?(?:答案|选项)(?:应该|应)?(?:是|为)?[:：]?)[\s(\[（*]*\Z")
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|\bneither|\bnor|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z",
                      re.IGNORECASE)
 # A reply that is only its answer ("B", "B. 7", "Answer: B", "答案：B") and then writes a question of its
