@@ -523,12 +523,20 @@ def main(argv=None):
 def build(args):
     out, log = args.out, lambda *a: print(*a, flush=True)
     # ---- setup (all checks before anything is written) ----
-    check_out_dir(out, args.resume, args.overwrite)
     for flag, path in (("--teacher", args.teacher), ("--student", args.student)):
         if path and os.path.isdir(path) and os.path.isdir(out) and same_folder(path, out):  # (its files are in its fingerprint)
             raise StateError(f"--out {out} is the {flag} checkpoint's folder: the run's files would change that "
                              f"checkpoint (and what a resume checks it against); choose another --out")
+    if os.path.isdir(out) and (held := sorted(os.listdir(out))) and not any(
+            re.fullmatch(OWN_FILES, n) or n == "teacher_cache.sqlite" for n in held):
+        raise StateError(f"--out {out} holds {', '.join(held[:4])} but no build_data.py run: choose another --out")
+    check_out_dir(out, args.resume, args.overwrite)
     cache_path = args.cache or os.path.join(out, "teacher_cache.sqlite")
+    if args.cache and (re.fullmatch(OWN_FILES, os.path.basename(args.cache)) and
+                       same_folder(os.path.dirname(os.path.abspath(args.cache)), out) or os.path.isdir(out) and any(
+                           os.path.exists(args.cache) and os.path.samefile(args.cache, os.path.join(out, n))
+                           for n in os.listdir(out) if re.fullmatch(OWN_FILES, n))):
+        raise StateError(f"--cache {args.cache} is one of the files this run writes in --out {out}: choose another path")
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: " + ("a directory, not a JSONL file" if os.path.isdir(f) else

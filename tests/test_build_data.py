@@ -842,3 +842,18 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
         assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "o2").exists()
     assert read(notes) == "not a database\n" * 100
+    # a --cache that is one of the run's own files: refused after stages 1-3 wrote theirs, or (sft.jsonl)
+    # replaced by the output at the end, the cache lost
+    for name in ("1_ingest.jsonl", "sft.jsonl"):
+        r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", tmp_path / "o3", *FAST,
+                     "--cache", tmp_path / "o3" / name)
+        assert r.returncode != 0 and "is one of the files this run writes" in r.stderr, r.stderr
+        assert not (tmp_path / "o3").exists()
+    # a folder of someone else's: "continue that run with --resume" named no run, and --resume wrote one beside it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for flag in ((), ("--resume",), ("--overwrite",)):
+        r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", mine, *FAST, "--stages", "1-3", *flag)
+        assert r.returncode != 0 and "but no build_data.py run" in r.stderr, r.stderr
+        assert os.listdir(mine) == ["notes.txt"]
