@@ -205,8 +205,8 @@ class Stages:
         they hold makes it stale; models: the user's checkpoints it starts from (checkpoint_stamp),
         likewise; versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
         A stage that runs again starts afresh: the old attempt's files in out_dir go first (but those
-        named in keep: build_data's teacher cache), then the script runs (with fresh_flag if kept
-        files remain). output: the files a finished stage must have left; check(): why its output
+        named in keep: build_data's teacher cache, evaluate.py's prediction cache), then the script runs
+        (with fresh_flag if kept files remain). output: the files a finished stage must have left; check(): why its output
         cannot be used (or None): either way it runs again."""
         key = self.comparable(cmd)
         inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads},
@@ -243,7 +243,7 @@ class Stages:
                              f" and {self.dir}/{name}.running.json to start it afresh")
         if redo or running is None or changed:  # (changed and nothing written: it failed before any work)
             running = {"cmd": key, "wall_s": 0.0, "peak_rss_gb": 0.0, "attempts": 0}
-        if out_dir is not None and (started and redo and fresh_flag or running.get("clearing")):
+        if out_dir is not None and (started and redo and (fresh_flag or keep) or running.get("clearing")):
             # afresh: the old files go before the script starts (its own --overwrite deletes them only once
             # it has loaded everything: interrupted before that, a rerun would have continued the old run),
             # marked first, so an interruption while they go is finished by the next run
@@ -497,7 +497,8 @@ def main():
                     *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
                     *extra["eval"]], d("eval"), resume_flag=None,
            needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=[os.path.join(d("eval"), "results.json")],
-           reads=[data_dir], models=base_model, versions={"evaluate.py PROTOCOL": PROTOCOL}, check=unscored)
+           reads=[data_dir], models=base_model, versions={"evaluate.py PROTOCOL": PROTOCOL}, check=unscored,
+           keep=["cache"])  # (its predictions are keyed on everything that changes them)
 
     # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
     ids = {n: st.id(n) for n in ("tiny", "data", "sft", "sft-b", "kto", "sft-kto", *fusions, "eval")}

@@ -103,6 +103,8 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     assert r.returncode == 0 and "eval: its results.json holds no scores for base, sft" in r.stdout, r.stdout + r.stderr
     report = json.loads((moved / "report.json").read_text())
     assert all(isinstance(report["accuracy"][n][t], float) for n in VARIANTS for t in TASKS), report["accuracy"]
+    results = json.loads((moved / "eval" / "results.json").read_text())  # the old paths' rows went with the redo
+    assert sorted(results) == sorted(report["models"].values()) and all(str(moved) in m for m in results)
 
 
 def test_a_run_inside_the_repository_is_recognised_however_out_and_model_are_spelled(tmp_path, monkeypatch):
