@@ -149,7 +149,8 @@ EXTRACTION = [re.compile(p) for p in (
     r"|instead|over|not|or|too|is|was|would)\b)[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     r"正确(?:的)?选项(?:应该|应)?(?:是|为|[:：])[ \t:：*(\[（]*" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])",
     # I choose B, I'd pick C, I would go with D
-    r"(?i:\bI(?:'d|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with))" + LEAD + r"(?:(?i:option)" + LEAD + ")?" + LETTER,
+    r"(?i:\bI(?:'d|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with))" + LEAD + r"(?:(?i:option)" + LEAD + ")?"
+    + LETTER,
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
     r"(?<![A-Za-z])([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
     # an analysis of each option: "A. 正确，符合题意。B. 错误。..." (an option judged right by its label)
@@ -157,8 +158,8 @@ EXTRACTION = [re.compile(p) for p in (
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?" + LEAD + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
-    # article, not asked about ("Is it B?"); not letters ruled out together ("A and B are wrong"; one said not to be it, or one of a
-    # hedge, no pattern takes: see extract)
+    # article, not asked about ("Is it B?"); not letters ruled out together ("A and B are wrong"; one said
+    # not to be it, or one of a hedge, no pattern takes: see extract)
     r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])" + RULED_OUT,  # not "Is it B?"
 )]
 # Letters no pattern may take, whatever it matched around them:
@@ -171,18 +172,21 @@ EXTRACTION = [re.compile(p) for p in (
 #   the letters it rules out ("The answer is B, and C and D are incorrect"); letters joined by "or" but ruled
 #   out together ("C, A or B are wrong") are no hedge.
 BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
-LIST_JOINS, OR_JOINS = {",", "，", "、", "and", ",and", "和", "与", "以及"}, {"or", ",or", "，or", "/", "或", "或者", "、或"}
+LIST_JOINS = {",", "，", "、", "and", ",and", "和", "与", "以及"}
+OR_JOINS = {"or", ",or", "，or", "/", "或", "或者", "、或"}
 POSITIVE = r"(?:correct|right|true|valid|(?:the\s+)?(?:correct\s+)?answers?|apply|applies|hold|holds)\b"
-ALL_CORRECT = re.compile(r"[)\]）*]*\s*(?:(?:(?:both|all)\s+)?(?:(?:are|were)\s+(?:both\s+|all\s+)?)?" + POSITIVE +
-                         r"|[^.。;；\n]{0,24}?\b(?:both|all)\s+" + POSITIVE + r"|(?:都|均)?(?:是)?(?:正确|对(?![比应于照])))", re.IGNORECASE)
+ALL_CORRECT = re.compile(r"[)\]）*]*\s*(?:(?:(?:both|all)\s+)?(?:(?:are|were)\s+(?:both\s+|all\s+)?)?" + POSITIVE
+                         + r"|[^.。;；\n]{0,24}?\b(?:both|all)\s+" + POSITIVE
+                         + r"|(?:都|均)?(?:是)?(?:正确|对(?![比应于照])))", re.IGNORECASE)
 ANSWERS_BEFORE = re.compile(r"(?i:answers)\s*(?:are|would be|:)?[\s*:：(\[（]*\Z")
 RULED_OUT_AFTER = re.compile(r"[)\]）*]*(?:" + WRONG_TOGETHER + r"|\s*(?:错误|不对|不正确))", re.IGNORECASE)
 LINE_END = re.compile(r"[)\]）*]*[ \t]*[.。!！]?[ \t]*(?:\n|\Z)")
-KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?|choose|pick|select|go\s+with)|答案|选项|选)[^\nA-D]{0,16}\Z")
+KEYWORD_BEFORE = re.compile(r"(?:(?i:answers?|choices?|options?|choose|pick|select|go\s+with)|答案|选项|选)"
+                            r"[^\nA-D]{0,16}\Z")
 MAYBE = re.compile(r"possibly|perhaps|maybe|probably|也许|可能|或许")  # "B, or possibly C", "B或者可能C": still "or"
 TERM = re.compile(r"\s?[a-z\u4e00-\u9fff]")  # what follows "A/B" in "A/B testing", "A/B测试"
-# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose A", "neither A
-#   nor B", or the wrong one: "the wrong answer is B", "The incorrect choice: A", "错误的答案是B"
+# - a letter said not to be it: "not A", "Not (A)", "isn't **A**", "不是（A）", "can't be B", "would not choose
+#   A", "neither A nor B", or the wrong one: "the wrong answer is B", "The incorrect choice: A", "错误的答案是B"
 WRONG = re.compile(r"(?:(?i:wrong|incorrect|false|bad)[ \t]+(?i:answer|choice|option)[ \t]*(?i:is|would be|:)?"
                    r"|(?:错误|不正确|不对)的?(?:答案|选项)(?:应该|应)?(?:是|为)?[:：]?)[\s(\[（*]*\Z")
 NEGATED = re.compile(r"(?:\bnot|n't|n’t|\bcannot|\bneither|\bnor|不是)(?:\s+(?:be|choose|pick|select))?[\s(\[（*]*\Z",
