@@ -309,7 +309,10 @@ def start_signals_script(tmp_path, code):
     script = tmp_path / "s.py"
     script.write_text(SIGNALS.format(root=ROOT, run=str(run), got=str(tmp_path / "got"), pid=str(tmp_path / "pid"),
                                      out=str(run / "sft"), code=code))
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a process group of its own, whose parent (pytest) is in another group of the same session: a group that is
+    # not orphaned, as a shell's job is (the kernel discards SIGTSTP to an orphaned group: CI runs in the background)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=os.setpgrp)
     for _ in range(400):
         if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text():
             break
