@@ -527,23 +527,24 @@ def build(args):
         if path and os.path.isdir(path) and os.path.isdir(out) and same_folder(path, out):  # (its files are in its fingerprint)
             raise StateError(f"--out {out} is the {flag} checkpoint's folder: the run's files would change that "
                              f"checkpoint (and what a resume checks it against); choose another --out")
-    if os.path.isdir(out) and (held := sorted(os.listdir(out))) and not any(
-            re.fullmatch(OWN_FILES, n) or n == "teacher_cache.sqlite" for n in held):
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not any(re.fullmatch(OWN_FILES, n) or n == "teacher_cache.sqlite" for n in held):
         raise StateError(f"--out {out} holds {', '.join(held[:4])} but no build_data.py run: choose another --out")
     check_out_dir(out, args.resume, args.overwrite)
+    written = [os.path.join(out, n) for n in held if re.fullmatch(OWN_FILES, n)]  # this run's files there already
+
+    def writes(path) -> bool:  # one of the files this run writes in --out: by its name there, or the same file
+        return bool(re.fullmatch(OWN_FILES, os.path.basename(path))) and \
+            same_folder(os.path.dirname(os.path.abspath(path)), out) or \
+            os.path.exists(path) and any(os.path.samefile(path, g) for g in written)
     cache_path = args.cache or os.path.join(out, "teacher_cache.sqlite")
-    if args.cache and (re.fullmatch(OWN_FILES, os.path.basename(args.cache)) and
-                       same_folder(os.path.dirname(os.path.abspath(args.cache)), out) or os.path.isdir(out) and any(
-                           os.path.exists(args.cache) and os.path.samefile(args.cache, os.path.join(out, n))
-                           for n in os.listdir(out) if re.fullmatch(OWN_FILES, n))):
+    if args.cache and writes(args.cache):
         raise StateError(f"--cache {args.cache} is one of the files this run writes in --out {out}: choose another path")
     for f in args.sources:
         if not os.path.isfile(f):
             raise DataError(f"--sources {f}: " + ("a directory, not a JSONL file" if os.path.isdir(f) else
                                                   "not a regular file" if os.path.exists(f) else "no such file"))
-        own = [g for g in ([os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(OWN_FILES, n)]
-                           if os.path.isdir(out) else []) + [cache_path] if os.path.exists(g) and os.path.samefile(f, g)]
-        if own or (same_folder(os.path.dirname(os.path.abspath(f)), out) and re.fullmatch(OWN_FILES, os.path.basename(f))):
+        if writes(f) or os.path.exists(cache_path) and os.path.samefile(f, cache_path):
             raise StateError(f"--sources {f} is one of the files this run writes in --out {out} (or --cache): it would be "
                              f"replaced or deleted; move it, or choose another --out")
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
