@@ -86,7 +86,9 @@ STAGES = ["ingest", "classify", "dedup", "label", "diversity", "respond", "score
 CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
-PROMPT_VERSION = "3"  # 3: a reply cut off at max tokens is no longer taken as a whole answer
+# Each is a str.format template, sent only formatted ({{ and }} are the braces the teacher sees).
+PROMPT_VERSION = "4"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
+# safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it)
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
@@ -880,10 +882,11 @@ def build(args):
                                                          for i in part], args.max_len) for p in ps]  # (items' order)
             graded = [PROMPTS["graded"].format(instruction=instruction_text(by_id[i]["prompt"]), response=x["text"])
                       for i, x in items]
-            judged, jfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["judge"]}, {"role": "user", "content": g}]
+            judge, safe = PROMPTS["judge"].format(), PROMPTS["safety"].format()
+            judged, jfail = get_teacher().ask_json([[{"role": "system", "content": judge}, {"role": "user", "content": g}]
                                                     for g in graded], check_judge, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "7 judge")
-            safety, sfail = get_teacher().ask_json([[{"role": "system", "content": PROMPTS["safety"]}, {"role": "user", "content": g}]
+            safety, sfail = get_teacher().ask_json([[{"role": "system", "content": safe}, {"role": "user", "content": g}]
                                                     for g in graded], check_safety, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "7 safety")
             per, unfinished = collections.defaultdict(lambda: ([], [])), set()

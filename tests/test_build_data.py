@@ -150,6 +150,7 @@ class Fake:
         self.fail_labels, self.delay = None, 0.0
         self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
         self.model, self.failing_gets = "fake-teacher", 0  # the model served; GET /v1/models answered 503 this often
+        self.sent = set()  # every system and user message received
 
         class H(BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -175,6 +176,7 @@ class Fake:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
+                fake.sent.update(m["content"] for m in body["messages"] if m["role"] != "assistant")
                 time.sleep(fake.delay)
                 if fake.fail_labels and body["messages"][0]["content"].startswith("You sort"):
                     if fake.fail_labels == "null":  # a reasoning model that spent max_tokens thinking
@@ -277,6 +279,10 @@ def test_http_fake_teacher_garbage_counted_and_cache(fake, tiny, sources, tmp_pa
     texts = [m["content"] for r in sft for m in r["messages"]] + [r["completion"] for r in kto]
     assert not any("Sure! It is math." in t or "cooking" in t for t in texts)  # garbage never enters the data
     assert fake.requests > n
+    # every prompt went out formatted, as the teacher should read it: the judge and safety prompts were
+    # sent as templates ('{{"score": ...}}'), and real teachers copied the doubled braces (no JSON)
+    for text in fake.sent:
+        assert "{{" not in text and "}}" not in text and not re.search(r"\{[a-z_]+\}", text), text
 
 
 @pytest.fixture(scope="module")
