@@ -426,10 +426,11 @@ def main(argv=None):
 
                     def finished(j, ids):
                         text = tok.decode(ids)
-                        reply = cut_at_stop(text, stop)  # hit_limit: no eos or stop string ended it
-                        pred, correct = score(todo[j], reply)  # the scorer's verdict, never pred == answer:
-                        record(todo[j], {"reply": reply, "hit_limit": reply == text and len(ids) == budget,  # a failed
-                                         "pred": pred}, correct)  # program's status is its own text
+                        reply = cut_at_stop(text, stop)
+                        hit = reply == text and len(ids) == budget  # no eos or stop string ended it
+                        # the scorer's verdict, never pred == answer: a failed program's status is its own text
+                        pred, correct = score(todo[j], reply, cut=hit)
+                        record(todo[j], {"reply": reply, "hit_limit": hit, "pred": pred}, correct)
 
                     engine.generate_ids(prompts, Sampling(max_new_tokens=budget, stop=stop), batch_size=args.batch_size,
                                         on_done=finished)

@@ -303,11 +303,35 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("错误答案是B", None),
     ("错误的选项是C，正确的选项是A", "A"),
     ("不正确的选项是A", None),
+    # letters joined to a word by a hyphen or digits are not options ("of B-cell origin" took B)
+    ("The cells are of B-cell origin.\n\nThe most likely diagnosis is:\n\n**C. chronic lymphocytic leukemia**", "C"),
+    ("It lacks vitamin B12, so C.", "C"),
+    ("3D printing: C", "C"),
+    ("anti-B antibodies: C", "C"),
+    ("One of options A-D: B", "B"),
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
     extraction conventions): the article "A", an earlier option under discussion, lower-case "a"."""
     assert choice.extract(reply) == letter
+
+
+def test_a_reply_cut_off_while_listing_options_has_not_answered(tmp_path, data_dir, tiny, monkeypatch):
+    """A reply that hit its token limit while it listed the options ("each option:\n\nA. Live virus",
+    the end) gave no answer; scored correct before when the answer was A. The same text, complete, answers A;
+    an answer given before the cut is still read."""
+    listing = "To determine the correct answer, let's analyze each option:\n\nA. Live virus"
+    assert choice.extract(listing, cut=True) is None and choice.extract(listing) == "A"
+    assert choice.extract("Let's check each.\nA. 1 is wrong.\nB. 2 is", cut=True) is None
+    assert choice.extract("The answer is B.\n\nA. 1 is wrong.\nB. 2 is", cut=True) == "B"
+    assert choice.extract("A. Paris\n\nParis has been the capital since", cut=True) == "A"
+    seen = {}  # evaluate.py tells the scorer which replies hit the limit
+    scorer = choice.score
+    monkeypatch.setattr(choice, "score", lambda ex, reply, cut=False: seen.update({ex["id"]: cut}) or scorer(ex, reply, cut))
+    code, err, res = evaluate("--model", tiny, "--tasks", "mmlu", "--mode", "generate", "--data-dir", data_dir,
+                              "--limit", 3, "--max-new-tokens", "mmlu=4", "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert seen == {p["id"]: p["hit_limit"] for p in res[tiny]["mmlu"]["predictions"]} and any(seen.values())
 
 
 def test_choice_extraction_of_degenerate_replies_finishes():

@@ -14,7 +14,7 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
 # The scoring protocol: bump it whenever a prompt, a stop string, an extraction, a scorer or the
 # model's outputs for a checkpoint (how its files are read) change, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 13  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+PROTOCOL = 14  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
@@ -32,10 +32,13 @@ PROTOCOL = 13  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     dir_fd, os.mkdir and permission calls, sqlite3, and calls on other processes (pidfd signals, prlimit) are
 #     refused; letter scoring: segments of 16 batches, each from no kept prefix (so a resumed run computes
 #     exactly what an uninterrupted one does)
+# 14: letters: not in a word joined by a hyphen or digits ("of B-cell origin", "B12", "3D"); a reply cut off at its
+#     token limit while listing options ("each option:\n\nA. Live virus") has not answered A
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):
     """-> (examples, score function, mode). shots: None = the task's default (SHOTS).
+    score(example, reply, cut=False) -> (prediction, correct); cut: the reply hit its token limit.
     An example prompts with "messages" (chat template) or "raw" text, optionally with "stop"."""
     if name not in NAMES:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(NAMES)})")

@@ -117,10 +117,12 @@ def load(task: str, data_dir: str, shots: int = 0):
 
 # Letter extraction for --mode generate, after OpenCompass' first_option_postprocess and
 # lm-evaluation-harness' MMLU generative filters: an ordered table, the first pattern that matches
-# decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone.
+# decides (with its first match). Only capital A-D count ("a" is a word), and only standing alone:
+# not in a word joined by a hyphen or digits ("B-cell", "T-B", "B12", "3D").
 # No two neighbouring quantifiers may match the same characters (a run of '*' or spaces would then
 # take polynomial time: seconds on a degenerate 2000-character reply), hence the one-class runs.
-LETTER = r"([A-D])(?![A-Za-z])"
+LETTER = r"([A-D])(?![A-Za-z0-9]|-[A-Za-z0-9])"
+ALONE = r"(?<![A-Za-z0-9])(?<![A-Za-z0-9]-)"  # before a letter: not the end of a word it is joined to
 LEAD = r"[\s:：*(\[（]*"  # what may stand between a keyword and its letter: space, a colon, bold, a bracket
 # not letters ruled out together: "A and B are wrong", "A, B, and C are incorrect", "A、B都错误" (a plural:
 # one letter "is false" may be the answer to "Which statement is false?")
@@ -152,15 +154,15 @@ EXTRACTION = [re.compile(p) for p in (
     r"(?i:\bI(?:'d|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with))" + LEAD + r"(?:(?i:option)" + LEAD + ")?"
     + LETTER,
     # B is correct, C is the right one, D is the answer, C是正确的, 选项D正确
-    r"(?<![A-Za-z])([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
+    ALONE + r"([A-D])\s*(?:(?:是|为|is)\s*)?(?:the\s+)?(?:正确|correct|right|answer)",
     # an analysis of each option: "A. 正确，符合题意。B. 错误。..." (an option judged right by its label)
-    r"(?<![A-Za-z])([A-D])[.．、:：]\s*正确",
+    ALONE + r"([A-D])[.．、:：]\s*正确",
     # 故选B, 应该选择C (but not "选项A": an option under discussion)
     r"选(?:择)?了?" + LEAD + LETTER,
     # last resort: the first letter standing alone ("B", "B. Paris", "(C)"), where "A" + a word is the
     # article, not asked about ("Is it B?"); not letters ruled out together ("A and B are wrong"; one said
     # not to be it, or one of a hedge, no pattern takes: see extract)
-    r"(?<![A-Za-z])(?!A\s+[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])" + RULED_OUT,  # not "Is it B?"
+    ALONE + r"(?!A\s+[a-z])" + LETTER + r"(?![)\]）*]*[ \t]*[?？吗])" + RULED_OUT,  # not "Is it B?"
 )]
 # Letters no pattern may take, whatever it matched around them:
 # - a hedge: letters joined by "or" or "/" ("A or B", "(A) or (B)", "A, B, or C", "A/B", "A或B"): no answer
@@ -171,7 +173,7 @@ EXTRACTION = [re.compile(p) for p in (
 #   answer keyword and ending the line ("Answer: A, B, C, D", "答案是B和C"). Any other list is an answer and
 #   the letters it rules out ("The answer is B, and C and D are incorrect"); letters joined by "or" but ruled
 #   out together ("C, A or B are wrong") are no hedge.
-BARE_LETTER = re.compile(r"(?<![A-Za-z])[A-D](?![A-Za-z])")
+BARE_LETTER = re.compile(ALONE + LETTER)
 LIST_JOINS = {",", "，", "、", "and", ",and", "和", "与", "以及"}
 OR_JOINS = {"or", ",or", "，or", "/", "或", "或者", "、或"}
 POSITIVE = r"(?:correct|right|true|valid|(?:the\s+)?(?:correct\s+)?answers?|apply|applies|hold|holds)\b"
@@ -240,11 +242,14 @@ def hedges(reply: str) -> list[tuple[int, int]]:
 # D. 4" or one a line), their labels and the option texts between them; a list's last line is its last
 # option. A reply that only echoes the options answers nothing (their first label, A, was taken); one that
 # answers "A. Paris" and then explains B, C and D in turn looks the same, and reads as no answer too.
+# A reply cut off at its token limit while listing options ("Let's analyze each option:\n\nA. Live virus",
+# the end) has restated them as far as it got: labels in order from A whose last is on the reply's last line.
 LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
 
 
-def restated(reply: str) -> list[tuple[int, int]]:
-    """The spans of restated option lists (see LABEL), in one linear pass."""
+def restated(reply: str, cut: bool = False) -> list[tuple[int, int]]:
+    """The spans of restated option lists (see LABEL), in one linear pass. cut: the reply hit its token
+    limit (a list it was writing counts)."""
     out, run = [], []
     for m in LABEL.finditer(reply):
         if m.group(1) != LETTERS[len(run)]:
@@ -258,6 +263,8 @@ def restated(reply: str) -> list[tuple[int, int]]:
                 end = nl if nl >= 0 else len(reply)
             out.append((run[0].start(), end))
             run = []
+    if cut and run and "\n" not in reply[run[-1].start():]:
+        out.append((run[0].start(), len(reply)))
     return out
 
 
@@ -270,14 +277,15 @@ def starts_list(reply: str, at: int) -> bool:
     return re.compile(r"[A-D][.．:：)][^\n]*\n[ \t]*[(\[（]?" + nxt + r"[.．:：)\]）]").match(reply, at) is not None
 
 
-def extract(reply: str) -> str | None:
-    """The option letter of a generated reply (see EXTRACTION), or None."""
+def extract(reply: str, cut: bool = False) -> str | None:
+    """The option letter of a generated reply (see EXTRACTION), or None. cut: the reply hit its token
+    limit (see restated)."""
     blanks = [m.start() for m in BLANK_LINE.finditer(reply)]
     for block in OPTIONS_THEN_ANSWER.finditer(reply):  # a question of its own after a bare answer: that answer
         cut = bisect.bisect_left(blanks, block.start()) - 1
         if cut >= 0 and (bare := BARE_ANSWER.fullmatch(reply, 0, blanks[cut])):
             return bare.group(1)
-    hedged, options = hedges(reply), restated(reply)
+    hedged, options = hedges(reply), restated(reply, cut)
     for pattern in EXTRACTION:
         for m in pattern.finditer(reply):
             at = m.start(1)
@@ -292,6 +300,6 @@ def extract(reply: str) -> str | None:
     return None
 
 
-def score(ex, reply: str):
-    pred = extract(reply)
+def score(ex, reply: str, cut: bool = False):
+    pred = extract(reply, cut)
     return pred, pred == ex["answer"]

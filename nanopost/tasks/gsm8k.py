@@ -77,6 +77,7 @@ def load(data_dir: str, shots: int = 4):
     return examples
 
 
-def score(ex, reply: str):
+def score(ex, reply: str, cut: bool = False):
+    """cut (the reply hit its token limit): read as it stands, as lm-evaluation-harness does."""
     pred = extract(reply)
     return pred, pred == ex["answer"]

@@ -428,7 +428,8 @@ def load(data_dir: str, mode: str = "chat"):
     return examples
 
 
-def score(ex, reply: str):
+def score(ex, reply: str, cut: bool = False):
+    """cut (the reply hit its token limit): run as it stands (a program cut short fails on its own)."""
     try:
         code = program(ex, reply)
     except Unfinished as e:
