@@ -486,3 +486,33 @@ def test_a_used_out_is_kept_unless_overwrite_and_never_an_input(tmp_path, pair):
         (tmp_path / name).write_text(text)
         r = here("--config", tmp_path / name, "--out", tmp_path / "out")
         assert r.returncode != 0 and f"bad.{name.split('.')[1]}: not valid {kind}" in r.stderr, r.stderr
+
+
+def test_the_reported_change_is_the_change_written(tmp_path, pair):
+    """merge_config.json's change_vs_base is measured on what is stored, after rounding to the output
+    dtype: a bf16 base merged with a float32 fine-tune of small deltas wrote bf16 (the base's dtype),
+    which rounds most of the deltas away, while the report showed the change before rounding."""
+    a, _ = pair
+    model, tok = nanopost.load(a, dtype=torch.bfloat16)
+    nanopost.save(model, tok, str(tmp_path / "base"))
+    model, tok = nanopost.load(str(tmp_path / "base"), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * p.abs().mean() * torch.randn_like(p))  # well under a bf16 step of most weights
+    nanopost.save(model, tok, str(tmp_path / "tuned"))
+    out = tmp_path / "merged"
+    r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "base",
+                 tmp_path / "tuned", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "note: rounding to bfloat16 kept" in r.stdout and "--dtype float32" in r.stdout, r.stdout
+    record = json.load(open(out / "merge_config.json"))["tensors"]
+    stored, base = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert stored["model.norm.weight"].dtype == torch.bfloat16
+    for name, v in record.items():
+        change = ((stored[name].double() - base[name].double()).norm() / base[name].double().norm()).item()
+        assert v["change_vs_base"] == pytest.approx(change, rel=1e-9, abs=1e-12), name
+        assert v["change_before_rounding"] >= v["change_vs_base"] * 0.999, name
+    r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "base",
+                 tmp_path / "tuned", "--out", tmp_path / "f32", "--dtype", "float32")
+    assert r.returncode == 0 and "note: rounding" not in r.stdout, r.stdout + r.stderr
