@@ -26,6 +26,11 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     head_dim: int | None = None  # Qwen2 always uses hidden // heads; kept for forks that set it
     attention_dropout: float = 0.0  # on the attention probabilities in training mode, as transformers' SDPA path
+    # special token ids other tools read from config.json (transformers' model.config, vLLM): carried
+    # from the checkpoint into every save as they are, not used by the model
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         for f in fields(self):  # a value of the wrong kind fails here, naming its key, not in a forward
@@ -36,6 +41,8 @@ class Qwen2Config:
             elif f.name == "attention_dropout":
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                     raise ValueError(f"{f.name} is {v!r}: expected a number in [0, 1)")
+            elif f.name.endswith("_token_id"):
+                continue  # carried as the checkpoint has them, never a reason to refuse it
             elif f.name == "tie_word_embeddings":
                 if not isinstance(v, bool):
                     raise ValueError(f"{f.name} is {v!r}: expected true or false")
@@ -76,6 +83,7 @@ class Qwen2Config:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         if d["head_dim"] == self.hidden_size // self.num_attention_heads:  # else the weights need it said
             d.pop("head_dim")
+        d = {k: v for k, v in d.items() if not (k.endswith("_token_id") and v is None)}
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
                 "use_sliding_window": False, "use_cache": True, **d}
 

@@ -207,6 +207,23 @@ def test_save_load_round_trip_bit_exact_and_transformers_reads_it(tmp_path, tiny
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]  # no staging left behind
 
 
+def test_special_token_ids_of_the_config_survive_a_save(tmp_path, tiny):
+    """config.json's bos/eos/pad ids (Qwen2's: 151643, 151645) were dropped by every save: transformers'
+    model.config.eos_token_id read None from a trained model."""
+    import transformers
+    src = shutil.copytree(tiny, tmp_path / "src")
+    cfg = json.load(open(src / "config.json"))
+    cfg.update(bos_token_id=3, eos_token_id=[4, 5], pad_token_id=0)
+    json.dump(cfg, open(src / "config.json", "w"))
+    model, tok = nanopost.load(str(src))
+    out = nanopost.save(model, tok, str(tmp_path / "saved"))
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (3, [4, 5], 0)
+    assert transformers.AutoConfig.from_pretrained(out).eos_token_id == [4, 5]
+    out = nanopost.save(nanopost.load(tiny)[0], tok, str(tmp_path / "none"))  # none given: none written
+    assert not [k for k in json.load(open(os.path.join(out, "config.json"))) if k.endswith("_token_id")]
+
+
 def test_sharded_save_and_rope_parameters_layout(tmp_path, tiny):
     model, tok = nanopost.load(tiny)
     out = nanopost.save(model, tok, str(tmp_path / "sharded"), max_shard_bytes=20_000)
