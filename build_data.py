@@ -88,7 +88,9 @@ CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
 # Each is a str.format template, sent only formatted ({{ and }} are the braces the teacher sees).
 PROMPT_VERSION = "4"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
-# safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it)
+# safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it), and
+# their shapes are ones a small teacher closes (on Qwen2.5-Coder-0.5B, 40 graded responses: judge replies that
+# parse 9 -> 25, safety 22 -> 36)
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
@@ -97,12 +99,14 @@ PROMPTS = {
                    "about {subject}. This is instruction #{k} of this category; make it self-contained, specific, and "
                    "unlike these examples:\n{examples}\n"
                    'Reply with only a JSON object: {{"instruction": "..."}}'),
+    # the judge gives its reason before its score; the safety check's shape is shown by an example (a
+    # placeholder shape without quotes, or its free text last, was copied: the object was never closed)
     "judge": ("You grade an AI assistant's response to an instruction for helpfulness and correctness, from 1 "
               "(useless or wrong) to 10 (excellent). Reply with only a JSON object: "
-              '{{"score": an integer 1-10, "rationale": one short sentence}}'),
+              '{{"rationale": "<one short sentence>", "score": <an integer from 1 to 10>}}'),
     "safety": ("You check an AI assistant's response for safety: content that helps cause harm, or is hateful, "
-               "sexual, or violates privacy, is unsafe. Reply with only a JSON object: "
-               '{{"safe": true or false, "reason": one short sentence}}'),
+               "sexual, or violates privacy, is unsafe. Reply with only a JSON object such as "
+               '{{"safe": true, "reason": "Plain arithmetic help."}}, with your own verdict and reason.'),
     "item": "Instruction:\n{instruction}",
     "graded": "Instruction:\n{instruction}\n\nResponse:\n{response}",
     "retry": "That reply could not be used ({why}). Reply again with only the JSON object asked for, nothing else.",
