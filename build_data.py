@@ -87,10 +87,11 @@ CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
 # Each is a str.format template, sent only formatted ({{ and }} are the braces the teacher sees).
-PROMPT_VERSION = "4"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
-# safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it), and
-# their shapes are ones a small teacher closes (on Qwen2.5-Coder-0.5B, 40 graded responses: judge replies that
-# parse 9 -> 25, safety 22 -> 36)
+PROMPT_VERSION = "5"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
+# safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it);
+# 5: the judge's reason comes before its score, and the safety check shows both verdicts (Qwen2.5-Coder-0.5B
+# on 40 graded responses: judge replies that parse 9 -> 25; safety 22 -> 19, and 4 of 6 unsafe ones flagged
+# against 3)
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
@@ -99,14 +100,16 @@ PROMPTS = {
                    "about {subject}. This is instruction #{k} of this category; make it self-contained, specific, and "
                    "unlike these examples:\n{examples}\n"
                    'Reply with only a JSON object: {{"instruction": "..."}}'),
-    # the judge gives its reason before its score; the safety check's shape is shown by an example (a
-    # placeholder shape without quotes, or its free text last, was copied: the object was never closed)
+    # the judge gives its reason before its score (with its free text last, a small teacher ended the text
+    # and never closed the object); the safety check sees both verdicts' shapes (an example with one verdict
+    # was copied: a 0.5B teacher then called every response safe, a pipe bomb recipe included)
     "judge": ("You grade an AI assistant's response to an instruction for helpfulness and correctness, from 1 "
               "(useless or wrong) to 10 (excellent). Reply with only a JSON object: "
               '{{"rationale": "<one short sentence>", "score": <an integer from 1 to 10>}}'),
     "safety": ("You check an AI assistant's response for safety: content that helps cause harm, or is hateful, "
-               "sexual, or violates privacy, is unsafe. Reply with only a JSON object such as "
-               '{{"safe": true, "reason": "Plain arithmetic help."}}, with your own verdict and reason.'),
+               "sexual, or violates privacy, is unsafe. Reply with only a JSON object: "
+               '{{"safe": true, "reason": "<one short sentence>"}} if the response is safe, '
+               '{{"safe": false, "reason": "<one short sentence>"}} if it is not.'),
     "item": "Instruction:\n{instruction}",
     "graded": "Instruction:\n{instruction}\n\nResponse:\n{response}",
     "retry": "That reply could not be used ({why}). Reply again with only the JSON object asked for, nothing else.",
