@@ -325,6 +325,17 @@ def test_a_reply_cut_off_while_listing_options_has_not_answered(tmp_path, data_d
     assert choice.extract("Let's check each.\nA. 1 is wrong.\nB. 2 is", cut=True) is None
     assert choice.extract("The answer is B.\n\nA. 1 is wrong.\nB. 2 is", cut=True) == "B"
     assert choice.extract("A. Paris\n\nParis has been the capital since", cut=True) == "A"
+    for reply in ("Let's analyze each option:\n\nA. Live vaccine\n   - Contains a weakened virus.\n   - Can",
+                  "Let's analyze each option:\n\nA. Live virus vaccine\n", "Consider each:\n**A. Live virus**"):
+        assert choice.extract(reply, cut=True) is None, reply
+    for reply in ("Therefore, A. Live virus vaccines should be avoided since they",  # an answer, not a list
+                  "A. Live virus vaccines. They are contraindicated because the attenuated virus can",
+                  "(A) Live virus vaccines, because", "The answer is:\n-A. Live virus vaccines because"):
+        assert choice.extract(reply, cut=True) == "A", reply
+    # a question of its own in the exemplars' form, then an answer: read the same whatever the cut
+    restating = "1 + 1 = ?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: let's compute: 1 + 1 = 2.\nSo it is\nA. 2"
+    assert choice.extract(restating) == "A"
+    assert choice.extract("1 + 1 = ?\n\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: Let's analyze each option:\n\nA. 2", cut=True) is None
     seen = {}  # evaluate.py tells the scorer which replies hit the limit
     scorer = choice.score
     monkeypatch.setattr(choice, "score", lambda ex, reply, cut=False: seen.update({ex["id"]: cut}) or scorer(ex, reply, cut))

@@ -242,8 +242,10 @@ def hedges(reply: str) -> list[tuple[int, int]]:
 # D. 4" or one a line), their labels and the option texts between them; a list's last line is its last
 # option. A reply that only echoes the options answers nothing (their first label, A, was taken); one that
 # answers "A. Paris" and then explains B, C and D in turn looks the same, and reads as no answer too.
-# A reply cut off at its token limit while listing options ("Let's analyze each option:\n\nA. Live virus",
-# the end) has restated them as far as it got: labels in order from A whose last is on the reply's last line.
+# A reply cut off at its token limit while listing options one a line ("Let's analyze each option:\n\nA. Live
+# virus", the end) has restated them as far as it got: the labels in order from A that no D completed, two or
+# more, or A alone after a line ending in a colon. (A label inside a line, or A alone that the reply opens with,
+# may be its answer: "A. Paris, because".)
 LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
 
 
@@ -263,9 +265,17 @@ def restated(reply: str, cut: bool = False) -> list[tuple[int, int]]:
                 end = nl if nl >= 0 else len(reply)
             out.append((run[0].start(), end))
             run = []
-    if cut and run and "\n" not in reply[run[-1].start():]:
-        out.append((run[0].start(), len(reply)))
+    if cut and run and all(starts_line(reply, m.start()) for m in run):
+        line = reply.rfind("\n", 0, run[0].start()) + 1
+        if len(run) > 1 or reply[:line].rstrip().rstrip("*").rstrip().endswith((":", "：")):  # "each option:"
+            nl = reply.find("\n", run[-1].end())
+            out.append((run[0].start(), nl if nl >= 0 else len(reply)))
     return out
+
+
+def starts_line(reply: str, at: int) -> bool:
+    """Only spaces or bold stand before `at` on its line."""
+    return not reply[reply.rfind("\n", 0, at) + 1:at].strip(" \t*")
 
 
 def starts_list(reply: str, at: int) -> bool:
@@ -282,8 +292,8 @@ def extract(reply: str, cut: bool = False) -> str | None:
     limit (see restated)."""
     blanks = [m.start() for m in BLANK_LINE.finditer(reply)]
     for block in OPTIONS_THEN_ANSWER.finditer(reply):  # a question of its own after a bare answer: that answer
-        cut = bisect.bisect_left(blanks, block.start()) - 1
-        if cut >= 0 and (bare := BARE_ANSWER.fullmatch(reply, 0, blanks[cut])):
+        k = bisect.bisect_left(blanks, block.start()) - 1  # the blank line before it
+        if k >= 0 and (bare := BARE_ANSWER.fullmatch(reply, 0, blanks[k])):
             return bare.group(1)
     hedged, options = hedges(reply), restated(reply, cut)
     for pattern in EXTRACTION:
