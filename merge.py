@@ -292,11 +292,13 @@ def row_blocks(shape):
 
 
 def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row, out_rows):
-    """Yields (merged block, the base model's same rows) for `name`, in blocks of rows, in the
-    compute dtype (the base rows feed the summary without a second read)."""
+    """Yields (merged block in the compute dtype, the base model's same rows as stored) for `name`, in
+    blocks of rows (the base rows feed the summary, read once unless the compute dtype rounds them)."""
     method = plan["merge_method"]
     weights, densities, t = resolved_params(plan, name, n_layers)
     read = lambda i, a, b: index[i][name].read(name, a, b).to(cdtype)  # noqa: E731
+    exact = cdtype != torch.bfloat16  # float32/64 hold every stored float16/bfloat16/float32 value
+    stored = lambda a, b, v: v if exact else index[base_i][name].read(name, a, b)  # noqa: E731
     shape = (out_rows,) + index[base_i][name].shape(name)[1:]
     blocks = row_blocks(shape) if index[base_i][name].shape(name) else [(0, None)]
     n = len(index)
@@ -308,28 +310,29 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
         c = slerp_coefficients(t, slerp_dot(sq0, sq1, dot))
         for a, b in blocks:
             v = read(0, a, b), read(1, a, b)
-            yield (torch.lerp(v[0], v[1], t) if c is None else c[0] * v[0] + c[1] * v[1]), v[base_i]
+            yield (torch.lerp(v[0], v[1], t) if c is None else c[0] * v[0] + c[1] * v[1]), stored(a, b, v[base_i])
     elif method == "slerp":
         for a, b in blocks:
             v = read(0, a, b), read(1, a, b)
-            yield slerp_rows(t, v[0], v[1]), v[base_i]
+            yield slerp_rows(t, v[0], v[1]), stored(a, b, v[base_i])
     elif method == "linear":
         for a, b in blocks:
             vs = [read(i, a, b) for i in range(n)]
-            yield linear(vs, weights, plan["normalize"]), vs[base_i]
+            yield linear(vs, weights, plan["normalize"]), stored(a, b, vs[base_i])
     else:
         others = [i for i in range(n) if i != base_i]
         w, d = [weights[i] for i in others], [densities[i] for i in others]
         if method == "task_arithmetic":  # elementwise: stream it
             for a, b in blocks:
                 base = read(base_i, a, b)
-                yield task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"]), base
+                yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"]),
+                       stored(a, b, base))
         else:  # trim / drop are per whole tensor
             a, b = 0, shape[0] if shape else None
             gen = torch.Generator().manual_seed(crc_seed(seed, name)) if method.startswith("dare") else None
             base = read(base_i, a, b)
-            yield task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"],
-                             gen, rescale=(plan.get("parameters") or {}).get("rescale", True)), base
+            yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"],
+                              gen, rescale=(plan.get("parameters") or {}).get("rescale", True)), stored(a, b, base))
 
 
 # ---- main ----

@@ -516,3 +516,11 @@ def test_the_reported_change_is_the_change_written(tmp_path, pair):
     r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "base",
                  tmp_path / "tuned", "--out", tmp_path / "f32", "--dtype", "float32")
     assert r.returncode == 0 and "note: rounding" not in r.stdout, r.stdout + r.stderr
+    # against the base as stored, not as rounded to --compute-dtype: a float32 self-merge in bfloat16 changes it
+    r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "tuned",
+                 tmp_path / "tuned", "--compute-dtype", "bfloat16", "--out", tmp_path / "self")
+    assert r.returncode == 0, r.stderr
+    stored, base = load_file(str(tmp_path / "self" / "model.safetensors")), load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    for name, v in json.load(open(tmp_path / "self" / "merge_config.json"))["tensors"].items():
+        change = ((stored[name].double() - base[name].double()).norm() / base[name].double().norm()).item()
+        assert change > 0 and v["change_vs_base"] == pytest.approx(change, rel=1e-9), name
