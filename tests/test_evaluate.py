@@ -326,11 +326,17 @@ def test_a_reply_cut_off_while_listing_options_has_not_answered(tmp_path, data_d
     assert choice.extract("The answer is B.\n\nA. 1 is wrong.\nB. 2 is", cut=True) == "B"
     assert choice.extract("A. Paris\n\nParis has been the capital since", cut=True) == "A"
     for reply in ("Let's analyze each option:\n\nA. Live vaccine\n   - Contains a weakened virus.\n   - Can",
-                  "Let's analyze each option:\n\nA. Live virus vaccine\n", "Consider each:\n**A. Live virus**"):
+                  "Let's analyze each option:\n\nA. Live virus vaccine\n", "Consider each:\n**A. Live virus**",
+                  "Let's analyze each option:\n\n- A. Live virus vaccine: no\n- B. Inactivated vaccine: safe because",
+                  "Let's analyze each option:\n\n1. A. Live virus vaccine: no\n2. B. Inactivated vaccine: safe",
+                  "Let's analyze each option:\n\nA. Live virus vaccine\n   - Unlike (B), it contains a live",
+                  "Let's analyze each option.\n\nA. Live virus vaccine", "我们逐一分析各个选项。\n\nA. 活疫苗"):
         assert choice.extract(reply, cut=True) is None, reply
     for reply in ("Therefore, A. Live virus vaccines should be avoided since they",  # an answer, not a list
                   "A. Live virus vaccines. They are contraindicated because the attenuated virus can",
-                  "(A) Live virus vaccines, because", "The answer is:\n-A. Live virus vaccines because"):
+                  "(A) Live virus vaccines, because", "The answer is:\n-A. Live virus vaccines because",
+                  "The correct option is:\n\nA. Live virus vaccine\n\nLive vaccines contain a weakened virus that",
+                  "正确选项是：\n\nA. 活疫苗\n\n解析：活疫苗含有减毒的病毒，可能", "**Correct option:**\n\n**A. Live virus**\n\nIt"):
         assert choice.extract(reply, cut=True) == "A", reply
     # a question of its own in the exemplars' form, then an answer: read the same whatever the cut
     restating = "1 + 1 = ?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: let's compute: 1 + 1 = 2.\nSo it is\nA. 2"

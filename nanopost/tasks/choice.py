@@ -243,9 +243,7 @@ def hedges(reply: str) -> list[tuple[int, int]]:
 # option. A reply that only echoes the options answers nothing (their first label, A, was taken); one that
 # answers "A. Paris" and then explains B, C and D in turn looks the same, and reads as no answer too.
 # A reply cut off at its token limit while listing options one a line ("Let's analyze each option:\n\nA. Live
-# virus", the end) has restated them as far as it got: the labels in order from A that no D completed, two or
-# more, or A alone after a line ending in a colon. (A label inside a line, or A alone that the reply opens with,
-# may be its answer: "A. Paris, because".)
+# virus", the end) has restated them as far as it got (see cut_list).
 LABEL = re.compile(r"(?<![A-Za-z])[(\[（]?([A-D])[.．:：)\]）](?=[ \t]*[^\s])")  # and its text: not "so D."
 
 
@@ -265,17 +263,33 @@ def restated(reply: str, cut: bool = False) -> list[tuple[int, int]]:
                 end = nl if nl >= 0 else len(reply)
             out.append((run[0].start(), end))
             run = []
-    if cut and run and all(starts_line(reply, m.start()) for m in run):
-        line = reply.rfind("\n", 0, run[0].start()) + 1
-        if len(run) > 1 or reply[:line].rstrip().rstrip("*").rstrip().endswith((":", "：")):  # "each option:"
-            nl = reply.find("\n", run[-1].end())
-            out.append((run[0].start(), nl if nl >= 0 else len(reply)))
+    if cut and (span := cut_list(reply)):
+        out.append(span)
     return out
 
 
-def starts_line(reply: str, at: int) -> bool:
-    """Only spaces or bold stand before `at` on its line."""
-    return not reply[reply.rfind("\n", 0, at) + 1:at].strip(" \t*")
+ITEM = re.compile(r"[ \t*]*(?:(?:[-•·]|\d+[.)、])[ \t*]*)?")  # what may start a list item's line: "- ", "1. ", bold
+LIST_INTRO = re.compile(r"(?i:\beach\b|\bevery\b|\boptions\b|\bchoices\b|analy[sz]|one by one)|逐一|每个|各个|各项|分析")
+
+
+def cut_list(reply: str) -> tuple[int, int] | None:
+    """The span of the options a reply cut off at its token limit was listing: labels in order from A, each
+    starting its line, that no D completed — two or more, or A alone after a line that announces a list
+    ("Let's analyze each option:", "分析每个选项。"). A label inside a line is no item; A alone after
+    "The correct option is:" or at the reply's start may be its answer ("A. Paris, because")."""
+    run = []
+    for m in LABEL.finditer(reply):
+        if not ITEM.fullmatch(reply, reply.rfind("\n", 0, m.start()) + 1, m.start()):
+            continue
+        run = run + [m] if m.group(1) == LETTERS[len(run)] else [m] if m.group(1) == "A" else []
+        if len(run) == len(LETTERS):
+            run = []  # complete: restated
+    if not run:
+        return None
+    intro = reply[:reply.rfind("\n", 0, run[0].start()) + 1].rstrip().rstrip("*").rstrip()
+    if len(run) > 1 or LIST_INTRO.search(intro[intro.rfind("\n") + 1:]):
+        return run[0].start(), len(reply)  # to the cut: what follows an item is about the options
+    return None
 
 
 def starts_list(reply: str, at: int) -> bool:
