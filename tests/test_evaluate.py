@@ -359,9 +359,11 @@ def test_choice_extraction_of_degenerate_replies_finishes():
                "A" + "*" * 1998 + "B", ("A, " * 666)[:1997] + " or", ("A，" * 1000)[:1999] + "或", "A" + " " * 1996 + " or",
                "\n" * 2000, "A or " * 400, "correct option" + " " * 1990, "正确选项是" + " " * 1995, "B" + " " * 1999 + "x",
                " " * 2000 + "\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B", "B." + "x " * 1000 + "\n\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C"]
+    replies += ["1" * 1998 + "A.", "A. x\n" * 400, "- A. " * 400, "\nB. 1" * 400]  # and as cut-off lists
     t = time.time()
     for r in replies:
         choice.extract(r)
+        choice.extract(r, cut=True)
     assert time.time() - t < 5
 
 
