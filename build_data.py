@@ -629,8 +629,10 @@ def build(args):
             saved["sources"] = settings["sources"]  # a build from before sources were hashed: recorded by size
         diff = [k for k in settings if k in saved and saved[k] != settings[k]]  # (a checkpoint: once a stage used it)
         if diff:
+            redo = ("the code that wrote it" if diff == ["prompt_version"]  # not a flag: the prompts changed
+                    else "those settings")
             raise StateError(f"{out} was built with other settings ({', '.join(f'{k}: {saved[k]} -> {settings[k]}' for k in diff)}); "
-                             f"resuming would mix results: rerun with those, or use --overwrite or another --out")
+                             f"resuming would mix results: resume with {redo}, or use --overwrite or another --out")
         settings = {**saved, **settings}  # what earlier stages used stays recorded
     if args.overwrite and os.path.isdir(out):
         for name in os.listdir(out):

@@ -101,6 +101,7 @@ def test_resume_sends_nothing_and_refuses_changed_settings(baseline, tiny, sourc
         open(args_path, "w").write(json.dumps(args))
         r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST, "--resume")
         assert r.returncode != 0 and "prompt_version: 0 -> " in r.stderr, r.stderr
+        assert "resume with the code that wrote it" in r.stderr, r.stderr  # not a flag to set
     finally:
         open(args_path, "w").write(saved)
 
