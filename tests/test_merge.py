@@ -488,6 +488,13 @@ def test_a_used_out_is_kept_unless_overwrite_and_never_an_input(tmp_path, pair):
         assert r.returncode != 0 and f"bad.{name.split('.')[1]}: not valid {kind}" in r.stderr, r.stderr
 
 
+def reported_and_stored_change(out, base_dir):
+    """-> (tensor, its merge_config.json record, ||stored - base|| / ||base|| from the files) per tensor."""
+    stored, base = load_file(str(out / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
+    for name, v in json.load(open(out / "merge_config.json"))["tensors"].items():
+        yield name, v, ((stored[name].double() - base[name].double()).norm() / base[name].double().norm()).item()
+
+
 def test_the_reported_change_is_the_change_written(tmp_path, pair):
     """merge_config.json's change_vs_base is measured on what is stored, after rounding to the output
     dtype: a bf16 base merged with a float32 fine-tune of small deltas wrote bf16 (the base's dtype),
@@ -506,11 +513,8 @@ def test_the_reported_change_is_the_change_written(tmp_path, pair):
                  tmp_path / "tuned", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "note: rounding to bfloat16 kept" in r.stdout and "--dtype float32" in r.stdout, r.stdout
-    record = json.load(open(out / "merge_config.json"))["tensors"]
-    stored, base = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "base" / "model.safetensors"))
-    assert stored["model.norm.weight"].dtype == torch.bfloat16
-    for name, v in record.items():
-        change = ((stored[name].double() - base[name].double()).norm() / base[name].double().norm()).item()
+    assert load_file(str(out / "model.safetensors"))["model.norm.weight"].dtype == torch.bfloat16
+    for name, v, change in reported_and_stored_change(out, tmp_path / "base"):
         assert v["change_vs_base"] == pytest.approx(change, rel=1e-9, abs=1e-12), name
         assert v["change_before_rounding"] >= v["change_vs_base"] * 0.999, name
     r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "base",
@@ -520,7 +524,5 @@ def test_the_reported_change_is_the_change_written(tmp_path, pair):
     r = run_main(os.path.join(ROOT, "merge.py"), "--method", "linear", "--models", tmp_path / "tuned",
                  tmp_path / "tuned", "--compute-dtype", "bfloat16", "--out", tmp_path / "self")
     assert r.returncode == 0, r.stderr
-    stored, base = load_file(str(tmp_path / "self" / "model.safetensors")), load_file(str(tmp_path / "tuned" / "model.safetensors"))
-    for name, v in json.load(open(tmp_path / "self" / "merge_config.json"))["tensors"].items():
-        change = ((stored[name].double() - base[name].double()).norm() / base[name].double().norm()).item()
+    for name, v, change in reported_and_stored_change(tmp_path / "self", tmp_path / "tuned"):
         assert change > 0 and v["change_vs_base"] == pytest.approx(change, rel=1e-9), name
