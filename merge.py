@@ -444,14 +444,16 @@ def main(argv=None):
                 out_sq = diff_sq = base_sq = merged_sq = 0.0
                 for block, ref in merge_tensor(name, plan, index, base_i, n_layers, cdtype, args.seed, args.slerp_rows,
                                                shape[0] if shape else 1):
-                    merged_sq += (block.double() - ref.double()).pow(2).sum().item()
+                    ref = ref.double()
+                    merged_sq += (block.double() - ref).pow(2).sum().item()
                     block = block.to(dtype)
                     if not torch.isfinite(block).all():  # an overflow (weights 1e39 in float32), NaN inputs
                         raise MergeError(f"{name}: the merge has values that are not finite numbers in "
                                          f"{str(dtype).removeprefix('torch.')}; nothing was written to --out")
-                    out_sq += block.double().pow(2).sum().item()  # what is written, after rounding to dtype
-                    diff_sq += (block.double() - ref.double()).pow(2).sum().item()
-                    base_sq += ref.double().pow(2).sum().item()
+                    written = block.double()  # what is written, after rounding to dtype
+                    out_sq += written.pow(2).sum().item()
+                    diff_sq += (written - ref).pow(2).sum().item()
+                    base_sq += ref.pow(2).sum().item()
                     w.write(block)
                 summary[name] = {"norm": out_sq ** 0.5, "change_vs_base": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12),
                                  "change_before_rounding": merged_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
