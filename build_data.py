@@ -884,6 +884,7 @@ def build(args):
     f7 = StageFile(out, "7_score")
     if 7 in args.stages:
         t0, todo, left = time.time(), [i for i in ids5 if i not in f7.rows], 0
+        judge, safe = PROMPTS["judge"].format(), PROMPTS["safety"].format()  # (as stage 4's system prompt)
         for part in waves(todo, "7 score"):
             items = [(i, x) for i in part for x in resp[i]["responses"]]
             model, tok = load(args.student)
@@ -891,7 +892,6 @@ def build(args):
                                                          for i in part], args.max_len) for p in ps]  # (items' order)
             graded = [PROMPTS["graded"].format(instruction=instruction_text(by_id[i]["prompt"]), response=x["text"])
                       for i, x in items]
-            judge, safe = PROMPTS["judge"].format(), PROMPTS["safety"].format()
             judged, jfail = get_teacher().ask_json([[{"role": "system", "content": judge}, {"role": "user", "content": g}]
                                                     for g in graded], check_judge, json_sampling(), args.retries,
                                                    PROMPTS["retry"], "7 judge")
