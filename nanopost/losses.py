@@ -2,7 +2,7 @@
 lm_head + log-softmax run over chunks of rows (kernels.linear_cross_entropy and
 kernels.linear_logprobs; V = 151936 makes full logits the largest tensor of a step).
 
-Reference semantics (DESIGN.md): the SFT loss is the token NLL *summed* over the trained tokens
+Reference semantics: the SFT loss is the token NLL *summed* over the trained tokens
 of the whole accumulated batch, divided by that batch's number of trained tokens; callers pass
 the divisor so k accumulated micro-batches equal one batch k times larger."""
 import torch

@@ -91,7 +91,10 @@ class Tokenizer:
         for name in ("generation_config.json", "config.json"):
             e = read_json(os.path.join(path, name)).get("eos_token_id")
             ids += e if isinstance(e, list) else [] if e is None else [e]
-        for t in ("<|im_end|>", "<|endoftext|>"):  # ChatML models stop on both (DESIGN.md)
+        # and always both ChatML ends: an assistant turn ends at <|im_end|> and raw text at <|endoftext|>,
+        # even where a base checkpoint's generation_config lists only <|endoftext|> (transformers'
+        # generate would run on past the end of the turn there)
+        for t in ("<|im_end|>", "<|endoftext|>"):
             ids.append(self.tok.token_to_id(t))
         return list(dict.fromkeys(i for i in ids if i is not None))
 

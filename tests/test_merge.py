@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
 
 
 def slerp_ref(t, v0, v1):
-    """DESIGN.md's SLERP, float64 numpy."""
+    """SLERP as mergekit defines it (near-parallel vectors: linear), float64 numpy."""
     a, b = v0.double().numpy().ravel(), v1.double().numpy().ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     dot = np.dot(a / na if na > 1e-8 else a, b / nb if nb > 1e-8 else b)

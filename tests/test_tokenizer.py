@@ -163,6 +163,19 @@ def test_stop_ids_read_from_generation_config(tiny):
     assert tok.eos_ids == [tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")]
 
 
+def test_stop_ids_always_hold_both_chatml_ends(tiny, tmp_path):
+    """A base checkpoint's generation_config lists only <|endoftext|>: generation still stops at the
+    end of an assistant turn (<|im_end|>), after the checkpoint's own ids."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    tok = Tokenizer(str(base))
+    endoftext, im_end = tok.token_id("<|endoftext|>"), tok.token_id("<|im_end|>")
+    for name, eos in (("generation_config.json", endoftext), ("config.json", 7)):
+        cfg = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**cfg, "eos_token_id": eos}))
+    assert Tokenizer(str(base)).eos_ids == [endoftext, 7, im_end]
+
+
 @pytest.mark.real
 def test_real_tokenizer_matches_transformers(real_model_dir, tmp_path):
     check_equal(real_model_dir)  # its own (Qwen2.5) template
