@@ -20,7 +20,7 @@ import torch
 import nanopost
 from nanopost.data import KTOExample, collate_kl, collate_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-from nanopost.training import frozen_for_autocast, make_optimizer
+from nanopost.training import clip_grad_norm, frozen_for_autocast, make_optimizer
 from sides import DEFAULT_MODEL, check_args  # bench/sides.py
 
 
@@ -72,7 +72,7 @@ def main():
             policy, kl_policy = both(model, continued)
             loss = kto_loss(policy, ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, t1 - t0

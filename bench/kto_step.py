@@ -46,7 +46,7 @@ def worker(impl, model_dir, B, T, precision, steps, device):
         import nanopost
         from nanopost.data import KTOExample, collate_kl, collate_kto
         from nanopost.losses import kl_estimate, kto_loss, sequence_logps
-        from nanopost.training import frozen_for_autocast, make_optimizer
+        from nanopost.training import clip_grad_norm, frozen_for_autocast, make_optimizer
         P, group = 3 * T // 4, list(range(B))
         examples = [KTOExample(r[:P].tolist(), r[P:].tolist(), True) for r in ids.cpu()]
         main = [t.to(device) for t in collate_kto(group, examples, 0, T)]  # = ids, labels (+ positions)
@@ -91,7 +91,7 @@ def worker(impl, model_dir, B, T, precision, steps, device):
                 ref_main, ref_kl = table if table else both(ref)
             policy, kl_policy = both(model)
             return kto_loss(policy, ref_main, desirable, kl_estimate(kl_policy, ref_kl))[0]
-    out = timed_train_steps(loss_fn, model, opt, steps, device)
+    out = timed_train_steps(loss_fn, model, opt, steps, device, clip_grad_norm if impl.startswith("nanopost") else None)
     out["tokens_per_s"] = B * T / out["step_s"]
     if table:
         out["ref_pass_s"] = ref_pass

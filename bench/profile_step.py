@@ -49,7 +49,7 @@ def main():
         return profile_decode(args)
     import nanopost
     from nanopost.losses import sft_loss_sum
-    from nanopost.training import make_optimizer
+    from nanopost.training import clip_grad_norm, make_optimizer
     model, _ = nanopost.load(args.model, dtype=torch.float32, device="cuda")
     model.train()
     opt = make_optimizer(model, 1e-6, 0.0)
@@ -61,7 +61,7 @@ def main():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = sft_loss_sum(model, ids, ids, pos) / (B * (T - 1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -32,11 +32,13 @@ def run_side(script: str, argv: list[str], what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def timed_train_steps(loss_fn, model, opt, steps: int, device: str) -> dict:
+def timed_train_steps(loss_fn, model, opt, steps: int, device: str, clip=None) -> dict:
     """Optimizer steps (loss_fn() -> loss, backward, clip to 1.0, opt.step) -> {"step_s": the median of
     `steps` timed steps after one warm-up step, "peak_gb": CUDA memory allocated or, on a CPU, the
-    process's peak RSS, "loss": the first step's loss}."""
+    process's peak RSS, "loss": the first step's loss}. clip(params, max_norm): torch's
+    clip_grad_norm_ unless given (nanopost's sides pass nanopost.training.clip_grad_norm)."""
     import torch
+    clip = clip or torch.nn.utils.clip_grad_norm_
     times, losses = [], []
     for i in range(steps + 1):
         if device == "cuda":
@@ -44,7 +46,7 @@ def timed_train_steps(loss_fn, model, opt, steps: int, device: str) -> dict:
         t = time.perf_counter()
         loss = loss_fn()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

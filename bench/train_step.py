@@ -33,7 +33,7 @@ def worker(impl, model_dir, T, precision, steps, device, batch):
     if impl.startswith("nanopost"):
         import nanopost
         from nanopost.losses import sft_loss_sum
-        from nanopost.training import make_optimizer
+        from nanopost.training import clip_grad_norm, make_optimizer
         model, _ = nanopost.load(model_dir, dtype=dtype, device=device)
         model.train()
         opt = make_optimizer(model, 1e-6, 0.0)
@@ -54,7 +54,7 @@ def worker(impl, model_dir, T, precision, steps, device, batch):
     def fresh_batch_loss():
         with autocast:
             return loss_fn(torch.randint(0, min(150000, model.config.vocab_size), (batch, T), device=device))
-    out = timed_train_steps(fresh_batch_loss, model, opt, steps, device)
+    out = timed_train_steps(fresh_batch_loss, model, opt, steps, device, clip_grad_norm if impl.startswith("nanopost") else None)
     cfg = model.config
     n_matmul = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if cfg.tie_word_embeddings:
