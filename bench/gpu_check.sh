@@ -21,7 +21,8 @@ fi
 
 echo "== 1. kernel tests on CUDA"
 timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_pointwise.py tests/test_kernels_linear.py \
-    tests/test_kernels_steps.py "tests/test_engine.py::test_cuda_graph_decode_equals_eager" 2>&1 | tee "$OUT/tests.log" | tail -25
+    tests/test_kernels_steps.py "tests/test_engine.py::test_cuda_graph_decode_equals_eager" \
+    "tests/test_sft.py::test_grad_norm_and_clipping_equal_float64" 2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== 2. kernels vs eager / torch.compile / Liger"
 timeout 150 $PY bench/kernels.py --reps 30 2>&1 | tee "$OUT/kernels.md"
