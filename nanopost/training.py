@@ -151,7 +151,8 @@ def clip_grad_norm(params, max_norm: float) -> float:
     151936 x 896 lm_head gradient it came out 1.2e-4 low (1.5% on random numbers) — enough to change
     every clipped update and to tell an FSDP2 run (each rank norming half the rows) from one process.
     So on a CPU each gradient is normed in rows of NORM_ROW elements and the rows' squares are added in
-    float64; CUDA's reductions are trees, and there torch's fused norm is kept. Under FSDP2 a gradient
+    float64. On CUDA torch's fused norm is kept (its reductions are trees; tests/test_sft.py checks it
+    there when a GPU is lent, in bench/gpu_check.sh). Under FSDP2 a gradient
     is a DTensor: the squares of this rank's shards are summed over the ranks."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
