@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import dedup
-from nanopost.checkpoint import CheckpointError, read_config, resolve, same_folder
+from nanopost.checkpoint import CheckpointError, read_config, resolve, same_folder, whole_file, writing
 from nanopost.data import (DataError, Example, check_no_tool_calls, collate, encode_kto, read_jsonl, report_bad_lines,
                            to_kto, truncate_kto, whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
@@ -301,8 +301,9 @@ class StageFile:
         self.f = open(self.path, "a", encoding="utf-8")
 
     def add(self, row):
-        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.f.flush()  # a process kill then loses nothing written; fsync would also cover power loss
+        with writing(self.path):
+            self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.f.flush()  # a process kill then loses nothing written; fsync would also cover power loss
         self.rows[row["key"]] = row
         _row_written(self.stage)
 
@@ -315,8 +316,7 @@ class StageFile:
 
 
 def write_atomic(path, text_or_rows, stage=None):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with whole_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         if isinstance(text_or_rows, str):
             f.write(text_or_rows)
         else:
@@ -324,7 +324,6 @@ def write_atomic(path, text_or_rows, stage=None):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 if stage:
                     _row_written(stage)
-    os.replace(tmp, path)
 
 
 def classify(text, categories) -> str:
@@ -404,9 +403,9 @@ def chart(path, before, after, judge) -> bool:
     b.bar(range(1, 11), [judge.get(s, 0) for s in range(1, 11)])
     b.set_title("judge scores (responses)")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with whole_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return True
 
 
@@ -503,7 +502,8 @@ def parse_stages(spec: str) -> list[int]:
     return sorted(out)
 
 
-OWN_FILES = r"\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl"  # what a run writes in --out
+# what a run writes in --out (and their temporary names, where a kill or a full disk can leave one)
+OWN_FILES = r"(\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl)(\.tmp)?"
 
 # what a resumed run must agree on: everything that changes a stage's rows (not speed or URLs)
 RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_model", "student", "dtype", "max_new_tokens",
@@ -511,6 +511,7 @@ RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_mo
                    "min_label_count", "max_per_category", "drop_unlabelled", "kto_min_gap"]
 
 
+@nanopost.exits_when_disk_full("rerun the same command with --resume")
 def main(argv=None):
     args = parse_args(argv)
     # Ctrl-C (or kill -INT) must stop us even when we were started with SIGINT ignored (a shell's
@@ -686,8 +687,9 @@ def build(args):
 
     def timed(n, items, t0):
         if items:
-            timings.write(json.dumps({"stage": STAGES[n - 1], "seconds": round(time.time() - t0, 3), "items": items}) + "\n")
-            timings.flush()
+            with writing(timings.name):
+                timings.write(json.dumps({"stage": STAGES[n - 1], "seconds": round(time.time() - t0, 3), "items": items}) + "\n")
+                timings.flush()
 
     def json_sampling():
         return get_teacher().sampling(args.json_max_tokens, seed=args.seed)
@@ -955,7 +957,8 @@ def build(args):
 def report(args, rep, out, timings, teacher):
     """OUT/report.md: counts per stage, categories before/after diversity control, score
     distributions, teacher failures by kind, time and throughput per stage."""
-    timings.close()
+    with writing(timings.name):
+        timings.close()
     lines = ["# build_data report", "", f"prompt version {PROMPT_VERSION}; stages run: {args.stages}; "
              f"teacher {args.teacher or ' '.join(args.teacher_url)}; student {args.student}", ""]
     sent, cached = (teacher.sent, teacher.cached) if teacher else (0, 0)

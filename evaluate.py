@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import tasks
-from nanopost.checkpoint import CheckpointError, resolve
+from nanopost.checkpoint import CheckpointError, closing_named, resolve, whole_file, writing
 from nanopost.data import DataError, collate, load_sft, whole_lines
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
@@ -113,7 +113,8 @@ def chart(results, columns, path) -> bool:
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with whole_file(path) as tmp:  # a full disk keeps the earlier chart
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -228,6 +229,7 @@ def per_task(p, flag, value, names, applies, minimum=0) -> dict:
     return out
 
 
+@nanopost.exits_when_disk_full("rerun the same command: the questions it finished are kept")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- what ----
@@ -389,7 +391,7 @@ def main(argv=None):
                         pass  # an empty or damaged line: that question is simply redone
             todo = [e for e in examples if e["id"] not in done]
             t0 = time.time()
-            with open(cache_file, "a", encoding="utf-8") as cache, \
+            with closing_named(open(cache_file, "a", encoding="utf-8")) as cache, \
                     tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{task} {model_name}") as bar:
                 def encode(e):
                     return tok.encode(e["raw"]) if "raw" in e else tok.render(e["messages"], add_generation_prompt=True)[0]
@@ -397,8 +399,9 @@ def main(argv=None):
                 def record(e, o, correct):  # one finished question: into the cache file at once, so a crash loses little
                     row = {"id": e["id"], "answer": e["answer"], "correct": bool(correct), **o,
                            **{k: e[k] for k in ("subject", "category") if k in e}}
-                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    cache.flush()
+                    with writing(cache_file):
+                        cache.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        cache.flush()
                     done[e["id"]] = row
                     bar.update(1)
 
@@ -451,10 +454,8 @@ def main(argv=None):
         print(f"note: dropped earlier results whose checkpoint changed since (or unrecorded) from {args.out}/results.json: " +
               "; ".join(f"{m} ({', '.join(ts)})" for m, ts in dropped.items()), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, "results.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with whole_file(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(args.out, "results.json"))
     ppl = [f"ppl:{os.path.basename(f)}" for f in args.perplexity]
     every = [c for r in results.values() for c in r]  # this run's columns first, then earlier runs'
     columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
@@ -492,7 +493,7 @@ def main(argv=None):
     if mixed:
         table += ("\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this "
                   "run's column (in a column this run did not evaluate: its cells were not all made alike)\n")
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+    with whole_file(os.path.join(args.out, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                 f"results.json\n\n{table}")
     tasks_done = [c for c in columns if not c.startswith("ppl:")]

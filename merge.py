@@ -337,6 +337,7 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
 
 # ---- main ----
 
+@nanopost.exits_when_disk_full("rerun the same command (nothing of this merge was written)")
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     # ---- what to merge ----
@@ -463,12 +464,13 @@ def main(argv=None):
         bar.close()
         if len(shards) > 1:
             total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in entries)
-            json.dump({"metadata": {"total_size": total}, "weight_map": wmap},
-                      open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=2)
         cfg = json.load(open(os.path.join(dirs[base_i], "config.json")))
         cfg["torch_dtype"] = str(entries[0][2]).removeprefix("torch.")
         cfg.pop("dtype", None)
-        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # closed here: a write error is raised, not lost
+            json.dump(cfg, f, indent=2)
         for f in TOKENIZER_FILES + ("generation_config.json",):
             if os.path.exists(os.path.join(dirs[base_i], f)):
                 shutil.copyfile(os.path.join(dirs[base_i], f), os.path.join(tmp, f))
@@ -477,7 +479,8 @@ def main(argv=None):
                   **({"slice_parameters": plan["slice_parameters"]} if plan.get("slice_parameters") else {}),
                   "normalize": plan["normalize"],
                   "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
-        json.dump(record, open(os.path.join(tmp, "merge_config.json"), "w"), indent=2)
+        with open(os.path.join(tmp, "merge_config.json"), "w") as f:
+            json.dump(record, f, indent=2)
         commit_dir(tmp, args.out)
     except MergeError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 import nanopost
-from nanopost.checkpoint import CheckpointError, resolve, save_tensors
+from nanopost.checkpoint import CheckpointError, resolve, save_tensors, whole_file
 from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
@@ -95,6 +95,7 @@ def fingerprint(model_dir: str) -> str:
     return h.hexdigest()
 
 
+@nanopost.exits_when_disk_full("rerun the same command with --resume")
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -192,8 +193,8 @@ def main(argv=None):
                 sys.exit(130)
             if rank == 0:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_tensors({k: v.cpu() for k, v in table.items()}, path + ".tmp")
-                os.replace(path + ".tmp", path)
+                with whole_file(path) as tmp:
+                    save_tensors({k: v.cpu() for k, v in table.items()}, tmp)
                 log(f"reference log-probs computed once: {path}")
         del ref_model
         gc.collect()

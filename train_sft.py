@@ -90,6 +90,7 @@ def eval_loss(model, val_examples, args, device, pad_id, autocast):
     return (all_reduce_sum(nll) / all_reduce_sum(n)).item()
 
 
+@nanopost.exits_when_disk_full("rerun the same command with --resume")
 def main(argv=None):
     args = parse_args(argv)
     try:

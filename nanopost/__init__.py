@@ -1,5 +1,8 @@
 """nanopost: a small, readable toolkit for post-training small language models (Qwen2)."""
 import argparse
+import errno
+import functools
+import sys
 
 import torch
 
@@ -36,3 +39,36 @@ def device_arg(value: str) -> str:
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return value
+
+
+FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def disk_full(e: BaseException) -> bool:
+    """An error that says the disk (or the quota) is full: an OSError, or safetensors' and sqlite's
+    own errors, which carry the OS error as text only."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(t in str(e) for t in FULL_DISK_TEXTS)
+
+
+def exits_when_disk_full(rerun: str):
+    """Decorates a script's main: a full disk ends the run with one error line (the file being
+    written where known, and what to do), not a traceback from deep inside. Every script writes
+    its outputs whole or not at all (a temporary name, renamed when complete), so what finished
+    before is kept and `rerun` says how to carry on once there is space."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except Exception as e:
+                if not disk_full(e):
+                    raise
+                # the file being written: a copy's OSError names its source first and the destination second
+                path = isinstance(e, OSError) and e.strerror and (e.filename2 or e.filename)
+                sys.exit(f"error: the disk is full{f' writing {path}' if path else ''} "
+                         f"({e.strerror if path else e}); what finished before is kept: free space "
+                         f"(or choose another --out) and {rerun}")
+        return run
+    return wrap

@@ -2,6 +2,8 @@
 model-0000k-of-0000n.safetensors + model.safetensors.index.json, tokenizer files,
 generation_config.json. A hub id is resolved with huggingface_hub.snapshot_download (which
 honours HF_HOME and HF_HUB_OFFLINE); a local directory is read as it is."""
+import contextlib
+import errno
 import json
 import os
 import re
@@ -269,9 +271,55 @@ def recover(out_dir):
 
 def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     """safetensors' save_file, with the permissions of any other file we write (safetensors 0.8
-    creates 0600 files: a shared model folder became unreadable to the rest of a team)."""
-    save_file(tensors, path, metadata=metadata)
+    creates 0600 files: a shared model folder became unreadable to the rest of a team). Its error
+    for a full disk names no file: raised here as the OSError it is, with the path."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as e:
+        from nanopost import disk_full
+        if disk_full(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+        raise
     os.chmod(path, 0o666 & ~umask())
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """A full disk inside names `path` (a write, flush or close of an open file raises an OSError
+    that names none: "No space left on device", and no word of which file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
+@contextlib.contextmanager
+def closing_named(f):
+    """`with open(...) as f` whose close (the flush of what a full disk refused) names the file."""
+    try:
+        yield f
+    finally:
+        with writing(f.name):
+            f.close()
+
+
+@contextlib.contextmanager
+def whole_file(path: str):
+    """-> a temporary path beside `path` to write to; renamed over `path` when the block ends, and
+    removed if the block fails (a full disk, an error, Ctrl-C): `path` is then the old file or the
+    whole new one, never a part of one (a kill -9 can leave the temporary file, never a cut `path`).
+    A full disk's error names `path`."""
+    tmp = path + ".tmp"
+    try:
+        with writing(path):
+            yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def commit_dir(tmp, out_dir):

@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from nanopost.checkpoint import DTYPES
+from nanopost.checkpoint import DTYPES, writing
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -173,15 +173,18 @@ class Writer:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
-        self.f = open(path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.path, self.f = path, open(path, "wb")
+        with writing(path):
+            self.f.write(struct.pack("<Q", len(raw)) + raw)
         self.size = offset
 
     def write(self, t: torch.Tensor):
-        self.f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        with writing(self.path):
+            self.f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
     def close(self):
-        self.f.close()
+        with writing(self.path):
+            self.f.close()
 
 
 def crc_seed(seed: int, *parts) -> int:

@@ -28,6 +28,7 @@ connection, HTTP 5xx, any 4xx but 400/413/422, a reply that is not a completion)
 item is returned unfinished (failures None), for the caller to leave unwritten so that --resume
 asks again; Teacher.unfinished counts them by kind."""
 import collections
+import errno
 import hashlib
 import http.client
 import json
@@ -77,11 +78,19 @@ def request_key(messages, sampling: dict, teacher_id: str, prompt_version: str) 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def full_disk(e: Exception, path: str) -> None:
+    """sqlite's "database or disk is full" raised as the OSError it is, naming the cache file."""
+    from nanopost import disk_full
+    if disk_full(e):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+
+
 class Cache:
     """key -> reply text in one SQLite file; safe to share between threads (one lock) and to
     kill at any moment (each put is its own transaction)."""
 
     def __init__(self, path: str):
+        self.path = path
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.db = sqlite3.connect(path, check_same_thread=False)
@@ -93,6 +102,7 @@ class Cache:
                 self.db.execute("ALTER TABLE replies ADD COLUMN truncated INTEGER")
             self.db.commit()
         except (sqlite3.Error, OSError) as e:  # a folder, a text file, a path under a file
+            full_disk(e, path)
             raise CacheError(f"{path}: cannot be opened as the teacher's request cache, an SQLite file ({e})") from None
         self.lock = threading.Lock()
 
@@ -105,9 +115,13 @@ class Cache:
 
     def put(self, key: str, reply: str, request, truncated: bool = False) -> None:
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO replies (key, reply, request, created, truncated) VALUES (?, ?, ?, ?, ?)",
-                            (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
-            self.db.commit()
+            try:
+                self.db.execute("INSERT OR REPLACE INTO replies (key, reply, request, created, truncated) VALUES (?, ?, ?, ?, ?)",
+                                (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
+                self.db.commit()
+            except sqlite3.Error as e:
+                full_disk(e, self.path)
+                raise
 
     def close(self):
         self.db.close()

@@ -2,15 +2,18 @@
 a small config + random weights + a small byte-level BPE tokenizer trained here on a built-in
 text, with Qwen2's normalizer, pre-tokenizer regex and the ChatML special tokens."""
 import contextlib
+import errno
 import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+import nanopost
 from nanopost.checkpoint import save
 from nanopost.model import Qwen2, Qwen2Config
 
@@ -80,21 +83,26 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
             # random norms and biases too, so a wrong norm or a dropped bias shows in parity tests
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else init_std * torch.randn_like(p))
     model.to(dtype)
-    staging = out_dir + ".tok"
+    staging = out_dir + ".tok"  # the tokenizer files, for save() to copy; removed however this ends
     os.makedirs(staging, exist_ok=True)
-    tok.save(os.path.join(staging, "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIALS}
-    with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                   "bos_token": None, "unk_token": None, "chat_template": template,
-                   "model_max_length": cfg.max_position_embeddings}, f, indent=2)
-    with open(os.path.join(staging, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}, f)
-    from nanopost.tokenizer import Tokenizer as ChatTokenizer
-    save(model, ChatTokenizer(staging), out_dir, extra_files={MARKER: json.dumps({"seed": seed}) + "\n"})
-    for name in os.listdir(staging):
-        os.remove(os.path.join(staging, name))
-    os.rmdir(staging)
+    try:
+        try:
+            tok.save(os.path.join(staging, "tokenizer.json"))
+        except Exception as e:  # tokenizers' error for a full disk is its text only
+            if nanopost.disk_full(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(staging, "tokenizer.json")) from e
+            raise
+        ids = {t: tok.token_to_id(t) for t in SPECIALS}
+        with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                       "bos_token": None, "unk_token": None, "chat_template": template,
+                       "model_max_length": cfg.max_position_embeddings}, f, indent=2)
+        with open(os.path.join(staging, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}, f)
+        from nanopost.tokenizer import Tokenizer as ChatTokenizer
+        save(model, ChatTokenizer(staging), out_dir, extra_files={MARKER: json.dumps({"seed": seed}) + "\n"})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -132,4 +140,5 @@ if __name__ == "__main__":
     if os.path.isdir(a.out) and os.listdir(a.out) and not ours(a.out):  # a trained run, a real model, a typo
         p.error(f"{a.out} holds {', '.join(sorted(os.listdir(a.out))[:4])}: not a checkpoint this command wrote, and "
                 "it would be replaced whole; choose another folder")
-    print(make_tiny_checkpoint(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))
+    write = nanopost.exits_when_disk_full("rerun the same command")(make_tiny_checkpoint)
+    print(write(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))

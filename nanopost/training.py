@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import nanopost
 from nanopost.checkpoint import (load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
-                                 within)
+                                 whole_file, within, writing)
 
 # (packed rows: LLaMA-Factory packs only for pre-training, so its SFT batch of 4 x 250 counts examples;
 # --no-packing gives that exactly, at the cost of the padding)
@@ -491,16 +491,16 @@ class Progress:
                         self.last = row
                 if damaged:
                     print(f"warning: {path}: dropped {damaged} damaged line(s)", file=sys.stderr)
-            with open(path + ".tmp", "w") as f:  # replaced whole: a kill here loses no kept line
+            with whole_file(path) as tmp, open(tmp, "w") as f:  # replaced whole: a kill here loses no kept line
                 f.writelines(kept)
-            os.replace(path + ".tmp", path)
             self.file = open(path, "a")
 
     def log(self, step, **metrics):
         if self.rank:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        with writing(self.file.name):
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
         elapsed = time.time() - self.t0
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
         parts = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
@@ -779,7 +779,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
         dist.barrier()  # every rank has checked --out (start_run) before rank 0 writes into it
     if rank == 0:
         prepare_out_dir(args.out, args.resume, args.overwrite)  # the first write: every check is behind us
-        with open(os.path.join(args.out, "args.json"), "w") as f:
+        with whole_file(os.path.join(args.out, "args.json")) as tmp, open(tmp, "w") as f:
             json.dump(vars(args), f, indent=2)
     progress = Progress(args.out, total, start, rank)
     peak = peak_flops(device)  # MFU is logged on known GPUs

@@ -864,3 +864,13 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
         r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", mine, *FAST, "--stages", "1-3", *flag)
         assert r.returncode != 0 and "but no build_data.py run" in r.stderr, r.stderr
         assert os.listdir(mine) == ["notes.txt"]
+    # a run killed (or stopped by a full disk) while writing its first file left only args.json.tmp:
+    # that folder was refused as someone else's, with --resume and --overwrite too
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "args.json.tmp").write_text('{"settings": {')
+    r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", killed, *FAST, "--stages", "1")
+    assert r.returncode != 0 and "continue that run with --resume" in r.stderr, r.stderr
+    r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", killed, *FAST, "--stages", "1", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "args.json.tmp" not in os.listdir(killed) and (killed / "1_ingest.jsonl").exists()

@@ -225,3 +225,76 @@ def test_saved_weights_are_readable_like_any_file_and_foreign_activations_refuse
     json.dump({**cfg, "hidden_act": "gelu"}, open(tmp_path / "saved" / "config.json", "w"))
     with pytest.raises(CheckpointError, match="hidden_act 'gelu' is not supported"):
         nanopost.load(str(tmp_path / "saved"))
+
+
+# ---- a full disk: whole files or none, and one error line naming the file ----
+
+def test_whole_file_keeps_the_old_file_and_names_it_when_the_disk_fills(tmp_path):
+    import errno
+    from nanopost.checkpoint import whole_file
+    path = str(tmp_path / "results.json")
+    with open(path, "w") as f:
+        f.write("old")
+    with pytest.raises(OSError) as e, whole_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new, cut short")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write or close raises: no file named
+    assert e.value.errno == errno.ENOSPC and e.value.filename == path
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]  # no .tmp left behind
+    with whole_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert open(path).read() == "new" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_full_disk_ends_a_script_with_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import nanopost.checkpoint as checkpoint
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' own words
+
+    def save_file_on_a_full_disk(*args, **kwargs):
+        raise Exception(full)
+    monkeypatch.setattr(checkpoint, "save_file", save_file_on_a_full_disk)
+    path = str(tmp_path / "model.safetensors")
+
+    @nanopost.exits_when_disk_full("rerun the same command with --resume")
+    def main():
+        checkpoint.save_tensors({"w": torch.zeros(2)}, path)
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code.startswith(f"error: the disk is full writing {path} (No space left on device)")
+    assert e.value.code.endswith("rerun the same command with --resume")
+
+    @nanopost.exits_when_disk_full("rerun")
+    def sqlite_full():
+        raise Exception("database or disk is full")
+    with pytest.raises(SystemExit, match="disk is full"):
+        sqlite_full()
+
+    @nanopost.exits_when_disk_full("rerun")
+    def other():
+        raise OSError(errno.EACCES, "Permission denied", path)
+    with pytest.raises(PermissionError):  # anything else is not ours to reword
+        other()
+
+
+def test_merge_fails_when_its_last_file_cannot_be_written(tmp_path, tiny, monkeypatch):
+    """merge_config.json written through a file never closed: the full disk's error (raised when the
+    buffer is flushed) was lost, the merge reported success with an empty file. /dev/full fails that way."""
+    import builtins
+    from nanopost.testing import run_main
+    real_open = builtins.open
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("merge_config.json") and "w" in mode:
+            return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(path, mode, *args, **kwargs)
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    out = tmp_path / "merged"
+    r = run_main(os.path.join(os.path.dirname(__file__), "..", "merge.py"), "--method", "linear", "--models", tiny, tiny,
+                 "--weights", 0.5, 0.5, "--out", out)
+    monkeypatch.undo()
+    assert r.returncode == 1 and "error: the disk is full" in r.stderr, r.stdout + r.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []  # nothing committed, no temporary folder left
