@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import nanopost
-from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, commit_dir, read_config,
+from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, closing_named, commit_dir, read_config,
                                  remove_unfinished, resolve, same_folder, within,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
@@ -464,12 +464,12 @@ def main(argv=None):
         bar.close()
         if len(shards) > 1:
             total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d in entries)
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            with closing_named(open(os.path.join(tmp, "model.safetensors.index.json"), "w")) as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": wmap}, f, indent=2)
         cfg = json.load(open(os.path.join(dirs[base_i], "config.json")))
         cfg["torch_dtype"] = str(entries[0][2]).removeprefix("torch.")
         cfg.pop("dtype", None)
-        with open(os.path.join(tmp, "config.json"), "w") as f:  # closed here: a write error is raised, not lost
+        with closing_named(open(os.path.join(tmp, "config.json"), "w")) as f:  # closed here: its error raised, naming it
             json.dump(cfg, f, indent=2)
         for f in TOKENIZER_FILES + ("generation_config.json",):
             if os.path.exists(os.path.join(dirs[base_i], f)):
@@ -479,7 +479,7 @@ def main(argv=None):
                   **({"slice_parameters": plan["slice_parameters"]} if plan.get("slice_parameters") else {}),
                   "normalize": plan["normalize"],
                   "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
-        with open(os.path.join(tmp, "merge_config.json"), "w") as f:
+        with closing_named(open(os.path.join(tmp, "merge_config.json"), "w")) as f:
             json.dump(record, f, indent=2)
         commit_dir(tmp, args.out)
     except MergeError as e:

@@ -296,5 +296,6 @@ def test_merge_fails_when_its_last_file_cannot_be_written(tmp_path, tiny, monkey
     r = run_main(os.path.join(os.path.dirname(__file__), "..", "merge.py"), "--method", "linear", "--models", tiny, tiny,
                  "--weights", 0.5, 0.5, "--out", out)
     monkeypatch.undo()
-    assert r.returncode == 1 and "error: the disk is full" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 1 and "error: the disk is full writing" in r.stderr and "merge_config.json" in r.stderr, \
+        r.stdout + r.stderr
     assert not out.exists() and os.listdir(tmp_path) == []  # nothing committed, no temporary folder left
