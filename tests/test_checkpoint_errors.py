@@ -1,4 +1,5 @@
 """Bad checkpoints fail with one clear error that names the file and the tensor."""
+import io
 import json
 import os
 import re
@@ -286,8 +287,10 @@ def test_merge_fails_when_its_last_file_cannot_be_written(tmp_path, tiny, monkey
     real_open = builtins.open
 
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
-        if str(path).endswith("merge_config.json") and "w" in mode:
-            return real_open("/dev/full", mode, *args, **kwargs)
+        if str(path).endswith("merge_config.json") and "w" in mode:  # /dev/full under this file's name
+            raw = real_open("/dev/full", "wb", buffering=0)
+            raw.name = str(path)
+            return io.TextIOWrapper(io.BufferedWriter(raw))
         return real_open(path, mode, *args, **kwargs)
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
