@@ -1,12 +1,11 @@
 """nanopost: a small, readable toolkit for post-training small language models (Qwen2)."""
 import argparse
-import errno
 import functools
 import sys
 
 import torch
 
-from nanopost.checkpoint import load, save
+from nanopost.checkpoint import disk_full, load, save
 from nanopost.model import KVCache, Qwen2, Qwen2Config
 from nanopost.tokenizer import IGNORE, Tokenizer
 
@@ -39,17 +38,6 @@ def device_arg(value: str) -> str:
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return value
-
-
-FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
-
-
-def disk_full(e: BaseException) -> bool:
-    """An error that says the disk (or the quota) is full: an OSError, or safetensors' and sqlite's
-    own errors, which carry the OS error as text only."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return any(t in str(e) for t in FULL_DISK_TEXTS)
 
 
 def exits_when_disk_full(rerun: str):

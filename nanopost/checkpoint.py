@@ -269,6 +269,23 @@ def recover(out_dir):
             os.rename(old, out_dir)
 
 
+FULL_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def disk_full(e: BaseException) -> bool:
+    """An error that says the disk (or the quota) is full: an OSError, or safetensors', tokenizers'
+    and sqlite's own errors, which carry the OS error as text only."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(t in str(e) for t in FULL_DISK_TEXTS)
+
+
+def raise_if_disk_full(e: BaseException, path: str) -> None:
+    """A library's full-disk error raised as the OSError it is, naming the file being written."""
+    if disk_full(e) and not (isinstance(e, OSError) and e.filename):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+
+
 def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     """safetensors' save_file, with the permissions of any other file we write (safetensors 0.8
     creates 0600 files: a shared model folder became unreadable to the rest of a team). Its error
@@ -276,9 +293,7 @@ def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None
     try:
         save_file(tensors, path, metadata=metadata)
     except Exception as e:
-        from nanopost import disk_full
-        if disk_full(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+        raise_if_disk_full(e, path)
         raise
     os.chmod(path, 0o666 & ~umask())
 
@@ -290,8 +305,7 @@ def writing(path: str):
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
-            raise OSError(e.errno, e.strerror, path) from e
+        raise_if_disk_full(e, path)
         raise
 
 

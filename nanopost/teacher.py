@@ -28,7 +28,6 @@ connection, HTTP 5xx, any 4xx but 400/413/422, a reply that is not a completion)
 item is returned unfinished (failures None), for the caller to leave unwritten so that --resume
 asks again; Teacher.unfinished counts them by kind."""
 import collections
-import errno
 import hashlib
 import http.client
 import json
@@ -42,6 +41,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+
+from nanopost.checkpoint import raise_if_disk_full
 
 
 class TeacherUnreachable(RuntimeError):
@@ -78,13 +79,6 @@ def request_key(messages, sampling: dict, teacher_id: str, prompt_version: str) 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def full_disk(e: Exception, path: str) -> None:
-    """sqlite's "database or disk is full" raised as the OSError it is, naming the cache file."""
-    from nanopost import disk_full
-    if disk_full(e):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
-
-
 class Cache:
     """key -> reply text in one SQLite file; safe to share between threads (one lock) and to
     kill at any moment (each put is its own transaction)."""
@@ -102,7 +96,7 @@ class Cache:
                 self.db.execute("ALTER TABLE replies ADD COLUMN truncated INTEGER")
             self.db.commit()
         except (sqlite3.Error, OSError) as e:  # a folder, a text file, a path under a file
-            full_disk(e, path)
+            raise_if_disk_full(e, path)
             raise CacheError(f"{path}: cannot be opened as the teacher's request cache, an SQLite file ({e})") from None
         self.lock = threading.Lock()
 
@@ -120,7 +114,7 @@ class Cache:
                                 (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
                 self.db.commit()
             except sqlite3.Error as e:
-                full_disk(e, self.path)
+                raise_if_disk_full(e, self.path)
                 raise
 
     def close(self):

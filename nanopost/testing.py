@@ -2,7 +2,6 @@
 a small config + random weights + a small byte-level BPE tokenizer trained here on a built-in
 text, with Qwen2's normalizer, pre-tokenizer regex and the ChatML special tokens."""
 import contextlib
-import errno
 import importlib.util
 import io
 import json
@@ -14,7 +13,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import nanopost
-from nanopost.checkpoint import save
+from nanopost.checkpoint import raise_if_disk_full, save
 from nanopost.model import Qwen2, Qwen2Config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -89,8 +88,7 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
         try:
             tok.save(os.path.join(staging, "tokenizer.json"))
         except Exception as e:  # tokenizers' error for a full disk is its text only
-            if nanopost.disk_full(e):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(staging, "tokenizer.json")) from e
+            raise_if_disk_full(e, os.path.join(staging, "tokenizer.json"))
             raise
         ids = {t: tok.token_to_id(t) for t in SPECIALS}
         with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
