@@ -290,21 +290,19 @@ def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None
     """safetensors' save_file, with the permissions of any other file we write (safetensors 0.8
     creates 0600 files: a shared model folder became unreadable to the rest of a team). Its error
     for a full disk names no file: raised here as the OSError it is, with the path."""
-    try:
+    with writing(path):
         save_file(tensors, path, metadata=metadata)
-    except Exception as e:
-        raise_if_disk_full(e, path)
-        raise
     os.chmod(path, 0o666 & ~umask())
 
 
 @contextlib.contextmanager
 def writing(path: str):
-    """A full disk inside names `path` (a write, flush or close of an open file raises an OSError
-    that names none: "No space left on device", and no word of which file)."""
+    """A full disk inside names `path`: a write, flush or close of an open file raises an OSError
+    that names none ("No space left on device", and no word of which file), and safetensors',
+    tokenizers' and sqlite's errors say it in their text only."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
         raise_if_disk_full(e, path)
         raise
 

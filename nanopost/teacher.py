@@ -42,7 +42,7 @@ import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from nanopost.checkpoint import raise_if_disk_full
+from nanopost.checkpoint import raise_if_disk_full, writing
 
 
 class TeacherUnreachable(RuntimeError):
@@ -108,14 +108,10 @@ class Cache:
         return (row[0], bool(row[1])) if row else None
 
     def put(self, key: str, reply: str, request, truncated: bool = False) -> None:
-        with self.lock:
-            try:
-                self.db.execute("INSERT OR REPLACE INTO replies (key, reply, request, created, truncated) VALUES (?, ?, ?, ?, ?)",
-                                (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
-                self.db.commit()
-            except sqlite3.Error as e:
-                raise_if_disk_full(e, self.path)
-                raise
+        with self.lock, writing(self.path):
+            self.db.execute("INSERT OR REPLACE INTO replies (key, reply, request, created, truncated) VALUES (?, ?, ?, ?, ?)",
+                            (key, reply, json.dumps(request, ensure_ascii=False), time.time(), int(truncated)))
+            self.db.commit()
 
     def close(self):
         self.db.close()

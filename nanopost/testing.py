@@ -13,7 +13,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import nanopost
-from nanopost.checkpoint import raise_if_disk_full, save
+from nanopost.checkpoint import save, writing
 from nanopost.model import Qwen2, Qwen2Config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -85,11 +85,8 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
     staging = out_dir + ".tok"  # the tokenizer files, for save() to copy; removed however this ends
     os.makedirs(staging, exist_ok=True)
     try:
-        try:
+        with writing(os.path.join(staging, "tokenizer.json")):  # tokenizers' full-disk error names no file
             tok.save(os.path.join(staging, "tokenizer.json"))
-        except Exception as e:  # tokenizers' error for a full disk is its text only
-            raise_if_disk_full(e, os.path.join(staging, "tokenizer.json"))
-            raise
         ids = {t: tok.token_to_id(t) for t in SPECIALS}
         with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
