@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -105,9 +106,21 @@ MARKER = "nanopost_testing.json"  # says "a random checkpoint this module wrote"
 TINY_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
 
+# what make_tiny_checkpoint writes besides TINY_FILES: the --shape 0.5b model's shards, and a save a kill cut short
+OWN_NAMES = r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|\.tmp-save-\w{8}"
+
+
+def foreign(folder: str) -> list[str]:
+    """The names in folder that make_tiny_checkpoint does not write (work of a user's kept there)."""
+    return sorted(n for n in os.listdir(folder) if n not in TINY_FILES | {MARKER} and not re.fullmatch(OWN_NAMES, n))
+
+
 def ours(folder: str) -> bool:
-    """A folder the CLI may replace: one it wrote (the marker), or a tiny checkpoint written before the marker."""
+    """A folder this module wrote and nothing else did: the CLI replaces only such a folder (a trained
+    run or notes kept inside it would go with it)."""
     names = set(os.listdir(folder))
+    if foreign(folder):
+        return False
     if MARKER in names:
         return True
     try:
@@ -133,7 +146,8 @@ if __name__ == "__main__":
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"{a.out} is a file, not a folder")
     if os.path.isdir(a.out) and os.listdir(a.out) and not ours(a.out):  # a trained run, a real model, a typo
-        p.error(f"{a.out} holds {', '.join(sorted(os.listdir(a.out))[:4])}: not a checkpoint this command wrote, and "
-                "it would be replaced whole; choose another folder")
+        held = foreign(a.out) or sorted(os.listdir(a.out))
+        p.error(f"{a.out} holds {', '.join(held[:4])}: not a checkpoint this command wrote, and it would be "
+                "replaced whole; choose another folder")
     write = nanopost.exits_when_disk_full("rerun the same command")(make_tiny_checkpoint)
     print(write(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))

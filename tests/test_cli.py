@@ -88,3 +88,9 @@ def test_the_tiny_checkpoint_command_replaces_only_its_own_folders(tmp_path):
         r = run("-m", "nanopost.testing", str(target))
         assert r.returncode == 2 and "not a checkpoint this command wrote" in r.stderr, r.stderr
     assert (sft / "metrics.jsonl").read_text() == "{}\n" and sorted(os.listdir(tmp_path / "runs")) == ["sft", "tiny"]
+    for kept in ("sft", "notes.txt"):  # its own folder, once a user keeps work inside it: refused, nothing goes
+        os.makedirs(os.path.join(tiny, "sft"), exist_ok=True)
+        open(os.path.join(tiny, kept if kept != "sft" else "sft/metrics.jsonl"), "w").close()
+        r = run("-m", "nanopost.testing", tiny)
+        assert r.returncode == 2 and f"holds {kept}" in r.stderr and "not a checkpoint this command wrote" in r.stderr, r.stderr
+        assert os.path.exists(os.path.join(tiny, "sft", "metrics.jsonl"))
