@@ -505,6 +505,21 @@ def parse_stages(spec: str) -> list[int]:
 # what a run writes in --out (and their temporary names, where a kill or a full disk can leave one)
 OWN_FILES = r"(\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl)(\.tmp)?"
 
+def build_run(out, held) -> bool:
+    """Whether the folder out (holding `held`) is a build_data.py run: its args.json is ours (written
+    before any stage), or a run stopped before that left only args.json.tmp and the teacher's cache.
+    Names alone do not tell: a training run has an args.json too, and sft.jsonl is a common name for
+    a user's own data."""
+    if "args.json" not in held:
+        return all(re.fullmatch(r"args\.json\.tmp|teacher_cache\.sqlite(-journal)?", n) for n in held)
+    try:
+        with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and "args" in saved
+
+
 # what a resumed run must agree on: everything that changes a stage's rows (not speed or URLs)
 RESULT_SETTINGS = ["sources", "synthesize", "categories", "teacher", "teacher_model", "student", "dtype", "max_new_tokens",
                    "json_max_tokens", "retries", "max_len", "seed", "dedup_threshold", "dedup_shingle",
@@ -538,7 +553,7 @@ def build(args):
             raise StateError(f"--out {out} is the {flag} checkpoint's folder: the run's files would change that "
                              f"checkpoint (and what a resume checks it against); choose another --out")
     held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not any(re.fullmatch(OWN_FILES, n) or n == "teacher_cache.sqlite" for n in held):
+    if held and not build_run(out, held):  # --resume and --overwrite write over, or remove, what it holds
         raise StateError(f"--out {out} holds {', '.join(held[:4])} but no build_data.py run: choose another --out")
     check_out_dir(out, args.resume, args.overwrite)
     written = [os.path.join(out, n) for n in held if re.fullmatch(OWN_FILES, n)]  # this run's files there already

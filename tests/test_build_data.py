@@ -829,11 +829,12 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
     out.mkdir()
     src = out / "sft.jsonl"
     src.write_text('{"prompt": "What is 2 + 2?", "completion": "4"}\n')
+    (out / "args.json").write_text('{"settings": {}, "args": {}}')  # an earlier build's folder
     args = ["--teacher", tiny, "--student", tiny, "--out", out, *FAST]
     for flag in ("--overwrite", "--resume"):
         r = run_main(SCRIPT, *args, "--sources", src, "--stages", "1-3", flag)
         assert r.returncode != 0 and f"--sources {src} is one of the files this run writes" in r.stderr, r.stderr
-        assert read(src) == '{"prompt": "What is 2 + 2?", "completion": "4"}\n' and os.listdir(out) == ["sft.jsonl"]
+        assert read(src) == '{"prompt": "What is 2 + 2?", "completion": "4"}\n' and sorted(os.listdir(out)) == ["args.json", "sft.jsonl"]
     link = tmp_path / "link.jsonl"  # the same file by another name
     link.symlink_to(src)
     r = run_main(SCRIPT, *args, "--sources", link, "--stages", "1-3", "--overwrite")
@@ -857,13 +858,18 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
         assert r.returncode != 0 and "is one of the files this run writes" in r.stderr, r.stderr
         assert not (tmp_path / "o3").exists()
     # a folder of someone else's: "continue that run with --resume" named no run, and --resume wrote one beside it
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("mine")
-    for flag in ((), ("--resume",), ("--overwrite",)):
-        r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", mine, *FAST, "--stages", "1-3", *flag)
-        assert r.returncode != 0 and "but no build_data.py run" in r.stderr, r.stderr
-        assert os.listdir(mine) == ["notes.txt"]
+    # and names alone do not make a run: a user's own sft.jsonl, a training run's args.json (--resume
+    # wrote over them, --overwrite removed them)
+    for name, files in (("mine", {"notes.txt": "mine"}), ("data", {"sft.jsonl": read(ok), "notes.txt": "mine"}),
+                        ("trained", {"args.json": '{"lr": 1e-05}', "model.safetensors": "weights"})):
+        mine = tmp_path / name
+        mine.mkdir()
+        for f, text in files.items():
+            (mine / f).write_text(text)
+        for flag in ((), ("--resume",), ("--overwrite",)):
+            r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", mine, *FAST, "--stages", "1-3", *flag)
+            assert r.returncode != 0 and "but no build_data.py run" in r.stderr, r.stderr
+            assert {f: read(mine / f) for f in os.listdir(mine)} == files
     # a run killed (or stopped by a full disk) while writing its first file left only args.json.tmp:
     # that folder was refused as someone else's, with --resume and --overwrite too
     killed = tmp_path / "killed"
