@@ -895,7 +895,11 @@ def test_humaneval_helpers_in_source_order_and_what_binds():
     subclass = ("```python\ndef add(a, b):\n    return Adder().run(a, b)\n```\n"
                 "```python\nclass Base:\n    def run(self, a, b):\n        return a + b\n\n"
                 "class Adder(Base):\n    pass\n```")
-    for reply in (decorated, subclass):
+    # a form feed (a page break), U+2028 in a string: not line ends for Python, though str.splitlines
+    # breaks there; the carried helper was cut at the wrong lines (an IndentationError: a fail)
+    shifted = [decorated.replace("import functools\n", "import functools\x0c\n")] + \
+        [decorated.replace("import functools\n", f'import functools\nPAGE = "a{c}b"\n') for c in ("\u2028", "\x85")]
+    for reply in (decorated, subclass, *shifted):
         assert humaneval.score(chat, reply) == ("pass", True), humaneval.extract_code(reply, "add")
     code = humaneval.extract_code(subclass, "add")
     assert code.index("class Base") < code.index("class Adder")

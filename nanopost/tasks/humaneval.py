@@ -222,13 +222,19 @@ def _compiles(code: str) -> bool:
         return False
 
 
+def source_lines(code: str) -> list[str]:
+    """code's lines, ends kept, as Python numbers them (ast's lineno): at \n, \r\n or \r only.
+    str.splitlines also breaks at a form feed, U+2028, U+0085, ..., which would shift every later line."""
+    return re.split(r"(?<=\n)|(?<=\r)(?!\n)", code)
+
+
 def _blocks(reply: str) -> list[str]:
     """The python code blocks of a reply, each without the indentation of its fence."""
     out = []
     for indent, _, lang, code in FENCE.findall(reply):
         if lang.lower() in PYTHON:
             out.append("".join(line[len(indent):] if line.startswith(indent) else line
-                               for line in code.splitlines(True)))
+                               for line in source_lines(code)))
     return out
 
 
@@ -296,7 +302,7 @@ def _helpers(main: str, others: list[str], prompt: str) -> tuple[str, str]:
         other = _parse(code)
         if other is None:
             continue
-        lines = code.splitlines(True)
+        lines = source_lines(code)
         for node in other.body:
             if isinstance(node, ast.Assign):
                 try:
@@ -353,7 +359,7 @@ def extract_code(reply: str, entry_point: str = "", prompt: str = "") -> str:
         if _compiles(prompt + reply):
             return reply
         for start in list(CODE_START.finditer(reply))[:8]:  # prose may start with "from ..." too
-            lines = reply[start.start():].splitlines(True)
+            lines = source_lines(reply[start.start():])
             for end in range(len(lines), 0, -1):
                 code = "".join(lines[:end])
                 if _compiles(prompt + code):
@@ -373,7 +379,7 @@ def prompt_helpers(prompt: str, entry_point: str, test: str) -> str:
     tree, test_tree = _parse(prompt), _parse(test)
     if tree is None or test_tree is None:
         return ""
-    oracle, lines = _used(test_tree), prompt.splitlines(True)
+    oracle, lines = _used(test_tree), source_lines(prompt)
     return "\n".join("".join(lines[min([n.lineno] + [d.lineno for d in n.decorator_list]) - 1:n.end_lineno])
                      for n in tree.body if isinstance(n, DEFINES) and n.name != entry_point and n.name in oracle)
 
