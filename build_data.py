@@ -73,8 +73,8 @@ from tqdm import tqdm
 import nanopost
 from nanopost import dedup
 from nanopost.checkpoint import CheckpointError, read_config, resolve, same_folder, whole_file, writing
-from nanopost.data import (DataError, Example, check_no_tool_calls, collate, encode_kto, read_jsonl, report_bad_lines,
-                           to_kto, truncate_kto, whole_lines)
+from nanopost.data import (DataError, Example, check_no_tool_calls, collate, completion_text, encode_kto, read_jsonl,
+                           report_bad_lines, to_kto, truncate_kto, whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
 from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
@@ -87,11 +87,12 @@ CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
 
 # ---- every prompt the teacher gets; change one and bump PROMPT_VERSION (recorded with each row) ----
 # Each is a str.format template, sent only formatted ({{ and }} are the braces the teacher sees).
-PROMPT_VERSION = "5"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
+PROMPT_VERSION = "6"  # 3: a reply cut off at max tokens is no longer taken as a whole answer; 4: the judge and
 # safety prompts are sent formatted (they showed the teacher {{"score": ...}}, and real teachers copied it);
 # 5: the judge's reason comes before its score, and the safety check shows both verdicts (Qwen2.5-Coder-0.5B
 # on 40 graded responses: judge replies that parse 9 -> 25; safety 22 -> 19, and 4 of 6 unsafe ones flagged
-# against 3)
+# against 3); 6: the sources' prompts and responses are kept verbatim (their surrounding whitespace was
+# stripped, and with it the first line's indent of code)
 PROMPTS = {
     "label": ("You sort instructions for a training-data pipeline. Reply with only a JSON object, no other text: "
               '{{"primary": one of {categories}, "secondary": a short lowercase topic of 1 to 4 words, e.g. '
@@ -230,7 +231,8 @@ def normalise(obj: dict):
         prompt, response = pairs[0][0], next((text for _, text, good in pairs if good), None)
     elif "prompt" in obj:
         prompt = [{"role": "user", "content": obj["prompt"]}] if isinstance(obj["prompt"], str) else obj["prompt"]
-        response = obj.get("completion")
+        # a string or TRL's conversational [one assistant message], as train_sft.py reads it
+        response = None if obj.get("completion") is None else completion_text(obj["completion"], "completion")
     elif "instruction" in obj:
         extra = obj.get("input") or ""
         if not isinstance(obj["instruction"], str) or not isinstance(extra, str):
@@ -259,8 +261,9 @@ def normalise(obj: dict):
         raise ValueError("the prompt must end with a non-empty user turn")
     if response is not None and not isinstance(response, str):
         raise ValueError("the response must be a string")
-    prompt = [{"role": m["role"], "content": m["content"].strip()} for m in prompt]
-    return prompt, (response.strip() or None) if response is not None else None, gold
+    # contents verbatim: a leading indent is code's or YAML's (whitespace-only responses are none)
+    prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    return prompt, response if response is not None and response.strip() else None, gold
 
 
 def example_id(prompt) -> str:

@@ -95,7 +95,7 @@ def to_messages(obj: dict) -> list[dict]:
             raise ValueError("'prompt' must be a string or a non-empty list of messages")
         # only the completion trains (TRL's completion_only_loss): a prompt's assistant turns are context
         prompt = [{**m, "train": False} if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
-        msgs = prompt + [{"role": "assistant", "content": _completion_text(obj["completion"], "completion")}]
+        msgs = prompt + [{"role": "assistant", "content": completion_text(obj["completion"], "completion")}]
     else:
         raise ValueError(f"expected 'messages' or 'prompt'+'completion', got keys {sorted(obj)}")
     for i, m in enumerate(msgs):
@@ -256,7 +256,8 @@ class KTOExample:
     source: str = ""  # a hash of the whole rendered prompt: one prompt's completions share it (cut or not)
 
 
-def _completion_text(value, key) -> str:
+def completion_text(value, key) -> str:
+    """A completion as TRL writes it: a string, or a list of one assistant message (-> its content)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
@@ -282,11 +283,11 @@ def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
             raise ValueError("has both 'chosen'/'rejected' and 'completion'/'label': one format per line")
         if missing := [k for k in ("chosen", "rejected") if k not in obj]:
             raise ValueError(f"paired format without '{missing[0]}' (a pair needs 'chosen' and 'rejected')")
-        return [(prompt, _completion_text(obj.get("chosen"), "chosen"), True),
-                (prompt, _completion_text(obj.get("rejected"), "rejected"), False)]
+        return [(prompt, completion_text(obj.get("chosen"), "chosen"), True),
+                (prompt, completion_text(obj.get("rejected"), "rejected"), False)]
     if "completion" not in obj or not isinstance(obj.get("label"), bool):
         raise ValueError("expected 'completion' and a boolean 'label' (true = desirable), or 'chosen' + 'rejected'")
-    return [(prompt, _completion_text(obj["completion"], "completion"), obj["label"])]
+    return [(prompt, completion_text(obj["completion"], "completion"), obj["label"])]
 
 
 def encode_kto(tok: Tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:

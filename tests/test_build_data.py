@@ -710,7 +710,17 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
     assert m.normalise({"prompt": "Capital of France?", "completion": "Paris.", "label": True}) == (user, "Paris.", None)
     assert m.normalise({"prompt": user, "chosen": [{"role": "assistant", "content": "Paris."}],
                         "rejected": "Berlin."}) == (user, "Paris.", None)
-    for bad in ({"prompt": "q", "completion": "a", "label": "yes"}, {"prompt": "q", "chosen": "a"}):
+    # TRL's conversational prompt/completion, as train_sft.py reads it (was "the response must be a string")
+    assert m.normalise({"prompt": user, "completion": [{"role": "assistant", "content": "Paris."}]}) == (user, "Paris.", None)
+    # contents verbatim: stripped, code lost its first line's indent (a whitespace-only response is none)
+    code = [{"role": "user", "content": "Complete:\ndef f(x):\n"}]
+    assert m.normalise({"prompt": code, "completion": "    y = x + 1\n    return y\n"}) == \
+        (code, "    y = x + 1\n    return y\n", None)
+    assert m.normalise({"instruction": " Indent: ", "output": "  a: 1\n  b: 2"})[:2] == \
+        ([{"role": "user", "content": " Indent: "}], "  a: 1\n  b: 2")
+    assert m.normalise({"prompt": "q", "completion": " \n"}) == ([{"role": "user", "content": "q"}], None, None)
+    for bad in ({"prompt": "q", "completion": "a", "label": "yes"}, {"prompt": "q", "chosen": "a"},
+                {"prompt": "q", "completion": [{"role": "user", "content": "a"}]}):
         with pytest.raises(ValueError):
             m.normalise(bad)
     call = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]  # only role and content are kept:
