@@ -80,7 +80,7 @@ from nanopost.losses import sequence_logps
 from nanopost.tasks import fingerprint, gsm8k, stamp
 from nanopost.teacher import Cache, CacheError, HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
 from nanopost.tokenizer import IGNORE, ROLES
-from nanopost.training import StateError, check_out_dir
+from nanopost.training import StateError, check_out_dir, hold_out_dir
 
 STAGES = ["ingest", "classify", "dedup", "label", "diversity", "respond", "score", "select"]
 CATEGORIES = ["math", "code", "reasoning", "writing", "qa", "other"]
@@ -559,6 +559,7 @@ def build(args):
     if held and not build_run(out, held):  # --resume and --overwrite write over, or remove, what it holds
         raise StateError(f"--out {out} holds {', '.join(held[:4])} but no build_data.py run: choose another --out")
     check_out_dir(out, args.resume, args.overwrite)
+    hold_out_dir(out)  # one build writing there at a time (a second --resume rewrote the first's stage files)
     written = [os.path.join(out, n) for n in held if re.fullmatch(OWN_FILES, n)]  # this run's files there already
 
     def writes(path) -> bool:  # one of the files this run writes in --out: by its name there, or the same file
@@ -658,6 +659,7 @@ def build(args):
             if re.fullmatch(OWN_FILES, name):
                 os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
+    hold_out_dir(out)
     write_atomic(args_path, json.dumps({"settings": settings, "args": vars(args)}, indent=2))
     cats, last = args.categories, max(args.stages)
     rep = {"counts": {}, "notes": []}  # what the report shows, filled stage by stage

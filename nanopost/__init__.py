@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from nanopost.checkpoint import disk_full, load, save
+from nanopost.checkpoint import disk_full, let_go_of_folders, load, save
 from nanopost.model import KVCache, Qwen2, Qwen2Config
 from nanopost.tokenizer import IGNORE, Tokenizer
 
@@ -44,7 +44,8 @@ def exits_when_disk_full(rerun: str):
     """Decorates a script's main: a full disk ends the run with one error line (the file being
     written where known, and what to do), not a traceback from deep inside. Every script writes
     its outputs whole or not at all (a temporary name, renamed when complete), so what finished
-    before is kept and `rerun` says how to carry on once there is space."""
+    before is kept and `rerun` says how to carry on once there is space. When main ends, the
+    folders it locked (checkpoint.hold_folder) are let go: a next script in the same process may take them."""
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs):
@@ -58,5 +59,7 @@ def exits_when_disk_full(rerun: str):
                 sys.exit(f"error: the disk is full{f' writing {path}' if path else ''} "
                          f"({e.strerror if path else e}); what finished before is kept: free space "
                          f"(or choose another --out) and {rerun}")
+            finally:
+                let_go_of_folders()
         return run
     return wrap

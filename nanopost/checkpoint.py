@@ -4,6 +4,7 @@ generation_config.json. A hub id is resolved with huggingface_hub.snapshot_downl
 honours HF_HOME and HF_HUB_OFFLINE); a local directory is read as it is."""
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -250,6 +251,46 @@ def remove_unfinished(out_dir):
     for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # atomic_dir(inside=True)'s
         if re.fullmatch(r"\.tmp-save-[a-z0-9_]{8}", d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+_HELD = {}  # real path -> the descriptor whose lock this process holds (hold_folder)
+
+
+def hold_folder(path: str) -> bool:
+    """Lock the folder `path` for this process, while it writes there; -> False when another process
+    holds it (a second training run started on the same --out). The lock is on the folder itself
+    (flock: no lock file is left behind) and goes with the process, however it ends (kill -9 too),
+    or with let_go_of_folders. A filesystem that cannot lock (some network mounts) is not refused."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return True
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+    _HELD[key] = fd
+    return True
+
+
+def let_go_of_folders() -> None:
+    """Release every hold_folder lock of this process (a script's main, when it ends: tests run several in one)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+@contextlib.contextmanager
+def folder_lock(path: str):
+    """Wait for, then hold, the folder's lock for the block: a read-merge-write of a file that several
+    processes add to (evaluate.py's results.json, when runs of several models share one --out)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        with contextlib.suppress(OSError):  # (a filesystem that cannot lock: as before, unlocked)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _aside(out_dir):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import nanopost
-from nanopost.checkpoint import (load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
+from nanopost.checkpoint import (hold_folder, load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
                                  whole_file, within, writing)
 
 # (packed rows: LLaMA-Factory packs only for pre-training, so its SFT batch of 4 x 250 counts examples;
@@ -414,6 +414,17 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")
 
 
+def hold_out_dir(out_dir, busy: bool | None = None) -> None:
+    """Lock --out for this run (checkpoint.hold_folder), or refuse it: a second run writing into the same
+    folder at once (the same command twice, a --resume while the first still runs) overwrote the
+    first's metrics and checkpoints, or removed its temporary saves under it. busy: already asked."""
+    if busy is None:
+        busy = os.path.isdir(out_dir) and not hold_folder(out_dir)
+    if busy:
+        raise StateError(f"--out {out_dir}: another process is writing there now (a training run or build_data.py "
+                         f"still going?): wait for it to end, or choose another --out")
+
+
 def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """Create out_dir; with --overwrite (and no --resume) the old run's checkpoints, metrics and
     final model go first (that model would otherwise pass for ours). Call it on rank 0 once
@@ -426,6 +437,7 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # (held since start_run where it existed then)
 
 
 def save_final(model, tok, out_dir, args, weights=None):
@@ -610,6 +622,8 @@ def start_run(args):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     check_out_dir(args.out, args.resume, args.overwrite, args.model, getattr(args, "ref", None))
+    busy = rank == 0 and os.path.isdir(args.out) and not hold_folder(args.out)  # rank 0 writes for them all
+    hold_out_dir(args.out, all_reduce_sum(torch.tensor(float(busy), device=device)).item() > 0)  # every rank stops
     if args.resume and (ckpt := latest_checkpoint(args.out)) and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
         with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
             check_resume(start_meta(args, world), json.load(f)["meta"], ckpt)  # before the data: it depends on them

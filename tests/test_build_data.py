@@ -831,6 +831,28 @@ def test_resume_checks_the_served_teacher_even_when_the_first_probe_failed(fake,
         fake.clean, fake.model, fake.failing_gets = False, "fake-teacher", 0
 
 
+def test_a_build_already_writing_to_out_keeps_it(tiny, sources, tmp_path):
+    """A second build_data.py on the --out of one still running (a --resume started twice) rewrote its
+    stage files under it: refused before it writes, until the first has ended."""
+    out = tmp_path / "out"
+    args = ["--teacher", tiny, "--student", tiny, "--sources", sources, "--out", out, *FAST, "--stages", "1"]
+    assert run_main(SCRIPT, *args).returncode == 0
+    before = {f: read(out / f) for f in os.listdir(out) if f.endswith((".jsonl", ".json"))}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True)  # the first build, still running (its lock)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for flag in ("--resume", "--overwrite"):
+            r = run_main(SCRIPT, *args[:-1], "1-2", flag)
+            assert r.returncode == 1 and "another process is writing there now" in r.stderr, r.stderr
+            assert {f: read(out / f) for f in os.listdir(out) if f.endswith((".jsonl", ".json"))} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_main(SCRIPT, *args[:-1], "1-2", "--resume").returncode == 0  # once it has ended
+
+
 def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_path):
     """--overwrite deleted a --sources file that had an output's name in --out (sft.jsonl of an earlier
     build, say) after reading it, and --resume replaced it with its own sft.jsonl; a --cache that is a

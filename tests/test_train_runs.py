@@ -159,6 +159,30 @@ def test_a_new_run_refuses_a_used_out_and_overwrite_starts_afresh(tiny, tmp_path
     assert losses(out) == losses(baseline)
 
 
+def test_a_second_run_on_an_out_in_use_is_refused_and_the_first_keeps_its_work(tiny, tmp_path, baseline, monkeypatch):
+    """Two runs on one --out at once (the same command twice, a --resume while the first still runs)
+    overwrote each other's metrics and checkpoints. The second, started mid-run of the first (its own
+    process), is refused before it writes; the first then finishes as if alone, and lets --out go."""
+    out, steps, seen = tmp_path / "busy", [], []
+    real = nanopost.training.clip_grad_norm
+
+    def second_run_during_step_2(*a, **k):
+        steps.append(1)
+        if len(steps) == 2:  # the first run has written its step-1 checkpoint (a plain rerun: "already holds")
+            seen.extend(subprocess.run([sys.executable, TRAIN, *map(str, common(tiny, out, flag))],
+                                       capture_output=True, text=True) for flag in ("--resume", "--overwrite"))
+        return real(*a, **k)
+    monkeypatch.setattr(nanopost.training, "clip_grad_norm", second_run_during_step_2)
+    r = run_main(TRAIN, *common(tiny, out))
+    assert r.returncode == 0, r.stderr
+    assert len(seen) == 2 and all(p.returncode == 1 and "another process is writing there now" in p.stderr
+                                  and "Traceback" not in p.stderr for p in seen), [p.stderr for p in seen]
+    assert losses(out) == losses(baseline) and len(os.listdir(out / "checkpoints")) == 4
+    monkeypatch.undo()
+    r = subprocess.run([sys.executable, TRAIN, *map(str, common(tiny, out, "--resume"))], capture_output=True, text=True)
+    assert r.returncode == 0 and "already at step" not in r.stderr, r.stderr  # let go when main ended
+
+
 def test_preset_paper_never_overrides_explicit_flags():
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_sft_args", TRAIN)
