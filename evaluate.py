@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import tasks
-from nanopost.checkpoint import CheckpointError, closing_named, resolve, whole_file, writing
+from nanopost.checkpoint import CheckpointError, closing_named, folder_lock, resolve, whole_file, writing
 from nanopost.data import DataError, collate, load_sft, whole_lines
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
@@ -445,60 +445,61 @@ def main(argv=None):
         del model, engine
 
     this_run = results
-    # read again: another run may have written its results into this folder since we started
-    results, carried, dropped = merge_earlier(read_earlier(os.path.join(args.out, "results.json")), results, stamps)
-    if carried:
-        print(f"note: {args.out}/results.json keeps earlier results: " +
-              "; ".join(f"{m} ({', '.join(ts)})" for m, ts in carried.items()), flush=True)
-    if dropped:
-        print(f"note: dropped earlier results whose checkpoint changed since (or unrecorded) from {args.out}/results.json: " +
-              "; ".join(f"{m} ({', '.join(ts)})" for m, ts in dropped.items()), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with whole_file(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    ppl = [f"ppl:{os.path.basename(f)}" for f in args.perplexity]
-    every = [c for r in results.values() for c in r]  # this run's columns first, then earlier runs'
-    columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
-                                 ppl + [c for c in every if c.startswith("ppl:")]))
+    with folder_lock(args.out):  # runs of other models into this folder finishing now: one at a time
+        # read again: another run may have written its results into this folder since we started
+        results, carried, dropped = merge_earlier(read_earlier(os.path.join(args.out, "results.json")), results, stamps)
+        if carried:
+            print(f"note: {args.out}/results.json keeps earlier results: " +
+                  "; ".join(f"{m} ({', '.join(ts)})" for m, ts in carried.items()), flush=True)
+        if dropped:
+            print(f"note: dropped earlier results whose checkpoint changed since (or unrecorded) from {args.out}/results.json: " +
+                  "; ".join(f"{m} ({', '.join(ts)})" for m, ts in dropped.items()), flush=True)
+        with whole_file(os.path.join(args.out, "results.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, ensure_ascii=False)
+        ppl = [f"ppl:{os.path.basename(f)}" for f in args.perplexity]
+        every = [c for r in results.values() for c in r]  # this run's columns first, then earlier runs'
+        columns = list(dict.fromkeys(names + [c for c in every if not c.startswith("ppl:")] +
+                                     ppl + [c for c in every if c.startswith("ppl:")]))
 
-    def differs(m, c):
-        """A kept cell made with other settings or questions than this run's cell of its column; in a
-        column this run has no cell of, every cell when the cells were not all made alike."""
-        if c not in carried.get(m, ()):
-            return False
-        ours = next((r[c] for r in this_run.values() if c in r and "settings" in r[c]), None)
-        if ours is not None:
-            return tasks.protocol(results[m][c]) != tasks.protocol(ours)
-        made = {json.dumps(tasks.protocol(r[c])) for r in results.values() if c in r and "settings" in r[c]}
-        return len(made) > 1
+        def differs(m, c):
+            """A kept cell made with other settings or questions than this run's cell of its column; in a
+            column this run has no cell of, every cell when the cells were not all made alike."""
+            if c not in carried.get(m, ()):
+                return False
+            ours = next((r[c] for r in this_run.values() if c in r and "settings" in r[c]), None)
+            if ours is not None:
+                return tasks.protocol(results[m][c]) != tasks.protocol(ours)
+            made = {json.dumps(tasks.protocol(r[c])) for r in results.values() if c in r and "settings" in r[c]}
+            return len(made) > 1
 
-    mixed = [f"{m} {c}" for m in results for c in columns if differs(m, c)]
-    if mixed:
-        print(f"note: kept results made with other settings or questions than this run's: {', '.join(mixed)} "
-              f"(marked † in results.md; compare their settings in results.json)", flush=True)
+        mixed = [f"{m} {c}" for m in results for c in columns if differs(m, c)]
+        if mixed:
+            print(f"note: kept results made with other settings or questions than this run's: {', '.join(mixed)} "
+                  f"(marked † in results.md; compare their settings in results.json)", flush=True)
 
-    def cell(m, c):
-        v = results[m].get(c)
-        if v is None:
-            return "–"
-        return (f"{v.get('accuracy', v.get('perplexity'))}" + ("*" if c in carried.get(m, ()) else "")
-                + ("†" if differs(m, c) else ""))
+        def cell(m, c):
+            v = results[m].get(c)
+            if v is None:
+                return "–"
+            return (f"{v.get('accuracy', v.get('perplexity'))}" + ("*" if c in carried.get(m, ()) else "")
+                    + ("†" if differs(m, c) else ""))
 
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {m} | " + " | ".join(cell(m, c) for c in columns) + " |" for m in results]
-    table = "\n".join(lines) + "\n"
-    if carried:
-        table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
-                  "not evaluated this time); its settings are in results.json\n")
-    if mixed:
-        table += ("\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this "
-                  "run's column (in a column this run did not evaluate: its cells were not all made alike)\n")
-    with whole_file(os.path.join(args.out, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
-                f"results.json\n\n{table}")
-    tasks_done = [c for c in columns if not c.startswith("ppl:")]
-    if tasks_done and not chart(results, tasks_done, os.path.join(args.out, "results.png")):
-        print("note: no chart (pip install matplotlib for OUT/results.png)")
+        lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {m} | " + " | ".join(cell(m, c) for c in columns) + " |" for m in results]
+        table = "\n".join(lines) + "\n"
+        if carried:
+            table += ("\n\\* kept from an earlier run into this folder (the same model and checkpoint, or a model "
+                      "not evaluated this time); its settings are in results.json\n")
+        if mixed:
+            table += ("\n† made with other settings (shots, mode, token budget, dtype, protocol) or other questions than this "
+                      "run's column (in a column this run did not evaluate: its cells were not all made alike)\n")
+        with whole_file(os.path.join(args.out, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
+                    f"results.json\n\n{table}")
+        tasks_done = [c for c in columns if not c.startswith("ppl:")]
+        if tasks_done and not chart(results, tasks_done, os.path.join(args.out, "results.png")):
+            print("note: no chart (pip install matplotlib for OUT/results.png)")
     print(table)
     print(json.dumps({m: {t: v.get("accuracy", v.get("perplexity")) for t, v in r.items()} for m, r in results.items()}))
 

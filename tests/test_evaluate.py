@@ -499,6 +499,31 @@ def test_a_resumed_letter_scoring_run_equals_an_uninterrupted_one(tmp_path, tiny
             assert got[tiny][task]["predictions"] == want[tiny][task]["predictions"], (shots, bs, keep, task)
 
 
+def test_runs_into_one_out_write_their_results_one_at_a_time(tmp_path, tiny, data_dir):
+    """Runs of several models into one --out (one per GPU, say) each read results.json, add theirs and
+    write it: two finishing together could lose one's results. The read-merge-write waits for the
+    folder's lock, here held by this test while the run has finished evaluating."""
+    import fcntl
+    out = tmp_path / "eval"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", tiny, "--tasks", "mmlu",
+                              "--data-dir", data_dir, "--limit", "4", "--dtype", "float32", "--out", out],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in iter(p.stdout.readline, ""):
+            if line.startswith(f"{tiny} mmlu:"):  # evaluated: it writes its results next
+                break
+        time.sleep(1.0)
+        assert p.poll() is None and not (out / "results.json").exists()  # waiting for the lock
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    p.wait(timeout=120)
+    assert p.returncode == 0 and tiny in json.load(open(out / "results.json"))
+
+
 def evaluate(*args):
     """evaluate.py run in this process -> (returncode, stderr, results.json of --out or None)."""
     r = run_main(os.path.join(ROOT, "evaluate.py"), *args)
