@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost import tasks
-from nanopost.checkpoint import CheckpointError, closing_named, folder_lock, resolve, whole_file, writing
+from nanopost.checkpoint import CheckpointError, closing_named, folder_lock, resolve, unwritable, whole_file, writing
 from nanopost.data import DataError, collate, load_sft, whole_lines
 from nanopost.losses import sft_loss_sum
 from nanopost.tokenizer import IGNORE
@@ -332,6 +332,8 @@ def main(argv=None):
     if os.path.exists(os.path.join(args.out, "cache")) and not os.path.isdir(os.path.join(args.out, "cache")):
         sys.exit(f"error: --out {args.out} holds a file named cache, where evaluate.py keeps its predictions; "
                  f"choose another --out")
+    if why := unwritable(args.out, os.path.join(args.out, "cache")):  # now, not once the first model is loaded
+        sys.exit(f"error: {why}")
     dtype = resolve_dtype(args.dtype, args.device)
     dtype_name = str(dtype).removeprefix("torch.")
     results, stamps = {}, {}

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import nanopost
 from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, closing_named, commit_dir, read_config,
-                                 remove_unfinished, resolve, same_folder, within,
+                                 remove_unfinished, resolve, same_folder, unwritable, within,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
                               slerp_rows, task_merge)
@@ -392,9 +392,8 @@ def main(argv=None):
             raise MergeError(f"--out {args.out} is a symbolic link: give the folder itself")
         if os.path.isfile(args.out):
             raise MergeError(f"--out {args.out} is a file, not a directory")
-        parent = os.path.dirname(os.path.abspath(args.out))
-        if os.path.exists(parent) and not os.path.isdir(parent):
-            raise MergeError(f"--out {args.out}: {parent} is a file, not a directory")
+        if why := unwritable(args.out):  # found now, not by a traceback once the merge has run
+            raise MergeError(why)
         if within(os.getcwd(), args.out):
             raise MergeError(f"--out {args.out} is the working directory or holds it: the merge replaces that folder "
                              "whole; name a folder of its own")

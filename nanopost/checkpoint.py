@@ -213,12 +213,41 @@ def atomic_dir(out_dir, inside=False):
     permissions any other new folder gets (mkdtemp's 0700 would hide a model from the rest of a team).
     inside: within out_dir instead, for commit_files, whose moves must stay on out_dir's filesystem
     (out_dir may be a mount point or a link to another disk, where a move from beside it fails)."""
-    parent = out_dir if inside else os.path.dirname(os.path.abspath(out_dir))
+    # a mount point (a container's output volume) cannot be renamed aside, a link would be replaced by
+    # the folder, and a folder we may write in, but not beside, cannot be either: written inside them
+    # (commit_dir then replaces what they hold)
+    beside = os.path.dirname(os.path.abspath(out_dir))
+    inside = inside or os.path.isdir(out_dir) and (os.path.ismount(out_dir) or os.path.islink(out_dir)
+                                                   or not os.access(beside, os.W_OK | os.X_OK))
+    parent = out_dir if inside else beside
     os.makedirs(parent, exist_ok=True)
     prefix = ".tmp-save-" if inside else ".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-"
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
+
+
+def unwritable(out_dir: str, *inside: str) -> str | None:
+    """Why --out out_dir cannot be written (or, not there yet, created), else None: asked before any
+    work, not found by a traceback once the model is loaded or a step has run. inside: folders in it
+    that are written too, where they exist (a run's checkpoints/)."""
+    if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
+        for d in (out_dir, *inside):
+            if os.path.isdir(d) and not os.access(d, os.W_OK | os.X_OK):
+                return f"--out {out_dir}: {'' if d == out_dir else d + ' '}not writable"
+        return None
+    parent = os.path.abspath(out_dir)
+    while not os.path.lexists(parent):  # the nearest folder that exists: can we create ours in it?
+        parent = os.path.dirname(parent)
+    if os.path.islink(parent) and not os.path.exists(parent):
+        return f"--out {out_dir}: {parent} is a symbolic link to a folder that does not exist"
+    if not os.path.isdir(parent):
+        return f"--out {out_dir}: {parent} is a file, not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
+    except OSError as e:
+        return f"--out {out_dir}: cannot write in {parent} ({e.strerror})"
+    return None
 
 
 def umask() -> int:
@@ -380,7 +409,17 @@ def commit_dir(tmp, out_dir):
     A crash leaves the old or the new checkpoint, as resolve and the next commit_dir see it (both
     call recover first): before (1), out_dir is the old one and tmp is garbage; between (1) and
     (2), out_dir is missing and the old one lies whole at .old-NAME, which recover moves back;
-    after (2), out_dir is the new one, and a leftover .old-NAME (whole or half removed) goes."""
+    after (2), out_dir is the new one, and a leftover .old-NAME (whole or half removed) goes.
+    A tmp inside out_dir (atomic_dir's choice for a mount point or a link): out_dir's other entries go,
+    config.json first, then tmp's files move in (commit_files); a crash in between leaves a folder
+    that is no checkpoint, never a mix."""
+    tmp = os.path.abspath(tmp)
+    if os.path.dirname(tmp) == os.path.abspath(out_dir):
+        for n in sorted(os.listdir(out_dir), key=lambda n: n != "config.json"):
+            path = os.path.join(os.path.abspath(out_dir), n)
+            if path != tmp:
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return commit_files(tmp, out_dir)
     recover(out_dir)
     if os.path.exists(out_dir):
         os.rename(out_dir, _aside(out_dir))  # (1)

@@ -9,12 +9,13 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import nanopost
-from nanopost.checkpoint import save, writing
+from nanopost.checkpoint import save, unwritable, writing
 from nanopost.model import Qwen2, Qwen2Config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -83,8 +84,7 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0, template: str = QWEN2_TEMP
             # random norms and biases too, so a wrong norm or a dropped bias shows in parity tests
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else init_std * torch.randn_like(p))
     model.to(dtype)
-    staging = out_dir + ".tok"  # the tokenizer files, for save() to copy; removed however this ends
-    os.makedirs(staging, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="nanopost-tokenizer-")  # its files, for save() to copy; removed however this ends
     try:
         with writing(os.path.join(staging, "tokenizer.json")):  # tokenizers' full-disk error names no file
             tok.save(os.path.join(staging, "tokenizer.json"))
@@ -149,5 +149,7 @@ if __name__ == "__main__":
         held = foreign(a.out) or sorted(os.listdir(a.out))
         p.error(f"{a.out} holds {', '.join(held[:4])}: not a checkpoint this command wrote, and it would be "
                 "replaced whole; choose another folder")
+    if why := unwritable(a.out):
+        p.error(why)
     write = nanopost.exits_when_disk_full("rerun the same command")(make_tiny_checkpoint)
     print(write(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))

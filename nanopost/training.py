@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import nanopost
 from nanopost.checkpoint import (hold_folder, load, recover, remove_model_files, remove_unfinished, same_folder, save, save_tensors,
-                                 whole_file, within, writing)
+                                 unwritable, whole_file, within, writing)
 
 # (packed rows: LLaMA-Factory packs only for pre-training, so its SFT batch of 4 x 250 counts examples;
 # --no-packing gives that exactly, at the cost of the padding)
@@ -394,21 +393,8 @@ def check_out_dir(out_dir, resume: bool, overwrite: bool, model: str | None = No
         if overwrite and within(m, os.path.join(out_dir, "checkpoints")):  # what --overwrite deletes (prepare_out_dir)
             raise StateError(f"{flag} {m} lies inside --out {out_dir}/checkpoints, which --overwrite deletes first: "
                              f"choose another --out (or copy the model elsewhere)")
-    if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
-        if not os.access(out_dir, os.W_OK | os.X_OK):
-            raise StateError(f"--out {out_dir}: not writable")
-    else:
-        parent = os.path.abspath(out_dir)
-        while not os.path.lexists(parent):  # the nearest folder that exists: can we create ours in it?
-            parent = os.path.dirname(parent)
-        if os.path.islink(parent) and not os.path.exists(parent):
-            raise StateError(f"--out {out_dir}: {parent} is a symbolic link to a folder that does not exist")
-        if not os.path.isdir(parent):
-            raise StateError(f"--out {out_dir}: {parent} is a file, not a directory")
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
-        except OSError as e:
-            raise StateError(f"--out {out_dir}: cannot write in {parent} ({e.strerror})") from None
+    if why := unwritable(out_dir, os.path.join(out_dir, "checkpoints")):  # (rank 0 writes them; a resume's too)
+        raise StateError(why)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not (resume or overwrite):
         raise StateError(f"{out_dir} already holds {', '.join(sorted(os.listdir(out_dir))[:4])}: continue that run "
                          f"with --resume, choose another --out, or pass --overwrite to start afresh there")

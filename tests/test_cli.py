@@ -94,3 +94,47 @@ def test_the_tiny_checkpoint_command_replaces_only_its_own_folders(tmp_path):
         r = run("-m", "nanopost.testing", tiny)
         assert r.returncode == 2 and f"holds {kept}" in r.stderr and "not a checkpoint this command wrote" in r.stderr, r.stderr
         assert os.path.exists(os.path.join(tiny, "sft", "metrics.jsonl"))
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(tiny, tmp_path):
+    """merge.py, evaluate.py and nanopost.testing found an --out they could not write by a traceback,
+    after the merge had run or the model had loaded (training and build_data said so in one line):
+    under a file, on a read-only mount (where this machine lets us mount one), a resume whose
+    checkpoints/ is read-only."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "afile").write_text("")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    try:
+        mounted = run_cmd(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(ro)]).returncode == 0
+    except OSError:
+        mounted = False
+    try:
+        outs = [(tmp_path / "afile" / "x", "is a file, not a directory")]
+        outs += [(ro / "x", "Read-only file system"), (ro, "not writable")] if mounted else []
+        for out, why in outs:
+            for argv in ([os.path.join(root, "merge.py"), "--method", "linear", "--models", tiny, tiny, "--out", out],
+                         [os.path.join(root, "evaluate.py"), "--model", tiny, "--tasks", "gsm8k", "--limit", "2",
+                          "--data-dir", os.path.join(root, "data", "mini"), "--out", out],
+                         ["-m", "nanopost.testing", out]):
+                r = run(*map(str, argv))
+                assert r.returncode in (1, 2) and why in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+        if mounted:  # a run whose checkpoints/ cannot be written: said before a step is trained
+            run_dir = tmp_path / "run"
+            common = ["--model", tiny, "--data", os.path.join(root, "tests", "data", "chat.jsonl"), "--out", run_dir,
+                      "--max-len", "64", "--batch-size", "2", "--max-steps", "2", "--save-every", "1"]
+            assert run(os.path.join(root, "train_sft.py"), *map(str, common)).returncode == 0
+            assert run_cmd(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(run_dir / "checkpoints")]).returncode == 0
+            try:
+                r = run(os.path.join(root, "train_sft.py"), *map(str, common), "--resume", "--max-steps", "3")
+                assert r.returncode == 1 and "checkpoints not writable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+                assert len(open(run_dir / "metrics.jsonl").readlines()) == 2  # no step trained
+            finally:
+                run_cmd(["umount", str(run_dir / "checkpoints")])
+    finally:
+        if mounted:
+            run_cmd(["umount", str(ro)])
+
+
+def run_cmd(argv):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -488,6 +488,43 @@ def test_a_used_out_is_kept_unless_overwrite_and_never_an_input(tmp_path, pair):
         assert r.returncode != 0 and f"bad.{name.split('.')[1]}: not valid {kind}" in r.stderr, r.stderr
 
 
+def test_an_out_that_is_a_mount_point_or_a_link_is_written_inside(tmp_path, pair, monkeypatch):
+    """A mount point (a container's output volume) cannot be renamed aside: the whole merge ran, then
+    a traceback (EBUSY). nanopost.testing replaced a link to its folder by a folder. Both now write
+    inside the folder: the same folder (inode) holds the new model and only it, and a link stays a link."""
+    a, b = pair
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(vol)], capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:  # (not root here): the same path taken, as for a mount point
+        real = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: os.path.abspath(p) == str(vol) or real(p))
+    try:
+        inode = os.stat(vol).st_ino
+        assert here("--method", "linear", "--models", a, b, "--out", vol).returncode == 0
+        (vol / "old-notes.txt").write_text("from an earlier merge")
+        r = here("--method", "linear", "--models", a, b, "--out", vol, "--weights", 0.25, 0.75, "--overwrite")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert os.stat(vol).st_ino == inode and not (vol / "old-notes.txt").exists()
+        assert sorted(os.listdir(vol)) == sorted(set(os.listdir(a)) - {"nanopost_testing.json"} | {"merge_config.json"})
+        sa, sb = state(a), state(b)
+        assert all(torch.allclose(v, 0.25 * sa[k] + 0.75 * sb[k], atol=1e-6) for k, v in state(vol).items())
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(vol)], check=True)
+    tiny = tmp_path / "tiny"
+    assert subprocess.run([sys.executable, "-m", "nanopost.testing", str(tiny)], capture_output=True).returncode == 0
+    os.symlink(tiny, tmp_path / "link")
+    r = subprocess.run([sys.executable, "-m", "nanopost.testing", str(tmp_path / "link"), "--seed", "5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and os.path.islink(tmp_path / "link"), r.stderr
+    assert json.load(open(tiny / "nanopost_testing.json")) == {"seed": 5} and not state(tiny).keys() - state(a).keys()
+
+
 def reported_and_stored_change(out, base_dir):
     """-> (tensor, its merge_config.json record, ||stored - base|| / ||base|| from the files) per tensor."""
     stored, base = load_file(str(out / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
