@@ -577,7 +577,7 @@ def build(args):
             raise StateError(f"--sources {f} is one of the files this run writes in --out {out} (or --cache): it would be "
                              f"replaced or deleted; move it, or choose another --out")
     teacher_stages = {4, 6, 7} | ({1} if args.synthesize else set())
-    if teacher_stages & set(args.stages) and os.path.exists(cache_path):  # opened now, not after stages 1-3 wrote files
+    if (args.cache or teacher_stages & set(args.stages)) and os.path.exists(cache_path):  # now, not after stages 1-3
         if os.path.isdir(cache_path):
             raise StateError(f"--cache {cache_path}: a directory, not the teacher's request cache (an SQLite file)")
         Cache(cache_path).close()

@@ -154,6 +154,11 @@ class HTTPBackend:
                 served[u] = [m["id"] for m in self._call(u, "/v1/models", None, min(timeout, 10))["data"]]
             except Exception as e:  # noqa: BLE001 - any failure here means "not usable", said below
                 why[u] = f"{type(e).__name__}: {e}"
+                if getattr(e, "code", None) in (401, 403):  # a server that answered: the key is the problem
+                    raise TeacherUnreachable(
+                        f"the teacher server at {u} refused GET /v1/models ({why[u]}): "
+                        f"{'its key is wrong' if self.api_key else 'it wants a key'}; set NANOPOST_TEACHER_API_KEY "
+                        f"(or OPENAI_API_KEY) to the key it serves with (--api-key of nanopost.serve)") from None
         if not served:
             raise TeacherUnreachable(
                 "no teacher server answered GET /v1/models at " + ", ".join(self.urls) + " (" +

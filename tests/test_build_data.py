@@ -151,6 +151,7 @@ class Fake:
         self.fail_labels, self.delay = None, 0.0
         self.cut_first_answer = False  # answers stop at max_tokens (finish_reason "length") until retried
         self.model, self.failing_gets = "fake-teacher", 0  # the model served; GET /v1/models answered 503 this often
+        self.get_status = 503  # (or 401: a key wanted)
         self.sent = set()  # every system and user message received
 
         class H(BaseHTTPRequestHandler):
@@ -171,7 +172,7 @@ class Fake:
             def do_GET(self):
                 if fake.failing_gets:  # a server still starting up
                     fake.failing_gets -= 1
-                    return self.send({"error": "loading"}, 503)
+                    return self.send({"error": "loading or a key wanted"}, fake.get_status)
                 self.send({"object": "list", "data": [{"id": fake.model, "object": "model"}]})
 
             def do_POST(self):
@@ -808,6 +809,21 @@ def test_a_retry_that_gets_no_reply_leaves_its_items_unfinished_not_the_wave(tmp
         t.ask_json(reqs, check, t.sampling(8), retries=2, retry_prompt="{why}")
 
 
+def test_a_server_that_wants_a_key_is_told_from_one_that_is_down(fake, monkeypatch):
+    """A 401 to the first GET /v1/models said "no teacher server answered ... Start one": the server
+    had answered; the key (NANOPOST_TEACHER_API_KEY) was what was missing or wrong."""
+    from nanopost.teacher import HTTPBackend, TeacherUnreachable
+    monkeypatch.delenv("NANOPOST_TEACHER_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    fake.failing_gets, fake.get_status = 2, 401
+    for key, said in ((None, "it wants a key"), ("wrong", "its key is wrong")):
+        if key:
+            monkeypatch.setenv("NANOPOST_TEACHER_API_KEY", key)
+        with pytest.raises(TeacherUnreachable, match=f"refused GET /v1/models .*401.*{said}; set NANOPOST_TEACHER_API_KEY"):
+            HTTPBackend([fake.url])
+    fake.get_status = 503
+
+
 def test_resume_checks_the_served_teacher_even_when_the_first_probe_failed(fake, tiny, sources, tmp_path):
     """A resume whose first GET /v1/models failed (a server still loading) only warned, and the model
     served once the stage started was never checked: the rows of two teachers mixed (and args.json
@@ -878,8 +894,10 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
     for cache, why in ((tmp_path, "a directory, not the teacher's request cache"),
                        (notes, "cannot be opened as the teacher's request cache"),
                        (notes / "cache.sqlite", "is a file, not a folder")):
-        r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", tmp_path / "o2", *FAST, "--cache", cache)
-        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+        for stages in ("1-8", "1-3"):  # (stages 1-3 ask no teacher: accepted, refused at the --resume of 4-8)
+            r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", tmp_path / "o2", *FAST, "--cache", cache,
+                         "--stages", stages)
+            assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "o2").exists()
     assert read(notes) == "not a database\n" * 100
     # a --cache that is one of the run's own files: refused after stages 1-3 wrote theirs, or (sft.jsonl)
