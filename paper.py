@@ -26,14 +26,16 @@ the finished stages it read, its wall time and peak memory), and a rerun skips i
 one (Ctrl-C, a crash, a failed stage) is continued with the script's own --resume (training from
 its last checkpoint, build_data from its last finished item, evaluate.py from its prediction cache).
 A stage whose inputs were redone since (say OUT/sft was deleted and trained again), or whose files
-changed (the --seeds, the benchmark data, evaluate's PROTOCOL), runs again, afresh (its old files go
+changed (the --seeds, the benchmark data, evaluate's PROTOCOL, OUT/data/sft.jsonl edited, a model a
+stage starts from trained again by hand: its files' sizes and times), runs again, afresh (its old files go
 first; build_data's teacher cache and evaluate.py's prediction cache kept), and so does one whose
 output has gone; the report is rewritten whenever a stage ran. One paper.py at a time holds OUT
 (stages/.lock, held by its stages too), and a stage never outlives it (a signal to paper.py is
 passed on; killed, its stage gets SIGINT). A finished or interrupted stage asked for with other
 flags is refused rather than silently reused or mixed: delete OUT/NAME and OUT/stages/NAME*.json
 to redo it, or choose another --out. --sft-args, --kto-args, --data-args and --eval-args add flags
-to one script's command ("--lr 1e-5 --max-steps 10"; a flag given again wins over the default).
+to one script's command ("--lr 1e-5 --max-steps 10"; a flag given again wins over the default), but
+not the flags that wire the stages together (--out, --model, --data, ...: paper.py's own flags set them).
 """
 import argparse
 import fcntl
@@ -61,6 +63,7 @@ CHANCE = {"gsm8k": 0.0, "mmlu": 25.0, "cmmlu": 25.0, "ceval": 25.0, "humaneval":
 TINY = {"data": "--max-new-tokens 32 --json-max-tokens 24 --min-label-count 1 --batch-size 16",
         "sft": "--max-steps 10 --lr 1e-3 --batch-size 4", "kto": "--max-steps 10 --lr 1e-4 --batch-size 4",
         "eval": "--batch-size 8"}
+TINY_BUDGET = 48  # new tokens for the tiny model's GSM8K and HumanEval replies (it never stops by itself)
 
 
 def log(msg):
@@ -124,7 +127,8 @@ def contents(path) -> str:
     """A hash of what a file, or every file under a folder, holds (names and bytes): a stage that
     read them is stale once they change, though its command is the same."""
     h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
+                                                       for f in fs)  # (a linked folder's files are read too)
     for f in files:
         h.update(os.path.relpath(f, path).encode() + b"\0")
         with open(f, "rb") as fh:
@@ -201,9 +205,9 @@ class Stages:
             models=(), versions=None, check=None, keep=()):
         """Run cmd unless it finished already. out_dir: where it writes (a non-empty one means an
         interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
-        reads: files or folders of the user's it reads (seeds, benchmark data): a change to what
-        they hold makes it stale; models: the user's checkpoints it starts from (checkpoint_stamp),
-        likewise; versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
+        reads: files or folders it reads (the user's seeds and benchmark data, data/sft.jsonl): a change
+        to what they hold makes it stale; models: the checkpoints it starts from (the user's, and
+        earlier stages' outputs, which a user may train again by hand: checkpoint_stamp), likewise; versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
         A stage that runs again starts afresh: the old attempt's files in out_dir go first (but those
         named in keep: build_data's teacher cache, evaluate.py's prediction cache), then the script runs
         (with fresh_flag if kept files remain). output: the files a finished stage must have left; check(): why its output
@@ -311,6 +315,12 @@ class Stages:
 
 
 ARGS_FLAGS = ("--data-args", "--sft-args", "--kto-args", "--eval-args")
+# the flags paper.py gives each stage's script to wire the stages together: not for --STAGE-args
+WIRED = {"data": ("--out", "--student", "--sources", "--teacher", "--teacher-url", "--teacher-model", "--synthesize",
+                  "--resume", "--overwrite"),
+         "sft": ("--out", "--model", "--data", "--seed", "--resume", "--overwrite"),
+         "kto": ("--out", "--model", "--data", "--resume", "--overwrite"),
+         "eval": ("--out", "--model", "--tasks", "--data-dir")}
 
 
 def glue_args_flags(argv):
@@ -367,8 +377,14 @@ def main():
     p.add_argument("--gpus", type=int, default=1, help="training stages under torchrun with N processes")
     for s in ("data", "sft", "kto", "eval"):
         p.add_argument(f"--{s}-args", default="", help=f"extra flags for that stage's script, quoted, added after "
-                       f"the defaults (a flag given again wins); tiny defaults: {TINY[s] or 'none'}")
+                       f"the defaults (a flag given again wins); tiny defaults: {TINY[s] or 'none'}"
+                       + (f" --max-new-tokens gsm8k={TINY_BUDGET},humaneval={TINY_BUDGET}" if s == "eval" else ""))
     args = p.parse_args(glue_args_flags(sys.argv[1:]))
+    for s in WIRED:  # a stage told to write or read elsewhere: marked done, its output never where the next looks
+        given = [f.split("=")[0] for f in shlex.split(getattr(args, f"{s}_args")) if f.startswith("--")]
+        if clash := [f for f in given if f in WIRED[s]]:
+            p.error(f"--{s}-args {clash[0]}: paper.py sets {', '.join(WIRED[s])} of that stage itself (they wire the "
+                    f"stages together); use paper.py's own flags (--out, --model, --seeds, --tasks, --data-dir ...)")
     tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # gsm8k,gsm8k: once
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -406,6 +422,9 @@ def main():
     out = os.path.abspath(out_spelled)
     if os.path.exists(out) and not os.path.isdir(out):
         p.error(f"--out {out_spelled} is a file")
+    from nanopost.checkpoint import unwritable
+    if why := unwritable(out):  # (under a file, a read-only folder): said now, not by makedirs' traceback
+        p.error(why)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "stages")):
         p.error(f"--out {out_spelled} holds other files and is not a paper.py run (no stages/ in it): choose another --out")
     from nanopost.checkpoint import within
@@ -457,12 +476,12 @@ def main():
         st.run(name, [*launch, script("train_sft.py"), "--model", base, "--data", os.path.join(d("data"), "sft.jsonl"),
                       "--out", d(name), "--seed", str(seed), *preset, *dev, *extra["sft"]], d(name),
                fresh_flag="--overwrite", needs=(*base_stage, "data"), output=[os.path.join(d(name), "config.json")],
-               models=base_model)
+               reads=[os.path.join(d("data"), "sft.jsonl")], models=base_model)
     for name, start, needs in (("kto", base, base_stage), ("sft-kto", d("sft"), ("sft",))):
         st.run(name, [*launch, script("train_kto.py"), "--model", start, "--data", os.path.join(d("data"), "kto.jsonl"),
                       "--out", d(name), *dev, *extra["kto"]], d(name), fresh_flag="--overwrite",
                needs=(*needs, "data"), output=[os.path.join(d(name), "config.json")],
-               models=base_model if start == base else ())
+               reads=[os.path.join(d("data"), "kto.jsonl")], models=base_model if start == base else (start,))
 
     # 3. weight fusion (merge.py writes its output atomically; --overwrite lets a rerun replace an older one)
     fusions = {"linear-0.5": (["--method", "linear", "--models", d("sft"), d("sft-b"), "--weights", "0.5", "0.5"],
@@ -472,7 +491,8 @@ def main():
                "slerp": (["--method", "slerp", "--models", d("sft"), d("sft-kto"), "--t", "0.5"], ("sft", "sft-kto"))}
     for name, (flags, needs) in fusions.items():
         st.run(name, [PY, script("merge.py"), *flags, "--out", d(name)], d(name), resume_flag="--overwrite",
-               fresh_flag="--overwrite", needs=needs, output=[os.path.join(d(name), "config.json")])
+               fresh_flag="--overwrite", needs=needs, output=[os.path.join(d(name), "config.json")],
+               models=[d(n) for n in needs])
 
     # 4. every model on the same questions (evaluate.py resumes from its own cache, keyed on each
     #    checkpoint's files, so a retrained model is never scored from old predictions)
@@ -480,7 +500,7 @@ def main():
                 **{n: d(n) for n in fusions}}
     choice = [t for t in tasks if t in ("mmlu", "cmmlu", "ceval")]
     shots = ["--shots", ",".join(f"{t}={args.choice_shots}" for t in choice)] if choice else []
-    budget = [f"{t}=48" for t in tasks if t in ("gsm8k", "humaneval")] if tiny else []  # the tiny model never stops
+    budget = [f"{t}={TINY_BUDGET}" for t in tasks if t in ("gsm8k", "humaneval")] if tiny else []
     models = [a for m in variants.values() for a in ("--model", m)]
 
     def unscored():  # results.json is keyed by each model's path: a moved run folder's names none of ours
@@ -497,7 +517,8 @@ def main():
                     *(["--max-new-tokens", ",".join(budget)] if budget else []), "--out", d("eval"), *dev,
                     *extra["eval"]], d("eval"), resume_flag=None,
            needs=(*base_stage, "sft", "sft-b", "kto", "sft-kto", *fusions), output=[os.path.join(d("eval"), "results.json")],
-           reads=[data_dir], models=base_model, versions={"evaluate.py PROTOCOL": PROTOCOL}, check=unscored,
+           reads=[data_dir], models=(*base_model, *[m for n, m in variants.items() if n != "base"]),
+           versions={"evaluate.py PROTOCOL": PROTOCOL}, check=unscored,
            keep=["cache"])  # (its predictions are keyed on everything that changes them)
 
     # 5. the report: rewritten when any stage ran, or when it was made from other stages than these
@@ -704,4 +725,8 @@ def draw_charts(out, table, tasks, curves):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # between stages, or while the report is written (its files are replaced whole)
+        log("interrupted; run the same command again to continue")
+        sys.exit(130)

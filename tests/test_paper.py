@@ -95,6 +95,22 @@ def test_paper_runs_every_stage_resumes_and_skips_finished_work(tmp_path):
     ids = json.loads((out / "report.json").read_text())["stage_ids"]
     assert ids["sft"] == json.loads((out / "stages" / "sft.json").read_text())["id"]
 
+    # files a stage read changed by hand, its command the same: data/kto.jsonl edited, sft-b trained again
+    # (here: other weights written over it) -- each stage that read them runs again, no other
+    kto_rows = (out / "data" / "kto.jsonl").read_text().splitlines()
+    (out / "data" / "kto.jsonl").write_text("\n".join(kto_rows[:-1]) + "\n")
+    shutil.copyfile(out / "linear-0.5" / "model.safetensors", out / "sft-b" / "model.safetensors")
+    r = paper(*small, *kto)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("kto", "sft-kto"):
+        assert f"{name}: $OUT/data/kto.jsonl changed since it ran: running it again" in r.stdout, r.stdout
+    for name in ("linear-0.5", "linear-0.05"):
+        assert f"{name}: $OUT/sft-b changed since it ran: running it again" in r.stdout, r.stdout
+    for name in ("tiny", "data", "sft", "sft-b"):
+        assert f"{name}: done already" in r.stdout, r.stdout
+    assert "slerp: sft-kto, $OUT/sft-kto changed since it ran" in r.stdout, r.stdout  # (redone, so its files too)
+    assert "eval: done already" not in r.stdout and "eval: finished in" in r.stdout
+
     # the run folder moved: its stages are found done, but results.json names the models by their old
     # paths: the report lost every score (and claimed a 0-shot protocol) until eval runs again
     moved = tmp_path / "moved"
@@ -146,6 +162,15 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
     bench = shutil.copytree(os.path.join(ROOT, "data", "mini"), tmp_path / "bench")  # hashed by eval: never stable
     r = paper("--out", bench / "run", "--data-dir", bench, "--tasks", "mmlu")
     assert r.returncode == 2 and "lies inside --data-dir" in r.stderr and not (bench / "run").exists(), r.stderr
+    # the flags that wire the stages together are paper.py's: --sft-args "--out X" marked sft done with
+    # its model elsewhere, and sft-b then failed at every rerun; an --out under a file, a traceback
+    (tmp_path / "afile").write_text("")
+    for args, why in ((["--sft-args", "--out elsewhere"], "--sft-args --out: paper.py sets"),
+                      (["--eval-args=--data-dir=x --limit 2"], "--eval-args --data-dir: paper.py sets"),
+                      (["--out", tmp_path / "afile" / "run"], "is a file, not a directory")):
+        r = paper(*(["--out", tmp_path / "run"] if "--out" not in args else []), *args)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "run").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = paper("--out", tmp_path / "mine")
@@ -186,6 +211,13 @@ def test_a_stage_reruns_when_the_files_it_reads_change(tmp_path, capsys):
     assert "eval: done already" in runs()
     seeds.write_text('{"instruction": "b"}\n')
     assert f"{seeds} changed since it ran" in runs()
+    # a folder inside it that is a link (benchmarks kept on another disk): its files are read too
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "test.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    (data / "gsm8k").symlink_to(tmp_path / "store")
+    assert "changed since it ran" in runs()
+    (tmp_path / "store" / "test.jsonl").write_text('{"question": "1 + 2?", "answer": "#### 3"}\n')
+    assert "changed since it ran" in runs()
 
 
 def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_afresh(tmp_path, capsys):
