@@ -216,10 +216,13 @@ class Stages:
         inputs = {**{n: self.id(n) for n in needs}, **{self.comparable([p])[0]: contents(p) for p in reads},
                   **{self.comparable([m])[0]: checkpoint_stamp(m) for m in models}, **(versions or {})}
         old, redo = self.done(name), None
+        # what to delete to redo it: the kept files may stay (a teacher's replies: hours on a 7B teacher)
+        folder = (out_dir or os.path.join(self.out, name)) + (f" (all but its {', '.join(keep)}, which the redo reuses)"
+                                                              if keep else "")
         if old is not None:
             if not self.same(old["cmd"], key):
                 raise SystemExit(f"stage {name}: finished earlier with another command\n  then: {shlex.join(old['cmd'])}\n"
-                                 f"  now:  {shlex.join(key)}\ndelete {out_dir or os.path.join(self.out, name)} and "
+                                 f"  now:  {shlex.join(key)}\ndelete {folder} and "
                                  f"{self.dir}/{name}.json to redo it with the new settings, or choose another --out")
             then = old.get("inputs", {})  # (markers of older versions lack the files' hashes: not compared)
             if stale := [n for n in inputs if n in then and then[n] != inputs[n]]:
@@ -243,7 +246,7 @@ class Stages:
         if changed and started and not redo:  # partial work made with other flags: never mixed
             raise SystemExit(f"stage {name}: an interrupted attempt was started with another command\n"
                              f"  then: {shlex.join(running['cmd'])}\n  now:  {shlex.join(key)}\nrun paper.py with the "
-                             f"settings it started with to continue it, or delete {out_dir or os.path.join(self.out, name)}"
+                             f"settings it started with to continue it, or delete {folder}"
                              f" and {self.dir}/{name}.running.json to start it afresh")
         if redo or running is None or changed:  # (changed and nothing written: it failed before any work)
             running = {"cmd": key, "wall_s": 0.0, "peak_rss_gb": 0.0, "attempts": 0}
@@ -464,7 +467,7 @@ def main():
         with open(path, encoding="utf-8") as fh:
             if not fh.read().strip():
                 raise SystemExit(f"build_data.py wrote an empty {path}: nothing to train on (see {d('data')}/report.md); "
-                                 f"more or other --seeds, or other --data-args, then delete {d('data')} and "
+                                 f"more or other --seeds, or other --data-args, then delete {d('data')} (all but its teacher_cache.sqlite) and "
                                  f"{d('stages')}/data.json and run again")
 
     # 2. training: SFT twice (two seeds: the paper fuses two SFT checkpoints), KTO from the base and

@@ -260,6 +260,17 @@ def load_paper(name="paper_t"):
     return m
 
 
+def test_a_refusal_spares_the_files_a_redo_reuses(tmp_path):
+    """Refused for another command, the data stage said to delete OUT/data whole: its teacher cache
+    (hours of a 7B teacher's replies, keyed safely on every request) with it."""
+    import pytest
+    st = load_paper().Stages(str(tmp_path / "run"), str(tmp_path / "run"))
+    data = tmp_path / "run" / "data"
+    st.run("data", [sys.executable, "-c", "pass"], str(data), keep=["teacher_cache.sqlite"])
+    with pytest.raises(SystemExit, match=r"delete .*data \(all but its teacher_cache.sqlite, which the redo reuses\)"):
+        st.run("data", [sys.executable, "-c", "pass", "--other"], str(data), keep=["teacher_cache.sqlite"])
+
+
 def test_the_same_command_with_a_url_or_a_dot_path_is_recognised(tmp_path, capsys):
     """A marker's command is read with its paths made relative to the repository; a URL
     (http://h:8000/v1 became http:/h:8000/v1) or ./val.jsonl (became val.jsonl) then differed from
