@@ -40,10 +40,13 @@ From Python (tests, build_data.py): `server = nanopost.serve.start({"base": "run
 loads and serves in the background; `server.url` is http://127.0.0.1:PORT; `server.shutdown()`."""
 import argparse
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import queue
 import re
@@ -403,22 +406,30 @@ class Handler(BaseHTTPRequestHandler):
                            code="invalid_api_key")
 
     def read_body(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", ""):
-            self.close_connection = True
-            raise ApiError(411, "send the body with a Content-Length, not chunked")
+        if self.headers.get("Transfer-Encoding") is not None:  # any spelling ("Chunked" too): never read as a Content-Length
+            self.close_connection = True  # body, where a request hidden in the chunks would run next
+            raise ApiError(411, "send the body with a Content-Length, not a Transfer-Encoding (chunked)")
         try:
             n = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             n = -1
         if not 0 <= n <= MAX_BODY_BYTES:
             self.close_connection = True
-            left = min(max(n, 0), 16 * MAX_BODY_BYTES)  # read what the client sends anyway, so it
-            while left > 0:  # sees the 413 rather than a connection reset
-                chunk = self.rfile.read(min(left, 1 << 16))
-                left = left - len(chunk) if chunk else 0
+            left = min(max(n, 0), 16 * MAX_BODY_BYTES)  # read what the client sends anyway, so it sees the
+            self.connection.settimeout(2)  # 413 rather than a connection reset; one sending less than it
+            try:  # claims is not waited for past a 2 s pause
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 16))
+                    left = left - len(chunk) if chunk else 0
+            except TimeoutError:
+                pass
             raise ApiError(413 if n > 0 else 400, f"the body must be at most {MAX_BODY_BYTES} bytes with a valid "
                            f"Content-Length (got {self.headers.get('Content-Length')})")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        if len(body) < n:  # the client closed (or timed out) before sending it all: not a request to run
+            self.close_connection = True
+            raise ApiError(400, f"the body ended after {len(body)} of its Content-Length's {n} bytes")
+        return body
 
     def send_page(self):
         """The chat page, read on each request (edit it and reload), with a Content-Security-Policy
@@ -550,6 +561,21 @@ class Handler(BaseHTTPRequestHandler):
 class HTTPServer4(ThreadingHTTPServer):
     request_queue_size = 256  # the listen backlog: socketserver's 5 resets a burst of concurrent clients
 
+    def get_request(self):
+        """accept(), and on running out of file descriptors (a flood of idle connections) a pause before
+        the next try: socketserver tried again at once, a core spinning while no one was served."""
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)
+            raise
+
+    def handle_error(self, request, client_address):
+        """A client gone before its (error) reply was written is not the server's error: no traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # (BrokenPipeError, ConnectionResetError, ...)
+            super().handle_error(request, client_address)
+
 
 class HTTPServer6(HTTPServer4):
     address_family = socket.AF_INET6
@@ -566,6 +592,11 @@ class Server:
         self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, min(default_max_tokens, max_tokens_limit)
         self.created = int(time.time())
         self.active = set()  # requests whose reply is being written (shutdown waits for them)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a thread and a descriptor per connection: the
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)  # usual soft limit of 1024 ran out
+        if soft != resource.RLIM_INFINITY and soft < want:  # at ~1000 idle clients, every other one then refused
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         try:
             self.httpd = (HTTPServer6 if ":" in host else HTTPServer4)((host, port), Handler)
         except OSError as e:
@@ -672,7 +703,10 @@ def load_results(path, models: dict, log=print) -> dict:
             shown = {k: settings[k] for k in tasks.PROTOCOL_KEYS if settings.get(k) is not None}
             if v.get("data"):  # the questions asked (or the perplexity file): a hash, enough to tell two apart
                 shown["data"] = v["data"][:8]
-            out[name][task] = {**{k: v[k] for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
+            # a non-finite number (a model whose perplexity is NaN) as null: NaN is not JSON, and the page's
+            # JSON.parse of it failed, every column with it
+            out[name][task] = {**{k: None if isinstance(v[k], float) and not math.isfinite(v[k]) else v[k]
+                                  for k in ("accuracy", "n", "perplexity") if k in v}, "settings": shown}
             made.setdefault(task, {})[name] = tasks.protocol(v)
     for task, by in made.items():
         if len({json.dumps(p) for p in by.values()}) > 1:

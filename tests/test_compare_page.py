@@ -292,6 +292,12 @@ def test_results_leave_out_a_changed_checkpoint_and_mark_other_settings(tmp_path
     (tmp_path / "moved.json").write_text(json.dumps({b: {"gsm8k": cell(10.0, "1" * 16)}, "runs/b": results[b]}))
     out = serve.load_results(str(tmp_path / "moved.json"), {"sft": b}, log.append)
     assert out["sft"]["gsm8k"]["accuracy"] == 75.0
+    # a model whose perplexity is NaN (python's json writes it, a browser's JSON.parse fails on it, and
+    # the page with every column): served as null
+    nan = {b: dict(results[b], **{"ppl:chat.jsonl": {"perplexity": float("nan"), "checkpoint": now["b"], "data": "f2"}})}
+    (tmp_path / "nan.json").write_text(json.dumps(nan))
+    out = serve.load_results(str(tmp_path / "nan.json"), {"sft": b}, log.append)
+    assert out["sft"]["ppl:chat.jsonl"]["perplexity"] is None and "NaN" not in json.dumps(out)
     # a hub id served under a name that another checkpoint's entry has: only its own id's entry counts
     out = serve.load_results(str(tmp_path / "results.json"), {"sft": "acme/tiny"}, log.append)
     assert out == {} and "no entry for sft (acme/tiny)" in log[-1]

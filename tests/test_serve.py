@@ -252,6 +252,37 @@ def test_a_burst_of_16_clients_is_batched_and_each_gets_its_own_answer(server, e
     assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2, 10]
 
 
+def raw(server, request: bytes, shut_write=False, timeout=30) -> bytes:
+    """What the server answers on one connection to a request sent as bytes (until it closes)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+def test_request_framing_a_proxy_could_be_fooled_by(server):
+    """A Transfer-Encoding spelled "Chunked" was ignored, its chunks read as a Content-Length body and
+    the request hidden in them run next; a body shorter than its Content-Length (the client closed)
+    was run as a whole request; a Content-Length far past the limit waited 120 s for bytes never sent."""
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    for te in (b"Chunked", b"gzip, chunked"):
+        got = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: " + te +
+                  b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden))
+        assert got.startswith(b"HTTP/1.1 411") and got.count(b"HTTP/1.1 ") == 1, got[:300]
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    got = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body) + 100, body), shut_write=True)
+    assert got.startswith(b"HTTP/1.1 400") and b"the body ended after" in got, got[:300]
+    t0 = time.time()
+    got = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n{}")
+    assert got.startswith(b"HTTP/1.1 413") and time.time() - t0 < 10, (got[:300], time.time() - t0)
+
+
 def test_a_client_leaving_mid_stream_does_not_break_the_batch(server, engines):
     batches, steps, restore = spy_on(server, "a", n=4)
     results = {}
