@@ -4,8 +4,11 @@
     python -m nanopost.chat --model runs/sft --temperature 0.7 --top-p 0.8
     python -m nanopost.chat --model DIR --prompt "What is 17*23?"   # one turn, then exit
 
-Commands inside the chat: /reset clears the conversation, /quit (or Ctrl-D) leaves."""
+Commands inside the chat: /reset clears the conversation, /quit (or Ctrl-D) leaves. Each line is a
+turn (a pasted text of several lines is several turns: join them first)."""
 import argparse
+import contextlib
+import dataclasses
 import sys
 
 import torch
@@ -57,6 +60,10 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     engine = Engine(model, tok)
+    if sys.stdin.isatty():  # input() through readline: line editing, and no 4095-character cut of a long paste
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
+    context = model.config.max_position_embeddings
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)
     while True:
@@ -73,11 +80,21 @@ def main(argv=None):
             if user.strip() == "/reset":
                 messages = list(start)
                 continue
+            if not user.strip():  # an empty line is no turn
+                continue
         messages.append({"role": "user", "content": user})
         streamer = Streamer(tok)
         ids = tok.render(messages, add_generation_prompt=True)[0]
-        try:
-            new = engine.generate_ids([ids], s, on_token=streamer)[0]
+        if len(ids) >= context:  # past what the model was trained on: garbage, said instead (as the server does)
+            messages.pop()
+            msg = f"the conversation is {len(ids)} tokens, the model's context {context}"
+            if args.prompt is not None:
+                sys.exit(f"error: {msg}")
+            print(f"[{msg}: this message was not sent; /reset starts afresh]", flush=True)
+            continue
+        try:  # (a reply stops at the end of the context, as the server's)
+            new = engine.generate_ids([ids], dataclasses.replace(s, max_new_tokens=min(s.max_new_tokens, context - len(ids))),
+                                      on_token=streamer)[0]
         except KeyboardInterrupt:  # a runaway reply: stopped; the conversation goes on without that turn
             messages.pop()
             print("\n[interrupted]", flush=True)

@@ -25,6 +25,19 @@ def test_chat_interactive_reset_and_quit(tiny):
     assert r.stdout.count("> ") == 4
 
 
+def test_chat_skips_empty_lines_and_says_when_a_message_is_past_the_context(tiny):
+    """An empty line was sent as an empty turn; a prompt past max_position_embeddings (2048 here) was
+    answered (garbage) with no word, where the server refuses it as context_length_exceeded."""
+    long = "word " * 3000
+    r = run("-m", "nanopost.chat", "--model", tiny, "--max-new-tokens", "4", input=f"\n{long}\nhi\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[the conversation is ") == 1 and "the model's context 2048: this message was not sent" in r.stdout
+    model, tok = nanopost.load(tiny)
+    assert r.stdout.count(Engine(model, tok).generate(["hi"], Sampling(max_new_tokens=4))[0]) == 1  # answered alone
+    r = run("-m", "nanopost.chat", "--model", tiny, "--prompt", long)
+    assert r.returncode == 1 and "error: the conversation is" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_chat_ctrl_c_stops_a_reply_and_the_conversation_goes_on(tiny, monkeypatch, capsys):
     """Ctrl-C during a runaway reply stops it (a traceback ended the session): the turn is dropped,
     the next prompt is answered; at the prompt it ends the session; with --prompt it exits 130."""
