@@ -654,12 +654,12 @@ def build(args):
             raise StateError(f"{out} was built with other settings ({', '.join(f'{k}: {saved[k]} -> {settings[k]}' for k in diff)}); "
                              f"resuming would mix results: resume with {redo}, or use --overwrite or another --out")
         settings = {**saved, **settings}  # what earlier stages used stays recorded
-    if args.overwrite and os.path.isdir(out):
+    os.makedirs(out, exist_ok=True)
+    hold_out_dir(out)  # before anything goes: a build started beside this one (--out not there yet) may hold it
+    if args.overwrite:
         for name in os.listdir(out):
             if re.fullmatch(OWN_FILES, name):
                 os.remove(os.path.join(out, name))
-    os.makedirs(out, exist_ok=True)
-    hold_out_dir(out)
     write_atomic(args_path, json.dumps({"settings": settings, "args": vars(args)}, indent=2))
     cats, last = args.categories, max(args.stages)
     rep = {"counts": {}, "notes": []}  # what the report shows, filled stage by stage

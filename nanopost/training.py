@@ -415,15 +415,15 @@ def prepare_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
     """Create out_dir; with --overwrite (and no --resume) the old run's checkpoints, metrics and
     final model go first (that model would otherwise pass for ours). Call it on rank 0 once
     check_out_dir and every other check have passed: it is the first write."""
+    os.makedirs(out_dir, exist_ok=True)
+    hold_out_dir(out_dir)  # (held since start_run where it existed then): before anything of another run's goes
     remove_unfinished(out_dir)  # a final save a kill cut short (checkpoint.save writes beside out_dir)
-    if os.path.isdir(out_dir) and overwrite and not resume:
+    if overwrite and not resume:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
         remove_model_files(out_dir)
         for name in ("metrics.jsonl", "args.json"):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
-    hold_out_dir(out_dir)  # (held since start_run where it existed then)
 
 
 def save_final(model, tok, out_dir, args, weights=None):

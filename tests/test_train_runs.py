@@ -183,6 +183,32 @@ def test_a_second_run_on_an_out_in_use_is_refused_and_the_first_keeps_its_work(t
     assert r.returncode == 0 and "already at step" not in r.stderr, r.stderr  # let go when main ended
 
 
+def test_a_run_refused_at_its_first_write_deletes_nothing_of_the_run_that_holds_out(tiny, tmp_path, monkeypatch):
+    """Two runs started together on an --out not there yet: neither held it at start, and the second's
+    --overwrite deleted the first's metrics.jsonl and args.json before it found the folder held."""
+    out = tmp_path / "race"
+    real, holder = nanopost.training.prepare_out_dir, []
+
+    def first_run_took_out_meanwhile(*a, **k):  # the other run: created --out, wrote, holds it
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        (out / "args.json").write_text("{}")
+        holder.append(subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                                        "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                                        "time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True))
+        assert holder[0].stdout.readline() == "held\n"
+        return real(*a, **k)
+    monkeypatch.setattr(nanopost.training, "prepare_out_dir", first_run_took_out_meanwhile)
+    try:
+        r = run_main(TRAIN, *common(tiny, out, "--overwrite"))
+    finally:
+        for p in holder:
+            p.kill()
+            p.wait()
+    assert r.returncode == 1 and "another process is writing there now" in r.stderr, r.stderr
+    assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl"] and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
 def test_preset_paper_never_overrides_explicit_flags():
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_sft_args", TRAIN)
