@@ -36,6 +36,7 @@ original public sources (see nanopost/tasks/download.py); without --model it onl
 Offline machines: put the original files in a folder (or on an internal web server) and add
 --mirror DIR_OR_URL."""
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -448,7 +449,12 @@ def main(argv=None):
 
     this_run = results
     os.makedirs(args.out, exist_ok=True)
-    with folder_lock(args.out):  # runs of other models into this folder finishing now: one at a time
+    with contextlib.ExitStack() as held:  # runs of other models into this folder finishing now: one at a time
+        try:
+            held.enter_context(folder_lock(args.out))
+        except TimeoutError:
+            sys.exit(f"error: --out {args.out} is held by another process (a training run or build_data.py writing "
+                     f"there?); every prediction is cached in {args.out}/cache: rerun once it is done, or choose another --out")
         # read again: another run may have written its results into this folder since we started
         results, carried, dropped = merge_earlier(read_earlier(os.path.join(args.out, "results.json")), results, stamps)
         if carried:

@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 
 import torch
 from safetensors.torch import save_file
@@ -216,8 +217,8 @@ def atomic_dir(out_dir, inside=False):
     # a mount point (a container's output volume) cannot be renamed aside, a link would be replaced by
     # the folder, and a folder we may write in, but not beside, cannot be either: written inside them
     # (commit_dir then replaces what they hold)
-    beside = os.path.dirname(os.path.abspath(out_dir))
-    inside = inside or os.path.isdir(out_dir) and (os.path.ismount(out_dir) or os.path.islink(out_dir)
+    beside, bare = os.path.dirname(os.path.abspath(out_dir)), out_dir.rstrip(os.sep) or os.sep  # (a link/ is no link)
+    inside = inside or os.path.isdir(out_dir) and (os.path.ismount(bare) or os.path.islink(bare)
                                                    or not os.access(beside, os.W_OK | os.X_OK))
     parent = out_dir if inside else beside
     os.makedirs(parent, exist_ok=True)
@@ -227,26 +228,27 @@ def atomic_dir(out_dir, inside=False):
     return tmp
 
 
-def unwritable(out_dir: str, *inside: str) -> str | None:
-    """Why --out out_dir cannot be written (or, not there yet, created), else None: asked before any
+def unwritable(out_dir: str, *inside: str, flag: str = "--out") -> str | None:
+    """Why `flag` out_dir cannot be written (or, not there yet, created), else None: asked before any
     work, not found by a traceback once the model is loaded or a step has run. inside: folders in it
     that are written too, where they exist (a run's checkpoints/)."""
+    name = f"{flag} {out_dir}".strip()
     if os.path.isdir(out_dir):  # (no test folder inside it: another rank may be listing it right now)
         for d in (out_dir, *inside):
             if os.path.isdir(d) and not os.access(d, os.W_OK | os.X_OK):
-                return f"--out {out_dir}: {'' if d == out_dir else d + ' '}not writable"
+                return f"{name}: {'' if d == out_dir else d + ' '}not writable"
         return None
     parent = os.path.abspath(out_dir)
     while not os.path.lexists(parent):  # the nearest folder that exists: can we create ours in it?
         parent = os.path.dirname(parent)
     if os.path.islink(parent) and not os.path.exists(parent):
-        return f"--out {out_dir}: {parent} is a symbolic link to a folder that does not exist"
+        return f"{name}: {parent} is a symbolic link to a folder that does not exist"
     if not os.path.isdir(parent):
-        return f"--out {out_dir}: {parent} is a file, not a directory"
+        return f"{name}: {parent} is a file, not a directory"
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".nanopost-write-check-", dir=parent))
     except OSError as e:
-        return f"--out {out_dir}: cannot write in {parent} ({e.strerror})"
+        return f"{name}: cannot write in {parent} ({e.strerror})"
     return None
 
 
@@ -269,6 +271,9 @@ def within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
+LEFTOVER = r"\.tmp-save-[a-z0-9_]{8}"  # atomic_dir(inside=True)'s folder: what a save into out_dir a kill cut short left
+
+
 def remove_unfinished(out_dir):
     """Remove what saves of out_dir that a kill cut short left beside it (atomic_dir's folders:
     a whole model, with its optimizer state for a checkpoint); only out_dir's, matched by mkdtemp's
@@ -278,7 +283,7 @@ def remove_unfinished(out_dir):
         if re.fullmatch(re.escape(f".tmp-{name}-") + r"[a-z0-9_]{8}", d):
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
     for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:  # atomic_dir(inside=True)'s
-        if re.fullmatch(r"\.tmp-save-[a-z0-9_]{8}", d):
+        if re.fullmatch(LEFTOVER, d):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
 
 
@@ -310,13 +315,27 @@ def let_go_of_folders() -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(path: str):
+def folder_lock(path: str, patience: float = 60, log=print):
     """Wait for, then hold, the folder's lock for the block: a read-merge-write of a file that several
-    processes add to (evaluate.py's results.json, when runs of several models share one --out)."""
+    processes add to (evaluate.py's results.json, when runs of several models share one --out; each
+    holds it for moments). Held longer than `patience` seconds (a training run writing there holds it
+    for hours): TimeoutError, said rather than waited for in silence."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        with contextlib.suppress(OSError):  # (a filesystem that cannot lock: as before, unlocked)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    break  # (a filesystem that cannot lock: as before, unlocked)
+            if waited == 0:
+                log(f"{path}: another process is writing there; waiting (at most {patience:.0f} s)", flush=True)
+            if waited >= patience:
+                raise TimeoutError(f"{path}: another process held it for {patience:.0f} s")
+            time.sleep(0.2)
+            waited += 0.2
         yield
     finally:
         os.close(fd)

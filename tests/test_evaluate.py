@@ -515,6 +515,7 @@ def test_runs_into_one_out_write_their_results_one_at_a_time(tmp_path, tiny, dat
         for line in iter(p.stdout.readline, ""):
             if line.startswith(f"{tiny} mmlu:"):  # evaluated: it writes its results next
                 break
+        assert "another process is writing there; waiting" in p.stdout.readline()  # said, not waited in silence
         time.sleep(1.0)
         assert p.poll() is None and not (out / "results.json").exists()  # waiting for the lock
     finally:
