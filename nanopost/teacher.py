@@ -148,17 +148,18 @@ class HTTPBackend:
         self.urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
         self.api_key = os.environ.get("NANOPOST_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        served, why = {}, {}
+        served, why, code = {}, {}, {}
         for u in self.urls:
             try:
                 served[u] = [m["id"] for m in self._call(u, "/v1/models", None, min(timeout, 10))["data"]]
             except Exception as e:  # noqa: BLE001 - any failure here means "not usable", said below
-                why[u] = f"{type(e).__name__}: {e}"
-                if getattr(e, "code", None) in (401, 403):  # a server that answered: the key is the problem
-                    raise TeacherUnreachable(
-                        f"the teacher server at {u} refused GET /v1/models ({why[u]}): "
-                        f"{'its key is wrong' if self.api_key else 'it wants a key'}; set NANOPOST_TEACHER_API_KEY "
-                        f"(or OPENAI_API_KEY) to the key it serves with (--api-key of nanopost.serve)") from None
+                why[u], code[u] = f"{type(e).__name__}: {e}", getattr(e, "code", None)
+        keyed = [u for u in why if code[u] in (401, 403)]
+        if not served and keyed:  # servers that answered: the key is what is missing (or wrong), not a server
+            raise TeacherUnreachable(
+                f"the teacher server at {keyed[0]} refused GET /v1/models ({why[keyed[0]]}): "
+                f"{'its key is wrong' if self.api_key else 'it wants a key'}; set NANOPOST_TEACHER_API_KEY "
+                f"(or OPENAI_API_KEY) to the key it serves with (--api-key of nanopost.serve)")
         if not served:
             raise TeacherUnreachable(
                 "no teacher server answered GET /v1/models at " + ", ".join(self.urls) + " (" +

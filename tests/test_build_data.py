@@ -821,7 +821,14 @@ def test_a_server_that_wants_a_key_is_told_from_one_that_is_down(fake, monkeypat
             monkeypatch.setenv("NANOPOST_TEACHER_API_KEY", key)
         with pytest.raises(TeacherUnreachable, match=f"refused GET /v1/models .*401.*{said}; set NANOPOST_TEACHER_API_KEY"):
             HTTPBackend([fake.url])
-    fake.get_status = 503
+    # one server of several that wants a key is left out, as any other that does not answer, not the end
+    good = Fake()
+    try:
+        fake.failing_gets = 2
+        assert HTTPBackend([fake.url, good.url]).urls == [good.url]
+    finally:
+        good.httpd.shutdown()
+    fake.failing_gets, fake.get_status = 0, 503
 
 
 def test_resume_checks_the_served_teacher_even_when_the_first_probe_failed(fake, tiny, sources, tmp_path):
