@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import nanopost
-from nanopost.checkpoint import (TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, closing_named, commit_dir, read_config,
+from nanopost.checkpoint import (LEFTOVER, TOKENIZER_FILES, CheckpointError, Reader, atomic_dir, closing_named, commit_dir, read_config,
                                  remove_unfinished, resolve, same_folder, unwritable, within,
                                  weight_files)
 from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coefficients, slerp_dot,
@@ -397,9 +398,10 @@ def main(argv=None):
         if within(os.getcwd(), args.out):
             raise MergeError(f"--out {args.out} is the working directory or holds it: the merge replaces that folder "
                              "whole; name a folder of its own")
-        used = os.path.isdir(args.out) and os.listdir(args.out)
+        # (a save of ours that a kill cut short, inside a mount point or link, is no use: remove_unfinished's)
+        used = sorted(n for n in os.listdir(args.out) if not re.fullmatch(LEFTOVER, n)) if os.path.isdir(args.out) else []
         if used and not args.overwrite:  # before reading any model: a used --out is never replaced by default
-            raise MergeError(f"--out {args.out} already holds {', '.join(sorted(os.listdir(args.out))[:4])}: choose "
+            raise MergeError(f"--out {args.out} already holds {', '.join(used[:4])}: choose "
                              "another folder, or pass --overwrite to replace it")
         names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
         for d in dirs:  # --out replaces its folder whole: never one holding a model being merged

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import nanopost
-from nanopost.checkpoint import save, unwritable, writing
+from nanopost.checkpoint import LEFTOVER, save, unwritable, writing
 from nanopost.model import Qwen2, Qwen2Config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -107,7 +107,7 @@ TINY_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_c
 
 
 # what make_tiny_checkpoint writes besides TINY_FILES: the --shape 0.5b model's shards, and a save a kill cut short
-OWN_NAMES = r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|\.tmp-save-\w{8}"
+OWN_NAMES = rf"model-\d{{5}}-of-\d{{5}}\.safetensors|model\.safetensors\.index\.json|{LEFTOVER}"
 
 
 def foreign(folder: str) -> list[str]:
@@ -121,7 +121,7 @@ def ours(folder: str) -> bool:
     names = set(os.listdir(folder))
     if foreign(folder):
         return False
-    if MARKER in names:
+    if MARKER in names or "config.json" not in names:  # (no config.json: a save of ours a kill cut short, no model)
         return True
     try:
         cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -149,7 +149,7 @@ if __name__ == "__main__":
         held = foreign(a.out) or sorted(os.listdir(a.out))
         p.error(f"{a.out} holds {', '.join(held[:4])}: not a checkpoint this command wrote, and it would be "
                 "replaced whole; choose another folder")
-    if why := unwritable(a.out):
+    if why := unwritable(a.out, flag=""):
         p.error(why)
     write = nanopost.exits_when_disk_full("rerun the same command")(make_tiny_checkpoint)
     print(write(a.out, seed=a.seed, **(dict(SHAPE_05B, init_std=0.02) if a.shape == "0.5b" else {})))

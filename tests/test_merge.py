@@ -505,7 +505,9 @@ def test_an_out_that_is_a_mount_point_or_a_link_is_written_inside(tmp_path, pair
         monkeypatch.setattr(os.path, "ismount", lambda p: os.path.abspath(p) == str(vol) or real(p))
     try:
         inode = os.stat(vol).st_ino
-        assert here("--method", "linear", "--models", a, b, "--out", vol).returncode == 0
+        (vol / ".tmp-save-ab12cd34").mkdir()  # what a save killed there left: ours to clear, not "already holds"
+        r = here("--method", "linear", "--models", a, b, "--out", vol)
+        assert r.returncode == 0 and not (vol / ".tmp-save-ab12cd34").exists(), r.stderr
         (vol / "old-notes.txt").write_text("from an earlier merge")
         r = here("--method", "linear", "--models", a, b, "--out", vol, "--weights", 0.25, 0.75, "--overwrite")
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -519,10 +521,15 @@ def test_an_out_that_is_a_mount_point_or_a_link_is_written_inside(tmp_path, pair
     tiny = tmp_path / "tiny"
     assert subprocess.run([sys.executable, "-m", "nanopost.testing", str(tiny)], capture_output=True).returncode == 0
     os.symlink(tiny, tmp_path / "link")
-    r = subprocess.run([sys.executable, "-m", "nanopost.testing", str(tmp_path / "link"), "--seed", "5"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and os.path.islink(tmp_path / "link"), r.stderr
-    assert json.load(open(tiny / "nanopost_testing.json")) == {"seed": 5} and not state(tiny).keys() - state(a).keys()
+    for seed, spelled in ((5, str(tmp_path / "link")), (6, str(tmp_path / "link") + "/")):  # (link/ is the folder)
+        r = subprocess.run([sys.executable, "-m", "nanopost.testing", spelled, "--seed", str(seed)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and os.path.islink(tmp_path / "link"), r.stderr
+        assert json.load(open(tiny / "nanopost_testing.json")) == {"seed": seed} and not state(tiny).keys() - state(a).keys()
+    (tmp_path / "cut").mkdir()  # a save killed inside a mount point or link left only its temporary folder
+    (tmp_path / "cut" / ".tmp-save-ab12cd34").mkdir()
+    r = subprocess.run([sys.executable, "-m", "nanopost.testing", str(tmp_path / "cut")], capture_output=True, text=True)
+    assert r.returncode == 0 and "nanopost_testing.json" in os.listdir(tmp_path / "cut"), r.stderr
 
 
 def reported_and_stored_change(out, base_dir):
