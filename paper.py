@@ -127,8 +127,14 @@ def contents(path) -> str:
     """A hash of what a file, or every file under a folder, holds (names and bytes): a stage that
     read them is stale once they change, though its command is the same."""
     h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
-                                                       for f in fs)  # (a linked folder's files are read too)
+    files, seen = [path] if os.path.isfile(path) else [], set()
+    for d, dirs, fs in os.walk(path, followlinks=True) if not files else ():  # a linked folder's files are read too,
+        if os.path.realpath(d) in seen:  # once (a link up the tree would loop)
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(d))
+        files += [os.path.join(d, f) for f in fs]
+    files.sort()
     for f in files:
         h.update(os.path.relpath(f, path).encode() + b"\0")
         with open(f, "rb") as fh:
@@ -385,7 +391,7 @@ def main():
     args = p.parse_args(glue_args_flags(sys.argv[1:]))
     for s in WIRED:  # a stage told to write or read elsewhere: marked done, its output never where the next looks
         given = [f.split("=")[0] for f in shlex.split(getattr(args, f"{s}_args")) if f.startswith("--")]
-        if clash := [f for f in given if f in WIRED[s]]:
+        if clash := [f for f in given if any(w.startswith(f) for w in WIRED[s])]:  # (argparse takes --ou for --out)
             p.error(f"--{s}-args {clash[0]}: paper.py sets {', '.join(WIRED[s])} of that stage itself (they wire the "
                     f"stages together); use paper.py's own flags (--out, --model, --seeds, --tasks, --data-dir ...)")
     tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # gsm8k,gsm8k: once
@@ -426,7 +432,7 @@ def main():
     if os.path.exists(out) and not os.path.isdir(out):
         p.error(f"--out {out_spelled} is a file")
     from nanopost.checkpoint import unwritable
-    if why := unwritable(out):  # (under a file, a read-only folder): said now, not by makedirs' traceback
+    if why := unwritable(out_spelled):  # (under a file, a read-only folder): said now, not by makedirs' traceback
         p.error(why)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "stages")):
         p.error(f"--out {out_spelled} holds other files and is not a paper.py run (no stages/ in it): choose another --out")

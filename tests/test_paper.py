@@ -166,6 +166,7 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
     # its model elsewhere, and sft-b then failed at every rerun; an --out under a file, a traceback
     (tmp_path / "afile").write_text("")
     for args, why in ((["--sft-args", "--out elsewhere"], "--sft-args --out: paper.py sets"),
+                      (["--sft-args", "--ou elsewhere"], "--sft-args --ou: paper.py sets"),  # (argparse's prefix)
                       (["--eval-args=--data-dir=x --limit 2"], "--eval-args --data-dir: paper.py sets"),
                       (["--out", tmp_path / "afile" / "run"], "is a file, not a directory")):
         r = paper(*(["--out", tmp_path / "run"] if "--out" not in args else []), *args)
@@ -218,6 +219,8 @@ def test_a_stage_reruns_when_the_files_it_reads_change(tmp_path, capsys):
     assert "changed since it ran" in runs()
     (tmp_path / "store" / "test.jsonl").write_text('{"question": "1 + 2?", "answer": "#### 3"}\n')
     assert "changed since it ran" in runs()
+    (tmp_path / "store" / "up").symlink_to(data)  # a link up the tree: its folders read once, not a loop
+    assert "done already" in runs()
 
 
 def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_afresh(tmp_path, capsys):
