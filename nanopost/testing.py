@@ -121,7 +121,7 @@ def ours(folder: str) -> bool:
     names = set(os.listdir(folder))
     if foreign(folder):
         return False
-    if MARKER in names or "config.json" not in names:  # (no config.json: a save of ours a kill cut short, no model)
+    if MARKER in names or all(re.fullmatch(LEFTOVER, n) for n in names):  # (or only what a killed save of ours left)
         return True
     try:
         cfg = json.load(open(os.path.join(folder, "config.json")))
