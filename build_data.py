@@ -508,6 +508,7 @@ def parse_stages(spec: str) -> list[int]:
 # what a run writes in --out (and their temporary names, where a kill or a full disk can leave one)
 OWN_FILES = r"(\d_\w+\.jsonl|(sft|kto)\.jsonl|report\.(md|png)|args\.json|timings\.jsonl)(\.tmp)?"
 
+
 def build_run(out, held) -> bool:
     """Whether the folder out (holding `held`) is a build_data.py run: its args.json is ours (written
     before any stage), or a run stopped before that left only args.json.tmp and the teacher's cache.

@@ -127,14 +127,14 @@ def contents(path) -> str:
     """A hash of what a file, or every file under a folder, holds (names and bytes): a stage that
     read them is stale once they change, though its command is the same."""
     h = hashlib.sha256()
-    files, seen = [path] if os.path.isfile(path) else [], set()
-    for d, dirs, fs in os.walk(path, followlinks=True) if not files else ():  # a linked folder's files are read too,
-        if os.path.realpath(d) in seen:  # once (a link up the tree would loop)
+    files, seen = [], set()
+    for d, dirs, fs in os.walk(path, followlinks=True):  # a linked folder's files are read too, once (a
+        if os.path.realpath(d) in seen:  # link up the tree would loop)
             dirs[:] = []
             continue
         seen.add(os.path.realpath(d))
         files += [os.path.join(d, f) for f in fs]
-    files.sort()
+    files = [path] if os.path.isfile(path) else sorted(files)
     for f in files:
         h.update(os.path.relpath(f, path).encode() + b"\0")
         with open(f, "rb") as fh:
@@ -213,7 +213,8 @@ class Stages:
         interrupted attempt, continued with resume_flag). needs: the stages whose outputs it reads.
         reads: files or folders it reads (the user's seeds and benchmark data, data/sft.jsonl): a change
         to what they hold makes it stale; models: the checkpoints it starts from (the user's, and
-        earlier stages' outputs, which a user may train again by hand: checkpoint_stamp), likewise; versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
+        earlier stages' outputs, which a user may train again by hand: checkpoint_stamp), likewise;
+        versions: {name: value} of the code that changes its results (evaluate's PROTOCOL).
         A stage that runs again starts afresh: the old attempt's files in out_dir go first (but those
         named in keep: build_data's teacher cache, evaluate.py's prediction cache), then the script runs
         (with fresh_flag if kept files remain). output: the files a finished stage must have left; check(): why its output
@@ -431,12 +432,11 @@ def main():
     out = os.path.abspath(out_spelled)
     if os.path.exists(out) and not os.path.isdir(out):
         p.error(f"--out {out_spelled} is a file")
-    from nanopost.checkpoint import unwritable
+    from nanopost.checkpoint import unwritable, within
     if why := unwritable(out_spelled):  # (under a file, a read-only folder): said now, not by makedirs' traceback
         p.error(why)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isdir(os.path.join(out, "stages")):
         p.error(f"--out {out_spelled} holds other files and is not a paper.py run (no stages/ in it): choose another --out")
-    from nanopost.checkpoint import within
     if within(out, data_dir):  # the eval stage hashes --data-dir: the run's own files would change it at every run
         p.error(f"--out {out_spelled} lies inside --data-dir {data_dir}: choose an --out outside it")
     os.makedirs(out, exist_ok=True)

@@ -290,20 +290,32 @@ def remove_unfinished(out_dir):
 _HELD = {}  # real path -> the descriptor whose lock this process holds (hold_folder)
 
 
+def _lock_now(fd: int) -> bool:
+    """Take the lock of the folder open as fd; -> False if another process holds it (True too on a
+    filesystem that cannot lock, some network mounts: not refused)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+    return True
+
+
+def _open_folder(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
 def hold_folder(path: str) -> bool:
     """Lock the folder `path` for this process, while it writes there; -> False when another process
     holds it (a second training run started on the same --out). The lock is on the folder itself
     (flock: no lock file is left behind) and goes with the process, however it ends (kill -9 too),
-    or with let_go_of_folders. A filesystem that cannot lock (some network mounts) is not refused."""
+    or with let_go_of_folders."""
     key = os.path.realpath(path)
     if key in _HELD:
         return True
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+    fd = _open_folder(path)
+    if not _lock_now(fd):
         os.close(fd)
-        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return False
     _HELD[key] = fd
     return True
 
@@ -320,16 +332,10 @@ def folder_lock(path: str, patience: float = 60, log=print):
     processes add to (evaluate.py's results.json, when runs of several models share one --out; each
     holds it for moments). Held longer than `patience` seconds (a training run writing there holds it
     for hours): TimeoutError, said rather than waited for in silence."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = _open_folder(path)
     try:
         waited = 0.0
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    break  # (a filesystem that cannot lock: as before, unlocked)
+        while not _lock_now(fd):
             if waited == 0:
                 log(f"{path}: another process is writing there; waiting (at most {patience:.0f} s)", flush=True)
             if waited >= patience:
