@@ -92,6 +92,9 @@ def perplexity(model, tok, path, max_len=PPL_MAX_LEN, batch_size=8, skip_bad_lin
         dev = model.lm_head.weight.device
         nll += sft_loss_sum(model, ids.to(dev), labels.to(dev), pos.to(dev)).item()
         n += (labels[:, 1:] != IGNORE).sum().item()
+    if not math.isfinite(nll) or nll / n > 700:  # results.json holds numbers only: NaN and inf are not JSON
+        raise ValueError(f"{path}: mean NLL {nll / n:.4g} nats per token; the model computes NaN/inf or absurd "
+                         f"logits (diverged training, a bad merge?): no perplexity reported")
     return math.exp(nll / n)
 
 
@@ -357,8 +360,8 @@ def main(argv=None):
         for f in args.perplexity:  # first: a bad file stops the run before any task's work
             try:
                 ppl = perplexity(model, tok, f, skip_bad_lines=args.skip_bad_lines)
-            except DataError as e:
-                sys.exit(f"error: {e}")
+            except ValueError as e:  # DataError, or a model that computes NaN
+                sys.exit(f"error: {model_name}: {e}" if not isinstance(e, DataError) else f"error: {e}")
             with open(f, "rb") as fh:  # the file's content: another chat.jsonl is another column's number
                 data = hashlib.sha256(fh.read()).hexdigest()[:16]
             results[model_name][f"ppl:{os.path.basename(f)}"] = {

@@ -545,6 +545,10 @@ def test_a_model_that_computes_nan_gets_an_error_not_a_score(tmp_path, data_dir)
     code, err, res = evaluate("--model", model, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2,
                               "--out", tmp_path / "eval")
     assert code != 0 and res is None and "NaN/inf" in err and "no score reported" in err, err
+    code, err, res = evaluate("--model", model, "--tasks", "", "--perplexity", os.path.join(ROOT, "tests", "data", "chat.jsonl"),
+                              "--out", tmp_path / "ppl")  # NaN in results.json: not JSON (a browser's JSON.parse fails)
+    assert code != 0 and res is None and "NaN/inf" in err and "no perplexity reported" in err, err
+    assert not os.path.exists(tmp_path / "ppl" / "results.json")
 
 
 def test_cache_never_serves_another_model_data_or_protocol(tmp_path, data_dir, monkeypatch):
