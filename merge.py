@@ -111,6 +111,8 @@ def read_config_file(path: str) -> dict:
     if cfg.get("tokenizer_source") not in (None, "base"):
         raise MergeError(f"{path}: tokenizer_source {cfg['tokenizer_source']!r} is not supported (the base "
                          "model's tokenizer is copied)")
+    if "slices" in cfg and "models" in cfg:  # (mergekit refuses both too) one would be dropped unread
+        raise MergeError(f"{path}: has both models and slices; give exactly one")
     if "slices" in cfg:  # one slice of whole models is the same as `models:`
         slices = cfg.pop("slices")
         if not isinstance(slices, list) or len(slices) != 1:
@@ -118,6 +120,9 @@ def read_config_file(path: str) -> dict:
         sources = slices[0].get("sources") if isinstance(slices[0], dict) else None
         if not isinstance(sources, list) or not all(isinstance(x, dict) for x in sources):
             raise MergeError(f"{path}: the slice needs `sources:`, a list of {{model: ..., layer_range: [0, N]}}")
+        for x in sources:  # a misspelt key (paramters:) would drop its weights unread
+            if unknown := set(x) - {"model", "layer_range", "parameters"}:
+                raise MergeError(f"{path}: the slice's source {x.get('model')} has unsupported keys {sorted(unknown)}")
         unknown = set(slices[0]) - {"sources", "parameters", "base_model"}
         if unknown:
             raise MergeError(f"{path}: the slice has unsupported keys {sorted(unknown)}")
@@ -144,6 +149,8 @@ def read_config_file(path: str) -> dict:
     for i, m in enumerate(cfg["models"]):
         if not isinstance(m, dict) or not isinstance(m.get("model"), str):
             raise MergeError(f"{path}: models[{i}] is {m!r:.80}; expected {{model: DIR_OR_HUB_ID, parameters: ...}}")
+        if unknown := set(m) - {"model", "parameters", "layer_range"}:  # a misspelt key would drop its weights
+            raise MergeError(f"{path}: model {m['model']} has unsupported keys {sorted(unknown)}")
         if not isinstance(m.get("parameters") or {}, dict):
             raise MergeError(f"{path}: model {m['model']}: parameters must be a mapping")
     if not isinstance(cfg.get("parameters") or {}, dict):
@@ -156,6 +163,7 @@ def read_config_file(path: str) -> dict:
         bad = set(params or {}) - {"t", "normalize", "weight", "density", "int8_mask", "rescale"}
         if bad:
             raise MergeError(f"{path}: {where}unsupported parameters {sorted(bad)}")
+    cfg["weights_required"] = True  # as mergekit: a config gives every model its weight (flags default to 1)
     return cfg
 
 
@@ -251,22 +259,44 @@ def setting(levels, key, name, n_layers, default=None):
 
 
 def resolved_params(plan, name, n_layers):
-    """Per-model weight/density and the global t for one tensor."""
+    """Per-model weight/density and the global t for one tensor (a weight a config never sets: None)."""
     g, sl = plan.get("parameters") or {}, plan.get("slice_parameters") or {}
     weights, densities = [], []
     for m in plan["models"]:
         levels = [m.get("parameters") or {}, sl, g]
-        weights.append(setting(levels, "weight", name, n_layers, 1.0))
+        weights.append(setting(levels, "weight", name, n_layers, None if plan.get("weights_required") else 1.0))
         densities.append(setting(levels, "density", name, n_layers, 1.0))
     return weights, densities, setting([sl, g], "t", name, n_layers)
 
 
-def check_params(plan, names_in_order, n_layers, numel=None):
+def switches(plan, name, n_layers):
+    """normalize and rescale for one tensor: --normalize, else the slice's, else the top level's (read
+    as mergekit reads them: filters and gradients apply, a number is true unless 0), else the method's
+    default."""
+    method, out = plan["merge_method"], []
+    for key, default in (("normalize", NORMALIZE_DEFAULT[method]), ("rescale", method.startswith("dare"))):
+        if key == "normalize" and plan.get("normalize_flag") is not None:
+            out.append(plan["normalize_flag"])
+            continue
+        levels = [level for level in (plan.get("slice_parameters") or {}, plan.get("parameters") or {}) if key in level]
+        value = setting(levels, key, name, n_layers, default) if levels else default
+        out.append(bool(value))
+    return out
+
+
+def check_params(plan, names_in_order, n_layers, numel=None, base_i=0):
     method = plan["merge_method"]
     if method == "slerp" and "t" not in {**(plan.get("parameters") or {}), **(plan.get("slice_parameters") or {})}:
         raise MergeError("slerp needs t (--t)")
     for name in names_in_order:
         weights, densities, t = resolved_params(plan, name, n_layers)
+        normalize, _ = switches(plan, name, n_layers)
+        for i, (m, w) in enumerate(zip(plan["models"], weights)):  # linear weighs every model, the others a delta each
+            if w is None and method != "slerp" and (method == "linear" or i != base_i):
+                raise MergeError(f"model {m['model']} has no weight for tensor {name}: a {method} config gives every "
+                                 f"model{' but the base' if method != 'linear' else ''} a weight (as mergekit requires)")
+        if method != "linear":
+            weights = [1.0 if w is None else w for w in weights]  # (the base's and slerp's are never read)
         if t is not None and not 0 <= t <= 1:
             raise MergeError(f"t = {t} for tensor {name} is outside [0, 1]")
         for m, d, w in zip(plan["models"], densities, weights):
@@ -279,7 +309,7 @@ def check_params(plan, names_in_order, n_layers, numel=None):
                 raise MergeError(f"weight {w} of {m['model']} for tensor {name} is not a finite number")
         if not math.isfinite(sum(weights)):
             raise MergeError(f"the weights for tensor {name} sum to {sum(weights)}: not a finite number")
-        if method == "linear" and plan["normalize"] and abs(sum(weights)) < 1e-12:
+        if method == "linear" and normalize and abs(sum(weights)) < 1e-12:
             raise MergeError(f"linear weights sum to 0 for tensor {name}; cannot normalize")
 
 
@@ -297,6 +327,7 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
     blocks of rows (the base rows feed the summary, read once unless the compute dtype rounds them)."""
     method = plan["merge_method"]
     weights, densities, t = resolved_params(plan, name, n_layers)
+    normalize, rescale = switches(plan, name, n_layers)
     read = lambda i, a, b: index[i][name].read(name, a, b).to(cdtype)  # noqa: E731
     exact = cdtype != torch.bfloat16  # float32/64 hold every stored float16/bfloat16/float32 value
     stored = lambda a, b, v: v if exact else index[base_i][name].read(name, a, b)  # noqa: E731
@@ -319,21 +350,21 @@ def merge_tensor(name, plan, index, base_i, n_layers, cdtype, seed, slerp_by_row
     elif method == "linear":
         for a, b in blocks:
             vs = [read(i, a, b) for i in range(n)]
-            yield linear(vs, weights, plan["normalize"]), stored(a, b, vs[base_i])
+            yield linear(vs, weights, normalize), stored(a, b, vs[base_i])
     else:
         others = [i for i in range(n) if i != base_i]
         w, d = [weights[i] for i in others], [densities[i] for i in others]
         if method == "task_arithmetic":  # elementwise: stream it
             for a, b in blocks:
                 base = read(base_i, a, b)
-                yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"]),
+                yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, normalize),
                        stored(a, b, base))
         else:  # trim / drop are per whole tensor
             a, b = 0, shape[0] if shape else None
             gen = torch.Generator().manual_seed(crc_seed(seed, name)) if method.startswith("dare") else None
             base = read(base_i, a, b)
-            yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, plan["normalize"],
-                              gen, rescale=(plan.get("parameters") or {}).get("rescale", True)), stored(a, b, base))
+            yield (task_merge(base, [read(i, a, b) for i in others], w, d, method, normalize, gen, rescale),
+                   stored(a, b, base))
 
 
 # ---- main ----
@@ -356,7 +387,8 @@ def main(argv=None):
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="divide by the sum of weights (default: on for linear and ties, off otherwise)")
     p.add_argument("--slerp-rows", action="store_true",
-                   help="slerp row by row (mergekit >= 0.1.5) instead of whole tensors (<= 0.1.4, the default)")
+                   help="slerp each row of a matrix on its own instead of the whole tensor (the default, and mergekit's "
+                        "through 0.1.5)")
     p.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
     p.add_argument("--embed-slice", action="store_true",
                    help="models with larger vocabularies: cut embed_tokens/lm_head to the base's rows")
@@ -383,12 +415,8 @@ def main(argv=None):
                 p.error("--method is required (or --config)")
             plan = plan_from_args(args)
         method = plan["merge_method"]
-        g = plan.setdefault("parameters", {}) or {}
-        plan["parameters"] = g
-        for k in ("normalize", "rescale", "int8_mask"):  # a slice's setting wins, as mergekit reads them
-            if k in (plan.get("slice_parameters") or {}):
-                g[k] = plan["slice_parameters"][k]
-        plan["normalize"] = g.get("normalize", NORMALIZE_DEFAULT[method]) if args.normalize is None else args.normalize
+        plan["parameters"] = plan.get("parameters") or {}
+        plan["normalize_flag"] = args.normalize  # wins over the config's, for every tensor
         if os.path.islink(args.out):  # replacing it would replace the link, not the folder it points to
             raise MergeError(f"--out {args.out} is a symbolic link: give the folder itself")
         if os.path.isfile(args.out):
@@ -410,7 +438,7 @@ def main(argv=None):
                                  "would replace it")
         tensor_names = list(index[base_i].keys())
         check_params(plan, tensor_names, n_layers,
-                     {k: torch.Size(index[base_i][k].shape(k)).numel() for k in tensor_names})
+                     {k: torch.Size(index[base_i][k].shape(k)).numel() for k in tensor_names}, base_i)
     except (MergeError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
@@ -458,7 +486,8 @@ def main(argv=None):
                     base_sq += ref.pow(2).sum().item()
                     w.write(block)
                 summary[name] = {"norm": out_sq ** 0.5, "change_vs_base": diff_sq ** 0.5 / max(base_sq ** 0.5, 1e-12),
-                                 "change_before_rounding": merged_sq ** 0.5 / max(base_sq ** 0.5, 1e-12)}
+                                 "change_before_rounding": merged_sq ** 0.5 / max(base_sq ** 0.5, 1e-12),
+                                 **dict(zip(("normalize", "rescale"), switches(plan, name, n_layers)))}
                 wmap[name] = fname
                 bar.update(1)
             w.close()
@@ -478,7 +507,6 @@ def main(argv=None):
         record = {"merge_method": method, "models": plan["models"], "base_model": names[base_i],
                   "resolved_paths": dirs, "parameters": plan["parameters"],
                   **({"slice_parameters": plan["slice_parameters"]} if plan.get("slice_parameters") else {}),
-                  "normalize": plan["normalize"],
                   "slerp_rows": args.slerp_rows, "seed": args.seed, "dtype": str(entries[0][2]), "tensors": summary}
         with closing_named(open(os.path.join(tmp, "merge_config.json"), "w")) as f:
             json.dump(record, f, indent=2)

@@ -5,8 +5,11 @@
     task_arithmetic   base + sum_i w_i (theta_i - base)        (normalize off by default)
     ties              trim deltas to the top-density magnitudes, elect a sign per element from the
                       sum of weighted deltas, average the deltas that agree with it (normalize on)
-    dare_linear       randomly keep a density fraction of each delta, rescale by 1/density, sum
+    dare_linear       randomly keep a density fraction of each delta, rescale it to the delta's L1 norm, sum
     dare_ties         DARE's drop and rescale, then TIES' sign election
+
+rescale (on for DARE, off for TIES by default; mergekit since April 2024) scales a trimmed or dropped
+delta so its L1 norm is the whole delta's (about 1/density on a large tensor, exactly so on none).
 
 Also a safetensors writer that streams rows to disk (the reader is checkpoint.Reader), so merging
 two 0.5B models holds a few tensors, not models."""
@@ -49,7 +52,7 @@ def slerp_dot(sq0: float, sq1: float, dot01: float, eps=1e-8) -> float:
 
 
 def slerp(t: float, v0, v1):
-    """Whole-tensor SLERP (mergekit <= 0.1.4, and most published SLERP merges): the angle between
+    """Whole-tensor SLERP (mergekit's, through 0.1.5, and most published SLERP merges): the angle between
     the flattened tensors, applied to the un-normalised tensors."""
     a, b = v0.double().flatten(), v1.double().flatten()
     c = slerp_coefficients(t, slerp_dot((a * a).sum().item(), (b * b).sum().item(), (a * b).sum().item()))
@@ -57,7 +60,7 @@ def slerp(t: float, v0, v1):
 
 
 def slerp_rows(t: float, v0, v1, dot_threshold=0.9995, eps=1e-8):
-    """Row-by-row SLERP (mergekit >= 0.1.5): each row of the leading axis on its own, dot
+    """Row-by-row SLERP (an option; no mergekit release merges so): each row of the leading axis on its own, dot
     clamped to [-1, 1]; 1-D tensors (biases, norms) fall back to linear interpolation."""
     if v0.dim() < 2:
         return torch.lerp(v0, v1, t)
@@ -74,34 +77,43 @@ def slerp_rows(t: float, v0, v1, dot_threshold=0.9995, eps=1e-8):
     return torch.where(lin, torch.lerp(v0.flatten(1), v1.flatten(1), t), out).view_as(v0)
 
 
-def trim_magnitude(delta, density: float):
+def masked(delta, keep, rescale: bool, eps=1e-7):
+    """delta where keep, 0 elsewhere; rescale: times ||delta||_1 / ||kept||_1 (mergekit's L1 rescale;
+    left as is when either norm is below eps)."""
+    out = delta * keep
+    if not rescale:
+        return out
+    before, after = delta.abs().sum(), out.abs().sum()
+    return out if before < eps or after < eps else out * (before / after)
+
+
+def trim_magnitude(delta, density: float, rescale=False):
     """Keep the int(density * numel) largest-magnitude entries (TIES' trim), zero the rest."""
     if density >= 1:
         return delta
     k = int(density * delta.numel())
     if k <= 0:
         raise ValueError(f"density {density} keeps no element of a tensor with {delta.numel()} elements")
-    mask = torch.zeros(delta.numel(), dtype=torch.bool)
-    mask[delta.abs().flatten().float().topk(k).indices] = True
-    return delta * mask.view_as(delta)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.abs().flatten().float().topk(k).indices] = True
+    return masked(delta, keep.view_as(delta), rescale)
 
 
 def dare_drop(delta, density: float, gen: torch.Generator, rescale=True):
-    """DARE: keep each entry with probability density (seeded), rescale kept ones by 1/density."""
+    """DARE: keep each entry with probability density (seeded); rescale: to the delta's L1 norm."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
-    out = delta * keep
-    return out / density if rescale else out
+    return masked(delta, torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density, rescale)
 
 
-def task_merge(base, tensors, weights, densities, method: str, normalize: bool, gen=None, rescale=True):
+def task_merge(base, tensors, weights, densities, method: str, normalize: bool, gen=None, rescale=None):
     """task_arithmetic / ties / dare_linear / dare_ties on one tensor (mergekit's GTA merge)."""
     deltas = []
+    rescale = method.startswith("dare") if rescale is None else rescale
     for t, d in zip(tensors, densities):
         delta = t - base
         if method == "ties":
-            delta = trim_magnitude(delta, d)
+            delta = trim_magnitude(delta, d, rescale)
         elif method.startswith("dare"):
             delta = dare_drop(delta, d, gen, rescale)
         deltas.append(delta)
@@ -124,12 +136,16 @@ LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def depth_position(name: str, n_layers: int) -> float:
-    """Where a tensor sits in the stack, in [0, 1]: layer i -> i / (N - 1) (a lone layer -> 1, as
-    mergekit's planner); the embedding -> 0; the final norm and lm_head -> 1."""
+    """Where a tensor sits in the stack, in [0, 1]: layer i -> i / (N - 1) (a lone layer -> 1), and
+    the embedding, the final norm and lm_head -> 0, as mergekit's planner (>= 0.1.2; up to 0.1.1 it
+    put the final norm and lm_head at 1)."""
     m = LAYER.search(name)
     if m:
         return int(m.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
-    return 0.0 if "embed_tokens" in name else 1.0
+    return 0.0
+
+
+FLAGS = ("normalize", "rescale", "int8_mask")  # a method's switches; read per tensor like the numbers
 
 
 def resolve_param(spec, name: str, n_layers: int, what="t") -> float | None:
@@ -137,6 +153,8 @@ def resolve_param(spec, name: str, n_layers: int, what="t") -> float | None:
     gets the value interpolated at i/(N-1)); or a list of {"filter": substring, "value": ...} where
     the first entry whose filter is in the tensor's name, is "*" or is absent wins. None when no entry
     matches: the caller then reads the next level (a model's, the slice's, the global parameters)."""
+    if isinstance(spec, bool) and what in FLAGS:  # true/false; a number counts as true unless 0
+        return float(spec)
     if isinstance(spec, bool) or not isinstance(spec, (int, float, list)):
         raise ValueError(f"{what}: cannot read {spec!r:.80} (a number, a list of numbers, or a list of {{filter, value}} "
                          f"entries" + ("; mergekit, too, refuses a single {filter, value} not in a list)"
