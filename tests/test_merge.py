@@ -584,7 +584,7 @@ def mergekit_merge(cfg, out):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
     run_merge(mk_config.MergeConfiguration.model_validate(cfg), str(out),
-              MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False, quiet=True))
+              MergeOptions(copy_tokenizer=False, low_cpu_memory=False, quiet=True))
     return {k: v for f in os.listdir(out) if f.endswith(".safetensors") for k, v in load_file(os.path.join(out, f)).items()}
 
 
