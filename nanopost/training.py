@@ -189,7 +189,8 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float, schedule="cosine", min_ratio=0.0) -> float:
     """Linear warmup over `warmup` steps, then cosine (or constant) down to min_ratio * base_lr.
-    step counts from 0 (the first optimizer step uses lr_at(0))."""
+    step counts from 0 (the first optimizer step uses lr_at(0) = base_lr / warmup: no step is spent at
+    lr 0, where transformers' get_scheduler starts, a step behind this)."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant":
@@ -509,6 +510,34 @@ class Progress:
             self.file.close()
 
 
+def window_metrics(window: list[dict]) -> dict:
+    """What one log line says for the steps since the last (as transformers and TRL log): losses and
+    KL the mean of the steps', rewards and log-probs the mean over the window's examples of their
+    kind, counts summed, tokens/s over the window's time; lr, grad_norm, epoch and val_loss the last
+    step's."""
+    out = dict(window[-1])
+    for key in ("loss", "kl"):
+        if key in out:
+            values = [m[key] for m in window if m.get(key) is not None]
+            out[key] = sum(values) / len(values) if values else None
+    for kind, count in (("chosen", "n_desirable"), ("rejected", "n_undesirable")):
+        n = sum(m.get(count) or 0 for m in window)
+        for key in (f"rewards/{kind}", f"logps/{kind}"):
+            if key in out:  # a step without such examples has None and a count of 0
+                out[key] = sum(m[key] * m[count] for m in window if m.get(key) is not None) / n if n else None
+    if "rewards/margins" in out:
+        both = out["rewards/chosen"] is not None and out["rewards/rejected"] is not None
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"] if both else None
+    for key in ("n_desirable", "n_undesirable", "trained_tokens"):
+        if key in out:
+            out[key] = sum(m[key] for m in window)
+    seconds = sum(m.pop("seconds") for m in window)
+    out.pop("seconds")
+    out["tokens_per_s"] = sum(m.pop("tokens") for m in window) / seconds
+    out.pop("tokens")
+    return out
+
+
 # ---- what a training script does the same way: flags, setup, the loop ----
 
 def add_training_args(p, data_help: str, row: str = "rows"):
@@ -529,7 +558,8 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps: the k-th trains at lr*k/W (transformers' scheduler: lr*(k-1)/W, from 0)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="warmup as a fraction of all steps (rounded up)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never on norms/biases)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
@@ -548,7 +578,8 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in OUT/checkpoints (at least 1)")
     p.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0 = at the end)")
-    p.add_argument("--log-every", type=int, default=1, help="log line + metrics.jsonl every N steps")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="log line + metrics.jsonl every N steps, for those N steps (losses their mean, as transformers)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a non-empty --out (its checkpoints and metrics are deleted); "
@@ -786,7 +817,7 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     log(f"training {total} steps ({steps_per_epoch}/epoch), {meta['rows_per_step']} rows x {args.max_len} tokens per "
         f"step, {world} process(es){' (FSDP2)' if run.fsdp else ' (DDP)' if world > 1 else ''}, {args.precision}, "
         f"lr {args.lr}, warmup {warmup}")
-    step, metrics = start, {}
+    step, metrics, window = start, {}, []
     with StopAtStepEnd() as stop:  # Ctrl-C: finish the step, save, exit (every rank at the same step)
         while step < total:
             epoch, k = divmod(step, steps_per_epoch)
@@ -808,15 +839,15 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_per_s = metrics.pop("tokens") / (time.time() - t0)
-            metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                           epoch=epoch + (k + 1) / steps_per_epoch)
-            if peak:
-                metrics["mfu"] = tokens_per_s * flops_per_token(run.model.config, args.max_len) / (peak * world)
+            metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch + (k + 1) / steps_per_epoch, seconds=time.time() - t0)
             if (args.eval_every and step % args.eval_every == 0) or step == total:  # the last: in metrics.jsonl too
                 if (val := val_fn()) is not None:
                     metrics["val_loss"] = val
+            window.append(metrics)
             if step % args.log_every == 0 or step == total or "val_loss" in metrics:
+                metrics, window = window_metrics(window), []
+                if peak:
+                    metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token(run.model.config, args.max_len) / (peak * world)
                 progress.log(step, **metrics)
             saved_now = args.save_every and step % args.save_every == 0 and step < total
             if saved_now:

@@ -614,3 +614,25 @@ def test_flags_a_new_user_gets_wrong(tiny, tmp_path):
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "w2", "--max-len", 64, "--max-steps", 10,
                  "--warmup-ratio", 0.95, "--lr-schedule", "constant", "--lr", 1e-3)  # 10 steps of warmup reach --lr
     assert r.returncode == 0 and "never reaches" not in r.stdout + r.stderr, r.stderr
+
+
+def test_a_log_line_averages_the_steps_since_the_last(tiny, tmp_path, baseline):
+    """--log-every N logs the mean loss of those N steps (as transformers' Trainer), not the N-th
+    step's alone; KTO's rewards and log-probs average over the window's examples of their kind."""
+    r = run_main(TRAIN, *common(tiny, tmp_path / "every2", "--log-every", 2))
+    assert r.returncode == 0, r.stderr
+    each = losses(baseline)
+    rows = [json.loads(line) for line in open(tmp_path / "every2" / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert [row["loss"] for row in rows] == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], rel=1e-6)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["final_loss"] == pytest.approx(rows[-1]["loss"])
+    steps = [{"loss": 1.0, "kl": 0.5, "rewards/chosen": 2.0, "rewards/rejected": None, "rewards/margins": None,
+              "logps/chosen": -3.0, "logps/rejected": None, "n_desirable": 3, "n_undesirable": 0, "tokens": 100,
+              "seconds": 1.0, "lr": 1.0, "grad_norm": 5.0},
+             {"loss": 3.0, "kl": None, "rewards/chosen": -2.0, "rewards/rejected": 1.0, "rewards/margins": -3.0,
+              "logps/chosen": -1.0, "logps/rejected": -7.0, "n_desirable": 1, "n_undesirable": 2, "tokens": 300,
+              "seconds": 3.0, "lr": 2.0, "grad_norm": 6.0}]
+    m = nanopost.training.window_metrics(steps)
+    assert m == pytest.approx({"loss": 2.0, "kl": 0.5, "rewards/chosen": (3 * 2.0 - 2.0) / 4, "rewards/rejected": 1.0,
+                               "rewards/margins": 0.0, "logps/chosen": (3 * -3.0 - 1.0) / 4, "logps/rejected": -7.0,
+                               "n_desirable": 4, "n_undesirable": 2, "tokens_per_s": 100.0, "lr": 2.0, "grad_norm": 6.0})
