@@ -115,6 +115,10 @@ def main(argv=None):
                      balance_note(n_d, len(examples) - n_d, args)):
             if note:
                 log(note)
+        for name, exs in (("--data", examples), ("the validation set", val)):
+            if args.loss_type == "kto" and len(exs) == 1:  # its KL pair would be itself
+                raise DataError(f"{name} holds one example: KTO pairs each prompt with another example's completion "
+                                f"for its KL estimate, so it needs two or more (the loss type apo_zero_unpaired has no KL term)")
         groups, val_groups = kto_groups(len(examples), args.batch_size, args.seed), kto_groups(len(val), args.batch_size, args.seed)
         groups_per_step = args.grad_accum * world
         steps_per_epoch, total = plan_steps(len(groups), groups_per_step, args)
@@ -167,7 +171,7 @@ def main(argv=None):
     table = {}
     if args.precompute_ref:
         key = hashlib.sha256(json.dumps({
-            "version": 3, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
+            "version": 4, "ref": ref_print, "max_len": args.max_len, "precision": args.precision,
             "device": device.type, "kl": use_kl,  # version: bump when live_reference's computation changes
             "data": [[[(e.prompt, e.completion) for e in (data[i] for i in g)] for g in gs]
                      for data, gs in ((examples, groups), (val, val_groups))]}).encode()).hexdigest()[:20]

@@ -345,11 +345,15 @@ def load_kto(paths, tok: Tokenizer, max_len: int, skip_bad_lines=False, log=prin
 
 def kto_groups(n: int, batch_size: int, seed: int) -> list[list[int]]:
     """The micro-batches of KTO: a seeded shuffle of the examples cut into groups of batch_size
-    (the last may be smaller), fixed for the whole run: the KL pairs are formed inside each group,
+    (the last may be smaller, never one example alone: that one joins the group before it, as alone
+    it would be its own KL pair), fixed for the whole run: the KL pairs are formed inside each group,
     so reference log-probs can be computed once (--precompute-ref); epochs reshuffle the groups."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(groups) > 1 and len(groups[-1]) == 1:
+        groups[-2].append(groups.pop()[0])
+    return groups
 
 
 def collate_kto(group, examples, pad_id: int, max_len: int, kl: bool = False):

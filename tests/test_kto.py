@@ -573,3 +573,19 @@ def test_out_is_never_the_ref_a_symlinked_ref_resumes_and_cut_counts_are_of_what
     m = re.search(r"of the (\d+) read, \d+ prompts and (\d+) completions cut", r.stdout)
     assert m and int(m.group(2)) <= int(m.group(1)), r.stdout
     assert re.search(rf"warning: {m.group(2)} of {m.group(1)} completions", r.stdout), r.stdout
+
+
+def test_no_micro_batch_holds_one_example_alone(tiny, tmp_path):
+    """An example alone in its micro-batch is its own KL pair (z0 its own log-ratio): the last of a
+    cut that leaves one over joins the group before it, and a set of one example is refused."""
+    for n in range(2, 30):
+        for bs in range(2, 9):
+            groups = kto_groups(n, bs, seed=n)
+            assert sorted(sum(groups, [])) == list(range(n)) and min(map(len, groups)) >= 2, (n, bs, groups)
+            assert max(map(len, groups)) <= bs + 1 and sum(len(g) == bs + 1 for g in groups) <= 1
+    assert [len(g) for g in kto_groups(7, 3, seed=0)] == [3, 4]
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "hi", "completion": "hello", "label": True}) + "\n")
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", one, "--out", tmp_path / "x", "--max-steps", 1)
+    assert r.returncode == 1 and "--data holds one example" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
