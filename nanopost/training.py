@@ -566,7 +566,8 @@ def add_training_args(p, data_help: str, row: str = "rows"):
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--precision", choices=["bf16-autocast", "fp32", "bf16"], default=None,
-                   help="bf16-autocast: float32 master weights (default on CUDA); fp32 (default on CPU); bf16: pure")
+                   help="bf16-autocast: float32 master weights (default on CUDA); fp32 (default on CPU); bf16: pure "
+                        "(weights and AdamW moments in bf16: updates under ~0.4%% of a weight round away)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state (FSDP2 fully_shard per block) "
@@ -817,6 +818,9 @@ def train(args, run, tok, total, steps_per_epoch, meta, step_fn, val_fn, rank, w
     log(f"training {total} steps ({steps_per_epoch}/epoch), {meta['rows_per_step']} rows x {args.max_len} tokens per "
         f"step, {world} process(es){' (FSDP2)' if run.fsdp else ' (DDP)' if world > 1 else ''}, {args.precision}, "
         f"lr {args.lr}, warmup {warmup}")
+    if args.precision == "bf16" and args.lr < 1e-4:  # a weight's bf16 rounding step is ~0.4% of it
+        log(f"note: --precision bf16 keeps the weights and AdamW moments in bf16; at --lr {args.lr} many updates are "
+            f"smaller than a weight's rounding step and are lost (bf16-autocast keeps float32 master weights)")
     step, metrics, window = start, {}, []
     with StopAtStepEnd() as stop:  # Ctrl-C: finish the step, save, exit (every rank at the same step)
         while step < total:

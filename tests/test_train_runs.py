@@ -636,3 +636,13 @@ def test_a_log_line_averages_the_steps_since_the_last(tiny, tmp_path, baseline):
     assert m == pytest.approx({"loss": 2.0, "kl": 0.5, "rewards/chosen": (3 * 2.0 - 2.0) / 4, "rewards/rejected": 1.0,
                                "rewards/margins": 0.0, "logps/chosen": (3 * -3.0 - 1.0) / 4, "logps/rejected": -7.0,
                                "n_desirable": 4, "n_undesirable": 2, "tokens_per_s": 100.0, "lr": 2.0, "grad_norm": 6.0})
+
+
+def test_pure_bf16_at_a_fine_tuning_lr_is_warned_of(tiny, tmp_path):
+    """Pure bf16 rounds most updates at lr 1e-5 away (weights ~0.05: a rounding step ~2e-4): said at start."""
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "b", "--max-len", 64, "--batch-size", 2,
+                 "--max-steps", 1, "--precision", "bf16", "--lr", 1e-5)
+    assert r.returncode == 0 and "many updates are smaller than a weight's rounding step" in r.stdout, r.stdout + r.stderr
+    r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "f", "--max-len", 64, "--batch-size", 2,
+                 "--max-steps", 1, "--lr", 1e-5)
+    assert r.returncode == 0 and "rounding step" not in r.stdout
