@@ -84,7 +84,14 @@ def main(argv=None):
                 continue
         messages.append({"role": "user", "content": user})
         streamer = Streamer(tok)
-        ids = tok.render(messages, add_generation_prompt=True)[0]
+        try:
+            ids = tok.render(messages, add_generation_prompt=True)[0]
+        except ValueError as e:  # a byte that is not UTF-8 in what was typed or pasted
+            messages.pop()
+            if args.prompt is not None:
+                sys.exit(f"error: {str(e).replace(f'message {len(messages)}', 'the prompt')}")
+            print(f"[{str(e).replace(f'message {len(messages)}', 'your message')}: it was not sent]", flush=True)
+            continue
         if len(ids) >= context:  # past what the model was trained on: garbage, said instead (as the server does)
             messages.pop()
             msg = f"the conversation is {len(ids)} tokens, the model's context {context}"

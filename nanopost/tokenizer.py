@@ -103,20 +103,33 @@ class Tokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self._encode(text).ids
+
+    def _encode(self, text: str, where="the text", offset=0):
+        try:
+            return self.tok.encode(text, add_special_tokens=False)
+        except TypeError:  # tokenizers' message ("TextInputSequence must be str") for a lone surrogate
+            bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None) if isinstance(text, str) else None
+            if bad is None:
+                raise
+            raise ValueError(f"{where} is not valid Unicode text: a lone surrogate U+{ord(text[bad]):04X} at character "
+                             f"{bad - offset}{' (a byte that is not UTF-8, read leniently)' if text[bad] >= chr(0xDC80) else ''}") from None
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _with_system(self, messages) -> tuple[list, bool]:
+        """The messages as the template renders them: the default system prompt first where none is."""
+        messages = list(messages)
+        added = (not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "system") \
+            and self.default_system is not None
+        return ([{"role": "system", "content": self.default_system}] if added else []) + messages, added
 
     def render(self, messages, add_generation_prompt=False) -> tuple[list[int], list[bool]]:
         """Chat messages [{"role", "content"}] -> (ids, mask), mask True on the tokens SFT trains
         on: each assistant turn's content and its closing <|im_end|> (not the newline after); an
         assistant turn marked "train": False is context only (a prompt's turns, data.to_messages)."""
-        messages = list(messages)
-        added = (not messages or not isinstance(messages[0], dict) or messages[0].get("role") != "system") \
-            and self.default_system is not None
-        if added:
-            messages.insert(0, {"role": "system", "content": self.default_system})
+        messages, added = self._with_system(messages)
         ids, mask = [], []
         nl = self.encode("\n")
         for i, m in enumerate(messages):
@@ -126,7 +139,7 @@ class Tokenizer:
             # header and content are encoded as one string, as the template renders them: content
             # that starts with whitespace can merge with the header's newline into one token
             head = role + "\n"
-            enc = self.tok.encode(head + content, add_special_tokens=False)
+            enc = self._encode(head + content, f"message {i - added}'s content", len(head))
             trained = trained_turn(m)
             train = [trained and end > len(head) for _, end in enc.offsets]
             ids += [self.im_start] + enc.ids + [self.im_end] + nl
@@ -138,7 +151,11 @@ class Tokenizer:
         return ids, mask
 
     def render_text(self, messages, add_generation_prompt=False) -> str:
-        return self.decode(self.render(messages, add_generation_prompt)[0], skip_special_tokens=False)
+        """The template's text (apply_chat_template(tokenize=False)): the content as given, where
+        decoding render()'s ids would show it NFC-normalised."""
+        self.render(messages, add_generation_prompt)  # (its checks)
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in self._with_system(messages)[0])
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
     def show(self, ids, mask) -> str:
         """A conversation as text, trained tokens wrapped in ANSI green: what the loss sees."""

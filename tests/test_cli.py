@@ -25,6 +25,20 @@ def test_chat_interactive_reset_and_quit(tiny):
     assert r.stdout.count("> ") == 4
 
 
+def test_chat_says_a_message_with_a_byte_that_is_not_utf8_was_not_sent_and_goes_on(tiny):
+    """One pasted Latin-1 line ended the session with a TypeError traceback, its history lost."""
+    r = subprocess.run([sys.executable, "-m", "nanopost.chat", "--model", tiny, "--max-new-tokens", "4"],
+                       input=b"hi \xff\nhi\n/quit\n", capture_output=True, timeout=120)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and "Traceback" not in r.stderr.decode(), r.stderr
+    assert "[your message's content is not valid Unicode text: a lone surrogate U+DCFF at character 3" in out, out
+    model, tok = nanopost.load(tiny)
+    assert out.count(Engine(model, tok).generate(["hi"], Sampling(max_new_tokens=4))[0]) == 1  # the next line answered
+    r = subprocess.run([sys.executable, "-m", "nanopost.chat", "--model", tiny, "--prompt", b"hi \xff"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.decode().startswith("error: the prompt's content is not valid Unicode"), r.stderr
+
+
 def test_chat_skips_empty_lines_and_says_when_a_message_is_past_the_context(tiny):
     """An empty line was sent as an empty turn; a prompt past max_position_embeddings (2048 here) was
     answered (garbage) with no word, where the server refuses it as context_length_exceeded."""

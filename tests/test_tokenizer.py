@@ -21,6 +21,7 @@ CHATS = [
     [{"role": "user", "content": "\n\nstarts with newlines"}, {"role": "assistant", "content": "  two spaces\n"},
      {"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光\n疑是地上霜"}],
     [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint('x')\n```"}],
+    [{"role": "user", "content": "cafe\u0301 \u05e9\u05b8\u05dc\u05d5\u05b9\u05dd"}],  # not NFC: the text is kept as given
 ]
 
 
@@ -135,6 +136,17 @@ def test_a_bad_message_is_numbered_as_the_caller_wrote_it(tiny):
         tok.render([{"role": "user", "content": None}])
     with pytest.raises(ValueError, match="^message 1: "):
         tok.render([{"role": "user", "content": "hi"}, "not a message"])
+
+
+def test_text_that_is_not_unicode_is_named_with_its_place(tiny):
+    """A byte that is not UTF-8, read leniently (stdin, argv: surrogateescape), is a lone surrogate:
+    tokenizers raised a TypeError about types; now a ValueError saying where in the content."""
+    tok = Tokenizer(tiny)
+    with pytest.raises(ValueError, match=r"^message 1's content is not valid Unicode text: a lone surrogate U\+DCFF at "
+                                         r"character 3 \(a byte that is not UTF-8"):
+        tok.render([{"role": "user", "content": "ok"}, {"role": "user", "content": "hi \udcff"}])
+    with pytest.raises(ValueError, match=r"U\+D800 at character 1$"):
+        tok.encode("a\ud800")
 
 
 def test_mask_marks_assistant_content_and_im_end_only(tiny):
