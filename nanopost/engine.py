@@ -647,8 +647,8 @@ class Engine:
                     seen[b, t] = True
                 if len(out[i]) >= limits[i]:
                     done[i] = True
-                elif s.stop:  # decode only a short tail: cost does not grow with the output
-                    done[i] = any(x in self.tok.decode(out[i][-stop_tail:]) for x in s.stop)
+                elif s.stop:
+                    done[i] = stop_in_tail(self.tok, out[i], s.stop, stop_tail)
             for b in running:
                 if done[slot[b]]:
                     if on_done is not None:
@@ -726,6 +726,14 @@ class Engine:
         if p and isinstance(p[0], dict):
             return self.tok.render(p, add_generation_prompt=True)[0]
         return list(p)
+
+
+def stop_in_tail(tok, ids, stop, tail: int) -> bool:
+    """Whether the last `tail` tokens hold a stop string, decoding only those (cost does not grow
+    with the output). The window's ends may cut a character (U+FFFD there): stripped, as a stop
+    matches whole characters only ("\ufffd" as a stop matched a character still arriving)."""
+    window = tok.decode(ids[-tail:]).strip("\ufffd")
+    return any(x in window for x in stop)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -137,8 +137,9 @@ class Request:
         text = self.text + tail
         if not tail.endswith("\ufffd"):  # an unfinished UTF-8 character decodes to U+FFFD
             self.text, self.decoded = text, len(self.new)
-        reply = cut_at_stop(text, self.sampling.stop)
-        if eos or len(reply) < len(text) or (done and len(self.new) < self.max_tokens):
+        seen = text if done else self.text  # stop strings match whole characters only (a "\ufffd" stop too)
+        reply = cut_at_stop(seen, self.sampling.stop)
+        if eos or len(reply) < len(seen) or (done and len(self.new) < self.max_tokens):
             self.finish(reply, "stop")  # eos, a stop string (the engine may see one first, mid-character)
         elif len(self.new) >= self.max_tokens:  # the engine also marks a row done at its token limit
             self.finish(reply, "length")

@@ -249,8 +249,11 @@ def test_stop_strings_with_shared_prefix_and_a_queue(eng32):
     model, tok = eng32.model, eng32.tok
     prompts = shared_prompts(tok)
     full = [tok.decode(naive(model, p, 16, tok.eos_ids)) for p in prompts]
-    stops = [full[1][4:7], full[7][2:5]]
-    assert all(stops)
+    # whole characters of two replies (a random model's text has U+FFFD for bytes that are not
+    # UTF-8: a stop ending in one is matched a token later, when it is known not to be a character
+    # still arriving; test_serve has those)
+    stops = [full[1][4:7], full[7][:2]]
+    assert all(len(x) >= 2 and "\ufffd" not in x for x in stops), (stops, full[1], full[7])
     s = Sampling(max_new_tokens=16, stop=stops)
     got = Engine(model, tok).generate(prompts, s, batch_size=4)
     assert got == [cut_at_stop(f, stops) for f in full]

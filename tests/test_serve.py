@@ -544,3 +544,23 @@ def test_model_arg_names(tiny, tmp_path):
     assert model_arg("Qwen/Qwen2-0.5B-Instruct") == ("Qwen/Qwen2-0.5B-Instruct",) * 2
     assert model_arg("runs/lr=1e-3") == ("runs/lr=1e-3",) * 2  # a missing folder: its error names it whole
     assert model_arg("base=Qwen/Qwen2-0.5B-Instruct") == ("base", "Qwen/Qwen2-0.5B-Instruct")
+
+
+def test_a_stop_string_matches_whole_characters_only(tiny):
+    """A character split over byte tokens decodes to U+FFFD until its last byte: a "\\ufffd" stop
+    matched that placeholder and cut "a🙂b" to "a" (finish_reason stop) in both the server's row and
+    the engine's window; and the window's start may cut a character too."""
+    from nanopost.engine import stop_in_tail
+    tok = nanopost.Tokenizer(tiny)
+    ids = tok.encode("a🙂b")
+    assert len(ids) > 3 and tok.decode(ids[:2]).endswith("\ufffd")  # the emoji is several byte tokens here
+    r = serve.Request("m", [1], Sampling(stop=["\ufffd"]), 64, True, tok)
+    for i, t in enumerate(ids):
+        r.push(t, i == len(ids) - 1)
+    events = []
+    while not r.events.empty():
+        events.append(r.events.get())
+    assert "".join(e[1] for e in events if e[0] == "text") == "a🙂b" and events[-1][:3] == ("done", "stop", "a🙂b")
+    assert not any(stop_in_tail(tok, ids[:n], ["\ufffd"], 8) for n in range(1, len(ids) + 1))
+    assert not stop_in_tail(tok, ids, ["\ufffd"], len(ids) - 2)  # a window starting mid-emoji
+    assert stop_in_tail(tok, ids, ["🙂b"], 8) and stop_in_tail(tok, tok.encode("x\ufffdy"), ["\ufffd"], 8)
