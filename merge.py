@@ -163,7 +163,7 @@ def read_config_file(path: str) -> dict:
         bad = set(params or {}) - {"t", "normalize", "weight", "density", "int8_mask", "rescale"}
         if bad:
             raise MergeError(f"{path}: {where}unsupported parameters {sorted(bad)}")
-    cfg["weights_required"] = True  # as mergekit: a config gives every model its weight (flags default to 1)
+    cfg["weights_required"] = True  # as mergekit (only --models without --weights weighs each model 1)
     return cfg
 
 

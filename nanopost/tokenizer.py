@@ -112,8 +112,9 @@ class Tokenizer:
             bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None) if isinstance(text, str) else None
             if bad is None:
                 raise
+            byte = " (a byte that is not UTF-8, read leniently)" if text[bad] >= "\udc80" else ""
             raise ValueError(f"{where} is not valid Unicode text: a lone surrogate U+{ord(text[bad]):04X} at character "
-                             f"{bad - offset}{' (a byte that is not UTF-8, read leniently)' if text[bad] >= chr(0xDC80) else ''}") from None
+                             f"{bad - offset}{byte}") from None
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

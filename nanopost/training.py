@@ -531,10 +531,8 @@ def window_metrics(window: list[dict]) -> dict:
     for key in ("n_desirable", "n_undesirable", "trained_tokens"):
         if key in out:
             out[key] = sum(m[key] for m in window)
-    seconds = sum(m.pop("seconds") for m in window)
-    out.pop("seconds")
-    out["tokens_per_s"] = sum(m.pop("tokens") for m in window) / seconds
-    out.pop("tokens")
+    del out["seconds"], out["tokens"]
+    out["tokens_per_s"] = sum(m["tokens"] for m in window) / sum(m["seconds"] for m in window)
     return out
 
 
