@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,7 +78,10 @@ MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request; characters per s
 UNSUPPORTED = {"n": (1,), "logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": (),
                "functions": (), "presence_penalty": (0,), "frequency_penalty": (0,),
                "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),  # (no tools: auto is none)
-               "function_call": ("none", "auto")}
+               "function_call": ("none", "auto"), "modalities": (["text"],)}
+READ = {"model", "messages", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_tokens",
+        "max_completion_tokens", "stop", "stream", "stream_options"}
+IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  # change no reply
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "compare.html")
 
@@ -344,6 +348,9 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
     messages = [{"role": m["role"], "content": _content(m, i)} for i, m in enumerate(messages)]
+    for key in body:  # as OpenAI: a typo (temprature) or another server's field (min_p, ignore_eos) is refused,
+        if key not in READ | IGNORED | UNSUPPORTED.keys():  # not answered as if it were absent
+            raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
     for key, no_op in UNSUPPORTED.items():
         if body.get(key) is not None and body[key] not in no_op:
             raise ApiError(400, f"{key}={body[key]!r} is not supported by nanopost.serve", param=key)
@@ -366,6 +373,11 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     stream, options = body.get("stream") or False, body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
+    if options and not stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, f"stream_options must be {{\"include_usage\": true or false}}, got {options!r:.80}",
+                       param="stream_options")
 
     ids = w.engine.encode_prompt(messages)
     room = w.context - len(ids)
@@ -377,7 +389,7 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     if temperature == 0:  # greedy: the other sampling fields change nothing, so they do not split batches
         top_p, top_k, seed = 1.0, 0, None
     s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed, stop=stop)
-    return Request(name, ids, s, max_tokens, stream, w.tok, bool(options.get("include_usage")))
+    return Request(name, ids, s, max_tokens, stream, w.tok, options.get("include_usage", False))
 
 
 # ---- HTTP ----
@@ -391,9 +403,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.app.log_requests:
             super().log_message(format, *args)
 
-    def send_json(self, status, obj):
+    def send_json(self, status, obj, **headers):
         data = json.dumps(obj, ensure_ascii=False).encode()
         self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -453,28 +467,43 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         app = self.server.app
         try:
-            if self.path.split("?")[0] in ("/", "/index.html"):  # before the key check: the page asks for it
+            path = self.path.split("?")[0]  # a query string (?api-version=) names no other route
+            if path in ("/", "/index.html"):  # before the key check: the page asks for it
                 return self.send_page()
             self.check_auth()
-            if self.path == "/v1/results":
+            if path == "/v1/results":
                 return self.send_json(200, app.results)
-            if self.path == "/health":
+            if path == "/health":
                 return self.send_json(200, {"status": "ok"})
-            if self.path == "/v1/models":
-                return self.send_json(200, {"object": "list", "data": [
-                    {"id": n, "object": "model", "created": app.created, "owned_by": "nanopost", "root": w.path,
-                     "max_model_len": w.context} for n, w in app.workers.items()]})
-            raise ApiError(404, f"no route GET {self.path}: try /, /v1/models, /v1/results or /health")
+            models = {n: {"id": n, "object": "model", "created": app.created, "owned_by": "nanopost", "root": w.path,
+                          "max_model_len": w.context} for n, w in app.workers.items()}
+            if path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": list(models.values())})
+            if path.startswith("/v1/models/"):  # the openai client's models.retrieve
+                name = urllib.parse.unquote(path.removeprefix("/v1/models/"))
+                if name not in models:
+                    raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(models)}",
+                                   param="model", code="model_not_found")
+                return self.send_json(200, models[name])
+            raise ApiError(404, f"no route GET {path}: try /, /v1/models, /v1/results or /health")
         except ApiError as e:
             self.send_json(e.status, e.body)
+
+    def not_allowed(self):  # (http.server's own answer is an HTML 501 page)
+        self.close_connection = True  # a body it may carry is not read
+        e = ApiError(405, f"method {self.command} is not allowed: GET /v1/models, /v1/results, /health or /, "
+                          f"and POST /v1/chat/completions")
+        self.send_json(e.status, e.body, Allow="GET, POST")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = not_allowed
 
     def do_POST(self):
         app = self.server.app
         try:
             raw = self.read_body()  # before any reply: an unread body would be taken for the next request
             self.check_auth()
-            if self.path != "/v1/chat/completions":
-                raise ApiError(404, f"no route POST {self.path}: try /v1/chat/completions")
+            if self.path.split("?")[0] != "/v1/chat/completions":
+                raise ApiError(404, f"no route POST {self.path.split('?')[0]}: try /v1/chat/completions")
             try:
                 body = json.loads(raw)
             except ValueError as e:

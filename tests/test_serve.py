@@ -140,6 +140,14 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     # fields nanopost cannot honour are refused, not ignored (a client asking for JSON got free text)
     ({"response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"tool_choice": "required"}, 400, "tool_choice"),
+    # a field it does not read at all was answered as if absent: a typo (the reply ran to 512 tokens),
+    # another server's sampling field (vLLM's min_p, ignore_eos), an option for a stream not asked for
+    ({"extra_body": {"max_token": 1}}, 400, "max_token"),
+    ({"extra_body": {"temprature": 2.0}}, 400, "temprature"),
+    ({"extra_body": {"min_p": 0.9}}, 400, "min_p"),
+    ({"extra_body": {"ignore_eos": True}}, 400, "ignore_eos"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -156,7 +164,8 @@ def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
     c, want = client(server), greedy(engines["a"], "hi", 4)
     for kw in ({"logit_bias": {}}, {"top_logprobs": 0}, {"logprobs": False, "n": 1, "presence_penalty": 0},
                {"response_format": {"type": "text"}, "tool_choice": "none"}, {"tool_choice": "auto"},
-               {"temperature": 1e-40, "top_p": 0.5}):
+               {"temperature": 1e-40, "top_p": 0.5}, {"user": "u1", "store": False, "metadata": {"k": "v"}},
+               {"modalities": ["text"]}):
         assert chat(c, "hi", max_tokens=4, **kw)[0] == want, kw
     assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None
 
@@ -564,3 +573,27 @@ def test_a_stop_string_matches_whole_characters_only(tiny):
     assert not any(stop_in_tail(tok, ids[:n], ["\ufffd"], 8) for n in range(1, len(ids) + 1))
     assert not stop_in_tail(tok, ids, ["\ufffd"], len(ids) - 2)  # a window starting mid-emoji
     assert stop_in_tail(tok, ids, ["🙂b"], 8) and stop_in_tail(tok, tok.encode("x\ufffdy"), ["\ufffd"], 8)
+
+
+def test_models_retrieve_query_strings_and_other_methods(server):
+    """models.retrieve (GET /v1/models/{id}) was a 404 for a served model, a query string (a proxy's
+    ?api-version=) a 404 for every route, and PUT/OPTIONS/DELETE an HTML 501 page."""
+    c = client(server)
+    assert c.models.retrieve("a").id == "a"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("GET", "/v1/models?limit=5")
+    r = conn.getresponse()
+    assert r.status == 200 and {"a", "b"} <= {m["id"] for m in json.loads(r.read())["data"]}
+    conn.request("POST", "/v1/chat/completions?api-version=1", json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["choices"][0]["finish_reason"] in ("stop", "length")
+    for method in ("PUT", "OPTIONS", "DELETE", "PATCH"):
+        conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+        conn.request(method, "/v1/chat/completions")
+        r = conn.getresponse()
+        assert r.status == 405 and r.getheader("Content-Type") == "application/json" and r.getheader("Allow") == "GET, POST"
+        assert json.loads(r.read())["error"]["type"] == "invalid_request_error"
