@@ -1,8 +1,9 @@
 """Near-duplicate detection with SimHash (Charikar 2002; the banded index is Manku et al. 2007's).
 
-A text becomes a 64-bit fingerprint: its features (shingles: k consecutive lowercase words, or
-k consecutive characters) are each hashed to 64 bits, and bit j of the fingerprint is 1 where
-more features have bit j set than not. Texts that share most features get fingerprints that
+A text becomes a 64-bit fingerprint: its distinct features (shingles: k consecutive lowercase
+words, or k consecutive characters; a set, as MinHash's, so a span repeated many times counts
+once) are each hashed to 64 bits, and bit j of the fingerprint is 1 where more features have bit
+j set than not. Texts that share most features get fingerprints that
 differ in few bits, so "Hamming distance <= threshold" means near-duplicate. Unrelated texts
 differ in about 32 bits.
 
@@ -21,9 +22,11 @@ import numpy as np
 
 # a word: a run of word characters, except that Chinese and Japanese characters, written without
 # spaces between words, are one token each (else a whole clause is one token, and two clauses that
-# differ in one character share no feature)
+# differ in one character share no feature); and an arithmetic or comparison sign is a word of its
+# own ("12 + 5" and "12 * 5" are different questions)
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+_OPS = "+\\-*/=<>^%\u00d7\u00f7"
+WORD = re.compile(rf"[{_CJK}]|[{_OPS}]|[^\W{_CJK}]+")
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
@@ -36,7 +39,8 @@ def _mix(x):
 
 
 def tokens(text: str, unit: str = "word") -> list[str]:
-    """Lowercase words (punctuation and spacing ignored; a Chinese or Japanese character is a word),
+    """Lowercase words (punctuation and spacing ignored, but + - * / = < > ^ % × ÷ are words; a Chinese
+    or Japanese character is a word),
     or the characters of the whitespace-collapsed lowercase text; NFKC-normalised first (a composed
     and a decomposed "é", full- and half-width forms, are the same)."""
     text = unicodedata.normalize("NFKC", text).lower()
@@ -68,6 +72,8 @@ def simhash(texts, shingle: int = 3, unit: str = "word") -> np.ndarray:
         feat = _mix(h[:n].copy())  # mixed before the next token joins: "a b" and "b a" differ
         for j in range(1, min(shingle, len(h))):
             feat = _mix(feat ^ h[j:j + n])
+        feat = np.unique(feat)  # a set: "la la la ..." is one feature, not a majority of the bits
+        n = len(feat)
         bits = np.unpackbits(feat.view(np.uint8)).reshape(n, 64)  # (features, 64)
         out[i] = np.packbits(2 * bits.sum(0, dtype=np.int64) > n).view(np.uint64)[0]
     return out
