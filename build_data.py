@@ -19,7 +19,8 @@ The eight stages of the paper's pipeline, one section each below:
                `question`/`answer` as in GSM8K, whose '#### N' becomes the gold answer), normalise;
                --synthesize N: the teacher also writes N new instructions over --categories
   2 classify   a first category from a readable table of rules (RULES)
-  3 dedup      SimHash near-duplicate removal (nanopost/dedup.py: 64-bit fingerprints, banded index)
+  3 dedup      SimHash near-duplicate removal (nanopost/dedup.py: 64-bit fingerprints, banded index),
+               among rows with the same system prompt; a row with a gold answer, else a response, is kept
   4 label      the teacher labels a primary category (from --categories) and a secondary topic, as
                strict JSON; a bad reply is retried, then counted and the row keeps its rule category
                (--drop-unlabelled drops it instead)
@@ -274,6 +275,23 @@ def example_id(prompt) -> str:
 
 def instruction_text(prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt if m["role"] == "user")
+
+
+def near_duplicates(ids, by_id, texts, fps, threshold) -> dict:
+    """id -> the id of the kept instruction it near-duplicates, or None. Only instructions with the
+    same system prompt and assistant turns are compared (the same question in Japanese and in French
+    is two), and of near-duplicates the one with a gold answer, else with a response, is kept, else
+    the first: what is kept does not depend on the order of the source lines."""
+    groups = {}
+    for k, i in enumerate(ids):
+        context = json.dumps([m for m in by_id[i]["prompt"] if m["role"] != "user"], sort_keys=True)
+        groups.setdefault(context, []).append(k)
+    out = {}
+    for members in groups.values():
+        members.sort(key=lambda k: (by_id[ids[k]]["gold"] is None, by_id[ids[k]]["response"] is None))  # stable
+        dup = dedup.duplicate_of(fps[members], threshold, ignore=[not dedup.tokens(texts[k]) for k in members])
+        out.update({ids[k]: None if d is None else ids[members[d]] for k, d in zip(members, dup)})
+    return out
 
 
 class StageFile:
@@ -790,10 +808,10 @@ def build(args):
         if todo:  # the decision needs every fingerprint; recomputing them is cheap, and the same each time
             texts = [instruction_text(by_id[i]["prompt"]) for i in ids]
             fps = dedup.simhash(texts, args.dedup_shingle)  # texts without a word ("?", "...") all get 0: never duplicates
-            dup = dedup.duplicate_of(fps, args.dedup_threshold, ignore=[not dedup.tokens(t) for t in texts])
+            dup = near_duplicates(ids, by_id, texts, fps, args.dedup_threshold)
             for k, i in enumerate(tqdm(ids, desc="3 dedup")):
                 if i not in f3.rows:
-                    f3.add({"key": i, "simhash": f"{int(fps[k]):016x}", "duplicate_of": None if dup[k] is None else ids[dup[k]]})
+                    f3.add({"key": i, "simhash": f"{int(fps[k]):016x}", "duplicate_of": dup[i]})
         timed(3, len(todo), t0)
     ids3 = [r["key"] for r in f3.require(ids, "dedup") if r["duplicate_of"] is None]
     rep["counts"]["3 dedup"] = (len(ids), len(ids3), f"{len(ids) - len(ids3)} near-duplicates "
@@ -887,7 +905,8 @@ def build(args):
                     continue
                 # a teacher reply cut off at --max-new-tokens failed its check ("truncated"); the student's
                 # is kept, marked, and may only ever be the worst response of its item
-                responses = [{"source": src, "text": x.strip(), **({"truncated": True} if cut else {})}
+                responses = [{"source": src, "text": x if src == "original" else x.strip(),  # a source's: verbatim
+                              **({"truncated": True} if cut else {})}
                              for src, x, cut in (("original", by_id[i]["response"], False), ("teacher", t, False),
                                                  ("student", s, s_cut)) if x and x.strip()]
                 f6.add({"key": i, "responses": responses, "failures": fl})

@@ -937,3 +937,35 @@ def test_a_source_in_out_or_a_bad_cache_is_refused_before_any_write(tiny, tmp_pa
     r = run_main(SCRIPT, *args[:-len(FAST)], "--sources", ok, "--out", killed, *FAST, "--stages", "1", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert "args.json.tmp" not in os.listdir(killed) and (killed / "1_ingest.jsonl").exists()
+
+
+def test_near_duplicates_keep_the_row_with_gold_only_within_one_system_prompt_and_sources_stay_verbatim(tiny, tmp_path):
+    """Of two near-duplicate lines (punctuation apart), the first was kept even when only the second
+    had the gold answer: the result changed with the order of the lines. The same question under
+    another system prompt was dropped as a duplicate. Stage 6 stripped the sources' responses again
+    (code lost its first indent in sft.jsonl)."""
+    plain = '{"prompt": "Rita fills 52 boxes with 7 shells each and gives 5 boxes away. How many shells are left?"}'
+    gold = ('{"question": "Rita fills 52 boxes with 7 shells each, and gives 5 boxes away; how many shells are left?", '
+            '"answer": "47 * 7 = 329\\n#### 329"}')
+    systems = ('{"messages": [{"role": "system", "content": "Reply only in %s."}, {"role": "user", "content": '
+               '"Describe your favourite season and say why you like it."}]}')
+    kept = {}
+    for name, lines in (("fwd", [plain, gold]), ("rev", [gold, plain])):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("\n".join(lines + [systems % "French", systems % "Japanese"]) + "\n")
+        r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", tmp_path / name, *FAST,
+                     "--stages", "1-3")
+        assert r.returncode == 0, r.stderr
+        ingest = {x["key"]: x for x in map(json.loads, read(tmp_path / name / "1_ingest.jsonl").splitlines())}
+        rows = [json.loads(x) for x in read(tmp_path / name / "3_dedup.jsonl").splitlines()]
+        kept[name] = sorted((ingest[x["key"]]["prompt"][0]["content"][:20], ingest[x["key"]]["gold"])
+                            for x in rows if x["duplicate_of"] is None)
+    assert kept["fwd"] == kept["rev"] == [("Reply only in French", None), ("Reply only in Japane", None),
+                                          ("Rita fills 52 boxes ", "329")], kept
+    src = tmp_path / "code.jsonl"
+    src.write_text(json.dumps({"prompt": "Complete the body of this Python function:\ndef f(x):",
+                               "completion": "    y = x + 1\n    return y"}) + "\n")
+    r = run_main(SCRIPT, "--teacher", tiny, "--student", tiny, "--sources", src, "--out", tmp_path / "code", *FAST)
+    assert r.returncode == 0, r.stderr
+    responses = json.loads(read(tmp_path / "code" / "6_respond.jsonl"))["responses"]
+    assert {"source": "original", "text": "    y = x + 1\n    return y"} in responses
