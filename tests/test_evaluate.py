@@ -816,13 +816,27 @@ def test_humaneval_passes_only_when_check_returns():
         assert not ok and pred != "pass", (leave, pred)
 
 
+def test_a_raw_completion_ends_at_its_first_top_level_line():
+    """A right body followed by a self-test that fails, a top-level `if`, or a closing code fence
+    failed in raw mode; the completion is the function the prompt opened, up to its first line at
+    column 0 (the docstring's rule; the Codex stop list cuts at def, class, if, print and #)."""
+    from nanopost.tasks import humaneval
+    raw = {**ADD, "mode": "raw"}
+    for tail in ("\n\nif True:\n    raise SystemExit(1)", "\n\nfor n in [1]:\n    assert add(n, n) == 3",
+                 "\n```\n\nThis function adds.", "\nprint(add(1, 2))", "\n\n\n\t\nadd = None"):
+        assert humaneval.score(raw, "    return a + b\n" + tail) == ("pass", True), tail
+    assert humaneval.raw_body("    x = 1\n\n    return x\nfoo()\n    more") == "    x = 1\n\n    return x"
+    assert humaneval.raw_body("def g(): pass") == ""  # a first line at column 0 is no body of the prompt's function
+    assert humaneval.score(raw, "    return a - b\nprint(1)")[1] is False
+
+
 def test_a_reply_cannot_finish_into_the_tests():
     """The tests follow the solution in one file: a reply that ends in a dangling decorator would
     decorate the tests' `def check` into a function that checks nothing (blank lines may stand
     between a decorator and its def). A solution that does not compile on its own fails."""
     from nanopost.tasks import humaneval
     dangling = "@lambda f: lambda candidate: None"
-    pred, ok = humaneval.score({**ADD, "mode": "raw"}, f"    return None\n{dangling}\n")
+    pred, ok = humaneval.score({**ADD, "mode": "raw"}, f"    return None\n    {dangling}\n")  # (at column 0: cut off)
     assert not ok and "does not compile on its own" in pred
     pred, ok = humaneval.score({**ADD, "mode": "chat"}, f"```python\n{WRONG}\n{dangling}\n```")
     assert not ok and "does not compile on its own" in pred

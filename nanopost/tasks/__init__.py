@@ -14,7 +14,7 @@ SHOTS = {"gsm8k": 4, "mmlu": 0, "cmmlu": 0, "ceval": 0}  # default exemplars per
 NEW_TOKENS = {"gsm8k": 256, "mmlu": 256, "cmmlu": 256, "ceval": 256, "humaneval": 768}
 # The scoring protocol: bump it whenever a prompt, a stop string, an extraction, a scorer or the
 # model's outputs for a checkpoint (how its files are read) change, so that evaluate.py never reuses cached predictions made under another one.
-PROTOCOL = 15  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
+PROTOCOL = 16  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading zeros; "correct option is X". 6: helpers carried only when used, stricter option rule.
 # 7: helpers in source order, star imports, `x[0] = ...` binds nothing, parenthesized __future__; "correct option is A because"
 # 8: HumanEval: the prompt's helpers the tests call restated after the reply; correct = the scorer's verdict (a failure whose last error line read "pass" counted)
 # 9: HumanEval: a solution must compile on its own (a trailing decorator took the tests' check); letters: "Answer choice A is
@@ -36,6 +36,8 @@ PROTOCOL = 15  # 5: HumanEval ~~~/indented fences, unfenced code; GSM8K leading 
 #     token limit while listing options ("each option:\n\nA. Live virus") has not answered A
 # 15: HumanEval: a reply's code is cut into lines where Python ends them (a form feed or U+2028 in a string
 #     shifted a carried helper's lines: a right solution failed)
+# 16: HumanEval raw mode: the completion ends at its first top-level line (a self-test loop, an `if`, a closing
+#     fence after a right body failed it), and generation also stops at "\nif " and "\n```"
 
 
 def load(name: str, data_dir: str, shots: int | None = None, humaneval_mode: str = "chat"):

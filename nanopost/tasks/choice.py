@@ -16,7 +16,8 @@ SPLITS = {"mmlu": "test", "cmmlu": "test", "ceval": "val"}
 HEAD = {"mmlu": "The following are multiple choice questions (with answers) about {name}.\n\n",
         "cmmlu": "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n",
         "ceval": "以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"}
-# each benchmark's own question layout (Hendrycks' MMLU code, CMMLU's src/mp_utils.py, C-Eval's evaluators):
+# each benchmark's own question layout (Hendrycks' MMLU code, but one space after "about" as lm-evaluation-harness:
+# his format_subject puts two; CMMLU's src/mp_utils.py, C-Eval's evaluators):
 # MMLU's exemplar answers follow a space ("Answer: B"), CMMLU's and C-Eval's follow the colon ("答案是：B")
 QUESTION = {"mmlu": "", "cmmlu": "题目：", "ceval": ""}
 ANSWER = {"mmlu": "Answer:", "cmmlu": "答案是：", "ceval": "答案："}
