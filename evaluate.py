@@ -139,8 +139,8 @@ def summarize(preds, over_subjects=False):
     def groups(rows, key):
         out = {}
         for r in rows:
-            if key in r:
-                out.setdefault(r[key], []).append(r)
+            for k in ([r[key]] if key in r else []) + (r.get("also", []) if key == "category" else []):
+                out.setdefault(k, []).append(r)  # (a CMMLU question can be in two categories: its own scripts')
         return out
 
     def acc(rows):
@@ -404,7 +404,7 @@ def main(argv=None):
 
                 def record(e, o, correct):  # one finished question: into the cache file at once, so a crash loses little
                     row = {"id": e["id"], "answer": e["answer"], "correct": bool(correct), **o,
-                           **{k: e[k] for k in ("subject", "category") if k in e}}
+                           **{k: e[k] for k in ("subject", "category", "also") if k in e}}
                     with writing(cache_file):
                         cache.write(json.dumps(row, ensure_ascii=False) + "\n")
                         cache.flush()

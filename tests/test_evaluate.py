@@ -395,6 +395,18 @@ def test_cmmlu_and_ceval_average_over_subjects_mmlu_over_questions():
     assert means["accuracy"] == round((75 + 0 + 100) / 3, 2) and means["by_category"] == {"Other": 100.0, "STEM": 37.5}
     assert means["by_subject"] == pooled["by_subject"] == {"a": 75.0, "b": 0.0, "c": 100.0} and means["n"] == 6
     assert choice.OVER_SUBJECTS == {"cmmlu", "ceval"}
+    # CMMLU's scripts also report "China specific", over 15 subjects that each have another category too
+    preds[-1]["also"] = ["China specific"]
+    assert summarize(preds, over_subjects=True)["by_category"] == {"China specific": 100.0, "Other": 100.0, "STEM": 37.5}
+    assert len(choice.ALSO["cmmlu"]["China specific"]) == 15
+
+
+def test_cmmlu_questions_carry_their_second_category(tmp_path):
+    for subject in ("chinese_history", "anatomy"):
+        (tmp_path / "cmmlu" / "test").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cmmlu" / "test" / f"{subject}.csv").write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,A\n")
+    got = {e["subject"]: (e["category"], e.get("also")) for e in choice.load("cmmlu", str(tmp_path))}
+    assert got == {"chinese_history": ("Humanities", ["China specific"]), "anatomy": ("STEM", None)}
 
 
 def test_out_inside_a_checkpoint_folder_is_refused(tmp_path, tiny, data_dir):

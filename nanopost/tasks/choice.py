@@ -22,6 +22,13 @@ HEAD = {"mmlu": "The following are multiple choice questions (with answers) abou
 QUESTION = {"mmlu": "", "cmmlu": "题目：", "ceval": ""}
 ANSWER = {"mmlu": "Answer:", "cmmlu": "答案是：", "ceval": "答案："}
 SPACE = {"mmlu": " ", "cmmlu": "", "ceval": ""}
+# a second category a benchmark's own scripts report for some subjects (CMMLU's src/categories.py), whatever
+# mapping.json gives as their first
+ALSO = {"cmmlu": {"China specific": {
+    "ancient_chinese", "chinese_civil_service_exam", "chinese_driving_rule", "chinese_food_culture",
+    "chinese_foreign_policy", "chinese_history", "chinese_literature", "chinese_teacher_qualification",
+    "construction_project_management", "elementary_chinese", "elementary_commonsense", "ethnology",
+    "high_school_politics", "modern_chinese", "traditional_chinese_medicine"}}}
 OVER_SUBJECTS = {"cmmlu", "ceval"}  # accuracy = the mean of the subjects' (their scripts); MMLU's pools all questions
 
 
@@ -111,7 +118,9 @@ def load(task: str, data_dir: str, shots: int = 0):
                 raise ValueError(f"{task} {subject}: --shots {shots}, but its dev split has {len(exemplars)} questions")
             prefix += "".join(format_question(task, q, o, a) for q, o, a in exemplars[:shots])
         for i, (q, opts, ans) in enumerate(read_csv(task, path)):
+            also = [c for c, members in ALSO.get(task, {}).items() if subject in members]
             examples.append({"id": f"{subject}/{i}", "subject": subject, "category": info["category"], "answer": ans,
+                             **({"also": also} if also else {}),
                              "messages": [{"role": "user", "content": prefix + format_question(task, q, opts)}]})
     return examples
 
