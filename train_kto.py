@@ -160,8 +160,11 @@ def main(argv=None):
             "reference": os.path.abspath(ref_dir), "reference_weights": ref_print,
             "loss": {"beta": args.beta, "desirable_weight": args.desirable_weight,
                      "undesirable_weight": args.undesirable_weight, "loss_type": args.loss_type},
-            "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)]))}
+            "data": data_hash(s for e in examples for s in (e.prompt, e.completion, [int(e.label)])),
+            "micro_batches": data_hash(groups)}
     if run.saved is not None:
+        if "micro_batches" not in run.saved["meta"] and len(examples) % args.batch_size == 1:  # written before a
+            run.saved["meta"]["micro_batches"] = "an example alone at the end"  # lone last example joined the group before
         try:
             check_resume(meta, run.saved["meta"], run.ckpt)  # train() checks the rest (the schedule)
         except StateError as e:

@@ -333,6 +333,8 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
                                 "under a nanopost that left an epoch's last, smaller step out)",
              "batch_size": "examples per micro-batch (KTO forms its KL pairs inside each; SFT without packing "
                            "batches rows of similar length by it)",
+             "micro_batches": "KTO's micro-batches (which examples form each: a nanopost that left the last example "
+                              "alone, its own KL pair, wrote the checkpoint?)",
              "seed": "--seed (it orders the data and splits validation)",
              "data": "training data (a hash of its tokens and of which are trained: a data file, --max-len, "
                      "--train-on-prompt or the tokenizer changed)",

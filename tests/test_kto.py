@@ -589,3 +589,28 @@ def test_no_micro_batch_holds_one_example_alone(tiny, tmp_path):
     r = run_main(TRAIN_KTO, "--model", tiny, "--data", one, "--out", tmp_path / "x", "--max-steps", 1)
     assert r.returncode == 1 and "--data holds one example" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_from_before_the_regrouping_is_not_resumed_into_other_micro_batches(tiny, tmp_path):
+    """7 examples in micro-batches of 2 left the 7th alone (its own KL pair); now it joins the group
+    before. A checkpoint written under the old grouping (its meta has no micro_batches) would resume
+    with other groups and the same step count: an example skipped that epoch, silently."""
+    rows = [json.loads(x) for x in open(KTO_DATA, encoding="utf-8").read().splitlines() if x.strip()]
+    flat = []
+    for r in rows:
+        flat += ([{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                  {"prompt": r["prompt"], "completion": r["rejected"], "label": False}] if "chosen" in r else [r])
+    data = tmp_path / "seven.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in flat[:7]))
+    common = ["--model", tiny, "--data", data, "--max-len", 64, "--batch-size", 2, "--grad-accum", 2, "--lr", 1e-3,
+              "--save-every", 1, "--out", tmp_path / "run"]
+    assert run_main(TRAIN_KTO, *common, "--max-steps", 1).returncode == 0
+    state = next((tmp_path / "run" / "checkpoints").iterdir()) / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    text = state.read_text()
+    state.write_text(json.dumps({**saved, "meta": {k: v for k, v in saved["meta"].items() if k != "micro_batches"}}))
+    r = run_main(TRAIN_KTO, *common, "--max-steps", 3, "--resume")
+    assert r.returncode != 0 and "KTO's micro-batches" in r.stderr, r.stderr
+    state.write_text(text)
+    r = run_main(TRAIN_KTO, *common, "--max-steps", 3, "--resume")  # the same grouping resumes
+    assert r.returncode == 0 and "at step 1" in r.stdout, r.stderr
