@@ -837,8 +837,13 @@ def test_a_raw_completion_ends_at_its_first_top_level_line():
     for tail in ("\n\nif True:\n    raise SystemExit(1)", "\n\nfor n in [1]:\n    assert add(n, n) == 3",
                  "\n```\n\nThis function adds.", "\nprint(add(1, 2))", "\n\n\n\t\nadd = None"):
         assert humaneval.score(raw, "    return a + b\n" + tail) == ("pass", True), tail
-    assert humaneval.raw_body("    x = 1\n\n    return x\nfoo()\n    more") == "    x = 1\n\n    return x"
-    assert humaneval.raw_body("def g(): pass") == ""  # a first line at column 0 is no body of the prompt's function
+    assert humaneval.raw_body("    x = 1\n\n    return x\nfoo()\n    more", ADD["prompt"]) == "    x = 1\n\n    return x"
+    assert humaneval.raw_body("def g(): pass", ADD["prompt"]) == ""  # a first line at column 0 is no body of the prompt's function
+    # column 0 inside a string, brackets or after a backslash is not top level (those right bodies failed)
+    for body in ('    s = """\nx\n"""\n    return a + b + len(s) - 3\n', '    return (a\n+ b)\n',
+                 '    return a + \\\nb\n'):
+        assert humaneval.raw_body(body + "print(1)\n", ADD["prompt"]) == body[:-1]
+        assert humaneval.score(raw, body + "\nfor n in [1]:\n    assert add(n, n) == 3\n") == ("pass", True), body
     assert humaneval.score(raw, "    return a - b\nprint(1)")[1] is False
 
 

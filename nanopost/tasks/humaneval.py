@@ -46,12 +46,20 @@ RAW_STOP = ["\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\nassert ", "\n``
 TOP_LEVEL = re.compile(r"(?:^|\n)(?=[^\s])")  # a line that starts with neither a space, a tab nor a line end
 
 
-def raw_body(reply: str) -> str:
+def raw_body(reply: str, prompt: str = "") -> str:
     """A raw completion up to its first top-level line: the function the prompt opened ends there
     (a self-test loop, a closing code fence or an `if` after it is not the solution; the Codex
-    paper's stop list cuts at def, class, if, print and #)."""
-    m = TOP_LEVEL.search(reply)
-    return reply if m is None else reply[:m.start()]
+    paper's stop list cuts at def, class, if, print and #). A line at column 0 is top-level only
+    where prompt + what comes before it compiles: inside a string, brackets or after a backslash
+    it is not."""
+    for m in TOP_LEVEL.finditer(reply):
+        head = reply[:m.start()]
+        try:
+            compile(FUTURE.sub("", (prompt + head).replace("\r\n", "\n").replace("\r", "\n")), "<solution>", "exec")
+        except Exception:  # SyntaxError, null bytes, nesting too deep
+            continue
+        return head
+    return reply
 
 GUARD = r'''
 import builtins, io, os, posix, sys, _io
@@ -407,7 +415,7 @@ def program(ex, reply: str) -> str:
     prompt + completion must compile on their own (else Unfinished): the text after them would
     otherwise finish what they left open, e.g. a trailing `@lambda f: lambda c: None` decorating
     the tests' `def check` into a function that checks nothing, or an open string swallowing them."""
-    completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else raw_body(reply)
+    completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else raw_body(reply, ex["prompt"])
     try:
         solution = (ex["prompt"] + completion).replace("\r\n", "\n").replace("\r", "\n")  # as run_program reads it
         compile(FUTURE.sub("", solution), "<solution>", "exec")
