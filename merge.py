@@ -280,6 +280,8 @@ def switches(plan, name, n_layers):
             continue
         levels = [level for level in (plan.get("slice_parameters") or {}, plan.get("parameters") or {}) if key in level]
         value = setting(levels, key, name, n_layers, default) if levels else default
+        if value not in (0, 1):  # (mergekit: "Input should be a valid boolean")
+            raise MergeError(f"{key} = {value} for tensor {name}: expected true or false (or 1 or 0)")
         out.append(bool(value))
     return out
 

@@ -10,7 +10,7 @@
         -d '{"model": "sft", "messages": [{"role": "user", "content": "What is 17*23?"}]}'
 
 Endpoints: POST /v1/chat/completions (JSON, or server-sent events with "stream": true),
-GET /v1/models (the served names), GET /health, GET /v1/results (each served model's benchmark
+GET /v1/models (the served names) and /v1/models/NAME, GET /health, GET /v1/results (each served model's benchmark
 numbers from evaluate.py's results.json given as --results; {} without it), and GET / : a chat page
 (static/compare.html) with one column per model, every reply streamed from /v1/chat/completions.
 The request's "model" field picks a checkpoint.
@@ -18,7 +18,9 @@ Sampling fields: temperature (default 0: greedy), top_p (default 1), max_tokens 
 max_completion_tokens (default --default-max-tokens, 512), stop, seed, and the extensions top_k and
 repetition_penalty. n > 1, logprobs, logit_bias, tools, tool_choice, response_format (JSON mode)
 and the OpenAI penalties are refused with a 400 (set to what changes nothing, e.g. logit_bias {},
-top_logprobs 0 or response_format {"type": "text"}, they are accepted). A client that disconnects
+top_logprobs 0 or response_format {"type": "text"}, they are accepted); so is any field it does not
+know (a typo, another server's extension such as vLLM's min_p), as OpenAI answers; user, store,
+metadata, service_tier and parallel_tool_calls are accepted and change nothing. A client that disconnects
 frees its row at once (streamed: at the next write; not streamed: the server looks every 0.5 s).
 
 How it works: each model has one worker thread, the only one that runs it. HTTP handler threads
@@ -375,7 +377,7 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
         raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
     if options and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage") or False, bool):
         raise ApiError(400, f"stream_options must be {{\"include_usage\": true or false}}, got {options!r:.80}",
                        param="stream_options")
 
@@ -389,7 +391,7 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     if temperature == 0:  # greedy: the other sampling fields change nothing, so they do not split batches
         top_p, top_k, seed = 1.0, 0, None
     s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed, stop=stop)
-    return Request(name, ids, s, max_tokens, stream, w.tok, options.get("include_usage", False))
+    return Request(name, ids, s, max_tokens, stream, w.tok, options.get("include_usage") or False)
 
 
 # ---- HTTP ----

@@ -641,7 +641,8 @@ def test_config_mistakes_that_would_change_the_weights_are_refused(tmp_path, pai
              r"source .* has unsupported keys \['paramters'\]"),
             ({"merge_method": "linear", "models": [two[0], {"model": b}]}, r"has no weight for tensor .*mergekit requires"),
             ({"merge_method": "ties", "base_model": a, "models": [{"model": b}]}, "has no weight"),
-            ({"merge_method": "linear", "models": two, "parameters": {"normalize": "false"}}, "normalize: cannot read 'false'")]:
+            ({"merge_method": "linear", "models": two, "parameters": {"normalize": "false"}}, "normalize: cannot read 'false'"),
+            ({"merge_method": "linear", "models": two, "parameters": {"normalize": 0.5}}, "normalize = 0.5 for tensor .*: expected true")]:
         (tmp_path / "cfg.json").write_text(json.dumps(cfg))
         r = run_main(os.path.join(ROOT, "merge.py"), "--config", tmp_path / "cfg.json", "--out", tmp_path / "out")
         assert r.returncode != 0 and re.search(pattern, r.stderr), (cfg, r.stderr)

@@ -148,6 +148,7 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"extra_body": {"ignore_eos": True}}, 400, "ignore_eos"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options"),
+    ({"stream": True, "stream_options": {"include_uage": True}}, 400, "stream_options"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -165,8 +166,9 @@ def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
     for kw in ({"logit_bias": {}}, {"top_logprobs": 0}, {"logprobs": False, "n": 1, "presence_penalty": 0},
                {"response_format": {"type": "text"}, "tool_choice": "none"}, {"tool_choice": "auto"},
                {"temperature": 1e-40, "top_p": 0.5}, {"user": "u1", "store": False, "metadata": {"k": "v"}},
-               {"modalities": ["text"]}):
+               {"modalities": ["text"]}, {"stream_options": None}):
         assert chat(c, "hi", max_tokens=4, **kw)[0] == want, kw
+    assert chat(c, "hi", max_tokens=4, stream=True, stream_options={"include_usage": None})[0] == want  # null: false
     assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None
 
 
