@@ -134,10 +134,14 @@ def read_config(ckpt_dir: str) -> Qwen2Config:
         raise CheckpointError(f"{file}: {e}") from e
 
 
+INV_FREQ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer older exports saved: recomputed, as transformers does
+
+
 def weight_files(ckpt_dir: str) -> dict[str, str]:
-    """tensor name -> safetensors file that holds it (single file or sharded index)."""
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
+    """tensor name -> safetensors file that holds it: model.safetensors, else the sharded index (the
+    order transformers looks in, so a folder holding both loads the same weights)."""
+    index, single = os.path.join(ckpt_dir, "model.safetensors.index.json"), os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.exists(index) and not os.path.exists(single):
         try:
             wmap = read_json(index).get("weight_map")
         except ValueError as e:  # not valid JSON, or not an object
@@ -152,12 +156,11 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
             if absent:
                 raise CheckpointError(f"{index} puts {absent[:4]}{'...' if len(absent) > 4 else ''} in "
                                       f"{os.path.basename(f)}, which does not hold them")
-        return files
-    single = os.path.join(ckpt_dir, "model.safetensors")
+        return {k: v for k, v in files.items() if not INV_FREQ.search(k)}
     if not os.path.exists(single):
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json "
                               "(nanopost reads safetensors only)")
-    return {k: single for k in Reader(single).keys()}
+    return {k: single for k in Reader(single).keys() if not INV_FREQ.search(k)}
 
 
 def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:

@@ -66,14 +66,21 @@ class Qwen2Config:
                 continue
             if not isinstance(rope, dict):
                 raise ValueError(f"{key} is {rope!r}: expected an object")
+            if any(isinstance(v, dict) for v in rope.values()):  # one block per layer type: read by none of it
+                raise ValueError(f"{key}={rope!r:.200}: a RoPE block per layer type is not supported (a Qwen2 config "
+                                 f"has one block; transformers' Qwen2 does not read this one either)")
             if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
                 raise ValueError(f"unsupported rope scaling {key}={rope!r}: nanopost implements plain RoPE")
         theta = (d.get("rope_scaling") or d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta"))
         d["rope_theta"] = 10000.0 if theta is None else theta
         if d.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: Qwen2's MLP is SwiGLU (silu)")
-        if d.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=true is not supported (no Qwen2 release uses it)")
+        if d.get("use_sliding_window") and d.get("sliding_window") is not None:  # as transformers' Qwen2Config:
+            n, first = d.get("num_hidden_layers", 0), d.get("max_window_layers", 28)  # layers from max_window_layers
+            types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+            if "sliding_attention" in types:  # slide; with none of them sliding it is plain attention
+                raise ValueError(f"use_sliding_window=true with layers that slide ({types.count('sliding_attention')} of "
+                                 f"{len(types)}) is not supported (no Qwen2 release uses it)")
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d["num_attention_heads"]
         names = {f.name for f in fields(cls)}

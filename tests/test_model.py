@@ -321,6 +321,62 @@ def test_rope_scaling_beside_default_rope_parameters_is_refused(tmp_path, scalin
         nanopost.load(d)
 
 
+def test_config_and_file_layouts_transformers_loads_as_it_does(tmp_path):
+    """Each of these loaded other weights or was refused where transformers loads it exactly: a
+    folder with model.safetensors and a shard index (transformers reads the single file),
+    use_sliding_window with no layer past max_window_layers, and the rotary inv_freq buffers older
+    exports saved. A layer that does slide, or RoPE blocks per layer type (whose settings were
+    ignored; transformers' Qwen2 fails on them), are refused."""
+    from safetensors.torch import load_file, save_file
+    base = make_tiny_checkpoint(str(tmp_path / "base"), rope_theta=1e4)
+    ids = torch.randint(0, 100, (2, 40))
+
+    def variant(name, edit=None, weights=None):
+        d = str(tmp_path / name)
+        shutil.copytree(base, d)
+        f = os.path.join(d, "config.json")
+        cfg = json.load(open(f))
+        if edit:
+            edit(cfg)
+        json.dump(cfg, open(f, "w"))
+        if weights:
+            weights(d)
+        return d
+
+    def same_as_transformers(d):
+        model = nanopost.load(d)[0]
+        with torch.no_grad():
+            assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4, d
+
+    def both(d):  # a shard index beside model.safetensors, pointing at other (noisy) weights
+        sd = {k: v + 0.05 * torch.randn_like(v) for k, v in load_file(os.path.join(d, "model.safetensors")).items()}
+        save_file(sd, os.path.join(d, "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+        json.dump({"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in sd}},
+                  open(os.path.join(d, "model.safetensors.index.json"), "w"))
+
+    def inv_freq(d):
+        f = os.path.join(d, "model.safetensors")
+        sd = load_file(f)
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        save_file(sd, f, metadata={"format": "pt"})
+
+    n = json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"]
+    same_as_transformers(variant("both", weights=both))
+    same_as_transformers(variant("no-layer-slides", lambda c: c.update(use_sliding_window=True, sliding_window=4,
+                                                                       max_window_layers=n)))
+    same_as_transformers(variant("inv-freq", weights=inv_freq))
+    for name, edit, why in [
+            ("slides", lambda c: c.update(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+             "use_sliding_window=true with layers that slide"),
+            ("per-type-yarn", lambda c: c.update(rope_parameters={"full_attention": {
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 1e4}}),
+             "a RoPE block per layer type is not supported"),  # (the scaling was ignored; transformers: KeyError)
+            ("per-type", lambda c: c.update(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+             "a RoPE block per layer type")]:  # (its theta was ignored)
+        with pytest.raises(CheckpointError, match=why):
+            nanopost.load(variant(name, edit))
+
+
 def test_attention_dropout_as_transformers(tmp_path):
     """attention_dropout drops attention probabilities in training mode, as transformers' SDPA path
     does (the same draws from the same seed), and is saved (it was ignored and written as 0.0)."""
