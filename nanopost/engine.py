@@ -65,9 +65,10 @@ class Sampling:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be {want}")
 
 
-def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
+def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | list | None):
     """Next token per row, in transformers' processor order: penalty, temperature, top-k, top-p.
-    A temperature below 1e-5 is greedy (as in vLLM): dividing by it overflows float32."""
+    A temperature below 1e-5 is greedy (as in vLLM): dividing by it overflows float32. gen: one
+    generator for the batch, or one per row (each row then draws as it would alone)."""
     logits_BV = logits_BV.float()
     if s.repetition_penalty != 1.0:  # an extreme penalty (1e-300) would make logits inf: kept finite
         penalised = torch.where(logits_BV < 0, logits_BV * s.repetition_penalty, logits_BV / s.repetition_penalty)
@@ -85,6 +86,8 @@ def sample_next(logits_BV, seen_BV, s: Sampling, gen: torch.Generator | None):
         drop[:, -1] = False  # always keep the most likely token
         logits_BV = logits_BV.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     probs = logits_BV.softmax(-1)
+    if isinstance(gen, list):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gen)])
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
@@ -571,7 +574,8 @@ class Engine:
         # each running row's next-token logits, or with the screen its final hidden state (float32)
         last = torch.zeros(n, V if screen is None else model.config.hidden_size, device=dev)
         seen = torch.zeros(n, V, dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
-        gen = torch.Generator(dev).manual_seed(s.seed) if s.seed is not None else None
+        # seeded: a generator per prompt, so its tokens do not depend on what else runs (or ran) in the call
+        gens = {} if s.seed is not None and s.temperature >= 1e-5 else None
         eos = set() if s.ignore_eos else set(self.eos.tolist())
         # the tokens whose text can hold a stop string: each gives at least one byte, however the
         # model spells it ("\n" * 30 is 15 tokens to encode, but may come one newline a token)
@@ -633,6 +637,7 @@ class Engine:
             full = len(running) == len(slot)  # every slot runs: no gather (nor its host-to-device copy)
             idx = None if full else torch.tensor(running, device=dev)
             rows = last if full else last[idx]
+            gen = None if gens is None else [gens.setdefault(slot[b], torch.Generator(dev).manual_seed(s.seed)) for b in running]
             nxt_t = screen(rows) if screen is not None else sample_next(rows, seen if full or seen is None else seen[idx], s, gen)
             nxt = nxt_t.tolist()
             tokens = [None] * len(prompts)

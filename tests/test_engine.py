@@ -71,6 +71,19 @@ def test_sampling_is_seeded_and_topk1_is_greedy(eng64):
     assert eng64.generate_ids(p, Sampling(max_new_tokens=10, temperature=0.7, top_k=1, seed=5)) == greedy
 
 
+def test_a_seeded_row_samples_as_it_would_alone(eng64):
+    """One generator for the call drew every row's token from one stream: a seeded prompt's reply
+    changed with the other prompts in the call, even one at a time (batch_size 1 drew after the
+    earlier prompts). The in-process teacher caches replies by (messages, settings, seed)."""
+    a, b, c = [3, 4, 5], [6, 7], [8, 9, 10, 11]
+    s = Sampling(max_new_tokens=10, temperature=1.0, seed=0, ignore_eos=True)
+    alone = eng64.generate_ids([a], s)[0]
+    for prompts, bs in (([a, b], 16), ([b, a, c], 16), ([c, b, a], 1), ([b, c, a, a], 2)):
+        got = eng64.generate_ids(prompts, s, batch_size=bs)
+        assert all(out == alone for p, out in zip(prompts, got) if p == a), (prompts, bs)
+    assert eng64.generate_ids([b], s)[0] != alone  # (its own prompt, its own tokens)
+
+
 def test_sample_next_filters_against_reference():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
