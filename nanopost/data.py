@@ -81,6 +81,8 @@ def read_jsonl(path: str, errors: list | None = None):
 
 def to_messages(obj: dict) -> list[dict]:
     """A chat record or a prompt/completion pair -> validated messages (raises ValueError)."""
+    if "messages" in obj and ("prompt" in obj or "completion" in obj):  # (TRL would read the pair, we the chat)
+        raise ValueError("has both 'messages' and 'prompt'/'completion': one format per line")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:

@@ -550,7 +550,9 @@ def add_training_args(p, data_help: str, row: str = "rows"):
                    help="held-out fraction of each file when --val is not given (rounded up; KTO keeps a prompt's "
                         "completions on one side)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="tokens per row; a longer example loses whole turns from its end (SFT; KTO cuts the prompt's "
+                        "left, then the completion), counted at start")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
     # ---- optimisation ----
     p.add_argument("--batch-size", type=int, default=4, help=f"{row} per micro-batch per process")

@@ -338,6 +338,9 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, tiny):
     ('{"messages": [{"role": "user", "content": "only a question"}]}', r"bad.jsonl:2: no assistant turn"),
     ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}', r"bad.jsonl:2: message 0: unknown role 'robot'"),
     ('[1, 2]', r"bad.jsonl:2: expected a JSON object"),
+    # both formats: TRL reads the pair, nanopost read the chat (other content trained, no word)
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "prompt": "other", '
+     '"completion": "thing"}', r"bad.jsonl:2: has both 'messages' and 'prompt'/'completion': one format per line"),
 ])
 def test_bad_lines_stop_before_anything_is_written(tmp_path, tiny, line, pattern):
     bad = tmp_path / "bad.jsonl"
