@@ -148,7 +148,7 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
             raise CheckpointError(str(e)) from e
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise CheckpointError(f"{index}: no \"weight_map\" of tensor name -> file")
-        files = {k: os.path.join(ckpt_dir, v) for k, v in wmap.items()}
+        files = {k: os.path.join(ckpt_dir, v) for k, v in wmap.items() if not INV_FREQ.search(k)}
         for f in set(files.values()):  # each shard must hold what the index says it does
             if not os.path.isfile(f):
                 raise CheckpointError(f"{index} lists {os.path.basename(f)}, which is missing")
@@ -156,7 +156,7 @@ def weight_files(ckpt_dir: str) -> dict[str, str]:
             if absent:
                 raise CheckpointError(f"{index} puts {absent[:4]}{'...' if len(absent) > 4 else ''} in "
                                       f"{os.path.basename(f)}, which does not hold them")
-        return {k: v for k, v in files.items() if not INV_FREQ.search(k)}
+        return files
     if not os.path.exists(single):
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json "
                               "(nanopost reads safetensors only)")

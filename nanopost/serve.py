@@ -377,7 +377,8 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
         raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
     if options and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    if set(options) - {"include_usage"} or not isinstance(options.get("include_usage") or False, bool):
+    usage = options.get("include_usage")
+    if set(options) - {"include_usage"} or not (usage is None or isinstance(usage, bool)):
         raise ApiError(400, f"stream_options must be {{\"include_usage\": true or false}}, got {options!r:.80}",
                        param="stream_options")
 
@@ -391,7 +392,7 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     if temperature == 0:  # greedy: the other sampling fields change nothing, so they do not split batches
         top_p, top_k, seed = 1.0, 0, None
     s = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed, stop=stop)
-    return Request(name, ids, s, max_tokens, stream, w.tok, options.get("include_usage") or False)
+    return Request(name, ids, s, max_tokens, stream, w.tok, bool(usage))
 
 
 # ---- HTTP ----

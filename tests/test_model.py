@@ -354,11 +354,15 @@ def test_config_and_file_layouts_transformers_loads_as_it_does(tmp_path):
         json.dump({"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in sd}},
                   open(os.path.join(d, "model.safetensors.index.json"), "w"))
 
-    def inv_freq(d):
+    def inv_freq(d):  # in the file, and listed by an index that does not hold it (transformers loads both)
         f = os.path.join(d, "model.safetensors")
         sd = load_file(f)
         sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
         save_file(sd, f, metadata={"format": "pt"})
+        shard = "model-00001-of-00001.safetensors"
+        os.rename(f, os.path.join(d, shard))
+        listed = [*sd, "model.layers.1.self_attn.rotary_emb.inv_freq"]
+        json.dump({"metadata": {}, "weight_map": {k: shard for k in listed}}, open(os.path.join(d, "model.safetensors.index.json"), "w"))
 
     n = json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"]
     same_as_transformers(variant("both", weights=both))

@@ -149,6 +149,7 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options"),
     ({"stream": True, "stream_options": {"include_uage": True}}, 400, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": 0}}, 400, "stream_options"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}

@@ -46,7 +46,7 @@ RAW_STOP = ["\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\nassert ", "\n``
 TOP_LEVEL = re.compile(r"(?:^|\n)(?=[^\s])")  # a line that starts with neither a space, a tab nor a line end
 
 
-def raw_body(reply: str, prompt: str = "") -> str:
+def raw_body(reply: str, prompt: str) -> str:
     """A raw completion up to its first top-level line: the function the prompt opened ends there
     (a self-test loop, a closing code fence or an `if` after it is not the solution; the Codex
     paper's stop list cuts at def, class, if, print and #). A line at column 0 is top-level only
