@@ -430,6 +430,10 @@ def main(argv=None):
                              "whole; name a folder of its own")
         # (a save of ours that a kill cut short, inside a mount point or link, is no use: remove_unfinished's)
         used = sorted(n for n in os.listdir(args.out) if not re.fullmatch(LEFTOVER, n)) if os.path.isdir(args.out) else []
+        for m in [plan.get("base_model")] + [m["model"] for m in plan["models"]]:  # said before --overwrite is offered
+            if m and os.path.isdir(m) and within(m, args.out):
+                raise MergeError(f"--out {args.out} is or holds {m}, one of the models being merged: writing there "
+                                 "would replace it")
         if used and not args.overwrite:  # before reading any model: a used --out is never replaced by default
             raise MergeError(f"--out {args.out} already holds {', '.join(used[:4])}: choose "
                              "another folder, or pass --overwrite to replace it")

@@ -271,6 +271,9 @@ def completion_text(value, key) -> str:
 
 def to_kto(obj: dict) -> list[tuple[list[dict], str, bool]]:
     """One JSONL record -> [(prompt messages, completion text, label)] (raises ValueError)."""
+    if "messages" in obj and "prompt" not in obj:  # the reverse of to_messages' KTO-line message
+        raise ValueError("an SFT chat line ('messages'): train_sft.py reads these; KTO needs prompt, completion and "
+                         "label (or prompt, chosen and rejected)")
     prompt = obj.get("prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]

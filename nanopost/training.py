@@ -370,9 +370,11 @@ def check_resume(meta: dict, saved: dict, ckpt: str) -> None:
         if then != now:
             found.append((key, f"written with {what} {then}, this run has {now}"))
     if found:  # every difference at once (fixing one to meet the next is a slow way to learn them)
-        hint = (f"keep batch-size x grad-accum x processes = {saved.get('rows_per_step')} (e.g. 2 processes x "
-                f"--batch-size 2 resume as 1 process x --batch-size 2 --grad-accum 2)") \
-            if "rows_per_step" in dict(found) else "resume with what the run started with, or start a new run"
+        hint = "resume with what the run started with, or start a new run"
+        if "rows_per_step" in dict(found):  # the numbers to use: in one process, the checkpoint's micro-batch if it fits
+            rows, b = saved["rows_per_step"], saved.get("batch_size")
+            b = b if isinstance(b, int) and b > 0 and rows % b == 0 else rows
+            hint = f"keep batch-size x grad-accum x processes = {rows} (e.g. in one process --batch-size {b} --grad-accum {rows // b})"
         raise StateError(f"{ckpt}: {'; '.join(m for _, m in found)}; resuming would not continue that run: {hint}")
 
 

@@ -591,6 +591,12 @@ def test_no_micro_batch_holds_one_example_alone(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_sft_data_given_to_kto_says_so(tiny, tmp_path):
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", os.path.join(ROOT, "tests", "data", "chat.jsonl"),
+                 "--out", tmp_path / "x", "--max-steps", 1)
+    assert r.returncode != 0 and "chat.jsonl:1: an SFT chat line ('messages'): train_sft.py reads these" in r.stderr, r.stderr
+
+
 def test_a_checkpoint_from_before_the_regrouping_is_not_resumed_into_other_micro_batches(tiny, tmp_path):
     """7 examples in micro-batches of 2 left the 7th alone (its own KL pair); now it joins the group
     before. A checkpoint written under the old grouping (its meta has no micro_batches) would resume
