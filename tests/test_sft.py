@@ -3,6 +3,7 @@ DDP, and bad input."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -326,6 +327,8 @@ def test_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, tiny):
                        "--resume")  # 1 row x 2 accum x 1 process: every later step would see other rows
     assert refused.returncode != 0 and "(batch-size x grad-accum x processes) = 4, this run has 2" in refused.stderr, \
         refused.stderr
+    hint = re.search(r"in one process --batch-size (\d+) --grad-accum (\d+)", refused.stderr)  # numbers that add up
+    assert hint and int(hint[1]) * int(hint[2]) == 4, refused.stderr
     r = train(*common, "--batch-size", 2, "--out", tmp_path / "mixed", "--resume")
     assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr
     s0, s1, s3 = final_state(tiny), final_state(tmp_path / "one"), final_state(tmp_path / "mixed")
