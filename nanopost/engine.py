@@ -637,7 +637,9 @@ class Engine:
             full = len(running) == len(slot)  # every slot runs: no gather (nor its host-to-device copy)
             idx = None if full else torch.tensor(running, device=dev)
             rows = last if full else last[idx]
-            gen = None if gens is None else [gens.setdefault(slot[b], torch.Generator(dev).manual_seed(s.seed)) for b in running]
+            if gens is not None:  # (made once per prompt: seeding one costs more than the draw)
+                gens.update({slot[b]: torch.Generator(dev).manual_seed(s.seed) for b in running if slot[b] not in gens})
+            gen = None if gens is None else [gens[slot[b]] for b in running]
             nxt_t = screen(rows) if screen is not None else sample_next(rows, seen if full or seen is None else seen[idx], s, gen)
             nxt = nxt_t.tolist()
             tokens = [None] * len(prompts)
