@@ -278,8 +278,7 @@ def switches(plan, name, n_layers):
         if key == "normalize" and plan.get("normalize_flag") is not None:
             out.append(plan["normalize_flag"])
             continue
-        levels = [level for level in (plan.get("slice_parameters") or {}, plan.get("parameters") or {}) if key in level]
-        value = setting(levels, key, name, n_layers, default) if levels else default
+        value = setting([plan.get("slice_parameters") or {}, plan.get("parameters") or {}], key, name, n_layers, default)
         if value not in (0, 1):  # (mergekit: "Input should be a valid boolean")
             raise MergeError(f"{key} = {value} for tensor {name}: expected true or false (or 1 or 0)")
         out.append(bool(value))
@@ -313,6 +312,14 @@ def check_params(plan, names_in_order, n_layers, numel=None, base_i=0):
             raise MergeError(f"the weights for tensor {name} sum to {sum(weights)}: not a finite number")
         if method == "linear" and normalize and abs(sum(weights)) < 1e-12:
             raise MergeError(f"linear weights sum to 0 for tensor {name}; cannot normalize")
+
+
+def refuse_out_holding(out, models):
+    """--out replaces its folder whole: never one that is or holds a model being merged."""
+    for m in models:
+        if within(m, out):
+            raise MergeError(f"--out {out} is or holds {m}, one of the models being merged: writing there would "
+                             "replace it")
 
 
 # ---- merging one tensor ----
@@ -430,18 +437,14 @@ def main(argv=None):
                              "whole; name a folder of its own")
         # (a save of ours that a kill cut short, inside a mount point or link, is no use: remove_unfinished's)
         used = sorted(n for n in os.listdir(args.out) if not re.fullmatch(LEFTOVER, n)) if os.path.isdir(args.out) else []
-        for m in [plan.get("base_model")] + [m["model"] for m in plan["models"]]:  # said before --overwrite is offered
-            if m and os.path.isdir(m) and within(m, args.out):
-                raise MergeError(f"--out {args.out} is or holds {m}, one of the models being merged: writing there "
-                                 "would replace it")
+        # the local folders first: said before --overwrite is offered (the hub's, resolved, below)
+        refuse_out_holding(args.out, [m for m in [plan.get("base_model")] + [m["model"] for m in plan["models"]]
+                                      if m and os.path.isdir(m)])
         if used and not args.overwrite:  # before reading any model: a used --out is never replaced by default
             raise MergeError(f"--out {args.out} already holds {', '.join(used[:4])}: choose "
                              "another folder, or pass --overwrite to replace it")
         names, dirs, index, base_i, n_layers = open_models(plan, args.embed_slice)
-        for d in dirs:  # --out replaces its folder whole: never one holding a model being merged
-            if within(d, args.out):
-                raise MergeError(f"--out {args.out} is or holds {d}, one of the models being merged: writing there "
-                                 "would replace it")
+        refuse_out_holding(args.out, dirs)
         tensor_names = list(index[base_i].keys())
         check_params(plan, tensor_names, n_layers,
                      {k: torch.Size(index[base_i][k].shape(k)).numel() for k in tensor_names}, base_i)

@@ -88,9 +88,10 @@ def main(argv=None):
             ids = tok.render(messages, add_generation_prompt=True)[0]
         except ValueError as e:  # a byte that is not UTF-8 in what was typed or pasted
             messages.pop()
+            said = str(e).replace(f"message {len(messages)}", "the prompt" if args.prompt is not None else "your message")
             if args.prompt is not None:
-                sys.exit(f"error: {str(e).replace(f'message {len(messages)}', 'the prompt')}")
-            print(f"[{str(e).replace(f'message {len(messages)}', 'your message')}: it was not sent]", flush=True)
+                sys.exit(f"error: {said}")
+            print(f"[{said}: it was not sent]", flush=True)
             continue
         if len(ids) >= context:  # past what the model was trained on: garbage, said instead (as the server does)
             messages.pop()

@@ -505,8 +505,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             raw = self.read_body()  # before any reply: an unread body would be taken for the next request
             self.check_auth()
-            if self.path.split("?")[0] != "/v1/chat/completions":
-                raise ApiError(404, f"no route POST {self.path.split('?')[0]}: try /v1/chat/completions")
+            path = self.path.split("?")[0]  # (a query string names no other route)
+            if path != "/v1/chat/completions":
+                raise ApiError(404, f"no route POST {path}: try /v1/chat/completions")
             try:
                 body = json.loads(raw)
             except ValueError as e:

@@ -55,11 +55,17 @@ def raw_body(reply: str, prompt: str) -> str:
     for m in TOP_LEVEL.finditer(reply):
         head = reply[:m.start()]
         try:
-            compile(FUTURE.sub("", (prompt + head).replace("\r\n", "\n").replace("\r", "\n")), "<solution>", "exec")
+            compile_solution(prompt + head)
         except Exception:  # SyntaxError, null bytes, nesting too deep
             continue
         return head
     return reply
+
+
+def compile_solution(solution: str) -> None:
+    """Compile prompt + completion as run_program will read it (line ends made \n, a `from
+    __future__` import moved away): raises what compile() raises."""
+    compile(FUTURE.sub("", solution.replace("\r\n", "\n").replace("\r", "\n")), "<solution>", "exec")
 
 GUARD = r'''
 import builtins, io, os, posix, sys, _io
@@ -417,8 +423,7 @@ def program(ex, reply: str) -> str:
     the tests' `def check` into a function that checks nothing, or an open string swallowing them."""
     completion = extract_code(reply, ex["entry_point"], ex["prompt"]) if ex["mode"] == "chat" else raw_body(reply, ex["prompt"])
     try:
-        solution = (ex["prompt"] + completion).replace("\r\n", "\n").replace("\r", "\n")  # as run_program reads it
-        compile(FUTURE.sub("", solution), "<solution>", "exec")
+        compile_solution(ex["prompt"] + completion)
     except Exception as e:  # SyntaxError, null bytes, nesting too deep
         raise Unfinished(f"the solution does not compile on its own ({type(e).__name__}: {e})"[:300]) from None
     helpers = prompt_helpers(ex["prompt"], ex["entry_point"], ex["test"])
