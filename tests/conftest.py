@@ -1,7 +1,16 @@
 import os
+import signal
+import tempfile
 
 import pytest
-import torch
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N` (pytest-xdist): N worker processes
+    # share the cores out (N workers each taking every core run slower than one), and put Ctrl-C back:
+    # a worker ignores SIGINT, and the scripts the tests start would inherit that and never see one
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # kernel tests run the Triton kernels through its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -9,6 +18,19 @@ if not torch.cuda.is_available():  # kernel tests run the Triton kernels through
 from nanopost.testing import make_tiny_checkpoint
 
 REAL_DEFAULT = os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under `pytest -n N` a test on the real checkpoint waits for any other worker's to finish: one
+    such test peaks near 10 GB (our 0.5B model, transformers' copy, a batch of 5-shot prompts), and two
+    at once would crowd a 24 GiB machine."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or not item.get_closest_marker("real"):
+        return (yield)
+    import fcntl
+    with open(os.path.join(tempfile.gettempdir(), f"nanopost-real-tests-{os.getuid()}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return (yield)
 
 
 @pytest.fixture(scope="session")
