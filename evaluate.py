@@ -23,8 +23,9 @@ Writes OUT/results.json (every prediction, so any score can be audited), OUT/res
 caches predictions in OUT/cache/ so an interrupted run resumes where it stopped. A cache file is
 keyed on the checkpoint (name, size and mtime of each file the loader reads, and a hash of its
 small files: config, index, tokenizer), a hash of the examples as loaded from --data-dir (prompts,
-answers, tests), every setting, and the scoring-protocol version (nanopost.tasks.PROTOCOL), so a
-retrained model, changed benchmark files or a changed scorer never reuse old rows. An --out that
+answers, tests), every setting, the scoring-protocol version (nanopost.tasks.PROTOCOL) and, for
+HumanEval, the Python version that runs its programs, so a retrained model, changed benchmark files,
+a changed scorer or another Python never reuse old rows. An --out that
 has results from earlier runs keeps them beside this run's (kept cells are marked * in
 results.md, and † where their settings or questions differ from this run's in that column); a
 checkpoint folder (one holding config.json) is refused as --out.
@@ -41,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import signal
 import sys
@@ -375,8 +377,9 @@ def main(argv=None):
             settings = {"task": task, "shots": shots[task], "mode": mode, "max_new_tokens": new_tokens.get(task),
                         "limit": args.limit, "dtype": dtype_name, "device": args.device, "batch_size": args.batch_size,
                         "protocol": tasks.PROTOCOL}
-            if task == "humaneval":
+            if task == "humaneval":  # its verdicts are what this interpreter's Python makes of the programs
                 settings["humaneval_mode"] = args.humaneval_mode
+                settings["python"] = ".".join(platform.python_version_tuple()[:2])
             if mode == "logprob":  # 2: option logits in float32 (Engine.next_logprobs); bf16 ones tied near options
                 settings["letter_scoring"] = 2
             if cache_dtype(model) != dtype:  # 2: a half-precision model on CPU attends from a float32 cache, and its

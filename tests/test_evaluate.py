@@ -1228,3 +1228,22 @@ def test_ctrl_c_keeps_the_predictions_and_the_same_command_resumes(tmp_path, tin
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())[str(tiny)]["gsm8k"]
     assert res["n"] == 3 and rows() == 3
+
+
+def test_humaneval_verdicts_are_not_reused_under_another_python(tmp_path, tiny, shared):
+    """A HumanEval verdict is what the Python running the program makes of it (a removed module, a
+    changed builtin): a cache of verdicts from another Python version must not be resumed from."""
+    out = tmp_path / "he"
+    args = ["--model", tiny, "--tasks", "humaneval", "--data-dir", shared, "--limit", 1, "--max-new-tokens", 4,
+            "--out", out]
+    r = run_eval(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out / "results.json"))[tiny]["humaneval"]
+    assert res["settings"]["python"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    other = ("import platform, runpy, sys; platform.python_version_tuple = lambda: ('3', '99', '0'); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", other, os.path.join(ROOT, "evaluate.py"), *map(str, args)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len([f for f in os.listdir(out / "cache") if f.startswith("humaneval-")]) == 2  # its own file, not the first's
+    assert json.load(open(out / "results.json"))[tiny]["humaneval"]["settings"]["python"] == "3.99"

@@ -79,7 +79,7 @@ def read_results(path: str) -> dict:
 
 # results.json: what evaluate.py writes and the server's compare page reads.
 PROTOCOL_KEYS = ("shots", "mode", "limit", "max_new_tokens", "humaneval_mode", "protocol", "max_len", "skip_bad_lines",
-                 "dtype", "letter_scoring", "cpu_half")
+                 "dtype", "letter_scoring", "cpu_half", "python")
 QUESTION_KEYS = ("limit", "skip_bad_lines")  # which questions (lines) were asked: the "data" hash says it exactly
 
 
