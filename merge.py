@@ -40,7 +40,16 @@ from nanopost.merging import (Writer, crc_seed, linear, resolve_param, slerp_coe
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 NORMALIZE_DEFAULT = {"linear": True, "slerp": False, "task_arithmetic": False, "ties": True,
                      "dare_linear": False, "dare_ties": False}
-CHUNK_ELEMS = 4 * 1024 * 1024  # rows per block: about 16 MB of float32 per input
+CHUNK_ELEMS = 4 * 1024 * 1024  # elements per block of whole rows: about 16 MB of float32 per input
+
+
+def least_density(n: int) -> str:
+    """The smallest density, written with 3 significant digits, at which TIES keeps one of n elements."""
+    d = 1 / n
+    e = 10.0 ** (math.floor(math.log10(d)) - 2)
+    while int(float(f"{math.ceil(d / e) * e:.3g}") * n) < 1:  # rounded up, never down to a density keeping none
+        d += e
+    return f"{math.ceil(d / e) * e:.3g}"
 
 
 class MergeError(ValueError):
@@ -304,8 +313,11 @@ def check_params(plan, names_in_order, n_layers, numel=None, base_i=0):
             if not 0 < d <= 1:
                 raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
             if method == "ties" and numel and d < 1 and int(d * numel[name]) < 1:
+                small = min(numel.values())
                 raise MergeError(f"density {d} of {m['model']} keeps no element of tensor {name} ({numel[name]} "
-                                 f"elements): TIES keeps int(density x elements); use at least {1 / numel[name]:.3g}")
+                                 f"elements): TIES keeps int(density x elements); use at least {least_density(numel[name])}"
+                                 + (f" (the smallest tensor, {small} elements, needs {least_density(small)})"
+                                    if small < numel[name] else ""))
             if not math.isfinite(w):  # a NaN or inf weight would write a model of NaNs
                 raise MergeError(f"weight {w} of {m['model']} for tensor {name} is not a finite number")
         if not math.isfinite(sum(weights)):
@@ -409,7 +421,7 @@ def main(argv=None):
                    help="output dtype (default: the base model's)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float64", "bfloat16"],
                    help="dtype of the arithmetic")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output shard, GB")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output shard, GiB")
     args = p.parse_args(argv)
     if not 0 < args.max_shard_gb < float("inf"):  # (0 or -1 wrote a shard per tensor, nan one shard)
         p.error("--max-shard-gb must be a positive number")

@@ -382,7 +382,8 @@ def main():
     p.add_argument("--choice-shots", type=int, default=5,
                    help="exemplars for MMLU, CMMLU and C-Eval (default 5: scored zero-shot by its letter, a 0.5B "
                         "model lands near or below chance on C-Eval); GSM8K is 4-shot as in the paper")
-    p.add_argument("--preset", choices=["paper"], help="train_sft.py --preset paper (the paper's SFT settings)")
+    p.add_argument("--preset", choices=["paper"], help="train_sft.py --preset paper (the paper's SFT settings, rows "
+                   "packed; --sft-args --no-packing for its examples per step)")
     p.add_argument("--device", help="cpu or cuda (passed to every script)")
     p.add_argument("--gpus", type=int, default=1, help="training stages under torchrun with N processes")
     for s in ("data", "sft", "kto", "eval"):

@@ -5,7 +5,8 @@
         --lr 3e-3 --max-steps 20
     # one GPU, the real model
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --device cuda
-    # the paper's LLaMA-Factory run (full FT, cutoff 1024, bs 4 x accum 250, lr 5e-8, 3 epochs, bf16)
+    # the paper's LLaMA-Factory settings (full FT, cutoff 1024, bs 4 x accum 250, lr 5e-8, 3 epochs, bf16), rows
+    # packed as every run (LLaMA-Factory's SFT is not: add --no-packing for its examples per step)
     python train_sft.py --model Qwen/Qwen2-0.5B-Instruct --data sft.jsonl --out runs/sft --preset paper
     # several processes (DDP; gloo on CPU, nccl on GPUs); --fsdp shards weights, grads and AdamW
     torchrun --nproc_per_node 2 train_sft.py --model runs/tiny --data a.jsonl --out runs/ddp --max-steps 10
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=nanopost.HelpFormatter)
     add_training_args(p, "training JSONL files (messages or prompt/completion)")
     # ---- SFT only ----
-    p.add_argument("--preset", choices=["paper"], default=None, help="paper: the paper's LLaMA-Factory settings")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: the paper's LLaMA-Factory settings, rows packed (add --no-packing for its examples per step)")
     p.add_argument("--data-weights", nargs="+", type=float, default=None,
                    help="per file: how many times its examples appear per epoch (1 = once, 0.5 = a seeded half)")
     p.add_argument("--no-packing", action="store_true", help="padded batches sorted by length instead of packed rows")

@@ -131,7 +131,7 @@ class Request:
 
     def push(self, token, done):
         """One decode step of this row: its token and whether the engine finished the row."""
-        if self.cancelled:  # its client went away: the row runs on in the batch, unread
+        if self.cancelled:  # its client went away: the engine frees the row after this step, unread
             self.finished = True
             return
         eos = done and token in self.tok.eos_ids

@@ -261,7 +261,7 @@ class Teacher:
         self.unfinished = collections.Counter()  # transport failure kind -> items ask_json left unfinished
 
     def sampling(self, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
-        """(Greedy decoding takes no seed: it is left out, so it does not key the cache.)"""
+        """(Greedy decoding takes no seed: it is sent and keyed as 0, so another --seed reuses its cached replies.)"""
         return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed if temperature > 0 else 0}
 
     def complete(self, requests: list[list[dict]], sampling: dict, desc: str = "teacher",

@@ -226,7 +226,7 @@ def peak_flops(device) -> float | None:
 
 class StateError(ValueError):
     """A run that cannot go on as asked: a used --out, an old torch.save state, a resume with
-    other settings, fewer rows than one step."""
+    other settings, no rows to train on."""
 
 
 def _rng_state():
@@ -553,8 +553,9 @@ def add_training_args(p, data_help: str, row: str = "rows"):
                         "completions on one side)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, metrics.jsonl")
     p.add_argument("--max-len", type=int, default=1024,
-                   help="tokens per row; a longer example loses whole turns from its end (SFT; KTO cuts the prompt's "
-                        "left, then the completion), counted at start")
+                   help="tokens per row; a longer example loses whole turns from its end, or is cut at this length "
+                        "where its first exchange alone is longer (SFT; KTO cuts the prompt's left, then the "
+                        "completion), counted at start")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines with a warning instead of stopping")
     # ---- optimisation ----
     p.add_argument("--batch-size", type=int, default=4, help=f"{row} per micro-batch per process")

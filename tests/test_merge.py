@@ -405,8 +405,15 @@ def test_base_spelled_otherwise_only_base_and_out_edges(tmp_path, pair):
     assert r.returncode == 0, r.stderr
     assert_fails_cleanly(tmp_path, here("--method", "ties", "--base", a, "--models", a, "--out", out),
                          r"at least one model besides")
-    assert_fails_cleanly(tmp_path, here("--method", "ties", "--base", a, "--models", b, "--densities", 0.01,
-                                        "--out", out), r"density 0.01 of .* keeps no element of tensor")
+    r = here("--method", "ties", "--base", a, "--models", b, "--densities", 0.01, "--out", out)
+    assert_fails_cleanly(tmp_path, r, r"density 0.01 of .* keeps no element of tensor")
+    # the density it advises keeps an element of the tensor it names; the smallest tensor's lets it merge
+    n, advised = re.search(r"\((\d+) elements\): TIES .* use at least ([0-9.e-]+)", r.stderr).groups()
+    assert int(float(advised) * int(n)) >= 1, r.stderr
+    smallest = re.search(r"the smallest tensor, \d+ elements, needs ([0-9.e-]+)", r.stderr)
+    r = here("--method", "ties", "--base", a, "--models", b, "--densities", smallest.group(1) if smallest else advised,
+             "--out", tmp_path / "ties")
+    assert r.returncode == 0, r.stderr
     (tmp_path / "afile").write_text("x")
     assert_fails_cleanly(tmp_path, here("--method", "linear", "--models", a, b, "--out", tmp_path / "afile" / "x"),
                          r"is a file, not a directory")
