@@ -206,5 +206,6 @@ class Writer:
 
 
 def crc_seed(seed: int, *parts) -> int:
-    """A stable per-(model, tensor) seed, so DARE's masks do not depend on tensor order."""
+    """A stable per-tensor seed, so DARE's masks do not depend on tensor order (the models' masks
+    are drawn from it one after another, in --models order)."""
     return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**63)

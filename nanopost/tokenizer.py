@@ -17,7 +17,7 @@ ROLES = ("system", "user", "assistant")
 
 def read_json(path) -> dict:
     """A JSON object file -> dict ({} when the file is absent); a ValueError naming the file when it
-    is not valid JSON or not an object (config.json, tokenizer_config.json, generation_config.json)."""
+    is not UTF-8, not valid JSON or not an object (config.json, tokenizer_config.json, generation_config.json)."""
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -25,6 +25,8 @@ def read_json(path) -> dict:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from e
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d

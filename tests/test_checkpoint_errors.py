@@ -145,9 +145,10 @@ def test_untied_config_without_lm_head(tied):
         nanopost.load(tied)
 
 
-@pytest.mark.parametrize("text,why", [('{"model_type": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize("text,why", [('{"model_type": ', "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                                      (b'{"model_type": "\xff"}', r"not UTF-8 text \(byte 0xff at offset 16\)")])
 def test_a_broken_config_is_named(ckpt, text, why):
-    with open(os.path.join(ckpt, "config.json"), "w") as f:
+    with open(os.path.join(ckpt, "config.json"), "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
     with pytest.raises(CheckpointError, match=f"config.json: {why}"):
         nanopost.load(ckpt)

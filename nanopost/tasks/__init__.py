@@ -1,5 +1,6 @@
-"""Evaluation tasks. Each yields examples (dicts with "id", "messages" and "answer"), scores a
-reply, and says whether it is generated ("generate") or scored by option letters ("choice")."""
+"""Evaluation tasks. Each yields examples (dicts with "id", "answer" and the prompt as "messages", or
+as "raw" text in HumanEval's raw mode), scores a reply, and says whether it is generated
+("generate") or scored by option letters ("choice")."""
 import hashlib
 import json
 import os
