@@ -1,6 +1,8 @@
 """Evaluation tasks: prompt rendering, answer extraction, letter scoring, the runner and its cache."""
+import glob
 import json
 import os
+import tempfile
 import time
 import re
 import shutil
@@ -13,6 +15,7 @@ import torch
 
 import nanopost
 from nanopost import tasks
+from nanopost.data import DataError
 from nanopost.engine import Engine, Sampling, cut_at_stop
 from nanopost.tasks import choice, gsm8k
 from nanopost.testing import make_tiny_checkpoint, run_main
@@ -81,6 +84,19 @@ def test_gsm8k_extraction_and_gold():
     assert gsm8k.extract("The answer is .0") == "0" == gsm8k.extract("-.00") and gsm8k.extract("So .50") == "0.5"
     ex = {"answer": "72"}
     assert gsm8k.score(ex, "48 + 24 = 72. The answer is 72.") == ("72", True)
+    # commas group thousands only (else a list); a dash after "3." is no minus; a sign before "$" is one
+    assert gsm8k.extract("Monthly totals: 1500,250") == "250" and gsm8k.extract("The numbers were 7,1000") == "1000"
+    assert gsm8k.extract("They met on days 3.-5.") == "5" and gsm8k.extract("Her balance ends at -$5") == "-5"
+    assert gsm8k.gold("#### 1.0.") == "1" and gsm8k.gold("First #### 5 then #### 7") == "7"  # lm-eval: the last ####
+
+
+def test_a_gsm8k_gold_that_is_not_one_number_is_refused(tmp_path):
+    """A gold answer "5 apples" can never equal an extracted number: the question would count as
+    wrong for every model, so the file is refused naming the line."""
+    f = tmp_path / "test.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "so #### 5 apples"}) + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl:1: the answer has no final '#### N' line with a number"):
+        gsm8k.read_rows(str(f))
 
 
 def test_gsm8k_prompt_is_the_papers(data_dir):
@@ -89,6 +105,8 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     assert mode == "generate" and len(examples[0]["messages"]) == 1
     assert text.count("Question: ") == 5 and text.count("The answer is ") == 4  # 4 exemplars + the question
     assert "<<" not in text and text.endswith("How many apples?\nLet's think step by step")
+    # each exemplar, and the question after them, follows a blank line; an exemplar ends "The answer is N."
+    assert text.count(".\n\nQuestion: ") == 4 and not text.startswith("\n")
     assert examples[0]["answer"] == "3"
     zero = tasks.load("gsm8k", data_dir, shots=0)[0][0]["messages"][0]["content"]
     assert zero == "Question: Tom has 1 apples and buys 2 more. How many apples?\nLet's think step by step"
@@ -309,11 +327,27 @@ def test_gsm8k_prompt_is_the_papers(data_dir):
     ("3D printing: C", "C"),
     ("anti-B antibodies: C", "C"),
     ("One of options A-D: B", "B"),
+    # (each case below once passed under a changed rule: a mutation-testing review)
+    ("答案选D。\n分析：A. 正确，符合史实。B. 正确。C. 正确。D. 错误，与史实不符。", "D"),
+    ("The bad answer is option B; the correct answer is C.", "C"),
+    ("The answers are A and C, as explained above.", None),
+    ("Not A. Looking at the options again: A. 12 B. 15 C. 18 D. 21", None),
+    ("The incorrect answer would be (B).", None),
+    ("B. The mitochondria is the organelle that produces energy\n\nWhich of the following is a prime number?\n"
+     "A. 4\nB. 6\nC. 7\nD. 9\nAnswer: C", "B"),  # read up to the model's own next question
+    ("A与C都正确。", None),
+    ("B seems plausible at first, but the correct answer is:\nD", "D"),
+    ("A看似合理，但正确选项：C", "C"),
+    ("答案：C和D对比，前者更合适。", "C"),  # 对比 is "compare", not "correct"
 ])
 def test_choice_extraction(reply, letter):
     """Replies in the forms models write, English and Chinese (after OpenCompass' and lm-eval's
     extraction conventions): the article "A", an earlier option under discussion, lower-case "a"."""
     assert choice.extract(reply) == letter
+
+
+def test_two_labels_of_a_cut_off_list_are_a_restated_list():
+    assert choice.extract("The statements:\nA. 1 is prime, which is false.\nB. 2 is", cut=True) is None
 
 
 def test_a_reply_cut_off_while_listing_options_has_not_answered(tmp_path, data_dir, tiny, monkeypatch):
@@ -820,6 +854,11 @@ def test_humaneval_passes_only_when_check_returns():
         pred, ok = humaneval.score(raw, f"    return a - b\n\n{leave}\n")
         assert not ok and pred != "pass", leave
     assert humaneval.score(raw, "    return a + b\n") == ("pass", True)
+    for leave in ("import sys\nsys.exit(0)", "import os\nos._exit(0)"):  # in a chat reply's block, where nothing cuts it
+        pred, ok = humaneval.score({**ADD, "mode": "chat"}, f"```python\n{WRONG}\n{leave}\n```")
+        assert not ok and pred != "pass", leave
+        ok, status = humaneval.run_program(f"{WRONG}{leave}\n{ADD['test']}check(add)\n")
+        assert not ok and "stopped before the end" in status, status
     main_block = RIGHT + "\nif __name__ == '__main__':\n    assert add(1, 1) == 3\n    import sys\n    sys.exit(1)\n"
     assert humaneval.score({**ADD, "mode": "chat"}, f"```python\n{main_block}```") == ("pass", True)
     # a failure whose last error line reads "pass" (evaluate.py once compared that text with the answer)
@@ -859,6 +898,7 @@ def test_a_reply_cannot_finish_into_the_tests():
     assert not ok and "does not compile on its own" in pred
     # a right solution with Windows line ends or a `from __future__` import still passes
     assert humaneval.score({**ADD, "mode": "raw"}, "    return a + b\r\n") == ("pass", True)
+    assert humaneval.run_program("def f():\r    return 1\rfrom __future__ import annotations\rassert f() == 1\n") == (True, "passed")
     future = f"```python\nfrom __future__ import annotations\n{RIGHT}```"
     assert humaneval.score({**ADD, "mode": "chat"}, future) == ("pass", True)
 
@@ -924,8 +964,18 @@ def test_humaneval_extraction_edges():
     for reply in (f"```python\n{RIGHT}```\nTests:\n{test_block}", f"```python\n{uses_module}```\n{shadows}",
                   f"```python\n{RIGHT}```\n```python\nd = {{[1.0, 2.0]: 0.5}}\n```",  # not a literal: no crash
                   f"Sure.\nfrom the examples, we add.\n\n{RIGHT}\nThat's it.",  # prose that starts like an import
-                  f"~~~~~~~~~~\nNotes\n~~~~~~~~~~\n```python\n{RIGHT}```"):  # ~~~ separators are not fences
+                  f"~~~~~~~~~~\nNotes\n~~~~~~~~~~\n```python\n{RIGHT}```",  # ~~~ separators are not fences
+                  f"````markdown\n```python\n{RIGHT}```\n````\n",  # four backticks are not a ``` fence
+                  "```\n    return a + b\n```",  # the body alone in a bare fence
+                  f"import this into your file:\n{RIGHT}",  # prose that starts like code, then the code
+                  "```python\nimport operator as op\n```\n```python\ndef add(a, b):\n    return op.add(a, b)\n```",
+                  # another block's literal constant is carried; its example code (input()) is not
+                  "```python\nOFFSET = 0\n```\n```python\ndef add(a, b):\n    return a + b + OFFSET\n```\nTry it:\n"
+                  "```python\nOFFSET = int(input())\nprint(add(2, 3))\n```"):
         assert humaneval.score({**ADD, "mode": "chat"}, reply) == ("pass", True), reply
+    # tests that call the entry point by name: the prompt's stub must not be put back over the reply's
+    by_name = {**ADD, "mode": "chat", "test": "def check(candidate):\n    assert add(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+    assert humaneval.score(by_name, f"```python\n{RIGHT}```") == ("pass", True)
     with_helper = {**ADD, "prompt": "def double(x):\n    return 2 * x\n\n\n" + ADD["prompt"],
                    "test": "def check(candidate):\n    assert double(candidate(2, 3)) == 10\n"}
     assert not humaneval.score({**with_helper, "mode": "chat"}, "```python\ndef add(a, b):\n    return double(0)\n```\n"
@@ -1008,6 +1058,10 @@ def test_sandbox_contains_bad_programs(tmp_path):
     ok, status = run_program("import os\nfd = os.open(%r, os.O_WRONLY | os.O_CREAT)" % str(target))
     assert not ok and not target.exists()
     assert run_program("x = bytearray(50 * 1024**3)") == (False, "MemoryError")
+    # a sibling whose name starts with the scratch folder's is outside it
+    ok, status = run_program("import os\np = os.getcwd() + '_x'\nprint(p)\nopen(p, 'w').write('escaped')\n")
+    assert not ok and "outside the scratch directory" in status, status
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "nanopost-humaneval-*_x"))
     assert run_program("import subprocess\nsubprocess.run(['true'])")[0] is False
     # a process in a session of its own would outlive the timeout's killpg; and stderr goes to a file
     # (bounded, never held by the parent, never kept open by a grandchild)
