@@ -77,7 +77,7 @@ from nanopost.checkpoint import CheckpointError, read_config, resolve, same_fold
 from nanopost.data import (DataError, Example, check_no_tool_calls, collate, completion_text, encode_kto, read_jsonl,
                            report_bad_lines, to_kto, truncate_kto, whole_lines)
 from nanopost.engine import Engine, Sampling, graphs_switch
-from nanopost.losses import sequence_logps
+from nanopost.losses import sequence_logps, target_counts
 from nanopost.tasks import fingerprint, gsm8k, stamp
 from nanopost.teacher import Cache, CacheError, HTTPBackend, LocalBackend, Teacher, TeacherUnreachable
 from nanopost.tokenizer import IGNORE, ROLES
@@ -378,7 +378,7 @@ def perplexities(model, tok, groups, max_len) -> list[list[float]]:
             exs.append(Example(p + c, [IGNORE] * len(p) + c))
         ids, labels, pos = collate([[j] for j in range(len(exs))], exs, tok.pad_id)
         logp = sequence_logps(model, ids.to(dev), labels.to(dev), pos.to(dev)).float().cpu()
-        n_tok = (labels[:, 1:] != IGNORE).sum(1)
+        n_tok = target_counts(labels)
         out.append([float(f"{x:.4g}") for x in torch.exp(-logp / n_tok).tolist()])
     return out
 

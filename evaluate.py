@@ -55,8 +55,7 @@ import nanopost
 from nanopost import tasks
 from nanopost.checkpoint import CheckpointError, closing_named, folder_lock, resolve, unwritable, whole_file, writing
 from nanopost.data import DataError, collate, load_sft, whole_lines
-from nanopost.losses import sft_loss_sum
-from nanopost.tokenizer import IGNORE
+from nanopost.losses import sft_loss_sum, target_counts
 from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_switch, resolve_dtype
 from nanopost.tasks.choice import LETTERS, OVER_SUBJECTS
 
@@ -93,7 +92,7 @@ def perplexity(model, tok, path, max_len=PPL_MAX_LEN, batch_size=8, skip_bad_lin
         ids, labels, pos = collate([[j] for j in range(i, min(i + batch_size, len(examples)))], examples, tok.pad_id)
         dev = model.lm_head.weight.device
         nll += sft_loss_sum(model, ids.to(dev), labels.to(dev), pos.to(dev)).item()
-        n += (labels[:, 1:] != IGNORE).sum().item()
+        n += target_counts(labels).sum().item()
     if not math.isfinite(nll) or nll / n > 700:  # results.json holds numbers only: NaN and inf are not JSON
         raise ValueError(f"{path}: mean NLL {nll / n:.4g} nats per token; the model computes NaN/inf or absurd "
                          f"logits (diverged training, a bad merge?): no perplexity reported")

@@ -31,7 +31,7 @@ import torch
 import nanopost
 from nanopost.checkpoint import CheckpointError
 from nanopost.data import DataError, collate, load_sft, mix, pack
-from nanopost.losses import sft_loss_sum
+from nanopost.losses import sft_loss_sum, target_counts
 from nanopost.tokenizer import IGNORE
 from nanopost.training import (PAPER_PRESET, StateError, add_training_args, all_reduce_sum, cut_note, data_hash,
                                grad_sync, load_policy, micro_batches_each, parse_training_args, plan_steps,
@@ -87,7 +87,7 @@ def eval_loss(model, val_examples, args, device, pad_id, autocast):
         ids, labels, pos = (t.to(device) for t in collate(rows[i:i + args.batch_size], val_examples, pad_id))
         with autocast():
             nll += model(ids, labels, pos)
-        n += (labels[:, 1:] != IGNORE).sum()
+        n += target_counts(labels).sum()
     model.train()
     return (all_reduce_sum(nll) / all_reduce_sum(n)).item()
 
@@ -133,7 +133,7 @@ def main(argv=None):
         step_rows = epoch_rows[epoch][k * rows_per_step:(k + 1) * rows_per_step]  # an epoch's last may be fewer
         mine = step_rows[rank::world]  # this process's share, in micro-batches
         micro = [collate(mine[i:i + args.batch_size], train_examples, tok.pad_id) for i in range(0, len(mine), args.batch_size)]
-        n_trained = all_reduce_sum(torch.tensor(float(sum((m[1][:, 1:] != IGNORE).sum() for m in micro)), device=device))
+        n_trained = all_reduce_sum(torch.tensor(float(sum(target_counts(m[1]).sum() for m in micro)), device=device))
         n_tokens = all_reduce_sum(torch.tensor(float(sum(m[0].numel() for m in micro)), device=device)).item()
         while len(micro) < micro_batches_each(len(step_rows), world, args.batch_size):  # a stand-in: no label, no loss
             ids, labels, pos = collate(step_rows[:1], train_examples, tok.pad_id)

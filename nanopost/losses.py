@@ -12,6 +12,12 @@ from nanopost.model import PromptKV, packed_causal_mask
 from nanopost.tokenizer import IGNORE
 
 
+def target_counts(labels):
+    """Per row of a (B, T) label batch, how many of its tokens are trained targets: labels[:, 1:]
+    that are not IGNORE (a row's token 0 is predicted by nothing). Summed: the SFT loss's divisor."""
+    return (labels[:, 1:] != IGNORE).sum(1)
+
+
 def trained_positions(model, input_ids, labels, position_ids=None, cache=None):
     """The model's final hidden states at the positions whose *target* is trained (labels are
     aligned with input_ids: labels[t] is the label of token t, so position t-1 predicts it) ->

@@ -86,6 +86,20 @@ def test_loss_rewards_and_kl_equal_trls_code(loss_type, case):
 
 # ---- one whole first step against TRL's KTOTrainer ----
 
+def test_rewards_carry_no_graph_and_z0_is_clamped_after_the_mean_over_ranks():
+    """TRL detaches the rewards, and clamps z0 once the ranks' KL means are averaged: a rank at -2
+    and one at +1 give z0 = 0 (clamping each first would give 0.5)."""
+    p = torch.tensor([-3.0, -5.0], dtype=torch.float64, requires_grad=True)
+    loss, rewards = kto_loss(p, torch.tensor([-4.0, -4.0], dtype=torch.float64), torch.tensor([True, False]),
+                             torch.tensor(0.2, dtype=torch.float64))
+    assert loss.requires_grad and not rewards.requires_grad
+    other_rank = torch.tensor(1.0, dtype=torch.float64)
+    z0 = kl_estimate(torch.tensor([-2.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                     all_reduce_mean=lambda x: (x + other_rank) / 2)
+    assert z0.item() == 0.0
+    assert kl_estimate(torch.tensor([3.0]), torch.tensor([0.0]), all_reduce_mean=lambda x: (x + 1.0) / 2).item() == 2.0
+
+
 def test_first_step_equals_trl_kto_trainer(tiny, tmp_path):
     """One optimizer step of train_kto.py and of TRL's KTOTrainer on the same tiny model, data and
     batch: loss, kl and rewards agree. By construction TRL differs in two ways, so the data is
@@ -430,6 +444,7 @@ def test_data_formats_tokens_and_truncation(tiny):
     tok = nanopost.Tokenizer(tiny)
     examples, stats = load_kto([KTO_DATA], tok, 256)
     assert stats["examples"] == 24 and stats["desirable"] == 12  # 4 paired lines -> 8 examples, 16 unpaired
+    assert stats["prompts_cut"] == stats["completions_cut"] == 0  # all fit: nothing counted as cut
     ids, mask = tok.render([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}])
     e = examples[0]
     assert e.label and e.prompt + e.completion == ids[:len(e.prompt) + len(e.completion)]
@@ -439,6 +454,8 @@ def test_data_formats_tokens_and_truncation(tiny):
     assert (p, c) == (list(range(30, 50)), list(range(100, 120)))  # the prompt cut from the left first
     p, c = truncate_kto(list(range(50)), list(range(100, 150)), 40)
     assert (p, c) == (list(range(30, 50)), list(range(100, 120)))  # then the completion, prompt keeps half
+    p, c = truncate_kto([1, 2, 3], list(range(100, 120)), 10)
+    assert (p, c) == ([1, 2, 3], list(range(100, 107)))  # a prompt under half of max_len is not cut
     g = [KTOExample([1, 2], [3], True), KTOExample([4], [5, 6], False), KTOExample([7, 8, 9], [10], True)]
     ids, labels, _ = collate_kto([0, 1, 2], g, 0, 64, kl=True)
     assert ids[0, :3].tolist() == [1, 2, 10] and ids[1, :2].tolist() == [4, 3] and ids[2, :5].tolist() == [7, 8, 9, 5, 6]

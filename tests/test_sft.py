@@ -16,7 +16,7 @@ import nanopost
 from nanopost.data import DataError, collate, encode, load_sft, pack
 from nanopost.engine import Engine, Sampling
 from nanopost.kernels.linear_ce import linear_cross_entropy_reference
-from nanopost.losses import reference_sft_loss_sum, sft_loss_sum
+from nanopost.losses import reference_sft_loss_sum, sft_loss_sum, target_counts, trained_positions
 from nanopost.tokenizer import IGNORE
 from nanopost.testing import run_main
 from nanopost.training import latest_checkpoint
@@ -148,6 +148,36 @@ def test_truncation_keeps_whole_turns(tiny):
     assert cut and not lost and ex.ids == short.ids
     ex, cut, lost = encode(tok, msgs[:2], len(short.ids) - 1)
     assert cut and not lost and ex.labels == short.labels[:-1]
+    # of several exchanges that fit, the longest prefix is kept, also when it fills max_len exactly
+    three = msgs[:2] + [{"role": "user", "content": "b"}, {"role": "assistant", "content": "two"}] + msgs[2:]
+    two, _, _ = encode(tok, three[:4], 10_000)
+    for max_len in (len(two.ids), len(two.ids) + 3):
+        ex, cut, lost = encode(tok, three, max_len)
+        assert cut and lost and ex.ids == two.ids, max_len
+
+
+def test_packed_rows_train_no_token_across_conversations_and_the_divisor_counts_what_is_trained(tiny, tmp_path):
+    """With --train-on-prompt every label is a target, yet a conversation's first token is predicted
+    by nothing in its row (not by the end of the conversation before it); the loss's divisor
+    (target_counts) counts exactly the targets the loss sums, also where a row's last column is one.
+    An example left with no target after truncation is refused."""
+    tok = nanopost.Tokenizer(tiny)
+    msgs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "that"}]]
+    exs = [encode(tok, m, 10_000, train_on_prompt=True)[0] for m in msgs]
+    ids, labels, pos = collate([[0, 1]], exs, tok.pad_id)
+    n0 = len(exs[0].ids)
+    assert labels[0, 0] == IGNORE and labels[0, n0] == IGNORE and labels[0, -1] != IGNORE
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    packed = sft_loss_sum(model, ids, labels, pos)
+    separate = sum(sft_loss_sum(model, *collate([[i]], exs, tok.pad_id)) for i in (0, 1))
+    assert abs(packed.item() - separate.item()) < 1e-9
+    assert target_counts(labels).sum().item() == len(trained_positions(model, ids, labels, pos)[2]) == ids.shape[1] - 2
+    path = str(tmp_path / "one.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"messages": msgs[0]}) + "\n")
+    with pytest.raises(DataError, match="no trained token left after truncation to --max-len 1"):
+        load_sft([path], tok, 1, train_on_prompt=True)
 
 
 def test_packing_best_fit_decreasing():
