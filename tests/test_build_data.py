@@ -969,3 +969,23 @@ def test_near_duplicates_keep_the_row_with_gold_only_within_one_system_prompt_an
     assert r.returncode == 0, r.stderr
     responses = json.loads(read(tmp_path / "code" / "6_respond.jsonl"))["responses"]
     assert {"source": "original", "text": "    y = x + 1\n    return y"} in responses
+
+
+def test_near_duplicates_keep_gold_then_a_response_and_name_the_kept_id():
+    """Unit cases of the rule above (each once passed every test when changed): of near-duplicates,
+    the copy with a gold answer is kept before one with a response, and one with a response before a
+    bare one; the dropped copy names the kept one's id; texts without words are no one's duplicates."""
+    import importlib.util
+    from nanopost import dedup
+    spec = importlib.util.spec_from_file_location("_build_data_module", SCRIPT)
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+
+    def run(rows):  # [(id, text, gold, response)] -> near_duplicates
+        by_id = {i: {"prompt": [{"role": "user", "content": t}], "gold": g, "response": r} for i, t, g, r in rows}
+        texts = [t for _, t, _, _ in rows]
+        return bd.near_duplicates([i for i, *_ in rows], by_id, texts, dedup.simhash(texts), 3)
+    q = "Rita fills 52 boxes with 7 shells each and gives 5 boxes away. How many shells are left?"
+    assert run([("p", q, None, None), ("r", q[:-1], None, "329")]) == {"r": None, "p": "r"}
+    assert run([("r", q, None, "329"), ("g", q[:-1], "329", None)]) == {"g": None, "r": "g"}
+    assert run([("x", "?", None, None), ("y", "...", None, None)]) == {"x": None, "y": None}

@@ -157,3 +157,23 @@ def test_a_repeated_span_counts_once_and_arithmetic_signs_are_words():
     ops = ["What is 12 + 5?", "What is 12 * 5?", "What is 12 - 5?", "What is 12 / 5?", "Is 7 < 3?", "Is 7 > 3?"]
     assert dedup.duplicate_of(dedup.simhash(ops, 2), 8) == [None] * len(ops)
     assert dedup.duplicate_of(dedup.simhash(["What is 12 + 5?", "what is 12+5"], 2), 8) == [None, 0]
+
+
+def test_fingerprint_rules_as_documented():
+    """Each rule below once passed every test when changed: a bit is set where *more* features have it
+    than not (two features: both); a text shorter than one shingle is one feature (not fingerprint 0,
+    which made every 1-2 word instruction a duplicate of every other); "char" units collapse spacing."""
+    fp = lambda *texts, shingle=2, unit="word": [int(x) for x in dedup.simhash(list(texts), shingle, unit)]  # noqa: E731
+    ab, bc, abc = fp("alpha beta", "beta gamma", "alpha beta gamma")
+    assert abc == ab & bc  # a one-feature text's fingerprint is its feature; two features keep the bits both have
+    short = fp("hello world", "one two three four", shingle=5)
+    assert 0 not in short and short[0] != short[1]
+    assert fp("hello world", shingle=3) == fp("hello world", shingle=2) != [0]
+    a = "What is the capital of France?"
+    assert len(set(fp(a, "What  is the\tcapital of France?", " " + a + "\n", shingle=4, unit="char"))) == 1
+
+
+def test_duplicate_of_when_a_later_text_has_the_smaller_fingerprint():
+    assert dedup.duplicate_of([7, 0], 3) == [None, 0]
+    # the third is near both kept texts (0 and 0b111111 are 6 bits apart): the earliest is the one named
+    assert dedup.duplicate_of([0, 0b111111, 0b111], 3) == [None, None, 0]

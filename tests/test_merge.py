@@ -659,3 +659,76 @@ def test_config_mistakes_that_would_change_the_weights_are_refused(tmp_path, pai
                                                    "models": [{"model": b, "parameters": {"weight": 1}}]}))
     assert run_main(os.path.join(ROOT, "merge.py"), "--config", tmp_path / "cfg.json", "--out", tmp_path / "out").returncode == 0
 
+
+
+def test_edge_values_equal_mergekits():
+    """Where mergekit guards an edge, so do we (each case once passed every test with the guard gone):
+    SLERP with an all-zero tensor or row (not normalised), anti-parallel rows (linear), DARE keeping
+    nothing (zeros, no 0/0), a TIES sign vote that sums to 0 (goes to +), task-arithmetic weights that
+    sum to 0 under normalize (divisor 1)."""
+    mk_slerp = pytest.importorskip("mergekit.merge_methods.slerp").slerp
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
+    from nanopost.merging import masked
+    t = torch.tensor(0.3)
+    v0, v1 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 2)
+    assert torch.allclose(slerp(0.3, v0, v1), mk_slerp(t, v0.flatten()[None], v1.flatten()[None]).view(2, 2))
+    for v0, v1 in ((torch.tensor([[1.0, 2, 3], [1, 0, 0]]), torch.tensor([[-2.0, -4, -6], [0, 1, 0]])),
+                   (torch.tensor([[0.0, 0], [1, 0]]), torch.tensor([[1.0, 1], [0, 1]]))):
+        assert torch.allclose(slerp_rows(0.3, v0, v1), mk_slerp(t, v0, v1)), (v0, v1)
+    delta, none = torch.tensor([1.0, -2.0]), torch.tensor([False, False])
+    assert torch.equal(masked(delta, none, True), rescaled_masked_tensor(delta, none, RescaleNorm.l1))
+    assert torch.equal(task_merge(torch.zeros(2), [delta], [1.0], [0.01], "dare_linear", False,
+                                  torch.Generator().manual_seed(0)), torch.zeros(2))
+    deltas, w = torch.tensor([[1.0, 2, -1], [-1, 1, -3]]), torch.ones(2, 1)
+    mask = get_mask(deltas, "sum")
+    assert torch.allclose(task_merge(torch.zeros(3), list(deltas), [1.0, 1.0], [1, 1], "ties", True),
+                          (deltas * mask).sum(0) / (w * mask).sum(0))
+    assert torch.equal(task_merge(torch.zeros(3), list(deltas), [1.0, -1.0], [1, 1], "task_arithmetic", True),
+                       torch.tensor([2.0, 1.0, 2.0]))  # mergekit: a divisor under 1e-8 is 1
+
+
+def test_flags_and_settings_reach_every_tensor(pair, tmp_path):
+    """--no-normalize (linear), --normalize (task arithmetic), --slerp-rows and a --base listed second
+    each change the merge as they say; a whole-tensor SLERP read in several row blocks takes its angle
+    over all of them; a t whose filters miss a tensor is an error, not an unset t."""
+    import importlib.util
+    a, b = pair
+    A, B = state(a), state(b)
+    c = make_tiny_checkpoint(str(tmp_path / "c"), seed=3)
+    C = state(c)
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    r = here("--method", "linear", "--models", a, b, "--weights", 0.5, 0.7, "--no-normalize", "--out", tmp_path / "lin")
+    assert r.returncode == 0, r.stderr
+    for k, v in state(tmp_path / "lin").items():
+        assert torch.allclose(v, 0.5 * A[k] + 0.7 * B[k], atol=1e-6), k
+    (tmp_path / "norm.json").write_text(json.dumps({"merge_method": "linear", "parameters": {"normalize": True},
+                                                    "models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                               {"model": b, "parameters": {"weight": 0.7}}]}))
+    r = here("--config", tmp_path / "norm.json", "--no-normalize", "--out", tmp_path / "lin2")  # the flag wins
+    assert r.returncode == 0, r.stderr
+    for k, v in state(tmp_path / "lin2").items():
+        assert torch.allclose(v, 0.5 * A[k] + 0.7 * B[k], atol=1e-6), k
+    r = here("--method", "task_arithmetic", "--base", a, "--models", b, c, "--weights", 0.5, 0.7, "--normalize",
+             "--out", tmp_path / "ta")
+    assert r.returncode == 0, r.stderr
+    for k, v in state(tmp_path / "ta").items():
+        assert torch.allclose(v, A[k] + (0.5 * (B[k] - A[k]) + 0.7 * (C[k] - A[k])) / 1.2, atol=1e-6), k
+    r = here("--method", "slerp", "--models", a, b, "--t", 0.5, "--slerp-rows", "--out", tmp_path / "rows")
+    assert r.returncode == 0, r.stderr
+    for k, v in state(tmp_path / "rows").items():
+        assert torch.allclose(v, slerp_rows(0.5, A[k], B[k]), atol=1e-6), k
+    r = here("--method", "slerp", "--models", a, b, "--base", b, "--t", 0, "--out", tmp_path / "t0")
+    assert r.returncode == 0, r.stderr
+    assert all(torch.equal(v, B[k]) for k, v in state(tmp_path / "t0").items())  # t = 0 is the base
+    spec = importlib.util.spec_from_file_location("_merge_small_blocks", os.path.join(ROOT, "merge.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.CHUNK_ELEMS = 64  # every matrix of the tiny model in several blocks
+    module.main(["--method", "slerp", "--models", a, b, "--t", "0.5", "--out", str(tmp_path / "blocks")])
+    for k, v in state(tmp_path / "blocks").items():
+        assert torch.allclose(v, slerp(0.5, A[k], B[k]), atol=1e-6), k
+    (tmp_path / "miss.json").write_text(json.dumps({"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
+                                                    "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]}}))
+    r = here("--config", tmp_path / "miss.json", "--out", tmp_path / "miss")
+    assert r.returncode != 0 and "t: no filter matches tensor" in r.stderr, r.stderr
