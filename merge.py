@@ -45,11 +45,10 @@ CHUNK_ELEMS = 4 * 1024 * 1024  # elements per block of whole rows: about 16 MB o
 
 def least_density(n: int) -> str:
     """The smallest density, written with 3 significant digits, at which TIES keeps one of n elements."""
-    d = 1 / n
-    e = 10.0 ** (math.floor(math.log10(d)) - 2)
-    while int(float(f"{math.ceil(d / e) * e:.3g}") * n) < 1:  # rounded up, never down to a density keeping none
-        d += e
-    return f"{math.ceil(d / e) * e:.3g}"
+    v, step = float(f"{1 / n:.3g}"), 10.0 ** (math.floor(math.log10(1 / n)) - 2)
+    while int(v * n) < 1:  # rounded to nearest, then up a digit at a time: never a density keeping none
+        v = float(f"{v + step:.3g}")
+    return f"{v:.3g}"
 
 
 class MergeError(ValueError):
@@ -312,8 +311,8 @@ def check_params(plan, names_in_order, n_layers, numel=None, base_i=0):
         for m, d, w in zip(plan["models"], densities, weights):
             if not 0 < d <= 1:
                 raise MergeError(f"density {d} of {m['model']} for tensor {name} is outside (0, 1]")
-            if method == "ties" and numel and d < 1 and int(d * numel[name]) < 1:
-                small = min(numel.values())
+            if method == "ties" and numel and numel[name] and d < 1 and int(d * numel[name]) < 1:
+                small = min(n for n in numel.values() if n)
                 raise MergeError(f"density {d} of {m['model']} keeps no element of tensor {name} ({numel[name]} "
                                  f"elements): TIES keeps int(density x elements); use at least {least_density(numel[name])}"
                                  + (f" (the smallest tensor, {small} elements, needs {least_density(small)})"

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 import nanopost
-from nanopost.checkpoint import CheckpointError, resolve, save_tensors, whole_file
+from nanopost.checkpoint import CheckpointError, load_tokenizer, resolve, save_tensors, whole_file
 from nanopost.data import DataError, collate_kl, collate_kto, kto_groups, load_kto
 from nanopost.losses import kl_estimate, kto_loss, sequence_logps
 from nanopost.training import (StateError, add_training_args, all_reduce_sum, check_resume, cut_note, data_hash,
@@ -102,7 +102,7 @@ def main(argv=None):
         rank, world, device, log = start_run(args)
 
         # ---- data (all checks before anything is written) ----
-        tok = nanopost.Tokenizer(resolve(args.model))
+        tok = load_tokenizer(resolve(args.model))
         examples, stats = load_kto(args.data, tok, args.max_len, args.skip_bad_lines, log)
         read = len(examples)  # (the cut counts are of these, before --val-fraction moves some to validation)
         val = load_kto([args.val], tok, args.max_len, args.skip_bad_lines, log)[0] if args.val else []

@@ -99,7 +99,7 @@ def main(argv=None):
         rank, world, device, log = start_run(args)
 
         # ---- data (all checks before anything is written) ----
-        tok = nanopost.Tokenizer(nanopost.checkpoint.resolve(args.model))
+        tok = nanopost.checkpoint.load_tokenizer(nanopost.checkpoint.resolve(args.model))
         per_file, stats = load_sft(args.data, tok, args.max_len, args.train_on_prompt, args.skip_bad_lines, log)
         val_examples = []
         if args.val:

@@ -204,11 +204,20 @@ def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu") -> Qwen2:
     return model.eval()
 
 
+def load_tokenizer(d: str) -> Tokenizer:
+    """A checkpoint folder's tokenizer; a broken tokenizer_config.json or generation_config.json is
+    a CheckpointError naming the file (the scripts report those in one line, without a traceback)."""
+    try:
+        return Tokenizer(d)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load(path_or_hub_id: str, dtype=torch.float32, device="cpu"):
     """-> (model, tokenizer) from a local Hugging Face checkpoint directory or a hub id."""
     d = resolve(path_or_hub_id)
     read_config(d)  # a broken config.json is named before the tokenizer reads its eos ids from it
-    tokenizer = Tokenizer(d)
+    tokenizer = load_tokenizer(d)
     return load_model(d, dtype, device), tokenizer
 
 

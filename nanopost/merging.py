@@ -89,7 +89,7 @@ def masked(delta, keep, rescale: bool, eps=1e-7):
 
 def trim_magnitude(delta, density: float, rescale=False):
     """Keep the int(density * numel) largest-magnitude entries (TIES' trim), zero the rest."""
-    if density >= 1:
+    if density >= 1 or delta.numel() == 0:
         return delta
     k = int(density * delta.numel())
     if k <= 0:

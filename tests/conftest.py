@@ -24,7 +24,8 @@ REAL_DEFAULT = os.path.expanduser("~/.cache/nanopost/qwen2.5-coder-0.5b-instruct
 def pytest_runtest_protocol(item, nextitem):
     """Under `pytest -n N` a test on the real checkpoint waits for any other worker's to finish: one
     such test peaks near 10 GB (our 0.5B model, transformers' copy, a batch of 5-shot prompts), and two
-    at once would crowd a 24 GiB machine."""
+    at once would crowd a 24 GiB machine. (Its fixtures are set up and torn down inside the lock:
+    test_real.py's models are per test under -n, not per module.)"""
     if "PYTEST_XDIST_WORKER" not in os.environ or not item.get_closest_marker("real"):
         return (yield)
     import fcntl

@@ -11,6 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import nanopost
 from nanopost.checkpoint import CheckpointError
+from nanopost.testing import run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -145,13 +148,19 @@ def test_untied_config_without_lm_head(tied):
         nanopost.load(tied)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
 @pytest.mark.parametrize("text,why", [('{"model_type": ', "not valid JSON"), ("[1, 2]", "expected a JSON object"),
                                       (b'{"model_type": "\xff"}', r"not UTF-8 text \(byte 0xff at offset 16\)")])
-def test_a_broken_config_is_named(ckpt, text, why):
-    with open(os.path.join(ckpt, "config.json"), "wb" if isinstance(text, bytes) else "w") as f:
+def test_a_broken_config_is_named(ckpt, tmp_path, name, text, why):
+    with open(os.path.join(ckpt, name), "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
-    with pytest.raises(CheckpointError, match=f"config.json: {why}"):
+    with pytest.raises(CheckpointError, match=f"{name}: {why}"):
         nanopost.load(ckpt)
+    if name != "config.json":  # the training scripts read the tokenizer first: one line, no traceback
+        data = tmp_path / "d.jsonl"
+        data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+        r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", ckpt, "--data", data, "--out", tmp_path / "o")
+        assert r.returncode != 0 and re.search(f"{name}: {why}", r.stderr), r.stderr
 
 
 @pytest.mark.parametrize("key,value,why", [

