@@ -989,3 +989,29 @@ def test_near_duplicates_keep_gold_then_a_response_and_name_the_kept_id():
     assert run([("p", q, None, None), ("r", q[:-1], None, "329")]) == {"r": None, "p": "r"}
     assert run([("r", q, None, "329"), ("g", q[:-1], "329", None)]) == {"g": None, "r": "g"}
     assert run([("x", "?", None, None), ("y", "...", None, None)]) == {"x": None, "y": None}
+
+
+def test_http_retries_go_to_the_next_server_back_off_and_cap_retry_after(monkeypatch):
+    """HTTPBackend without a network: a server that answers 503 with Retry-After: 3600 is waited on
+    a minute at most, retries double their pause and move to the next URL; "/v1" on a URL is the
+    server's root as given; the cache key changes with the prompt version."""
+    import io
+    import urllib.error
+    from nanopost import teacher
+    calls, sleeps = [], []
+
+    class Fake(teacher.HTTPBackend):
+        def _call(self, url, path, body, timeout):
+            calls.append(url + path)
+            if path == "/v1/models":
+                return {"data": [{"id": "m"}]}
+            raise urllib.error.HTTPError(url + path, 503, "busy", {"Retry-After": "3600"}, io.BytesIO(b"busy"))
+    monkeypatch.setattr(teacher.time, "sleep", sleeps.append)
+    backend = Fake(["http://a/v1", "http://b/"], retries=3, backoff=1.0)
+    assert calls == ["http://a/v1/models", "http://b/v1/models"]
+    calls.clear()
+    reply = backend._one(0, [{"role": "user", "content": "hi"}], {"max_tokens": 4})
+    assert reply.text is None and calls == ["http://a/v1/chat/completions", "http://b/v1/chat/completions"] * 2
+    assert sleeps == [60, 1.0, 60, 2.0, 60, 4.0]
+    msgs, s = [{"role": "user", "content": "hi"}], {"max_tokens": 4}
+    assert teacher.request_key(msgs, s, "http:m", "1") != teacher.request_key(msgs, s, "http:m", "2")

@@ -633,6 +633,8 @@ def test_a_log_line_averages_the_steps_since_the_last(tiny, tmp_path, baseline):
               "logps/chosen": -1.0, "logps/rejected": -7.0, "n_desirable": 1, "n_undesirable": 2, "tokens": 300,
               "seconds": 3.0, "lr": 2.0, "grad_norm": 6.0}]
     m = nanopost.training.window_metrics(steps)
+    assert nanopost.training.window_metrics([dict(steps[0], trained_tokens=10), dict(steps[1], trained_tokens=30)])[
+        "trained_tokens"] == 40  # counts summed
     assert m == pytest.approx({"loss": 2.0, "kl": 0.5, "rewards/chosen": (3 * 2.0 - 2.0) / 4, "rewards/rejected": 1.0,
                                "rewards/margins": 0.0, "logps/chosen": (3 * -3.0 - 1.0) / 4, "logps/rejected": -7.0,
                                "n_desirable": 4, "n_undesirable": 2, "tokens_per_s": 100.0, "lr": 2.0, "grad_norm": 6.0})
@@ -646,3 +648,64 @@ def test_pure_bf16_at_a_fine_tuning_lr_is_warned_of(tiny, tmp_path):
     r = run_main(TRAIN, "--model", tiny, "--data", DATA, "--out", tmp_path / "f", "--max-len", 64, "--batch-size", 2,
                  "--max-steps", 1, "--lr", 1e-5)
     assert r.returncode == 0 and "rounding step" not in r.stdout
+
+
+def test_schedule_values_equal_transformers_and_fractional_epochs_round_up():
+    """After warmup, lr_at is transformers' cosine schedule (with a floor: its min_lr_rate); a run of
+    0.5 epochs of 3 steps trains 2 (transformers: ceil), 0.1 epoch of 5 trains 1, not 0."""
+    from types import SimpleNamespace
+    from transformers.optimization import get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for warmup, total, floor in ((2, 10, 0.0), (3, 17, 0.1), (0, 7, 0.25)):
+        ref = (get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=floor) if floor
+               else get_cosine_schedule_with_warmup(opt, warmup, total)).lr_lambdas[0]
+        for s in range(warmup, total):
+            assert nanopost.training.lr_at(s, total, warmup, 1.0, "cosine", floor) == pytest.approx(ref(s), abs=1e-12), (warmup, total, s)
+    plan = nanopost.training.plan_steps
+    assert plan(3, 1, SimpleNamespace(max_steps=None, epochs=0.5)) == (3, 2)
+    assert plan(5, 1, SimpleNamespace(max_steps=None, epochs=0.1)) == (5, 1)
+
+
+@pytest.mark.parametrize("field,then,now", [("max_grad_norm", 1.0, 0.0), ("lr_schedule", "cosine", "constant"),
+                                            ("min_lr_ratio", 0.0, 0.5)])
+def test_a_resume_with_another_optimizer_setting_is_refused(field, then, now):
+    from types import SimpleNamespace
+    base = dict(lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                warmup_steps=None, warmup_ratio=0.0)
+    saved = {"schedule": nanopost.training.schedule_meta(SimpleNamespace(**{**base, field: then}))}
+    meta = {"schedule": nanopost.training.schedule_meta(SimpleNamespace(**{**base, field: now}))}
+    with pytest.raises(nanopost.training.StateError, match=f"--{field.replace('_', '-')} {then}"):
+        nanopost.training.check_resume(meta, saved, "ckpt")
+
+
+def test_a_nan_loss_stops_the_run_even_with_a_finite_gradient_and_epochs_count_finished_steps(tmp_path, monkeypatch):
+    """train() on a stand-in model: a step whose loss is NaN is not applied (the gradient alone was
+    checked in the CLI tests, where a NaN loss always came with a NaN gradient); the logged epoch of
+    an epoch's last step is 1.0, as transformers logs it."""
+    from types import SimpleNamespace
+    T = nanopost.training
+    monkeypatch.setattr(T, "full_model_state", lambda module, rank: None)
+    monkeypatch.setattr(T, "full_optimizer_state", lambda module, opt, rank: None)
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: str(tmp_path / "ckpt"))
+    monkeypatch.setattr(T, "save_final", lambda *a, **k: None)
+    lin = torch.nn.Linear(2, 1)
+    args = SimpleNamespace(warmup_steps=0, warmup_ratio=0.0, lr=0.1, resume=False, overwrite=False, precision="fp32",
+                           lr_schedule="constant", min_lr_ratio=0.0, max_grad_norm=1.0, eval_every=0, log_every=1,
+                           save_every=0, keep_last=1, max_len=8)
+
+    def go(out, losses):
+        run = SimpleNamespace(saved=None, module=lin, optimizer=torch.optim.SGD(lin.parameters(), lr=0.1), model=lin,
+                              fsdp=False, ckpt=None)
+
+        def step_fn(step, epoch, k):
+            lin(torch.ones(1, 2)).sum().backward()  # a finite gradient
+            return {"loss": losses[step], "tokens": 2}
+        T.train(SimpleNamespace(**vars(args), out=str(out)), run, None, len(losses), 2, {"rows_per_step": 1}, step_fn,
+                lambda: None, 0, 1, torch.device("cpu"), lambda *a, **k: None)
+    go(tmp_path / "ok", [1.0, 1.0, 1.0, 1.0])
+    rows = [json.loads(line) for line in open(tmp_path / "ok" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5, 2.0]
+    before = [p.detach().clone() for p in lin.parameters()]
+    with pytest.raises(T.StateError, match="step 1: loss nan, .*training diverged"):
+        go(tmp_path / "nan", [float("nan"), 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
