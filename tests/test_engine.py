@@ -677,3 +677,50 @@ def test_greedy_screen_bound_holds_at_extreme_scales(scale_w, scale_h):
         head.weight.data = w * scale_w
         with torch.inference_mode():
             assert torch.equal(GreedyScreen(head, backend)(h), (h @ head.weight.T).argmax(1))
+
+
+def test_sampling_edges_as_transformers_filters_them():
+    """(Each case once passed every test when changed.) top-p keeps what transformers' TopPLogitsWarper
+    keeps, ties included; a top-p so small that 1 - top_p rounds to 1 keeps the most likely token
+    (not an empty distribution); a temperature under 1e-5 is greedy even between near-ties."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    none = torch.zeros(1, 4, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.zeros(1, 4)
+    drawn = {sample_next(logits, none, Sampling(temperature=1.0, top_p=0.5), gen).item() for _ in range(400)}
+    assert drawn == set(TopPLogitsWarper(0.5)(None, logits.clone())[0].isfinite().nonzero().flatten().tolist())
+    logits = torch.randn(1, 1000, generator=gen) * 0.01
+    assert sample_next(logits, torch.zeros(1, 1000, dtype=torch.bool), Sampling(temperature=1.0, top_p=1e-9),
+                       gen).item() == logits.argmax().item()
+    near = torch.tensor([[1.0, 1.0 - 1e-6, -3.0]])
+    assert {sample_next(near, none[:, :3], Sampling(temperature=1e-6), gen).item() for _ in range(200)} == {0}
+
+
+def test_edges_of_planning_and_slots_equal_one_at_a_time(eng64):
+    """(Each case once passed every test when changed.) The repetition penalty counts the prompt's
+    first token; a finished row's idle slot stays at position 0 (it ran on past the cache); a prompt
+    that is all prefix of another keeps a token of its own to run; a group's shared prefix is its
+    shortest; a kept prefix never covers a whole prompt; a reply cut by a stop string is not truncated."""
+    model, tok = eng64.model, eng64.tok
+    eos = set(tok.eos_ids)
+    g = torch.Generator().manual_seed(1)
+    for p in [[210, 364, 413]] + [torch.randint(5, 500, (3,), generator=g).tolist() for _ in range(20)]:
+        assert eng64.generate_ids([p], Sampling(max_new_tokens=8, repetition_penalty=3.0))[0] == \
+            naive(model, p, 8, eos, penalty=3.0), p
+    alone = lambda p, n: Engine(model, tok).generate_ids([p], Sampling(max_new_tokens=n, ignore_eos=True))[0]  # noqa: E731
+    a = torch.randint(5, 500, (30,), generator=g).tolist()
+    out = Engine(model, tok).generate_ids([a, [5], [6]], Sampling(max_new_tokens=31, ignore_eos=True), limits=[2, 31, 31])
+    assert out == [alone(a, 2), alone([5], 31), alone([6], 31)]
+    p = torch.randint(5, 500, (40,), generator=g).tolist()
+    assert Engine(model, tok).generate_ids([p, p + [7]], Sampling(max_new_tokens=5, ignore_eos=True))[0] == alone(p, 5)
+    x = torch.randint(5, 500, (100,), generator=g).tolist()
+    eng = Engine(model, tok)
+    eng.generate_ids([x + [1], x + [2]], Sampling(max_new_tokens=2))  # keeps x as a prefix
+    p3 = x[:50] + [100] + torch.randint(5, 500, (60,), generator=g).tolist()
+    assert eng.generate_ids([p3, x + [3]], Sampling(max_new_tokens=5, ignore_eos=True))[0] == alone(p3, 5)
+    assert eng.generate_ids([x[:60]], Sampling(max_new_tokens=5, ignore_eos=True))[0] == alone(x[:60], 5)
+    known = []
+    eng._plan([list(range(10, 60)) + [5]], known)
+    assert eng._plan([list(range(10, 60)) + [9]], known)[1] == [50]  # shared with the earlier request
+    new = tok.encode("The answer is 72.\n\nQuestion")
+    assert eng64.reply(new, Sampling(max_new_tokens=len(new), stop=["Question"])) == ("The answer is 72.\n\n", False)

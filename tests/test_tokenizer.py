@@ -22,6 +22,7 @@ CHATS = [
      {"role": "user", "content": "写一首诗"}, {"role": "assistant", "content": "床前明月光\n疑是地上霜"}],
     [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "```python\nprint('x')\n```"}],
     [{"role": "user", "content": "cafe\u0301 \u05e9\u05b8\u05dc\u05d5\u05b9\u05dd"}],  # not NFC: the text is kept as given
+    [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Yo"}],  # the default system turn still first
 ]
 
 
@@ -147,6 +148,39 @@ def test_text_that_is_not_unicode_is_named_with_its_place(tiny):
         tok.render([{"role": "user", "content": "ok"}, {"role": "user", "content": "hi \udcff"}])
     with pytest.raises(ValueError, match=r"U\+D800 at character 1$"):
         tok.encode("a\ud800")
+    with pytest.raises(ValueError, match=r"U\+DC80 at character 2 \(a byte that is not UTF-8, read leniently\)"):
+        tok.encode(b"ab\x80".decode("utf-8", "surrogateescape"))  # the lowest such byte
+
+
+def test_template_variants_and_what_is_trained(tmp_path, tiny):
+    """(Each case once passed every test when changed.) A template without a default system prompt
+    renders none, as transformers; of a list of templates the one named "default" is used; a default
+    system prompt is the first whole system turn, not up to the last <|im_end|>; a turn marked
+    "train": false and the generation prompt are never trained; content starting with a newline
+    trains that newline; decode skips special tokens unless asked; show() keeps the last run."""
+    from nanopost.tokenizer import default_system_prompt
+    d = tmp_path / "t"
+    shutil.copytree(tiny, d)
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = QWEN2_TEMPLATE.replace("{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}", "")
+    assert cfg["chat_template"] != QWEN2_TEMPLATE
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    assert check_equal(str(d)).default_system is None
+    cfg["chat_template"] = [{"name": "tool_use", "template": QWEN2_TEMPLATE.replace("a helpful", "a tool-using")},
+                            {"name": "default", "template": QWEN2_TEMPLATE}]
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    assert Tokenizer(str(d)).default_system == "You are a helpful assistant."
+    both = "{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHello<|im_end|>\\n' }}"
+    assert default_system_prompt(both) == "Be brief."
+    tok = Tokenizer(tiny)
+    trained = lambda msgs: tok.decode([i for i, m in zip(*tok.render(msgs)) if m], skip_special_tokens=False)  # noqa: E731
+    assert trained([{"role": "user", "content": "q"}, {"role": "assistant", "content": "ctx", "train": False},
+                    {"role": "user", "content": "q2"}, {"role": "assistant", "content": "ans"}]) == "ans<|im_end|>"
+    assert "\nHello<|im_end|>" in trained([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\nHello"}])
+    assert not any(tok.render([{"role": "user", "content": "q"}], add_generation_prompt=True)[1])
+    assert tok.decode([tok.im_start] + tok.encode("Hi")) == "Hi"
+    shown = tok.show(*tok.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "A"}]))
+    assert shown.endswith("A<|im_end|>\033[0m\n"), repr(shown)
 
 
 def test_mask_marks_assistant_content_and_im_end_only(tiny):
