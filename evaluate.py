@@ -506,7 +506,8 @@ def main(argv=None):
                       "not evaluated this time); its settings are in results.json\n")
         if mixed:
             table += ("\n† made with other settings (shots, mode, token budget, dtype, protocol, HumanEval's Python) or "
-                      "other questions than this run's column (in a column this run did not evaluate: its cells were not all made alike)\n")
+                      "other questions than this run's column (in a column this run did not evaluate: its cells were "
+                      "not all made alike)\n")
         with whole_file(os.path.join(args.out, "results.md")) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write(f"# Evaluation\n\naccuracy in %, perplexity on assistant tokens; settings per task in "
                     f"results.json\n\n{table}")
