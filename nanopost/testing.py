@@ -35,14 +35,21 @@ Hello, world! 1234567890 +-*/=<>()[]{} "quotes" 'single' \t tabs\r\n and   space
 """
 
 
-def run_main(script: str, *args) -> subprocess.CompletedProcess:
-    """Run a script's main(argv) in this process and return what a subprocess run would
-    (returncode, stdout, stderr with the sys.exit message): error paths tested without an
-    interpreter start-up each. An uncaught exception propagates, so a traceback fails the test."""
+def load_script(script: str):
+    """A script at the repository root (merge.py, build_data.py, ...) as a fresh module, so a test
+    can call its functions or change a constant before calling its main."""
     name = "_nanopost_script_" + os.path.splitext(os.path.basename(script))[0]
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_main(script: str, *args) -> subprocess.CompletedProcess:
+    """Run a script's main(argv) in this process and return what a subprocess run would
+    (returncode, stdout, stderr with the sys.exit message): error paths tested without an
+    interpreter start-up each. An uncaught exception propagates, so a traceback fails the test."""
+    module = load_script(script)
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nanopost.data import load_kto, load_sft
-from nanopost.testing import run_main
+from nanopost.testing import load_script, run_main
 from nanopost.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,10 +453,7 @@ def test_http_nanopost_serve_end_to_end(tiny, sources, tmp_path):
 
 
 def test_selection_rules():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_script(SCRIPT)
     s = lambda src, **kw: {"source": src, "ppl": 10.0, "judge": None, "safe": None, "correct": None, **kw}  # noqa: E731
     # correctness first; a wrong answer is never the best
     best, worst, _ = m.select_responses([s("original", correct=True), s("teacher", correct=False, judge=10)], 3)
@@ -702,10 +699,7 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
     """A KTO line as a source: only its desirable completion is an original response (a completion
     labelled false is known to be bad). A damaged stage file names its file and line. A judge reply
     that gives one key twice is no score."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_script(SCRIPT)
     user = [{"role": "user", "content": "Capital of France?"}]
     assert m.normalise({"prompt": "Capital of France?", "completion": "Berlin.", "label": False}) == (user, None, None)
     assert m.normalise({"prompt": "Capital of France?", "completion": "Paris.", "label": True}) == (user, "Paris.", None)
@@ -742,14 +736,6 @@ def test_sources_in_kto_form_and_damaged_stage_files(tmp_path):
             m.StageFile(str(tmp_path), "2_classify")
 
 
-def build_data_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
-
 def test_perplexity_of_a_response_does_not_depend_on_the_rest_of_the_wave(tiny):
     """A row's float rounding depends on its batch (padding, matmul shapes): batched by --batch-size,
     one response in a few hundred rounded to another 4th digit when a resumed run (or another
@@ -758,7 +744,7 @@ def test_perplexity_of_a_response_does_not_depend_on_the_rest_of_the_wave(tiny):
     import random
 
     import nanopost
-    m = build_data_module()
+    m = load_script(SCRIPT)
     model, tok = nanopost.load(tiny, dtype=torch.float32)
     rng = random.Random(0)
     words = "the cat sat on a mat with two dogs and 37 apples how many sum is".split()
@@ -975,11 +961,8 @@ def test_near_duplicates_keep_gold_then_a_response_and_name_the_kept_id():
     """Unit cases of the rule above (each once passed every test when changed): of near-duplicates,
     the copy with a gold answer is kept before one with a response, and one with a response before a
     bare one; the dropped copy names the kept one's id; texts without words are no one's duplicates."""
-    import importlib.util
     from nanopost import dedup
-    spec = importlib.util.spec_from_file_location("_build_data_module", SCRIPT)
-    bd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bd)
+    bd = load_script(SCRIPT)
 
     def run(rows):  # [(id, text, gold, response)] -> near_duplicates
         by_id = {i: {"prompt": [{"role": "user", "content": t}], "gold": g, "response": r} for i, t, g, r in rows}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import nanopost
 from nanopost.engine import Engine, Sampling
 from nanopost.merging import (dare_drop, linear, resolve_param, slerp, slerp_rows, task_merge, trim_magnitude)
-from nanopost.testing import make_tiny_checkpoint, run_main
+from nanopost.testing import load_script, make_tiny_checkpoint, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -692,7 +692,6 @@ def test_flags_and_settings_reach_every_tensor(pair, tmp_path):
     """--no-normalize (linear), --normalize (task arithmetic), --slerp-rows and a --base listed second
     each change the merge as they say; a whole-tensor SLERP read in several row blocks takes its angle
     over all of them; a t whose filters miss a tensor is an error, not an unset t."""
-    import importlib.util
     a, b = pair
     A, B = state(a), state(b)
     c = make_tiny_checkpoint(str(tmp_path / "c"), seed=3)
@@ -721,9 +720,7 @@ def test_flags_and_settings_reach_every_tensor(pair, tmp_path):
     r = here("--method", "slerp", "--models", a, b, "--base", b, "--t", 0, "--out", tmp_path / "t0")
     assert r.returncode == 0, r.stderr
     assert all(torch.equal(v, B[k]) for k, v in state(tmp_path / "t0").items())  # t = 0 is the base
-    spec = importlib.util.spec_from_file_location("_merge_small_blocks", os.path.join(ROOT, "merge.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(os.path.join(ROOT, "merge.py"))
     module.CHUNK_ELEMS = 64  # every matrix of the tiny model in several blocks
     module.main(["--method", "slerp", "--models", a, b, "--t", "0.5", "--out", str(tmp_path / "blocks")])
     for k, v in state(tmp_path / "blocks").items():
@@ -735,10 +732,7 @@ def test_flags_and_settings_reach_every_tensor(pair, tmp_path):
 
 
 def test_the_least_density_advised_is_the_smallest_that_keeps_an_element():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_merge_least", os.path.join(ROOT, "merge.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(os.path.join(ROOT, "merge.py"))
     for n in (*range(1, 3000), 10**4, 10**5, 10**9, 10**9 + 1, 151936 * 896):
         v = module.least_density(n)
         assert int(float(v) * n) >= 1 and float(v) <= 1.01 / n, (n, v)

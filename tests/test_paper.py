@@ -1,13 +1,14 @@
 """paper.py, the whole experiment, end to end on the tiny offline default (shrunk for CI time):
 every stage's outputs, the report with every variant and benchmark, a failed stage continued by
 rerunning the same command, a finished run doing no work again, and changed settings refused."""
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+from nanopost.testing import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["base", "sft", "sft-b", "kto", "sft-kto", "linear-0.5", "linear-0.05", "slerp"]
@@ -127,9 +128,7 @@ def test_a_run_inside_the_repository_is_recognised_however_out_and_model_are_spe
     """With --out under the repository (runs/paper-tiny, the default), its absolute spelling, ./runs/...
     or a run from runs/ recorded the tiny stage as runs/paper-tiny/tiny, not $OUT/tiny: refused as
     "finished earlier with another command". A --model spelled runs/tiny/ or tiny (from runs/) likewise."""
-    spec = importlib.util.spec_from_file_location("paper_stages", os.path.join(ROOT, "paper.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load_script(os.path.join(ROOT, "paper.py"))
     monkeypatch.setattr(m, "ROOT", str(tmp_path))
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
     out = str(tmp_path / "runs" / "paper-tiny")
@@ -181,9 +180,7 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
 def test_report_reads_training_curves_with_missing_values(tmp_path):
     """A KTO step without a desirable example logs no margin (null): first and last are the first and
     last logged values, and a metric never logged is left out (the report once crashed on a final null)."""
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
-    paper_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_py)
+    paper_py = load_script(os.path.join(ROOT, "paper.py"))
     rows = [{"step": 1, "loss": 0.5, "rewards/margins": None}, {"step": 2, "loss": 0.4, "rewards/margins": 1.5},
             {"step": 3, "loss": 0.3, "rewards/margins": None}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -194,9 +191,7 @@ def test_report_reads_training_curves_with_missing_values(tmp_path):
 def test_a_stage_reruns_when_the_files_it_reads_change(tmp_path, capsys):
     """Seeds or benchmark data edited in place keep the command the same: the stage must still run
     again (its marker holds a hash of what they held), not report numbers of the old files."""
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
-    paper_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_py)
+    paper_py = load_script(os.path.join(ROOT, "paper.py"))
     seeds, data = tmp_path / "seeds.jsonl", tmp_path / "data"
     seeds.write_text('{"instruction": "a"}\n')
     (data / "mmlu").mkdir(parents=True)
@@ -227,9 +222,7 @@ def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_
     """A local --model folder replaced with other weights made every stage "done already" (their
     commands name the same path); an interrupted stage whose inputs changed since was continued
     with --resume, which the script then refused at every attempt: it starts afresh instead."""
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "paper.py"))
-    paper_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_py)
+    paper_py = load_script(os.path.join(ROOT, "paper.py"))
     base, out = tmp_path / "base", tmp_path / "run" / "sft"
     base.mkdir()
     (base / "config.json").write_text("{}")
@@ -256,11 +249,8 @@ def test_a_changed_base_model_reruns_its_stages_and_an_interrupted_stage_starts_
     assert open(out / "flags").read() == ";"  # the old attempt's files went first; not --resume
 
 
-def load_paper(name="paper_t"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "paper.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
+def load_paper():
+    return load_script(os.path.join(ROOT, "paper.py"))
 
 
 def test_a_refusal_spares_the_files_a_redo_reuses(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import nanopost
 import nanopost.losses
 import nanopost.training
-from nanopost.testing import run_main
+from nanopost.testing import load_script, run_main
 from nanopost.training import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,10 +210,7 @@ def test_a_run_refused_at_its_first_write_deletes_nothing_of_the_run_that_holds_
 
 
 def test_preset_paper_never_overrides_explicit_flags():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_sft_args", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(TRAIN)
     base = ["--model", "m", "--data", "d", "--out", "o", "--preset", "paper"]
     a = module.parse_args(base + ["--lr=1e-4", "--batch", "8", "--precision", "fp32"])
     assert (a.lr, a.batch_size, a.precision, a.grad_accum, a.max_len) == (1e-4, 8, "fp32", 250, 1024)
@@ -369,10 +366,7 @@ def test_flags_that_cannot_work_are_refused(tiny, tmp_path, argv, message):
 
 
 def test_preset_warmup_yields_to_an_explicit_ratio_and_val_loss_is_always_logged(tiny, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_sft_args2", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(TRAIN)
     a = module.parse_args(["--model", "m", "--data", "d", "--out", "o", "--preset", "paper", "--warmup-ratio", "0.5"])
     assert a.warmup_steps is None and a.warmup_ratio == 0.5
     for steps in ("10", "11"):  # given with the ratio, even equal to the preset's 10: refused, not dropped

@@ -116,7 +116,7 @@ def stamp(checkpoint_print: list) -> str:
 def protocol(result: dict) -> list:
     """What makes two results of one task comparable: the settings that change a score (shots,
     mode, token budget, dtype, scoring protocol, HumanEval's Python) and the questions asked (or the
-    perplexity file), by their hash where recorded (--limit 100 of 24 questions asks what no limit asks), else by
-    the flags that chose them."""
+    perplexity file), by their hash where recorded (--limit 100 of 24 questions asks what no limit
+    asks), else by the flags that chose them."""
     settings, data = result.get("settings", {}), result.get("data")
     return [settings.get(k) for k in PROTOCOL_KEYS if not (data and k in QUESTION_KEYS)] + [data]

@@ -65,7 +65,13 @@ def raw_body(reply: str, prompt: str) -> str:
 def compile_solution(solution: str) -> None:
     """Compile prompt + completion as run_program will read it (line ends made \n, a `from
     __future__` import moved away): raises what compile() raises."""
-    compile(FUTURE.sub("", solution.replace("\r\n", "\n").replace("\r", "\n")), "<solution>", "exec")
+    compile(FUTURE.sub("", python_lines(solution)), "<solution>", "exec")
+
+
+def python_lines(code: str) -> str:
+    """Python ends a line at \r\n and at a lone \r too: said as \n, so that FUTURE sees the lines
+    Python sees."""
+    return code.replace("\r\n", "\n").replace("\r", "\n")
 
 GUARD = r'''
 import builtins, io, os, posix, sys, _io
@@ -168,8 +174,7 @@ def run_program(code: str, timeout: float = 10.0, memory_mb: int = 2048) -> tupl
     to its end (the token printed after it arrived); status is "passed", "timeout", or the last
     line of the error."""
     token = secrets.token_hex(16)
-    # Python ends a line at \r\n and a lone \r too: say so as \n, so that FUTURE sees the lines Python sees
-    code = code.replace("\r\n", "\n").replace("\r", "\n")
+    code = python_lines(code)
 
     def limits():
         os.setsid()
