@@ -58,6 +58,16 @@ def test_unsupported_model_type(ckpt):
         nanopost.load(ckpt)
 
 
+def test_config_json_is_named_before_the_tokenizer(ckpt):
+    """A folder of another architecture is named as such by its config.json, not by whichever
+    tokenizer file it happens to lack."""
+    f = os.path.join(ckpt, "config.json")
+    json.dump({**json.load(open(f)), "model_type": "llama"}, open(f, "w"))
+    os.remove(os.path.join(ckpt, "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"config\.json: model_type 'llama' is not supported"):
+        nanopost.load(ckpt)
+
+
 def test_missing_tokenizer(ckpt):
     os.remove(os.path.join(ckpt, "tokenizer.json"))
     with pytest.raises(FileNotFoundError, match=r"tokenizer\.json: missing"):
@@ -70,6 +80,63 @@ def test_corrupt_safetensors(ckpt):
     open(f, "wb").write(data[:8] + b"{not json" + data[17:])  # header garbled
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         nanopost.load(ckpt)
+
+
+def test_an_implausible_header_length_is_refused_before_reading(ckpt):
+    """safetensors caps the header at 100 MB; a length past it is a damaged file, said as such
+    (not read as 200 MB of header)."""
+    f = os.path.join(ckpt, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write((200_000_000).to_bytes(8, "little") + data[8:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*header length 200000000 is implausible"):
+        nanopost.load(ckpt)
+
+
+def test_a_saved_rotary_inv_freq_buffer_is_ignored_in_one_file_as_in_shards(ckpt, tiny):
+    """Older exports saved rotary_emb.inv_freq; transformers recomputes it, and so do we, whether
+    the weights are one model.safetensors or shards (the shard case is tested with the index)."""
+    rewrite(ckpt, lambda sd: sd.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(nanopost.load(ckpt)[0](ids), nanopost.load(tiny)[0](ids))
+
+
+def test_local_looking_paths_are_never_sent_to_the_hub(tmp_path, monkeypatch):
+    """./x, /x, ~/x and a/b/c can only be folders: a missing one is said to be missing, with no
+    hub request (~ is not expanded, as transformers does not: the shell expands it)."""
+    import huggingface_hub
+
+    def no_hub(*a, **k):
+        raise AssertionError(f"sent to the hub: {a}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    for path in ("./nanopost-absent", "~/nanopost-absent", str(tmp_path / "absent"), "a/b/c"):
+        with pytest.raises(CheckpointError, match=re.escape(path) + ": no such directory$"):
+            nanopost.load(path)
+
+
+def test_a_hub_download_fetches_every_file_loading_reads(monkeypatch):
+    """snapshot_download's allow_patterns take the weights (one file or shards and their index), the
+    config, the generation config and every tokenizer file, chat_template.jinja included (it wins over
+    tokenizer_config.json's template), and nothing else. Offline tests cannot see this: offline, the
+    whole cached snapshot is returned. And the offline hint reads HF_HUB_OFFLINE as huggingface_hub does."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    from nanopost.checkpoint import TOKENIZER_FILES
+    asked = []
+
+    def fake(repo_id, allow_patterns=None, **k):
+        asked.append(allow_patterns)
+        raise OSError("no network here")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    for value, hint in (("1", "HF_HUB_OFFLINE is set"), ("true", "HF_HUB_OFFLINE is set"), ("ON", "HF_HUB_OFFLINE is set"),
+                        ("yes", "HF_HUB_OFFLINE is set"), ("0", r"Offline\? Set HF_HUB_OFFLINE=1"), ("", r"Offline\? Set")):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(CheckpointError, match=r"owner/model: not a local directory.*\(OSError: no network here\)\. " + hint):
+            nanopost.load("owner/model")
+    needed = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-00001-of-00002.safetensors", *TOKENIZER_FILES, "chat_template.jinja"]
+    repo = needed + ["README.md", "pytorch_model.bin", "onnx/model.onnx", "LICENSE", ".gitattributes"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=asked[0])) == sorted(needed)
 
 
 def test_truncated_safetensors(ckpt):
@@ -136,6 +203,13 @@ def test_tied_config_with_another_lm_head_in_the_file(tied):
     why = r": tensor lm_head\.weight differs from model\.embed_tokens\.weight.*true, so it would be left unused"
     with pytest.raises(CheckpointError, match=re.escape(f) + why):
         nanopost.load(tied)
+    def one_ulp(sd):  # "a copy" means bit for bit: one element one float32 step away is another head
+        head = sd["model.embed_tokens.weight"].clone()
+        head[3, 5] = torch.nextafter(head[3, 5], torch.tensor(float("inf")))
+        sd["lm_head.weight"] = head
+    rewrite(tied, one_ulp)
+    with pytest.raises(CheckpointError, match=re.escape(f) + why):
+        nanopost.load(tied)
     rewrite(tied, lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"].clone()}))
     model, _ = nanopost.load(tied)  # an exact copy of the embedding (some exporters write one) is fine
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -145,6 +219,9 @@ def test_untied_config_without_lm_head(tied):
     f = os.path.join(tied, "config.json")
     json.dump({k: v for k, v in json.load(open(f)).items() if k != "tie_word_embeddings"}, open(f, "w"))
     with pytest.raises(CheckpointError, match=r"missing \['lm_head\.weight'\].*set it to true if the head is"):
+        nanopost.load(tied)
+    rewrite(tied, lambda sd: sd.pop("model.norm.weight"))  # more than the head missing: no tie would mend it
+    with pytest.raises(CheckpointError, match=r"missing \['lm_head\.weight', 'model\.norm\.weight'\], unexpected \[\]$"):
         nanopost.load(tied)
 
 

@@ -242,6 +242,161 @@ def test_sharded_save_and_rope_parameters_layout(tmp_path, tiny):
         assert (hf_model(out)(ids).logits - model(ids)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("limit", ["total", "total-1", 20_000, 1])
+def test_shards_are_filled_in_order_and_never_empty(tmp_path, tiny, limit):
+    """A shard takes tensors in state-dict order while they fit max_shard_bytes (a tensor larger
+    than the limit is a shard of its own; none is empty); a limit equal to the total is one
+    model.safetensors, as huggingface_hub's `> max_shard_size`. Shards are numbered from 1
+    (model-00001-of-0000N, the Hugging Face names); the index's total_size counts bytes."""
+    from safetensors import safe_open
+    model, tok = nanopost.load(tiny)
+    state = [(k, v.numel() * v.element_size()) for k, v in model.state_dict().items() if k != "lm_head.weight"]
+    total = sum(n for _, n in state)
+    limit = {"total": total, "total-1": total - 1}.get(limit, limit)
+    out = nanopost.save(model, tok, str(tmp_path / "out"), max_shard_bytes=limit)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    if limit == total:
+        assert files == ["model.safetensors"] and not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+        return
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert index["metadata"]["total_size"] == total
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    shards = []
+    for f in files:
+        with safe_open(os.path.join(out, f), "pt") as h:
+            shards.append(set(h.keys()))
+    assert all(shards) and {k: f for f, sh in zip(files, shards) for k in sh} == index["weight_map"]
+    order = [k for k, _ in state]
+    size = dict(state)
+    flat = [k for sh in shards for k in sorted(sh, key=order.index)]
+    assert flat == order  # in order: each shard a run of the state dict
+    for i, sh in enumerate(shards):
+        bytes_ = sum(size[k] for k in sh)
+        assert bytes_ <= limit or len(sh) == 1
+        if i + 1 < len(shards):  # filled: the next shard's first tensor would not have fit
+            assert bytes_ + size[min(shards[i + 1], key=order.index)] > limit
+    if limit == 1:
+        assert len(files) == len(state)
+    assert torch.equal(nanopost.load(out)[0].model.norm.weight, model.model.norm.weight)
+
+
+def test_saved_dtype_is_the_asked_or_the_models_and_config_says_which(tmp_path, tiny):
+    from safetensors import safe_open
+
+    def stored(out):
+        with safe_open(os.path.join(out, "model.safetensors"), "pt") as h:
+            dtypes = {h.get_tensor(k).dtype for k in h.keys()}
+        return dtypes, json.load(open(os.path.join(out, "config.json")))["torch_dtype"]
+    model, tok = nanopost.load(tiny)
+    assert stored(nanopost.save(model, tok, str(tmp_path / "f32"))) == ({torch.float32}, "float32")
+    out = nanopost.save(model, tok, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    assert stored(out) == ({torch.bfloat16}, "bfloat16")
+    assert torch.equal(nanopost.load(out, dtype=torch.bfloat16)[0].model.norm.weight, model.model.norm.weight.bfloat16())
+    half, _ = nanopost.load(tiny, dtype=torch.bfloat16)  # a bf16 model, dtype left to it
+    assert stored(nanopost.save(half, tok, str(tmp_path / "as-is"))) == ({torch.bfloat16}, "bfloat16")
+
+
+def test_tokenizer_and_generation_files_are_carried_over_whole(tmp_path, tiny):
+    """Every tokenizer file the source has (special_tokens_map.json too) and its generation_config.json,
+    sampling defaults included, are copied byte for byte; without one, a generation_config.json with
+    the tokenizer's eos and pad ids is written (what transformers' generate stops and pads with)."""
+    from nanopost.checkpoint import TOKENIZER_FILES
+    src = shutil.copytree(tiny, tmp_path / "src")
+    (src / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    gen = json.load(open(src / "generation_config.json"))
+    json.dump({**gen, "temperature": 0.7, "top_p": 0.8, "do_sample": True}, open(src / "generation_config.json", "w"))
+    model, tok = nanopost.load(str(src))
+    out = nanopost.save(model, tok, str(tmp_path / "out"))
+    carried = [n for n in TOKENIZER_FILES + ("generation_config.json",) if (src / n).exists()]
+    assert "special_tokens_map.json" in carried and len(carried) >= 4
+    for n in carried:
+        assert open(os.path.join(out, n), "rb").read() == (src / n).read_bytes(), n
+    assert not [n for n in TOKENIZER_FILES if not (src / n).exists() and os.path.exists(os.path.join(out, n))]
+    (src / "generation_config.json").unlink()
+    model, tok = nanopost.load(str(src))
+    out = nanopost.save(model, tok, str(tmp_path / "none"))
+    assert tok.pad_id is not None and tok.eos_ids
+    assert json.load(open(os.path.join(out, "generation_config.json"))) == {"eos_token_id": tok.eos_ids,
+                                                                          "pad_token_id": tok.pad_id}
+
+
+class FileStepCrash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("how", ["run-dir", "link"])
+def test_a_crash_at_any_file_step_never_leaves_a_loadable_mix(tmp_path, tiny, monkeypatch, how):
+    """A save into a run dir (keep_other_files) or into a linked out_dir (written inside it) replaces
+    the model file by file: config.json goes first and comes back last. A crash at each removal or move
+    in turn leaves a folder that loads exactly the old checkpoint's files, exactly the new one's, or
+    does not load at all (an old model with the new one's chat template, or a new one without its
+    generation config, would be a mix that loads)."""
+    old_src = shutil.copytree(tiny, tmp_path / "old-src")
+    (old_src / "chat_template.jinja").write_text("{{ 'OLD TEMPLATE' }}")
+    old_model, old_tok = nanopost.load(str(old_src))
+    new_model, new_tok = nanopost.load(tiny)
+    with torch.no_grad():
+        new_model.model.norm.weight.add_(1)
+
+    def model_files(d):
+        return {n: open(os.path.join(d, n), "rb").read() for n in os.listdir(d)
+                if not n.startswith(".") and n != "metrics.jsonl" and os.path.isfile(os.path.join(d, n))}
+
+    def fresh(name):  # out holding the old checkpoint (and, for a run dir, a file of its own)
+        if how == "link":
+            os.makedirs(tmp_path / name / "real")
+            os.symlink(tmp_path / name / "real", tmp_path / name / "out")
+        out = str(tmp_path / name / "out")
+        nanopost.save(old_model, old_tok, out)
+        open(os.path.join(out, "metrics.jsonl"), "w").write("{}\n")
+        return out
+
+    def save_new(out):
+        nanopost.save(new_model, new_tok, out, keep_other_files=how == "run-dir")
+    out = fresh("whole")
+    old = model_files(out)
+    save_new(out)
+    new = model_files(out)
+    assert old != new and old.keys() != new.keys()  # the chat template goes with the old model
+    real_remove, real_replace = os.remove, os.replace
+    seen = []
+    k = 0
+    while True:
+        steps = []
+
+        def step(real):
+            def crashing(path, *a, **kw):
+                if str(path).startswith(str(tmp_path / f"crash{k}")):
+                    steps.append(os.path.basename(str(path)))
+                    if len(steps) == k + 1:
+                        raise FileStepCrash
+                return real(path, *a, **kw)
+            return crashing
+        out = fresh(f"crash{k}")
+        monkeypatch.setattr(os, "remove", step(real_remove))
+        monkeypatch.setattr(os, "replace", step(real_replace))
+        try:
+            save_new(out)
+            crashed = False
+        except FileStepCrash:
+            crashed = True
+        monkeypatch.undo()
+        if not crashed:
+            break
+        try:
+            nanopost.load(out)
+            loads = True
+        except (CheckpointError, FileNotFoundError):
+            loads = False
+        now = model_files(out)
+        seen.append("old" if now == old else "new" if now == new else "none")
+        assert not loads or now in (old, new), (k, steps, sorted(now))
+        if how == "run-dir":
+            assert open(os.path.join(out, "metrics.jsonl")).read() == "{}\n"
+        k += 1
+    assert k >= 8 and "none" in seen and seen[0] == "old", seen
+
+
 def test_save_replaces_existing_checkpoint_atomically(tmp_path, tiny, monkeypatch):
     model, tok = nanopost.load(tiny)
     out = str(tmp_path / "ckpt")
