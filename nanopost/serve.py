@@ -353,9 +353,10 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
     for key in body:  # as OpenAI: a typo (temprature) or another server's field (min_p, ignore_eos) is refused,
         if key not in READ | IGNORED | UNSUPPORTED.keys():  # not answered as if it were absent
             raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
-    for key, no_op in UNSUPPORTED.items():
-        if body.get(key) is not None and body[key] not in no_op:
-            raise ApiError(400, f"{key}={body[key]!r} is not supported by nanopost.serve", param=key)
+    for key, no_op in UNSUPPORTED.items():  # of the same type, too: n true or logprobs 0 is not n 1 or logprobs false
+        v = body.get(key)
+        if v is not None and not any(v == x and isinstance(v, bool) == isinstance(x, bool) for x in no_op):
+            raise ApiError(400, f"{key}={v!r} is not supported by nanopost.serve", param=key)
     temperature = _number(body, "temperature", 0.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
     top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _number(body, "top_k", 0, lambda v: v >= 0, "an integer >= 0 (0 = off)", int)
@@ -372,7 +373,8 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
                        f"{MAX_STOP_CHARS} characters", param="stop")
     if not all(_is_text(x) for x in stop):
         raise ApiError(400, "stop is not valid Unicode text (a lone surrogate)", param="stop")
-    stream, options = body.get("stream") or False, body.get("stream_options") or {}
+    stream, options = body.get("stream"), body.get("stream_options")  # null: absent; 0 or [] is not false or {}
+    stream, options = False if stream is None else stream, {} if options is None else options
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
     if options and not stream:
@@ -496,6 +498,11 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # a body it may carry is not read
         e = ApiError(405, f"method {self.command} is not allowed: GET /v1/models, /v1/results, /health or /, "
                           f"and POST /v1/chat/completions")
+        if self.command == "HEAD":  # an answer to HEAD has headers only (RFC 9110 9.3.2)
+            self.send_response(e.status)
+            self.send_header("Allow", "GET, POST")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         self.send_json(e.status, e.body, Allow="GET, POST")
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = not_allowed

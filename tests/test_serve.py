@@ -95,7 +95,8 @@ def test_replies_streamed_or_not_equal_the_engine_for_each_model(server, engines
         prompt_ids = engine.encode_prompt(prompt)
         n_new = len(engine.generate_ids([prompt_ids], Sampling(max_new_tokens=20))[0])
         assert (text, reason) == (want, "length" if n_new == 20 else "stop")
-        assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), n_new)
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(prompt_ids), n_new,
+                                                                                      len(prompt_ids) + n_new)
         assert chat(c, prompt, model=name, stream=True, max_tokens=20)[:2] == (text, reason)
         replies[name] = replies.get(name, text)
     assert replies["a"] != replies["b"]  # each name reaches its own model
@@ -150,6 +151,19 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"stream": True, "stream_options": {"include_usage": "no"}}, 400, "stream_options"),
     ({"stream": True, "stream_options": {"include_uage": True}}, 400, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": 0}}, 400, "stream_options"),
+    # the ranges' other ends, and values of another type (JSON true is no number, 0 no false)
+    ({"extra_body": {"repetition_penalty": 10.5}}, 400, "repetition_penalty"),
+    ({"extra_body": {"repetition_penalty": 0}}, 400, "repetition_penalty"),
+    ({"extra_body": {"top_k": -1}}, 400, "top_k"),
+    ({"temperature": True}, 400, "temperature"),
+    ({"stop": ["x" * 257]}, 400, "stop"),
+    ({"stop": [str(i) for i in range(17)]}, 400, "stop"),
+    ({"n": True}, 400, "n"),
+    ({"logprobs": 0}, 400, "logprobs"),
+    ({"presence_penalty": False}, 400, "presence_penalty"),
+    ({"extra_body": {"stream": 0}}, 400, "stream"),
+    ({"extra_body": {"stream_options": []}}, 400, "stream"),
+    ({"extra_body": {"stream_options": False}}, 400, "stream"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -173,6 +187,60 @@ def test_fields_set_to_what_changes_nothing_are_accepted(server, engines):
     assert chat(c, "hi", max_tokens=4, temperature=1.0, seed=1, extra_body={"repetition_penalty": 1e-300})[0] is not None
 
 
+def test_limits_and_the_default_max_tokens_are_where_the_docs_put_them(server):
+    """Each documented range holds both of its ends (temperature [0, 2], top_p (0, 1], top_k >= 0,
+    repetition_penalty (0, 10], max_tokens [1, --max-tokens-limit], 16 stop strings of 256 characters,
+    1024 messages of 200,000 characters): a model with a long context would meet the message limits
+    before its context, so they are checked here on a worker with a context of 10**7. Without
+    max_tokens a reply gets --default-max-tokens cut to the room left in the context; a prompt
+    that leaves no room, or max_tokens past the room, is context_length_exceeded."""
+    w = server.workers["a"]
+    roomy = types.SimpleNamespace(engine=w.engine, tok=w.tok, context=10**7)
+
+    def parse(worker=roomy, limit=64, default=16, messages=None, **change):
+        body = {"model": "a", "messages": messages or [{"role": "user", "content": "hi"}], **change}
+        return serve.parse_chat(body, {"a": worker}, limit, default)
+
+    def refused(param, **kw):
+        with pytest.raises(serve.ApiError) as e:
+            parse(**kw)
+        assert e.value.status == 400 and e.value.body["error"]["param"] == param, e.value.body
+    r = parse(temperature=2, top_p=1, top_k=0, repetition_penalty=10, max_tokens=64, stop=["x" * 256] * 16)
+    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.repetition_penalty, r.max_tokens) == (2, 1, 10, 64)
+    assert parse(temperature=0.7, top_k=3, top_p=0.5).sampling.top_k == 3 and parse(max_tokens=1).max_tokens == 1
+    for key, value in (("temperature", 2.001), ("temperature", -0.001), ("top_p", 1.001), ("top_k", -1),
+                       ("repetition_penalty", 10.001), ("max_tokens", 65), ("max_completion_tokens", 65)):
+        refused(key, **{key: value})
+    assert len(parse(messages=[{"role": "user", "content": "hi"}] * 1024).ids) > 1024
+    refused("messages", messages=[{"role": "user", "content": "hi"}] * 1025)
+    assert parse(messages=[{"role": "user", "content": "ab" * 100_000}]).max_tokens == 16
+    refused("messages[1].content", messages=[{"role": "user", "content": "hi"}, {"role": "user", "content": "x" * 200_001}])
+    # the context: this tiny model's 2048 tokens
+    assert w.context == 2048 and parse(worker=w).max_tokens == 16
+    def words(k):
+        return [{"role": "user", "content": "hi" + " hi" * k}]
+    lo, hi = 0, 2048  # the shortest prompt leaving at most 10 tokens of room (each " hi" takes at least one)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if 2048 - len(w.engine.encode_prompt(words(mid)[0]["content"])) > 10 else (lo, mid)
+    long, room = words(lo), 2048 - len(w.engine.encode_prompt(words(lo)[0]["content"]))
+    assert 1 <= room <= 10
+    assert parse(worker=w, messages=long).max_tokens == room  # the default, cut to the room
+    assert parse(worker=w, messages=long, max_tokens=room).max_tokens == room
+    with pytest.raises(serve.ApiError) as e:
+        parse(worker=w, messages=long, max_tokens=room + 1)
+    assert e.value.body["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(serve.ApiError) as e:  # no room at all, none asked for: refused, not run with max_tokens <= 0
+        parse(worker=w, messages=words(2100))
+    assert e.value.body["error"]["code"] == "context_length_exceeded"
+    capped = serve.Server(server.workers, "127.0.0.1", 0, max_tokens_limit=8, default_max_tokens=600, log_requests=False)
+    try:  # a default past the limit is the limit
+        assert capped.default_max_tokens == 8
+    finally:
+        capped.httpd.shutdown()
+        capped.httpd.server_close()
+
+
 def test_oversize_and_malformed_bodies(server):
     big = "x" * (serve.MAX_BODY_BYTES + 1000)
     with pytest.raises(openai.APIStatusError) as e:
@@ -188,6 +256,11 @@ def test_oversize_and_malformed_bodies(server):
     assert status == 400 and body["error"]["param"] == "stop", body  # a 500 from the engine's encode
     status, body = post(server, b"[" * 100_000 + b"]" * 100_000)  # nests past Python's recursion limit
     assert status == 400 and "nested too deeply" in body["error"]["message"]  # was no reply at all
+    got = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+    assert got.startswith(b"HTTP/1.1 400 ") and b"valid Content-Length" in got, got[:200]  # malformed, not too large
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    status, reply = post(server, body + b" " * (serve.MAX_BODY_BYTES - len(body)))  # exactly the limit: taken
+    assert status == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length"), reply
     assert server.httpd.request_queue_size >= 64  # socketserver's default backlog of 5 resets bursts
     assert chat(client(server), "hi", max_tokens=2)[0] is not None  # the server still answers
 
@@ -208,11 +281,39 @@ def test_api_key_is_required_when_set(ckpts):
             client(s).models.list()
         assert chat(client(s, api_key="sekret"), "hi", max_tokens=2)[0] is not None
         assert [m.id for m in client(s, api_key="sekret").models.list()] == ["a"]
+        conn = http.client.HTTPConnection(s.url.removeprefix("http://"), timeout=30)
+        for path, headers, status in (("/v1/results", {}, 401), ("/health", {}, 401), ("/v1/models", {"Authorization": "sekret"}, 401),
+                                      ("/v1/models", {"Authorization": "bearer sekret"}, 401), ("/", {}, 200),
+                                      ("/v1/results", {"Authorization": "Bearer sekret"}, 200)):
+            conn.request("GET", path, headers=headers)  # only the page is served without the key
+            r = conn.getresponse()
+            r.read()
+            assert r.status == status, (path, headers)
+    with serve.start({"a": ckpts["a"]}, host="localhost", dtype="float64", log_requests=False, log=lambda *a: None) as s:
+        assert chat(client(s), "hi", max_tokens=2)[0] is not None  # localhost is loopback: no key needed
+
+
+def test_the_api_key_defaults_to_the_environment(tiny, monkeypatch):
+    """--api-key's default is $NANOPOST_API_KEY (--help says so): with it set, serving on another
+    address starts, and the key is asked for."""
+    monkeypatch.setenv("NANOPOST_API_KEY", "from-env")
+    started = {}
+
+    def fake_start(models, host, port, api_key, *a, **kw):
+        started.update(host=host, api_key=api_key)
+        raise SystemExit(0)
+    monkeypatch.setattr(serve, "start", fake_start)
+    with pytest.raises(SystemExit):
+        serve.main(["--model", tiny, "--host", "0.0.0.0", "--port", "0"])
+    assert started == {"host": "0.0.0.0", "api_key": "from-env"}
+    with pytest.raises(SystemExit):
+        serve.main(["--model", tiny, "--host", "0.0.0.0", "--port", "0", "--api-key", "given"])
+    assert started["api_key"] == "given"  # the flag wins
 
 
 def spy_on(server, name, n):
     """Plug the model's worker until n requests wait, so they deterministically share the next
-    batch; record each batch it runs and each decode step."""
+    batch; record each batch it runs and each decode step (how many rows it gave a token)."""
     worker, batches, steps, plugged = server.workers[name], [], [], threading.Event()
     plug = serve.parse_chat({"model": name, "messages": [{"role": "user", "content": "plug"}]}, server.workers, 9, 9)
     run, generate_ids = worker.run, worker.engine.generate_ids
@@ -227,7 +328,7 @@ def spy_on(server, name, n):
             time.sleep(0.01)
     worker.run = spying_run
     worker.engine.generate_ids = lambda p, s, on_token, *a, **kw: generate_ids(
-        p, s, lambda *x: (steps.append(x[0]), on_token(*x))[1], *a, **kw)
+        p, s, lambda *x: (steps.append(sum(t is not None for t in x[1])), on_token(*x))[1], *a, **kw)
     worker.submit(plug)
     assert plugged.wait(10)
     return batches, steps, lambda: (worker.__dict__.pop("run"), worker.engine.__dict__.pop("generate_ids"))
@@ -262,6 +363,42 @@ def test_a_burst_of_16_clients_is_batched_and_each_gets_its_own_answer(server, e
         restore()
     assert got[:14] == want[:14] and all(isinstance(g, str) for g in got[14:])
     assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2, 10]
+
+
+def test_requests_sampled_otherwise_never_share_a_batch(server, engines):
+    """A batch runs one Sampling: requests that differ in stop strings, top_p, top_k or the repetition
+    penalty run apart (in one batch, B's reply was cut at A's stop string, or sampled with A's top_p);
+    and --batch-size caps the rows decoded at once."""
+    engine, prompt = engines["a"], "Hello there"
+    full = greedy(engine, prompt, 30)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    asks = [{}, {"stop": [stop]}, {"temperature": 1.0}, {"temperature": 1.0, "top_p": 1e-9},
+            {"temperature": 1.0, "extra_body": {"top_k": 1}}, {"extra_body": {"repetition_penalty": 1.3}}]
+    batches, _, restore = spy_on(server, "a", n=len(asks))
+    got = {}
+    try:
+        run_threads([lambda i=i: got.update({i: chat(client(server), prompt, max_tokens=30, **asks[i])[0]})
+                     for i in range(len(asks))])
+    finally:
+        restore()
+    assert sorted(len(b) for b in batches) == [1] * len(asks)
+    assert got[0] == full and got[1] == greedy(engine, prompt, 30, [stop]) != full
+    assert got[3] == got[4] == full  # top_p 1e-9 and top_k 1 keep only the argmax: greedy
+    want = engine.tok.decode(engine.generate_ids([engine.encode_prompt(prompt)],
+                                                 Sampling(max_new_tokens=30, repetition_penalty=1.3))[0])
+    assert got[5] == want != full
+
+
+def test_batch_size_caps_the_rows_decoded_at_once(server, engines, monkeypatch):
+    monkeypatch.setattr(server.workers["a"], "batch_size", 2)
+    batches, steps, restore = spy_on(server, "a", n=5)
+    got = {}
+    try:
+        run_threads([lambda i=i: got.update({i: chat(client(server), PROMPTS[i], max_tokens=6)[0]}) for i in range(5)])
+    finally:
+        restore()
+    assert [len(b) for b in batches] == [5] and max(steps) == 2  # one call, two rows at a time
+    assert [got[i] for i in range(5)] == [greedy(engines["a"], PROMPTS[i], 6) for i in range(5)]
 
 
 def raw(server, request: bytes, shut_write=False, timeout=30) -> bytes:
@@ -385,19 +522,23 @@ def test_client_gone_reads_the_socket_without_consuming_it():
             x.close()
 
 
-def test_streamed_usage_is_null_until_the_last_chunk(server):
+def test_streamed_usage_is_null_until_the_last_chunk(server, engines):
     """OpenAI's spec with stream_options.include_usage: every chunk carries "usage", null but on the
-    last (a choices-less chunk with the counts)."""
+    last (a choices-less chunk with the counts). Server-sent events are sent as text/event-stream."""
     conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
     conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps(
         {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True,
          "stream_options": {"include_usage": True}}))
-    lines = [x for x in conn.getresponse().read().decode().split("\n\n") if x]
+    r = conn.getresponse()
+    assert r.getheader("Content-Type") == "text/event-stream"
+    lines = [x for x in r.read().decode().split("\n\n") if x]
     conn.close()
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
     assert all("usage" in c and c["usage"] is None for c in chunks[:-1]) and len(chunks) >= 3
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    n = len(engines["a"].encode_prompt("hi"))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": n, "completion_tokens": 5,
+                                                                   "total_tokens": n + 5}
 
 
 def test_requests_arriving_mid_run_join_it_and_are_answered_first(server, engines, monkeypatch):
@@ -594,6 +735,20 @@ def test_models_retrieve_query_strings_and_other_methods(server):
         {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}), {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200 and json.loads(r.read())["choices"][0]["finish_reason"] in ("stop", "length")
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    assert (r.status, json.loads(r.read())) == (200, {"status": "ok"})
+    for path in ("/v1/completions", "/v1/embeddings", "/v1/chat/completions/x"):  # not read as a chat request
+        conn.request("POST", path, json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}]}),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 404 and "no route POST" in json.loads(r.read())["error"]["message"], path
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn.request("HEAD", "/health")  # a 405 with headers only: a body after them would be read as the next reply
+    r = conn.getresponse()
+    assert r.status == 405 and r.getheader("Allow") == "GET, POST" and r.read() == b""
+    got = raw(server, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 405") and got.endswith(b"\r\n\r\n"), got
     for method in ("PUT", "OPTIONS", "DELETE", "PATCH"):
         conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
         conn.request(method, "/v1/chat/completions")
