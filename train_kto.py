@@ -79,8 +79,19 @@ def balance_note(n_d, n_u, args) -> str | None:
     d = args.undesirable_weight * n_u / n_d
     u = args.desirable_weight * n_d / n_u
     return (f"warning: (desirable-weight x {n_d} desirable) / (undesirable-weight x {n_u} undesirable) = {ratio:.2f}, "
-            f"outside [1, 4/3]: use --desirable-weight in [{d:.2f}, {4 / 3 * d:.2f}] or --undesirable-weight in "
-            f"[{3 / 4 * u:.2f}, {u:.2f}] (not both)")
+            f"outside [1, 4/3]: use --desirable-weight in {inward(d, 4 / 3 * d)} or --undesirable-weight in "
+            f"{inward(3 / 4 * u, u)} (not both)")
+
+
+def inward(lo, hi) -> str:
+    """[lo, hi] with its ends rounded inward to 2 decimals (more where that would empty it), so that
+    either end, taken as printed, is inside the range."""
+    for digits in range(2, 10):
+        f = 10 ** digits
+        a, b = math.ceil(lo * f - 1e-6) / f, math.floor(hi * f + 1e-6) / f  # (1e-6: float noise, 1.0000000002)
+        if a <= b:
+            break
+    return f"[{a:.{digits}f}, {b:.{digits}f}]"
 
 
 def fingerprint(model_dir: str) -> str:

@@ -376,9 +376,11 @@ def test_resume_refuses_a_reference_retrained_in_place_before_the_reference_pass
 def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path, fsdp):
     """2 processes x 1 micro-batch = 1 process x 2 accumulated micro-batches: the same groups, the
     same z0 (averaged over ranks there, over micro-batches here), so the same losses and weights.
-    Then the 2-process step-2 checkpoint resumes in one process to the same end."""
+    Then the 2-process step-2 checkpoint resumes in one process to the same end. Under DDP the
+    reference is precomputed (each process its share of the pass, then summed): the same table."""
     from test_sft import assert_same_training, torchrun
-    common = ["--model", tiny, *COMMON, "--max-steps", 3, "--save-every", 1, "--keep-last", 10]
+    common = ["--model", tiny, *COMMON, "--max-steps", 3, "--save-every", 1, "--keep-last", 10,
+              *([] if fsdp else ["--precompute-ref"])]
     one = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = torchrun(*common, *(["--fsdp"] if fsdp else []), "--out", tmp_path / "two", script="train_kto.py")
@@ -388,6 +390,12 @@ def test_two_processes_match_one_including_z0_and_resume_is_exact(tiny, tmp_path
         assert [m[key] for m in m2 if m[key] is not None] == \
             pytest.approx([m[key] for m in m1 if m[key] is not None], rel=1e-5, abs=1e-6), key
     assert_same_training(tmp_path / "one", tmp_path / "two", tiny)
+    if not fsdp:
+        from safetensors.torch import load_file
+        (a,), (b,) = (list((tmp_path / d / "ref_logps").iterdir()) for d in ("one", "two"))
+        a, b = load_file(a), load_file(b)
+        assert a.keys() == b.keys() == {"train.ref", "train.ref_kl", "val.ref", "val.ref_kl"}
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5) for k in a) and (a["train.ref"] < 0).all()
     import shutil
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000003")
     r = run_main(TRAIN_KTO, *common, "--grad-accum", 2, "--out", tmp_path / "two", "--resume")
@@ -528,16 +536,157 @@ def test_imbalance_warning_suggests_weights(tiny, tmp_path):
     assert r.returncode == 0 and "warning: 24 of 24 completions were cut to --max-len 2 tokens" in r.stdout, r.stdout
 
 
-def test_precomputed_reference_cache_is_keyed_on_the_reference_and_the_data(tiny, tmp_path):
+def test_defaults_are_trls_and_the_balance_rule_and_its_advice_hold(tiny, tmp_path):
+    """lr and beta default to TRL's KTOConfig; no warning inside [1, 4/3] (both ends); outside it,
+    either suggested range, taken at its ends, lands inside; one-sided data is named as such."""
+    trl = pytest.importorskip("trl")
+    from nanopost.testing import load_script
+    kto = load_script(TRAIN_KTO)
+    args = kto.parse_args(["--model", tiny, "--data", KTO_DATA, "--out", str(tmp_path / "x")])
+    import dataclasses
+    config = {f.name: f.default for f in dataclasses.fields(trl.KTOConfig)}  # (an instance asks for a GPU's bf16)
+    assert (args.lr, args.beta, args.desirable_weight, args.undesirable_weight, args.loss_type) == \
+        tuple(config[k] for k in ("learning_rate", "beta", "desirable_weight", "undesirable_weight", "loss_type"))
+    for n_d, n_u, w_d, w_u in ((4, 3, 1, 1), (3, 3, 1, 1), (12, 12, 1, 0.75), (3, 4, 4 / 3, 1)):
+        assert kto.balance_note(n_d, n_u, SimpleNamespace(desirable_weight=w_d, undesirable_weight=w_u)) is None
+    for n_d, n_u, w_d, w_u in ((12, 12, 3, 1), (5, 3, 1, 1), (2, 7, 1, 1), (10, 10, 1, 2), (1, 1000, 1, 1), (999, 1, 1, 1)):
+        note = kto.balance_note(n_d, n_u, SimpleNamespace(desirable_weight=w_d, undesirable_weight=w_u))
+        d = [float(x) for x in re.search(r"--desirable-weight in \[([\d.]+), ([\d.]+)\]", note).groups()]
+        u = [float(x) for x in re.search(r"--undesirable-weight in \[([\d.]+), ([\d.]+)\]", note).groups()]
+        for ratio in [x * n_d / (w_u * n_u) for x in d] + [w_d * n_d / (x * n_u) for x in u]:
+            assert 1 - 1e-6 <= ratio <= 4 / 3 + 1e-6, (n_d, n_u, w_d, w_u, note)  # (rounded inward: ends stay inside)
+    one = SimpleNamespace(desirable_weight=1, undesirable_weight=1)
+    assert "only desirable examples" in kto.balance_note(4, 0, one)
+    assert "only undesirable examples" in kto.balance_note(0, 4, one)
+
+
+@pytest.mark.parametrize("line,why", [
+    ({"prompt": "x", "completion": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "label": True}, "'completion' must be a string or a list of one assistant message"),
+    ({"prompt": "x", "completion": [{"role": "user", "content": "a"}], "label": True}, "one assistant message"),
+    ({"prompt": "x", "completion": "y", "label": 1}, "a boolean 'label'"),
+    ({"prompt": "x", "completion": "y", "label": 0}, "a boolean 'label'"),
+    ({"prompt": [], "completion": "y", "label": True}, "'prompt' must be a string or a non-empty list"),
+])
+def test_completions_labels_and_prompts_of_another_shape_are_refused(tiny, tmp_path, line, why):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(KTO_DATA).readline() + json.dumps(line) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:2: .*" + re.escape(why)):
+        load_kto([str(bad)], nanopost.Tokenizer(tiny), 64)
+
+
+def test_a_cut_prompt_is_not_counted_as_a_cut_completion(tiny, tmp_path):
+    tok = nanopost.Tokenizer(tiny)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 80, "completion": "Short answer.", "label": True}) + "\n" +
+                    json.dumps({"prompt": "Hi?", "completion": "word " * 80, "label": False}) + "\n")
+    examples, stats = load_kto([str(data)], tok, 80)
+    assert (stats["prompts_cut"], stats["completions_cut"]) == (1, 1), stats  # one of each, each counted once
+    assert all(len(e.prompt) + len(e.completion) <= 80 for e in examples)
+    assert examples[0].completion == encode_kto(tok, to_kto(json.loads(data.read_text().splitlines()[0]))[0][0],
+                                                "Short answer.")[1]  # the first one's completion whole
+
+
+def test_precomputed_reference_cache_is_keyed_on_everything_it_holds(tiny, tmp_path):
+    """The cache of reference log-probs is found again only for the same reference (its config and
+    weights), tokens (--max-len: also where only a KL pair, a prompt with another's completion, is
+    cut), precision, loss type (kto also holds the KL pairs') and validation set."""
+    import shutil
     from nanopost.testing import make_tiny_checkpoint
     other = make_tiny_checkpoint(str(tmp_path / "other"), seed=1)
+    ref = shutil.copytree(tiny, tmp_path / "ref")
     out, args = tmp_path / "k", ["--model", tiny, *COMMON, "--max-steps", 1, "--precompute-ref"]
-    assert run_main(TRAIN_KTO, *args, "--out", out).returncode == 0
-    r = run_main(TRAIN_KTO, *args, "--out", out, "--overwrite")
-    assert r.returncode == 0 and "reference log-probs: " in r.stdout  # the same run reuses it
-    assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--ref", other).returncode == 0
-    assert run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", "--max-len", 48).returncode == 0
-    assert len(os.listdir(out / "ref_logps")) == 3  # another reference or other tokens: computed anew
+
+    def caches_after(*extra):
+        r = run_main(TRAIN_KTO, *args, "--out", out, "--overwrite", *extra)
+        assert r.returncode == 0, r.stderr
+        return len(os.listdir(out / "ref_logps")), "computed once" in r.stdout
+    assert caches_after() == (1, True)
+    assert caches_after() == (1, False)  # the same run reuses it
+    assert caches_after("--ref", other) == (2, True)
+    assert caches_after("--max-len", 48) == (3, True)
+    assert caches_after("--precision", "bf16-autocast") == (4, True)
+    assert caches_after("--loss-type", "apo_zero_unpaired") == (5, True)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0}) + "\n"
+                           for i in range(4)))
+    assert caches_after("--val", val) == (6, True)
+    val.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0}) + "\n"
+                           for i in range(3)))
+    assert caches_after("--val", val) == (7, True)
+    assert caches_after("--ref", ref) == (7, False)  # a copy of the reference: its files, so its cache
+    cfg = json.load(open(ref / "config.json"))
+    json.dump({**cfg, "rope_theta": 50.0}, open(ref / "config.json", "w"))  # the same weights, another model
+    assert caches_after("--ref", ref) == (8, True)
+    # a KL pair cut where its two examples are not: prompt A (long) with completion B (long)
+    tok = nanopost.Tokenizer(tiny)
+    rows = [{"prompt": "word " * 30, "completion": "Yes.", "label": True},
+            {"prompt": "Hi?", "completion": "word " * 30, "label": False}] * 2
+    lens = [sum(map(len, encode_kto(tok, [{"role": "user", "content": r["prompt"]}], r["completion"]))) for r in rows]
+    long_pair = len(encode_kto(tok, [{"role": "user", "content": rows[0]["prompt"]}], rows[1]["completion"])[0]) + \
+        len(encode_kto(tok, [{"role": "user", "content": rows[0]["prompt"]}], rows[1]["completion"])[1])
+    assert max(lens) < 120 < long_pair < 200, (lens, long_pair)
+    kl = tmp_path / "kl.jsonl"
+    kl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", tiny, "--ref", other, "--data", kl, "--batch-size", 4, "--lr", 1e-12, "--max-steps", 1,
+            "--precompute-ref", "--device", "cpu"]
+    for max_len in (200, 120):
+        assert run_main(TRAIN_KTO, *args, "--max-len", max_len, "--out", out, "--overwrite").returncode == 0
+        pre = metrics(out)[0]
+        assert run_main(TRAIN_KTO, *args[:-3], "--device", "cpu", "--max-len", max_len, "--out", tmp_path / "live",
+                        "--overwrite").returncode == 0
+        assert pre["kl"] == pytest.approx(metrics(tmp_path / "live")[0]["kl"], rel=1e-5), max_len
+
+
+def test_resume_refuses_other_loss_settings_or_labels(tiny, tmp_path):
+    flipped = tmp_path / "flipped.jsonl"
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 3 != 0} for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flipped.write_text("".join(json.dumps({**r, "label": not r["label"]}) + "\n" for r in rows))  # same text
+    args = ["--model", tiny, "--max-len", 64, "--batch-size", 4, "--save-every", 1, "--out", tmp_path / "run"]
+    assert run_main(TRAIN_KTO, *args, "--data", data, "--max-steps", 1).returncode == 0
+    for extra, why in ((["--data", data, "--beta", 0.5], "--beta 0.1, this run has --beta 0.5"),
+                       (["--data", data, "--undesirable-weight", 2], "undesirable"),
+                       (["--data", flipped], "training data")):
+        r = run_main(TRAIN_KTO, *args, *extra, "--max-steps", 2, "--resume")
+        assert r.returncode != 0 and why in r.stderr, (extra, r.stderr)
+    assert run_main(TRAIN_KTO, *args, "--data", data, "--max-steps", 2, "--resume").returncode == 0
+
+
+def test_epochs_reshuffle_the_same_groups_and_count_each_kind(tiny, tmp_path):
+    """Each epoch runs the same micro-batches in another order (seeded by the epoch); a step's
+    n_desirable and n_undesirable count its examples of each kind (7 of 12 desirable here)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i} " * (1 + i % 4),
+                                        "label": i < 7}) + "\n" for i in range(12)))
+    r = run_main(TRAIN_KTO, "--model", tiny, "--data", data, "--max-len", 64, "--batch-size", 2, "--lr", 1e-12,
+                 "--epochs", 2, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    m = metrics(tmp_path / "run")
+    assert len(m) == 12 and m[5]["epoch"] == 1 and m[11]["epoch"] == 2
+    per_step = [(x["n_desirable"], x["n_undesirable"], round(x["logps/chosen"] or 0, 3), round(x["logps/rejected"] or 0, 3))
+                for x in m]
+    assert sorted(per_step[:6]) == sorted(per_step[6:]) and per_step[:6] != per_step[6:]
+    assert sum(x["n_desirable"] for x in m[:6]) == 7 and sum(x["n_undesirable"] for x in m[:6]) == 5
+
+
+def test_an_epochs_smaller_last_step_is_a_step_of_its_own_micro_batches(tiny, tmp_path):
+    """24 examples in micro-batches of 5 are 5 groups: with --grad-accum 2 the epoch's last step holds
+    one, and it is that group's step as --grad-accum 1 runs it (lr 1e-12: the policy does not move):
+    its loss, z0 (the KL term) and gradient norm, not halved as if a second micro-batch were there."""
+    import shutil
+    policy = shutil.copytree(tiny, tmp_path / "policy")  # another model than its reference: nothing is 0
+    json.dump({**json.load(open(policy / "config.json")), "rope_theta": 50.0}, open(policy / "config.json", "w"))
+    common = ["--model", policy, "--ref", tiny, *COMMON, "--batch-size", 5, "--epochs", 1, "--lr", 1e-12]
+    for accum in (1, 2):
+        r = run_main(TRAIN_KTO, *common, "--grad-accum", accum, "--out", tmp_path / f"a{accum}")
+        assert r.returncode == 0, r.stderr
+    one, two = metrics(tmp_path / "a1"), metrics(tmp_path / "a2")
+    assert len(one) == 5 and len(two) == 3
+    for key in ("loss", "kl", "grad_norm", "rewards/chosen", "rewards/rejected", "n_desirable"):
+        assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-4), key
+    assert one[-1]["kl"] > 0.01
 
 
 def test_a_precompute_ref_run_killed_before_its_first_checkpoint_resumes(tiny, tmp_path):
@@ -560,6 +709,7 @@ def test_a_precompute_ref_run_killed_before_its_first_checkpoint_resumes(tiny, t
     (["--beta", 0], "--beta, --desirable-weight and --undesirable-weight must be positive numbers"),
     (["--beta", "nan"], "must be positive numbers"),  # (trained to a NaN loss and saved NaN weights)
     (["--desirable-weight", "inf"], "must be positive numbers"),
+    (["--undesirable-weight", 0], "must be positive numbers"),  # (a ZeroDivisionError in the balance note)
     (["--lr", "nan"], "--lr must be a positive number"),  # the flags both scripts share, checked here too
     (["--batch-size", 1], "--batch-size 1: KTO pairs each prompt"),  # (its KL term was the implied reward itself)
 ])
