@@ -613,10 +613,35 @@ def test_cache_never_serves_another_model_data_or_protocol(tmp_path, data_dir, m
     monkeypatch.setattr(tasks, "PROTOCOL", tasks.PROTOCOL + 1)  # a changed scorer
     evaluate(*args)
     assert len(os.listdir(tmp_path / "eval" / "cache")) == files + 1
+    # a row's rounding follows its batch: another --batch-size is another prediction
+    fourth = evaluate(*args, "--batch-size", 3)[2]
+    assert len(os.listdir(tmp_path / "eval" / "cache")) == files + 2
+    assert logprobs(fourth) == logprobs(evaluate(*args[:-1], tmp_path / "fresh3", "--batch-size", 3)[2])
+    # the tokenizer's small files are compared by content, not size and time: an edit of the
+    # same length with its mtime put back is another model
+    config = os.path.join(model, "tokenizer_config.json")
+    stat, text = os.stat(config), open(config, encoding="utf-8").read()
+    assert "a helpful assistant" in text
+    open(config, "w", encoding="utf-8").write(text.replace("a helpful assistant", "a careful assistant"))
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fifth = evaluate(*args)[2]
+    assert logprobs(fifth) != logprobs(third) and logprobs(fifth) == logprobs(evaluate(*args[:-1], tmp_path / "f5")[2])
+    # a chat_template.jinja (read before tokenizer_config.json's template) added, then edited
+    template = json.loads(text)["chat_template"].replace("a helpful assistant", "an exact assistant")
+    open(os.path.join(model, "chat_template.jinja"), "w", encoding="utf-8").write(template)
+    sixth = evaluate(*args)[2]
+    assert logprobs(sixth) != logprobs(fifth) and logprobs(sixth) == logprobs(evaluate(*args[:-1], tmp_path / "f6")[2])
+    open(os.path.join(model, "chat_template.jinja"), "w", encoding="utf-8").write(template.replace("exact", "honest"))
+    seventh = evaluate(*args)[2]
+    assert logprobs(seventh) != logprobs(sixth) and logprobs(seventh) == logprobs(evaluate(*args[:-1], tmp_path / "f7")[2])
 
 
 def test_shots_and_new_tokens_per_task(tmp_path, tiny, data_dir):
     base = ["--model", tiny, "--data-dir", data_dir, "--limit", 2, "--out", tmp_path / "eval"]
+    code, err, res = evaluate(*base[:-1], tmp_path / "spaces", "--tasks", "mmlu,ceval", "--shots", "mmlu=1, ceval = 2")
+    assert code == 0 and (res[tiny]["mmlu"]["settings"]["shots"], res[tiny]["ceval"]["settings"]["shots"]) == (1, 2), err
+    r = run_main(os.path.join(ROOT, "evaluate.py"), *base, "--tasks", "humaneval", "--shots", 5)
+    assert r.returncode == 2 and "--shots applies to none of --tasks humaneval" in r.stderr, r.stderr
     code, err, _ = evaluate(*base, "--tasks", "gsm8k,mmlu", "--shots", 5)
     assert code != 0 and "ambiguous" in err and "--shots mmlu=5" in err  # never gsm8k 5-shot silently
     code, err, _ = evaluate(*base, "--tasks", "gsm8k,humaneval", "--max-new-tokens", 64)
@@ -764,6 +789,64 @@ def test_evaluating_into_the_same_folder_adds_to_its_results(tmp_path, data_dir)
     (out / "results.json").write_text("[1, 2]")  # not ours: refused before any work, never overwritten
     code, err, _ = evaluate("--model", base, "--tasks", "ceval", *common)
     assert code == 1 and "is not an evaluate.py results.json" in err and (out / "results.json").read_text() == "[1, 2]"
+
+
+def test_a_rerun_a_link_and_a_deleted_folder_in_one_out(tmp_path, data_dir):
+    """Evaluating a model again into its --out: its cells are this run's (no "kept" mark, no
+    "dropped" note); the same folder through a link is one model (refused twice in one run, one row
+    across runs); an earlier model whose folder is gone keeps its recorded row."""
+    model = make_tiny_checkpoint(str(tmp_path / "m"), seed=1)
+    gone = make_tiny_checkpoint(str(tmp_path / "gone"), seed=2)
+    out = tmp_path / "eval"
+    common = ["--tasks", "mmlu", "--data-dir", data_dir, "--limit", 2, "--out", out]
+    script = os.path.join(ROOT, "evaluate.py")
+    assert run_main(script, "--model", gone, *common).returncode == 0
+    shutil.rmtree(gone)
+    r = run_main(script, "--model", model, *common)
+    assert r.returncode == 0, r.stderr
+    assert set(json.load(open(out / "results.json"))) == {gone, model}
+    assert json.load(open(out / "results.json"))[model]["mmlu"]["settings"]["limit"] == 2  # (the page's "limit 2")
+    r = run_main(script, "--model", model, *common)
+    assert r.returncode == 0 and "dropped" not in r.stdout, r.stdout
+    row = next(line for line in open(out / "results.md") if line.startswith(f"| {model} |"))
+    assert "*" not in row, row  # computed by this run, not kept from an earlier one
+    link = tmp_path / "link"
+    os.symlink(model, link)
+    r = run_main(script, "--model", model, "--model", link, *common)
+    assert r.returncode == 2 and "is given twice" in r.stderr, r.stderr
+    for _ in range(2):
+        assert run_main(script, "--model", link, *common).returncode == 0
+    assert set(json.load(open(out / "results.json"))) == {gone, str(link)}  # the link's row replaces the folder's
+
+
+def test_a_damaged_cache_line_is_redone(tmp_path, tiny, data_dir):
+    args = ["--model", tiny, "--tasks", "mmlu", "--data-dir", data_dir, "--limit", 4, "--out", tmp_path / "eval"]
+    first = evaluate(*args)[2]
+    (cache,) = (tmp_path / "eval" / "cache").iterdir()
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join([lines[0], "null", "[1, 2]", '{"no": "id"}', *lines[2:]]) + "\n")  # line 2 lost
+    code, err, again = evaluate(*args)
+    assert code == 0, err
+    assert [p["logprobs"] for p in again[tiny]["mmlu"]["predictions"]] == \
+        [p["logprobs"] for p in first[tiny]["mmlu"]["predictions"]]
+
+
+def test_results_settings_and_what_makes_cells_comparable():
+    """A cell of another Python's HumanEval verdicts is marked (protocol); the questions asked are
+    compared by their hash where it is recorded, not by --limit or --skip-bad-lines; a results.json
+    whose settings are not an object is not evaluate.py's."""
+    base = {"accuracy": 1.0, "settings": {"shots": 0, "python": "3.11", "skip_bad_lines": False, "limit": 5}}
+    assert tasks.protocol(base) != tasks.protocol({**base, "settings": {**base["settings"], "python": "3.8"}})
+    with_data = {**base, "data": "abc"}
+    for k, v in (("skip_bad_lines", True), ("limit", 7)):
+        assert tasks.protocol(with_data) == tasks.protocol({**with_data, "settings": {**base["settings"], k: v}}), k
+        assert tasks.protocol(base) != tasks.protocol({**base, "settings": {**base["settings"], k: v}}), k
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "results.json")
+        json.dump({"m": {"mmlu": {"accuracy": 1.0, "settings": "shots=5"}}}, open(path, "w"))
+        with pytest.raises(ValueError, match="is not an evaluate.py results.json"):
+            tasks.read_results(path)
 
 
 def test_help_shows_defaults():
@@ -1191,6 +1274,7 @@ def test_runner_humaneval_raw_mode(tmp_path, tiny, shared):
     assert r.returncode == 0, r.stderr
     res = json.load(open(tmp_path / "he" / "results.json"))[tiny]["humaneval"]
     assert res["n"] == 3 and res["accuracy"] == 0.0  # a random model passes nothing, and the run survives
+    assert (res["settings"]["humaneval_mode"], res["settings"]["limit"]) == ("raw", 3)  # recorded for the table's marks
 
 
 def test_perplexity_and_chart(tmp_path, tiny, data_dir):
