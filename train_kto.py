@@ -84,14 +84,14 @@ def balance_note(n_d, n_u, args) -> str | None:
 
 
 def inward(lo, hi) -> str:
-    """[lo, hi] with its ends rounded inward to 2 decimals (more where that would empty it), so that
-    either end, taken as printed, is inside the range."""
+    """[lo, hi] with its ends rounded inward to 2 decimals (more where that would leave one value),
+    so that either end, taken as printed, is inside the range."""
     for digits in range(2, 10):
         f = 10 ** digits
-        a, b = math.ceil(lo * f - 1e-6) / f, math.floor(hi * f + 1e-6) / f  # (1e-6: float noise, 1.0000000002)
-        if a <= b:
-            break
-    return f"[{a:.{digits}f}, {b:.{digits}f}]"
+        a, b = math.ceil(lo * f * (1 - 1e-9)) / f, math.floor(hi * f * (1 + 1e-9)) / f  # (float noise: 1.0000000002)
+        if a < b:
+            return f"[{a:.{digits}f}, {b:.{digits}f}]"
+    return f"[{lo:.3g}, {hi:.3g}]"  # (weights under 1e-9: three significant digits)
 
 
 def fingerprint(model_dir: str) -> str:

@@ -555,6 +555,9 @@ def test_defaults_are_trls_and_the_balance_rule_and_its_advice_hold(tiny, tmp_pa
         u = [float(x) for x in re.search(r"--undesirable-weight in \[([\d.]+), ([\d.]+)\]", note).groups()]
         for ratio in [x * n_d / (w_u * n_u) for x in d] + [w_d * n_d / (x * n_u) for x in u]:
             assert 1 - 1e-6 <= ratio <= 4 / 3 + 1e-6, (n_d, n_u, w_d, w_u, note)  # (rounded inward: ends stay inside)
+    for lo, hi, printed in ((0.75, 1.0, "[0.75, 1.00]"), (3 / 14, 2 / 7, "[0.22, 0.28]"), (1 + 2e-10, 4 / 3, "[1.00, 1.33]"),
+                            (1e-12, 4e-12 / 3, "[1e-12, 1.33e-12]"), (0.001, 0.00133, "[0.0010, 0.0013]")):
+        assert kto.inward(lo, hi) == printed
     one = SimpleNamespace(desirable_weight=1, undesirable_weight=1)
     assert "only desirable examples" in kto.balance_note(4, 0, one)
     assert "only undesirable examples" in kto.balance_note(0, 4, one)
