@@ -73,25 +73,30 @@ def balance_note(n_d, n_u, args) -> str | None:
     """KTO's paper: (lambda_D n_D) / (lambda_U n_U) should lie in [1, 4/3]; else suggest weights."""
     if n_d == 0 or n_u == 0:
         return f"warning: only {'undesirable' if n_d == 0 else 'desirable'} examples; KTO trains, but has nothing to contrast"
-    ratio = args.desirable_weight * n_d / (args.undesirable_weight * n_u)
-    if 1 <= ratio <= 4 / 3:
+    balanced = lambda w_d, w_u: 1 <= w_d * n_d / (w_u * n_u) <= 4 / 3  # noqa: E731
+    if balanced(args.desirable_weight, args.undesirable_weight):
         return None
     d = args.undesirable_weight * n_u / n_d
     u = args.desirable_weight * n_d / n_u
-    return (f"warning: (desirable-weight x {n_d} desirable) / (undesirable-weight x {n_u} undesirable) = {ratio:.2f}, "
-            f"outside [1, 4/3]: use --desirable-weight in {inward(d, 4 / 3 * d)} or --undesirable-weight in "
-            f"{inward(3 / 4 * u, u)} (not both)")
+    return (f"warning: (desirable-weight x {n_d} desirable) / (undesirable-weight x {n_u} undesirable) = "
+            f"{args.desirable_weight * n_d / (args.undesirable_weight * n_u):.2f}, outside [1, 4/3]: use "
+            f"--desirable-weight in {inward(d, 4 / 3 * d, lambda x: balanced(x, args.undesirable_weight))} or "
+            f"--undesirable-weight in {inward(3 / 4 * u, u, lambda x: balanced(args.desirable_weight, x))} (not both)")
 
 
-def inward(lo, hi) -> str:
-    """[lo, hi] with its ends rounded inward to 2 decimals (more where that would leave one value),
-    so that either end, taken as printed, is inside the range."""
-    for digits in range(2, 10):
-        f = 10 ** digits
-        a, b = math.ceil(lo * f * (1 - 1e-9)) / f, math.floor(hi * f * (1 + 1e-9)) / f  # (float noise: 1.0000000002)
-        if a < b:
-            return f"[{a:.{digits}f}, {b:.{digits}f}]"
-    return f"[{lo:.3g}, {hi:.3g}]"  # (weights under 1e-9: three significant digits)
+def inward(lo, hi, ok) -> str:
+    """[lo, hi] with 2 decimals (more where that would leave one value), each end moved inward until
+    `ok` (the balance check itself) accepts it as printed: either end, given as the flag, is in range."""
+    for digits in range(2, 40):
+        f = 10.0 ** digits
+        if not hi * f < 2 ** 52:  # (a step of 1 / f must still move a float)
+            break
+        a, b = max(1, math.floor(lo * f)), math.ceil(hi * f)  # (a / f: the float "0.21" parses to; never 0)
+        a = next((x for x in range(a, a + 10) if ok(x / f)), None)  # (the ends are the range's own: a step
+        b = next((x for x in range(b, max(0, b - 10), -1) if ok(x / f)), None)  # or two from them at most)
+        if a is not None and b is not None and a < b:
+            return f"[{a / f:.{digits}f}, {b / f:.{digits}f}]"
+    return f"[{lo:.3g}, {hi:.3g}]"  # (weights past 1e300, or under 1e-38: three significant digits)
 
 
 def fingerprint(model_dir: str) -> str:

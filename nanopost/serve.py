@@ -375,8 +375,10 @@ def parse_chat(body, workers, max_tokens_limit, default_max_tokens) -> Request:
         raise ApiError(400, "stop is not valid Unicode text (a lone surrogate)", param="stop")
     stream, options = body.get("stream"), body.get("stream_options")  # null: absent; 0 or [] is not false or {}
     stream, options = False if stream is None else stream, {} if options is None else options
-    if not isinstance(stream, bool) or not isinstance(options, dict):
-        raise ApiError(400, "stream must be true or false and stream_options an object", param="stream")
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r:.80}", param="stream")
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options must be an object, got {options!r:.80}", param="stream_options")
     if options and not stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
     usage = options.get("include_usage")
@@ -415,6 +417,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # said, so that a keep-alive client opens a new one for its next request
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -502,6 +506,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(e.status)
             self.send_header("Allow", "GET, POST")
             self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
             return self.end_headers()
         self.send_json(e.status, e.body, Allow="GET, POST")
 

@@ -162,8 +162,9 @@ def test_stop_strings_cut_exactly_as_the_engine_does(server, engines):
     ({"logprobs": 0}, 400, "logprobs"),
     ({"presence_penalty": False}, 400, "presence_penalty"),
     ({"extra_body": {"stream": 0}}, 400, "stream"),
-    ({"extra_body": {"stream_options": []}}, 400, "stream"),
-    ({"extra_body": {"stream_options": False}}, 400, "stream"),
+    ({"extra_body": {"stream_options": []}}, 400, "stream_options"),
+    ({"extra_body": {"stream_options": False}}, 400, "stream_options"),
+    ({"stream": True, "stream_options": 0}, 400, "stream_options"),
 ])
 def test_bad_requests_get_openai_shaped_4xx(server, change, status, param):
     body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
@@ -256,6 +257,12 @@ def test_oversize_and_malformed_bodies(server):
     assert status == 400 and body["error"]["param"] == "stop", body  # a 500 from the engine's encode
     status, body = post(server, b"[" * 100_000 + b"]" * 100_000)  # nests past Python's recursion limit
     assert status == 400 and "nested too deeply" in body["error"]["message"]  # was no reply at all
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)  # one keep-alive client
+    conn.request("POST", "/v1/chat/completions", body=b"x" * (serve.MAX_BODY_BYTES + 1))
+    r = conn.getresponse()
+    assert r.status == 413 and r.getheader("Connection") == "close" and r.read()  # the server closes: it says so
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
     got = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
     assert got.startswith(b"HTTP/1.1 400 ") and b"valid Content-Length" in got, got[:200]  # malformed, not too large
     body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
@@ -747,11 +754,13 @@ def test_models_retrieve_query_strings_and_other_methods(server):
     conn.request("HEAD", "/health")  # a 405 with headers only: a body after them would be read as the next reply
     r = conn.getresponse()
     assert r.status == 405 and r.getheader("Allow") == "GET, POST" and r.read() == b""
+    conn.request("GET", "/health")  # it said the connection closes: the client opens another, not a dead one
+    assert conn.getresponse().status == 200
     got = raw(server, b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 405") and got.endswith(b"\r\n\r\n"), got
-    for method in ("PUT", "OPTIONS", "DELETE", "PATCH"):
-        conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    for method in ("PUT", "OPTIONS", "DELETE", "PATCH"):  # one keep-alive client: each reply says it closes
         conn.request(method, "/v1/chat/completions")
         r = conn.getresponse()
         assert r.status == 405 and r.getheader("Content-Type") == "application/json" and r.getheader("Allow") == "GET, POST"
-        assert json.loads(r.read())["error"]["type"] == "invalid_request_error"
+        assert json.loads(r.read())["error"]["type"] == "invalid_request_error" and r.getheader("Connection") == "close"
