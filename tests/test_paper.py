@@ -167,6 +167,10 @@ def test_paper_refuses_bad_flags_and_foreign_out_before_any_work(tmp_path):
     for args, why in ((["--sft-args", "--out elsewhere"], "--sft-args --out: paper.py sets"),
                       (["--sft-args", "--ou elsewhere"], "--sft-args --ou: paper.py sets"),  # (argparse's prefix)
                       (["--eval-args=--data-dir=x --limit 2"], "--eval-args --data-dir: paper.py sets"),
+                      (["--sft-args", "--seed 5"], "--sft-args --seed: paper.py sets"),  # (sft-b's seed: two equal runs)
+                      (["--sft-args"], "--sft-args: expected one argument"),
+                      # evaluate.py's own --mode is no abbreviation of --model: it passes (the next check stops it)
+                      (["--eval-args", "--mode generate", "--tasks", "gsm8k,bogus"], "--tasks: unknown bogus"),
                       (["--out", tmp_path / "afile" / "run"], "is a file, not a directory")):
         r = paper(*(["--out", tmp_path / "run"] if "--out" not in args else []), *args)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
@@ -331,6 +335,7 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 spec = __import__("importlib.util").util.spec_from_file_location("paper_s", os.path.join({root!r}, "paper.py"))
 m = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_module(m)
+import signal; signal.signal(signal.SIGINT, signal.default_int_handler)  # as paper.py's main (pytest may run with it ignored)
 st = m.Stages({run!r}, {run!r}); st.lock()
 child = "import signal, sys, time, os\n" \
         "def stop(*a): open({got!r}, 'w').write('SIGINT'); sys.exit({code})\n" \
