@@ -451,3 +451,85 @@ def test_ctrl_z_stops_the_stage_with_paper_and_it_goes_on_after(tmp_path):
         assert p.returncode == 130 and (tmp_path / "got").read_text() == "SIGINT", err
     finally:
         p.kill()
+
+
+def fake_stage(cmd, keep_fds=()):
+    """run_child for the wiring tests: each stage writes what its script would (no model trained)."""
+    def after(flag):
+        return cmd[cmd.index(flag) + 1]
+    line = " ".join(cmd)
+    if "nanopost.testing" in line:  # the tiny base model
+        os.makedirs(cmd[-1], exist_ok=True)
+        open(os.path.join(cmd[-1], "config.json"), "w").write("{}")
+    elif "build_data.py" in line:
+        os.makedirs(after("--out"), exist_ok=True)
+        open(os.path.join(after("--out"), "sft.jsonl"), "w").write('{"prompt": "a", "completion": "b"}\n')
+        open(os.path.join(after("--out"), "kto.jsonl"), "w").write('{"prompt": "a", "completion": "b", "label": true}\n')
+    elif "evaluate.py" in line:
+        os.makedirs(after("--out"), exist_ok=True)
+        models = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--model"]
+        json.dump({m: {t: {"accuracy": 30.0, "n": 8, "settings": {}} for t in after("--tasks").split(",")}
+                   for m in models}, open(os.path.join(after("--out"), "results.json"), "w"))
+    else:  # a training run or a merge
+        os.makedirs(after("--out"), exist_ok=True)
+        for name, text in (("config.json", "{}"), ("model.safetensors", "w"), ("metrics.jsonl", '{"step": 1, "loss": 1.0}\n')):
+            open(os.path.join(after("--out"), name), "w").write(text)
+    return 0, 0.0, False
+
+
+def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, capsys):
+    """The wiring of paper.py's stages (their scripts faked): a stage is done again when a file it
+    reads changes, and only then: the seeds (data), a benchmark file or the scoring protocol (eval),
+    the data a training stage reads, a merged model evaluated; sft-b trains with another seed."""
+    import nanopost.tasks
+    paper_py = load_paper()
+    monkeypatch.setattr(paper_py, "run_child", fake_stage)
+    monkeypatch.setattr(paper_py, "draw_charts", lambda *a: {})
+    seeds = shutil.copy(os.path.join(ROOT, "data", "seeds.jsonl"), tmp_path / "seeds.jsonl")
+    bench = shutil.copytree(os.path.join(ROOT, "data", "mini"), tmp_path / "bench")
+    out = tmp_path / "run"
+    held, lock = [], paper_py.Stages.lock
+    monkeypatch.setattr(paper_py.Stages, "lock", lambda self: held.append(lock(self)) or held[-1])
+
+    def run():  # (the lock is the process's until it ends: let go of it as an ended paper.py would)
+        monkeypatch.setattr(sys, "argv", ["paper.py", "--out", str(out), "--seeds", str(seeds), "--data-dir", str(bench)])
+        try:
+            paper_py.main()
+        finally:
+            while held:
+                os.close(held.pop())
+        said = capsys.readouterr().out
+        return {line.split("] ", 1)[-1].split(":")[0] for line in said.splitlines() if "changed since it ran" in line}, said
+    run()
+    assert run()[0] == set() and "nothing to do" in run()[1]
+    assert json.load(open(out / "stages" / "sft-b.json"))["cmd"] != json.load(open(out / "stages" / "sft.json"))["cmd"]
+    seed_of = lambda s: (lambda c: c[c.index("--seed") + 1])(json.load(open(out / "stages" / f"{s}.json"))["cmd"])  # noqa: E731
+    assert (seed_of("sft"), seed_of("sft-b")) == ("0", "1")
+    with open(seeds, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "one more"}\n')
+    assert "data" in run()[0]
+    first = sorted((bench / "gsm8k").iterdir())[0]
+    first.write_text(first.read_text(encoding="utf-8").replace("1", "7", 1), encoding="utf-8")
+    assert run()[0] == {"eval"}
+    monkeypatch.setattr(nanopost.tasks, "PROTOCOL", nanopost.tasks.PROTOCOL + 1)
+    assert run()[0] == {"eval"}
+    with open(out / "data" / "sft.jsonl", "a") as f:
+        f.write('{"prompt": "c", "completion": "d"}\n')
+    assert {"sft", "sft-b"} <= run()[0]
+    (out / "slerp" / "model.safetensors").write_text("other")
+    assert run()[0] == {"eval"}
+    # --limit 0 is every question (its --help), also on the tiny default that otherwise asks 8
+    monkeypatch.setattr(sys, "argv", ["paper.py", "--out", str(tmp_path / "all"), "--seeds", str(seeds),
+                                      "--data-dir", str(bench), "--limit", "0"])
+    paper_py.main()
+    while held:
+        os.close(held.pop())
+    assert "--limit" not in json.load(open(tmp_path / "all" / "stages" / "eval.json"))["cmd"]
+    assert "--limit" in json.load(open(out / "stages" / "eval.json"))["cmd"]
+    # a benchmark file moved to another task's folder, its bytes the same, is other data
+    (tmp_path / "c" / "a").mkdir(parents=True)
+    (tmp_path / "c" / "a" / "x.csv").write_text("same")
+    before = paper_py.contents(str(tmp_path / "c"))
+    (tmp_path / "c" / "b").mkdir()
+    os.rename(tmp_path / "c" / "a" / "x.csv", tmp_path / "c" / "b" / "x.csv")
+    assert paper_py.contents(str(tmp_path / "c")) != before
