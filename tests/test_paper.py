@@ -468,8 +468,9 @@ def fake_stage(cmd, keep_fds=()):
     elif "evaluate.py" in line:
         os.makedirs(after("--out"), exist_ok=True)
         models = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--model"]
-        json.dump({m: {t: {"accuracy": 30.0, "n": 8, "settings": {}} for t in after("--tasks").split(",")}
-                   for m in models}, open(os.path.join(after("--out"), "results.json"), "w"))
+        json.dump({m: {t: {"accuracy": 25.0 if os.path.basename(m) == "tiny" else 30.0, "n": 8, "settings": {}}
+                       for t in after("--tasks").split(",")} for m in models},  # (the base at MMLU's chance)
+                  open(os.path.join(after("--out"), "results.json"), "w"))
     else:  # a training run or a merge
         os.makedirs(after("--out"), exist_ok=True)
         for name, text in (("config.json", "{}"), ("model.safetensors", "w"), ("metrics.jsonl", '{"step": 1, "loss": 1.0}\n')):
@@ -501,6 +502,11 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
         said = capsys.readouterr().out
         return {line.split("] ", 1)[-1].split(":")[0] for line in said.splitlines() if "changed since it ran" in line}, said
     run()
+    report = open(out / "report.md", encoding="utf-8").read()
+    cells = lambda name: [c.strip() for c in next(x for x in report.splitlines() if x.startswith(f"| {name} ("))  # noqa: E731
+                          .split("|")[2:-1]]  # gsm8k, mmlu, cmmlu, ceval, humaneval
+    assert cells("base")[1] == "25.0 ⚠" and cells("base")[0] == "25.0"  # at MMLU's chance (GSM8K has none)
+    assert cells("sft")[1] == "30.0 (+5.0)" and cells("slerp")[0] == "30.0 (+5.0)"  # against the base
     assert run()[0] == set() and "nothing to do" in run()[1]
     assert json.load(open(out / "stages" / "sft-b.json"))["cmd"] != json.load(open(out / "stages" / "sft.json"))["cmd"]
     seed_of = lambda s: (lambda c: c[c.index("--seed") + 1])(json.load(open(out / "stages" / f"{s}.json"))["cmd"])  # noqa: E731
