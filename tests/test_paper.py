@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from nanopost.testing import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -539,3 +541,33 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
     (tmp_path / "c" / "b").mkdir()
     os.rename(tmp_path / "c" / "a" / "x.csv", tmp_path / "c" / "b" / "x.csv")
     assert paper_py.contents(str(tmp_path / "c")) != before
+    # a --model folder retrained in place: every stage that reads it runs again, not "done already"
+    from nanopost.testing import make_tiny_checkpoint
+    base = make_tiny_checkpoint(str(tmp_path / "base"))
+    argv = ["paper.py", "--out", str(tmp_path / "own"), "--model", base, "--seeds", str(seeds), "--data-dir", str(bench)]
+    for seed in (None, 5):
+        if seed is not None:
+            make_tiny_checkpoint(base, seed=seed)
+        monkeypatch.setattr(sys, "argv", argv)
+        paper_py.main()
+        while held:
+            os.close(held.pop())
+    said = capsys.readouterr().out
+    assert {line.split("] ", 1)[-1].split(":")[0] for line in said.splitlines()
+            if f"{base} changed since it ran" in line} >= {"data", "sft", "sft-b", "kto"}, said[-3000:]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "exit 130"])
+def test_a_stage_stopped_by_a_signal_is_an_interruption_not_a_failure(tmp_path, capsys, how):
+    """A stage ended by SIGTERM (docker stop, a scheduler's kill) or Ctrl-C is interrupted: the same
+    command continues it (exit 130), not "failed, fix the cause"."""
+    paper_py = load_paper()
+    st = paper_py.Stages(str(tmp_path / "run"), str(tmp_path / "run"))
+    end = {"SIGTERM": "os.kill(os.getpid(), signal.SIGTERM)", "SIGINT": "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+           "os.kill(os.getpid(), signal.SIGINT)", "exit 130": "raise SystemExit(130)"}[how]
+    with pytest.raises(SystemExit) as e:
+        st.run("sft", [sys.executable, "-c", f"import os, signal; {end}"], str(tmp_path / "run" / "sft"))
+    assert e.value.code == 130 and "interrupted after" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # another exit: a failure, named
+        st.run("sft", [sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path / "run" / "sft"))
+    assert "stage sft failed (exit 3)" in str(e.value.code)
