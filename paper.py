@@ -395,7 +395,8 @@ def main():
     args = p.parse_args(glue_args_flags(sys.argv[1:]))
     for s in WIRED:  # a stage told to write or read elsewhere: marked done, its output never where the next looks
         given = [f.split("=")[0] for f in shlex.split(getattr(args, f"{s}_args")) if f.startswith("--")]
-        if clash := [f for f in given if f not in OWN.get(s, ()) and any(w.startswith(f) for w in WIRED[s])]:  # (argparse takes --ou for --out)
+        if clash := [f for f in given if f not in OWN.get(s, ())  # (argparse takes --ou for --out)
+                     and any(w.startswith(f) for w in WIRED[s])]:
             p.error(f"--{s}-args {clash[0]}: paper.py sets {', '.join(WIRED[s])} of that stage itself (they wire the "
                     f"stages together); use paper.py's own flags (--out, --model, --seeds, --tasks, --data-dir ...)")
     tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # gsm8k,gsm8k: once

@@ -73,13 +73,14 @@ def balance_note(n_d, n_u, args) -> str | None:
     """KTO's paper: (lambda_D n_D) / (lambda_U n_U) should lie in [1, 4/3]; else suggest weights."""
     if n_d == 0 or n_u == 0:
         return f"warning: only {'undesirable' if n_d == 0 else 'desirable'} examples; KTO trains, but has nothing to contrast"
-    balanced = lambda w_d, w_u: 1 <= w_d * n_d / (w_u * n_u) <= 4 / 3  # noqa: E731
+    ratio = lambda w_d, w_u: w_d * n_d / (w_u * n_u)  # noqa: E731
+    balanced = lambda w_d, w_u: 1 <= ratio(w_d, w_u) <= 4 / 3  # noqa: E731
     if balanced(args.desirable_weight, args.undesirable_weight):
         return None
     d = args.undesirable_weight * n_u / n_d
     u = args.desirable_weight * n_d / n_u
     return (f"warning: (desirable-weight x {n_d} desirable) / (undesirable-weight x {n_u} undesirable) = "
-            f"{args.desirable_weight * n_d / (args.undesirable_weight * n_u):.2f}, outside [1, 4/3]: use "
+            f"{ratio(args.desirable_weight, args.undesirable_weight):.2f}, outside [1, 4/3]: use "
             f"--desirable-weight in {inward(d, 4 / 3 * d, lambda x: balanced(x, args.undesirable_weight))} or "
             f"--undesirable-weight in {inward(3 / 4 * u, u, lambda x: balanced(args.desirable_weight, x))} (not both)")
 

@@ -420,7 +420,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:  # said, so that a keep-alive client opens a new one for its next request
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # an answer to HEAD has headers only (RFC 9110 9.3.2)
+            self.wfile.write(data)
 
     def check_auth(self):
         key = self.server.app.api_key
@@ -502,12 +503,6 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # a body it may carry is not read
         e = ApiError(405, f"method {self.command} is not allowed: GET /v1/models, /v1/results, /health or /, "
                           f"and POST /v1/chat/completions")
-        if self.command == "HEAD":  # an answer to HEAD has headers only (RFC 9110 9.3.2)
-            self.send_response(e.status)
-            self.send_header("Allow", "GET, POST")
-            self.send_header("Content-Length", "0")
-            self.send_header("Connection", "close")
-            return self.end_headers()
         self.send_json(e.status, e.body, Allow="GET, POST")
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = not_allowed

@@ -637,8 +637,7 @@ def test_precomputed_reference_cache_is_keyed_on_everything_it_holds(tiny, tmp_p
     rows = [{"prompt": "word " * 30, "completion": "Yes.", "label": True},
             {"prompt": "Hi?", "completion": "word " * 30, "label": False}] * 2
     lens = [sum(map(len, encode_kto(tok, [{"role": "user", "content": r["prompt"]}], r["completion"]))) for r in rows]
-    long_pair = len(encode_kto(tok, [{"role": "user", "content": rows[0]["prompt"]}], rows[1]["completion"])[0]) + \
-        len(encode_kto(tok, [{"role": "user", "content": rows[0]["prompt"]}], rows[1]["completion"])[1])
+    long_pair = sum(map(len, encode_kto(tok, [{"role": "user", "content": rows[0]["prompt"]}], rows[1]["completion"])))
     assert max(lens) < 120 < long_pair < 200, (lens, long_pair)
     kl = tmp_path / "kl.jsonl"
     kl.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -494,8 +494,9 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
     held, lock = [], paper_py.Stages.lock
     monkeypatch.setattr(paper_py.Stages, "lock", lambda self: held.append(lock(self)) or held[-1])
 
-    def run():  # (the lock is the process's until it ends: let go of it as an ended paper.py would)
-        monkeypatch.setattr(sys, "argv", ["paper.py", "--out", str(out), "--seeds", str(seeds), "--data-dir", str(bench)])
+    def run(into=out, *flags):  # (the lock is the process's until it ends: let go of it as an ended paper.py would)
+        monkeypatch.setattr(sys, "argv", ["paper.py", "--out", str(into), "--seeds", str(seeds), "--data-dir", str(bench),
+                                          *flags])
         try:
             paper_py.main()
         finally:
@@ -527,11 +528,7 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
     (out / "slerp" / "model.safetensors").write_text("other")
     assert run()[0] == {"eval"}
     # --limit 0 is every question (its --help), also on the tiny default that otherwise asks 8
-    monkeypatch.setattr(sys, "argv", ["paper.py", "--out", str(tmp_path / "all"), "--seeds", str(seeds),
-                                      "--data-dir", str(bench), "--limit", "0"])
-    paper_py.main()
-    while held:
-        os.close(held.pop())
+    run(tmp_path / "all", "--limit", "0")
     assert "--limit" not in json.load(open(tmp_path / "all" / "stages" / "eval.json"))["cmd"]
     assert "--limit" in json.load(open(out / "stages" / "eval.json"))["cmd"]
     # a benchmark file moved to another task's folder, its bytes the same, is other data
@@ -544,15 +541,9 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
     # a --model folder retrained in place: every stage that reads it runs again, not "done already"
     from nanopost.testing import make_tiny_checkpoint
     base = make_tiny_checkpoint(str(tmp_path / "base"))
-    argv = ["paper.py", "--out", str(tmp_path / "own"), "--model", base, "--seeds", str(seeds), "--data-dir", str(bench)]
-    for seed in (None, 5):
-        if seed is not None:
-            make_tiny_checkpoint(base, seed=seed)
-        monkeypatch.setattr(sys, "argv", argv)
-        paper_py.main()
-        while held:
-            os.close(held.pop())
-    said = capsys.readouterr().out
+    run(tmp_path / "own", "--model", base)
+    make_tiny_checkpoint(base, seed=5)
+    said = run(tmp_path / "own", "--model", base)[1]
     assert {line.split("] ", 1)[-1].split(":")[0] for line in said.splitlines()
             if f"{base} changed since it ran" in line} >= {"data", "sft", "sft-b", "kto"}, said[-3000:]
 
