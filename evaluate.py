@@ -60,6 +60,9 @@ from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_s
 from nanopost.tasks.choice import LETTERS, OVER_SUBJECTS
 
 
+INTERRUPTED = "interrupted"  # main() names the cache folder once it knows --out
+
+
 def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int], batch_size: int = 8) -> list[list[float]]:
     """Log-probs of each option letter as the next token after each prompt: one packed prefill per
     batch_size prompts, a few-shot block shared by them computed once (Engine.next_logprobs)."""
@@ -304,6 +307,10 @@ def main(argv=None):
     if len(set(bases)) < len(bases):  # results key perplexity by file name
         p.error(f"--perplexity: two files share a name ({', '.join(dict.fromkeys(b for b in bases if bases.count(b) > 1))}); "
                 "rename or copy one")
+    global INTERRUPTED  # what Ctrl-C says, now that the folder is known
+    if args.model:
+        INTERRUPTED = (f"interrupted: every prediction made so far is cached in {os.path.join(args.out, 'cache')}; "
+                       "the same command resumes")
     if args.download:
         from nanopost.tasks.download import DownloadError, download
         for t in names:
@@ -525,6 +532,5 @@ if __name__ == "__main__":
     try:  # so a HumanEval program running in its own session is killed, not left behind
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted: every prediction made so far is cached in OUT/cache; the same command resumes",
-              file=sys.stderr, flush=True)
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -1357,7 +1357,7 @@ def test_ctrl_c_keeps_the_predictions_and_the_same_command_resumes(tmp_path, tin
     kept = rows()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted: every prediction made so far is cached" in err, err[-2000:]
+    assert p.returncode == 130 and f"interrupted: every prediction made so far is cached in {out / 'cache'};" in err, err[-2000:]
     assert "Traceback" not in err and kept >= 1
     r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
