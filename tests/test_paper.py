@@ -340,18 +340,21 @@ m = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_m
 import signal; signal.signal(signal.SIGINT, signal.default_int_handler)  # as paper.py's main (pytest may run with it ignored)
 st = m.Stages({run!r}, {run!r}); st.lock()
 child = "import signal, sys, time, os\n" \
-        "def stop(*a): open({got!r}, 'w').write('SIGINT'); sys.exit({code})\n" \
-        "signal.signal(signal.SIGINT, stop)\nopen({pid!r}, 'w').write(str(os.getpid()))\n" \
+        "def stop(n, f): open({got!r}, 'w').write(signal.Signals(n).name); time.sleep({linger}); sys.exit({code})\n" \
+        "signal.signal(signal.SIGINT, stop); signal.signal(signal.SIGTERM, stop)\n" \
+        "open({pid!r}, 'w').write(str(os.getpid()))\n" \
         "[time.sleep(0.05) for _ in range(400)]"
 st.run("sft", [sys.executable, "-c", child], {out!r})
 """
 
 
-def start_signals_script(tmp_path, code):
+def start_signals_script(tmp_path, code, linger=0):
+    """paper.py's Stages running one stage whose script, on SIGINT or SIGTERM, writes the signal's name
+    to tmp_path/got, waits linger seconds and exits with code."""
     run = tmp_path / "run"
     script = tmp_path / "s.py"
     script.write_text(SIGNALS.format(root=ROOT, run=str(run), got=str(tmp_path / "got"), pid=str(tmp_path / "pid"),
-                                     out=str(run / "sft"), code=code))
+                                     out=str(run / "sft"), code=code, linger=linger))
     # a process group of its own, whose parent (pytest) is in another group of the same session: a group that is
     # not orphaned, as a shell's job is (the kernel discards SIGTSTP to an orphaned group: CI runs in the background)
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -363,20 +366,22 @@ def start_signals_script(tmp_path, code):
     return p, run, int((tmp_path / "pid").read_text())
 
 
-def test_kill_int_to_paper_alone_stops_the_stage_and_a_finished_one_is_kept(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_kill_int_to_paper_alone_stops_the_stage_and_a_finished_one_is_kept(tmp_path, sig):
     """kill -INT sent to paper.py alone (not its process group) was caught and noted, but never passed
-    on: the stage ran to its end, then was thrown away as "interrupted". It is passed on; a stage that
-    still exits 0 is recorded as finished."""
+    on: the stage ran to its end, then was thrown away as "interrupted". It is passed on, as it is (as
+    SIGTERM) when paper.py gets a SIGTERM (docker stop, a scheduler); a stage that still exits 0 is
+    recorded as finished."""
     import signal
     for code, finished in ((130, False), (0, True)):
         for f in ("got", "pid"):
             (tmp_path / f).unlink(missing_ok=True)
         p, run, child = start_signals_script(tmp_path, code)
         t0 = time.time()
-        os.kill(p.pid, signal.SIGINT)
+        os.kill(p.pid, getattr(signal, sig))
         _, err = p.communicate(timeout=15)
         assert time.time() - t0 < 10 and p.returncode == 130, err  # not the child's 20 s
-        assert (tmp_path / "got").read_text() == "SIGINT"
+        assert (tmp_path / "got").read_text() == sig
         assert (run / "stages" / "sft.json").exists() == finished, err
 
 
@@ -387,7 +392,7 @@ def test_a_second_paper_on_one_out_is_refused_and_a_killed_paper_stops_its_stage
 
     import pytest
     m = load_paper()
-    p, run, child = start_signals_script(tmp_path, 130)
+    p, run, child = start_signals_script(tmp_path, 130, linger=3)
     try:
         with pytest.raises(SystemExit, match="in use by another paper.py run"):
             m.Stages(str(run), str(run)).lock()
@@ -398,6 +403,8 @@ def test_a_second_paper_on_one_out_is_refused_and_a_killed_paper_stops_its_stage
                 break
             time.sleep(0.05)
         assert (tmp_path / "got").read_text() == "SIGINT"
+        with pytest.raises(SystemExit, match="in use by another paper.py run"):  # the stage, still stopping, holds it
+            m.Stages(str(run), str(run)).lock()
         for _ in range(200):
             try:
                 os.kill(child, 0)
@@ -480,11 +487,9 @@ def fake_stage(cmd, keep_fds=()):
     return 0, 0.0, False
 
 
-def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, capsys):
-    """The wiring of paper.py's stages (their scripts faked): a stage is done again when a file it
-    reads changes, and only then: the seeds (data), a benchmark file or the scoring protocol (eval),
-    the data a training stage reads, a merged model evaluated; sft-b trains with another seed."""
-    import nanopost.tasks
+def wired(tmp_path, monkeypatch, capsys):
+    """paper.py with its stages' scripts faked (fake_stage) -> (module, seeds, bench, out, run): run(into, *flags)
+    runs its main in this process and returns (the stages it said changed since they ran, its output)."""
     paper_py = load_paper()
     monkeypatch.setattr(paper_py, "run_child", fake_stage)
     monkeypatch.setattr(paper_py, "draw_charts", lambda *a: {})
@@ -504,6 +509,15 @@ def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, cap
                 os.close(held.pop())
         said = capsys.readouterr().out
         return {line.split("] ", 1)[-1].split(":")[0] for line in said.splitlines() if "changed since it ran" in line}, said
+    return paper_py, seeds, bench, out, run
+
+
+def test_each_stage_reruns_when_what_it_reads_changes(tmp_path, monkeypatch, capsys):
+    """The wiring of paper.py's stages (their scripts faked): a stage is done again when a file it
+    reads changes, and only then: the seeds (data), a benchmark file or the scoring protocol (eval),
+    the data a training stage reads, a merged model evaluated; sft-b trains with another seed."""
+    import nanopost.tasks
+    paper_py, seeds, bench, out, run = wired(tmp_path, monkeypatch, capsys)
     run()
     report = open(out / "report.md", encoding="utf-8").read()
     cells = lambda name: [c.strip() for c in next(x for x in report.splitlines() if x.startswith(f"| {name} ("))  # noqa: E731
@@ -562,3 +576,29 @@ def test_a_stage_stopped_by_a_signal_is_an_interruption_not_a_failure(tmp_path, 
     with pytest.raises(SystemExit) as e:  # another exit: a failure, named
         st.run("sft", [sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path / "run" / "sft"))
     assert "stage sft failed (exit 3)" in str(e.value.code)
+
+
+def test_a_report_rewrite_cut_between_its_two_files_is_redone(tmp_path, monkeypatch, capsys):
+    """The report is two files; report.json (with the stages it was made from) is written last, so a
+    run stopped between the two leaves a report.json that no longer matches and the next run writes
+    the report again, instead of "nothing to do" beside a report.md of the stages before."""
+    paper_py, seeds, bench, out, run = wired(tmp_path, monkeypatch, capsys)
+    run()
+    with open(seeds, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "one more"}\n')
+    replace, calls = os.replace, []
+
+    def cut(src, dst):  # the second of the report's two renames never happens
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(paper_py.os, "replace", lambda src, dst: (cut if str(src).endswith(".report.tmp") else replace)(src, dst))
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert len(calls) == 2
+    monkeypatch.setattr(paper_py.os, "replace", replace)
+    said = run()[1]
+    assert "nothing to do" not in said and "report: " in said, said[-2000:]
+    ids = json.load(open(out / "report.json", encoding="utf-8"))["stage_ids"]
+    assert ids["data"] == json.load(open(out / "stages" / "data.json"))["id"]
