@@ -208,12 +208,36 @@ def test_float64_is_refused():
 
 def test_label_smoothing_with_shifted_logits(rng, poisoned):
     """Label smoothing's mean-logit term matters only where a row's logits do not average to ~0:
-    give every row its own offset (a shared vector added to every lm_head row)."""
+    give every row its own offset (a shared vector added to every lm_head row), then every row the
+    same one (+5: offsets of both signs let a wrong mean's errors cancel in the summed loss)."""
     h, w = inputs(rng, N, 64, 1000, torch.float32)
     with torch.no_grad():
         w += torch.randn(64, generator=rng, device=DEVICE)  # logits of row i shift by h_i . c
     y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
     compare_ce(h, w, y, -100, 0.0, 0.2, torch.float32, rng, poisoned)
+    h, w = inputs(rng, N, 64, 1000, torch.float32)
+    with torch.no_grad():
+        h[:, 0], w[:, 0] = 1.0, 5.0  # a constant feature: every logit of every row 5 higher
+    compare_ce(h, w, y, -100, 0.0, 0.2, torch.float32, rng, poisoned)
+
+
+@pytest.mark.parametrize("what", ["ce", "logprob"])
+def test_the_weight_gradient_is_summed_over_chunks_in_float32(what, rng):
+    """bf16 inputs in 64 chunks: the weight gradient gathered across chunks in float32 is as close to
+    float64 as one chunk's (rounded to bf16 once, at the end); summed in bf16 it was ~2-3x further."""
+    n, V = 256, 1000
+    h, w = inputs(rng, n, 64, V, torch.bfloat16)
+    y = torch.randint(0, V, (n,), generator=rng, device=DEVICE)
+    up = torch.randn(n, generator=rng, device=DEVICE)
+    h64, w64 = leaves(h, w, dtype=torch.float64)
+    if what == "ce":
+        fn = lambda h, w, chunk: linear_ce.linear_cross_entropy_reference(h, w, y, -100, 0.0, 0.0, chunk)  # noqa: E731
+        want = torch.autograd.grad(F.cross_entropy(h64 @ w64.T, y, reduction="sum"), w64)[0]
+    else:
+        fn = lambda h, w, chunk: (linear_logprob.linear_logprob_reference(h, w, y, chunk) * up).sum()  # noqa: E731
+        want = torch.autograd.grad(((h64 @ w64.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1) * up).sum(), w64)[0]
+    err = {chunk: rel_err(torch.autograd.grad(fn(h, w, chunk), w)[0], want) for chunk in (n, 4)}
+    assert err[4] <= 1.5 * err[n], f"{what}: {err[4]:.2e} in 64 chunks, {err[n]:.2e} in one (seed {rng.initial_seed()})"
 
 
 PATHS = {"ce": (linear_ce.linear_cross_entropy_triton, linear_ce.linear_cross_entropy_reference),
@@ -282,6 +306,8 @@ def test_logprob_backward_outside_autocast(impl, rng):
     softmax no longer sums to 1): equal to eager autocast through full logits."""
     dev = DEVICE if DEVICE == "cuda" else "cpu"
     h, w = inputs(rng, N, 64, 1000, torch.float32)
+    with torch.no_grad():
+        w *= 4  # logits of standard deviation ~8: recomputed in float32 instead, the softmax moves by more than bf16's TOL
     y = torch.randint(0, 1000, (N,), generator=rng, device=DEVICE)
     up = torch.randn(N, generator=rng, device=DEVICE)
     fn = getattr(linear_logprob, f"linear_logprob_{impl}")

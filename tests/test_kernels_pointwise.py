@@ -132,6 +132,20 @@ def test_rope(dtype, D, randn, poisoned):
     assert len(poisoned) == 4  # q, k out; grad q, grad k: the incoming gradient is not ours to overwrite
 
 
+def test_rope_with_cos_and_sin_laid_out_apart(randn, poisoned):
+    """The kernel reads cos and sin through one set of strides: cos shared by every row (expanded
+    from one row, stride 0) beside a sin of its own per row is made alike first."""
+    B, T, H, K, D = 3, 5, 4, 2, 16
+    pos = torch.arange(1, T + 1, device=DEVICE) + 7 * torch.arange(B, device=DEVICE)[:, None]  # each row its own
+    cos, sin = (c.reshape(B, T, D) for c in rope_cos_sin(pos, D, 1e4, torch.float32))
+    q, k = randn(B, H, T, D), randn(B, K, T, D)
+    for c, s in ((cos[:1].expand(B, T, D), sin), (cos, sin[:1].expand(B, T, D))):
+        got = rope.rope_triton(q, k, c, s)
+        ref = rope.rope_reference(q, k, c, s)
+        for name, a, r in zip("qk", got, ref):
+            check(f"rope {name}", a, r, torch.float32, randn.seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu(dtype, randn, poisoned):
     N, F = 37, 301  # 11137 elements: 11 blocks of 1024, the last one partial

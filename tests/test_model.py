@@ -18,7 +18,7 @@ CONFIGS = [
     dict(tie_word_embeddings=False, hidden_size=56, num_attention_heads=7, num_key_value_heads=1,
          num_hidden_layers=3),  # odd head count, GQA 7
     dict(tie_word_embeddings=True, hidden_size=60, num_attention_heads=5, num_key_value_heads=5,
-         intermediate_size=92),
+         intermediate_size=92, rms_norm_eps=1e-2),  # (an eps that shows: every norm must read the config's)
 ]
 
 
@@ -49,6 +49,11 @@ def test_logits_match_transformers(tmp_path, cfg):
         ours = model(ids, position_ids=two)
         assert (ours - ref(ids, position_ids=two, use_cache=False).logits).abs().max() <= 1e-4
         assert (ours[1:2, 4:] - model(ids[1:2, 4:])).abs().max() <= 1e-5
+        # a sequence starts wherever the position is not the last + 1, upward too (as transformers reads them)
+        jump = torch.tensor([list(range(4)) + list(range(7, 26)), list(range(23)), list(range(10)) + list(range(30, 43))])
+        ours = model(ids, position_ids=jump)
+        assert (ours - ref(ids, position_ids=jump, use_cache=False).logits).abs().max() <= 1e-4
+        assert (ours[:1, 4:] - model(ids[:1, 4:], position_ids=jump[:1, 4:])).abs().max() <= 1e-5
 
 
 def _loss_and_grads(model, ids, autocast, ours):
@@ -168,6 +173,63 @@ def test_kv_cache_chunks_equal_full_forward(tiny):
         full = model(ids)
         parts = [model(ids[:, :5], cache=cache), model(ids[:, 5:6], cache=cache), model(ids[:, 6:], cache=cache)]
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
+    cache = nanopost.KVCache(model.config, 2, 16, torch.float64, "cpu")
+    with torch.no_grad():  # a first chunk of one token: the next chunk's mask must still see it
+        parts = [model(ids[:, :1], cache=cache), model(ids[:, 1:6], cache=cache), model(ids[:, 6:], cache=cache)]
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
+
+
+def test_a_prompt_kv_continuation_equals_the_full_forward(tiny):
+    """PromptKV (KTO's KL pairs): the keys/values kept from a prompt's forward, continued by a second
+    forward with the default positions and mask, give what one forward over both gives."""
+    from nanopost.model import PromptKV
+    model, _ = nanopost.load(tiny, dtype=torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    kept = PromptKV()
+    with torch.no_grad():
+        full, head = model(ids), model(ids[:, :5], cache=kept)
+        more = kept.continued()
+        assert more.pos == 5
+        tail = model(ids[:, 5:], cache=more)
+    assert (head - full[:, :5]).abs().max() < 1e-10 and (tail - full[:, 5:]).abs().max() < 1e-10
+
+
+def test_a_tied_model_built_from_a_config_shares_one_tensor():
+    """Qwen2(cfg) ties lm_head to the embedding where the config says so (loading ties them again,
+    which would hide a model built untied: its head then trained apart from the embedding)."""
+    from nanopost.model import Qwen2, Qwen2Config
+    for tie in (True, False):
+        m = Qwen2(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie))
+        assert (m.lm_head.weight is m.model.embed_tokens.weight) == tie
+
+
+def test_kv_cache_share_copies_the_row_it_is_given():
+    """share(row, tokens) takes the prefix's keys/values from that row (row 0 may hold another prompt,
+    or an idle slot)."""
+    from nanopost.model import KVCache, Qwen2Config
+    cfg = Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    cache = KVCache(cfg, 3, 10, torch.float32, "cpu")
+    cache.k.normal_(), cache.v.normal_()
+    cache.pos = torch.full((3,), 6)
+    cache.share(2, [5, 6, 7, 8])
+    assert torch.equal(cache.prefix_k, cache.k[:, 2, :, :4]) and torch.equal(cache.prefix_v, cache.v[:, 2, :, :4])
+
+
+def test_rope_angles_are_float32_as_transformers_computes_them():
+    """cos/sin in bf16 are float32 angles rounded once, bit for bit transformers' Qwen2 rotary
+    embedding (angles computed in bf16 are ~10x its own bf16 error at position 1500)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from nanopost.model import rope_cos_sin
+    cfg = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                                   max_position_embeddings=4096)
+    pos = torch.arange(1600)[None]
+    for dtype in (torch.bfloat16, torch.float32):
+        cos, sin = Qwen2RotaryEmbedding(config=cfg)(torch.zeros(1, dtype=dtype), pos)
+        ours = rope_cos_sin(pos, 16, 1e6, dtype)
+        assert torch.equal(ours[0].reshape(cos.shape), cos) and torch.equal(ours[1].reshape(sin.shape), sin)
 
 
 def test_kv_cache_refuses_overflow_and_multi_token_rows(tiny):
@@ -424,6 +486,23 @@ def test_config_without_tie_key_is_untied_as_in_transformers(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (model(ids) - hf_model(d)(ids).logits).abs().max() <= 1e-4
+
+
+def test_config_without_kv_heads_is_multi_head(tmp_path):
+    """A config.json without num_key_value_heads (Qwen2Config's own default is MHA) loads with one
+    key/value head per query head."""
+    d = make_tiny_checkpoint(str(tmp_path / "m"), num_attention_heads=4, num_key_value_heads=4)
+    model, _ = nanopost.load(d)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["num_key_value_heads"]
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    again, _ = nanopost.load(d)
+    assert again.config.num_key_value_heads == 4
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
 
 
 def test_a_head_dim_of_its_own_is_saved(tmp_path):
@@ -716,3 +795,8 @@ def test_cascade_attention_equals_the_prefix_in_every_row(H, K):
         q3 = torch.randn(B, H, 3, D)  # three queries a row: causal among them, after every prefix slot
         causal = torch.ones(3, S, dtype=torch.bool).tril(S - 3)[None, None].expand(B, 1, 3, S)
         assert (attention(q3, k, v, None, 0.25, (kp, vp)).double() - want(q3, causal)).abs().max() < 1e-6
+        # a row's own score far above every prefix score (exp of the gap overflows float32): the softmax's
+        # shift is the larger of the two maxima
+        q[2], k[2, :, 0] = 1.0, 100.0
+        got = attention(q, k, v, mask, 0.25, (kp, vp))
+        assert torch.isfinite(got).all() and (got.double() - want(q, mask)).abs().max() < 1e-6
