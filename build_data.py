@@ -383,6 +383,12 @@ def perplexities(model, tok, groups, max_len) -> list[list[float]]:
     return out
 
 
+def correct(text, gold):
+    """None without a gold answer, else whether the reply's answer is it: its last number, as
+    evaluation scores GSM8K (a reply holding the gold number on its way to another is wrong)."""
+    return None if gold is None else gsm8k.extract(text) == gold
+
+
 def select_responses(scored, min_gap):
     """scored: [{source, text, ppl, judge, safe, correct, truncated}] -> (best or None, worst or None, why no pair)."""
     order = {"original": 2, "teacher": 1, "student": 0}
@@ -948,7 +954,7 @@ def build(args):
                 gold = by_id[i]["gold"]
                 per[i][0].append({"source": x["source"], "ppl": p, "judge": j[0] if j else None,
                                   "rationale": j[1] if j else None, "safe": s,
-                                  "correct": None if gold is None else gsm8k.extract(x["text"]) == gold})
+                                  "correct": correct(x["text"], gold)})
                 per[i][1].extend([{**fl, "check": "judge", "source": x["source"]} for fl in jf] +
                                  [{**fl, "check": "safety", "source": x["source"]} for fl in sf])
             left += len(unfinished)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def test_in_process_garbage_teacher(baseline, tiny):
     assert all(r["chosen"]["source"] == "original" and r["chosen"]["judge"] is None for r in sft)
     assert len(sft) == 14  # 16 rows - 1 exact duplicate - 1 near duplicate
     assert {r["label"] for r in kto} == {True, False}
+    # the student (the same model) is cut off too: its replies are marked so, and never chosen
+    student = [x for line in read(os.path.join(out, "6_respond.jsonl")).splitlines()
+               for x in json.loads(line)["responses"] if x["source"] == "student"]
+    assert student and all(x.get("truncated") is True for x in student)
     desirable = {r["id"]: r["completion"] for r in kto if r["label"]}
     assert all(r["messages"][-1]["content"] == desirable[r["id"]] for r in sft if r["id"] in desirable)
     assert seconds < 120
@@ -482,6 +487,26 @@ def test_selection_rules():
     best, worst, _ = m.select_responses([s("original", judge=9), s("teacher", judge=2, safe=True),
                                          s("student", judge=2, safe=True, ppl=20.0)], 3)
     assert (best["source"], worst["source"]) == ("original", "student")
+    # a judge gap of exactly --kto-min-gap is clear; a safety check left unknown is no clear gap against unsafe
+    best, worst, _ = m.select_responses([s("teacher", judge=8), s("student", judge=5)], 3)
+    assert (best["source"], worst["source"]) == ("teacher", "student")
+    best, worst, why = m.select_responses([s("original", judge=6), s("student", judge=6, safe=False)], 3)
+    assert best["source"] == "original" and worst is None and why == "gap not clear"
+    # an unjudged response (the judge's reply failed) loses to one judged 1, whatever its perplexity
+    best, _, _ = m.select_responses([s("teacher", judge=1), s("student", ppl=2.0)], 3)
+    assert best["source"] == "teacher"
+    # correctness is the reply's last number (as evaluation scores GSM8K), not the gold number anywhere in it
+    assert m.correct("15 a box, 10 boxes: 15 * 10 = 150. The answer is 150.", "15") is False
+    assert m.correct("Half of 30 is 15.", "15") is True and m.correct("anything", None) is None
+    # the teacher's JSON replies: labels in the allowed set with a short topic (lowercased, spaces
+    # folded), scores the integers 1-10 (not true, not 0), answers not blank
+    label = m.check_label(["math", "code"])
+    assert label('{"primary": "math", "secondary": "Percentages"}') == (("math", "percentages"), None)
+    assert label('{"primary": "math", "secondary": "long  division of  numbers"}') == (("math", "long division of numbers"), None)
+    assert label('{"primary": "math", "secondary": "very long secondary topic name"}') == (None, "bad_secondary")
+    for score, ok in (("true", False), ("0", False), ("1", True), ("10", True), ("11", False), ("7.0", False)):
+        assert (m.check_judge(f'{{"rationale": "r", "score": {score}}}')[1] is None) == ok, score
+    assert m.check_answer("  \n ") == (None, "empty") and m.check_answer(" Paris. ") == ("Paris.", None)
     # the rules' table: "c++" is code wherever it stands
     for text in ("Explain move semantics in C++", "How do templates work in C++?", "Port this C++11 snippet"):
         assert m.classify(text, m.CATEGORIES) == "code", text
@@ -630,9 +655,9 @@ def test_malformed_sources_are_bad_lines_and_an_empty_source_is_refused(tiny, tm
     assert r.returncode == 0 and f"warning: --sources {again} adds no example" in r.stdout + r.stderr, r.stderr
 
 
-def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny):
+def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny, tmp_path):
     """A greedy request's key does not change with --seed (its reply cannot), and an in-process
-    teacher's key does change with its dtype (its replies do)."""
+    teacher's key does change with its dtype and its weights (its replies do)."""
     import torch
 
     import nanopost
@@ -641,6 +666,14 @@ def test_teacher_cache_keys_greedy_without_seed_and_local_with_dtype(tiny):
     assert greedy == Teacher.sampling(None, 16, seed=0) and Teacher.sampling(None, 16, 0.7, seed=7)["seed"] == 7
     ids = {LocalBackend(*nanopost.load(tiny, dtype=d), tiny).id for d in (torch.float32, torch.bfloat16)}
     assert len(ids) == 2
+    # and with its weights: a teacher retrained in the same folder does not get the old one's replies
+    from nanopost.testing import make_tiny_checkpoint
+    ids = []
+    for seed in (0, 1):
+        shutil.rmtree(tmp_path / "teacher", ignore_errors=True)
+        d = make_tiny_checkpoint(str(tmp_path / "teacher"), seed=seed)
+        ids.append(LocalBackend(*nanopost.load(d), d).id)
+    assert ids[0] != ids[1]
 
 
 def test_a_finished_http_build_resumes_with_its_teacher_gone(clean_http_run, tiny, sources, tmp_path):
@@ -998,3 +1031,83 @@ def test_http_retries_go_to_the_next_server_back_off_and_cap_retry_after(monkeyp
     assert sleeps == [60, 1.0, 60, 2.0, 60, 4.0]
     msgs, s = [{"role": "user", "content": "hi"}], {"max_tokens": 4}
     assert teacher.request_key(msgs, s, "http:m", "1") != teacher.request_key(msgs, s, "http:m", "2")
+
+
+INSTRUCTIONS = ["Compute the sum of 17 and 25 apples in a basket.", "Calculate the area of a circle with radius 9 meters.",
+                "What percentage of 80 is 12 when rounding down?", "Solve the equation for x where 3x plus 4 equals 19.",
+                "Write a short poem about an old lighthouse keeper.", "Explain why the sky looks blue at noon."]
+
+
+def diversity(tmp_path, topics, *flags, again=None):
+    """Stage 5 on six instructions whose stage 4 labels are written here: topics, one (primary,
+    secondary) per instruction, secondary None where the teacher's label failed -> [(secondary, kept,
+    why)]; again: flags of a --resume after it, whose refusal is returned instead."""
+    m = load_script(SCRIPT)
+    src, out = tmp_path / "src.jsonl", tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    src.write_text("".join(json.dumps({"instruction": t, "output": "ok"}) + "\n" for t in INSTRUCTIONS))
+    base = ["--teacher", "unused", "--student", "unused", "--sources", src, "--out", out]
+    r = run_main(SCRIPT, *base, *flags, "--stages", "1-3")
+    assert r.returncode == 0, r.stderr
+    ids = [json.loads(x)["key"] for x in read(out / "3_dedup.jsonl").splitlines()]
+    with open(out / "4_label.jsonl", "w") as f:
+        for i, (primary, secondary) in zip(ids, topics):
+            f.write(json.dumps({"key": i, "primary": primary, "secondary": secondary, "failures": [],
+                                "label_source": "teacher" if secondary else "rule", "prompt_version": m.PROMPT_VERSION}) + "\n")
+    r = run_main(SCRIPT, *base, *flags, "--resume", "--stages", "5")
+    assert r.returncode == 0, r.stderr
+    if again is not None:
+        return run_main(SCRIPT, *base, *again, "--resume", "--stages", "5")
+    secondary = dict(zip(ids, (t[1] for t in topics)))
+    return [(secondary[r["key"]], r["kept"], r["why"]) for r in map(json.loads, read(out / "5_diversity.jsonl").splitlines())]
+
+
+def test_diversity_control_keeps_topics_at_the_minimum_caps_categories_and_turns_round_topics(tmp_path):
+    """Stage 5: a topic seen exactly --min-label-count times is kept; --drop-unlabelled drops the rows
+    whose label stayed the rule's; --max-per-category keeps exactly that many of a category, taking
+    its topics in turn (a lone topic is not crowded out); a resume with another minimum is refused."""
+    other = [("writing", "poems"), ("reasoning", "physics")]
+    rows = diversity(tmp_path, [("math", "arith")] * 2 + [("math", "geometry")] * 2 + other, "--min-label-count", "2")
+    assert [(t, kept) for t, kept, _ in rows] == [("arith", True)] * 2 + [("geometry", True)] * 2 + [("poems", False), ("physics", False)]
+    assert rows[-1][2] == "rare topic (1 < 2)"
+    rows = diversity(tmp_path, [("math", "arith")] * 4 + [("writing", None), ("reasoning", "physics")],
+                     "--min-label-count", "1", "--drop-unlabelled")
+    assert [kept for _, kept, _ in rows] == [True] * 4 + [False, True] and rows[4][2] == "unlabelled"
+    rows = diversity(tmp_path, [("math", "arith")] * 4 + other, "--min-label-count", "1", "--max-per-category", "2")
+    assert [kept for _, kept, _ in rows].count(True) == 4 and {why for _, kept, why in rows if not kept} == {"category cap (2)"}
+    rows = diversity(tmp_path, [("math", "arith")] * 3 + [("math", "percent")] + other, "--min-label-count", "1",
+                     "--max-per-category", "2")
+    assert sorted(t for t, kept, _ in rows[:4] if kept) == ["arith", "percent"]
+    r = diversity(tmp_path, [("math", "arith")] * 4 + other, "--min-label-count", "1", again=["--min-label-count", "10"])
+    assert r.returncode != 0 and "min_label_count: 1 -> 10" in r.stderr, r.stderr
+
+
+def test_teacher_cache_keys_sampling_and_failures_are_final_or_retried_with_their_kind(tmp_path):
+    """The cache keys a reply on its sampling (a rerun with a larger token budget must not get the
+    reply cut off at the smaller one); a 422 (the request is too long) is a final failure, not left
+    for every --resume to send again; a retry tells the teacher what was wrong with its reply."""
+    from nanopost.teacher import Reply, Teacher
+    m = load_script(SCRIPT)
+
+    class Scripted:
+        id = "scripted"
+
+        def __init__(self, *replies):
+            self.replies, self.sent = list(replies), []
+
+        def complete(self, requests, sampling, on_reply):
+            for j, msgs in enumerate(requests):
+                self.sent.append(msgs)
+                on_reply(j, self.replies.pop(0))
+    b = Scripted(Reply("The answer is", truncated=True), Reply("The answer is 42."))
+    t = Teacher(b, str(tmp_path / "a.sqlite"), "v")
+    asked = [[{"role": "user", "content": "What is 6 x 7?"}]]
+    assert t.complete(asked, t.sampling(4))[0].truncated
+    assert t.complete(asked, t.sampling(512))[0].text == "The answer is 42." and len(b.sent) == 2
+    t = Teacher(Scripted(Reply('{"score": 7}'), Reply(None, "http_422", "too long")), str(tmp_path / "b.sqlite"), "v")
+    values, failures = t.ask_json(asked + [[{"role": "user", "content": "x" * 50}]], m.check_judge, t.sampling(12), 2,
+                                  m.PROMPTS["retry"])
+    assert values == [(7, ""), None] and [f["kind"] for f in failures[1]] == ["http_422"] and not t.unfinished
+    b = Scripted(Reply("Score: 7"), Reply('{"score": 7}'))
+    t = Teacher(b, str(tmp_path / "c.sqlite"), "v")
+    assert t.ask_json(asked, m.check_judge, t.sampling(12), 2, m.PROMPTS["retry"])[0] == [(7, "")]
+    assert "(not_json)" in b.sent[1][-1]["content"]
