@@ -52,6 +52,60 @@ def test_chat_skips_empty_lines_and_says_when_a_message_is_past_the_context(tiny
     assert r.returncode == 1 and "error: the conversation is" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_chat_keeps_the_reply_inside_the_context_and_the_system_prompt_after_reset(tiny, tmp_path, monkeypatch, capsys):
+    """A prompt exactly the context's length is refused in one line (a reply needs room for a token);
+    a reply stops at the context's end, whatever --max-new-tokens says; /reset starts again from
+    --system, not from the default system prompt; a character streamed one byte token at a time is
+    printed whole once its last byte arrives."""
+    import io
+
+    import pytest
+
+    from nanopost import chat
+    from nanopost.testing import make_tiny_checkpoint
+    tok = nanopost.Tokenizer(tiny)
+    n = len(tok.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)[0])
+    sent, generate = [], chat.Engine.generate_ids
+
+    def spy(self, prompts, s, **kw):
+        out = generate(self, prompts, s, **kw)
+        sent.append((self.tok.decode(prompts[0]), len(prompts[0]) + len(out[0])))
+        return out
+    monkeypatch.setattr(chat.Engine, "generate_ids", spy)
+    full = make_tiny_checkpoint(str(tmp_path / "full"), max_position_embeddings=n)
+    with pytest.raises(SystemExit, match=f"error: the conversation is {n} tokens, the model's context {n}$"):
+        chat.main(["--model", full, "--prompt", "hi", "--max-new-tokens", "64"])
+    room = make_tiny_checkpoint(str(tmp_path / "room"), max_position_embeddings=n + 8)
+    chat.main(["--model", room, "--prompt", "hi", "--max-new-tokens", "64"])
+    assert sent[-1][1] <= n + 8
+    sent.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhi\n"))
+    chat.main(["--model", tiny, "--system", "You are a pirate.", "--max-new-tokens", "4"])
+    assert len(sent) == 2 and sent[0][0] == sent[1][0] and "You are a pirate." in sent[0][0]
+    capsys.readouterr()
+    ids = tok.encode("龍!")
+    assert len(ids) > 2  # (the tiny tokenizer spells 龍 in byte tokens)
+    streamer = chat.Streamer(tok)
+    for t in ids:
+        streamer([0], [t], [False])
+    sys.stdout.write(tok.decode(ids)[streamer.printed:])
+    assert capsys.readouterr().out == "龍!"
+
+
+def test_the_tiny_checkpoint_command_takes_only_folders_it_could_have_written(tmp_path):
+    """nanopost.testing's CLI replaces a folder only if it is its own: marked, or the five files of a
+    tiny checkpoint of its shape (written before the mark), or only what a killed save left; a
+    user's model with the same five files and no mark is not."""
+    from nanopost.testing import MARKER, make_tiny_checkpoint, ours
+    users = make_tiny_checkpoint(str(tmp_path / "users"), hidden_size=32, intermediate_size=64)
+    old = make_tiny_checkpoint(str(tmp_path / "old"))
+    for d in (users, old):
+        os.remove(os.path.join(d, MARKER))
+    assert not ours(users) and ours(old)
+    (tmp_path / "killed" / ".tmp-save-ab12cd34").mkdir(parents=True)
+    assert ours(str(tmp_path / "killed"))
+
+
 def test_chat_ctrl_c_stops_a_reply_and_the_conversation_goes_on(tiny, monkeypatch, capsys):
     """Ctrl-C during a runaway reply stops it (a traceback ended the session): the turn is dropped,
     the next prompt is answered; at the prompt it ends the session; with --prompt it exits 130."""

@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -176,16 +177,26 @@ def test_cut_connections_damaged_archives_and_a_partial_folder(tmp_path, mirror)
     (gz / "data.tar").write_bytes(gzip.compress(raw))
     download("mmlu", str(tmp_path / "gz-bench"), mirror=str(gz), log=lambda *a: None)
     assert len(tasks.load("mmlu", str(tmp_path / "gz-bench"))[0]) == 12
-    (bad / "data.tar").write_bytes(raw[:later + 100])
-    with pytest.raises(DownloadError, match="cut short"):  # (tarfile read it as the archive's end)
-        download("mmlu", str(data), mirror=str(bad), log=lambda *a: None)
-    assert os.listdir(data) == []
+    for cut in (later + 100, later):  # inside a header; at one (every member before it whole, no end blocks)
+        (bad / "data.tar").write_bytes(raw[:cut])
+        with pytest.raises(DownloadError, match="cut short"):  # (tarfile read it as the archive's end)
+            download("mmlu", str(data), mirror=str(bad), log=lambda *a: None)
+        assert os.listdir(data) == []
     (data / "gsm8k").mkdir()  # train.jsonl missing, and a file of the user's beside test.jsonl
     (data / "gsm8k" / "test.jsonl").write_text("mine")
     (data / "gsm8k" / "notes.txt").write_text("mine")
     with pytest.raises(DownloadError, match="exists but does not hold the whole benchmark"):
         download("gsm8k", str(data), mirror=mirror, log=lambda *a: None)
     assert sorted(os.listdir(data / "gsm8k")) == ["notes.txt", "test.jsonl"]
+    # a choice benchmark is there only with both its few-shot (dev) and its question folders, neither empty
+    for made in ({"dev": [], "test": []}, {"test": ["anatomy_test.csv"]}):
+        shutil.rmtree(data / "mmlu", ignore_errors=True)
+        for split, files in made.items():
+            (data / "mmlu" / split).mkdir(parents=True)
+            for f in files:
+                (data / "mmlu" / split / f).write_text("q,a,b,c,d,A\n")
+        with pytest.raises(DownloadError, match="exists but does not hold the whole benchmark"):
+            download("mmlu", str(data), mirror=mirror, log=lambda *a: None)
 
 
 def test_cli(tmp_path, mirror):

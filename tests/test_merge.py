@@ -631,6 +631,39 @@ def test_configs_merge_as_mergekit_merges_them(tmp_path, pair, case):
         assert torch.allclose(ours[k], sa[k] + 0.5 * sb[k], atol=1e-6)
 
 
+def test_the_base_gives_config_and_tokenizer_and_asks_nanopost_cannot_do_are_refused(tmp_path, pair):
+    """A base listed second still gives the merged model its config.json (its vocab_size, under
+    --embed-slice) and its tokenizer files (chat template); config.json's torch_dtype is the dtype
+    written, and --dtype applies to a --config merge too. A config asking for what nanopost does not
+    do (tokenizer_source union, a slice over some layers) and an --embed-slice whose other model has
+    fewer rows than the base are refused, nothing written."""
+    from safetensors import safe_open
+    a, b = pair
+    here = lambda *args: run_main(os.path.join(ROOT, "merge.py"), *args)  # noqa: E731
+    other = make_tiny_checkpoint(str(tmp_path / "other"), seed=3, vocab_size=600,
+                                 template="{% for m in messages %}X {{ m['content'] }}{% endfor %}")
+    r = here("--method", "linear", "--models", other, b, "--base", b, "--embed-slice", "--dtype", "bfloat16",
+             "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    for f in ("tokenizer_config.json", "tokenizer.json"):
+        assert open(tmp_path / "m" / f).read() == open(os.path.join(b, f)).read(), f
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    assert cfg["vocab_size"] == json.load(open(os.path.join(b, "config.json")))["vocab_size"] and cfg["torch_dtype"] == "bfloat16"
+    assert nanopost.load(str(tmp_path / "m"))[0].config.vocab_size == cfg["vocab_size"]  # it loads
+    two = [{"model": a, "parameters": {"weight": 1}}, {"model": b, "parameters": {"weight": 1}}]
+    (tmp_path / "c.json").write_text(json.dumps({"merge_method": "linear", "models": two}))
+    assert here("--config", tmp_path / "c.json", "--dtype", "bfloat16", "--out", tmp_path / "c").returncode == 0
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    r = here("--method", "linear", "--models", b, other, "--base", other, "--embed-slice", "--out", tmp_path / "out")
+    assert_fails_cleanly(tmp_path, r, r"has \d+ rows, fewer than the base's 600")
+    for cfg, why in (({"models": two, "tokenizer_source": "union"}, r"tokenizer_source 'union' is not supported"),
+                     ({"slices": [{"sources": [{**m, "layer_range": [0, 1]} for m in two]}]},
+                      r"layer_range \[0, 1\] does not cover all 2 layers")):
+        (tmp_path / "c.json").write_text(json.dumps({"merge_method": "linear", **cfg}))
+        assert_fails_cleanly(tmp_path, here("--config", tmp_path / "c.json", "--out", tmp_path / "out"), why)
+
+
 def test_config_mistakes_that_would_change_the_weights_are_refused(tmp_path, pair):
     """Each of these once merged something else than the config said, exit 0: models and slices
     both (slices won), a misspelt key (its weights dropped, 1.0 used), a weight never given (1.0),

@@ -389,6 +389,41 @@ def test_bad_lines_stop_before_anything_is_written(tmp_path, tiny, line, pattern
     assert r.returncode == 0 and "skipped 1 bad line" in r.stdout, r.stderr  # --skip-bad-lines: a counted warning
 
 
+@pytest.mark.parametrize("on_prompt", [False, True], ids=["assistant-tokens", "train-on-prompt"])
+def test_validation_scores_the_tokens_training_scores(tmp_path, tiny, on_prompt):
+    """--val is read as the training data is (with --train-on-prompt: every token): on the training
+    file itself, one step that changes no weight (lr 1e-12) logs a val_loss equal to its loss."""
+    flags = ["--train-on-prompt"] if on_prompt else []
+    r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA, "--val", DATA, *flags,
+                 "--out", tmp_path / "run", "--max-len", 64, "--batch-size", 64, "--max-steps", 1, "--lr", 1e-12)
+    assert r.returncode == 0, r.stderr
+    (m,) = metrics(tmp_path / "run")
+    assert abs(m["val_loss"] - m["loss"]) <= 1e-5, m
+
+
+def test_epochs_are_shuffled_apart_and_the_same_every_run(tiny, tmp_path):
+    """Rows are reshuffled each epoch by (seed, epoch), packed or not; --data-weights needs one value per
+    --data file; a --model without its tokenizer is a one-line error."""
+    from argparse import Namespace
+
+    from nanopost.testing import load_script
+    m = load_script(os.path.join(ROOT, "train_sft.py"))
+    rows = [[i] for i in range(16)]
+    for packing in (False, True):
+        args = Namespace(seed=0, no_packing=not packing, batch_size=2)
+        e0, e1 = m.rows_for_epoch(rows, args, 0), m.rows_for_epoch(rows, args, 1)
+        assert e0 != e1 and e0 == m.rows_for_epoch(rows, args, 0) and sorted(e0) == rows
+    r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA, DATA, "--data-weights", 2,
+                 "--out", tmp_path / "w")
+    assert r.returncode == 2 and "--data-weights has 1 values for 2 --data files" in r.stderr, r.stderr
+    import shutil
+    bare = shutil.copytree(tiny, tmp_path / "bare")
+    os.remove(bare / "tokenizer.json")
+    r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", bare, "--data", DATA, "--out", tmp_path / "t")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "tokenizer.json" in r.stderr, r.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_empty_file(tmp_path, tiny):
     (tmp_path / "empty.jsonl").write_text("")
     r = train("--model", tiny, "--data", tmp_path / "empty.jsonl", "--out", tmp_path / "out", "--max-steps", 1)
