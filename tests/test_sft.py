@@ -402,8 +402,9 @@ def test_validation_scores_the_tokens_training_scores(tmp_path, tiny, on_prompt)
 
 
 def test_epochs_are_shuffled_apart_and_the_same_every_run(tiny, tmp_path):
-    """Rows are reshuffled each epoch by (seed, epoch), packed or not; --data-weights needs one value per
-    --data file; a --model without its tokenizer is a one-line error."""
+    """Rows are reshuffled each epoch by (seed, epoch), packed or not (unpacked: sorted by length, whole
+    batches shuffled); --data-weights needs one value per --data file; a --model without its tokenizer
+    is a one-line error."""
     from argparse import Namespace
 
     from nanopost.testing import load_script
@@ -413,6 +414,14 @@ def test_epochs_are_shuffled_apart_and_the_same_every_run(tiny, tmp_path):
         args = Namespace(seed=0, no_packing=not packing, batch_size=2)
         e0, e1 = m.rows_for_epoch(rows, args, 0), m.rows_for_epoch(rows, args, 1)
         assert e0 != e1 and e0 == m.rows_for_epoch(rows, args, 0) and sorted(e0) == rows
+    # --no-packing: rows sorted by length, and an epoch shuffles whole batches of them (similar lengths stay together)
+    examples = [Namespace(ids=[0] * n) for n in (5, 1, 9, 3, 7, 2, 8, 4)]
+    args = Namespace(seed=0, no_packing=True, batch_size=2)
+    by_length = m.make_rows(examples, args)
+    assert [len(examples[i].ids) for (i,) in by_length] == [1, 2, 3, 4, 5, 7, 8, 9]
+    batches = {tuple(map(tuple, by_length[i:i + 2])) for i in range(0, 8, 2)}
+    epoch = m.rows_for_epoch(by_length, args, 1)
+    assert {tuple(map(tuple, epoch[i:i + 2])) for i in range(0, 8, 2)} == batches and epoch != by_length
     r = run_main(os.path.join(ROOT, "train_sft.py"), "--model", tiny, "--data", DATA, DATA, "--data-weights", 2,
                  "--out", tmp_path / "w")
     assert r.returncode == 2 and "--data-weights has 1 values for 2 --data files" in r.stderr, r.stderr
