@@ -136,10 +136,116 @@ def test_stop_halts_every_stream(browser, server, engines, monkeypatch):
     assert page.eval_on_selector_all(".assistant", "ts => ts.map(t => t.dataset.state)") == ["stopped", "stopped"]
     for n, (text,) in zip("ab", stopped):  # the part shown is the start of the greedy reply
         assert text and greedy(engines[n], "The quick brown fox", 256).startswith(text)
+    # the next turn's history holds each column's stopped reply as far as it got
+    page.fill("#max-tokens", "2")
+    with page.expect_request("**/v1/chat/completions") as request:
+        send(page, "Second")
+    first = request.value.post_data_json
+    column = next(i for i, n in enumerate("ab") if first["model"] == n)
+    assert first["messages"] == [{"role": "user", "content": "The quick brown fox"},
+                                 {"role": "assistant", "content": stopped[column][0]}, {"role": "user", "content": "Second"}]
+    # Clear while replies stream: they stop, and nothing of them reaches the next turn; Enter while
+    # they stream sends nothing
+    page.fill("#max-tokens", "200")
+    send(page, "Third", wait=False)
+    page.wait_for_function("() => [...document.querySelectorAll('.assistant[data-state=streaming]')].some(t => "
+                           "t.textContent.length > 2)", timeout=20_000)
+    page.fill("#prompt", "Not now")
+    page.press("#prompt", "Enter")
+    assert page.locator(".user").count() == 2 * 3 and page.input_value("#prompt") == "Not now"
+    page.click("#clear")
+    page.wait_for_function("() => !document.querySelector('.msg')")
+    time.sleep(0.5)  # (a stream's abort may reach its reader only with the server's next chunk)
+    page.fill("#max-tokens", "2")
+    asked = []
+    page.on("request", lambda r: asked.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    send(page, "Fourth")
+    assert [r["messages"] for r in asked] == [[{"role": "user", "content": "Fourth"}]] * 2
     deadline = time.time() + 10  # the server dropped the rows whose client went away
     while server.active and time.time() < deadline:
         time.sleep(0.05)
     assert not server.active
+    page.close()
+
+
+def sse(*chunks):
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def answering(status, body, content_type="application/json"):
+    """A route handler answering every request with this reply."""
+    return lambda route: route.fulfill(status=status, headers={"Content-Type": content_type}, body=body)
+
+
+def test_the_page_sends_what_is_set_and_shows_what_the_server_says(browser, server):
+    """The request carries the fields as typed (a number the field takes in exponent form too: parseInt
+    read "1e3" as 1); Enter sends, Shift+Enter starts a line, a blank prompt sends nothing, the box
+    empties; a reply cut at max tokens says so; the server's own error message is shown, for an HTTP
+    error and for an error event mid-stream; a 401 asks for the key; a reply stopped before its first
+    token is left out of the history."""
+    page = open_page(browser, server.url)
+    sent, answer = [], [sse({"choices": [{"index": 0, "delta": {"content": "one two"}, "finish_reason": None}]},
+                            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+                            {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})]
+
+    def reply(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=answer[0])
+    page.route("**/v1/chat/completions", reply)
+    for field, value in (("#temperature", "0.7"), ("#top-p", "0.9"), ("#max-tokens", "1e3"), ("#seed", "42")):
+        page.fill(field, value)
+    page.fill("#prompt", "line1")
+    page.press("#prompt", "Shift+Enter")
+    page.type("#prompt", "line2")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(NONE_STREAMING)
+    assert [(b["temperature"], b["top_p"], b["max_tokens"], b["seed"]) for b in sent] == [(0.7, 0.9, 1000, 42)] * 2
+    assert sent[0]["messages"] == [{"role": "user", "content": "line1\nline2"}] and page.input_value("#prompt") == ""
+    assert page.locator(".meta").first.inner_text().startswith("2 tokens · ") and "hit max tokens" in page.locator(".meta").first.inner_text()
+    send(page, "   ")
+    assert len(sent) == 2
+    page.unroute("**/v1/chat/completions")
+    for status, body, said in ((400, {"error": {"message": "max_tokens must be an integer in [1, 4096]"}},
+                                "max_tokens must be an integer in [1, 4096]"),
+                               (200, None, "CUDA out of memory: try a smaller batch")):
+        events = sse({"choices": [{"index": 0, "delta": {"content": "par"}, "finish_reason": None}]},
+                     {"error": {"message": "CUDA out of memory: try a smaller batch"}})
+        page.route("**/v1/chat/completions", answering(status, json.dumps(body) if body else events,
+                                                       "application/json" if body else "text/event-stream"))
+        send(page, "Again")
+        assert page.locator(".meta").last.inner_text() == said and page.locator(".assistant").last.get_attribute("data-state") == "error"
+        page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions", answering(401, json.dumps({"error": {"message": "bad key"}})))
+    send(page, "Hello")
+    assert page.locator("#key-form").is_visible() and page.inner_text("#status") == "wrong API key"
+    page.unroute("**/v1/chat/completions")
+    held = []
+    page.route("**/v1/chat/completions", lambda route: held.append(route))  # no answer at all: stopped before its first token
+    send(page, "Silence", wait=False)
+    page.wait_for_function("() => document.querySelectorAll('.assistant[data-state=streaming]').length === 2")
+    page.click("#stop")
+    page.wait_for_function(NONE_STREAMING)
+    page.unroute("**/v1/chat/completions")
+    sent.clear()
+    page.route("**/v1/chat/completions", reply)
+    send(page, "After")
+    assert [m["content"] for m in sent[0]["messages"]] == ["line1\nline2", "one two", "After"]
+    page.close()
+
+
+def test_the_page_says_why_it_cannot_load_and_shows_a_missing_number_as_a_dash(browser, server):
+    """/v1/models failing: its message in the status line, not a blank page. A perplexity served as null
+    (NaN in results.json) shows as "–". /index.html is the page too."""
+    page = browser.new_page()
+    page.route("**/v1/models", answering(502, json.dumps({"error": {"message": "the server is restarting"}})))
+    page.goto(server.url + "/")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'the server is restarting'")
+    assert page.locator("#key-form").is_hidden()
+    page.unroute("**/v1/models")
+    page.route("**/v1/results", answering(200, json.dumps({"a": {"ppl:chat.jsonl": {"perplexity": None}}})))
+    page.goto(server.url + "/index.html")
+    page.locator(".column").nth(1).wait_for()
+    assert page.eval_on_selector_all(".scores", "ss => ss.map(s => s.textContent)") == ["ppl:chat.jsonl –", ""]
     page.close()
 
 
@@ -193,6 +299,7 @@ def test_api_key(browser, ckpts, engines):
         page.goto(s.url + "/")
         page.locator("#key").wait_for()  # without the key: no models, nothing to send to
         assert page.locator(".column").count() == 0 and page.locator("#send").is_disabled()
+        assert page.inner_text("#status") == ""  # no key given yet: none is wrong
         page.fill("#key", "wrong")
         page.click("#key-form button")
         page.wait_for_function("() => document.getElementById('status').textContent === 'wrong API key'")
@@ -200,6 +307,7 @@ def test_api_key(browser, ckpts, engines):
         page.fill("#key", "sekrit")
         page.click("#key-form button")
         page.locator(".column").wait_for()
+        assert page.locator("#key-form").is_hidden()
         page.fill("#max-tokens", "12")
         send(page, "Hello there")
         assert replies(page) == [[greedy(engines["a"], "Hello there", 12)]]
