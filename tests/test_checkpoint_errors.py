@@ -389,3 +389,43 @@ def test_merge_fails_when_its_last_file_cannot_be_written(tmp_path, tiny, monkey
     assert r.returncode == 1 and "error: the disk is full writing" in r.stderr and "merge_config.json" in r.stderr, \
         r.stdout + r.stderr
     assert not out.exists() and os.listdir(tmp_path) == []  # nothing committed, no temporary folder left
+
+
+def test_device_arg_takes_only_devices_this_machine_has(monkeypatch):
+    """--device: cpu, cuda or cuda:N with N below the machine's GPU count (one GPU faked here); another
+    device type (mps, meta) is refused by name."""
+    import argparse
+
+    from nanopost import device_arg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_arg("cuda:0") == "cuda:0" and device_arg("cuda") == "cuda" and device_arg("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match="this machine has 1 CUDA device"):
+        device_arg("cuda:1")
+    for other in ("mps", "meta"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+            device_arg(other)
+
+
+def test_a_full_disk_names_the_file_being_written_and_the_folders_are_let_go(tmp_path):
+    """A copy's OSError names its source first and the destination second: the one-line error names
+    the destination (the file that could not be written). When main ends, however, the folders it
+    locked are free again."""
+    import errno
+    import fcntl
+
+    from nanopost import exits_when_disk_full
+    from nanopost.checkpoint import hold_folder
+
+    @exits_when_disk_full("rerun")
+    def copying():
+        assert hold_folder(str(tmp_path))
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/sft/model.safetensors", None,
+                      "runs/merged/model.safetensors")
+    with pytest.raises(SystemExit, match="the disk is full writing runs/merged/model.safetensors"):
+        copying()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while this process still held it
+    finally:
+        os.close(fd)
