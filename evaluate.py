@@ -60,7 +60,7 @@ from nanopost.engine import Engine, Sampling, cache_dtype, cut_at_stop, graphs_s
 from nanopost.tasks.choice import LETTERS, OVER_SUBJECTS
 
 
-INTERRUPTED = "interrupted"  # main() names the cache folder once it knows --out
+INTERRUPTED = "interrupted"  # main() names the cache folder once the predictions begin
 
 
 def letter_logprobs(engine: Engine, prompts: list[list[int]], letter_ids: list[int], batch_size: int = 8) -> list[list[float]]:
@@ -307,10 +307,6 @@ def main(argv=None):
     if len(set(bases)) < len(bases):  # results key perplexity by file name
         p.error(f"--perplexity: two files share a name ({', '.join(dict.fromkeys(b for b in bases if bases.count(b) > 1))}); "
                 "rename or copy one")
-    global INTERRUPTED  # what Ctrl-C says, now that the folder is known
-    if args.model:
-        INTERRUPTED = (f"interrupted: every prediction made so far is cached in {os.path.join(args.out, 'cache')}; "
-                       "the same command resumes")
     if args.download:
         from nanopost.tasks.download import DownloadError, download
         for t in names:
@@ -320,6 +316,9 @@ def main(argv=None):
                 sys.exit(f"error: {e}")
         if not args.model:
             return
+    global INTERRUPTED  # what Ctrl-C says from here on, when predictions are being made and cached
+    INTERRUPTED = (f"interrupted: every prediction made so far is cached in {os.path.join(args.out, 'cache')}; "
+                   "the same command resumes")
     try:
         loaded = {t: tasks.load(t, args.data_dir, shots[t], args.humaneval_mode) for t in names}
     except OSError as e:  # a missing file or folder
