@@ -254,8 +254,7 @@ def test_a_stream_cut_before_its_end_is_an_error_not_a_reply(browser, server):
     and the cut text is not carried into the next turn's history."""
     page = open_page(browser, server.url)
     chunk = {"choices": [{"index": 0, "delta": {"content": "half a rep"}, "finish_reason": None}]}
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, headers={"Content-Type": "text/event-stream"}, body=f"data: {json.dumps(chunk)}\n\n"))
+    page.route("**/v1/chat/completions", answering(200, f"data: {json.dumps(chunk)}\n\n", "text/event-stream"))
     send(page, "Hello")
     assert page.eval_on_selector_all(".assistant", "ts => ts.map(t => t.dataset.state)") == ["error", "error"]
     assert "cut off" in page.locator(".column").first.locator(".meta").inner_text()

@@ -68,6 +68,10 @@ def check_all(what, got, grads, ref, ref_grads, full, full_grads, dtype, seed):
         check(f"{name} vs float64", a, f, dtype, seed, max(TOL[dtype], 2 * rel_err(r, f)))
 
 
+def logprob_float64(h, w, y):
+    return (h @ w.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+
+
 def ce_float64(h, w, y, ignore_index, z_loss, smoothing):
     logits = h @ w.T
     loss = F.cross_entropy(logits, y, ignore_index=ignore_index, label_smoothing=smoothing, reduction="sum")
@@ -120,7 +124,7 @@ def compare_logprob(h, w, y, dtype, rng, poisoned):
     ref = linear_logprob.linear_logprob_reference(hr, wr, y, CHUNK)
     ref_grads = torch.autograd.grad(ref, (hr, wr), upstream)
     h64, w64 = leaves(h, w, dtype=torch.float64)
-    full = (h64 @ w64.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+    full = logprob_float64(h64, w64, y)
     full_grads = torch.autograd.grad(full, (h64, w64), upstream.double())
     check_all("log-probs", got, grads, ref, ref_grads, full, full_grads, dtype, seed)
 
@@ -232,10 +236,10 @@ def test_the_weight_gradient_is_summed_over_chunks_in_float32(what, rng):
     h64, w64 = leaves(h, w, dtype=torch.float64)
     if what == "ce":
         fn = lambda h, w, chunk: linear_ce.linear_cross_entropy_reference(h, w, y, -100, 0.0, 0.0, chunk)  # noqa: E731
-        want = torch.autograd.grad(F.cross_entropy(h64 @ w64.T, y, reduction="sum"), w64)[0]
+        want = torch.autograd.grad(ce_float64(h64, w64, y, -100, 0.0, 0.0), w64)[0]
     else:
         fn = lambda h, w, chunk: (linear_logprob.linear_logprob_reference(h, w, y, chunk) * up).sum()  # noqa: E731
-        want = torch.autograd.grad(((h64 @ w64.T).log_softmax(-1).gather(1, y[:, None]).squeeze(1) * up).sum(), w64)[0]
+        want = torch.autograd.grad((logprob_float64(h64, w64, y) * up).sum(), w64)[0]
     err = {chunk: rel_err(torch.autograd.grad(fn(h, w, chunk), w)[0], want) for chunk in (n, 4)}
     assert err[4] <= 1.5 * err[n], f"{what}: {err[4]:.2e} in 64 chunks, {err[n]:.2e} in one (seed {rng.initial_seed()})"
 
